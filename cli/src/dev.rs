@@ -1,0 +1,455 @@
+//! `gatehouse dev` and `gatehouse token`: a whole Gatehouse in one process
+//! for trying it out, with a development OIDC issuer and self-signed TLS
+//! kept in a data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use gatehouse_control_plane::ControlPlaneConfig;
+use gatehouse_eventlog::EventLogConfig;
+use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use gatehouse_worker::{TargetConfig, TargetTls, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::LogConfig;
+use crate::run::{connect_nats, init_logging, shutdown_signal};
+
+/// The audience of development tokens.
+pub const DEV_AUDIENCE: &str = "gatehouse";
+const DEFAULT_TARGET: &str = "postgres=postgres://postgres@127.0.0.1:5432/postgres?sslmode=require";
+
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Where the development issuer key, TLS certificate and key are kept.
+    #[arg(long, default_value = ".gatehouse")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Audit database (created if missing).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/gatehouse")]
+    pub audit_db: String,
+    /// A target as NAME=postgres://user:pass@host:port/db[?sslmode=disable|require|verify-full]
+    /// (repeatable). Default: postgres=postgres://postgres@127.0.0.1:5432/postgres?sslmode=require
+    #[arg(long = "target", value_name = "NAME=URL")]
+    pub targets: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1:15432")]
+    pub pg_listen: String,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenArgs {
+    /// The data directory of `gatehouse dev`.
+    #[arg(long, default_value = ".gatehouse")]
+    pub data_dir: PathBuf,
+    /// Subject (`sub`); also the user name unless --username is given.
+    #[arg(long)]
+    pub sub: String,
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Group membership (repeatable).
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// Lifetime, e.g. 90s, 15m, 1h, 2d.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    #[arg(long, default_value = DEV_AUDIENCE)]
+    pub aud: String,
+    /// An actor in the delegation chain, current actor first (repeatable):
+    /// `--sub alice --actor agent-7` is agent-7 acting for alice.
+    #[arg(long = "actor")]
+    pub actors: Vec<String>,
+}
+
+/// Everything `gatehouse dev` runs, with overridable names so that tests
+/// can run many stacks side by side.
+pub struct DevOptions {
+    pub data_dir: PathBuf,
+    pub nats_url: String,
+    pub audit_db: String,
+    pub targets: Vec<(String, TargetConfig)>,
+    pub pg_listen: String,
+    pub http_listen: String,
+    pub events: EventLogConfig,
+    pub consumer: String,
+    pub cancel_subject: String,
+    pub allow_plaintext: bool,
+}
+
+impl DevOptions {
+    pub fn from_args(args: &DevArgs) -> anyhow::Result<Self> {
+        let specs = if args.targets.is_empty() {
+            vec![DEFAULT_TARGET.to_string()]
+        } else {
+            args.targets.clone()
+        };
+        let targets = specs
+            .iter()
+            .map(|s| parse_target(s))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            data_dir: args.data_dir.clone(),
+            nats_url: args.nats.clone(),
+            audit_db: args.audit_db.clone(),
+            targets,
+            pg_listen: args.pg_listen.clone(),
+            http_listen: args.http_listen.clone(),
+            events: EventLogConfig {
+                nats_url: args.nats.clone(),
+                ..Default::default()
+            },
+            consumer: ControlPlaneConfig::default().consumer,
+            cancel_subject: WorkerConfig::default().cancel_subject,
+            allow_plaintext: false,
+        })
+    }
+}
+
+/// A running dev stack.
+pub struct DevStack {
+    pub pg_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub issuer: Arc<DevIssuer>,
+    pub targets: Vec<String>,
+    stop: watch::Sender<bool>,
+    worker: JoinHandle<anyhow::Result<()>>,
+    control_plane: JoinHandle<anyhow::Result<()>>,
+}
+
+impl DevStack {
+    /// A token for `sub` with the given groups, valid for an hour.
+    pub fn token(&self, sub: &str, groups: &[&str]) -> String {
+        self.issuer.mint(&TokenRequest {
+            subject: sub.into(),
+            username: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audience: DEV_AUDIENCE.into(),
+            ttl: Duration::from_secs(3600),
+            actors: Vec::new(),
+        })
+    }
+
+    /// Stops both parts and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.worker.await??;
+        self.control_plane.await??;
+        Ok(())
+    }
+
+    /// Resolves when either part stops by itself (an error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.worker => r?.context("worker stopped"),
+            r = &mut self.control_plane => r?.context("control plane stopped"),
+        }
+    }
+}
+
+fn stopped(
+    mut rx: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Starts a worker and the control plane in this process.
+pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("--data-dir: cannot create {}", opts.data_dir.display()))?;
+    let (cert, key) = ensure_tls(&opts.data_dir)?;
+
+    let http = TcpListener::bind(&opts.http_listen)
+        .await
+        .with_context(|| format!("--http-listen: cannot listen on {}", opts.http_listen))?;
+    let http_addr = http.local_addr()?;
+    let issuer_url = format!("http://{http_addr}/dev-issuer");
+    let issuer = Arc::new(
+        DevIssuer::load_or_create(&opts.data_dir, &issuer_url)
+            .context("cannot create the development issuer key")?,
+    );
+    std::fs::write(opts.data_dir.join("issuer-url"), &issuer_url)?;
+    let verifier = Arc::new(
+        Verifier::new(VerifierConfig {
+            issuer: issuer_url.clone(),
+            audiences: vec![DEV_AUDIENCE.into()],
+            allow_http: true,
+            jwks_refresh_min_interval_secs: 1,
+            ..Default::default()
+        })
+        .map_err(anyhow::Error::msg)?,
+    );
+
+    let nats = connect_nats(&opts.nats_url).await?;
+    let control = ControlPlaneConfig {
+        audit_db_url: opts.audit_db.clone(),
+        consumer: opts.consumer.clone(),
+        ..Default::default()
+    };
+    // Fail early, with a clear message, when the audit database is unreachable.
+    gatehouse_control_plane::connect_audit_db(&control)
+        .await
+        .context("--audit-db: cannot prepare the audit database")?;
+
+    let mut worker = WorkerConfig {
+        listen: opts.pg_listen.clone(),
+        tls_cert_file: Some(cert),
+        tls_key_file: Some(key),
+        allow_plaintext: opts.allow_plaintext,
+        cancel_subject: opts.cancel_subject.clone(),
+        ..Default::default()
+    };
+    worker.targets = opts.targets.iter().cloned().collect();
+    let oidc = VerifierConfig {
+        issuer: issuer_url.clone(),
+        allow_http: true,
+        ..Default::default()
+    };
+    worker.prepare(&oidc).map_err(anyhow::Error::msg)?;
+    let pg = TcpListener::bind(&opts.pg_listen)
+        .await
+        .with_context(|| format!("--pg-listen: cannot listen on {}", opts.pg_listen))?;
+    let pg_addr = pg.local_addr()?;
+
+    let (stop, rx) = watch::channel(false);
+    let worker_task = tokio::spawn({
+        let (events, nats, verifier, rx) = (
+            opts.events.clone(),
+            nats.clone(),
+            verifier.clone(),
+            rx.clone(),
+        );
+        async move {
+            gatehouse_worker::run(worker, events, nats, verifier, pg, stopped(rx)).await?;
+            Ok(())
+        }
+    });
+    let control_task = tokio::spawn(gatehouse_control_plane::run(
+        control,
+        opts.events.clone(),
+        nats,
+        http,
+        verifier,
+        axum::Router::new().nest("/dev-issuer", issuer.router()),
+        stopped(rx),
+    ));
+    Ok(DevStack {
+        pg_addr,
+        http_addr,
+        issuer,
+        targets: opts.targets.iter().map(|(n, _)| n.clone()).collect(),
+        stop,
+        worker: worker_task,
+        control_plane: control_task,
+    })
+}
+
+/// `gatehouse dev`
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    init_logging(&LogConfig::default());
+    let opts = DevOptions::from_args(&args)?;
+    let mut stack = start(opts).await?;
+    let first = stack.targets.first().cloned().unwrap_or_default();
+    let bin = std::env::args()
+        .next()
+        .unwrap_or_else(|| "gatehouse".into());
+    println!(
+        "\nGatehouse is running (development mode).\n\
+         \n  Postgres front end   {pg} (TLS, self-signed certificate in {dir})\
+         \n  Audit API            http://{http}/api/v1/commands\
+         \n  Development issuer   http://{http}/dev-issuer\
+         \n  Targets              {targets}\
+         \n\nConnect with psql:\n\
+         \n  PGPASSWORD=$({bin} token --data-dir {dir} --sub dev) psql \"host={host} port={port} user=dev dbname={first} sslmode=require\"\
+         \n\nRead the audit trail:\n\
+         \n  curl -H \"Authorization: Bearer $({bin} token --data-dir {dir} --sub auditor --group auditors)\" http://{http}/api/v1/commands\
+         \n\nCtrl-C stops it.\n",
+        pg = stack.pg_addr,
+        http = stack.http_addr,
+        dir = args.data_dir.display(),
+        targets = stack.targets.join(", "),
+        host = stack.pg_addr.ip(),
+        port = stack.pg_addr.port(),
+    );
+    tokio::select! {
+        r = stack.wait() => r,
+        _ = shutdown_signal() => stack.stop().await,
+    }
+}
+
+/// `gatehouse token`
+pub fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let url_file = args.data_dir.join("issuer-url");
+    let issuer_url = std::fs::read_to_string(&url_file).with_context(|| {
+        format!(
+            "no development issuer in {}: start `gatehouse dev --data-dir {}` first",
+            args.data_dir.display(),
+            args.data_dir.display()
+        )
+    })?;
+    let issuer = DevIssuer::load_or_create(&args.data_dir, issuer_url.trim())?;
+    let ttl =
+        gatehouse_identity::parse_ttl(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    println!(
+        "{}",
+        issuer.mint(&TokenRequest {
+            subject: args.sub,
+            username: args.username,
+            groups: args.groups,
+            audience: args.aud,
+            ttl,
+            actors: args.actors,
+        })
+    );
+    Ok(())
+}
+
+/// A self-signed certificate for `localhost`/`127.0.0.1`, made once.
+fn ensure_tls(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = dir.join("tls-cert.pem");
+    let key = dir.join("tls-key.pem");
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .context("cannot generate a TLS certificate")?;
+    std::fs::write(&cert, generated.cert.pem())?;
+    write_private(&key, generated.signing_key.serialize_pem().as_bytes())?;
+    Ok((cert, key))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
+}
+
+/// Parses `NAME=postgres://user[:password]@host[:port]/database[?sslmode=…]`.
+pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
+    let (name, url) = spec
+        .split_once('=')
+        .with_context(|| format!("--target {spec:?}: expected NAME=postgres://…"))?;
+    let fail = |why: &str| anyhow::anyhow!("--target {name}: {why}");
+    if name.is_empty() {
+        bail!("--target: the name before '=' is empty");
+    }
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .ok_or_else(|| fail("the URL must start with postgres://"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, database) = rest
+        .split_once('/')
+        .ok_or_else(|| fail("the URL names no database"))?;
+    let (userinfo, hostport) = authority
+        .rsplit_once('@')
+        .ok_or_else(|| fail("the URL names no user"))?;
+    let (user, password) = match userinfo.split_once(':') {
+        Some((u, p)) => (percent_decode(u), Some(percent_decode(p))),
+        None => (percent_decode(userinfo), None),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse().map_err(|_| fail("the port is not a number"))?,
+        ),
+        None => (hostport.to_string(), 5432),
+    };
+    let mut tls = TargetTls::VerifyFull;
+    let mut ca = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", "disable")) => tls = TargetTls::Disable,
+            Some(("sslmode", "require" | "prefer" | "allow")) => tls = TargetTls::Require,
+            Some(("sslmode", "verify-full" | "verify-ca")) => tls = TargetTls::VerifyFull,
+            Some(("sslrootcert", path)) => ca = Some(PathBuf::from(percent_decode(path))),
+            _ => return Err(fail(&format!("unsupported URL parameter {pair:?}"))),
+        }
+    }
+    Ok((
+        name.to_string(),
+        TargetConfig {
+            host,
+            port,
+            database: percent_decode(database),
+            user,
+            password_env: None,
+            password_file: None,
+            tls,
+            tls_ca_file: ca,
+            password,
+        },
+    ))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_urls_parse() {
+        let (name, t) =
+            parse_target("app=postgres://svc:p%40ss@db.example:6432/app_db?sslmode=require")
+                .unwrap();
+        assert_eq!(name, "app");
+        assert_eq!(
+            (t.host.as_str(), t.port, t.database.as_str()),
+            ("db.example", 6432, "app_db")
+        );
+        assert_eq!(
+            (t.user.as_str(), t.password.as_deref()),
+            ("svc", Some("p@ss"))
+        );
+        assert_eq!(t.tls, TargetTls::Require);
+        let (_, t) = parse_target("x=postgresql://u@h/d").unwrap();
+        assert_eq!(
+            (t.port, t.tls, t.password),
+            (5432, TargetTls::VerifyFull, None)
+        );
+    }
+
+    #[test]
+    fn bad_target_urls_say_why() {
+        for (spec, why) in [
+            ("noequals", "expected NAME="),
+            ("a=mysql://u@h/d", "postgres://"),
+            ("a=postgres://u@h", "no database"),
+            ("a=postgres://h/d", "no user"),
+            ("a=postgres://u@h:x/d", "port"),
+            ("a=postgres://u@h/d?sslmode=bogus", "unsupported"),
+        ] {
+            let e = parse_target(spec).unwrap_err().to_string();
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+    }
+}

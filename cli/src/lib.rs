@@ -1,0 +1,72 @@
+//! The `gatehouse` command: subcommands that wire the crates together.
+//! `main.rs` only calls [`main`]; the dev stack is a library function so
+//! tests start exactly what `gatehouse dev` starts.
+
+pub mod config;
+pub mod dev;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Identity-aware access gateway for PostgreSQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a data-plane worker (the Postgres front end).
+    Worker {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the control plane (event projector and audit API).
+    ControlPlane {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run a worker and the control plane in one process, with a
+    /// development OIDC issuer and self-signed TLS, for trying Gatehouse out.
+    Dev(dev::DevArgs),
+    /// Print a token signed by the development issuer of `gatehouse dev`.
+    Token(dev::TokenArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Worker { config } => run::worker(&config).await,
+            Command::ControlPlane { config } => run::control_plane(&config).await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Token(args) => dev::token(args),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! `gatehouse worker` and `gatehouse control-plane`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use gatehouse_identity::Verifier;
+
+use crate::config::{Config, LogConfig, LogFormat};
+
+pub fn init_logging(log: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name("gatehouse")
+        .connect(url)
+        .await
+        .with_context(|| {
+            format!("cannot reach NATS at {url}: is nats-server running with JetStream (-js)?")
+        })
+}
+
+pub async fn worker(path: &Path) -> anyhow::Result<()> {
+    let mut config = Config::load(path)?;
+    init_logging(&config.log);
+    config.check_worker().context("invalid configuration")?;
+    let verifier = Arc::new(Verifier::new(config.oidc.clone()).map_err(anyhow::Error::msg)?);
+    let nats = connect_nats(&config.events.nats_url).await?;
+    let listener = tokio::net::TcpListener::bind(&config.worker.listen)
+        .await
+        .with_context(|| format!("worker.listen: cannot listen on {}", config.worker.listen))?;
+    gatehouse_worker::run(
+        config.worker,
+        config.events,
+        nats,
+        verifier,
+        listener,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn control_plane(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    init_logging(&config.log);
+    config
+        .check_control_plane()
+        .context("invalid configuration")?;
+    let verifier = Arc::new(Verifier::new(config.oidc.clone()).map_err(anyhow::Error::msg)?);
+    let nats = connect_nats(&config.events.nats_url).await?;
+    let listener = tokio::net::TcpListener::bind(&config.api.listen)
+        .await
+        .with_context(|| format!("api.listen: cannot listen on {}", config.api.listen))?;
+    gatehouse_control_plane::run(
+        config.control_plane,
+        config.events,
+        nats,
+        listener,
+        verifier,
+        axum::Router::new(),
+        shutdown_signal(),
+    )
+    .await
+}

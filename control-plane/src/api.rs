@@ -1,0 +1,404 @@
+//! The HTTP API: health, readiness and audit search.
+//!
+//! `/api/v1/*` needs `Authorization: Bearer <OIDC token>` whose groups
+//! include the auditor group. Lists are newest first and paged by an opaque
+//! cursor (keyset pagination on `(time, id)`), so a page is as cheap at the end
+//! of the log as at its start and stable while new events arrive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use gatehouse_identity::{AuthError, Verifier};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub verifier: Arc<Verifier>,
+    /// Group a token must carry to read the audit API.
+    pub auditor_group: String,
+    /// Largest page size.
+    pub max_page: u32,
+}
+
+/// The control plane's routes, state applied.
+pub fn router(state: ApiState) -> Router {
+    let audit = Router::new()
+        .route("/api/v1/sessions", get(list_sessions))
+        .route("/api/v1/commands", get(list_commands))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_auditor,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(audit)
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let nats = s.nats.connection_state();
+    let nats_ok = nats == async_nats::connection::State::Connected;
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&s.pool),
+    )
+    .await;
+    let db_ok = matches!(db, Ok(Ok(_)));
+    let status = if nats_ok && db_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "nats": format!("{nats:?}").to_lowercase(),
+        "audit_db": if db_ok { "ok" } else { "unavailable" },
+    });
+    (status, Json(body)).into_response()
+}
+
+/// Admits requests whose bearer token verifies and carries the auditor group.
+/// The token itself is never logged.
+async fn require_auditor(
+    State(s): State<ApiState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = bearer(req.headers()).ok_or(ApiError::Unauthorized("missing bearer token"))?;
+    let verified = s.verifier.verify(token).await.map_err(|e| {
+        tracing::info!(reason = e.reason(), "audit API token rejected");
+        match e {
+            AuthError::IssuerUnavailable(_) => ApiError::Unavailable("identity provider"),
+            AuthError::Expired => ApiError::Unauthorized("the token has expired"),
+            _ => ApiError::Unauthorized("the token was not accepted"),
+        }
+    })?;
+    if !verified.identity.groups.contains(&s.auditor_group) {
+        tracing::info!(
+            subject = %verified.identity.subject,
+            "audit API refused: not in the auditor group"
+        );
+        return Err(ApiError::Forbidden);
+    }
+    Ok(next.run(req).await)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The raw query string of a list; each value is parsed in [`ListQuery::parse`]
+/// so an error can name its parameter.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    identity: Option<String>,
+    target: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+struct ListQuery {
+    /// Subject or username.
+    identity: Option<String>,
+    target: Option<String>,
+    /// Inclusive.
+    since: Option<DateTime<Utc>>,
+    /// Exclusive.
+    until: Option<DateTime<Utc>>,
+    limit: u32,
+    /// Position of the last item of the previous page.
+    after: Option<(DateTime<Utc>, Uuid)>,
+}
+
+const DEFAULT_LIMIT: u32 = 100;
+
+impl ListQuery {
+    fn parse(params: ListParams, max_page: u32) -> Result<Self, ApiError> {
+        let time = |name: &'static str, v: Option<String>| {
+            v.map(|v| {
+                DateTime::parse_from_rfc3339(&v)
+                    .map(|t| t.to_utc())
+                    .map_err(|_| ApiError::param(name, "not an RFC 3339 time"))
+            })
+            .transpose()
+        };
+        let limit = match params.limit {
+            None => DEFAULT_LIMIT.min(max_page),
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if (1..=max_page).contains(&n) => n,
+                _ => {
+                    let why = format!("must be an integer from 1 to {max_page}");
+                    return Err(ApiError::param("limit", &why));
+                }
+            },
+        };
+        Ok(Self {
+            identity: params.identity,
+            target: params.target,
+            since: time("since", params.since)?,
+            until: time("until", params.until)?,
+            limit,
+            after: params.cursor.as_deref().map(decode_cursor).transpose()?,
+        })
+    }
+
+    /// Appends the filters, the keyset condition, the order and the limit
+    /// (one more row than the page, to know whether another page follows).
+    fn push_tail(&self, sql: &mut QueryBuilder<Postgres>, id: &str) {
+        if let Some(who) = &self.identity {
+            sql.push(" AND (identity_subject = ").push_bind(who.clone());
+            sql.push(" OR identity_username = ")
+                .push_bind(who.clone())
+                .push(")");
+        }
+        if let Some(target) = &self.target {
+            sql.push(" AND target = ").push_bind(target.clone());
+        }
+        if let Some(since) = self.since {
+            sql.push(" AND time >= ").push_bind(since);
+        }
+        if let Some(until) = self.until {
+            sql.push(" AND time < ").push_bind(until);
+        }
+        if let Some((time, after)) = self.after {
+            sql.push(format_args!(" AND (time, {id}) < ("))
+                .push_bind(time)
+                .push(", ")
+                .push_bind(after)
+                .push(")");
+        }
+        sql.push(format_args!(" ORDER BY time DESC, {id} DESC LIMIT "))
+            .push_bind(i64::from(self.limit) + 1);
+    }
+}
+
+/// One page of a list.
+#[derive(Serialize)]
+struct Page<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    fn new(mut items: Vec<T>, limit: u32, key: impl Fn(&T) -> (DateTime<Utc>, Uuid)) -> Self {
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        let next_cursor = more
+            .then(|| items.last().map(|last| encode_cursor(key(last))))
+            .flatten();
+        Self { items, next_cursor }
+    }
+}
+
+/// `base64url("<unix micros>.<uuid>")`: opaque to clients, exact for
+/// PostgreSQL's microsecond timestamps.
+fn encode_cursor((time, id): (DateTime<Utc>, Uuid)) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}.{}", time.timestamp_micros(), id.simple()))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let bad = || ApiError::param("cursor", "not a cursor returned by this API");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let raw = std::str::from_utf8(&raw).map_err(|_| bad())?;
+    let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
+    let time = micros
+        .parse()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    Ok((time, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+struct SessionItem {
+    session_id: Uuid,
+    /// `opened_at`, or `closed_at` until the SessionOpened event is projected.
+    time: DateTime<Utc>,
+    worker_id: String,
+    identity_subject: Option<String>,
+    identity_username: Option<String>,
+    identity_issuer: Option<String>,
+    groups: Vec<String>,
+    delegation: Option<Value>,
+    target: Option<String>,
+    client_addr: Option<String>,
+    client_tls: Option<bool>,
+    target_tls: Option<bool>,
+    application_name: Option<String>,
+    opened_at: Option<DateTime<Utc>>,
+    closed_at: Option<DateTime<Utc>>,
+    close_reason: Option<String>,
+    commands: Option<i64>,
+    bytes_from_client: Option<i64>,
+    bytes_to_client: Option<i64>,
+}
+
+async fn list_sessions(
+    State(s): State<ApiState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Page<SessionItem>>, ApiError> {
+    let q = ListQuery::parse(params?.0, s.max_page)?;
+    let mut sql = QueryBuilder::new(
+        "SELECT session_id, time, worker_id, identity_subject, identity_username,
+            identity_issuer, groups, delegation, target, client_addr, client_tls, target_tls,
+            application_name, opened_at, closed_at, close_reason, commands,
+            bytes_from_client, bytes_to_client
+         FROM sessions WHERE true",
+    );
+    q.push_tail(&mut sql, "session_id");
+    let rows = sql.build_query_as().fetch_all(&s.pool).await?;
+    Ok(Json(Page::new(rows, q.limit, |r: &SessionItem| {
+        (r.time, r.session_id)
+    })))
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+struct CommandItem {
+    event_id: Uuid,
+    session_id: Option<Uuid>,
+    seq: i64,
+    time: DateTime<Utc>,
+    identity_subject: Option<String>,
+    identity_username: Option<String>,
+    delegation: Option<Value>,
+    target: Option<String>,
+    protocol: String,
+    statement: String,
+    statement_name: Option<String>,
+    portal: Option<String>,
+    params: Value,
+}
+
+async fn list_commands(
+    State(s): State<ApiState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Page<CommandItem>>, ApiError> {
+    let q = ListQuery::parse(params?.0, s.max_page)?;
+    let mut sql = QueryBuilder::new(
+        "SELECT event_id, session_id, seq, time, identity_subject, identity_username,
+            delegation, target, protocol, statement, statement_name, portal, params
+         FROM commands WHERE true",
+    );
+    q.push_tail(&mut sql, "event_id");
+    let rows = sql.build_query_as().fetch_all(&s.pool).await?;
+    Ok(Json(Page::new(rows, q.limit, |r: &CommandItem| {
+        (r.time, r.event_id)
+    })))
+}
+
+/// What an API client sees on failure: `{"error": "..."}` with a status.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("the token's groups do not include the auditor group")]
+    Forbidden,
+    #[error("{0} unavailable; try again")]
+    Unavailable(&'static str),
+    #[error("audit database unavailable; try again")]
+    Db(#[from] sqlx::Error),
+}
+
+impl ApiError {
+    fn param(name: &str, why: &str) -> Self {
+        Self::BadRequest(format!("{name}: {why}"))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::BadRequest(e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(e) => {
+                tracing::error!(error = %e, "audit query failed");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let t = DateTime::from_timestamp_micros(1_795_660_800_123_456).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor((t, id))).unwrap(), (t, id));
+        assert!(decode_cursor("nope!").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("12.not-a-uuid")).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn list_parameters_are_checked_by_name() {
+        let params = |limit: &str, since: &str| ListParams {
+            identity: None,
+            target: None,
+            since: Some(since.into()),
+            until: None,
+            limit: Some(limit.into()),
+            cursor: None,
+        };
+        let err = |p| ListQuery::parse(p, 500).err().unwrap().to_string();
+        assert!(err(params("0", "2026-01-01T00:00:00Z")).starts_with("limit:"));
+        assert!(err(params("501", "2026-01-01T00:00:00Z")).starts_with("limit:"));
+        assert!(err(params("5", "yesterday")).starts_with("since:"));
+        let q = ListQuery::parse(params("5", "2026-01-01T00:00:00+02:00"), 500).unwrap();
+        assert_eq!(q.limit, 5);
+        assert_eq!(q.since.unwrap().to_rfc3339(), "2025-12-31T22:00:00+00:00");
+    }
+}

@@ -1,0 +1,105 @@
+use std::str::FromStr;
+
+use serde::Deserialize;
+use sqlx::postgres::PgConnectOptions;
+
+/// `[control_plane]`: the projector and the audit API. The HTTP listener and
+/// the NATS / stream settings (`[events]`) are given by the caller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// PostgreSQL URL of the audit database that holds the projections.
+    pub audit_db_url: String,
+    /// Create the audit database if it is missing, by connecting to the
+    /// `postgres` database of the same server.
+    pub create_database: bool,
+    /// Name of the durable JetStream consumer that feeds the projector. All
+    /// replicas share it, so each event is projected by one of them.
+    pub consumer: String,
+    /// Group (from the token's groups claim) allowed to read the audit API.
+    pub auditor_group: String,
+    /// Largest page the audit API returns (`limit` is capped at it).
+    pub max_page: u32,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            audit_db_url: "postgres://postgres@127.0.0.1:5432/gatehouse".into(),
+            create_database: true,
+            consumer: "gatehouse-projector".into(),
+            auditor_group: "auditors".into(),
+            max_page: 500,
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Checks the values; the error names the field and why.
+    pub fn validate(&self) -> Result<(), String> {
+        // The URL may hold a password: report why it is wrong, never the URL.
+        if !["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.audit_db_url.starts_with(scheme))
+        {
+            return Err(
+                "control_plane.audit_db_url: must start with postgres:// or postgresql://".into(),
+            );
+        }
+        PgConnectOptions::from_str(&self.audit_db_url)
+            .map_err(|e| format!("control_plane.audit_db_url: not a PostgreSQL URL ({e})"))?;
+        if self.consumer.is_empty()
+            || self
+                .consumer
+                .contains(|c: char| matches!(c, '.' | '*' | '>') || c.is_whitespace())
+        {
+            return Err(format!(
+                "control_plane.consumer: {:?} is not a valid consumer name (no dots, spaces or wildcards)",
+                self.consumer
+            ));
+        }
+        if self.auditor_group.is_empty() {
+            return Err("control_plane.auditor_group: must not be empty".into());
+        }
+        if !(1..=10_000).contains(&self.max_page) {
+            return Err("control_plane.max_page: must be between 1 and 10000".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ControlPlaneConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = |f: fn(&mut ControlPlaneConfig)| {
+            let mut c = ControlPlaneConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        let e = bad(|c| c.audit_db_url = "mysql://secret@db/x".into());
+        assert!(e.starts_with("control_plane.audit_db_url:"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        assert!(bad(|c| c.consumer = "a.b".into()).starts_with("control_plane.consumer:"));
+        assert!(bad(|c| c.auditor_group.clear()).starts_with("control_plane.auditor_group:"));
+        assert!(bad(|c| c.max_page = 0).starts_with("control_plane.max_page:"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = serde_json::from_str::<ControlPlaneConfig>(r#"{"consumr":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("consumr"), "{e}");
+        let c: ControlPlaneConfig = serde_json::from_str(r#"{"max_page":10}"#).unwrap();
+        assert_eq!(
+            (c.max_page, c.consumer.as_str()),
+            (10, "gatehouse-projector")
+        );
+    }
+}

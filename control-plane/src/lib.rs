@@ -1,0 +1,75 @@
+//! The Gatehouse control plane: projects the event log into PostgreSQL audit
+//! tables and serves the audit HTTP API.
+//!
+//! - [`Projector`] reads the JetStream event stream with a durable pull
+//!   consumer and writes `events`, `sessions`, `commands` and
+//!   `authentication_failures` (schema in `migrations/`). Projections are
+//!   idempotent and rebuildable: the event log stays the source of truth.
+//! - [`router`] serves `/healthz`, `/readyz` and the audit search under
+//!   `/api/v1`, for holders of an OIDC token in the auditor group.
+//! - [`run`] starts both and stops them on shutdown.
+//!
+//! It depends on the `events` contract, the `eventlog` stream settings and
+//! `identity` token verification. It must not depend on the Postgres wire
+//! protocol (`data-plane/pgwire`) or on worker code (`data-plane/worker`):
+//! the control plane only sees what workers recorded.
+#![forbid(unsafe_code)]
+
+mod api;
+mod config;
+mod db;
+mod projector;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::FutureExt;
+use gatehouse_eventlog::EventLogConfig;
+use gatehouse_identity::Verifier;
+
+pub use api::{ApiState, router};
+pub use config::ControlPlaneConfig;
+pub use db::{DbError, connect_audit_db};
+pub use projector::{Projector, ProjectorError};
+
+/// Runs the control plane until `shutdown` completes: prepares the audit
+/// database, starts the projector and serves the API (merged with
+/// `extra_routes`, e.g. the development issuer) on `listener`. On shutdown
+/// the server drains its requests and the projector finishes its batch.
+pub async fn run(
+    config: ControlPlaneConfig,
+    events: EventLogConfig,
+    nats: async_nats::Client,
+    listener: tokio::net::TcpListener,
+    verifier: Arc<Verifier>,
+    extra_routes: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    events.validate().map_err(anyhow::Error::msg)?;
+    let pool = connect_audit_db(&config).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let projector = Projector::new(pool.clone(), js, events, config.consumer.clone()).await?;
+
+    let shutdown = shutdown.shared();
+    let projector = tokio::spawn(projector.run(shutdown.clone()));
+    let app = router(ApiState {
+        pool,
+        nats,
+        verifier,
+        auditor_group: config.auditor_group,
+        max_page: config.max_page,
+    })
+    .merge(extra_routes);
+    tracing::info!(addr = ?listener.local_addr().ok(), "control plane API listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    if let Err(e) = served {
+        projector.abort();
+        return Err(e).context("control plane API server failed");
+    }
+    projector.await.context("projector task panicked")?;
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! The projector: event log ──► audit tables.
+//!
+//! A durable pull consumer reads the event stream in batches. Every event of a
+//! batch is written in one transaction, idempotently on its event id; the
+//! messages are acknowledged only after COMMIT, so a crash between the two
+//! costs a redelivery, never a lost record. A message that does not decode is
+//! terminated (logged by stream sequence, without its content) so it cannot
+//! block the stream; the event log keeps it for later inspection.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind, Message};
+use futures::StreamExt;
+use gatehouse_eventlog::{EventLogConfig, StreamError, ensure_stream};
+use gatehouse_events::{DecodeError, Event, Payload, decode};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+
+/// Messages fetched (and committed together) at most per batch.
+const BATCH: usize = 256;
+/// How long one fetch waits for the first message.
+const FETCH_WAIT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("cannot create or find JetStream consumer {consumer:?}: {source}")]
+    Consumer {
+        consumer: String,
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+    #[error("cannot fetch from JetStream consumer: {0}")]
+    Fetch(#[source] async_nats::Error),
+}
+
+/// Reads the event stream with a durable consumer and writes the audit tables.
+pub struct Projector {
+    pool: PgPool,
+    js: jetstream::Context,
+    events: EventLogConfig,
+    consumer_name: String,
+    consumer: Option<PullConsumer>,
+}
+
+impl Projector {
+    /// Ensures the stream and the durable consumer exist, so that a wrong
+    /// setting fails at start rather than in the loop.
+    pub async fn new(
+        pool: PgPool,
+        js: jetstream::Context,
+        events: EventLogConfig,
+        consumer: impl Into<String>,
+    ) -> Result<Self, ProjectorError> {
+        let mut projector = Self {
+            pool,
+            js,
+            events,
+            consumer_name: consumer.into(),
+            consumer: None,
+        };
+        projector.consumer = Some(projector.connect().await?);
+        Ok(projector)
+    }
+
+    async fn connect(&self) -> Result<PullConsumer, ProjectorError> {
+        let stream = ensure_stream(&self.js, &self.events).await?;
+        let config = pull::Config {
+            durable_name: Some(self.consumer_name.clone()),
+            description: Some("Gatehouse audit projector".into()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            filter_subject: self.events.subjects().all(),
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(&self.consumer_name, config)
+            .await
+            .map_err(|source| ProjectorError::Consumer {
+                consumer: self.consumer_name.clone(),
+                source,
+            })
+    }
+
+    /// Projects until `shutdown` completes. Errors from NATS or the database
+    /// are logged and retried with back-off; this only returns on shutdown.
+    /// A batch being committed is finished first.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let fetched = tokio::select! {
+                () = &mut shutdown => return,
+                fetched = self.fetch() => fetched,
+            };
+            match fetched {
+                Ok(messages) => {
+                    backoff = BACKOFF_MIN;
+                    if !self.project(messages, &mut shutdown).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the event stream");
+                    // Find or re-create the consumer on the next round, in
+                    // case it was deleted.
+                    self.consumer = None;
+                    if !sleep(backoff, &mut shutdown).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Fetches up to [`BATCH`] messages, waiting up to [`FETCH_WAIT`] for the
+    /// first one and returning as soon as those pending are delivered.
+    async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
+        let consumer = match &self.consumer {
+            Some(consumer) => consumer,
+            None => self.consumer.insert(self.connect().await?),
+        };
+        let mut batch = consumer
+            .fetch()
+            .max_messages(BATCH)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| ProjectorError::Fetch(e.into()))?;
+        let mut messages = Vec::new();
+        while let Some(next) = batch.next().await {
+            match next {
+                Ok(message) => messages.push(message),
+                // Keep what arrived; the rest is redelivered after ack_wait.
+                Err(e) if !messages.is_empty() => {
+                    tracing::warn!(error = %e, "event fetch ended early");
+                    break;
+                }
+                Err(e) => return Err(ProjectorError::Fetch(e)),
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Decodes and stores one batch, then acknowledges it. Returns false if
+    /// shutdown came while waiting to retry.
+    async fn project(
+        &self,
+        messages: Vec<Message>,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> bool {
+        let mut decoded = Vec::with_capacity(messages.len());
+        for message in messages {
+            match decode(&message.payload) {
+                Ok(events) => decoded.push((message, events)),
+                Err(e) => {
+                    tracing::warn!(
+                        stream_seq = stream_seq(&message),
+                        subject = %message.subject,
+                        error = %describe(&e),
+                        "cannot decode event message; terminating it"
+                    );
+                    settle(&message, AckKind::Term).await;
+                }
+            }
+        }
+        match self.store_retrying(&decoded, shutdown).await {
+            Stored::Yes => {}
+            Stored::Shutdown => return false,
+            // Some event in the batch is refused by the database itself:
+            // store message by message to isolate it.
+            Stored::Rejected(_) => {
+                for one in decoded.chunks(1) {
+                    match self.store_retrying(one, shutdown).await {
+                        Stored::Yes => settle(&one[0].0, AckKind::Ack).await,
+                        Stored::Shutdown => return false,
+                        Stored::Rejected(e) => {
+                            tracing::error!(
+                                stream_seq = stream_seq(&one[0].0),
+                                sqlstate = e.code().as_deref().unwrap_or(""),
+                                "audit database refuses an event message; terminating it"
+                            );
+                            settle(&one[0].0, AckKind::Term).await;
+                        }
+                    }
+                }
+                return true;
+            }
+        }
+        for (message, _) in &decoded {
+            settle(message, AckKind::Ack).await;
+        }
+        true
+    }
+
+    /// Stores the events of `batch` in one transaction, retrying with
+    /// back-off while the database is unavailable.
+    async fn store_retrying(
+        &self,
+        batch: &[(Message, Vec<Event>)],
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Stored {
+        let events: Vec<&Event> = batch.iter().flat_map(|(_, events)| events).collect();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match store(&self.pool, &events).await {
+                Ok(()) => return Stored::Yes,
+                Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
+                    return Stored::Rejected(e);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?backoff,
+                        "cannot write to the audit database"
+                    );
+                    if !sleep(backoff, shutdown).await {
+                        return Stored::Shutdown;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+enum Stored {
+    Yes,
+    Rejected(Box<dyn sqlx::error::DatabaseError>),
+    Shutdown,
+}
+
+/// SQLSTATE classes that retrying cannot fix: data exceptions (22), integrity
+/// violations (23), program limits (54).
+fn is_data_error(code: Option<&str>) -> bool {
+    code.is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
+}
+
+/// Sleeps for `d`; false if shutdown came first.
+async fn sleep(d: Duration, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> bool {
+    tokio::select! {
+        () = shutdown => false,
+        () = tokio::time::sleep(d) => true,
+    }
+}
+
+async fn settle(message: &Message, kind: AckKind) {
+    // A lost ack means a redelivery, which the projection absorbs.
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(
+            stream_seq = stream_seq(message),
+            error = %e,
+            "cannot acknowledge event message"
+        );
+    }
+}
+
+fn stream_seq(message: &Message) -> u64 {
+    message.info().map_or(0, |i| i.stream_sequence)
+}
+
+/// A decode error without the message content: serde's messages may quote
+/// the offending value, which could be a secret.
+fn describe(e: &DecodeError) -> String {
+    match e {
+        DecodeError::Json(j) => format!(
+            "invalid event JSON ({:?} error at line {} column {})",
+            j.classify(),
+            j.line(),
+            j.column()
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Writes `events` and their projections in one transaction.
+async fn store(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for event in events {
+        store_event(&mut tx, event).await?;
+    }
+    tx.commit().await
+}
+
+/// Each statement is idempotent on its own, so redelivered events and
+/// SessionOpened / SessionClosed in either order give the same rows.
+async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error> {
+    let body = String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8");
+    sqlx::query(
+        "INSERT INTO events (event_id, type, time, session_id, seq, body)
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(e.id)
+    .bind(e.event_type().token())
+    .bind(e.time)
+    .bind(e.session_id)
+    .bind(int(e.seq))
+    .bind(body)
+    .execute(&mut *db)
+    .await?;
+
+    let who = e.identity.as_ref();
+    let delegation = who.map(|i| Json(&i.delegation));
+    let groups: &[String] = who.map_or(&[], |i| &i.groups);
+    match (&e.payload, e.session_id) {
+        (Payload::SessionOpened(p), Some(session_id)) => {
+            sqlx::query(
+                "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
+                    identity_issuer, groups, delegation, target, client_addr, client_tls,
+                    target_tls, application_name, opened_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 ON CONFLICT (session_id) DO UPDATE SET
+                    worker_id = EXCLUDED.worker_id,
+                    identity_subject = EXCLUDED.identity_subject,
+                    identity_username = EXCLUDED.identity_username,
+                    identity_issuer = EXCLUDED.identity_issuer,
+                    groups = EXCLUDED.groups,
+                    delegation = EXCLUDED.delegation,
+                    target = EXCLUDED.target,
+                    client_addr = EXCLUDED.client_addr,
+                    client_tls = EXCLUDED.client_tls,
+                    target_tls = EXCLUDED.target_tls,
+                    application_name = EXCLUDED.application_name,
+                    opened_at = EXCLUDED.opened_at",
+            )
+            .bind(session_id)
+            .bind(&e.worker_id)
+            .bind(who.map(|i| &i.subject))
+            .bind(who.map(|i| &i.username))
+            .bind(who.map(|i| &i.issuer))
+            .bind(groups)
+            .bind(delegation)
+            .bind(&e.target)
+            .bind(&p.client_addr)
+            .bind(p.client_tls)
+            .bind(p.target_tls)
+            .bind(&p.application_name)
+            .bind(e.time)
+            .execute(&mut *db)
+            .await?;
+        }
+        (Payload::SessionClosed(p), Some(session_id)) => {
+            // If SessionOpened has not been projected yet, the row starts
+            // from the envelope of this event and is completed later.
+            sqlx::query(
+                "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
+                    identity_issuer, groups, delegation, target, closed_at, close_reason,
+                    commands, bytes_from_client, bytes_to_client)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 ON CONFLICT (session_id) DO UPDATE SET
+                    closed_at = EXCLUDED.closed_at,
+                    close_reason = EXCLUDED.close_reason,
+                    commands = EXCLUDED.commands,
+                    bytes_from_client = EXCLUDED.bytes_from_client,
+                    bytes_to_client = EXCLUDED.bytes_to_client",
+            )
+            .bind(session_id)
+            .bind(&e.worker_id)
+            .bind(who.map(|i| &i.subject))
+            .bind(who.map(|i| &i.username))
+            .bind(who.map(|i| &i.issuer))
+            .bind(groups)
+            .bind(delegation)
+            .bind(&e.target)
+            .bind(e.time)
+            .bind(snake_case(&p.reason))
+            .bind(int(p.commands))
+            .bind(int(p.bytes_from_client))
+            .bind(int(p.bytes_to_client))
+            .execute(&mut *db)
+            .await?;
+        }
+        (Payload::SessionOpened(_) | Payload::SessionClosed(_), None) => {
+            tracing::warn!(
+                event_id = %e.id,
+                "session event without a session id; kept in events only"
+            );
+        }
+        (Payload::CommandReceived(p), _) => {
+            sqlx::query(
+                "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
+                    identity_username, delegation, target, protocol, statement, statement_name,
+                    portal, params)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.id)
+            .bind(e.session_id)
+            .bind(int(e.seq))
+            .bind(e.time)
+            .bind(who.map(|i| &i.subject))
+            .bind(who.map(|i| &i.username))
+            .bind(delegation)
+            .bind(&e.target)
+            .bind(snake_case(&p.protocol))
+            .bind(&p.statement)
+            .bind(&p.statement_name)
+            .bind(&p.portal)
+            .bind(Json(&p.params))
+            .execute(&mut *db)
+            .await?;
+        }
+        (Payload::AuthenticationFailed(p), _) => {
+            sqlx::query(
+                "INSERT INTO authentication_failures (event_id, time, client_addr, client_tls,
+                    claimed_user, requested_target, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.id)
+            .bind(e.time)
+            .bind(&p.client_addr)
+            .bind(p.client_tls)
+            .bind(&p.claimed_user)
+            .bind(&p.requested_target)
+            .bind(&p.reason)
+            .execute(&mut *db)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Counters are u64 in events and bigint in SQL; nothing real reaches 2^63.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The serde name of a unit enum variant (`client_terminated`, `simple`).
+fn snake_case(v: &impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_data_errors_are_final() {
+        assert!(is_data_error(Some("22P05"))); // untranslatable character
+        assert!(is_data_error(Some("23505")));
+        assert!(!is_data_error(Some("57P01"))); // admin shutdown
+        assert!(!is_data_error(Some("08006")));
+        assert!(!is_data_error(None));
+    }
+
+    #[test]
+    fn decode_errors_do_not_quote_content() {
+        let body = br#"{"specversion":"1.0","id":"hunter2-secret"}"#;
+        let e = decode(body).unwrap_err();
+        let text = describe(&e);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.starts_with("invalid event JSON"), "{text}");
+    }
+}

@@ -1,0 +1,582 @@
+//! End to end against the real NATS (127.0.0.1:4222, JetStream) and the real
+//! PostgreSQL (postgres://postgres@127.0.0.1:5432, trust auth): events go into
+//! JetStream, the control plane projects them and serves them over HTTP.
+//!
+//! Each test has its own stream, subject prefix, consumer and audit database
+//! (created by the code under test), removed at the end even on failure.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::{DateTime, TimeDelta, Utc};
+use futures::FutureExt;
+use gatehouse_control_plane::{ControlPlaneConfig, connect_audit_db, run};
+use gatehouse_eventlog::EventLogConfig;
+use gatehouse_events::{AuthenticationFailed, Param, ParamFormat};
+use gatehouse_events::{
+    CloseReason, CommandReceived, Event, EventType, Identity, Payload, Protocol, SessionClosed,
+    SessionOpened, encode_batch,
+};
+use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+struct Env {
+    js: jetstream::Context,
+    nats: async_nats::Client,
+    events: EventLogConfig,
+    config: ControlPlaneConfig,
+    database: String,
+    issuer: DevIssuer,
+    verifier: Arc<Verifier>,
+}
+
+/// A control plane started by [`Env::start`].
+struct Running {
+    url: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+impl Env {
+    async fn new() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("gatehouse_control_plane=debug")
+            .with_test_writer()
+            .try_init();
+        let id = Uuid::new_v4().simple().to_string();
+        let nats = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+        let events = EventLogConfig {
+            stream: format!("CPTEST_{id}"),
+            subject_prefix: format!("cptest.{id}.events"),
+            ..Default::default()
+        };
+        let database = format!("gh_cp_{id}");
+        let config = ControlPlaneConfig {
+            audit_db_url: format!("{SERVER}/{database}"),
+            consumer: format!("cptest-{id}"),
+            ..Default::default()
+        };
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer_url = format!("http://{}", listener.local_addr().unwrap());
+        let issuer = DevIssuer::generate(&issuer_url);
+        tokio::spawn(axum::serve(listener, issuer.router()).into_future());
+        let verifier = Verifier::new(VerifierConfig {
+            issuer: issuer_url,
+            allow_http: true,
+            ..Default::default()
+        })
+        .unwrap();
+
+        Self {
+            js: jetstream::new(nats.clone()),
+            nats,
+            events,
+            config,
+            database,
+            issuer,
+            verifier: Arc::new(verifier),
+        }
+    }
+
+    async fn start(&self) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            self.config.clone(),
+            self.events.clone(),
+            self.nats.clone(),
+            listener,
+            self.verifier.clone(),
+            axum::Router::new(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        // The stream exists once the projector is up.
+        eventually("the projector to start", || async {
+            self.js.get_stream(&self.events.stream).await.is_ok()
+        })
+        .await;
+        Running { url, stop, task }
+    }
+
+    async fn publish(&self, ty: EventType, body: Vec<u8>) {
+        let subject = self.events.subjects().for_type(ty);
+        self.js
+            .publish(subject, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Publishes one event as one message.
+    async fn send(&self, event: &Event) {
+        self.publish(event.event_type(), event.to_cloudevent())
+            .await;
+    }
+
+    /// Publishes several events as one batch message.
+    async fn send_batch(&self, events: &[Event]) {
+        self.publish(events[0].event_type(), encode_batch(events))
+            .await;
+    }
+
+    async fn db(&self) -> PgPool {
+        PgPool::connect(&self.config.audit_db_url).await.unwrap()
+    }
+
+    /// Waits until the consumer has nothing pending or unacknowledged and the
+    /// events table holds `events` rows.
+    async fn wait_projected(&self, db: &PgPool, events: i64) {
+        eventually("the projector to catch up", || async {
+            let stream = self.js.get_stream(&self.events.stream).await.unwrap();
+            let info = stream.consumer_info(&self.config.consumer).await.unwrap();
+            info.num_pending == 0
+                && info.num_ack_pending == 0
+                && count(db, "events").await == events
+        })
+        .await;
+    }
+
+    fn token(&self, subject: &str, username: &str, groups: &[&str]) -> String {
+        self.issuer.mint(&TokenRequest {
+            subject: subject.into(),
+            username: Some(username.into()),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audience: "gatehouse".into(),
+            ttl: Duration::from_secs(300),
+            actors: vec![],
+        })
+    }
+
+    /// Runs `body`, then removes the stream and the database whatever happened.
+    async fn scope(self, body: impl AsyncFnOnce(&Env)) {
+        let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
+        let _ = self.js.delete_stream(&self.events.stream).await;
+        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
+            .await
+            .unwrap();
+        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
+    for _ in 0..150 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn count(db: &PgPool, table: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(db)
+        .await
+        .unwrap_or(-1)
+}
+
+fn at(secs_after_base: f64) -> DateTime<Utc> {
+    let base = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap();
+    base.to_utc() + TimeDelta::milliseconds((secs_after_base * 1000.0) as i64)
+}
+
+fn who(subject: &str, username: &str) -> Identity {
+    Identity {
+        issuer: "https://issuer.example".into(),
+        subject: subject.into(),
+        username: username.into(),
+        groups: vec!["dev".into()],
+        delegation: vec![],
+    }
+}
+
+fn event(session: Uuid, seq: u64, time: f64, who: &Identity, target: &str, p: Payload) -> Event {
+    Event {
+        session_id: Some(session),
+        seq,
+        time: at(time),
+        identity: Some(who.clone()),
+        target: Some(target.into()),
+        ..Event::new("w-test", p)
+    }
+}
+
+fn opened() -> Payload {
+    Payload::SessionOpened(SessionOpened {
+        client_addr: "127.0.0.1:50000".into(),
+        client_tls: true,
+        target_tls: true,
+        application_name: Some("psql".into()),
+        token_expires_at: None,
+    })
+}
+
+fn closed(commands: u64) -> Payload {
+    Payload::SessionClosed(SessionClosed {
+        reason: CloseReason::ClientTerminated,
+        commands,
+        bytes_from_client: 100,
+        bytes_to_client: 200,
+        duration_ms: 6000,
+    })
+}
+
+fn command(statement: &str) -> Payload {
+    Payload::CommandReceived(CommandReceived {
+        protocol: Protocol::Simple,
+        statement: statement.into(),
+        statement_name: None,
+        portal: None,
+        params: vec![],
+    })
+}
+
+struct Api<'a> {
+    http: reqwest::Client,
+    url: &'a str,
+    token: Option<String>,
+}
+
+impl Api<'_> {
+    async fn get(&self, path: &str) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// The `statement` of each item of a 200 list response.
+    async fn statements(&self, path: &str) -> Vec<String> {
+        let (status, _, body) = self.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["statement"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_events_once_and_serves_audit_api() {
+    Env::new().await.scope(audit_scenario).await;
+}
+
+async fn audit_scenario(env: &Env) {
+    let cp = env.start().await;
+    let alice = who("u-alice", "alice");
+    let bob = who("u-bob", "bob");
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let c1 = event(a, 2, 1.0, &alice, "app", command("select 1"));
+    let batch = [
+        event(a, 3, 2.0, &alice, "app", command("select 2")),
+        event(a, 4, 3.0, &alice, "app", command("select 3")),
+        event(a, 5, 4.0, &alice, "app", command("select 4")),
+    ];
+    let mut c5 = event(
+        a,
+        6,
+        5.0,
+        &alice,
+        "app",
+        command("insert into t values ($1)"),
+    );
+    if let Payload::CommandReceived(p) = &mut c5.payload {
+        p.protocol = Protocol::Extended;
+        p.statement_name = Some("s1".into());
+        p.portal = Some(String::new());
+        p.params = vec![Param {
+            format: ParamFormat::Text,
+            value: Some("42".into()),
+        }];
+    }
+    let refused = AuthenticationFailed {
+        client_addr: "127.0.0.1:50001".into(),
+        client_tls: true,
+        claimed_user: Some("mallory".into()),
+        requested_target: Some("app".into()),
+        reason: "token_expired".into(),
+    };
+    // PostgreSQL cannot store a NUL character: this event is refused by
+    // the database and must not hold back the others.
+    let nul = event(a, 9, 5.5, &alice, "app", command("select '\0'"));
+
+    let a_opened = event(a, 1, 0.0, &alice, "app", opened());
+    let a_closed = event(a, 7, 6.0, &alice, "app", closed(5));
+    let b_opened = event(b, 1, 2.0, &bob, "billing", opened());
+    let b1 = event(b, 2, 2.5, &bob, "billing", command("select b"));
+    let b_closed = event(b, 3, 6.0, &bob, "billing", closed(1));
+    let failed = Event::new("w-test", Payload::AuthenticationFailed(refused));
+
+    env.send(&a_opened).await;
+    env.send(&c1).await;
+    env.send_batch(&batch).await;
+    let garbage = b"{ not an event".to_vec();
+    env.publish(EventType::CommandReceived, garbage).await;
+    env.send(&nul).await;
+    // bob's session is closed before it is opened.
+    env.send(&b_closed).await;
+    env.send(&b1).await;
+    env.send(&b_opened).await;
+    env.send(&c5).await;
+    env.send(&failed).await;
+    env.send(&a_closed).await;
+    // Duplicate deliveries of events already published.
+    env.send(&c1).await;
+    env.send_batch(&batch[1..]).await;
+
+    let db = env.db().await;
+    env.wait_projected(&db, 11).await;
+    assert_eq!(count(&db, "commands").await, 6);
+    assert_eq!(count(&db, "sessions").await, 2);
+    assert_eq!(count(&db, "authentication_failures").await, 1);
+    let bob_row = sqlx::query("SELECT * FROM sessions WHERE session_id = $1")
+        .bind(b)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let ts = |col: &str| bob_row.get::<Option<DateTime<Utc>>, _>(col);
+    assert_eq!(
+        (ts("opened_at"), ts("closed_at")),
+        (Some(at(2.0)), Some(at(6.0)))
+    );
+    assert_eq!(
+        bob_row.get::<Option<String>, _>("close_reason").as_deref(),
+        Some("client_terminated")
+    );
+    assert_eq!(
+        bob_row.get::<Option<String>, _>("client_addr").as_deref(),
+        Some("127.0.0.1:50000")
+    );
+
+    let auditor = env.token("u-carol", "carol", &["auditors"]);
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: &cp.url,
+        token: Some(auditor),
+    };
+
+    // Health and readiness need no token.
+    let anon = Api {
+        http: api.http.clone(),
+        url: &cp.url,
+        token: None,
+    };
+    assert_eq!(
+        anon.http
+            .get(format!("{}/healthz", cp.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let (status, _, body) = anon.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["nats"], "connected");
+
+    // Authentication and authorization.
+    let (status, headers, body) = anon.get("/api/v1/commands").await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert!(body["error"].is_string());
+    let forged = Api {
+        token: Some("e30.e30.sig".into()),
+        http: api.http.clone(),
+        url: &cp.url,
+    };
+    assert_eq!(forged.get("/api/v1/commands").await.0, 401);
+    let developer = Api {
+        token: Some(env.token("u-dave", "dave", &["dev"])),
+        http: api.http.clone(),
+        url: &cp.url,
+    };
+    let (status, _, body) = developer.get("/api/v1/sessions").await;
+    assert_eq!(status, 403, "{body}");
+
+    // Newest first, every command once.
+    let all = api.statements("/api/v1/commands").await;
+    assert_eq!(
+        all,
+        [
+            "insert into t values ($1)",
+            "select 4",
+            "select 3",
+            "select b",
+            "select 2",
+            "select 1"
+        ]
+    );
+    let (_, _, body) = api.get("/api/v1/commands?limit=1").await;
+    let item = &body["items"][0];
+    assert_eq!(item["protocol"], "extended");
+    assert_eq!(item["params"][0]["value"], "42");
+    assert_eq!(item["identity_username"], "alice");
+    assert_eq!(item["time"], "2026-01-01T00:00:05Z");
+
+    // Cursor pagination walks the same list in pages.
+    let mut pages = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/commands?limit=2&cursor={c}"),
+            None => "/api/v1/commands?limit=2".into(),
+        };
+        let (status, _, body) = api.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        let page: Vec<String> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["statement"].as_str().unwrap().into())
+            .collect();
+        pages.push(page);
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.into()),
+            None => break,
+        }
+    }
+    assert_eq!(pages.len(), 3);
+    assert_eq!(pages.concat(), all);
+
+    // Filters.
+    assert_eq!(
+        api.statements("/api/v1/commands?identity=alice")
+            .await
+            .len(),
+        5
+    );
+    assert_eq!(
+        api.statements("/api/v1/commands?identity=u-bob").await,
+        ["select b"]
+    );
+    assert_eq!(
+        api.statements("/api/v1/commands?target=billing").await,
+        ["select b"]
+    );
+    assert_eq!(
+        api.statements("/api/v1/commands?since=2026-01-01T00:00:03Z")
+            .await,
+        ["insert into t values ($1)", "select 4", "select 3"]
+    );
+    assert_eq!(
+        api.statements(
+            "/api/v1/commands?since=2026-01-01T00:00:02Z&until=2026-01-01T00:00:04Z&identity=alice"
+        )
+        .await,
+        ["select 3", "select 2"]
+    );
+
+    // Bad parameters name themselves.
+    for (query, param) in [
+        ("since=yesterday", "since"),
+        ("limit=0", "limit"),
+        ("limit=100000", "limit"),
+        ("cursor=xyz", "cursor"),
+    ] {
+        let (status, _, body) = api.get(&format!("/api/v1/commands?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().starts_with(param),
+            "{query}: {body}"
+        );
+    }
+    assert_eq!(api.get("/api/v1/commands?sort=asc").await.0, 400);
+
+    // Sessions: bob's opened later than alice's.
+    let (status, _, body) = api.get("/api/v1/sessions").await;
+    assert_eq!(status, 200, "{body}");
+    let users: Vec<&str> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["identity_username"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["bob", "alice"]);
+    assert_eq!(body["items"][1]["commands"], 5);
+    assert_eq!(body["items"][1]["application_name"], "psql");
+    let (_, _, body) = api.get("/api/v1/sessions?target=app&limit=1").await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 1);
+    assert!(body["next_cursor"].is_null());
+
+    db.close().await;
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_from_the_durable_consumer_after_restart() {
+    Env::new().await.scope(restart_scenario).await;
+}
+
+async fn restart_scenario(env: &Env) {
+    let alice = who("u-alice", "alice");
+    let s = Uuid::now_v7();
+    let cmd = |seq: u64| {
+        let statement = format!("select {seq}");
+        event(s, seq, seq as f64, &alice, "app", command(&statement))
+    };
+
+    let cp = env.start().await;
+    let db = env.db().await;
+    env.send_batch(&[cmd(1), cmd(2)]).await;
+    env.wait_projected(&db, 2).await;
+    cp.stop().await;
+
+    // Published while no control plane runs: picked up on restart.
+    env.send_batch(&[cmd(3), cmd(4)]).await;
+    let cp = env.start().await;
+    env.wait_projected(&db, 4).await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM commands ORDER BY seq")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    db.close().await;
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn missing_database_is_an_error_when_creation_is_off() {
+    let config = ControlPlaneConfig {
+        audit_db_url: format!("{SERVER}/gh_cp_missing_{}", Uuid::new_v4().simple()),
+        create_database: false,
+        ..Default::default()
+    };
+    let err = connect_audit_db(&config).await.unwrap_err().to_string();
+    assert!(err.starts_with("cannot connect to audit database"), "{err}");
+}

@@ -1,0 +1,172 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use gatehouse_identity::VerifierConfig;
+use serde::Deserialize;
+
+/// `[worker]`: the data-plane worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address the Postgres front end listens on.
+    pub listen: String,
+    /// Name of this worker in events; defaults to `<hostname>-<random>`.
+    pub id: Option<String>,
+    /// TLS certificate chain (PEM) presented to clients.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) for `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Accept clients without TLS. Tokens then cross the network in the
+    /// clear: only for loopback experiments.
+    pub allow_plaintext: bool,
+    /// NATS subject on which workers forward cancel requests for sessions
+    /// they do not hold themselves.
+    pub cancel_subject: String,
+    /// Largest protocol message accepted from a client or target, in bytes.
+    pub max_message_bytes: usize,
+    /// Targets by name; a client names one as its `database`.
+    pub targets: BTreeMap<String, TargetConfig>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:15432".into(),
+            id: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            allow_plaintext: false,
+            cancel_subject: "gatehouse.cancel".into(),
+            max_message_bytes: gatehouse_pgwire::DEFAULT_MAX_FRAME,
+            targets: BTreeMap::new(),
+        }
+    }
+}
+
+/// How the worker secures its connection to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetTls {
+    /// TLS with certificate chain and host name verified (libpq's
+    /// `verify-full`).
+    #[default]
+    VerifyFull,
+    /// TLS without verifying the certificate: encrypted, but open to a
+    /// man in the middle.
+    Require,
+    /// No TLS.
+    Disable,
+}
+
+/// `[worker.targets.NAME]`: one PostgreSQL target.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Database on the target server.
+    pub database: String,
+    /// Role the worker logs in as. Clients never learn its credentials.
+    pub user: String,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: TargetTls,
+    /// CA bundle (PEM) for `verify-full`; the system roots when absent.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Resolved password; filled at start from `password_env`/`password_file`.
+    #[serde(skip)]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("tls", &self.tls)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+impl TargetConfig {
+    /// Reads the password from its env var or file. Errors name the field.
+    pub fn resolve_password(&mut self, field: &str) -> Result<(), String> {
+        if self.password.is_some() {
+            return Ok(());
+        }
+        if let Some(var) = &self.password_env {
+            let value = std::env::var(var).map_err(|_| {
+                format!("{field}.password_env: environment variable {var} is not set")
+            })?;
+            self.password = Some(value);
+        } else if let Some(path) = &self.password_file {
+            let value = std::fs::read_to_string(path).map_err(|e| {
+                format!("{field}.password_file: cannot read {}: {e}", path.display())
+            })?;
+            self.password = Some(value.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl WorkerConfig {
+    /// Checks values and resolves target passwords. Errors name the field.
+    pub fn prepare(&mut self, oidc: &VerifierConfig) -> Result<(), String> {
+        oidc.validate()?;
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), Some(_)) => {}
+            (None, None) if self.allow_plaintext => {}
+            (None, None) => {
+                return Err(
+                    "worker.tls_cert_file: clients must use TLS, so a certificate \
+                     and key are required (or set worker.allow_plaintext = true for \
+                     loopback experiments)"
+                        .into(),
+                );
+            }
+            (Some(_), None) => {
+                return Err("worker.tls_key_file: required with tls_cert_file".into());
+            }
+            (None, Some(_)) => {
+                return Err("worker.tls_cert_file: required with tls_key_file".into());
+            }
+        }
+        if self.cancel_subject.is_empty() || self.cancel_subject.contains(['*', '>', ' ']) {
+            return Err("worker.cancel_subject: not a valid NATS subject".into());
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("worker.max_message_bytes: must be at least 1024".into());
+        }
+        for (name, target) in &mut self.targets {
+            let field = format!("worker.targets.{name}");
+            if target.host.is_empty() {
+                return Err(format!("{field}.host: must not be empty"));
+            }
+            target.resolve_password(&field)?;
+        }
+        Ok(())
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "worker".into());
+            format!("{host}-{:08x}", rand::random::<u32>())
+        })
+    }
+}

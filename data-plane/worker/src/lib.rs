@@ -1,0 +1,139 @@
+//! The Gatehouse data-plane worker.
+//!
+//! A worker speaks the PostgreSQL protocol to clients (psql, drivers, AI
+//! agents), authenticates each one by OIDC token, logs in to the target with
+//! credentials only it holds, and relays the session. Every command is
+//! recorded as a `CommandReceived` event and acknowledged by JetStream
+//! **before** it is forwarded; if recording fails, the command does not run.
+//!
+//! Layout: [`session`] is the per-connection state machine (startup, TLS,
+//! authentication, target login); [`relay`] carries the two directions of an
+//! open session; [`backend`] is the worker's own client to targets;
+//! [`cancel`] routes cancel requests, also across workers. The wire codec is
+//! the pure `gatehouse-pgwire` crate; events are `gatehouse-events`.
+//!
+//! Must not depend on the control plane or on SQL storage.
+#![forbid(unsafe_code)]
+
+mod backend;
+mod cancel;
+pub mod config;
+mod conn;
+pub mod error;
+mod relay;
+mod session;
+mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use gatehouse_eventlog::{EventLogConfig, Publisher};
+use gatehouse_identity::Verifier;
+use tokio::net::TcpListener;
+
+pub use config::{TargetConfig, TargetTls, WorkerConfig};
+
+/// A target with its prepared TLS settings.
+pub(crate) struct Target {
+    pub name: String,
+    pub config: TargetConfig,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// What every session of a worker shares.
+pub(crate) struct Shared {
+    pub worker_id: String,
+    pub config: WorkerConfig,
+    pub verifier: Arc<Verifier>,
+    pub publisher: Publisher,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub targets: HashMap<String, Arc<Target>>,
+    pub cancels: Arc<cancel::CancelRegistry>,
+    pub nats: async_nats::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Stream(#[from] gatehouse_eventlog::StreamError),
+    #[error("cannot subscribe to cancel requests: {0}")]
+    Subscribe(String),
+}
+
+/// Runs a worker on `listener` until `shutdown` resolves. `config` must have
+/// been prepared ([`WorkerConfig::prepare`]).
+pub async fn run(
+    config: WorkerConfig,
+    events: EventLogConfig,
+    nats: async_nats::Client,
+    verifier: Arc<Verifier>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let js = async_nats::jetstream::new(nats.clone());
+    gatehouse_eventlog::ensure_stream(&js, &events).await?;
+    let publisher = Publisher::start(js, &events);
+
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+            tls::server_config(cert, key).map_err(WorkerError::Config)?,
+        )),
+        _ => None,
+    };
+    let mut targets = HashMap::new();
+    for (name, t) in &config.targets {
+        let tls = tls::target_config(name, t).map_err(WorkerError::Config)?;
+        targets.insert(
+            name.clone(),
+            Arc::new(Target {
+                name: name.clone(),
+                config: t.clone(),
+                tls,
+            }),
+        );
+    }
+    let cancels = Arc::new(cancel::CancelRegistry::default());
+    let sub = nats
+        .subscribe(config.cancel_subject.clone())
+        .await
+        .map_err(|e| WorkerError::Subscribe(e.to_string()))?;
+    let cancel_task = tokio::spawn(cancel::serve_forwarded(cancels.clone(), sub));
+
+    let shared = Arc::new(Shared {
+        worker_id: config.worker_id(),
+        config,
+        verifier,
+        publisher,
+        tls,
+        targets,
+        cancels,
+        nats,
+    });
+    tracing::info!(
+        worker = %shared.worker_id,
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "worker listening"
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(session::handle(shared, tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    cancel_task.abort();
+    Ok(())
+}

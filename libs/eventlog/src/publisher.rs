@@ -1,0 +1,224 @@
+//! Group commit of events to JetStream.
+//!
+//! Sessions hand their events to one writer task and wait for the
+//! acknowledgement. While earlier messages are being acknowledged, new events
+//! from all sessions queue up; the writer then publishes everything queued as
+//! one message per event type (a single CloudEvent, or a CloudEvents batch)
+//! and answers every waiting session when JetStream acknowledges it. Under
+//! load this turns many small publishes into few large ones, and acks of many
+//! sessions are awaited together; at low load a lone event goes out at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use gatehouse_events::{Event, EventType, Subjects, encode_batch};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::EventLogConfig;
+
+/// Most events in one message; keeps messages well under NATS's 1 MiB
+/// default payload limit for typical statements.
+const MAX_EVENTS_PER_MESSAGE: usize = 256;
+/// Most encoded bytes in one message before a new one starts.
+const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+/// Messages awaiting acknowledgement at once.
+const MAX_IN_FLIGHT: usize = 4;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("the event log did not acknowledge within {0:?}")]
+    Timeout(Duration),
+    #[error("the event log refused the event: {0}")]
+    Refused(String),
+    #[error("the event publisher has stopped")]
+    Stopped,
+}
+
+struct Request {
+    events: Vec<Event>,
+    done: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// Records events durably. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Publisher {
+    /// Starts the writer task on the current runtime.
+    pub fn start(js: jetstream::Context, config: &EventLogConfig) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        let writer = Writer {
+            js,
+            subjects: config.subjects(),
+            timeout: config.publish_timeout(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        };
+        tokio::spawn(writer.run(rx));
+        Self { tx }
+    }
+
+    /// Publishes `events` and resolves once JetStream has stored them all.
+    /// On error none of them may be assumed stored; the caller must not run
+    /// the command they describe.
+    pub async fn record(&self, events: Vec<Event>) -> Result<(), PublishError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Request { events, done })
+            .await
+            .map_err(|_| PublishError::Stopped)?;
+        rx.await.map_err(|_| PublishError::Stopped)?
+    }
+}
+
+struct Writer {
+    js: jetstream::Context,
+    subjects: Subjects,
+    timeout: Duration,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Events of one type going out as one message, and who waits for them.
+struct Message {
+    ty: EventType,
+    events: Vec<Event>,
+    bytes: usize,
+    waiters: Vec<usize>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Request>) {
+        let mut queued: Vec<Request> = Vec::new();
+        loop {
+            if queued.is_empty() {
+                match rx.recv().await {
+                    Some(r) => queued.push(r),
+                    None => return,
+                }
+            }
+            // Wait for room in flight; meanwhile more requests queue up.
+            let permit = self
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            while queued.len() < MAX_EVENTS_PER_MESSAGE {
+                match rx.try_recv() {
+                    Ok(r) => queued.push(r),
+                    Err(_) => break,
+                }
+            }
+            let batch = std::mem::take(&mut queued);
+            let (js, subjects, timeout) = (self.js.clone(), self.subjects.clone(), self.timeout);
+            tokio::spawn(async move {
+                let result = publish_all(&js, &subjects, timeout, &batch).await;
+                drop(permit);
+                for (i, r) in batch.into_iter().enumerate() {
+                    let _ = r.done.send(result[i].clone());
+                }
+            });
+        }
+    }
+}
+
+/// Publishes the requests' events, grouped into messages, and returns each
+/// request's outcome (a request fails if any message holding its events does).
+async fn publish_all(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    timeout: Duration,
+    batch: &[Request],
+) -> Vec<Result<(), PublishError>> {
+    let mut messages: Vec<Message> = Vec::new();
+    for (i, req) in batch.iter().enumerate() {
+        for event in &req.events {
+            let ty = event.event_type();
+            let size = 512 + event_size_hint(event);
+            let slot = messages.iter().position(|m| {
+                m.ty == ty
+                    && m.events.len() < MAX_EVENTS_PER_MESSAGE
+                    && m.bytes + size <= MAX_MESSAGE_BYTES
+            });
+            let m = match slot {
+                Some(s) => &mut messages[s],
+                None => {
+                    messages.push(Message {
+                        ty,
+                        events: Vec::new(),
+                        bytes: 0,
+                        waiters: Vec::new(),
+                    });
+                    messages.last_mut().expect("just pushed")
+                }
+            };
+            m.events.push(event.clone());
+            m.bytes += size;
+            if m.waiters.last() != Some(&i) {
+                m.waiters.push(i);
+            }
+        }
+    }
+
+    // Send every message first, then await the acks together.
+    let mut acks = Vec::with_capacity(messages.len());
+    for m in &messages {
+        let body = if m.events.len() == 1 {
+            m.events[0].to_cloudevent()
+        } else {
+            encode_batch(&m.events)
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", m.events[0].id.to_string().as_str());
+        headers.insert(
+            "Content-Type",
+            if m.events.len() == 1 {
+                gatehouse_events::CONTENT_TYPE
+            } else {
+                gatehouse_events::BATCH_CONTENT_TYPE
+            },
+        );
+        let subject = subjects.for_type(m.ty);
+        let publish = js.publish_with_headers(subject, headers, Bytes::from(body));
+        acks.push(async move {
+            match tokio::time::timeout(timeout, async { publish.await?.await }).await {
+                Ok(Ok(_ack)) => Ok(()),
+                Ok(Err(e)) => Err(PublishError::Refused(e.to_string())),
+                Err(_) => Err(PublishError::Timeout(timeout)),
+            }
+        });
+    }
+    let outcomes = futures::future::join_all(acks).await;
+
+    let mut result = vec![Ok(()); batch.len()];
+    for (m, outcome) in messages.iter().zip(outcomes) {
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, events = m.events.len(), "event publish failed");
+            for &w in &m.waiters {
+                result[w] = Err(e.clone());
+            }
+        }
+    }
+    result
+}
+
+/// A cheap estimate of an event's encoded size, for splitting messages.
+fn event_size_hint(event: &Event) -> usize {
+    match &event.payload {
+        gatehouse_events::Payload::CommandReceived(c) => {
+            c.statement.len()
+                + c.params
+                    .iter()
+                    .map(|p| p.value.as_ref().map_or(4, |v| v.len() + 32))
+                    .sum::<usize>()
+        }
+        _ => 256,
+    }
+}
