@@ -54,14 +54,19 @@ impl Running {
 
 impl Env {
     async fn new() -> Self {
+        Self::on("nats://127.0.0.1:4222").await
+    }
+
+    async fn on(nats_url: &str) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let _ = tracing_subscriber::fmt()
             .with_env_filter("gatehouse_control_plane=debug")
             .with_test_writer()
             .try_init();
         let id = Uuid::new_v4().simple().to_string();
-        let nats = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+        let nats = async_nats::connect(nats_url).await.unwrap();
         let events = EventLogConfig {
+            nats_url: nats_url.into(),
             stream: format!("CPTEST_{id}"),
             subject_prefix: format!("cptest.{id}.events"),
             ..Default::default()
@@ -579,4 +584,112 @@ async fn missing_database_is_an_error_when_creation_is_off() {
     };
     let err = connect_audit_db(&config).await.unwrap_err().to_string();
     assert!(err.starts_with("cannot connect to audit database"), "{err}");
+}
+
+/// A nats-server of the test's own (on a free port, JetStream in a temporary
+/// folder), so it can be stopped and restarted without disturbing others.
+struct PrivateNats {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateNats {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("cptest-nats-{}", Uuid::new_v4().simple()));
+        let mut nats = Self {
+            port,
+            dir,
+            child: None,
+        };
+        nats.up().await;
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn up(&mut self) {
+        let child = tokio::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server must be installed (Debian package nats-server)");
+        self.child = Some(child);
+        let addr = ("127.0.0.1", self.port);
+        eventually("nats-server to listen", || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+    }
+
+    async fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_nats_restart() {
+    let mut nats = PrivateNats::start().await;
+    let env = Env::on(&nats.url()).await;
+    env.scope(async |env| {
+        let alice = who("u-alice", "alice");
+        let s = Uuid::now_v7();
+        let cmd = |seq: u64| {
+            let statement = format!("select {seq}");
+            event(s, seq, seq as f64, &alice, "app", command(&statement))
+        };
+        let cp = env.start().await;
+        let api = Api {
+            http: reqwest::Client::new(),
+            url: &cp.url,
+            token: None,
+        };
+        let db = env.db().await;
+        env.send_batch(&[cmd(1), cmd(2)]).await;
+        env.wait_projected(&db, 2).await;
+
+        nats.down().await;
+        eventually("readiness to fail", || async {
+            let (status, _, body) = api.get("/readyz").await;
+            status == 503 && body["nats"] != "connected" && body["audit_db"] == "ok"
+        })
+        .await;
+        nats.up().await;
+        eventually("readiness to return", || async {
+            api.get("/readyz").await.0 == 200
+        })
+        .await;
+
+        env.send_batch(&[cmd(3), cmd(4)]).await;
+        env.wait_projected(&db, 4).await;
+        assert_eq!(count(&db, "commands").await, 4);
+        db.close().await;
+        cp.stop().await;
+    })
+    .await;
 }

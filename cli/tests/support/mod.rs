@@ -1,0 +1,255 @@
+//! A whole Gatehouse (the `gatehouse dev` stack) per test, against the real
+//! NATS and PostgreSQL of the machine, with names no other test uses: its
+//! own stream, subjects, consumer, audit database and target database.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse::dev::{self, DevOptions, DevStack};
+use gatehouse_eventlog::EventLogConfig;
+use serde_json::Value;
+
+pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub const NATS: &str = "nats://127.0.0.1:4222";
+
+pub struct Env {
+    pub stack: Option<DevStack>,
+    pub suffix: String,
+    pub target_db: String,
+    pub audit_db: String,
+    pub events: EventLogConfig,
+    pub data_dir: PathBuf,
+    pub http: reqwest::Client,
+}
+
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn admin() -> tokio_postgres::Client {
+    direct_db("postgres").await
+}
+
+/// A plain connection straight to the machine's PostgreSQL.
+pub async fn direct_db(db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&format!("{PG}/{db}"), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432");
+    tokio::spawn(conn);
+    client
+}
+
+pub struct Options {
+    pub nats_url: String,
+    pub allow_plaintext: bool,
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nats_url: NATS.into(),
+            allow_plaintext: false,
+            publish_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> Env {
+        init();
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let target_db = format!("gh_target_{suffix}");
+        let audit_db = format!("gh_audit_{suffix}");
+        admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {target_db}"))
+            .await
+            .unwrap();
+        let data_dir = std::env::temp_dir().join(format!("gatehouse-test-{suffix}"));
+        let events = EventLogConfig {
+            nats_url: opts.nats_url.clone(),
+            stream: format!("GHT_{suffix}"),
+            subject_prefix: format!("ght.{suffix}.events"),
+            publish_timeout_ms: opts.publish_timeout_ms,
+            ..Default::default()
+        };
+        let (_, target) =
+            dev::parse_target(&format!("app={PG}/{target_db}?sslmode=require")).unwrap();
+        let stack = dev::start(DevOptions {
+            data_dir: data_dir.clone(),
+            nats_url: opts.nats_url,
+            audit_db: format!("{PG}/{audit_db}"),
+            targets: vec![("app".into(), target)],
+            pg_listen: "127.0.0.1:0".into(),
+            http_listen: "127.0.0.1:0".into(),
+            events: events.clone(),
+            consumer: format!("ght-{suffix}"),
+            cancel_subject: format!("ght.{suffix}.cancel"),
+            allow_plaintext: opts.allow_plaintext,
+        })
+        .await
+        .expect("dev stack starts");
+        Env {
+            stack: Some(stack),
+            suffix,
+            target_db,
+            audit_db,
+            events,
+            data_dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn stack(&self) -> &DevStack {
+        self.stack.as_ref().expect("running")
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        self.stack().token(sub, &[])
+    }
+
+    /// A `key=value` libpq connection string to the worker.
+    pub fn conninfo(&self, user: &str, db: &str, sslmode: &str) -> String {
+        let addr = self.stack().pg_addr;
+        format!(
+            "host={} port={} user={user} dbname={db} sslmode={sslmode}",
+            addr.ip(),
+            addr.port()
+        )
+    }
+
+    /// TLS settings that trust the dev stack's self-signed certificate.
+    pub fn tls(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(self.data_dir.join("tls-cert.pem")).unwrap();
+        for cert in rustls_pemfile_certs(&pem) {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    }
+
+    /// A tokio-postgres session through the worker over verified TLS.
+    pub async fn connect(&self, user: &str) -> tokio_postgres::Client {
+        self.try_connect(user, &self.token(user))
+            .await
+            .expect("connects through the worker")
+    }
+
+    pub async fn try_connect(
+        &self,
+        user: &str,
+        token: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut config: tokio_postgres::Config =
+            self.conninfo(user, "app", "require").parse().unwrap();
+        config.password(token);
+        let (client, conn) = config.connect(self.tls()).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// A plain connection to the target database, bypassing the gateway.
+    pub async fn target(&self) -> tokio_postgres::Client {
+        direct_db(&self.target_db).await
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.stack().http_addr)
+    }
+
+    /// Every projected command of `identity`, oldest first, once `expect`
+    /// of them have arrived (or after a timeout, with what there is).
+    pub async fn audit_commands(&self, identity: &str, expect: usize) -> Vec<Value> {
+        let token = self.stack().token("test-auditor", &["auditors"]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut items = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut url = format!(
+                    "{}?identity={identity}&limit=500",
+                    self.api("/api/v1/commands")
+                );
+                if let Some(c) = &cursor {
+                    url.push_str(&format!("&cursor={c}"));
+                }
+                let page: Value = self
+                    .http
+                    .get(url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .error_for_status()
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                items.extend(page["items"].as_array().unwrap().iter().cloned());
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_string()),
+                    None => break,
+                }
+            }
+            if items.len() >= expect || tokio::time::Instant::now() > deadline {
+                items.reverse();
+                return items;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Statement texts of `identity`'s projected commands, oldest first.
+    pub async fn audit_statements(&self, identity: &str, expect: usize) -> Vec<String> {
+        self.audit_commands(identity, expect)
+            .await
+            .iter()
+            .map(|c| c["statement"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub async fn cleanup(mut self) {
+        if let Some(stack) = self.stack.take() {
+            stack.stop().await.expect("clean stop");
+        }
+        if let Ok(nats) = async_nats::connect(&self.events.nats_url).await {
+            let js = async_nats::jetstream::new(nats);
+            let _ = js.delete_stream(&self.events.stream).await;
+        }
+        let admin = admin().await;
+        for db in [&self.target_db, &self.audit_db] {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await;
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
