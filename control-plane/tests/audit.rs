@@ -20,6 +20,7 @@ use gatehouse_events::{
     SessionOpened, encode_batch,
 };
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use gatehouse_testkit::{PrivateNats, eventually};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::oneshot;
@@ -189,16 +190,6 @@ impl Env {
             std::panic::resume_unwind(panic);
         }
     }
-}
-
-async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
-    for _ in 0..150 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 async fn count(db: &PgPool, table: &str) -> i64 {
@@ -584,72 +575,6 @@ async fn missing_database_is_an_error_when_creation_is_off() {
     };
     let err = connect_audit_db(&config).await.unwrap_err().to_string();
     assert!(err.starts_with("cannot connect to audit database"), "{err}");
-}
-
-/// A nats-server of the test's own (on a free port, JetStream in a temporary
-/// folder), so it can be stopped and restarted without disturbing others.
-struct PrivateNats {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<tokio::process::Child>,
-}
-
-impl PrivateNats {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("cptest-nats-{}", Uuid::new_v4().simple()));
-        let mut nats = Self {
-            port,
-            dir,
-            child: None,
-        };
-        nats.up().await;
-        nats
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn up(&mut self) {
-        let child = tokio::process::Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server must be installed (Debian package nats-server)");
-        self.child = Some(child);
-        let addr = ("127.0.0.1", self.port);
-        eventually("nats-server to listen", || async {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await;
-    }
-
-    async fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

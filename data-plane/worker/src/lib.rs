@@ -75,7 +75,7 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let js = async_nats::jetstream::new(nats.clone());
     gatehouse_eventlog::ensure_stream(&js, &events).await?;
-    let publisher = Publisher::start(js, &events);
+    let publisher = Publisher::start(nats.clone(), &events);
 
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(

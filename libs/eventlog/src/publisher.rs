@@ -33,6 +33,8 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("the event log refused the event: {0}")]
     Refused(String),
+    #[error("not connected to NATS")]
+    Disconnected,
     #[error("the event publisher has stopped")]
     Stopped,
 }
@@ -50,10 +52,11 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the writer task on the current runtime.
-    pub fn start(js: jetstream::Context, config: &EventLogConfig) -> Self {
+    pub fn start(nats: async_nats::Client, config: &EventLogConfig) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         let writer = Writer {
-            js,
+            js: jetstream::new(nats.clone()),
+            nats,
             subjects: config.subjects(),
             timeout: config.publish_timeout(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -79,6 +82,7 @@ impl Publisher {
 }
 
 struct Writer {
+    nats: async_nats::Client,
     js: jetstream::Context,
     subjects: Subjects,
     timeout: Duration,
@@ -117,6 +121,15 @@ impl Writer {
                 }
             }
             let batch = std::mem::take(&mut queued);
+            if self.nats.connection_state() != async_nats::connection::State::Connected {
+                // Fail at once rather than let the client buffer the
+                // message: a buffered event would be delivered after
+                // reconnecting, for a command that was refused meanwhile.
+                for r in batch {
+                    let _ = r.done.send(Err(PublishError::Disconnected));
+                }
+                continue;
+            }
             let (js, subjects, timeout) = (self.js.clone(), self.subjects.clone(), self.timeout);
             tokio::spawn(async move {
                 let result = publish_all(&js, &subjects, timeout, &batch).await;

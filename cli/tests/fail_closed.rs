@@ -1,0 +1,93 @@
+//! Fail-closed recording: with the event log down, commands do not reach the
+//! target and the client gets a clear error; once it is back, the same
+//! session carries on.
+
+mod support;
+
+use gatehouse_testkit::{PrivateNats, eventually};
+use support::{Env, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_do_not_run_while_the_event_log_is_down() {
+    let mut nats = PrivateNats::start().await;
+    let env = Env::start_with(Options {
+        nats_url: nats.url(),
+        publish_timeout_ms: 1500,
+        ..Default::default()
+    })
+    .await;
+    let db = env.connect("dana").await;
+    db.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    db.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+
+    nats.down().await;
+    let http = reqwest::Client::new();
+    let ready = env.api("/readyz");
+    eventually("the gateway to notice NATS is gone", async || {
+        http.get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+
+    // Simple protocol.
+    let err = db
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap_err();
+    let db_err = err
+        .as_db_error()
+        .expect("an ErrorResponse, not a broken connection");
+    assert_eq!(db_err.code().code(), "58000", "{db_err}");
+    assert!(db_err.message().contains("not run"), "{}", db_err.message());
+    // Extended protocol, with a parameter.
+    let err = db
+        .execute("INSERT INTO t VALUES ($1)", &[&3i32])
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "58000", "{err}");
+
+    let target = env.target().await;
+    let ids: Vec<i32> = target
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1], "nothing ran while the event log was down");
+
+    nats.up().await;
+    // Once the gateway's NATS client is connected again (readiness tells),
+    // the same session's next command runs.
+    eventually("the gateway to reconnect to NATS", async || {
+        http.get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    db.execute("INSERT INTO t VALUES (4)", &[]).await.unwrap();
+    let ids: Vec<i32> = target
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 4]);
+
+    // The audit trail holds what ran, and not what was refused.
+    let statements = env.audit_statements("dana", 3).await;
+    assert_eq!(
+        statements,
+        [
+            "CREATE TABLE t (id int)",
+            "INSERT INTO t VALUES (1)",
+            "INSERT INTO t VALUES (4)"
+        ]
+    );
+    drop(db);
+    env.cleanup().await;
+}

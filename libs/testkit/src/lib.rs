@@ -1,0 +1,101 @@
+//! Helpers for integration tests only: a private `nats-server` that a test
+//! may stop and restart without touching the machine's shared one, and
+//! polling until a condition holds. Never a dependency of product code.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Polls `check` every 100 ms for up to 15 s; panics naming `what` if it
+/// never holds.
+pub async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
+    for _ in 0..150 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A nats-server of the test's own: a free port, JetStream storage in a
+/// temporary folder, stopped by its own PID only.
+pub struct PrivateNats {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateNats {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("gatehouse-nats-{}", uuid::Uuid::new_v4().simple()));
+        let mut nats = Self {
+            port,
+            dir,
+            child: None,
+        };
+        nats.up().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts) the server on the same port and storage.
+    pub async fn up(&mut self) {
+        let binary = [
+            "nats-server",
+            "/usr/sbin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok()
+        })
+        .expect("nats-server must be installed: deploy/scripts/test.sh installs it");
+        let child = tokio::process::Command::new(binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let addr = ("127.0.0.1", self.port);
+        eventually("nats-server to listen", async || {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+    }
+
+    /// Stops the server (by its PID) and waits until it is gone.
+    pub async fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
