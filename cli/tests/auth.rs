@@ -83,7 +83,14 @@ fn assert_readable(r: &Refused, secrets: &[&str]) {
         m.chars().all(|c| !c.is_control()),
         "control characters: {m:?}"
     );
-    for word in ["kid", "jwks", "http://", "https://", "InvalidSignature", "{"] {
+    for word in [
+        "kid",
+        "jwks",
+        "http://",
+        "https://",
+        "InvalidSignature",
+        "{",
+    ] {
         assert!(
             !m.to_lowercase().contains(&word.to_lowercase()),
             "{m:?} mentions {word}"
@@ -268,10 +275,14 @@ async fn tampered_signature_or_claims_are_refused() {
     // tamper-user turned into one of tamper-admin.
     let mut parts = token.split('.');
     let (header, payload) = (parts.next().unwrap(), parts.next().unwrap());
-    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
     claims["sub"] = json!("tamper-admin");
     claims["preferred_username"] = json!("tamper-admin");
-    let forged = format!("{header}.{}.{signature}", b64(claims.to_string().as_bytes()));
+    let forged = format!(
+        "{header}.{}.{signature}",
+        b64(claims.to_string().as_bytes())
+    );
     check_token_refused(&env, "tamper-admin", &forged, "bad_signature").await;
 
     // The untouched token still works.
@@ -380,7 +391,10 @@ async fn tokens_of_a_rotated_key_are_accepted_after_a_jwks_refetch() {
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while count("sessions", "identity_username").await < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "sessions not projected");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions not projected"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(count("authentication_failures", "claimed_user").await, 0);

@@ -143,18 +143,20 @@ async fn psql_script_with_copy_in_and_out() {
         .get(0);
     assert_eq!(n, 187);
 
-    // Every statement psql sent, exactly once, in order.
+    // Every statement psql sent, exactly once, in order: psql sends a
+    // statement with its terminating semicolon, and builds `\copy`'s COPY
+    // with spacing of its own.
     let expected = [
-        "CREATE TABLE fruit (id int PRIMARY KEY, name text NOT NULL, qty int)",
-        "INSERT INTO fruit VALUES (1, 'apple', 2), (2, 'banana', 5)",
+        "CREATE TABLE fruit (id int PRIMARY KEY, name text NOT NULL, qty int);",
+        "INSERT INTO fruit VALUES (1, 'apple', 2), (2, 'banana', 5);",
         "COPY fruit FROM STDIN",
-        "BEGIN",
-        "UPDATE fruit SET qty = qty * 10 WHERE id >= 3",
-        "DELETE FROM fruit WHERE qty IS NULL",
-        "COMMIT",
-        "COPY (SELECT id, name, qty FROM fruit ORDER BY id) TO STDOUT WITH (FORMAT csv)",
-        "SELECT name || '=' || qty FROM fruit ORDER BY id",
-        "SELECT count(*), sum(qty) FROM fruit",
+        "BEGIN;",
+        "UPDATE fruit SET qty = qty * 10 WHERE id >= 3;",
+        "DELETE FROM fruit WHERE qty IS NULL;",
+        "COMMIT;",
+        "COPY ( SELECT id, name, qty FROM fruit ORDER BY id ) TO STDOUT WITH (FORMAT csv)",
+        "SELECT name || '=' || qty FROM fruit ORDER BY id;",
+        "SELECT count(*), sum(qty) FROM fruit;",
         "SELECT string_agg(name, ',' ORDER BY id) FROM fruit",
     ];
     let audit = env.audit_commands(user, expected.len()).await;
@@ -184,7 +186,15 @@ fn processed(stdout: &str) -> u64 {
         .lines()
         .find(|l| l.starts_with("number of transactions actually processed:"))
         .unwrap_or_else(|| panic!("no transaction count in:\n{stdout}"));
-    line.split(':').nth(1).unwrap().trim().split('/').next().unwrap().parse().unwrap()
+    line.split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,9 +219,7 @@ async fn pgbench_initialises_and_runs_over_both_protocols() {
     for protocol in ["simple", "extended"] {
         let out = run_ok(
             "pgbench",
-            &[
-                "-S", "-M", protocol, "-T", "3", "-c", "4", "-n", &conninfo,
-            ],
+            &["-S", "-M", protocol, "-T", "3", "-c", "4", "-n", &conninfo],
             &token,
         )
         .await;

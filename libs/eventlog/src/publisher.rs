@@ -132,10 +132,12 @@ impl Writer {
             }
             let (js, subjects, timeout) = (self.js.clone(), self.subjects.clone(), self.timeout);
             tokio::spawn(async move {
-                let result = publish_all(&js, &subjects, timeout, &batch).await;
+                let (events, waiters): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|r| (r.events, r.done)).unzip();
+                let result = publish_all(&js, &subjects, timeout, events).await;
                 drop(permit);
-                for (i, r) in batch.into_iter().enumerate() {
-                    let _ = r.done.send(result[i].clone());
+                for (done, r) in waiters.into_iter().zip(result) {
+                    let _ = done.send(r);
                 }
             });
         }
@@ -148,13 +150,14 @@ async fn publish_all(
     js: &jetstream::Context,
     subjects: &Subjects,
     timeout: Duration,
-    batch: &[Request],
+    batch: Vec<Vec<Event>>,
 ) -> Vec<Result<(), PublishError>> {
+    let requests = batch.len();
     let mut messages: Vec<Message> = Vec::new();
-    for (i, req) in batch.iter().enumerate() {
-        for event in &req.events {
+    for (i, events) in batch.into_iter().enumerate() {
+        for event in events {
             let ty = event.event_type();
-            let size = 512 + event_size_hint(event);
+            let size = 512 + event_size_hint(&event);
             let slot = messages.iter().position(|m| {
                 m.ty == ty
                     && m.events.len() < MAX_EVENTS_PER_MESSAGE
@@ -172,7 +175,7 @@ async fn publish_all(
                     messages.last_mut().expect("just pushed")
                 }
             };
-            m.events.push(event.clone());
+            m.events.push(event);
             m.bytes += size;
             if m.waiters.last() != Some(&i) {
                 m.waiters.push(i);
@@ -210,7 +213,7 @@ async fn publish_all(
     }
     let outcomes = futures::future::join_all(acks).await;
 
-    let mut result = vec![Ok(()); batch.len()];
+    let mut result = vec![Ok(()); requests];
     for (m, outcome) in messages.iter().zip(outcomes) {
         if let Err(e) = outcome {
             tracing::warn!(error = %e, events = m.events.len(), "event publish failed");

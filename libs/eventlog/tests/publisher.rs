@@ -1,0 +1,115 @@
+//! The publisher against the machine's real NATS (127.0.0.1:4222): many
+//! concurrent sessions' events are stored exactly once, grouped into fewer
+//! messages than events; with the server gone, recording fails at once.
+
+use std::collections::HashSet;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use gatehouse_eventlog::{EventLogConfig, PublishError, Publisher, ensure_stream};
+use gatehouse_events::{CommandReceived, Event, Payload, Protocol, decode};
+use gatehouse_testkit::PrivateNats;
+
+fn command(i: usize) -> Event {
+    Event::new(
+        "test-worker",
+        Payload::CommandReceived(CommandReceived {
+            protocol: Protocol::Simple,
+            statement: format!("select {i}"),
+            statement_name: None,
+            portal: None,
+            params: Vec::new(),
+        }),
+    )
+}
+
+fn config(url: &str) -> EventLogConfig {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    EventLogConfig {
+        nats_url: url.into(),
+        stream: format!("PUBTEST_{suffix}"),
+        subject_prefix: format!("pubtest.{suffix}"),
+        publish_timeout_ms: 2000,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_are_stored_once_in_fewer_messages() {
+    let nats = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(nats.clone());
+    let config = config("nats://127.0.0.1:4222");
+    let stream = ensure_stream(&js, &config).await.unwrap();
+    let publisher = Publisher::start(nats.clone(), &config);
+
+    // 64 "sessions" record 20 commands each, one after another, as a worker
+    // does: the next only after the previous is acknowledged.
+    let mut tasks = Vec::new();
+    let mut expected = HashSet::new();
+    for s in 0..64 {
+        let events: Vec<Event> = (0..20).map(|i| command(s * 100 + i)).collect();
+        expected.extend(events.iter().map(|e| e.id));
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for e in events {
+                publisher.record(vec![e]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let consumer = stream
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap();
+    let info = js
+        .get_stream(&config.stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    let messages = info.state.messages as usize;
+    let mut seen = HashSet::new();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10_000)
+        .messages()
+        .await
+        .unwrap();
+    while seen.len() < expected.len() {
+        let msg = batch.next().await.expect("all events arrive").unwrap();
+        for e in decode(&msg.payload).unwrap() {
+            assert!(seen.insert(e.id), "event {} stored twice", e.id);
+        }
+    }
+    assert_eq!(seen, expected);
+    assert!(
+        messages < expected.len(),
+        "{messages} messages for {} events: no grouping happened",
+        expected.len()
+    );
+    js.delete_stream(&config.stream).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_fails_at_once_while_disconnected() {
+    let mut server = PrivateNats::start().await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(nats.clone());
+    let config = config(&server.url());
+    ensure_stream(&js, &config).await.unwrap();
+    let publisher = Publisher::start(nats.clone(), &config);
+    publisher.record(vec![command(1)]).await.unwrap();
+
+    server.down().await;
+    gatehouse_testkit::eventually("the client to notice", async || {
+        nats.connection_state() != async_nats::connection::State::Connected
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let err = publisher.record(vec![command(2)]).await.unwrap_err();
+    assert!(matches!(err, PublishError::Disconnected), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(500));
+}
