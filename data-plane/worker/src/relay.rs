@@ -425,16 +425,16 @@ async fn target_to_client(
         let mut start = 0;
         let mut pos = 0;
         let mut fatal = false;
-        loop {
-            let Ok(Some(len)) = pg::pending_frame_len(&buf[pos..], max) else {
-                break;
-            };
-            if buf.len() - pos < len {
-                if len > buf.capacity() {
-                    buf.reserve(len - (buf.len() - pos));
+        let mut broken = None;
+        while pos < buf.len() {
+            let len = match pg::pending_frame_len(&buf[pos..], max) {
+                Ok(Some(len)) if buf.len() - pos >= len => len,
+                Ok(_) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
                 }
-                break;
-            }
+            };
             if buf[pos] == b'Z' {
                 if let Ok(BackendMessage::ReadyForQuery(s)) =
                     BackendMessage::parse_body(b'Z', &buf[pos + 5..pos + len])
@@ -452,6 +452,16 @@ async fn target_to_client(
         }
         out.extend_from_slice(&buf[start..pos]);
         buf.advance(pos);
+        if let Ok(Some(len)) = pg::pending_frame_len(&buf, max) {
+            // Make room for a large frame in one go.
+            buf.reserve(len.saturating_sub(buf.len()));
+        }
+        if let Some(e) = broken {
+            tracing::warn!(session = %ctx.session_id, error = %e, "protocol error from target");
+            ClientError::fatal("08P01", "the target sent a malformed message").encode(&mut out);
+            let _ = client.write_all(&out).await;
+            break Some(CloseReason::Error);
+        }
         fatal |= drain_due(&mut pending, seen, status, &mut out);
         if !out.is_empty() {
             if client.write_all(&out).await.is_err() {
