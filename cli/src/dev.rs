@@ -117,6 +117,10 @@ pub struct DevStack {
     pub http_addr: SocketAddr,
     pub issuer: Arc<DevIssuer>,
     pub targets: Vec<String>,
+    worker_config: WorkerConfig,
+    events: EventLogConfig,
+    nats: async_nats::Client,
+    verifier: Arc<Verifier>,
     stop: watch::Sender<bool>,
     worker: JoinHandle<anyhow::Result<()>>,
     control_plane: JoinHandle<anyhow::Result<()>>,
@@ -133,6 +137,29 @@ impl DevStack {
             ttl: Duration::from_secs(3600),
             actors: Vec::new(),
         })
+    }
+
+    /// Starts one more worker on `listen` with the stack's configuration as
+    /// changed by `configure`, as a fleet behind a load balancer would have;
+    /// it stops with the stack.
+    pub async fn spawn_worker(
+        &self,
+        listen: &str,
+        configure: impl FnOnce(&mut WorkerConfig),
+    ) -> anyhow::Result<SocketAddr> {
+        let mut config = self.worker_config.clone();
+        configure(&mut config);
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(gatehouse_worker::run(
+            config,
+            self.events.clone(),
+            self.nats.clone(),
+            self.verifier.clone(),
+            listener,
+            stopped(self.stop.subscribe()),
+        ));
+        Ok(addr)
     }
 
     /// Stops both parts and waits for them.
@@ -215,6 +242,7 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
     let pg_addr = pg.local_addr()?;
 
     let (stop, rx) = watch::channel(false);
+    let worker_config = worker.clone();
     let worker_task = tokio::spawn({
         let (events, nats, verifier, rx) = (
             opts.events.clone(),
@@ -230,9 +258,9 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
     let control_task = tokio::spawn(gatehouse_control_plane::run(
         control,
         opts.events.clone(),
-        nats,
+        nats.clone(),
         http,
-        verifier,
+        verifier.clone(),
         axum::Router::new().nest("/dev-issuer", issuer.router()),
         stopped(rx),
     ));
@@ -241,6 +269,10 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
         http_addr,
         issuer,
         targets: opts.targets.iter().map(|(n, _)| n.clone()).collect(),
+        worker_config,
+        events: opts.events,
+        nats,
+        verifier,
         stop,
         worker: worker_task,
         control_plane: control_task,

@@ -175,3 +175,126 @@ async fn cancel_request_stops_a_running_query() {
     assert!(started.elapsed() < Duration::from_secs(5));
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_reaching_another_worker_is_forwarded() {
+    let env = Env::start().await;
+    // A second worker of the same fleet; the cancel request goes there, as
+    // a load balancer might send it.
+    let other = env
+        .stack()
+        .spawn_worker("127.0.0.1:0", |_| {})
+        .await
+        .unwrap();
+    let db = env.connect("erin").await;
+    let token = db.cancel_token();
+    let sleeper = tokio::spawn(async move { db.simple_query("SELECT pg_sleep(10)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let tcp = tokio::net::TcpStream::connect(other).await.unwrap();
+    let mut make = env.tls();
+    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut make,
+        "127.0.0.1",
+    )
+    .unwrap();
+    token.cancel_query_raw(tcp, tls).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let err = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_and_notices_reach_the_client() {
+    let env = Env::start().await;
+    let mut config: tokio_postgres::Config =
+        env.conninfo("frank", "app", "require").parse().unwrap();
+    config.password(env.token("frank"));
+    let (listener, mut conn) = config.connect(env.tls()).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            let _ = tx.send(m);
+        }
+    });
+    listener
+        .batch_execute("LISTEN gatehouse_test")
+        .await
+        .unwrap();
+    listener
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from the target'; END $$")
+        .await
+        .unwrap();
+    let other = env.connect("frank").await;
+    other
+        .batch_execute("NOTIFY gatehouse_test, 'payload-1'")
+        .await
+        .unwrap();
+
+    let mut notice = None;
+    let mut notification = None;
+    while notice.is_none() || notification.is_none() {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            tokio_postgres::AsyncMessage::Notice(n) => notice = Some(n.message().to_string()),
+            tokio_postgres::AsyncMessage::Notification(n) => {
+                notification = Some((n.channel().to_string(), n.payload().to_string()))
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(notice.unwrap(), "hello from the target");
+    assert_eq!(
+        notification.unwrap(),
+        ("gatehouse_test".to_string(), "payload-1".to_string())
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_certificates_are_verified_by_default() {
+    // The machine's PostgreSQL has a self-signed certificate: with the
+    // default verify-full the worker must refuse to talk to it.
+    let env = Env::start().await;
+    // Trust only an unrelated CA (the dev stack's own certificate).
+    let spec = format!(
+        "strict={}/{}?sslmode=verify-full&sslrootcert={}",
+        support::PG,
+        env.target_db,
+        env.data_dir.join("tls-cert.pem").display()
+    );
+    let (name, target) = gatehouse::dev::parse_target(&spec).unwrap();
+    let addr = env
+        .stack()
+        .spawn_worker("127.0.0.1:0", |c| {
+            c.targets.insert(name, target);
+        })
+        .await
+        .unwrap();
+    let mut config: tokio_postgres::Config = format!(
+        "host={} port={} user=gina dbname=strict sslmode=require",
+        addr.ip(),
+        addr.port()
+    )
+    .parse()
+    .unwrap();
+    config.password(env.token("gina"));
+    let Err(err) = config.connect(env.tls()).await else {
+        panic!("connected to a target whose certificate is not trusted");
+    };
+    let db_err = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_err.code().code(), "08001", "{db_err}");
+    assert_eq!(db_err.message(), "cannot connect to target \"strict\"");
+    env.cleanup().await;
+}

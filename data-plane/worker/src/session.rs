@@ -351,7 +351,7 @@ async fn authenticate(
         identity: verified.identity,
         target: target.name.clone(),
         expires_at: verified.expires_at,
-        leeway_secs: 0,
+        leeway_secs: shared.verifier.leeway_secs() as i64,
         seq: AtomicU64::new(0),
         commands: AtomicU64::new(0),
         bytes_from_client: AtomicU64::new(0),

@@ -149,6 +149,12 @@ impl Verifier {
         })
     }
 
+    /// Clock skew allowed around `exp`/`nbf`; sessions enforce expiry with
+    /// the same allowance.
+    pub fn leeway_secs(&self) -> u64 {
+        self.config.leeway_secs
+    }
+
     pub async fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
         let header = parse_header(token)?;
         let alg = Algorithm::from_str(&header.alg)
