@@ -280,32 +280,126 @@ fn describe(e: &DecodeError) -> String {
     }
 }
 
-/// Writes `events` and their projections in one transaction.
+/// Writes `events` and their projections in one transaction. The raw events
+/// and the commands (nearly all of the volume) go in one statement each;
+/// session and authentication rows, which are rare, one by one.
 async fn store(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    store_raw(&mut tx, events).await?;
+    store_commands(&mut tx, events).await?;
     for event in events {
         store_event(&mut tx, event).await?;
     }
     tx.commit().await
 }
 
-/// Each statement is idempotent on its own, so redelivered events and
-/// SessionOpened / SessionClosed in either order give the same rows.
-async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error> {
-    let body = String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8");
+async fn store_raw(db: &mut PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut times = Vec::with_capacity(events.len());
+    let mut sessions = Vec::with_capacity(events.len());
+    let mut seqs = Vec::with_capacity(events.len());
+    let mut bodies = Vec::with_capacity(events.len());
+    for e in events {
+        ids.push(e.id);
+        types.push(e.event_type().token());
+        times.push(e.time);
+        sessions.push(e.session_id);
+        seqs.push(int(e.seq));
+        bodies.push(String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8"));
+    }
     sqlx::query(
         "INSERT INTO events (event_id, type, time, session_id, seq, body)
-         VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (event_id) DO NOTHING",
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[],
+                              $5::bigint[], $6::text[]::jsonb[])
+         ON CONFLICT (event_id) DO NOTHING",
     )
-    .bind(e.id)
-    .bind(e.event_type().token())
-    .bind(e.time)
-    .bind(e.session_id)
-    .bind(int(e.seq))
-    .bind(body)
+    .bind(ids)
+    .bind(types)
+    .bind(times)
+    .bind(sessions)
+    .bind(seqs)
+    .bind(bodies)
     .execute(&mut *db)
     .await?;
+    Ok(())
+}
 
+async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
+    #[derive(Default)]
+    struct Columns<'a> {
+        ids: Vec<uuid::Uuid>,
+        sessions: Vec<Option<uuid::Uuid>>,
+        seqs: Vec<i64>,
+        times: Vec<chrono::DateTime<chrono::Utc>>,
+        subjects: Vec<Option<&'a str>>,
+        usernames: Vec<Option<&'a str>>,
+        delegations: Vec<Option<String>>,
+        targets: Vec<Option<&'a str>>,
+        protocols: Vec<String>,
+        statements: Vec<&'a str>,
+        names: Vec<Option<&'a str>>,
+        portals: Vec<Option<&'a str>>,
+        params: Vec<String>,
+    }
+    let mut c = Columns::default();
+    for e in events {
+        let Payload::CommandReceived(p) = &e.payload else {
+            continue;
+        };
+        let who = e.identity.as_ref();
+        c.ids.push(e.id);
+        c.sessions.push(e.session_id);
+        c.seqs.push(int(e.seq));
+        c.times.push(e.time);
+        c.subjects.push(who.map(|i| i.subject.as_str()));
+        c.usernames.push(who.map(|i| i.username.as_str()));
+        c.delegations.push(who.map(|i| json(&i.delegation)));
+        c.targets.push(e.target.as_deref());
+        c.protocols.push(snake_case(&p.protocol));
+        c.statements.push(&p.statement);
+        c.names.push(p.statement_name.as_deref());
+        c.portals.push(p.portal.as_deref());
+        c.params.push(json(&p.params));
+    }
+    if c.ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
+            identity_username, delegation, target, protocol, statement, statement_name,
+            portal, params)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[],
+            $5::text[], $6::text[], $7::text[]::jsonb[], $8::text[], $9::text[], $10::text[],
+            $11::text[], $12::text[], $13::text[]::jsonb[])
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(c.ids)
+    .bind(c.sessions)
+    .bind(c.seqs)
+    .bind(c.times)
+    .bind(c.subjects)
+    .bind(c.usernames)
+    .bind(c.delegations)
+    .bind(c.targets)
+    .bind(c.protocols)
+    .bind(c.statements)
+    .bind(c.names)
+    .bind(c.portals)
+    .bind(c.params)
+    .execute(&mut *db)
+    .await?;
+    Ok(())
+}
+
+fn json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).expect("serializes to JSON")
+}
+
+/// Session and authentication rows. Each statement is idempotent on its own,
+/// so redelivered events and SessionOpened / SessionClosed in either order
+/// give the same rows.
+async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error> {
     let who = e.identity.as_ref();
     let delegation = who.map(|i| Json(&i.delegation));
     let groups: &[String] = who.map_or(&[], |i| &i.groups);
@@ -383,30 +477,8 @@ async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error
                 "session event without a session id; kept in events only"
             );
         }
-        (Payload::CommandReceived(p), _) => {
-            sqlx::query(
-                "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
-                    identity_username, delegation, target, protocol, statement, statement_name,
-                    portal, params)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(e.id)
-            .bind(e.session_id)
-            .bind(int(e.seq))
-            .bind(e.time)
-            .bind(who.map(|i| &i.subject))
-            .bind(who.map(|i| &i.username))
-            .bind(delegation)
-            .bind(&e.target)
-            .bind(snake_case(&p.protocol))
-            .bind(&p.statement)
-            .bind(&p.statement_name)
-            .bind(&p.portal)
-            .bind(Json(&p.params))
-            .execute(&mut *db)
-            .await?;
-        }
+        // Stored in bulk by `store_commands`.
+        (Payload::CommandReceived(_), _) => {}
         (Payload::AuthenticationFailed(p), _) => {
             sqlx::query(
                 "INSERT INTO authentication_failures (event_id, time, client_addr, client_tls,

@@ -23,6 +23,11 @@ pub struct EventLogConfig {
     /// How long a command waits for its event's acknowledgement before the
     /// client gets an error and the command is not run.
     pub publish_timeout_ms: u64,
+    /// Messages awaiting acknowledgement at once. Events that arrive while
+    /// this many are in flight share the next message (group commit): lower
+    /// means larger batches and less work per event for NATS, higher means
+    /// less waiting at low load.
+    pub max_in_flight: usize,
 }
 
 impl Default for EventLogConfig {
@@ -35,6 +40,7 @@ impl Default for EventLogConfig {
             duplicate_window_secs: 120,
             max_age_secs: 0,
             publish_timeout_ms: 5000,
+            max_in_flight: 1,
         }
     }
 }
@@ -67,6 +73,9 @@ impl EventLogConfig {
         }
         if !(1..=5).contains(&self.replicas) {
             return Err("events.replicas: must be between 1 and 5".into());
+        }
+        if !(1..=1024).contains(&self.max_in_flight) {
+            return Err("events.max_in_flight: must be between 1 and 1024".into());
         }
         if self.publish_timeout_ms == 0 {
             return Err("events.publish_timeout_ms: must be greater than 0".into());

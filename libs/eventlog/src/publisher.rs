@@ -24,8 +24,6 @@ use crate::EventLogConfig;
 const MAX_EVENTS_PER_MESSAGE: usize = 256;
 /// Most encoded bytes in one message before a new one starts.
 const MAX_MESSAGE_BYTES: usize = 512 * 1024;
-/// Messages awaiting acknowledgement at once.
-const MAX_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
@@ -59,7 +57,7 @@ impl Publisher {
             nats,
             subjects: config.subjects(),
             timeout: config.publish_timeout(),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
         };
         tokio::spawn(writer.run(rx));
         Self { tx }
