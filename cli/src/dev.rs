@@ -111,6 +111,23 @@ impl DevOptions {
     }
 }
 
+/// A worker started by [`DevStack::spawn_worker`]; dropping the handle
+/// stops the worker.
+pub struct ExtraWorker {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), gatehouse_worker::WorkerError>>,
+}
+
+impl ExtraWorker {
+    /// Shuts the worker down (draining its sessions) and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await??;
+        Ok(())
+    }
+}
+
 /// A running dev stack.
 pub struct DevStack {
     pub pg_addr: SocketAddr,
@@ -146,20 +163,27 @@ impl DevStack {
         &self,
         listen: &str,
         configure: impl FnOnce(&mut WorkerConfig),
-    ) -> anyhow::Result<SocketAddr> {
+    ) -> anyhow::Result<ExtraWorker> {
         let mut config = self.worker_config.clone();
         configure(&mut config);
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(gatehouse_worker::run(
+        let (stop, own) = watch::channel(false);
+        let stack = self.stop.subscribe();
+        let task = tokio::spawn(gatehouse_worker::run(
             config,
             self.events.clone(),
             self.nats.clone(),
             self.verifier.clone(),
             listener,
-            stopped(self.stop.subscribe()),
+            async move {
+                tokio::select! {
+                    _ = stopped(own) => {}
+                    _ = stopped(stack) => {}
+                }
+            },
         ));
-        Ok(addr)
+        Ok(ExtraWorker { addr, stop, task })
     }
 
     /// Stops both parts and waits for them.
@@ -227,6 +251,8 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
         tls_key_file: Some(key),
         allow_plaintext: opts.allow_plaintext,
         cancel_subject: opts.cancel_subject.clone(),
+        // Ctrl-C on a dev stack should not wait long for open sessions.
+        drain_timeout_secs: 2,
         ..Default::default()
     };
     worker.targets = opts.targets.iter().cloned().collect();

@@ -186,12 +186,13 @@ async fn cancel_request_reaching_another_worker_is_forwarded() {
         .spawn_worker("127.0.0.1:0", |_| {})
         .await
         .unwrap();
+    // (The handle keeps the worker running until it is dropped.)
     let db = env.connect("erin").await;
     let token = db.cancel_token();
     let sleeper = tokio::spawn(async move { db.simple_query("SELECT pg_sleep(10)").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let tcp = tokio::net::TcpStream::connect(other).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(other.addr).await.unwrap();
     let mut make = env.tls();
     let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
         &mut make,
@@ -275,7 +276,7 @@ async fn target_certificates_are_verified_by_default() {
         env.data_dir.join("tls-cert.pem").display()
     );
     let (name, target) = gatehouse::dev::parse_target(&spec).unwrap();
-    let addr = env
+    let strict = env
         .stack()
         .spawn_worker("127.0.0.1:0", |c| {
             c.targets.insert(name, target);
@@ -284,8 +285,8 @@ async fn target_certificates_are_verified_by_default() {
         .unwrap();
     let mut config: tokio_postgres::Config = format!(
         "host={} port={} user=gina dbname=strict sslmode=require",
-        addr.ip(),
-        addr.port()
+        strict.addr.ip(),
+        strict.addr.port()
     )
     .parse()
     .unwrap();
@@ -296,5 +297,54 @@ async fn target_certificates_are_verified_by_default() {
     let db_err = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db_err.code().code(), "08001", "{db_err}");
     assert_eq!(db_err.message(), "cannot connect to target \"strict\"");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_ends_open_sessions_and_records_why() {
+    let env = Env::start().await;
+    let worker = env
+        .stack()
+        .spawn_worker("127.0.0.1:0", |c| c.drain_timeout_secs = 1)
+        .await
+        .unwrap();
+    let mut config: tokio_postgres::Config = format!(
+        "host={} port={} user=hank dbname=app sslmode=require",
+        worker.addr.ip(),
+        worker.addr.port()
+    )
+    .parse()
+    .unwrap();
+    config.password(env.token("hank"));
+    let (db, conn) = config.connect(env.tls()).await.unwrap();
+    let conn = tokio::spawn(conn);
+    db.simple_query("SELECT 1").await.unwrap();
+
+    worker.stop().await.unwrap();
+    // The connection got a FATAL admin_shutdown and closed.
+    let err = conn.await.unwrap().unwrap_err();
+    let db_err = err
+        .as_db_error()
+        .expect("an ErrorResponse before the close");
+    assert_eq!(db_err.code().code(), "57P01", "{db_err}");
+    assert!(db.simple_query("SELECT 1").await.is_err());
+
+    // The session's end is recorded with its reason.
+    let token = env.stack().token("auditor", &["auditors"]);
+    let url = env.api("/api/v1/sessions?identity=hank");
+    let http = reqwest::Client::new();
+    gatehouse_testkit::eventually("the session's end to be projected", async || {
+        let page: serde_json::Value = http
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        page["items"][0]["close_reason"] == "worker_shutdown"
+    })
+    .await;
     env.cleanup().await;
 }

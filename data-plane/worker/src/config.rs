@@ -24,6 +24,9 @@ pub struct WorkerConfig {
     pub cancel_subject: String,
     /// Largest protocol message accepted from a client or target, in bytes.
     pub max_message_bytes: usize,
+    /// On shutdown, how long open sessions may go on before they are ended
+    /// (with `57P01` and a `SessionClosed` event saying `worker_shutdown`).
+    pub drain_timeout_secs: u64,
     /// Targets by name; a client names one as its `database`.
     pub targets: BTreeMap<String, TargetConfig>,
 }
@@ -38,6 +41,7 @@ impl Default for WorkerConfig {
             allow_plaintext: false,
             cancel_subject: "gatehouse.cancel".into(),
             max_message_bytes: gatehouse_pgwire::DEFAULT_MAX_FRAME,
+            drain_timeout_secs: 30,
             targets: BTreeMap::new(),
         }
     }

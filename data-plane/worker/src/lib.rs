@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub targets: HashMap<String, Arc<Target>>,
     pub cancels: Arc<cancel::CancelRegistry>,
     pub nats: async_nats::Client,
+    /// Becomes `true` when open sessions must end (after the drain period).
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +104,10 @@ pub async fn run(
         .map_err(|e| WorkerError::Subscribe(e.to_string()))?;
     let cancel_task = tokio::spawn(cancel::serve_forwarded(cancels.clone(), sub));
 
+    let (close_sessions, closing) = tokio::sync::watch::channel(false);
+    let drain = std::time::Duration::from_secs(config.drain_timeout_secs);
     let shared = Arc::new(Shared {
+        closing,
         worker_id: config.worker_id(),
         config,
         verifier,
@@ -119,21 +124,46 @@ pub async fn run(
     );
 
     tokio::pin!(shutdown);
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let shared = shared.clone();
-                    tokio::spawn(session::handle(shared, tcp, peer));
+                    sessions.spawn(session::handle(shared.clone(), tcp, peer));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = &mut shutdown => break,
         }
     }
+
+    // Drain: stop accepting, let open sessions finish for a while, then end
+    // the rest (each records its SessionClosed with reason worker_shutdown).
+    drop(listener);
+    tracing::info!(sessions = sessions.len(), ?drain, "worker draining");
+    let all_done = async |sessions: &mut tokio::task::JoinSet<()>| {
+        while sessions.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(drain, all_done(&mut sessions))
+        .await
+        .is_err()
+    {
+        let _ = close_sessions.send(true);
+        if tokio::time::timeout(std::time::Duration::from_secs(15), all_done(&mut sessions))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "sessions did not end; dropping them"
+            );
+        }
+    }
     cancel_task.abort();
+    tracing::info!("worker stopped");
     Ok(())
 }

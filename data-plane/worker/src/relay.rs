@@ -149,6 +149,7 @@ impl ClientToTarget<'_> {
     ) -> CloseReason {
         let max = self.shared.config.max_message_bytes;
         buf.reserve(16 * 1024);
+        let mut closing = self.shared.closing.clone();
         let reason = loop {
             let chunk = match self.take_chunk(&mut buf, max) {
                 Ok(c) => c,
@@ -176,8 +177,18 @@ impl ClientToTarget<'_> {
                 break CloseReason::ClientTerminated;
             }
             let read = tokio::select! {
-                r = client.read_buf(&mut buf) => r,
+                r = client.read_buf(&mut buf) => Some(r),
                 _ = target_gone.notified() => break CloseReason::TargetDisconnected,
+                _ = async { closing.wait_for(|c| *c).await.is_ok() } => None,
+            };
+            let Some(read) = read else {
+                let e = ClientError::fatal(
+                    "57P01",
+                    "the Gatehouse worker is shutting down; reconnect to continue",
+                );
+                self.reply(self.syncs_forwarded, vec![Reply::Error(e)])
+                    .await;
+                break CloseReason::WorkerShutdown;
             };
             match read {
                 Ok(0) | Err(_) => break CloseReason::ClientDisconnected,
