@@ -68,4 +68,14 @@ fi
 gh_note "none (ring only)"
 
 step "cargo test --workspace"
-exec cargo test --workspace
+# cargo prints one "test result" line per test binary, the last of which is
+# often an empty doc-test run; add them up into one closing line.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
