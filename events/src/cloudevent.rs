@@ -71,6 +71,8 @@ impl Event {
             Payload::AuthenticationFailed(p) => serde_json::to_value(p),
             Payload::CommandReceived(p) => serde_json::to_value(p),
             Payload::SessionClosed(p) => serde_json::to_value(p),
+            Payload::PolicyBundlePublished(p) => serde_json::to_value(p),
+            Payload::IdentityRevoked(p) => serde_json::to_value(p),
         }
         .expect("payloads serialize to JSON");
         CloudEvent {
@@ -116,6 +118,10 @@ impl Event {
             }
             EventType::CommandReceived => Payload::CommandReceived(serde_json::from_value(p)?),
             EventType::SessionClosed => Payload::SessionClosed(serde_json::from_value(p)?),
+            EventType::PolicyBundlePublished => {
+                Payload::PolicyBundlePublished(serde_json::from_value(p)?)
+            }
+            EventType::IdentityRevoked => Payload::IdentityRevoked(serde_json::from_value(p)?),
         };
         Ok(Event {
             id: ce.id,

@@ -21,8 +21,9 @@ mod subject;
 pub use cloudevent::{BATCH_CONTENT_TYPE, CONTENT_TYPE, DecodeError, decode, encode_batch};
 pub use envelope::{Actor, Event, Identity};
 pub use payload::{
-    AuthenticationFailed, CloseReason, CommandReceived, Param, ParamFormat, Payload, Protocol,
-    SessionClosed, SessionOpened,
+    AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
+    IdentityRevoked, Param, ParamFormat, Payload, PolicyBundlePublished, Protocol, SessionClosed,
+    SessionOpened,
 };
 pub use subject::{EventType, Subjects};
 

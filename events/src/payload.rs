@@ -9,6 +9,8 @@ pub enum Payload {
     AuthenticationFailed(AuthenticationFailed),
     CommandReceived(CommandReceived),
     SessionClosed(SessionClosed),
+    PolicyBundlePublished(PolicyBundlePublished),
+    IdentityRevoked(IdentityRevoked),
 }
 
 impl Payload {
@@ -18,6 +20,8 @@ impl Payload {
             Payload::AuthenticationFailed(_) => EventType::AuthenticationFailed,
             Payload::CommandReceived(_) => EventType::CommandReceived,
             Payload::SessionClosed(_) => EventType::SessionClosed,
+            Payload::PolicyBundlePublished(_) => EventType::PolicyBundlePublished,
+            Payload::IdentityRevoked(_) => EventType::IdentityRevoked,
         }
     }
 }
@@ -81,6 +85,67 @@ pub struct CommandReceived {
     /// Bound parameter values, for extended-protocol commands.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub params: Vec<Param>,
+    /// The policy decision on the command (absent in events from workers
+    /// that did not decide yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionRecord>,
+}
+
+/// The outcome of a policy decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionEffect {
+    Allow,
+    Deny,
+    /// Forbidden unless an approver grants it.
+    ApprovalRequired,
+}
+
+/// A decision as recorded, with what is needed to re-derive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub effect: DecisionEffect,
+    /// `false` in dry-run: the effect was recorded, the command ran anyway.
+    pub enforced: bool,
+    /// Ids of the policies that determined the effect.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// The deciding policy's `@reason`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The statement kinds the classifier found, in order (`select`,
+    /// `insert`, …, `other` for text that did not parse).
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    pub bundle_version: String,
+    /// SHA-256 of the bundle's content.
+    pub bundle_hash: String,
+    /// Time spent classifying and deciding, in microseconds.
+    pub eval_micros: u64,
+}
+
+/// A policy bundle became the current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyBundlePublished {
+    pub version: String,
+    pub hash: String,
+    /// Policy file names in the bundle.
+    pub files: Vec<String>,
+    pub dry_run: bool,
+    /// Subject of the token that pushed it.
+    pub published_by: String,
+}
+
+/// An identity or a token was revoked; its sessions are refused at their
+/// next command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRevoked {
+    /// `subject` (every token of a `sub`) or `token` (one `jti`).
+    pub kind: String,
+    pub value: String,
+    pub revoked_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Format of a bound parameter value.
@@ -113,6 +178,8 @@ pub enum CloseReason {
     TokenExpired,
     /// The worker shut down.
     WorkerShutdown,
+    /// The identity or token was revoked.
+    Revoked,
     /// A protocol or I/O error ended the session.
     Error,
 }

@@ -7,14 +7,18 @@ pub enum EventType {
     AuthenticationFailed,
     CommandReceived,
     SessionClosed,
+    PolicyBundlePublished,
+    IdentityRevoked,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 4] = [
+    pub const ALL: [EventType; 6] = [
         EventType::SessionOpened,
         EventType::AuthenticationFailed,
         EventType::CommandReceived,
         EventType::SessionClosed,
+        EventType::PolicyBundlePublished,
+        EventType::IdentityRevoked,
     ];
 
     /// The PascalCase name used in documentation and code.
@@ -24,6 +28,8 @@ impl EventType {
             EventType::AuthenticationFailed => "AuthenticationFailed",
             EventType::CommandReceived => "CommandReceived",
             EventType::SessionClosed => "SessionClosed",
+            EventType::PolicyBundlePublished => "PolicyBundlePublished",
+            EventType::IdentityRevoked => "IdentityRevoked",
         }
     }
 
@@ -34,6 +40,8 @@ impl EventType {
             EventType::AuthenticationFailed => "authentication_failed",
             EventType::CommandReceived => "command_received",
             EventType::SessionClosed => "session_closed",
+            EventType::PolicyBundlePublished => "policy_bundle_published",
+            EventType::IdentityRevoked => "identity_revoked",
         }
     }
 

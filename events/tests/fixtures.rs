@@ -79,6 +79,7 @@ fn batches_round_trip_in_order() {
                             value: None,
                         },
                     ],
+                    decision: None,
                 }),
                 i,
             )

@@ -1,0 +1,93 @@
+//! Cost of a decision on the hot path, with the shipped examples bundle.
+//!
+//! `cargo bench -p gatehouse-policies --bench decide`
+//!
+//! - `evaluate_statement`: one SELECT in an open session (entities built
+//!   once per session), policies evaluated: a statement seen for the first
+//!   time in the session.
+//! - `decide_statement`: the same statement again (the session's memo).
+//! - `decide_query`: building the session's entities, then evaluating.
+//! - `session`: building a session's entities (once per connection).
+//! - `classify_and_decide`: SQL text to decision (the decision from the
+//!   session's memo); `classify_and_evaluate`: the same with the policies
+//!   evaluated. The issue's target is ≤ 20 µs for the pair.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use gatehouse_policies::{
+    Bundle, Engine, Principal, StatementFacts, StatementKind, TargetInfo, classify,
+};
+
+const SQL: &str = "SELECT o.id, o.total, c.name FROM orders o JOIN customers c ON c.id = o.customer_id \
+                   WHERE o.created_at > now() - interval '1 day' ORDER BY o.total DESC LIMIT 50";
+
+fn setup() -> (Engine, Principal, TargetInfo, StatementFacts) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let engine = Engine::new(&Bundle::from_dir(dir).expect("examples bundle")).expect("valid");
+    // An agent: the agents-read-only forbid has to be evaluated in full.
+    let principal = Principal {
+        subject: "agent-reporter".into(),
+        username: "reporter".into(),
+        groups: vec!["agents".into(), "analytics".into()],
+        delegation: Vec::new(),
+        is_agent: true,
+    };
+    let target = TargetInfo {
+        name: "orders-prod".into(),
+        kind: "postgres".into(),
+        environment: "prod".into(),
+        tags: vec!["prod".into(), "pii".into()],
+    };
+    let mut facts = StatementFacts::new(StatementKind::Select);
+    facts.tables_read = ["orders".into(), "customers".into()].into();
+    facts.functions = ["now".into()].into();
+    (engine, principal, target, facts)
+}
+
+fn bench(c: &mut Criterion) {
+    let (engine, principal, target, facts) = setup();
+    let session = engine.session(&principal, &target, "10.0.0.7:52114");
+    let d = engine.decide_statement(&session, &facts, true, false);
+    assert_eq!(d.effect, gatehouse_policies::Effect::Allow, "{d:?}");
+
+    c.bench_function("evaluate_statement", |b| {
+        b.iter(|| engine.evaluate_statement(black_box(&session), black_box(&facts), true, false))
+    });
+    c.bench_function("decide_statement", |b| {
+        b.iter(|| engine.decide_statement(black_box(&session), black_box(&facts), true, false))
+    });
+    c.bench_function("decide_query", |b| {
+        b.iter(|| {
+            engine.decide_query(
+                black_box(&principal),
+                black_box(&target),
+                black_box(&facts),
+                true,
+                false,
+                "10.0.0.7:52114",
+            )
+        })
+    });
+    c.bench_function("session", |b| {
+        b.iter(|| engine.session(black_box(&principal), black_box(&target), "10.0.0.7"))
+    });
+    c.bench_function("classify_and_decide", |b| {
+        b.iter(|| {
+            let classification = classify(black_box(SQL));
+            engine.decide_classification(&session, &classification)
+        })
+    });
+    c.bench_function("classify_and_evaluate", |b| {
+        b.iter(|| {
+            let classification = classify(black_box(SQL));
+            for facts in &classification.statements {
+                black_box(engine.evaluate_statement(&session, facts, true, false));
+            }
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,848 @@
+//! The Cedar decision engine: one immutable [`Engine`] per bundle, shared by
+//! every session of a worker (`Arc<Engine>`), swapped whole on reload.
+//!
+//! Hot path: the worker builds a [`Session`] once per connection
+//! ([`Engine::session`]: the principal, target and group entities) and
+//! then calls [`Engine::decide_statement`] (or
+//! [`Engine::decide_classification`]) per statement; only the request
+//! context is built per call. Annotation semantics are in
+//! `policies/README.md`.
+
+mod compile;
+pub mod corpus;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use cedar_policy::{
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::bundle::{Bundle, BundleError, Problem};
+use crate::{Classification, StatementFacts, StatementKind};
+use compile::PolicyMeta;
+
+/// Who is speaking, from the verified token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    /// Token subject; the entity id of the User (or of the Agent, when the
+    /// token is an agent's own).
+    pub subject: String,
+    /// Display name (the entity's `name`).
+    pub username: String,
+    /// Groups claim; each becomes a parent `Group`.
+    pub groups: Vec<String>,
+    /// Delegation chain from the `act` claim, current actor first. When
+    /// non-empty the principal is `Agent(delegation[0])` with
+    /// `acting_for = User(subject)`.
+    pub delegation: Vec<String>,
+    /// The subject itself is a program.
+    pub is_agent: bool,
+}
+
+/// The database a session is on, from the worker's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub name: String,
+    /// `"postgres"`.
+    pub kind: String,
+    pub environment: String,
+    pub tags: Vec<String>,
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    Allow,
+    Deny,
+    /// Denied only by `@approval("required")` forbids: an approver may grant it.
+    ApprovalRequired,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+            Effect::ApprovalRequired => "approval_required",
+        }
+    }
+
+    /// Of two decisions on the statements of one command, the one that
+    /// stands: deny over approval over allow.
+    fn severity(self) -> u8 {
+        match self {
+            Effect::Allow => 0,
+            Effect::ApprovalRequired => 1,
+            Effect::Deny => 2,
+        }
+    }
+}
+
+/// A decision, with what the audit event and the denied client need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub effect: Effect,
+    /// Ids of the determining policies, in bundle order: the permits that
+    /// allowed, or the forbids that denied. Empty for a default deny.
+    pub policies: Vec<String>,
+    /// For a denial or approval: what the client is told (the `@reason`s of
+    /// the determining forbids, else their ids). `None` when allowed.
+    pub reason: Option<String>,
+    /// A determining permit carries `@read_only` (meaningful on connect:
+    /// the worker runs the target session read-only).
+    pub read_only: bool,
+    /// Time spent in the engine for this decision.
+    pub eval_micros: u64,
+}
+
+/// The entities of one session, built once by [`Engine::session`], and a
+/// memo of its recent statement decisions.
+///
+/// Sessions depend on the schema, not on the policies: a session built by
+/// one engine stays fast with a reloaded engine whose schema is the same;
+/// with a different schema it still decides correctly, rebuilding its
+/// entities on every call, until the caller builds a new one.
+pub struct Session {
+    principal: EntityUid,
+    target: EntityUid,
+    /// `Err` if the entities could not be built (a decision then denies).
+    entities: Result<Entities, String>,
+    source_ip: String,
+    /// `ip("…")`, built once: `RestrictedExpression::new_ip` parses the
+    /// extension name with the Cedar parser on every call (~3 µs).
+    source_ip_expr: RestrictedExpression,
+    hour: Option<i64>,
+    schema_hash: Arc<str>,
+    inputs: Arc<(Principal, TargetInfo)>,
+    memo: Mutex<Memo>,
+}
+
+impl Clone for Session {
+    fn clone(&self) -> Session {
+        Session {
+            principal: self.principal.clone(),
+            target: self.target.clone(),
+            entities: self.entities.clone(),
+            source_ip: self.source_ip.clone(),
+            source_ip_expr: self.source_ip_expr.clone(),
+            hour: self.hour,
+            schema_hash: self.schema_hash.clone(),
+            inputs: self.inputs.clone(),
+            memo: Mutex::new(Memo::default()),
+        }
+    }
+}
+
+/// Decisions already made in a session. A decision is a pure function of
+/// the session's entities, the policies (one engine) and the request
+/// context (the statement's facts, `parsed`, `multi_statement`, the hour;
+/// the source address is the session's), so a repeated statement reuses
+/// it. Emptied when the engine changes or when full.
+#[derive(Default)]
+struct Memo {
+    engine: u64,
+    entries: HashMap<u64, Vec<(MemoKey, Decision)>>,
+    len: usize,
+}
+
+const MEMO_CAPACITY: usize = 128;
+
+#[derive(PartialEq, Eq)]
+struct MemoKey {
+    facts: StatementFacts,
+    parsed: bool,
+    multi_statement: bool,
+    hour: i64,
+}
+
+impl MemoKey {
+    fn matches(&self, facts: &StatementFacts, parsed: bool, multi: bool, hour: i64) -> bool {
+        self.parsed == parsed
+            && self.multi_statement == multi
+            && self.hour == hour
+            && &self.facts == facts
+    }
+}
+
+/// Hashes the fields policies see; `MemoKey::matches` compares all of
+/// `StatementFacts`, so equal keys always hash alike.
+fn memo_hash(facts: &StatementFacts, parsed: bool, multi: bool, hour: i64) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        facts.kind,
+        &facts.tables_read,
+        &facts.tables_written,
+        &facts.functions,
+    )
+        .hash(&mut h);
+    (facts.has_where, facts.writes, facts.runs_program).hash(&mut h);
+    (facts.disables_read_only, facts.changes_parsing).hash(&mut h);
+    (parsed, multi, hour).hash(&mut h);
+    h.finish()
+}
+
+impl Session {
+    /// Decide as if the UTC hour were `hour` (0..23) instead of reading the
+    /// clock: for tests and what-if explanations.
+    pub fn at_hour(mut self, hour: u8) -> Session {
+        self.hour = Some(i64::from(hour));
+        self
+    }
+
+    /// The principal entity decided for, e.g. `Gatehouse::Agent::"bot"`.
+    pub fn principal_uid(&self) -> String {
+        self.principal.to_string()
+    }
+
+    /// The client address as policies see it.
+    pub fn source_ip(&self) -> &str {
+        &self.source_ip
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("principal", &self.principal.to_string())
+            .field("target", &self.target.to_string())
+            .field("source_ip", &self.source_ip)
+            .field("hour", &self.hour)
+            .field("entities_ok", &self.entities.is_ok())
+            .finish()
+    }
+}
+
+struct Names {
+    user: EntityTypeName,
+    agent: EntityTypeName,
+    group: EntityTypeName,
+    target: EntityTypeName,
+    connect: EntityUid,
+    query: EntityUid,
+}
+
+static NAMES: LazyLock<Names> = LazyLock::new(|| {
+    let ty = |s: &str| EntityTypeName::from_str(s).expect("valid entity type name");
+    let action =
+        |s: &str| EntityUid::from_type_name_and_id(ty("Gatehouse::Action"), EntityId::new(s));
+    Names {
+        user: ty("Gatehouse::User"),
+        agent: ty("Gatehouse::Agent"),
+        group: ty("Gatehouse::Group"),
+        target: ty("Gatehouse::Target"),
+        connect: action("connect"),
+        query: action("query"),
+    }
+});
+
+/// Decides requests with the policies of one bundle. Immutable, `Send +
+/// Sync`; share it in an `Arc` and replace it whole on reload.
+pub struct Engine {
+    /// Unique per engine built in this process (keys session memos).
+    id: u64,
+    /// The policies that can apply to `connect` and to `query` (their
+    /// action scope allows it): Cedar evaluates every policy it is given.
+    connect_policies: PolicySet,
+    query_policies: PolicySet,
+    schema: Schema,
+    schema_hash: Arc<str>,
+    authorizer: Authorizer,
+    meta: HashMap<PolicyId, PolicyMeta>,
+    warnings: Vec<Problem>,
+    version: String,
+    hash: String,
+    dry_run: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("version", &self.version)
+            .field("hash", &self.hash)
+            .field("policies", &self.meta.len())
+            .field("dry_run", &self.dry_run)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Checks the bundle's hash, parses its schema and policies, reads their
+    /// annotations and validates them against the schema (strict mode).
+    /// Every problem found is reported, located at file:line:column.
+    pub fn new(bundle: &Bundle) -> Result<Engine, BundleError> {
+        let compiled = compile::compile(bundle)?;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Ok(Engine {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            connect_policies: for_action(&compiled.policies, &NAMES.connect),
+            query_policies: for_action(&compiled.policies, &NAMES.query),
+            schema: compiled.schema,
+            schema_hash: hex_sha256(&bundle.schema).into(),
+            authorizer: Authorizer::new(),
+            meta: compiled.meta,
+            warnings: compiled.warnings,
+            version: bundle.version.clone(),
+            hash: bundle.hash.clone(),
+            dry_run: bundle.dry_run,
+        })
+    }
+
+    pub fn bundle_version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn bundle_hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The bundle asks for would-be denials to be recorded, not enforced.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// Validator and annotation warnings (the bundle is usable).
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
+    }
+
+    /// Ids of the bundle's policies, in bundle order.
+    pub fn policy_ids(&self) -> Vec<&str> {
+        let mut metas: Vec<&PolicyMeta> = self.meta.values().collect();
+        metas.sort_by_key(|m| m.ordinal);
+        metas.into_iter().map(|m| m.id.as_str()).collect()
+    }
+
+    /// Builds the entities of a session: the principal (User or Agent, see
+    /// [`Principal`]), its groups, the user an agent acts for, and the
+    /// target. `source_ip` may carry a port (`10.0.0.1:5432`); an address
+    /// that does not parse is seen by policies as `0.0.0.0`.
+    pub fn session(&self, p: &Principal, t: &TargetInfo, source_ip: &str) -> Session {
+        let (principal, target, entities) = build_entities(p, t, &self.schema);
+        let source_ip = normalize_ip(source_ip);
+        Session {
+            principal,
+            target,
+            entities,
+            source_ip_expr: RestrictedExpression::new_ip(&source_ip),
+            source_ip,
+            hour: None,
+            schema_hash: self.schema_hash.clone(),
+            inputs: Arc::new((p.clone(), t.clone())),
+            memo: Mutex::new(Memo::default()),
+        }
+    }
+
+    /// `connect`, decided at session start.
+    pub fn decide_connect(&self, p: &Principal, t: &TargetInfo, source_ip: &str) -> Decision {
+        self.decide_connect_in(&self.session(p, t, source_ip))
+    }
+
+    /// `connect` for a session already built.
+    pub fn decide_connect_in(&self, session: &Session) -> Decision {
+        let start = Instant::now();
+        let context = Context::from_pairs([
+            ("source_ip".to_string(), session.source_ip_expr.clone()),
+            (
+                "hour".to_string(),
+                RestrictedExpression::new_long(hour(session)),
+            ),
+        ]);
+        self.decide(
+            session,
+            &NAMES.connect,
+            &self.connect_policies,
+            context,
+            start,
+            "connecting to this target",
+        )
+    }
+
+    /// `query` for one statement, building the session on the fly. On the
+    /// hot path prefer [`Engine::session`] once plus
+    /// [`Engine::decide_statement`].
+    pub fn decide_query(
+        &self,
+        p: &Principal,
+        t: &TargetInfo,
+        facts: &StatementFacts,
+        parsed: bool,
+        multi_statement: bool,
+        source_ip: &str,
+    ) -> Decision {
+        let session = self.session(p, t, source_ip);
+        self.decide_statement(&session, facts, parsed, multi_statement)
+    }
+
+    /// `query` for one statement of a session. For text that did not parse,
+    /// pass `StatementFacts::new(StatementKind::Other)` and `parsed = false`.
+    ///
+    /// A statement the session already ran (same facts, same hour, same
+    /// engine) reuses that decision (its `eval_micros` is then the lookup
+    /// time, usually 0); see [`Engine::evaluate_statement`].
+    pub fn decide_statement(
+        &self,
+        session: &Session,
+        facts: &StatementFacts,
+        parsed: bool,
+        multi_statement: bool,
+    ) -> Decision {
+        let start = Instant::now();
+        let hour = hour(session);
+        let key = memo_hash(facts, parsed, multi_statement, hour);
+        {
+            let mut memo = session.memo.lock().unwrap_or_else(|e| e.into_inner());
+            if memo.engine != self.id {
+                memo.engine = self.id;
+                memo.entries.clear();
+                memo.len = 0;
+            }
+            let hit = memo.entries.get(&key).and_then(|bucket| {
+                bucket
+                    .iter()
+                    .find(|(k, _)| k.matches(facts, parsed, multi_statement, hour))
+            });
+            if let Some((_, d)) = hit {
+                let mut d = d.clone();
+                d.eval_micros = start.elapsed().as_micros() as u64;
+                return d;
+            }
+        }
+        let d = self.evaluate(session, facts, parsed, multi_statement, hour, start);
+        let mut memo = session.memo.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.engine == self.id {
+            if memo.len >= MEMO_CAPACITY {
+                memo.entries.clear();
+                memo.len = 0;
+            }
+            let entry = MemoKey {
+                facts: facts.clone(),
+                parsed,
+                multi_statement,
+                hour,
+            };
+            memo.entries
+                .entry(key)
+                .or_default()
+                .push((entry, d.clone()));
+            memo.len += 1;
+        }
+        d
+    }
+
+    /// Like [`Engine::decide_statement`], always evaluating the policies
+    /// (no memo): for what-if explanations and benchmarks.
+    pub fn evaluate_statement(
+        &self,
+        session: &Session,
+        facts: &StatementFacts,
+        parsed: bool,
+        multi_statement: bool,
+    ) -> Decision {
+        let start = Instant::now();
+        self.evaluate(
+            session,
+            facts,
+            parsed,
+            multi_statement,
+            hour(session),
+            start,
+        )
+    }
+
+    fn evaluate(
+        &self,
+        session: &Session,
+        facts: &StatementFacts,
+        parsed: bool,
+        multi_statement: bool,
+        hour: i64,
+        start: Instant,
+    ) -> Decision {
+        let strings = |set: &BTreeSet<String>| {
+            RestrictedExpression::new_set(
+                set.iter()
+                    .map(|s| RestrictedExpression::new_string(s.clone())),
+            )
+        };
+        let context = Context::from_pairs([
+            (
+                "kind".to_string(),
+                RestrictedExpression::new_string(facts.kind.as_str().to_string()),
+            ),
+            ("tables_read".to_string(), strings(&facts.tables_read)),
+            ("tables_written".to_string(), strings(&facts.tables_written)),
+            ("functions".to_string(), strings(&facts.functions)),
+            (
+                "has_where".to_string(),
+                RestrictedExpression::new_bool(facts.has_where),
+            ),
+            (
+                "writes".to_string(),
+                RestrictedExpression::new_bool(facts.writes),
+            ),
+            (
+                "runs_program".to_string(),
+                RestrictedExpression::new_bool(facts.runs_program),
+            ),
+            (
+                "disables_read_only".to_string(),
+                RestrictedExpression::new_bool(facts.disables_read_only),
+            ),
+            (
+                "changes_parsing".to_string(),
+                RestrictedExpression::new_bool(facts.changes_parsing),
+            ),
+            (
+                "multi_statement".to_string(),
+                RestrictedExpression::new_bool(multi_statement),
+            ),
+            ("parsed".to_string(), RestrictedExpression::new_bool(parsed)),
+            ("source_ip".to_string(), session.source_ip_expr.clone()),
+            ("hour".to_string(), RestrictedExpression::new_long(hour)),
+        ]);
+        self.decide(
+            session,
+            &NAMES.query,
+            &self.query_policies,
+            context,
+            start,
+            "this statement",
+        )
+    }
+
+    /// `query` for a whole command: each statement is decided (with
+    /// `multi_statement` set when there are several) and the command stands
+    /// only if every statement is allowed; the first deny (else the first
+    /// approval-required) is returned. Text that did not parse is decided
+    /// as one `other` statement with `parsed = false`; an empty command as
+    /// one parsed `other` statement.
+    pub fn decide_classification(&self, session: &Session, c: &Classification) -> Decision {
+        if !c.parsed || c.statements.is_empty() {
+            return self.decide_statement(
+                session,
+                &StatementFacts::new(StatementKind::Other),
+                c.parsed,
+                false,
+            );
+        }
+        let multi = c.multi_statement();
+        let mut worst: Option<Decision> = None;
+        let mut micros = 0;
+        for facts in &c.statements {
+            let d = self.decide_statement(session, facts, true, multi);
+            micros += d.eval_micros;
+            let replace = match &worst {
+                None => true,
+                Some(w) => d.effect.severity() > w.effect.severity(),
+            };
+            if replace {
+                worst = Some(d);
+            }
+            if worst.as_ref().is_some_and(|w| w.effect == Effect::Deny) {
+                break;
+            }
+        }
+        let mut d = worst.expect("at least one statement");
+        d.eval_micros = micros;
+        d
+    }
+
+    fn decide(
+        &self,
+        session: &Session,
+        action: &EntityUid,
+        policies: &PolicySet,
+        context: Result<Context, cedar_policy::ContextCreationError>,
+        start: Instant,
+        what: &str,
+    ) -> Decision {
+        let fail = |reason: String| Decision {
+            effect: Effect::Deny,
+            policies: Vec::new(),
+            reason: Some(reason),
+            read_only: false,
+            eval_micros: start.elapsed().as_micros() as u64,
+        };
+        let context = match context {
+            Ok(c) => c,
+            Err(e) => return fail(format!("internal error building the request: {e}")),
+        };
+        // A session built against another schema is rebuilt for this call.
+        let rebuilt;
+        let entities = if session.schema_hash == self.schema_hash {
+            &session.entities
+        } else {
+            let (p, t) = &*session.inputs;
+            rebuilt = build_entities(p, t, &self.schema).2;
+            &rebuilt
+        };
+        let entities = match entities {
+            Ok(e) => e,
+            Err(e) => return fail(format!("internal error building the session: {e}")),
+        };
+        let request = match Request::new(
+            session.principal.clone(),
+            action.clone(),
+            session.target.clone(),
+            context,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(e) => return fail(format!("internal error building the request: {e}")),
+        };
+        let response = self.authorizer.is_authorized(&request, policies, entities);
+
+        // A forbid that failed to evaluate is skipped by Cedar; here it
+        // denies (fail closed). A permit that failed simply does not permit.
+        let mut errored: Vec<&PolicyMeta> = response
+            .diagnostics()
+            .errors()
+            .filter_map(|e| match e {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                    self.meta.get(e.policy_id())
+                }
+            })
+            .filter(|m| m.forbid)
+            .collect();
+        errored.sort_by_key(|m| m.ordinal);
+        let mut determining: Vec<&PolicyMeta> = response
+            .diagnostics()
+            .reason()
+            .filter_map(|id| self.meta.get(id))
+            .collect();
+        determining.sort_by_key(|m| m.ordinal);
+
+        let mut decision = match response.decision() {
+            CedarDecision::Allow if errored.is_empty() => Decision {
+                effect: Effect::Allow,
+                read_only: determining.iter().any(|m| m.read_only),
+                policies: ids(&determining),
+                reason: None,
+                eval_micros: 0,
+            },
+            CedarDecision::Allow => Decision {
+                effect: Effect::Deny,
+                policies: ids(&errored),
+                reason: Some(failed(&errored)),
+                read_only: false,
+                eval_micros: 0,
+            },
+            CedarDecision::Deny if determining.is_empty() && errored.is_empty() => Decision {
+                effect: Effect::Deny,
+                policies: Vec::new(),
+                reason: Some(format!("no policy permits {what}")),
+                read_only: false,
+                eval_micros: 0,
+            },
+            CedarDecision::Deny => {
+                let hard: Vec<&PolicyMeta> = determining
+                    .iter()
+                    .copied()
+                    .filter(|m| !m.approval)
+                    .collect();
+                let (effect, reason) = if hard.is_empty() && errored.is_empty() {
+                    (Effect::ApprovalRequired, reasons(&determining))
+                } else if hard.is_empty() {
+                    (Effect::Deny, failed(&errored))
+                } else {
+                    (Effect::Deny, reasons(&hard))
+                };
+                let mut all = determining;
+                all.extend(errored);
+                all.sort_by_key(|m| m.ordinal);
+                all.dedup_by_key(|m| m.ordinal);
+                Decision {
+                    effect,
+                    policies: ids(&all),
+                    reason: Some(reason),
+                    read_only: false,
+                    eval_micros: 0,
+                }
+            }
+        };
+        decision.eval_micros = start.elapsed().as_micros() as u64;
+        decision
+    }
+}
+
+/// The policies whose action scope may admit `action`. `action in [...]`
+/// is kept whatever it names (a bundle schema may declare action groups).
+fn for_action(all: &PolicySet, action: &EntityUid) -> PolicySet {
+    let mut set = PolicySet::new();
+    for p in all.policies() {
+        let applies = match p.action_constraint() {
+            ActionConstraint::Eq(a) => &a == action,
+            ActionConstraint::Any | ActionConstraint::In(_) => true,
+        };
+        if applies {
+            set.add(p.clone()).expect("ids are unique in the bundle");
+        }
+    }
+    set
+}
+
+fn ids(metas: &[&PolicyMeta]) -> Vec<String> {
+    metas.iter().map(|m| m.id.clone()).collect()
+}
+
+/// The client-facing message: each policy's `@reason`, else its id.
+fn reasons(metas: &[&PolicyMeta]) -> String {
+    let mut seen = HashSet::new();
+    metas
+        .iter()
+        .map(|m| m.reason.as_deref().unwrap_or(&m.id))
+        .filter(|r| seen.insert(*r))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn failed(metas: &[&PolicyMeta]) -> String {
+    let names: Vec<String> = metas.iter().map(|m| format!("`{}`", m.id)).collect();
+    format!(
+        "policy {} could not be evaluated; denied to be safe",
+        names.join(", ")
+    )
+}
+
+fn hour(session: &Session) -> i64 {
+    session.hour.unwrap_or_else(|| {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        ((secs / 3600) % 24) as i64
+    })
+}
+
+fn normalize_ip(s: &str) -> String {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return ip.to_string();
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return sa.ip().to_string();
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map_or_else(|_| "0.0.0.0".to_string(), |ip| ip.to_string())
+}
+
+fn hex_sha256(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+type Built = (EntityUid, EntityUid, Result<Entities, String>);
+
+fn build_entities(p: &Principal, t: &TargetInfo, schema: &Schema) -> Built {
+    let n = &*NAMES;
+    let uid = |ty: &EntityTypeName, id: &str| {
+        EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
+    };
+    let groups: BTreeSet<&str> = p.groups.iter().map(String::as_str).collect();
+    let parents: HashSet<EntityUid> = groups.iter().map(|g| uid(&n.group, g)).collect();
+    let name = |s: &str| RestrictedExpression::new_string(s.to_string());
+    let username = if p.username.is_empty() {
+        &p.subject
+    } else {
+        &p.username
+    };
+
+    let mut entities: Vec<Result<Entity, String>> = groups
+        .iter()
+        .map(|g| Ok(Entity::new_no_attrs(uid(&n.group, g), HashSet::new())))
+        .collect();
+    let principal = if let Some(actor) = p.delegation.first() {
+        let user = uid(&n.user, &p.subject);
+        entities.push(
+            Entity::new(
+                user.clone(),
+                HashMap::from([("name".to_string(), name(username))]),
+                parents.clone(),
+            )
+            .map_err(|e| e.to_string()),
+        );
+        let agent = uid(&n.agent, actor);
+        entities.push(
+            Entity::new(
+                agent.clone(),
+                HashMap::from([
+                    ("name".to_string(), name(actor)),
+                    (
+                        "acting_for".to_string(),
+                        RestrictedExpression::new_entity_uid(user),
+                    ),
+                ]),
+                parents,
+            )
+            .map_err(|e| e.to_string()),
+        );
+        agent
+    } else {
+        let ty = if p.is_agent { &n.agent } else { &n.user };
+        let me = uid(ty, &p.subject);
+        entities.push(
+            Entity::new(
+                me.clone(),
+                HashMap::from([("name".to_string(), name(username))]),
+                parents,
+            )
+            .map_err(|e| e.to_string()),
+        );
+        me
+    };
+    let target = uid(&n.target, &t.name);
+    entities.push(
+        Entity::new(
+            target.clone(),
+            HashMap::from([
+                ("name".to_string(), name(&t.name)),
+                ("kind".to_string(), name(&t.kind)),
+                ("environment".to_string(), name(&t.environment)),
+                (
+                    "tags".to_string(),
+                    RestrictedExpression::new_set(t.tags.iter().map(|s| name(s))),
+                ),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string()),
+    );
+    let built = entities
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|es| Entities::from_entities(es, Some(schema)).map_err(|e| e.to_string()));
+    (principal, target, built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _assert_send_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<Engine>();
+        is::<Session>();
+    }
+
+    #[test]
+    fn addresses_normalize() {
+        assert_eq!(normalize_ip("10.1.2.3"), "10.1.2.3");
+        assert_eq!(normalize_ip("10.1.2.3:5432"), "10.1.2.3");
+        assert_eq!(normalize_ip("[::1]:5432"), "::1");
+        assert_eq!(normalize_ip("[::1]"), "::1");
+        assert_eq!(normalize_ip("/tmp/.s.PGSQL.5432"), "0.0.0.0");
+        assert_eq!(normalize_ip(""), "0.0.0.0");
+    }
+}

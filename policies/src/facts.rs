@@ -1,0 +1,159 @@
+use std::collections::BTreeSet;
+
+/// What a statement does, coarsely, as policies see it (`context.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatementKind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Merge,
+    /// CREATE/ALTER/DROP/TRUNCATE/COMMENT/… of schema objects.
+    Ddl,
+    /// GRANT/REVOKE, roles, ALTER SYSTEM, SET ROLE / SESSION AUTHORIZATION.
+    Dcl,
+    /// BEGIN/START/COMMIT/ROLLBACK/SAVEPOINT/…
+    Transaction,
+    /// COPY … FROM (STDIN, a file or a PROGRAM).
+    CopyIn,
+    /// COPY … TO (STDOUT, a file or a PROGRAM).
+    CopyOut,
+    /// SET/RESET/SHOW of ordinary settings.
+    Session,
+    /// VACUUM, ANALYZE, LOCK, CLUSTER, REINDEX, CHECKPOINT, LISTEN/NOTIFY, DISCARD, …
+    Utility,
+    /// CALL and DO.
+    Call,
+    /// Anything else, including text that did not parse.
+    Other,
+}
+
+impl StatementKind {
+    /// The name policies compare against, e.g. `"copy_in"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Insert => "insert",
+            StatementKind::Update => "update",
+            StatementKind::Delete => "delete",
+            StatementKind::Merge => "merge",
+            StatementKind::Ddl => "ddl",
+            StatementKind::Dcl => "dcl",
+            StatementKind::Transaction => "transaction",
+            StatementKind::CopyIn => "copy_in",
+            StatementKind::CopyOut => "copy_out",
+            StatementKind::Session => "session",
+            StatementKind::Utility => "utility",
+            StatementKind::Call => "call",
+            StatementKind::Other => "other",
+        }
+    }
+
+    pub const ALL: [StatementKind; 14] = [
+        StatementKind::Select,
+        StatementKind::Insert,
+        StatementKind::Update,
+        StatementKind::Delete,
+        StatementKind::Merge,
+        StatementKind::Ddl,
+        StatementKind::Dcl,
+        StatementKind::Transaction,
+        StatementKind::CopyIn,
+        StatementKind::CopyOut,
+        StatementKind::Session,
+        StatementKind::Utility,
+        StatementKind::Call,
+        StatementKind::Other,
+    ];
+}
+
+/// The facts about one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementFacts {
+    /// The most consequential thing the statement does: a SELECT whose CTE
+    /// deletes is a `Delete`; `SELECT … INTO t` is `Ddl` (it creates `t`).
+    /// For `PREPARE name AS stmt`, the kind of `stmt`.
+    pub kind: StatementKind,
+    /// Tables (and views) read, lowercased, schema-qualified as written
+    /// (`public.accounts` or `accounts`).
+    pub tables_read: BTreeSet<String>,
+    /// Tables written (inserted, updated, deleted, merged, truncated,
+    /// created, altered, dropped, copied into).
+    pub tables_written: BTreeSet<String>,
+    /// Functions called anywhere in the statement, lowercased, without
+    /// schema (`nextval`, `pg_read_file`, `dblink_exec`).
+    pub functions: BTreeSet<String>,
+    /// For UPDATE and DELETE (also inside CTEs): whether every one has a
+    /// WHERE clause. `true` for other statements.
+    pub has_where: bool,
+    /// Whether the statement changes data or state anywhere: DML (also in
+    /// CTEs), DDL, DCL, COPY FROM, SELECT INTO, or a call of a function
+    /// known to write or to reach outside the database (`nextval`,
+    /// `set_config`, `lo_import`, `dblink_exec`, `pg_terminate_backend`…),
+    /// CALL and DO (whose bodies cannot be inspected).
+    pub writes: bool,
+    /// `COPY … TO/FROM PROGRAM`: runs a shell command on the server.
+    pub runs_program: bool,
+    /// For `PREPARE name AS …`: the name; the other facts describe the
+    /// prepared statement.
+    pub prepares: Option<String>,
+    /// For `EXECUTE name`: the name; the worker judges it by the facts it
+    /// recorded for that prepared statement.
+    pub executes: Option<String>,
+    /// Whether the statement turns read-only mode off, or may: `SET
+    /// [LOCAL|SESSION] default_transaction_read_only`/`transaction_read_only`
+    /// to anything but a true value (also `TO DEFAULT` and `RESET`), `SET
+    /// [SESSION CHARACTERISTICS AS] TRANSACTION READ WRITE`, `BEGIN`/`START
+    /// TRANSACTION … READ WRITE`, `RESET ALL`, `DISCARD ALL`, `ALTER SYSTEM`
+    /// or `ALTER ROLE … SET` of those settings, and `set_config` of them
+    /// (also when the setting's name is not a literal). A worker that runs a
+    /// read-only grant in a read-only backend session refuses these.
+    pub disables_read_only: bool,
+    /// Whether the statement changes how the server reads the text of later
+    /// statements: `SET standard_conforming_strings` to anything but a true
+    /// value, `SET client_encoding`/`SET NAMES` to anything but UTF8, their
+    /// `RESET`, `ALTER SYSTEM` of them, and `set_config` of them (also when
+    /// the setting's name is not a literal). The
+    /// classifier reads SQL as PostgreSQL does with
+    /// `standard_conforming_strings = on` and a UTF8 client encoding; once
+    /// either changes, the server may split or quote later text differently
+    /// (a backslash ending a string, a multi-byte character swallowing a
+    /// quote), so a worker must refuse these or pin the settings.
+    pub changes_parsing: bool,
+}
+
+impl StatementFacts {
+    /// Facts for a statement of `kind` with nothing else known.
+    pub fn new(kind: StatementKind) -> Self {
+        Self {
+            kind,
+            tables_read: BTreeSet::new(),
+            tables_written: BTreeSet::new(),
+            functions: BTreeSet::new(),
+            has_where: true,
+            writes: false,
+            runs_program: false,
+            prepares: None,
+            executes: None,
+            disables_read_only: false,
+            changes_parsing: false,
+        }
+    }
+}
+
+/// The facts about a command's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    /// One entry per statement, in order. Empty when the text did not parse
+    /// (or held no statement).
+    pub statements: Vec<StatementFacts>,
+    /// Whether the text parsed as PostgreSQL. Unparsed text is decided by
+    /// policy (`context.parsed == false`), never assumed harmless.
+    pub parsed: bool,
+}
+
+impl Classification {
+    pub fn multi_statement(&self) -> bool {
+        self.statements.len() > 1
+    }
+}

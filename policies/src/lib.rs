@@ -1,0 +1,24 @@
+//! Decisions on every command, made in-process by the worker.
+//!
+//! [`classify`] turns SQL text into [`Classification`]: what each statement
+//! does (its [`StatementKind`]), which tables it reads and writes, which
+//! functions it calls, whether an UPDATE/DELETE has a WHERE clause. The
+//! Cedar engine ([`engine`]) decides each statement from those facts, the
+//! speaker's identity and the target, with the policies of a bundle.
+//!
+//! Pure: no I/O, no NATS, no Postgres wire. The worker feeds it, the control
+//! plane validates and explains with it.
+#![forbid(unsafe_code)]
+
+mod bundle;
+mod classify;
+mod engine;
+mod facts;
+
+pub use bundle::{Bundle, BundleError, Problem, SCHEMA, SCHEMA_FILE, Severity};
+pub use classify::classify;
+pub use engine::corpus::{
+    CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,
+};
+pub use engine::{Decision, Effect, Engine, Principal, Session, TargetInfo};
+pub use facts::{Classification, StatementFacts, StatementKind};
