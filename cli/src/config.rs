@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use gatehouse_control_plane::ControlPlaneConfig;
 use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::VerifierConfig;
+use gatehouse_policystore::PolicyConfig;
 use gatehouse_worker::WorkerConfig;
 use serde::Deserialize;
 
@@ -26,6 +27,8 @@ pub struct Config {
     /// Where events are recorded.
     pub events: EventLogConfig,
     pub worker: WorkerConfig,
+    /// Where policy bundles and revocations live; agent and admin groups.
+    pub policy: PolicyConfig,
     pub control_plane: ControlPlaneConfig,
     pub api: ApiConfig,
 }
@@ -115,6 +118,7 @@ impl Config {
     pub fn check_control_plane(&self) -> anyhow::Result<()> {
         self.events.validate().map_err(anyhow::Error::msg)?;
         self.oidc.validate().map_err(anyhow::Error::msg)?;
+        self.policy.validate().map_err(anyhow::Error::msg)?;
         self.control_plane.validate().map_err(anyhow::Error::msg)?;
         Ok(())
     }

@@ -11,6 +11,8 @@ use anyhow::{Context, bail};
 use gatehouse_control_plane::ControlPlaneConfig;
 use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use gatehouse_policies::{Bundle, Engine};
+use gatehouse_policystore::{PolicyConfig, PolicyStore};
 use gatehouse_worker::{TargetConfig, TargetTls, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -41,6 +43,10 @@ pub struct DevArgs {
     pub pg_listen: String,
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_listen: String,
+    /// A directory of Cedar policies to load instead of the built-in
+    /// defaults (e.g. `policies/examples/agents-read-only`).
+    #[arg(long, value_name = "DIR")]
+    pub policies: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -80,6 +86,9 @@ pub struct DevOptions {
     pub consumer: String,
     pub cancel_subject: String,
     pub allow_plaintext: bool,
+    pub policy: PolicyConfig,
+    /// Published at start; the built-in defaults unless `--policies`.
+    pub bundle: Bundle,
 }
 
 impl DevOptions {
@@ -107,6 +116,17 @@ impl DevOptions {
             consumer: ControlPlaneConfig::default().consumer,
             cancel_subject: WorkerConfig::default().cancel_subject,
             allow_plaintext: false,
+            policy: PolicyConfig::default(),
+            bundle: match &args.policies {
+                Some(dir) => {
+                    let b = Bundle::from_dir(dir)
+                        .map_err(|e| anyhow::anyhow!("--policies {}: {e}", dir.display()))?;
+                    Engine::new(&b)
+                        .map_err(|e| anyhow::anyhow!("--policies {}: {e}", dir.display()))?;
+                    b
+                }
+                None => Bundle::defaults(),
+            },
         })
     }
 }
@@ -134,7 +154,10 @@ pub struct DevStack {
     pub http_addr: SocketAddr,
     pub issuer: Arc<DevIssuer>,
     pub targets: Vec<String>,
+    /// Version of the bundle published at start.
+    pub bundle_version: String,
     worker_config: WorkerConfig,
+    policy_config: PolicyConfig,
     events: EventLogConfig,
     nats: async_nats::Client,
     verifier: Arc<Verifier>,
@@ -172,6 +195,7 @@ impl DevStack {
         let stack = self.stop.subscribe();
         let task = tokio::spawn(gatehouse_worker::run(
             config,
+            self.policy_config.clone(),
             self.events.clone(),
             self.nats.clone(),
             self.verifier.clone(),
@@ -235,6 +259,7 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
     );
 
     let nats = connect_nats(&opts.nats_url).await?;
+    publish_bundle(&nats, &opts).await?;
     let control = ControlPlaneConfig {
         audit_db_url: opts.audit_db.clone(),
         consumer: opts.consumer.clone(),
@@ -270,19 +295,21 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
     let (stop, rx) = watch::channel(false);
     let worker_config = worker.clone();
     let worker_task = tokio::spawn({
-        let (events, nats, verifier, rx) = (
+        let (policy, events, nats, verifier, rx) = (
+            opts.policy.clone(),
             opts.events.clone(),
             nats.clone(),
             verifier.clone(),
             rx.clone(),
         );
         async move {
-            gatehouse_worker::run(worker, events, nats, verifier, pg, stopped(rx)).await?;
+            gatehouse_worker::run(worker, policy, events, nats, verifier, pg, stopped(rx)).await?;
             Ok(())
         }
     });
     let control_task = tokio::spawn(gatehouse_control_plane::run(
         control,
+        opts.policy.clone(),
         opts.events.clone(),
         nats.clone(),
         http,
@@ -296,6 +323,8 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
         issuer,
         targets: opts.targets.iter().map(|(n, _)| n.clone()).collect(),
         worker_config,
+        policy_config: opts.policy,
+        bundle_version: opts.bundle.version.clone(),
         events: opts.events,
         nats,
         verifier,
@@ -303,6 +332,29 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
         worker: worker_task,
         control_plane: control_task,
     })
+}
+
+/// Makes the dev stack's bundle the current one, recording who did it.
+async fn publish_bundle(nats: &async_nats::Client, opts: &DevOptions) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats.clone());
+    gatehouse_eventlog::ensure_stream(&js, &opts.events).await?;
+    let event = gatehouse_events::Event::new(
+        "gatehouse-dev",
+        gatehouse_events::Payload::PolicyBundlePublished(gatehouse_events::PolicyBundlePublished {
+            version: opts.bundle.version.clone(),
+            hash: opts.bundle.hash.clone(),
+            files: opts.bundle.files.iter().map(|(n, _)| n.clone()).collect(),
+            dry_run: opts.bundle.dry_run,
+            published_by: "gatehouse dev".into(),
+        }),
+    );
+    gatehouse_eventlog::Publisher::start(nats.clone(), &opts.events)
+        .record(vec![event])
+        .await
+        .context("cannot record the policy bundle publication")?;
+    let store = PolicyStore::open(&js, &opts.policy).await?;
+    store.publish_bundle(&opts.bundle).await?;
+    Ok(())
 }
 
 /// `gatehouse dev`
@@ -320,6 +372,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \n  Audit API            http://{http}/api/v1/commands\
          \n  Development issuer   http://{http}/dev-issuer\
          \n  Targets              {targets}\
+         \n  Policies             {policies} (version {version})\
          \n\nConnect with psql:\n\
          \n  PGPASSWORD=$({bin} token --data-dir {dir} --sub dev) psql \"host={host} port={port} user=dev dbname={first} sslmode=require\"\
          \n\nRead the audit trail:\n\
@@ -329,6 +382,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         http = stack.http_addr,
         dir = args.data_dir.display(),
         targets = stack.targets.join(", "),
+        policies = match &args.policies {
+            Some(dir) => dir.display().to_string(),
+            None => "built-in defaults (policies/defaults: everyone may connect and query; \
+                     agents read-only; no DDL on targets tagged prod; UPDATE/DELETE without \
+                     WHERE needs approval; dangerous functions for dba only)"
+                .to_string(),
+        },
+        version = stack.bundle_version,
         host = stack.pg_addr.ip(),
         port = stack.pg_addr.port(),
     );
@@ -442,6 +503,8 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
             password_file: None,
             tls,
             tls_ca_file: ca,
+            environment: String::new(),
+            tags: Vec::new(),
             password,
         },
     ))

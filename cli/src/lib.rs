@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dev;
+mod policy;
 mod run;
 
 use std::path::PathBuf;
@@ -39,6 +40,11 @@ enum Command {
     Dev(dev::DevArgs),
     /// Print a token signed by the development issuer of `gatehouse dev`.
     Token(dev::TokenArgs),
+    /// Validate, test and publish Cedar policy bundles.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -60,6 +66,7 @@ pub fn main() -> ExitCode {
             Command::ControlPlane { config } => run::control_plane(&config).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Token(args) => dev::token(args),
+            Command::Policy { command } => policy::run(command).await,
         }
     });
     match result {

@@ -55,6 +55,7 @@ pub async fn worker(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("worker.listen: cannot listen on {}", config.worker.listen))?;
     gatehouse_worker::run(
         config.worker,
+        config.policy,
         config.events,
         nats,
         verifier,
@@ -78,6 +79,7 @@ pub async fn control_plane(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("api.listen: cannot listen on {}", config.api.listen))?;
     gatehouse_control_plane::run(
         config.control_plane,
+        config.policy,
         config.events,
         nats,
         listener,

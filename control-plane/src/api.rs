@@ -34,6 +34,8 @@ pub struct ApiState {
     pub auditor_group: String,
     /// Largest page size.
     pub max_page: u32,
+    /// Policy pushes, revocations and what-if explanations.
+    pub policy: crate::policy_api::PolicyApi,
 }
 
 /// The control plane's routes, state applied.
@@ -49,6 +51,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(audit)
+        .merge(crate::policy_api::routes())
         .with_state(state)
 }
 
@@ -80,23 +83,37 @@ async fn require_auditor(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let token = bearer(req.headers()).ok_or(ApiError::Unauthorized("missing bearer token"))?;
+    authorize(&s, req.headers(), &[&s.auditor_group]).await?;
+    Ok(next.run(req).await)
+}
+
+/// Verifies the bearer token and checks that its groups include one of
+/// `groups`. The token itself is never logged.
+pub(crate) async fn authorize(
+    s: &ApiState,
+    headers: &HeaderMap,
+    groups: &[&str],
+) -> Result<gatehouse_identity::VerifiedToken, ApiError> {
+    let token = bearer(headers).ok_or(ApiError::Unauthorized("missing bearer token"))?;
     let verified = s.verifier.verify(token).await.map_err(|e| {
-        tracing::info!(reason = e.reason(), "audit API token rejected");
+        tracing::info!(reason = e.reason(), "API token rejected");
         match e {
             AuthError::IssuerUnavailable(_) => ApiError::Unavailable("identity provider"),
             AuthError::Expired => ApiError::Unauthorized("the token has expired"),
             _ => ApiError::Unauthorized("the token was not accepted"),
         }
     })?;
-    if !verified.identity.groups.contains(&s.auditor_group) {
-        tracing::info!(
-            subject = %verified.identity.subject,
-            "audit API refused: not in the auditor group"
-        );
-        return Err(ApiError::Forbidden);
+    if !groups
+        .iter()
+        .any(|g| verified.identity.groups.iter().any(|mine| mine == g))
+    {
+        tracing::info!(subject = %verified.identity.subject, ?groups, "API refused: not in a required group");
+        return Err(ApiError::Forbidden(format!(
+            "the token's groups do not include {}",
+            groups.join(" or ")
+        )));
     }
-    Ok(next.run(req).await)
+    Ok(verified)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -289,6 +306,9 @@ struct CommandItem {
     statement_name: Option<String>,
     portal: Option<String>,
     params: Value,
+    /// The policy decision (`effect`, `enforced`, `policies`, `reason`,
+    /// bundle version and hash), when the worker decided.
+    decision: Option<Value>,
 }
 
 async fn list_commands(
@@ -298,7 +318,7 @@ async fn list_commands(
     let q = ListQuery::parse(params?.0, s.max_page)?;
     let mut sql = QueryBuilder::new(
         "SELECT event_id, session_id, seq, time, identity_subject, identity_username,
-            delegation, target, protocol, statement, statement_name, portal, params
+            delegation, target, protocol, statement, statement_name, portal, params, decision
          FROM commands WHERE true",
     );
     q.push_tail(&mut sql, "event_id");
@@ -310,13 +330,20 @@ async fn list_commands(
 
 /// What an API client sees on failure: `{"error": "..."}` with a status.
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(crate) enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(&'static str),
-    #[error("the token's groups do not include the auditor group")]
-    Forbidden,
+    #[error("{0}")]
+    Forbidden(String),
+    /// A request the server understood but whose content is invalid, with
+    /// details (e.g. policy problems with file:line).
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        details: Vec<String>,
+    },
     #[error("{0} unavailable; try again")]
     Unavailable(&'static str),
     #[error("audit database unavailable; try again")]
@@ -340,14 +367,19 @@ impl IntoResponse for ApiError {
         let status = match &self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(e) => {
                 tracing::error!(error = %e, "audit query failed");
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let body = match &self {
+            Self::Invalid { message, details } => json!({ "error": message, "details": details }),
+            _ => json!({ "error": self.to_string() }),
+        };
+        let mut response = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -18,6 +18,7 @@
 mod api;
 mod config;
 mod db;
+mod policy_api;
 mod projector;
 
 use std::future::Future;
@@ -31,14 +32,17 @@ use gatehouse_identity::Verifier;
 pub use api::{ApiState, router};
 pub use config::ControlPlaneConfig;
 pub use db::{DbError, connect_audit_db};
+pub use policy_api::PolicyApi;
 pub use projector::{Projector, ProjectorError};
 
 /// Runs the control plane until `shutdown` completes: prepares the audit
 /// database, starts the projector and serves the API (merged with
 /// `extra_routes`, e.g. the development issuer) on `listener`. On shutdown
 /// the server drains its requests and the projector finishes its batch.
+#[allow(clippy::too_many_arguments)] // each is a separate dependency the binary hands in
 pub async fn run(
     config: ControlPlaneConfig,
+    policy: gatehouse_policystore::PolicyConfig,
     events: EventLogConfig,
     nats: async_nats::Client,
     listener: tokio::net::TcpListener,
@@ -50,6 +54,11 @@ pub async fn run(
     events.validate().map_err(anyhow::Error::msg)?;
     let pool = connect_audit_db(&config).await?;
     let js = async_nats::jetstream::new(nats.clone());
+    gatehouse_eventlog::ensure_stream(&js, &events).await?;
+    let store = gatehouse_policystore::PolicyStore::open(&js, &policy).await?;
+    let publisher = gatehouse_eventlog::Publisher::start(nats.clone(), &events);
+    let source = format!("control-plane-{}", std::process::id());
+    let policy = PolicyApi::new(store, publisher, policy, source);
     let projector = Projector::new(pool.clone(), js, events, config.consumer.clone()).await?;
 
     let shutdown = shutdown.shared();
@@ -60,6 +69,7 @@ pub async fn run(
         verifier,
         auditor_group: config.auditor_group,
         max_page: config.max_page,
+        policy,
     })
     .merge(extra_routes);
     tracing::info!(addr = ?listener.local_addr().ok(), "control plane API listening");

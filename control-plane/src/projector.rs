@@ -341,6 +341,9 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
         names: Vec<Option<&'a str>>,
         portals: Vec<Option<&'a str>>,
         params: Vec<String>,
+        effects: Vec<Option<String>>,
+        enforced: Vec<Option<bool>>,
+        decisions: Vec<Option<String>>,
     }
     let mut c = Columns::default();
     for e in events {
@@ -361,6 +364,10 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
         c.names.push(p.statement_name.as_deref());
         c.portals.push(p.portal.as_deref());
         c.params.push(json(&p.params));
+        c.effects
+            .push(p.decision.as_ref().map(|d| snake_case(&d.effect)));
+        c.enforced.push(p.decision.as_ref().map(|d| d.enforced));
+        c.decisions.push(p.decision.as_ref().map(json));
     }
     if c.ids.is_empty() {
         return Ok(());
@@ -368,10 +375,11 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
     sqlx::query(
         "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
             identity_username, delegation, target, protocol, statement, statement_name,
-            portal, params)
+            portal, params, effect, enforced, decision)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[],
             $5::text[], $6::text[], $7::text[]::jsonb[], $8::text[], $9::text[], $10::text[],
-            $11::text[], $12::text[], $13::text[]::jsonb[])
+            $11::text[], $12::text[], $13::text[]::jsonb[], $14::text[], $15::bool[],
+            $16::text[]::jsonb[])
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(c.ids)
@@ -387,6 +395,9 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
     .bind(c.names)
     .bind(c.portals)
     .bind(c.params)
+    .bind(c.effects)
+    .bind(c.enforced)
+    .bind(c.decisions)
     .execute(&mut *db)
     .await?;
     Ok(())
@@ -479,6 +490,36 @@ async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error
         }
         // Stored in bulk by `store_commands`.
         (Payload::CommandReceived(_), _) => {}
+        (Payload::PolicyBundlePublished(p), _) => {
+            sqlx::query(
+                "INSERT INTO policy_bundles (event_id, time, version, hash, files, dry_run,
+                    published_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.id)
+            .bind(e.time)
+            .bind(&p.version)
+            .bind(&p.hash)
+            .bind(&p.files)
+            .bind(p.dry_run)
+            .bind(&p.published_by)
+            .execute(&mut *db)
+            .await?;
+        }
+        (Payload::IdentityRevoked(p), _) => {
+            sqlx::query(
+                "INSERT INTO revocations (event_id, time, kind, value, revoked_by, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.id)
+            .bind(e.time)
+            .bind(&p.kind)
+            .bind(&p.value)
+            .bind(&p.revoked_by)
+            .bind(&p.reason)
+            .execute(&mut *db)
+            .await?;
+        }
         (Payload::AuthenticationFailed(p), _) => {
             sqlx::query(
                 "INSERT INTO authentication_failures (event_id, time, client_addr, client_tls,

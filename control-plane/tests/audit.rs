@@ -101,12 +101,22 @@ impl Env {
         }
     }
 
+    /// Policy streams of this test only.
+    fn policy(&self) -> gatehouse_policystore::PolicyConfig {
+        gatehouse_policystore::PolicyConfig {
+            bundle_stream: format!("{}_POLICIES", self.events.stream),
+            revocation_stream: format!("{}_REVOCATIONS", self.events.stream),
+            ..Default::default()
+        }
+    }
+
     async fn start(&self) -> Running {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(
             self.config.clone(),
+            self.policy(),
             self.events.clone(),
             self.nats.clone(),
             listener,
@@ -178,6 +188,9 @@ impl Env {
     async fn scope(self, body: impl AsyncFnOnce(&Env)) {
         let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
         let _ = self.js.delete_stream(&self.events.stream).await;
+        let policy = self.policy();
+        let _ = self.js.delete_stream(&policy.bundle_stream).await;
+        let _ = self.js.delete_stream(&policy.revocation_stream).await;
         let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
             .await
             .unwrap();
@@ -253,6 +266,7 @@ fn command(statement: &str) -> Payload {
         statement_name: None,
         portal: None,
         params: vec![],
+        decision: None,
     })
 }
 

@@ -16,6 +16,7 @@ pub const NATS: &str = "nats://127.0.0.1:4222";
 
 pub struct Env {
     pub stack: Option<DevStack>,
+    pub policy: gatehouse_policystore::PolicyConfig,
     pub suffix: String,
     pub target_db: String,
     pub audit_db: String,
@@ -52,6 +53,10 @@ pub struct Options {
     pub nats_url: String,
     pub allow_plaintext: bool,
     pub publish_timeout_ms: u64,
+    /// The bundle published at start (the built-in defaults unless set).
+    pub bundle: gatehouse_policies::Bundle,
+    /// Targets whose denials are only recorded.
+    pub dry_run_targets: Vec<String>,
 }
 
 impl Default for Options {
@@ -60,6 +65,8 @@ impl Default for Options {
             nats_url: NATS.into(),
             allow_plaintext: false,
             publish_timeout_ms: 5000,
+            bundle: gatehouse_policies::Bundle::defaults(),
+            dry_run_targets: Vec::new(),
         }
     }
 }
@@ -89,6 +96,12 @@ impl Env {
         };
         let (_, target) =
             dev::parse_target(&format!("app={PG}/{target_db}?sslmode=require")).unwrap();
+        let policy = gatehouse_policystore::PolicyConfig {
+            bundle_stream: format!("GHT_{suffix}_POLICIES"),
+            revocation_stream: format!("GHT_{suffix}_REVOCATIONS"),
+            dry_run_targets: opts.dry_run_targets,
+            ..Default::default()
+        };
         let stack = dev::start(DevOptions {
             data_dir: data_dir.clone(),
             nats_url: opts.nats_url,
@@ -100,11 +113,14 @@ impl Env {
             consumer: format!("ght-{suffix}"),
             cancel_subject: format!("ght.{suffix}.cancel"),
             allow_plaintext: opts.allow_plaintext,
+            policy: policy.clone(),
+            bundle: opts.bundle,
         })
         .await
         .expect("dev stack starts");
         Env {
             stack: Some(stack),
+            policy,
             suffix,
             target_db,
             audit_db,
@@ -232,6 +248,8 @@ impl Env {
         if let Ok(nats) = async_nats::connect(&self.events.nats_url).await {
             let js = async_nats::jetstream::new(nats);
             let _ = js.delete_stream(&self.events.stream).await;
+            let _ = js.delete_stream(&self.policy.bundle_stream).await;
+            let _ = js.delete_stream(&self.policy.revocation_stream).await;
         }
         let admin = admin().await;
         for db in [&self.target_db, &self.audit_db] {

@@ -84,6 +84,12 @@ pub struct TargetConfig {
     /// CA bundle (PEM) for `verify-full`; the system roots when absent.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// Environment policies see (`resource.environment`), e.g. `prod`.
+    #[serde(default)]
+    pub environment: String,
+    /// Tags policies see (`resource.tags`), e.g. `["prod", "pii"]`.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// Resolved password; filled at start from `password_env`/`password_file`.
     #[serde(skip)]
     pub password: Option<String>,

@@ -20,6 +20,7 @@ mod cancel;
 pub mod config;
 mod conn;
 pub mod error;
+mod policy;
 mod relay;
 mod session;
 mod tls;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 
 use gatehouse_eventlog::{EventLogConfig, Publisher};
 use gatehouse_identity::Verifier;
+use gatehouse_policystore::{PolicyConfig, PolicyStore};
 use tokio::net::TcpListener;
 
 pub use config::{TargetConfig, TargetTls, WorkerConfig};
@@ -39,6 +41,18 @@ pub(crate) struct Target {
     pub name: String,
     pub config: TargetConfig,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    /// What policies know about the target.
+    pub fn info(&self) -> gatehouse_policies::TargetInfo {
+        gatehouse_policies::TargetInfo {
+            name: self.name.clone(),
+            kind: "postgres".into(),
+            environment: self.config.environment.clone(),
+            tags: self.config.tags.clone(),
+        }
+    }
 }
 
 /// What every session of a worker shares.
@@ -53,6 +67,9 @@ pub(crate) struct Shared {
     pub nats: async_nats::Client,
     /// Becomes `true` when open sessions must end (after the drain period).
     pub closing: tokio::sync::watch::Receiver<bool>,
+    pub policy_config: PolicyConfig,
+    /// The current bundle and revocations.
+    pub policies: policy::Policies,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +80,15 @@ pub enum WorkerError {
     Stream(#[from] gatehouse_eventlog::StreamError),
     #[error("cannot subscribe to cancel requests: {0}")]
     Subscribe(String),
+    #[error("policy store: {0}")]
+    Policies(String),
 }
 
 /// Runs a worker on `listener` until `shutdown` resolves. `config` must have
 /// been prepared ([`WorkerConfig::prepare`]).
 pub async fn run(
     config: WorkerConfig,
+    policy_config: PolicyConfig,
     events: EventLogConfig,
     nats: async_nats::Client,
     verifier: Arc<Verifier>,
@@ -78,6 +98,10 @@ pub async fn run(
     let js = async_nats::jetstream::new(nats.clone());
     gatehouse_eventlog::ensure_stream(&js, &events).await?;
     let publisher = Publisher::start(nats.clone(), &events);
+    let store = PolicyStore::open(&js, &policy_config)
+        .await
+        .map_err(|e| WorkerError::Policies(e.to_string()))?;
+    let policies = policy::start(store).await.map_err(WorkerError::Policies)?;
 
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
@@ -108,6 +132,8 @@ pub async fn run(
     let drain = std::time::Duration::from_secs(config.drain_timeout_secs);
     let shared = Arc::new(Shared {
         closing,
+        policy_config,
+        policies,
         worker_id: config.worker_id(),
         config,
         verifier,

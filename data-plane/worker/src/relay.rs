@@ -18,15 +18,17 @@ use std::sync::atomic::Ordering;
 use base64::Engine;
 use bytes::{Buf, BytesMut};
 use gatehouse_events::{
-    CloseReason, CommandReceived, Event, Param, ParamFormat, Payload, Protocol,
+    CloseReason, CommandReceived, DecisionRecord, Event, Param, ParamFormat, Payload, Protocol,
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, FrontendMessage, TransactionStatus};
+use gatehouse_policies::{Classification, classify};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 
 use crate::Shared;
 use crate::conn::Conn;
 use crate::error::ClientError;
+use crate::policy::SessionPolicy;
 use crate::session::{self, Opened, SessionCtx};
 
 /// A reply the worker makes in place of the target.
@@ -36,12 +38,24 @@ enum Reply {
     ReadyForQuery,
 }
 
-/// Replies to write once `after` ReadyForQuery messages have reached the
-/// client.
+/// Replies to splice into the target's response stream at a position
+/// counted in `ReadyForQuery` messages: `2n` is right after the n-th,
+/// `2n - 1` right before it (after everything else the target sent for that
+/// batch). Positions only grow, so pending replies stay in order.
 #[derive(Debug)]
 struct Inject {
-    after: u64,
+    at: u64,
     replies: Vec<Reply>,
+}
+
+/// Position right after `n` ReadyForQuery messages.
+fn after_ready(n: u64) -> u64 {
+    2 * n
+}
+
+/// Position right before the n-th ReadyForQuery message.
+fn before_ready(n: u64) -> u64 {
+    2 * n - 1
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
@@ -50,6 +64,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
         backend,
         target,
         client_leftover,
+        policy,
     } = opened;
     let (pid, secret) =
         shared
@@ -88,6 +103,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
             portals: HashMap::new(),
             syncs_forwarded: 0,
             skip_until_sync: false,
+            policy,
+            drop_until_sync: false,
         };
         let reason = up
             .run(client_rd, backend_wr, client_leftover, target_gone)
@@ -102,10 +119,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
     session::close(&shared, &ctx, reason).await;
 }
 
+/// A prepared statement: its text and what the classifier found in it.
+#[derive(Clone)]
+struct Prepared {
+    text: Arc<str>,
+    facts: Arc<Classification>,
+}
+
 /// A bound portal: what an `Execute` of it runs.
 struct Portal {
     statement_name: String,
-    statement: Arc<str>,
+    statement: Prepared,
     params: Vec<Param>,
 }
 
@@ -114,8 +138,13 @@ struct ClientToTarget<'a> {
     ctx: &'a SessionCtx,
     inject: mpsc::Sender<Inject>,
     /// Prepared statements by name (`""` is the unnamed one).
-    statements: HashMap<String, Arc<str>>,
+    statements: HashMap<String, Prepared>,
     portals: HashMap<String, Portal>,
+    /// This session's side of policy decisions.
+    policy: SessionPolicy,
+    /// After a denied `Execute`, messages up to the next `Sync` are
+    /// dropped; the `Sync` itself goes on, so the target ends the batch.
+    drop_until_sync: bool,
     /// `Query`/`Sync`/`FunctionCall` messages forwarded so far: each yields
     /// exactly one `ReadyForQuery`.
     syncs_forwarded: u64,
@@ -133,10 +162,13 @@ struct Chunk {
     syncs: u64,
     /// The chunk ends inside an extended-protocol batch (no `Sync` yet).
     open_segment: bool,
-    /// Replies for messages refused locally, with the number of `out`'s
-    /// syncs before them.
+    /// Replies for messages refused locally, at positions relative to the
+    /// chunk's start (see [`Inject`]): `after_ready(k)` follows the k-th
+    /// `ReadyForQuery` that `out` yields, `before_ready(k)` precedes it.
     local: Vec<(u64, Reply)>,
     terminate: bool,
+    /// The identity was revoked: the session ends.
+    revoked: bool,
 }
 
 impl ClientToTarget<'_> {
@@ -161,6 +193,7 @@ impl ClientToTarget<'_> {
                 }
             };
             let terminate = chunk.terminate;
+            let revoked = chunk.revoked;
             if !chunk.events.is_empty() && self.ctx.token_expired() {
                 let e = ClientError::fatal(
                     "28000",
@@ -172,6 +205,12 @@ impl ClientToTarget<'_> {
             }
             if let Err(reason) = self.forward(chunk, &mut target).await {
                 break reason;
+            }
+            if revoked {
+                let e = ClientError::fatal("28000", "access for this identity has been revoked");
+                self.reply(self.syncs_forwarded, vec![Reply::Error(e)])
+                    .await;
+                break CloseReason::Revoked;
             }
             if terminate {
                 break CloseReason::ClientTerminated;
@@ -212,12 +251,21 @@ impl ClientToTarget<'_> {
     /// forward, which events to record first, and what to answer locally.
     fn take_chunk(&mut self, buf: &mut BytesMut, max: usize) -> Result<Chunk, pg::ProtocolError> {
         let mut chunk = Chunk::default();
+        let state = self.shared.policies.borrow().clone();
         while let Some(frame) = pg::decode_frame(buf, max)? {
-            if self.skip_until_sync {
+            if self.skip_until_sync || self.drop_until_sync {
                 match frame.tag {
-                    b'S' => {
+                    b'S' if self.skip_until_sync => {
                         self.skip_until_sync = false;
-                        chunk.local.push((chunk.syncs, Reply::ReadyForQuery));
+                        chunk
+                            .local
+                            .push((after_ready(chunk.syncs), Reply::ReadyForQuery));
+                    }
+                    b'S' => {
+                        self.drop_until_sync = false;
+                        chunk.syncs += 1;
+                        chunk.open_segment = false;
+                        chunk.out.extend_from_slice(&frame.raw);
                     }
                     b'X' => {
                         chunk.terminate = true;
@@ -227,29 +275,63 @@ impl ClientToTarget<'_> {
                 }
                 continue;
             }
-            match FrontendMessage::parse(&frame)? {
+            let message = FrontendMessage::parse(&frame)?;
+            if matches!(
+                message,
+                FrontendMessage::Query(_) | FrontendMessage::Execute { .. }
+            ) && self.policy.revoked(&state)
+            {
+                chunk.revoked = true;
+                break;
+            }
+            match message {
                 FrontendMessage::Query(text) => {
+                    let facts = classify(text);
+                    let decision = self.policy.decide(&state, &facts);
                     chunk.events.push(self.command(
                         Protocol::Simple,
                         text.into(),
                         None,
                         None,
                         Vec::new(),
+                        decision.record,
                     ));
-                    chunk.syncs += 1;
                     chunk.open_segment = false;
+                    if let Some(refusal) = decision.refusal {
+                        chunk
+                            .local
+                            .push((after_ready(chunk.syncs), Reply::Error(refusal)));
+                        chunk
+                            .local
+                            .push((after_ready(chunk.syncs), Reply::ReadyForQuery));
+                        continue;
+                    }
+                    chunk.syncs += 1;
                 }
                 FrontendMessage::Parse(p) => {
-                    self.statements
-                        .insert(p.statement.to_owned(), p.query.into());
+                    let prepared = Prepared {
+                        text: p.query.into(),
+                        facts: Arc::new(classify(p.query)),
+                    };
+                    self.statements.insert(p.statement.to_owned(), prepared);
                     chunk.open_segment = true;
                 }
                 FrontendMessage::Bind(b) => {
-                    let statement = self
-                        .statements
-                        .get(b.statement)
-                        .cloned()
-                        .unwrap_or_else(|| "".into());
+                    let statement =
+                        self.statements
+                            .get(b.statement)
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                // Unknown to the worker (the target will say so):
+                                // judged as text that did not parse.
+                                Prepared {
+                                    text: "".into(),
+                                    facts: Arc::new(Classification {
+                                        statements: Vec::new(),
+                                        parsed: false,
+                                    }),
+                                }
+                            });
                     let params = b
                         .params
                         .iter()
@@ -267,24 +349,40 @@ impl ClientToTarget<'_> {
                     chunk.open_segment = true;
                 }
                 FrontendMessage::Execute { portal, .. } => {
-                    let event = match self.portals.get(portal) {
-                        Some(p) => self.command(
-                            Protocol::Extended,
-                            p.statement.to_string(),
+                    let unknown = Classification {
+                        statements: Vec::new(),
+                        parsed: false,
+                    };
+                    let (facts, text, name, params) = match self.portals.get(portal) {
+                        Some(p) => (
+                            p.statement.facts.clone(),
+                            p.statement.text.to_string(),
                             Some(p.statement_name.clone()),
-                            Some(portal.to_owned()),
                             p.params.clone(),
                         ),
-                        None => self.command(
-                            Protocol::Extended,
-                            String::new(),
-                            None,
-                            Some(portal.to_owned()),
-                            Vec::new(),
-                        ),
+                        None => (Arc::new(unknown), String::new(), None, Vec::new()),
                     };
-                    chunk.events.push(event);
+                    let decision = self.policy.decide(&state, &facts);
+                    chunk.events.push(self.command(
+                        Protocol::Extended,
+                        text,
+                        name,
+                        Some(portal.to_owned()),
+                        params,
+                        decision.record,
+                    ));
                     chunk.open_segment = true;
+                    if let Some(refusal) = decision.refusal {
+                        // The batch's earlier responses still come from the
+                        // target; the error goes just before its
+                        // ReadyForQuery, and the rest of the batch is
+                        // dropped as PostgreSQL does after an error.
+                        chunk
+                            .local
+                            .push((before_ready(chunk.syncs + 1), Reply::Error(refusal)));
+                        self.drop_until_sync = true;
+                        continue;
+                    }
                 }
                 FrontendMessage::Close { kind, name } => {
                     if kind == b'S' {
@@ -310,8 +408,12 @@ impl ClientToTarget<'_> {
                         "0A000",
                         "the function-call protocol is not supported through Gatehouse; use SELECT",
                     );
-                    chunk.local.push((chunk.syncs, Reply::Error(e)));
-                    chunk.local.push((chunk.syncs, Reply::ReadyForQuery));
+                    chunk
+                        .local
+                        .push((after_ready(chunk.syncs), Reply::Error(e)));
+                    chunk
+                        .local
+                        .push((after_ready(chunk.syncs), Reply::ReadyForQuery));
                     continue;
                 }
                 FrontendMessage::Describe { .. } | FrontendMessage::Flush => {
@@ -331,6 +433,7 @@ impl ClientToTarget<'_> {
         statement_name: Option<String>,
         portal: Option<String>,
         params: Vec<Param>,
+        decision: Option<DecisionRecord>,
     ) -> Event {
         self.ctx.event(Payload::CommandReceived(CommandReceived {
             protocol,
@@ -338,6 +441,7 @@ impl ClientToTarget<'_> {
             statement_name,
             portal,
             params,
+            decision,
         }))
     }
 
@@ -365,8 +469,8 @@ impl ClientToTarget<'_> {
                         .map_err(|_| CloseReason::TargetDisconnected)?;
                     self.syncs_forwarded += chunk.syncs;
                 }
-                for (before, reply) in chunk.local {
-                    self.reply(base + before, vec![reply]).await;
+                for (at, reply) in chunk.local {
+                    self.inject_at(after_ready(base) + at, vec![reply]).await;
                 }
             }
             Err(e) => {
@@ -396,8 +500,13 @@ impl ClientToTarget<'_> {
         Ok(())
     }
 
+    /// Replies once `after` ReadyForQuery messages have reached the client.
     async fn reply(&self, after: u64, replies: Vec<Reply>) {
-        let _ = self.inject.send(Inject { after, replies }).await;
+        self.inject_at(after_ready(after), replies).await;
+    }
+
+    async fn inject_at(&self, at: u64, replies: Vec<Reply>) {
+        let _ = self.inject.send(Inject { at, replies }).await;
     }
 }
 
@@ -447,16 +556,24 @@ async fn target_to_client(
                 }
             };
             if buf[pos] == b'Z' {
+                if pending
+                    .front()
+                    .is_some_and(|i| i.at <= before_ready(seen + 1))
+                {
+                    out.extend_from_slice(&buf[start..pos]);
+                    start = pos;
+                    fatal |= drain_due(&mut pending, before_ready(seen + 1), status, &mut out);
+                }
                 if let Ok(BackendMessage::ReadyForQuery(s)) =
                     BackendMessage::parse_body(b'Z', &buf[pos + 5..pos + len])
                 {
                     status = s;
                 }
                 seen += 1;
-                if pending.front().is_some_and(|i| i.after <= seen) {
+                if pending.front().is_some_and(|i| i.at <= after_ready(seen)) {
                     out.extend_from_slice(&buf[start..pos + len]);
                     start = pos + len;
-                    fatal |= drain_due(&mut pending, seen, status, &mut out);
+                    fatal |= drain_due(&mut pending, after_ready(seen), status, &mut out);
                 }
             }
             pos += len;
@@ -473,7 +590,7 @@ async fn target_to_client(
             let _ = client.write_all(&out).await;
             break Some(CloseReason::Error);
         }
-        fatal |= drain_due(&mut pending, seen, status, &mut out);
+        fatal |= drain_due(&mut pending, after_ready(seen), status, &mut out);
         if !out.is_empty() {
             if client.write_all(&out).await.is_err() {
                 break Some(CloseReason::ClientDisconnected);
@@ -510,15 +627,16 @@ async fn target_to_client(
     reason
 }
 
-/// Encodes every pending reply that is due; true if one was fatal.
+/// Encodes every pending reply due at or before position `at`; true if one
+/// was fatal.
 fn drain_due(
     pending: &mut VecDeque<Inject>,
-    seen: u64,
+    at: u64,
     status: TransactionStatus,
     out: &mut BytesMut,
 ) -> bool {
     let mut fatal = false;
-    while pending.front().is_some_and(|i| i.after <= seen) {
+    while pending.front().is_some_and(|i| i.at <= at) {
         let inject = pending.pop_front().expect("checked");
         for reply in inject.replies {
             match reply {

@@ -160,6 +160,7 @@ pub(crate) struct Opened {
     pub target: Arc<crate::Target>,
     /// Client bytes read past the password message.
     pub client_leftover: BytesMut,
+    pub policy: crate::policy::SessionPolicy,
 }
 
 async fn read_more(conn: &mut Conn, buf: &mut BytesMut) -> Result<(), Refusal> {
@@ -322,11 +323,35 @@ async fn authenticate(
         ));
     };
 
-    let passed: Vec<(String, String)> = params
+    let mut policy = crate::policy::SessionPolicy::new(
+        &shared.policy_config,
+        &verified.identity,
+        verified.token_id.clone(),
+        target.info(),
+        attempt.peer.ip().to_string(),
+    );
+    {
+        let state = shared.policies.borrow().clone();
+        if policy.revoked(&state) {
+            return Err(Refusal::new(
+                ClientError::fatal("28000", "access for this identity has been revoked"),
+                "revoked",
+            ));
+        }
+        policy
+            .decide_connect(&state)
+            .map_err(|e| Refusal::new(e, "connect_denied"))?;
+    }
+
+    let mut passed: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| PASSED_PARAMS.contains(&k.to_ascii_lowercase().as_str()))
         .cloned()
         .collect();
+    if policy.read_only {
+        // Defence in depth: the target itself refuses writes too.
+        passed.push(("default_transaction_read_only".into(), "on".into()));
+    }
     let backend = backend::login(Login {
         target: &target.config,
         tls: target.tls.as_ref(),
@@ -381,6 +406,7 @@ async fn authenticate(
         backend,
         target,
         client_leftover: buf,
+        policy,
     })
 }
 
