@@ -44,6 +44,14 @@ async fn agents_are_read_only_in_every_disguise() {
         .unwrap();
     let bot = agent(&env, "bot").await;
 
+    // Defence in depth: the target session itself is read-only.
+    let mode: String = bot
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "on");
+
     // Reading works, in both protocols.
     assert_eq!(bot.simple_query("SELECT id FROM t").await.unwrap().len(), 4);
     let n: i64 = bot
@@ -110,7 +118,9 @@ async fn agents_are_read_only_in_every_disguise() {
     assert_eq!(tables, 1);
 
     // Every refused command is in the audit trail with its decision.
-    let audit = env.audit_commands("bot", 24).await;
+    // 3 reads, 15 refused + 15 probes, 3 refused + 3 probes, PREPARE and EXECUTE.
+    let audit = env.audit_commands("bot", 41).await;
+    assert_eq!(audit.len(), 41);
     let denied: Vec<&Value> = audit
         .iter()
         .filter(|c| c["decision"]["effect"] == "deny")

@@ -348,3 +348,33 @@ async fn a_stopping_worker_ends_open_sessions_and_records_why() {
     .await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let env = Env::start().await;
+    // Expired 25 s ago: still inside the 30 s leeway at login.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let issuer = &env.stack().issuer;
+    let token = issuer.sign_claims(&serde_json::json!({
+        "iss": issuer.issuer(),
+        "sub": "ivy",
+        "aud": "gatehouse",
+        "iat": now - 100,
+        "exp": now - 25,
+        "preferred_username": "ivy",
+    }));
+    let db = env
+        .try_connect("ivy", &token)
+        .await
+        .expect("inside the leeway");
+    db.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let err = db.simple_query("SELECT 1").await.unwrap_err();
+    let db_err = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_err.code().code(), "28000");
+    assert!(db_err.message().contains("expired"), "{}", db_err.message());
+    env.cleanup().await;
+}

@@ -27,6 +27,9 @@ pub struct WorkerConfig {
     /// On shutdown, how long open sessions may go on before they are ended
     /// (with `57P01` and a `SessionClosed` event saying `worker_shutdown`).
     pub drain_timeout_secs: u64,
+    /// Let a session go on after its token expires. Off by default: the
+    /// first command after expiry ends the session (`FATAL 28000`).
+    pub sessions_outlive_tokens: bool,
     /// Targets by name; a client names one as its `database`.
     pub targets: BTreeMap<String, TargetConfig>,
 }
@@ -42,6 +45,7 @@ impl Default for WorkerConfig {
             cancel_subject: "gatehouse.cancel".into(),
             max_message_bytes: gatehouse_pgwire::DEFAULT_MAX_FRAME,
             drain_timeout_secs: 30,
+            sessions_outlive_tokens: false,
             targets: BTreeMap::new(),
         }
     }

@@ -161,15 +161,13 @@ impl SessionPolicy {
     }
 
     /// The session's entities for `engine`, rebuilt when the bundle changed.
-    fn entities(&mut self, engine: &Arc<Engine>) -> Session {
-        match &self.entities {
-            Some((e, s)) if Arc::ptr_eq(e, engine) => s.clone(),
-            _ => {
-                let s = engine.session(&self.principal, &self.target, &self.source_ip);
-                self.entities = Some((engine.clone(), s.clone()));
-                s
-            }
+    fn entities(&mut self, engine: &Arc<Engine>) -> &Session {
+        let fresh = matches!(&self.entities, Some((e, _)) if Arc::ptr_eq(e, engine));
+        if !fresh {
+            let s = engine.session(&self.principal, &self.target, &self.source_ip);
+            self.entities = Some((engine.clone(), s));
         }
+        &self.entities.as_ref().expect("just set").1
     }
 
     /// Whether the identity or its token has been revoked.
@@ -189,8 +187,7 @@ impl SessionPolicy {
             return Err(ClientError::fatal("42501", NO_BUNDLE));
         };
         let engine = engine.clone();
-        let session = self.entities(&engine);
-        let d = engine.decide_connect_in(&session);
+        let d = engine.decide_connect_in(self.entities(&engine));
         match d.effect {
             Effect::Allow => {
                 // In dry-run nothing is enforced, the read-only session
@@ -221,7 +218,8 @@ impl SessionPolicy {
             };
         };
         let started = Instant::now();
-        let session = self.entities(&engine);
+        self.entities(&engine);
+        let session = &self.entities.as_ref().expect("fresh").1;
         let unparsed = [StatementFacts::new(StatementKind::Other)];
         let statements: &[StatementFacts] = if c.parsed { &c.statements } else { &unparsed };
         let mut effect = Effect::Allow;
@@ -237,7 +235,7 @@ impl SessionPolicy {
             if self.read_only && facts.disables_read_only {
                 read_only_violation = true;
             }
-            let d = engine.decide_statement(&session, facts, c.parsed, c.statements.len() > 1);
+            let d = engine.decide_statement(session, facts, c.parsed, c.statements.len() > 1);
             for p in d.policies {
                 if !policies.contains(&p) {
                     policies.push(p);

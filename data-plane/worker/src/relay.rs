@@ -194,7 +194,10 @@ impl ClientToTarget<'_> {
             };
             let terminate = chunk.terminate;
             let revoked = chunk.revoked;
-            if !chunk.events.is_empty() && self.ctx.token_expired() {
+            if !chunk.events.is_empty()
+                && !self.shared.config.sessions_outlive_tokens
+                && self.ctx.token_expired()
+            {
                 let e = ClientError::fatal(
                     "28000",
                     "the token has expired; reconnect with a fresh token",
