@@ -169,9 +169,16 @@ async fn a_push_changes_decisions_for_an_open_session() {
     assert_eq!(pushed.status(), 201, "{:?}", pushed.text().await);
 
     // The same session, without reconnecting, is now refused.
-    eventually("the open session to apply the new bundle", async || {
-        db.batch_execute("CREATE TABLE b (id int)").await.is_err()
-    })
+    eventually(
+        "the open session to apply the new bundle",
+        async || match db
+            .batch_execute("CREATE TEMP TABLE probe (id int); DROP TABLE probe")
+            .await
+        {
+            Ok(()) => false,
+            Err(e) => code(&e) == "42501",
+        },
+    )
     .await;
     let err = db
         .batch_execute("CREATE TABLE c (id int)")
