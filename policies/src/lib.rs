@@ -3,7 +3,7 @@
 //! [`classify`] turns SQL text into [`Classification`]: what each statement
 //! does (its [`StatementKind`]), which tables it reads and writes, which
 //! functions it calls, whether an UPDATE/DELETE has a WHERE clause. The
-//! Cedar engine ([`engine`]) decides each statement from those facts, the
+//! Cedar engine ([`Engine`]) decides each statement from those facts, the
 //! speaker's identity and the target, with the policies of a bundle.
 //!
 //! Pure: no I/O, no NATS, no Postgres wire. The worker feeds it, the control
