@@ -23,11 +23,22 @@ async fn commands_do_not_run_while_the_event_log_is_down() {
     nats.down().await;
     let http = reqwest::Client::new();
     let ready = env.api("/readyz");
-    eventually("the gateway to notice NATS is gone", async || {
+    let readiness_is = async |status: u16| {
         http.get(&ready)
             .send()
             .await
-            .is_ok_and(|r| r.status() == 503)
+            .is_ok_and(|r| r.status() == status)
+    };
+    let ids = async || -> Vec<i32> {
+        let rows = env
+            .target()
+            .await
+            .query("SELECT id FROM t ORDER BY id", &[])
+            .await;
+        rows.unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    eventually("the gateway to notice NATS is gone", async || {
+        readiness_is(503).await
     })
     .await;
 
@@ -48,35 +59,17 @@ async fn commands_do_not_run_while_the_event_log_is_down() {
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "58000", "{err}");
 
-    let target = env.target().await;
-    let ids: Vec<i32> = target
-        .query("SELECT id FROM t ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ids, [1], "nothing ran while the event log was down");
+    assert_eq!(ids().await, [1], "nothing ran while the event log was down");
 
     nats.up().await;
     // Once the gateway's NATS client is connected again (readiness tells),
     // the same session's next command runs.
     eventually("the gateway to reconnect to NATS", async || {
-        http.get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
+        readiness_is(200).await
     })
     .await;
     db.execute("INSERT INTO t VALUES (4)", &[]).await.unwrap();
-    let ids: Vec<i32> = target
-        .query("SELECT id FROM t ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ids, [1, 4]);
+    assert_eq!(ids().await, [1, 4]);
 
     // The audit trail holds what ran, and not what was refused.
     let statements = env.audit_statements("dana", 3).await;

@@ -291,11 +291,7 @@ async fn explain(
     let mut out = Vec::new();
     for facts in statements {
         let d = engine.decide_statement(&session, facts, c.parsed, c.statements.len() > 1);
-        if matches!(
-            (overall, d.effect),
-            (Effect::Allow, Effect::Deny | Effect::ApprovalRequired)
-                | (Effect::ApprovalRequired, Effect::Deny)
-        ) {
+        if d.effect.severity() > overall.severity() {
             overall = d.effect;
         }
         out.push(json!({

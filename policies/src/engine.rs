@@ -79,7 +79,7 @@ impl Effect {
 
     /// Of two decisions on the statements of one command, the one that
     /// stands: deny over approval over allow.
-    fn severity(self) -> u8 {
+    pub fn severity(self) -> u8 {
         match self {
             Effect::Allow => 0,
             Effect::ApprovalRequired => 1,

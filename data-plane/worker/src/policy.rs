@@ -241,12 +241,7 @@ impl SessionPolicy {
                     policies.push(p);
                 }
             }
-            let worse = matches!(
-                (&effect, &d.effect),
-                (Effect::Allow, Effect::Deny | Effect::ApprovalRequired)
-                    | (Effect::ApprovalRequired, Effect::Deny)
-            );
-            if worse {
+            if d.effect.severity() > effect.severity() {
                 effect = d.effect;
                 reason = d.reason;
             }
