@@ -37,6 +37,7 @@ struct Env {
     database: String,
     issuer: DevIssuer,
     verifier: Arc<Verifier>,
+    _watchdog: gatehouse_testkit::Watchdog,
 }
 
 /// A control plane started by [`Env::start`].
@@ -59,6 +60,7 @@ impl Env {
     }
 
     async fn on(nats_url: &str) -> Self {
+        let watchdog = gatehouse_testkit::Watchdog::arm(std::time::Duration::from_secs(180));
         let _ = rustls::crypto::ring::default_provider().install_default();
         let _ = tracing_subscriber::fmt()
             .with_env_filter("gatehouse_control_plane=debug")
@@ -98,6 +100,7 @@ impl Env {
             database,
             issuer,
             verifier: Arc::new(verifier),
+            _watchdog: watchdog,
         }
     }
 

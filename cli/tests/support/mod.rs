@@ -23,7 +23,11 @@ pub struct Env {
     pub events: EventLogConfig,
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
+    _watchdog: gatehouse_testkit::Watchdog,
 }
+
+/// Longest any one test may run before the watchdog ends the process.
+const TEST_LIMIT: Duration = Duration::from_secs(180);
 
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -78,6 +82,7 @@ impl Env {
 
     pub async fn start_with(opts: Options) -> Env {
         init();
+        let watchdog = gatehouse_testkit::Watchdog::arm(TEST_LIMIT);
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let target_db = format!("gh_target_{suffix}");
         let audit_db = format!("gh_audit_{suffix}");
@@ -126,7 +131,11 @@ impl Env {
             audit_db,
             events,
             data_dir,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            _watchdog: watchdog,
         }
     }
 

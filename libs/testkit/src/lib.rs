@@ -1,6 +1,7 @@
 //! Helpers for integration tests only: a private `nats-server` that a test
-//! may stop and restart without touching the machine's shared one, and
-//! polling until a condition holds. Never a dependency of product code.
+//! may stop and restart without touching the machine's shared one, polling
+//! until a condition holds, and a watchdog that ends a test binary whose
+//! test hangs. Never a dependency of product code.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -97,5 +98,36 @@ impl PrivateNats {
 impl Drop for PrivateNats {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Ends the whole test process if it is still alive `limit` after it was
+/// armed: a test that hangs (a client waiting forever on a reply that never
+/// comes) then fails with its name instead of stalling the run. Disarmed
+/// when dropped.
+pub struct Watchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    pub fn arm(limit: Duration) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                use std::io::Write;
+                // Straight to the process's stderr: the test harness
+                // captures only the print macros.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watchdog: {test} still running after {limit:?}; ending the test process"
+                );
+                std::process::exit(101);
+            }
+        });
+        Self { _disarm: tx }
     }
 }
