@@ -162,7 +162,13 @@ pub async fn run(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            Some(ended) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Err(e) = ended
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "session task panicked; its connections were closed");
+                }
+            }
             _ = &mut shutdown => break,
         }
     }

@@ -85,7 +85,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
         let (backend_rd, backend_wr) = tokio::io::split(backend.conn);
         let (inject_tx, inject_rx) = mpsc::channel(64);
         let target_gone = Arc::new(Notify::new());
-        let down = tokio::spawn(target_to_client(
+        // In a JoinSet so that the target-to-client half ends with the
+        // session even if the session task itself ends abnormally: a client
+        // must see its connection close, never wait on a half-dead one.
+        let mut down = tokio::task::JoinSet::new();
+        down.spawn(target_to_client(
             ctx.clone(),
             shared.config.max_message_bytes,
             backend_rd,
@@ -109,7 +113,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
         let reason = up
             .run(client_rd, backend_wr, client_leftover, target_gone)
             .await;
-        let down_reason = down.await.ok().flatten();
+        let down_reason = down.join_next().await.and_then(|r| r.ok()).flatten();
         match (reason, down_reason) {
             (CloseReason::ClientDisconnected, Some(r)) => r,
             (r, _) => r,
