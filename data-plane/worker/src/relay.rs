@@ -105,6 +105,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
             inject: inject_tx,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            classified: Classified::default(),
             syncs_forwarded: 0,
             skip_until_sync: false,
             policy,
@@ -130,6 +131,36 @@ struct Prepared {
     facts: Arc<Classification>,
 }
 
+/// Classifications of the texts a session sent recently. Applications
+/// repeat their statements, so most texts are parsed once per session; a
+/// text with new literals each time costs one hash and one copy more than
+/// parsing alone.
+#[derive(Default)]
+struct Classified {
+    by_text: HashMap<Box<str>, Arc<Classification>>,
+}
+
+impl Classified {
+    /// Texts kept; when full, the cache starts over.
+    const CAPACITY: usize = 256;
+    /// Longer texts are classified every time rather than kept.
+    const MAX_TEXT: usize = 4096;
+
+    fn get(&mut self, text: &str) -> Arc<Classification> {
+        if let Some(c) = self.by_text.get(text) {
+            return c.clone();
+        }
+        let c = Arc::new(classify(text));
+        if text.len() <= Self::MAX_TEXT {
+            if self.by_text.len() >= Self::CAPACITY {
+                self.by_text.clear();
+            }
+            self.by_text.insert(text.into(), c.clone());
+        }
+        c
+    }
+}
+
 /// A bound portal: what an `Execute` of it runs.
 struct Portal {
     statement_name: String,
@@ -144,6 +175,7 @@ struct ClientToTarget<'a> {
     /// Prepared statements by name (`""` is the unnamed one).
     statements: HashMap<String, Prepared>,
     portals: HashMap<String, Portal>,
+    classified: Classified,
     /// This session's side of policy decisions.
     policy: SessionPolicy,
     /// After a denied `Execute`, messages up to the next `Sync` are
@@ -293,7 +325,7 @@ impl ClientToTarget<'_> {
             }
             match message {
                 FrontendMessage::Query(text) => {
-                    let facts = classify(text);
+                    let facts = self.classified.get(text);
                     let decision = self.policy.decide(&state, &facts);
                     chunk.events.push(self.command(
                         Protocol::Simple,
@@ -318,7 +350,7 @@ impl ClientToTarget<'_> {
                 FrontendMessage::Parse(p) => {
                     let prepared = Prepared {
                         text: p.query.into(),
-                        facts: Arc::new(classify(p.query)),
+                        facts: self.classified.get(p.query),
                     };
                     self.statements.insert(p.statement.to_owned(), prepared);
                     chunk.open_segment = true;
