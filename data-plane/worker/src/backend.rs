@@ -8,12 +8,12 @@ use bytes::BytesMut;
 use gatehouse_pgwire::{self as pg, BackendMessage, Frame, TransactionStatus};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::TargetConfig;
-use crate::conn::Conn;
+use crate::conn::{Conn, send};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -77,7 +77,7 @@ pub async fn open(
     };
     let mut req = BytesMut::new();
     pg::ssl_request(&mut req);
-    tcp.write_all(&req).await?;
+    send(&mut tcp, &req).await?;
     if tcp.read_u8().await? != b'S' {
         return Err(BackendError::TlsRefused);
     }
@@ -98,7 +98,7 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
         vec![("user", &target.user), ("database", &target.database)];
     params.extend(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     pg::startup_message(&mut out, params);
-    conn.write_all(&out).await?;
+    send(&mut conn, &out).await?;
 
     let mut buf = BytesMut::with_capacity(8192);
     let mut scram: Option<sasl::ScramSha256> = None;
@@ -170,7 +170,7 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
             _ => {}
         }
         if !out.is_empty() {
-            conn.write_all(&out).await?;
+            send(&mut conn, &out).await?;
         }
     }
 }
@@ -204,8 +204,7 @@ pub async fn cancel(
     let mut conn = open(target, tls).await?;
     let mut out = BytesMut::new();
     pg::cancel_request(&mut out, process_id, secret_key);
-    conn.write_all(&out).await?;
-    conn.flush().await?;
+    send(&mut conn, &out).await?;
     // The server closes the connection once it has read the request.
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut sink)).await;

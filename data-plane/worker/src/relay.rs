@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 
 use crate::Shared;
-use crate::conn::Conn;
+use crate::conn::{Conn, send};
 use crate::error::ClientError;
 use crate::policy::SessionPolicy;
 use crate::session::{self, Opened, SessionCtx};
@@ -78,7 +78,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
     }
     pg::backend_key_data(&mut hello, pid, secret);
     pg::ready_for_query(&mut hello, backend.status);
-    let reason = if client.write_all(&hello).await.is_err() {
+    let reason = if send(&mut client, &hello).await.is_err() {
         CloseReason::ClientDisconnected
     } else {
         let (client_rd, client_wr) = tokio::io::split(client);
@@ -279,7 +279,7 @@ impl ClientToTarget<'_> {
         };
         let mut bye = BytesMut::new();
         pg::terminate(&mut bye);
-        let _ = target.write_all(&bye).await;
+        let _ = send(&mut target, &bye).await;
         let _ = target.shutdown().await;
         reason
     }
@@ -502,8 +502,7 @@ impl ClientToTarget<'_> {
             Ok(()) => {
                 self.ctx.commands.fetch_add(n_events, Ordering::Relaxed);
                 if !chunk.out.is_empty() {
-                    target
-                        .write_all(&chunk.out)
+                    send(target, &chunk.out)
                         .await
                         .map_err(|_| CloseReason::TargetDisconnected)?;
                     self.syncs_forwarded += chunk.syncs;
@@ -626,12 +625,12 @@ async fn target_to_client(
         if let Some(e) = broken {
             tracing::warn!(session = %ctx.session_id, error = %e, "protocol error from target");
             ClientError::fatal("08P01", "the target sent a malformed message").encode(&mut out);
-            let _ = client.write_all(&out).await;
+            let _ = send(&mut client, &out).await;
             break Some(CloseReason::Error);
         }
         fatal |= drain_due(&mut pending, after_ready(seen), status, &mut out);
         if !out.is_empty() {
-            if client.write_all(&out).await.is_err() {
+            if send(&mut client, &out).await.is_err() {
                 break Some(CloseReason::ClientDisconnected);
             }
             ctx.bytes_to_client
@@ -659,7 +658,7 @@ async fn target_to_client(
     }
     drain_due(&mut pending, u64::MAX, status, &mut out);
     if !out.is_empty() {
-        let _ = client.write_all(&out).await;
+        let _ = send(&mut client, &out).await;
     }
     let _ = client.shutdown().await;
     target_gone.notify_one();

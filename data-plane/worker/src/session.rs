@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use crate::backend::{self, Login};
-use crate::conn::Conn;
+use crate::conn::{Conn, send};
 use crate::error::ClientError;
 use crate::{Shared, relay};
 
@@ -141,7 +141,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         tracing::info!(peer = %attempt.peer, reason, "connection refused");
         let mut out = BytesMut::new();
         refusal.error.encode(&mut out);
-        let _ = conn.write_all(&out).await;
+        let _ = send(&mut conn, &out).await;
     }
     let _ = conn.shutdown().await;
 }
@@ -195,7 +195,7 @@ async fn negotiate(
         match packet {
             StartupPacket::SslRequest if !conn.is_tls() => {
                 let Some(acceptor) = &shared.tls else {
-                    conn.write_all(b"N").await.ok()?;
+                    send(&mut conn, b"N").await.ok()?;
                     continue;
                 };
                 if !buf.is_empty() {
@@ -207,7 +207,7 @@ async fn negotiate(
                     );
                     return Some((conn, buf, Startup::Refused(r)));
                 }
-                conn.write_all(b"S").await.ok()?;
+                send(&mut conn, b"S").await.ok()?;
                 let Conn::Plain(tcp) = conn else {
                     unreachable!("only a plain connection asks for TLS")
                 };
@@ -216,7 +216,7 @@ async fn negotiate(
                 attempt.tls = true;
             }
             StartupPacket::GssEncRequest if !conn.is_tls() => {
-                conn.write_all(b"N").await.ok()?;
+                send(&mut conn, b"N").await.ok()?;
             }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 let r = Refusal::new(
@@ -283,7 +283,7 @@ async fn authenticate(
     // unless plaintext was explicitly allowed).
     let mut out = BytesMut::new();
     pg::authentication_cleartext_password(&mut out);
-    conn.write_all(&out).await.map_err(|_| Refusal::silent())?;
+    send(conn, &out).await.map_err(|_| Refusal::silent())?;
     let frame = loop {
         match pg::decode_frame(&mut buf, MAX_STARTUP) {
             Ok(Some(f)) => break f,
