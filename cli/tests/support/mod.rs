@@ -261,6 +261,10 @@ impl Env {
             let _ = js.delete_stream(&self.policy.revocation_stream).await;
         }
         let admin = admin().await;
+        // DROP DATABASE waits until every backend of the server has taken
+        // note, and one stuck elsewhere (say, in a COPY whose client went
+        // quiet) would hold it forever: leave the database rather than hang.
+        let _ = admin.batch_execute("SET statement_timeout = '60s'").await;
         for db in [&self.target_db, &self.audit_db] {
             let _ = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
