@@ -320,6 +320,11 @@ async fn explain_says_what_would_be_decided_and_why() {
     let agent = json!({ "subject": "alice", "groups": ["dev"], "actors": ["agent-7"] });
     let v = explain(agent.clone(), "SELECT * FROM t").await;
     assert_eq!(v["effect"], "allow", "{v}");
+    // A command of nothing but a comment runs nothing: allowed, as the
+    // worker lets it through (drivers send one to check a connection).
+    let v = explain(agent.clone(), "-- ping").await;
+    assert_eq!(v["effect"], "allow", "{v}");
+    assert_eq!(v["statements"], json!([]), "{v}");
     let v = explain(
         agent,
         "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",

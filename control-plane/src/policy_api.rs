@@ -281,12 +281,10 @@ async fn explain(
         req.source_ip.as_deref().unwrap_or("127.0.0.1"),
     );
     let c = classify(&req.sql);
+    // Unparsed text is judged as one `other` statement; an empty command
+    // has no statements and is allowed, as in the worker.
     let unparsed = [StatementFacts::new(StatementKind::Other)];
-    let statements: &[StatementFacts] = if c.parsed && !c.statements.is_empty() {
-        &c.statements
-    } else {
-        &unparsed
-    };
+    let statements: &[StatementFacts] = if c.parsed { &c.statements } else { &unparsed };
     let mut overall = Effect::Allow;
     let mut out = Vec::new();
     for facts in statements {

@@ -524,10 +524,21 @@ impl Engine {
     /// `multi_statement` set when there are several) and the command stands
     /// only if every statement is allowed; the first deny (else the first
     /// approval-required) is returned. Text that did not parse is decided
-    /// as one `other` statement with `parsed = false`; an empty command as
-    /// one parsed `other` statement.
+    /// as one `other` statement with `parsed = false`. An empty command
+    /// (nothing but comments or semicolons; drivers send one to check a
+    /// connection) runs nothing and is allowed without evaluating policies,
+    /// as the worker does.
     pub fn decide_classification(&self, session: &Session, c: &Classification) -> Decision {
-        if !c.parsed || c.statements.is_empty() {
+        if c.parsed && c.statements.is_empty() {
+            return Decision {
+                effect: Effect::Allow,
+                policies: Vec::new(),
+                reason: None,
+                read_only: false,
+                eval_micros: 0,
+            };
+        }
+        if !c.parsed {
             return self.decide_statement(
                 session,
                 &StatementFacts::new(StatementKind::Other),

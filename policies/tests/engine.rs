@@ -590,6 +590,12 @@ fn a_command_stands_only_if_every_statement_does() {
     let d = e.decide_classification(&s, &unparsed);
     assert_eq!(d.effect, Effect::Deny);
     assert_eq!(d.policies, ["agents-read-only"]);
+
+    // An empty command runs nothing: allowed, even for an agent, with no
+    // policy consulted.
+    let d = e.decide_classification(&s, &c(vec![]));
+    assert_eq!(d.effect, Effect::Allow);
+    assert!(d.policies.is_empty());
 }
 
 #[test]
