@@ -60,7 +60,7 @@ impl Env {
     }
 
     async fn on(nats_url: &str) -> Self {
-        let watchdog = gatehouse_testkit::Watchdog::arm(std::time::Duration::from_secs(180));
+        let watchdog = gatehouse_testkit::Watchdog::for_test();
         let _ = rustls::crypto::ring::default_provider().install_default();
         let _ = tracing_subscriber::fmt()
             .with_env_filter("gatehouse_control_plane=debug")

@@ -26,9 +26,6 @@ pub struct Env {
     _watchdog: gatehouse_testkit::Watchdog,
 }
 
-/// Longest any one test may run before the watchdog ends the process.
-const TEST_LIMIT: Duration = Duration::from_secs(180);
-
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
@@ -82,7 +79,7 @@ impl Env {
 
     pub async fn start_with(opts: Options) -> Env {
         init();
-        let watchdog = gatehouse_testkit::Watchdog::arm(TEST_LIMIT);
+        let watchdog = gatehouse_testkit::Watchdog::for_test();
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let target_db = format!("gh_target_{suffix}");
         let audit_db = format!("gh_audit_{suffix}");

@@ -109,8 +109,16 @@ pub struct Watchdog {
     _disarm: std::sync::mpsc::Sender<()>,
 }
 
+/// Longest any one integration test may run before its watchdog fires.
+pub const TEST_LIMIT: Duration = Duration::from_secs(180);
+
 impl Watchdog {
-    pub fn arm(limit: Duration) -> Self {
+    /// Armed for [`TEST_LIMIT`]; what every test harness uses.
+    pub fn for_test() -> Self {
+        Self::arm(TEST_LIMIT)
+    }
+
+    fn arm(limit: Duration) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let test = std::thread::current()
             .name()
