@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use gatehouse_eventlog::Publisher;
 use gatehouse_events::{Event, IdentityRevoked, Payload, PolicyBundlePublished};
 use gatehouse_policies::{
-    Bundle, Effect, Engine, Principal, StatementFacts, StatementKind, TargetInfo, classify,
+    Bundle, Effect, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
 };
 use gatehouse_policystore::{PolicyConfig, PolicyStore, Revocation, Revoked};
 use serde::Deserialize;
@@ -280,7 +280,7 @@ async fn explain(
         &target,
         req.source_ip.as_deref().unwrap_or("127.0.0.1"),
     );
-    let c = classify(&req.sql);
+    let c = classify(&req.sql, Reading::default());
     // Unparsed text is judged as one `other` statement; an empty command
     // has no statements and is allowed, as in the worker.
     let unparsed = [StatementFacts::new(StatementKind::Other)];

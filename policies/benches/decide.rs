@@ -17,7 +17,7 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatehouse_policies::{
-    Bundle, Engine, Principal, StatementFacts, StatementKind, TargetInfo, classify,
+    Bundle, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
 };
 
 const SQL: &str = "SELECT o.id, o.total, c.name FROM orders o JOIN customers c ON c.id = o.customer_id \
@@ -75,13 +75,13 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("classify_and_decide", |b| {
         b.iter(|| {
-            let classification = classify(black_box(SQL));
+            let classification = classify(black_box(SQL), Reading::default());
             engine.decide_classification(&session, &classification)
         })
     });
     c.bench_function("classify_and_evaluate", |b| {
         b.iter(|| {
-            let classification = classify(black_box(SQL));
+            let classification = classify(black_box(SQL), Reading::default());
             for facts in &classification.statements {
                 black_box(engine.evaluate_statement(&session, facts, true, false));
             }

@@ -70,6 +70,25 @@ use sqlparser::parser::Parser;
 
 use crate::Classification;
 
+/// How the server reads a session's text at the moment: the settings that
+/// change where a string literal ends. The text itself is UTF-8, already
+/// transcoded from the session's `client_encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reading {
+    /// `standard_conforming_strings`: when off, a backslash in `'…'`
+    /// escapes the next character.
+    pub standard_conforming_strings: bool,
+}
+
+impl Default for Reading {
+    /// The server's defaults: `standard_conforming_strings = on`.
+    fn default() -> Self {
+        Reading {
+            standard_conforming_strings: true,
+        }
+    }
+}
+
 mod fallback;
 mod functions;
 mod names;
@@ -80,7 +99,8 @@ mod walk;
 /// per statement, or `parsed: false` with no statements if any part of the
 /// text is not understood. Empty text, or only comments, is parsed and has
 /// no statements. Never panics, and never overflows the caller's stack.
-pub fn classify(sql: &str) -> Classification {
+pub fn classify(sql: &str, reading: Reading) -> Classification {
+    let _ = reading;
     if sql.len() <= INLINE_TEXT_BYTES {
         return classify_guarded(sql);
     }
@@ -154,7 +174,7 @@ mod tests {
     #[test]
     fn empty_and_comment_only_text_has_no_statements() {
         for sql in ["", "  \n", "-- nothing", "/* nothing */", ";", " ; ;"] {
-            let c = classify(sql);
+            let c = classify(sql, Reading::default());
             assert!(c.parsed, "{sql:?}");
             assert!(c.statements.is_empty(), "{sql:?}");
         }
@@ -162,14 +182,17 @@ mod tests {
 
     #[test]
     fn garbage_is_unparsed_not_select() {
-        let c = classify("SELEC 1");
+        let c = classify("SELEC 1", Reading::default());
         assert!(!c.parsed);
         assert!(c.statements.is_empty());
     }
 
     #[test]
     fn hidden_delete_in_cte() {
-        let c = classify("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d");
+        let c = classify(
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            Reading::default(),
+        );
         assert!(c.parsed);
         let f = &c.statements[0];
         assert_eq!(f.kind, StatementKind::Delete);
@@ -182,23 +205,26 @@ mod tests {
     fn deep_trees_do_not_overflow_the_stack() {
         // Test threads have 2 MiB stacks, like tokio's workers.
         let deep_parens = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
-        assert!(!classify(&deep_parens).parsed);
+        assert!(!classify(&deep_parens, Reading::default()).parsed);
         for sql in [
             format!("SELECT 1{}", "+1".repeat(50_000)),
             format!("SELECT x{}", "[1]".repeat(50_000)),
             format!("SELECT 1::int{}", "[]".repeat(50_000)),
             "SELECT 1 UNION ".repeat(30_000) + "SELECT 1",
         ] {
-            assert!(classify(&sql).parsed, "{}…", &sql[..40]);
+            assert!(classify(&sql, Reading::default()).parsed, "{}…", &sql[..40]);
         }
         // A deep tree dropped inside sqlparser when the text fails to parse.
         let failing = format!("SELECT 1{}; SELEC 2", "+1".repeat(50_000));
-        assert!(!classify(&failing).parsed);
+        assert!(!classify(&failing, Reading::default()).parsed);
         // Through the fallback too.
         let copy = format!(
             "COPY (SELECT 1{}) TO STDOUT WITH (FREEZE on)",
             "+1".repeat(50_000)
         );
-        assert_eq!(classify(&copy).statements[0].kind, StatementKind::CopyOut);
+        assert_eq!(
+            classify(&copy, Reading::default()).statements[0].kind,
+            StatementKind::CopyOut
+        );
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use gatehouse_policies::{Classification, StatementFacts, StatementKind, classify};
+use gatehouse_policies::{Classification, Reading, StatementFacts, StatementKind, classify};
 
 const CORPUS: &str = include_str!("corpus/classify.txt");
 
@@ -187,7 +187,7 @@ fn corpus_classifies_as_expected() {
     let cases = parse_corpus(CORPUS).unwrap_or_else(|e| panic!("corpus: {e}"));
     let failures: Vec<String> = cases
         .iter()
-        .filter_map(|case| mismatch(case, &classify(&case.sql)))
+        .filter_map(|case| mismatch(case, &classify(&case.sql, Reading::default())))
         .collect();
     assert!(
         failures.is_empty(),

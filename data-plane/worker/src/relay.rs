@@ -21,7 +21,7 @@ use gatehouse_events::{
     CloseReason, CommandReceived, DecisionRecord, Event, Param, ParamFormat, Payload, Protocol,
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, FrontendMessage, TransactionStatus};
-use gatehouse_policies::{Classification, classify};
+use gatehouse_policies::{Classification, Reading, classify};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 
@@ -150,7 +150,7 @@ impl Classified {
         if let Some(c) = self.by_text.get(text) {
             return c.clone();
         }
-        let c = Arc::new(classify(text));
+        let c = Arc::new(classify(text, Reading::default()));
         if text.len() <= Self::MAX_TEXT {
             if self.by_text.len() >= Self::CAPACITY {
                 self.by_text.clear();

@@ -214,9 +214,8 @@ pub fn run_corpus(engine: &Engine, file: &str, text: &str) -> Result<Vec<CaseRes
                 let facts = f.to_facts().map_err(&err)?;
                 engine.decide_statement(&session, &facts, f.parsed, f.multi_statement)
             }
-            ("query", None, Some(sql)) => {
-                engine.decide_classification(&session, &crate::classify(sql))
-            }
+            ("query", None, Some(sql)) => engine
+                .decide_classification(&session, &crate::classify(sql, crate::Reading::default())),
             ("query", _, _) => {
                 return Err(err("a query case needs `facts` or `sql`, not both".into()));
             }
