@@ -1,12 +1,13 @@
 //! SQL classification: what each statement of a command's text does, as
 //! facts a policy can test ([`crate::StatementFacts`]).
 //!
-//! The text is parsed with sqlparser's PostgreSQL dialect and every
-//! statement walked in full (nested queries, CTEs, subqueries, function
-//! arguments), so writes hidden in a CTE, a `SELECT … INTO` or a function
-//! call are found. Text that does not parse is reported as unparsed, with no
-//! statements, and never guessed at; a few PostgreSQL statements sqlparser
-//! lacks are recognized from their tokens instead (see `fallback`).
+//! The text is parsed by PostgreSQL's own parser (`pg_query`: the server's
+//! grammar compiled as a library), with the session's
+//! `standard_conforming_strings` ([`Reading`]), so statements split, quote
+//! and name exactly as the server will read them. Every statement's tree is
+//! then walked in full (see `walk`). Text that does not parse is reported
+//! as unparsed, with no statements, and never guessed at: the server would
+//! reject it too, and the defaults refuse it.
 //!
 //! # Choices
 //!
@@ -14,61 +15,55 @@
 //!   order: dcl > ddl > delete > update > merge > insert > copy_in > call >
 //!   copy_out > select > utility > session > transaction > other. A SELECT
 //!   whose CTE deletes is a `delete`; `SELECT … INTO t` is `ddl` (it creates
-//!   `t`); `SELECT set_config('role', …)` is `dcl`.
+//!   `t`); `SET ROLE` and `SELECT set_config('role', …)` are `dcl`.
 //! - **EXPLAIN** without `ANALYZE` plans but does not run its statement: it
 //!   is `utility`, does not write, and reads every table its statement names.
-//!   `EXPLAIN ANALYZE` (or an `ANALYZE` option not plainly false) runs it and
-//!   has its facts.
+//!   With `ANALYZE` (any spelling or option syntax, unless plainly false) it
+//!   runs it and has its facts.
 //! - **Maintenance** (VACUUM, ANALYZE, CLUSTER, REINDEX, REFRESH MATERIALIZED
-//!   VIEW, CHECKPOINT) is `utility` and writes: it rewrites storage or
-//!   statistics (CLUSTER and VACUUM FULL under an exclusive lock), and named
-//!   tables are in `tables_written`. Without a table it works on all of them
-//!   and `tables_written` is empty.
-//! - **LOCK** is `utility`, does not write, and its tables are read.
-//!   **NOTIFY** writes (it reaches other sessions, like `pg_notify`);
-//!   **LISTEN**, **UNLISTEN**, **DISCARD**, **DEALLOCATE**, **CLOSE**, **MOVE**
-//!   do not. **LOAD** writes (it loads a library into the server).
+//!   VIEW, CHECKPOINT) is `utility` and writes; named tables are in
+//!   `tables_written`. **LOCK** is `utility`, does not write, and its tables
+//!   are read. **NOTIFY** and **LOAD** write; **LISTEN**, **UNLISTEN**,
+//!   **DISCARD**, **DEALLOCATE**, **CLOSE** do not.
 //! - **COPY** FROM is `copy_in` and writes its table; COPY TO is `copy_out`
-//!   and reads it, and writes only when its target is a server file or a
-//!   program. `COPY (DELETE … RETURNING *) TO STDOUT` is a `delete`.
-//! - **CALL** and **DO** are `call` and write: their bodies are not
-//!   inspected. **EXECUTE** is `other`, with `executes` naming the prepared
-//!   statement for the worker to judge; **PREPARE** has the facts of the
-//!   statement it prepares, with `prepares` set. **FETCH** and **DECLARE** are
-//!   `select`s (a cursor's query runs as it is fetched).
-//! - **Names** are resolved as PostgreSQL does: unquoted identifiers fold to
-//!   lowercase, quoted ones keep their case, all are cut to 63 bytes; tables
-//!   keep the schema as written (`public.accounts` or `accounts`); functions
-//!   are the last part of the name, always lowercased. CTE names in scope
-//!   are not tables.
-//! - **Text** is read as the server reads it with
-//!   `standard_conforming_strings = on` (a backslash in `'…'` is a plain
-//!   character; in `E'…'` it escapes) and a UTF8 client encoding. Statements
-//!   that change either are marked `changes_parsing`, for the worker to
-//!   refuse.
-//! - A statement of another SQL dialect that the PostgreSQL parser still
-//!   accepts is `other` and taken to write.
+//!   and reads it, and writes only when its target is a server file
+//!   (`reaches_outside`) or a program (`runs_program`).
+//! - **Dynamic code**: `DO`, `CALL` (kind `call`) and functions that run SQL
+//!   given as text (`query_to_xml`, `dblink*`, …) are `dynamic` and write:
+//!   what they do cannot be known from the text.
+//! - **Functions** are checked against the catalogue lists of `functions`:
+//!   writing ones (`nextval`, `set_config`, large objects, advisory locks)
+//!   make a statement `writes`; ones that reach outside the database or into
+//!   other sessions set `reaches_outside` (and `writes`).
+//! - **EXECUTE** is `other`, with `executes` naming the prepared statement
+//!   for the worker to judge (its parameters' facts are the EXECUTE's own);
+//!   **PREPARE** has the facts of the statement it prepares, with `prepares`
+//!   set. **FETCH** and **DECLARE** are `select`s.
+//! - **Names** are the server's: unquoted identifiers folded to lowercase,
+//!   quoted ones as written, Unicode escapes resolved, all cut to 63 bytes;
+//!   tables keep the schema as written (`public.accounts` or `accounts`);
+//!   functions are the last part of the name, always lowercased. CTE names
+//!   in scope are not tables.
 //!
 //! # Cost
 //!
 //! Classification is on the hot path, once per distinct text (the worker
-//! caches by text). It is one tokenize-and-parse plus one walk of the tree:
-//! no regular expressions, nothing compiled per call, no second parse except
-//! when the whole text fails to parse (then each statement is parsed on its
-//! own, see `fallback`). Allocations are the parser's own plus the names that
-//! end up in the facts. Parsing dominates: for pgbench's `SELECT abalance
-//! FROM pgbench_accounts WHERE aid = …` the whole call takes about 5 µs
-//! (release build, this 2-core machine, p50), the walk well under 1 µs of
-//! it. Texts over 8 KiB are classified on a short-lived thread with a large
-//! stack (see [`classify`]), which adds some tens of µs to their (already
-//! long) parse.
+//! caches by text). It is one parse by the C parser, one decode of its tree
+//! and one walk. The decode and the walk recurse as deep as the tree, and a
+//! tree can be as deep as the parser's own stack check allows (some
+//! hundreds of levels, each taking kilobytes of stack in Rust): a text
+//! longer than a few hundred bytes is therefore classified on one of a few
+//! long-lived threads with large stacks, never on the caller's.
 
 use std::panic::{self, AssertUnwindSafe};
-
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
+use std::sync::mpsc;
+use std::sync::{LazyLock, Mutex};
 
 use crate::Classification;
+
+mod functions;
+mod settings;
+mod walk;
 
 /// How the server reads a session's text at the moment: the settings that
 /// change where a string literal ends. The text itself is UTF-8, already
@@ -89,80 +84,105 @@ impl Default for Reading {
     }
 }
 
-mod fallback;
-mod functions;
-mod names;
-mod settings;
-mod walk;
-
-/// Classifies SQL text (PostgreSQL dialect): one [`crate::StatementFacts`]
-/// per statement, or `parsed: false` with no statements if any part of the
-/// text is not understood. Empty text, or only comments, is parsed and has
-/// no statements. Never panics, and never overflows the caller's stack.
+/// Classifies SQL text as PostgreSQL reads it with `reading`: one
+/// [`crate::StatementFacts`] per statement, or `parsed: false` with no
+/// statements if the server's parser rejects any part of it. Empty text, or
+/// only comments, is parsed and has no statements. Never panics, and never
+/// overflows the caller's stack.
 pub fn classify(sql: &str, reading: Reading) -> Classification {
-    let _ = reading;
     if sql.len() <= INLINE_TEXT_BYTES {
-        return classify_guarded(sql);
+        return classify_guarded(sql, reading);
     }
-    // sqlparser parses and walks deep trees on a growing stack, but drops
-    // them by plain recursion (also the partial tree of a text that fails to
-    // parse): `SELECT 1+1+…` with 24 000 terms, as many UNIONs or `[1]`
-    // subscripts, overflow a 2 MiB stack, which aborts the process. A chain
-    // needs at least two bytes of text per level, and a level at most
-    // ~130 bytes of stack (measured, debug build), so a long text gets a
-    // thread whose stack is proportionate.
-    let stack = sql
-        .len()
-        .saturating_mul(STACK_PER_TEXT_BYTE)
-        .max(MIN_THREAD_STACK);
-    if stack > MAX_THREAD_STACK {
+    let (reply, answer) = mpsc::sync_channel(1);
+    let job = Job {
+        sql: sql.to_owned(),
+        reading,
+        reply,
+    };
+    let sent = DEEP
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|jobs| jobs.send(job).is_ok());
+    if !sent {
         return UNPARSED;
     }
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("gatehouse-classify".to_owned())
-            .stack_size(stack)
-            .spawn_scoped(scope, || classify_guarded(sql))
-            .ok()
-            .and_then(|thread| thread.join().ok())
-    })
-    .unwrap_or(UNPARSED)
+    answer.recv().unwrap_or(UNPARSED)
 }
 
-/// Texts up to this long are classified on the caller's stack: their
-/// deepest possible tree drops in well under 1 MiB.
-const INLINE_TEXT_BYTES: usize = 8 * 1024;
-/// Stack for a longer text's thread, per byte of text (a level of nesting
-/// takes two or more bytes and at most ~130 bytes of stack).
-const STACK_PER_TEXT_BYTE: usize = 128;
-const MIN_THREAD_STACK: usize = 16 << 20;
-/// Texts that would need more (over 8 MiB) are not classified: unparsed.
-const MAX_THREAD_STACK: usize = 1 << 30;
+/// Texts up to this long are classified on the caller's stack. A level of
+/// nesting takes at least one byte of text, and up to ~1.5 KiB of stack in
+/// an optimized build (~15 KiB unoptimized) to decode, walk and drop:
+/// within 1 MiB of a 2 MiB thread (tokio's workers).
+const INLINE_TEXT_BYTES: usize = if cfg!(debug_assertions) { 48 } else { 512 };
+
+/// Stack of the threads that classify longer texts. The parser stops at
+/// about 2 MiB of its own stack (its `max_stack_depth`), which bounds the
+/// tree's depth; decoding, walking and dropping a tree that deep takes up
+/// to ~32 MiB unoptimized. Only the pages a text needs are ever touched.
+const DEEP_STACK: usize = 256 << 20;
+/// How many such threads.
+const DEEP_THREADS: usize = 2;
+
+struct Job {
+    sql: String,
+    reading: Reading,
+    reply: mpsc::SyncSender<Classification>,
+}
+
+/// The queue of the deep-stack threads; `None` if none could be started
+/// (every long text is then unparsed: refused).
+static DEEP: LazyLock<Mutex<Option<mpsc::Sender<Job>>>> = LazyLock::new(|| {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let queue = std::sync::Arc::new(Mutex::new(queue));
+    let mut started = 0;
+    for i in 0..DEEP_THREADS {
+        let queue = queue.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("gatehouse-classify-{i}"))
+            .stack_size(DEEP_STACK)
+            .spawn(move || {
+                loop {
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    let _ = job.reply.send(classify_guarded(&job.sql, job.reading));
+                }
+            });
+        started += usize::from(spawned.is_ok());
+    }
+    Mutex::new((started > 0).then_some(jobs))
+});
 
 const UNPARSED: Classification = Classification {
     statements: Vec::new(),
     parsed: false,
 };
 
-fn classify_guarded(sql: &str) -> Classification {
-    // sqlparser is not known to panic on any input, but a panic here would
-    // take down the session that sent the text; unparsed is the safe answer.
-    panic::catch_unwind(AssertUnwindSafe(|| classify_text(sql))).unwrap_or(UNPARSED)
+fn classify_guarded(sql: &str, reading: Reading) -> Classification {
+    // Neither the parser nor the walk is known to panic on any input, but a
+    // panic here would take down the session that sent the text; unparsed
+    // is the safe answer.
+    panic::catch_unwind(AssertUnwindSafe(|| classify_text(sql, reading))).unwrap_or(UNPARSED)
 }
 
-fn classify_text(sql: &str) -> Classification {
-    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(statements) => Classification {
-            statements: statements.iter().map(walk::facts).collect(),
-            parsed: true,
-        },
-        Err(_) => match fallback::classify(sql) {
-            Some(statements) => Classification {
-                statements,
-                parsed: true,
-            },
-            None => UNPARSED,
-        },
+fn classify_text(sql: &str, reading: Reading) -> Classification {
+    let mut options = pg_query::ParserOptions::DEFAULT;
+    if !reading.standard_conforming_strings {
+        options |= pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS;
+    }
+    let Ok(tree) = pg_query::parse(sql, options) else {
+        return UNPARSED;
+    };
+    let mut statements = Vec::with_capacity(tree.protobuf.stmts.len());
+    for raw in &tree.protobuf.stmts {
+        match raw.stmt.as_deref().and_then(|s| s.node.as_ref()) {
+            Some(statement) => statements.push(walk::facts(statement)),
+            None => return UNPARSED,
+        }
+    }
+    Classification {
+        statements,
+        parsed: true,
     }
 }
 
@@ -171,10 +191,14 @@ mod tests {
     use super::*;
     use crate::StatementKind;
 
+    fn read(sql: &str) -> Classification {
+        classify(sql, Reading::default())
+    }
+
     #[test]
     fn empty_and_comment_only_text_has_no_statements() {
         for sql in ["", "  \n", "-- nothing", "/* nothing */", ";", " ; ;"] {
-            let c = classify(sql, Reading::default());
+            let c = read(sql);
             assert!(c.parsed, "{sql:?}");
             assert!(c.statements.is_empty(), "{sql:?}");
         }
@@ -182,17 +206,21 @@ mod tests {
 
     #[test]
     fn garbage_is_unparsed_not_select() {
-        let c = classify("SELEC 1", Reading::default());
-        assert!(!c.parsed);
-        assert!(c.statements.is_empty());
+        for sql in [
+            "SELEC 1",
+            "SELECT 1; SELEC 2",
+            "SELECT 'unterminated",
+            "SELECT \0",
+        ] {
+            let c = read(sql);
+            assert!(!c.parsed, "{sql:?}");
+            assert!(c.statements.is_empty());
+        }
     }
 
     #[test]
     fn hidden_delete_in_cte() {
-        let c = classify(
-            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
-            Reading::default(),
-        );
+        let c = read("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d");
         assert!(c.parsed);
         let f = &c.statements[0];
         assert_eq!(f.kind, StatementKind::Delete);
@@ -201,30 +229,57 @@ mod tests {
         assert!(f.tables_read.is_empty(), "{:?}", f.tables_read);
     }
 
+    /// With `standard_conforming_strings` off a backslash escapes the
+    /// quote, and what follows is still inside the string: one statement,
+    /// as the server reads it. With it on, the same text is two.
+    #[test]
+    fn reads_strings_as_the_session_does() {
+        let sql = r"SELECT 'a\'; INSERT INTO t VALUES (1); -- '";
+        let on = read(sql);
+        assert_eq!(on.statements.len(), 2);
+        assert_eq!(on.statements[1].kind, StatementKind::Insert);
+        let off = classify(
+            sql,
+            Reading {
+                standard_conforming_strings: false,
+            },
+        );
+        assert!(off.parsed);
+        assert_eq!(off.statements.len(), 1);
+        assert_eq!(off.statements[0].kind, StatementKind::Select);
+        // And the reverse: a text that hides an INSERT only when escapes
+        // are off.
+        let sql = r"SELECT 'a\\'; INSERT INTO t VALUES (1); -- '";
+        let off = classify(
+            sql,
+            Reading {
+                standard_conforming_strings: false,
+            },
+        );
+        assert_eq!(off.statements.len(), 2);
+        assert_eq!(off.statements[1].kind, StatementKind::Insert);
+    }
+
+    /// Deep trees never overflow the caller's stack (test threads have
+    /// 2 MiB, like tokio's workers): long texts go to the deep-stack
+    /// threads, and what the parser itself refuses as too deep is unparsed.
     #[test]
     fn deep_trees_do_not_overflow_the_stack() {
-        // Test threads have 2 MiB stacks, like tokio's workers.
-        let deep_parens = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
-        assert!(!classify(&deep_parens, Reading::default()).parsed);
-        for sql in [
-            format!("SELECT 1{}", "+1".repeat(50_000)),
-            format!("SELECT x{}", "[1]".repeat(50_000)),
-            format!("SELECT 1::int{}", "[]".repeat(50_000)),
-            "SELECT 1 UNION ".repeat(30_000) + "SELECT 1",
-        ] {
-            assert!(classify(&sql, Reading::default()).parsed, "{}…", &sql[..40]);
+        for depth in [50, 300, 700, 5_000, 50_000] {
+            for sql in [
+                format!("SELECT 1{}", "+1".repeat(depth)),
+                format!("SELECT {}1{}", "(SELECT ".repeat(depth), ")".repeat(depth)),
+                format!("SELECT {}1{}", "ARRAY[".repeat(depth), "]".repeat(depth)),
+                format!("SELECT {} true", "NOT ".repeat(depth)),
+                "SELECT 1 UNION ".repeat(depth) + "SELECT 1",
+            ] {
+                let c = read(&sql);
+                assert!(c.parsed || depth >= 300, "{}…", &sql[..40]);
+            }
         }
-        // A deep tree dropped inside sqlparser when the text fails to parse.
-        let failing = format!("SELECT 1{}; SELEC 2", "+1".repeat(50_000));
-        assert!(!classify(&failing, Reading::default()).parsed);
-        // Through the fallback too.
-        let copy = format!(
-            "COPY (SELECT 1{}) TO STDOUT WITH (FREEZE on)",
-            "+1".repeat(50_000)
-        );
-        assert_eq!(
-            classify(&copy, Reading::default()).statements[0].kind,
-            StatementKind::CopyOut
-        );
+        // Deep enough to be read, through the deep-stack threads.
+        let c = read(&format!("SELECT pg_read_file('/x'){}", "+1".repeat(500)));
+        assert!(c.parsed);
+        assert!(c.statements[0].reaches_outside);
     }
 }

@@ -186,6 +186,7 @@ fn memo_hash(facts: &StatementFacts, parsed: bool, multi: bool, hour: i64) -> u6
     )
         .hash(&mut h);
     (facts.has_where, facts.writes, facts.runs_program).hash(&mut h);
+    (facts.dynamic, facts.reaches_outside).hash(&mut h);
     (facts.disables_read_only, facts.changes_parsing).hash(&mut h);
     (parsed, multi, hour).hash(&mut h);
     h.finish()
@@ -493,6 +494,14 @@ impl Engine {
             (
                 "runs_program".to_string(),
                 RestrictedExpression::new_bool(facts.runs_program),
+            ),
+            (
+                "dynamic".to_string(),
+                RestrictedExpression::new_bool(facts.dynamic),
+            ),
+            (
+                "reaches_outside".to_string(),
+                RestrictedExpression::new_bool(facts.reaches_outside),
             ),
             (
                 "disables_read_only".to_string(),

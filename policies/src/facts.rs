@@ -94,6 +94,18 @@ pub struct StatementFacts {
     pub writes: bool,
     /// `COPY … TO/FROM PROGRAM`: runs a shell command on the server.
     pub runs_program: bool,
+    /// Runs code whose effects cannot be known from the text: `DO` blocks,
+    /// `CALL` (a procedure's body), and functions that run SQL given as
+    /// text or read tables named in text (`query_to_xml`, `table_to_xml`,
+    /// `ts_stat`, `dblink*`, …). Such a statement also `writes`.
+    pub dynamic: bool,
+    /// Calls a function that reaches outside the database or into other
+    /// sessions, or administers the server: server files
+    /// (`pg_read_file`, `pg_ls_dir`, `lo_import`/`lo_export`), signals to
+    /// other backends, configuration reloads, WAL and backup control,
+    /// replication slots and logical decoding, statistics resets, …
+    /// Such a statement also `writes`.
+    pub reaches_outside: bool,
     /// For `PREPARE name AS …`: the name; the other facts describe the
     /// prepared statement.
     pub prepares: Option<String>,
@@ -109,16 +121,12 @@ pub struct StatementFacts {
     /// (also when the setting's name is not a literal). A worker that runs a
     /// read-only grant in a read-only backend session refuses these.
     pub disables_read_only: bool,
-    /// Whether the statement changes how the server reads the text of later
-    /// statements: `SET standard_conforming_strings` to anything but a true
-    /// value, `SET client_encoding`/`SET NAMES` to anything but UTF8, their
-    /// `RESET`, `ALTER SYSTEM` of them, and `set_config` of them (also when
-    /// the setting's name is not a literal). The
-    /// classifier reads SQL as PostgreSQL does with
-    /// `standard_conforming_strings = on` and a UTF8 client encoding; once
-    /// either changes, the server may split or quote later text differently
-    /// (a backslash ending a string, a multi-byte character swallowing a
-    /// quote), so a worker must refuse these or pin the settings.
+    /// Whether the statement may change how the server reads the text of
+    /// later statements: `SET`/`RESET` of `client_encoding` (also `SET
+    /// NAMES`) or `standard_conforming_strings`, `RESET ALL`, `DISCARD ALL`,
+    /// and `set_config` of them (also when the setting's name is not a
+    /// literal). The worker reads later text only once the server has
+    /// confirmed the settings in force (its `ParameterStatus`).
     pub changes_parsing: bool,
 }
 
@@ -133,6 +141,8 @@ impl StatementFacts {
             has_where: true,
             writes: false,
             runs_program: false,
+            dynamic: false,
+            reaches_outside: false,
             prepares: None,
             executes: None,
             disables_read_only: false,

@@ -55,6 +55,8 @@ fn parse_expectation(text: &str) -> Result<StatementFacts, String> {
                 "writes" => facts.writes = true,
                 "nowhere" => facts.has_where = false,
                 "program" => facts.runs_program = true,
+                "dynamic" => facts.dynamic = true,
+                "outside" => facts.reaches_outside = true,
                 "rw" => facts.disables_read_only = true,
                 "parsing" => facts.changes_parsing = true,
                 _ => return Err(format!("unknown flag {word:?}")),
@@ -130,6 +132,8 @@ fn describe(f: &StatementFacts) -> String {
         (f.writes, "writes"),
         (!f.has_where, "nowhere"),
         (f.runs_program, "program"),
+        (f.dynamic, "dynamic"),
+        (f.reaches_outside, "outside"),
         (f.disables_read_only, "rw"),
         (f.changes_parsing, "parsing"),
     ] {

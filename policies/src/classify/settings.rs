@@ -1,7 +1,9 @@
 //! Run-time settings that bear on access: the role, read-only mode, and how
 //! the server reads SQL text.
 
-use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, Value};
+use pg_query::protobuf::a_const::Val;
+use pg_query::protobuf::{VariableSetKind, VariableSetStmt};
+use pg_query::{Node, NodeEnum};
 
 /// What changing a setting means to a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +54,9 @@ pub(super) fn assign(setting: Setting, value: Option<&str>) -> Effect {
     let mut effect = Effect::default();
     match setting {
         Setting::ReadOnly => effect.disables_read_only = value.and_then(pg_bool) != Some(true),
-        Setting::ConformingStrings => {
-            effect.changes_parsing = value.and_then(pg_bool) != Some(true)
-        }
-        Setting::ClientEncoding => effect.changes_parsing = !value.is_some_and(is_utf8),
+        // Any change, either way: the worker reads later text only once the
+        // server has confirmed the settings in force.
+        Setting::ConformingStrings | Setting::ClientEncoding => effect.changes_parsing = true,
         Setting::Identity => effect.identity = true,
         Setting::Other => {}
     }
@@ -64,12 +65,13 @@ pub(super) fn assign(setting: Setting, value: Option<&str>) -> Effect {
 
 /// `RESET ALL` (and `DISCARD ALL`, which runs it): every setting goes back
 /// to its session default, which may be read-write if the worker set
-/// read-only mode with `SET` rather than at connection start. The role and
-/// session authorization are not reset by `RESET ALL`, and the parsing
-/// settings return to the server's (UTF8, conforming) defaults.
+/// read-only mode with `SET` rather than at connection start, and may be
+/// another client encoding than the one in force. The role and session
+/// authorization are not reset by `RESET ALL`.
 pub(super) fn reset_all() -> Effect {
     Effect {
         disables_read_only: true,
+        changes_parsing: true,
         ..Effect::default()
     }
 }
@@ -95,39 +97,25 @@ pub(super) fn pg_bool(text: &str) -> Option<bool> {
     }
 }
 
-/// Whether an encoding name means UTF8, as PostgreSQL normalizes encoding
-/// names (case and punctuation ignored; `unicode` is an alias).
-fn is_utf8(name: &str) -> bool {
-    let mut buf = [0u8; 8];
-    let mut len = 0;
-    for b in name.bytes().filter(u8::is_ascii_alphanumeric) {
-        if len == buf.len() {
-            return false;
-        }
-        buf[len] = b.to_ascii_lowercase();
-        len += 1;
-    }
-    matches!(&buf[..len], b"utf8" | b"unicode")
-}
-
 /// A value written as a literal or a bare word: `off`, `'off'`, `false`,
-/// `0`, `$$off$$`, `'off'::text`. `None` for anything computed and for
-/// `DEFAULT`.
-pub(super) fn literal(expr: &Expr) -> Option<String> {
-    match expr {
-        Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s)
-            | Value::EscapedStringLiteral(s)
-            | Value::UnicodeStringLiteral(s)
-            | Value::NationalStringLiteral(s) => Some(s.clone()),
-            Value::DollarQuotedString(s) => Some(s.value.clone()),
-            Value::Boolean(b) => Some(if *b { "true" } else { "false" }.to_owned()),
-            Value::Number(n, _) => Some(n.to_string()),
-            _ => None,
+/// `0`, `$$off$$`, `'off'::text` (the parser turns bare words into string
+/// constants). `None` for anything computed and for NULL.
+pub(super) fn literal(node: &Node) -> Option<String> {
+    match node.node.as_ref()? {
+        NodeEnum::AConst(c) if !c.isnull => match c.val.as_ref()? {
+            Val::Sval(s) => Some(s.sval.clone()),
+            Val::Ival(i) => Some(i.ival.to_string()),
+            Val::Fval(f) => Some(f.fval.clone()),
+            Val::Boolval(b) => Some(if b.boolval { "true" } else { "false" }.to_owned()),
+            Val::Bsval(_) => None,
         },
-        Expr::Identifier(id) if !id.value.eq_ignore_ascii_case("default") => Some(id.value.clone()),
-        Expr::Nested(inner) => literal(inner),
-        Expr::Cast { expr, .. } => literal(expr),
+        NodeEnum::TypeCast(cast) => literal(cast.arg.as_deref()?),
+        // Option values (`EXPLAIN (ANALYZE off)`, transaction modes) are
+        // bare value nodes.
+        NodeEnum::String(s) => Some(s.sval.clone()),
+        NodeEnum::Integer(i) => Some(i.ival.to_string()),
+        NodeEnum::Float(f) => Some(f.fval.clone()),
+        NodeEnum::Boolean(b) => Some(if b.boolval { "true" } else { "false" }.to_owned()),
         _ => None,
     }
 }
@@ -135,25 +123,19 @@ pub(super) fn literal(expr: &Expr) -> Option<String> {
 /// The effect of `set_config(setting_name, new_value, is_local)`: by the
 /// literal name when there is one; a computed name could be any setting, so
 /// it counts as disabling read-only mode and changing parsing (it already
-/// makes the statement `writes`, set_config being a side-effect function).
-pub(super) fn set_config(args: &[FunctionArg]) -> Effect {
+/// makes the statement `writes`, set_config being a writing function).
+pub(super) fn set_config(args: &[Node]) -> Effect {
     let mut name = None;
     let mut value = None;
     for (i, arg) in args.iter().enumerate() {
-        let (slot, expr) = match arg {
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => (i, e),
+        let (slot, expr) = match arg.node.as_ref() {
             // `setting_name => …`, `new_value => …`.
-            FunctionArg::Named {
-                name,
-                arg: FunctionArgExpr::Expr(e),
-                ..
-            } => (named_slot(&name.value), e),
-            FunctionArg::ExprNamed {
-                name: Expr::Identifier(name),
-                arg: FunctionArgExpr::Expr(e),
-                ..
-            } => (named_slot(&name.value), e),
-            _ => continue,
+            Some(NodeEnum::NamedArgExpr(named)) => match named.arg.as_deref() {
+                Some(expr) => (named_slot(&named.name), expr),
+                None => continue,
+            },
+            Some(_) => (i, arg),
+            None => continue,
         };
         match slot {
             0 => name = Some(literal(expr)),
@@ -171,6 +153,28 @@ pub(super) fn set_config(args: &[FunctionArg]) -> Effect {
     }
 }
 
+/// The effect of a `SET`/`RESET` (also inside `ALTER SYSTEM`, `ALTER ROLE
+/// … SET`, `ALTER DATABASE … SET`). `SET TRANSACTION`/`SET SESSION
+/// CHARACTERISTICS AS TRANSACTION` carry their modes as options.
+pub(super) fn variable_set(set: &VariableSetStmt) -> Effect {
+    match VariableSetKind::try_from(set.kind) {
+        Ok(VariableSetKind::VarSetValue) => {
+            let value = match set.args.as_slice() {
+                [one] => literal(one),
+                _ => None,
+            };
+            assign(Setting::named(&set.name), value.as_deref())
+        }
+        Ok(VariableSetKind::VarSetMulti) => Effect {
+            disables_read_only: set.args.iter().any(turns_read_only_off),
+            ..Effect::default()
+        },
+        Ok(VariableSetKind::VarResetAll) => reset_all(),
+        // DEFAULT, FROM CURRENT, RESET: a value the text does not show.
+        _ => assign(Setting::named(&set.name), None),
+    }
+}
+
 /// The position of a named argument of `set_config`.
 fn named_slot(name: &str) -> usize {
     if name.eq_ignore_ascii_case("setting_name") {
@@ -179,6 +183,22 @@ fn named_slot(name: &str) -> usize {
         1
     } else {
         usize::MAX
+    }
+}
+
+/// A transaction mode (`DefElem`) that makes the transaction read-write:
+/// `transaction_read_only` set to anything but a true value.
+pub(super) fn turns_read_only_off(option: &Node) -> bool {
+    match option.node.as_ref() {
+        Some(NodeEnum::DefElem(d)) if d.defname == "transaction_read_only" => {
+            d.arg
+                .as_deref()
+                .and_then(literal)
+                .as_deref()
+                .and_then(pg_bool)
+                != Some(true)
+        }
+        _ => false,
     }
 }
 
@@ -197,15 +217,5 @@ mod tests {
         for x in ["", "o", "10", "onn", "truee", " on", "2"] {
             assert_eq!(pg_bool(x), None, "{x:?}");
         }
-    }
-
-    #[test]
-    fn recognizes_utf8_spellings() {
-        assert!(is_utf8("UTF8"));
-        assert!(is_utf8("utf-8"));
-        assert!(is_utf8("Unicode"));
-        assert!(!is_utf8("SJIS"));
-        assert!(!is_utf8("utf8x"));
-        assert!(!is_utf8(""));
     }
 }

@@ -1,73 +1,87 @@
-//! The facts of one parsed statement, from one walk over its whole tree:
-//! nested queries, CTEs (data-modifying ones included), subqueries,
-//! function arguments, set-returning functions in FROM.
+//! The facts of one statement of PostgreSQL's parse tree.
+//!
+//! Two passes. The statement pass ([`Walker::statement`]) reads the
+//! top-level statement by its type: its kind, what it does to the tables it
+//! names itself, its settings. The tree pass visits **every** node of the
+//! statement, whatever its type, through the tree's `Serialize`
+//! implementation (`pg_query`'s protobuf types derive it), so no function
+//! call, table or nested statement can hide in a part of the grammar this
+//! file does not name: function calls (in CTEs, subqueries, `ROWS FROM`,
+//! defaults, `RETURNING`, lateral joins, casts written as calls, `EXECUTE`
+//! parameters…), relations and data-modifying statements are found wherever
+//! they are.
+//!
+//! Where a relation is read or written follows from where it sits: the
+//! target of an INSERT/UPDATE/DELETE/MERGE (anywhere, also in a CTE) or of
+//! `SELECT … INTO` is written; the relations a utility statement names
+//! itself (`relation`, `relations`, `objects`, … at its top) have the role
+//! the statement pass gave them; every other one is read, unless it names
+//! a CTE in scope.
 
-use std::ops::ControlFlow;
+use serde::ser::{self, Impossible, Serialize};
 
-use sqlparser::ast::{
-    AlterRoleOperation, CommentObject, CopySource, CopyTarget, CreateTableLikeKind, DiscardObject,
-    Expr, FromTable, FunctionArg, FunctionArguments, GrantObjects, ObjectName, ObjectNamePart,
-    ObjectType, Query, Reset, ResetConfig, Select, Set, SetConfigValue, SetExpr, Statement,
-    TableFactor, TableObject, TransactionAccessMode, TransactionMode, UtilityOption, Visit,
-    Visitor,
-};
+use pg_query::NodeEnum;
+use pg_query::protobuf::{self as pb, DiscardMode, ObjectType};
 
-use super::functions::has_side_effect;
-use super::names;
+use super::functions::{self, Call};
 use super::settings::{self, Effect, Setting};
 use crate::{StatementFacts, StatementKind};
 
-/// The facts of `statement`.
+/// The facts of one top-level statement.
 ///
 /// `EXPLAIN` without `ANALYZE` only plans its statement: it is `utility`,
 /// does not write, and every table its statement names is read (planning
 /// reads their definitions and statistics). `EXPLAIN ANALYZE` runs its
 /// statement and has that statement's facts. `PREPARE name AS stmt` has the
 /// facts of `stmt` with `prepares` set.
-pub(super) fn facts(statement: &Statement) -> StatementFacts {
+pub(super) fn facts(statement: &NodeEnum) -> StatementFacts {
     match statement {
-        Statement::Explain {
-            analyze,
-            options,
-            statement,
-            ..
-        } => {
-            let inner = facts(statement);
-            if explain_runs(*analyze, options.as_deref()) {
+        NodeEnum::ExplainStmt(explain) => {
+            let inner = explain
+                .query
+                .as_deref()
+                .and_then(|q| q.node.as_ref())
+                .map(facts)
+                .unwrap_or_else(|| StatementFacts::new(StatementKind::Other));
+            if explain_runs(&explain.options) {
                 inner
             } else {
                 planned_only(inner)
             }
         }
-        Statement::Prepare {
-            name, statement, ..
-        } => {
-            let mut inner = facts(statement);
-            inner.prepares = Some(names::ident(name));
+        NodeEnum::PrepareStmt(prepare) => {
+            let mut inner = prepare
+                .query
+                .as_deref()
+                .and_then(|q| q.node.as_ref())
+                .map(facts)
+                .unwrap_or_else(|| StatementFacts::new(StatementKind::Other));
+            inner.prepares = Some(prepare.name.clone());
             inner
         }
         _ => {
             let mut walker = Walker::new();
-            // The walker never breaks.
-            let _ = statement.visit(&mut walker);
-            walker.finish()
+            walker.statement(statement);
+            // The tree pass never fails: every method of the serializer
+            // returns Ok.
+            let _ = statement.serialize(&mut walker);
+            walker.finish(statement)
         }
     }
 }
 
-/// Whether an `EXPLAIN` runs its statement: `EXPLAIN ANALYZE …`, or an
-/// `ANALYZE` option that is not plainly false (`(ANALYZE)`, `(ANALYZE on)`;
-/// not `(ANALYZE false)`, `(ANALYZE 0)`, `(ANALYZE 'off')`).
-fn explain_runs(analyze: bool, options: Option<&[UtilityOption]>) -> bool {
-    analyze
-        || options.unwrap_or_default().iter().any(|o| {
-            o.name.value.eq_ignore_ascii_case("analyze")
-                && o.arg
-                    .as_ref()
-                    .and_then(settings::literal)
-                    .and_then(|v| settings::pg_bool(&v))
-                    != Some(false)
-        })
+/// Whether an `EXPLAIN` runs its statement: an `ANALYZE` option (however
+/// spelt: `ANALYZE`, `ANALYSE`, `(ANALYZE)`, `(ANALYSE on)`) that is not
+/// plainly false (`(ANALYZE false)`, `(ANALYZE 0)`, `(ANALYZE off)`).
+fn explain_runs(options: &[pb::Node]) -> bool {
+    options.iter().any(|o| match o.node.as_ref() {
+        Some(NodeEnum::DefElem(d)) if d.defname == "analyze" => {
+            d.arg.as_deref().map_or(Some(true), |arg| {
+                settings::literal(arg).and_then(|v| settings::pg_bool(&v))
+            }) != Some(false)
+        }
+        _ => false,
+    })
 }
 
 /// The facts of a statement that is planned but not run.
@@ -100,84 +114,101 @@ fn rank(kind: StatementKind) -> u8 {
     }
 }
 
-/// Makes `kind` the kind of `facts` if it is more consequential.
-pub(super) fn raise(facts: &mut StatementFacts, kind: StatementKind) {
-    if rank(kind) > rank(facts.kind) {
-        facts.kind = kind;
-    }
+/// What the relations a utility statement names itself are to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Read,
+    Written,
 }
 
-/// CTE names that shadow tables inside one query.
-struct CteScope {
-    /// The query that has the `WITH`.
-    owner: *const Query,
-    /// Its CTE names, resolved like identifiers.
-    names: Vec<String>,
-    /// Each CTE's query, to tell when one has been walked.
-    queries: Vec<*const Query>,
-    /// How many of `names` are in scope: a CTE sees the ones before it
-    /// (all of them with `RECURSIVE`); the main query sees all.
-    visible: usize,
+/// Fields of a top-level statement that hold the relations it acts on.
+const OWN_RELATION_FIELDS: &[&str] = &[
+    "relation",
+    "inh_relations",
+    "relations",
+    "objects",
+    "rels",
+    "table",
+    "view",
+    "sequence",
+];
+
+/// Structs that may stand between a statement and its own relations
+/// (`VACUUM`'s `rels` are `VacuumRelation`s; `CREATE FOREIGN TABLE` wraps a
+/// `CreateStmt`).
+const RELATION_WRAPPERS: &[&str] = &["Node", "VacuumRelation", "CreateStmt"];
+
+/// Where, inside one query, a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// In the query's `i`-th CTE.
+    Cte(usize),
+    /// Anywhere else in the query.
+    Body,
 }
 
-/// Gathers facts while sqlparser's visitor walks a statement.
-///
-/// Table names are read unless claimed: names a statement writes (the
-/// target of an INSERT, UPDATE, DELETE, MERGE, COPY FROM, DDL) and names of
-/// set-returning functions in FROM are claimed, by address, before the
-/// visitor reaches them, and single-part names of CTEs in scope are not
-/// tables at all.
+/// A query (SELECT, INSERT, UPDATE, DELETE, MERGE) and its CTE names.
+#[derive(Debug, Default)]
+struct Query {
+    ctes: Vec<String>,
+    recursive: bool,
+}
+
+/// A relation read, to be told apart from a CTE reference once every CTE
+/// name of the statement is known.
+struct Read {
+    name: String,
+    /// Written without schema: it may name a CTE.
+    bare: bool,
+    /// The queries it is in, outermost first, and where in each.
+    scope: Vec<(usize, Place)>,
+}
+
+/// One struct being visited, and which of its fields.
+struct Frame {
+    name: &'static str,
+    field: &'static str,
+    /// A RangeVar's name parts, or a FuncCall's name (its last part).
+    parts: [String; 3],
+}
+
 struct Walker {
     facts: StatementFacts,
-    claimed: Vec<*const ObjectName>,
-    /// Expressions shaped like calls that are not (`PARTITION BY RANGE (id)`).
-    not_calls: Vec<*const Expr>,
-    scopes: Vec<CteScope>,
+    /// The role of the top-level statement's own relations, if it has any.
+    own: Option<Role>,
+    stack: Vec<Frame>,
+    queries: Vec<Query>,
+    /// The queries the visit is in, outermost first.
+    scope: Vec<(usize, Place)>,
+    reads: Vec<Read>,
+    /// `set_config` calls seen by the tree pass, and their effect when
+    /// every one of them could be read (see [`Walker::finish`]).
+    set_configs: usize,
 }
 
 impl Walker {
     fn new() -> Self {
         Self {
             facts: StatementFacts::new(StatementKind::Other),
-            claimed: Vec::new(),
-            not_calls: Vec::new(),
-            scopes: Vec::new(),
+            own: None,
+            stack: Vec::new(),
+            queries: Vec::new(),
+            scope: Vec::new(),
+            reads: Vec::new(),
+            set_configs: 0,
         }
-    }
-
-    fn finish(mut self) -> StatementFacts {
-        if self.facts.runs_program || self.facts.functions.iter().any(|f| has_side_effect(f)) {
-            self.facts.writes = true;
-        }
-        self.facts
     }
 
     fn raise(&mut self, kind: StatementKind) {
-        raise(&mut self.facts, kind);
+        if rank(kind) > rank(self.facts.kind) {
+            self.facts.kind = kind;
+        }
     }
 
     /// A kind that always writes.
     fn raise_writing(&mut self, kind: StatementKind) {
         self.raise(kind);
         self.facts.writes = true;
-    }
-
-    fn written(&mut self, name: &ObjectName) {
-        self.claimed.push(name);
-        self.facts.tables_written.insert(names::object(name));
-    }
-
-    fn written_factor(&mut self, factor: &TableFactor) {
-        if let TableFactor::Table { name, .. } = factor {
-            self.written(name);
-        }
-    }
-
-    /// A table read through a name the visitor does not report as a
-    /// relation (COPY's table, LIKE, INHERITS, DESCRIBE).
-    fn read(&mut self, name: &ObjectName) {
-        self.claimed.push(name);
-        self.facts.tables_read.insert(names::object(name));
     }
 
     fn apply(&mut self, effect: Effect) {
@@ -188,630 +219,644 @@ impl Walker {
         }
     }
 
-    fn function(&mut self, name: &ObjectName, args: &[FunctionArg]) {
-        let name = names::function(name);
+    /// The statement pass: the top-level statement by its type.
+    fn statement(&mut self, statement: &NodeEnum) {
+        use StatementKind as K;
+        match statement {
+            // Reads (DML is found by the tree pass, wherever it is). A
+            // cursor's query runs as it is fetched.
+            NodeEnum::SelectStmt(_) | NodeEnum::DeclareCursorStmt(_) => self.raise(K::Select),
+            NodeEnum::FetchStmt(fetch) if !fetch.ismove => self.raise(K::Select),
+            NodeEnum::FetchStmt(_) => self.raise(K::Utility),
+            NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::MergeStmt(_) => {}
+
+            // COPY. Writing a server file is a write even when copying out.
+            NodeEnum::CopyStmt(copy) => {
+                if copy.is_from {
+                    self.raise_writing(K::CopyIn);
+                    self.own = Some(Role::Written);
+                } else {
+                    self.raise(K::CopyOut);
+                    self.own = Some(Role::Read);
+                }
+                if copy.is_program {
+                    self.facts.runs_program = true;
+                    self.facts.writes = true;
+                } else if !copy.filename.is_empty() {
+                    self.facts.writes = true;
+                    self.facts.reaches_outside = true;
+                }
+            }
+
+            // Code whose effects the text does not show.
+            NodeEnum::CallStmt(_) | NodeEnum::DoStmt(_) => {
+                self.raise_writing(K::Call);
+                self.facts.dynamic = true;
+            }
+
+            // The worker judges EXECUTE by what was prepared under the name.
+            NodeEnum::ExecuteStmt(execute) => {
+                self.raise(K::Other);
+                self.facts.executes = Some(execute.name.clone());
+            }
+            NodeEnum::DeallocateStmt(_) | NodeEnum::ClosePortalStmt(_) => self.raise(K::Utility),
+
+            // Settings.
+            NodeEnum::VariableSetStmt(set) => {
+                if matches!(Setting::named(&set.name), Setting::Identity) {
+                    self.raise_writing(K::Dcl);
+                } else {
+                    self.raise(K::Session);
+                }
+                self.apply(settings::variable_set(set));
+            }
+            NodeEnum::VariableShowStmt(_) | NodeEnum::ConstraintsSetStmt(_) => {
+                self.raise(K::Session)
+            }
+            NodeEnum::DiscardStmt(discard) => {
+                self.raise(K::Utility);
+                if discard.target == DiscardMode::DiscardAll as i32 {
+                    self.apply(settings::reset_all());
+                }
+            }
+            NodeEnum::TransactionStmt(transaction) => {
+                self.raise(K::Transaction);
+                self.facts.disables_read_only |= transaction
+                    .options
+                    .iter()
+                    .any(settings::turns_read_only_off);
+            }
+
+            // Privileges, roles, and settings of the server, a role or a
+            // database (they apply to later sessions).
+            NodeEnum::AlterSystemStmt(pb::AlterSystemStmt { setstmt })
+            | NodeEnum::AlterRoleSetStmt(pb::AlterRoleSetStmt { setstmt, .. })
+            | NodeEnum::AlterDatabaseSetStmt(pb::AlterDatabaseSetStmt { setstmt, .. }) => {
+                self.raise_writing(K::Dcl);
+                if let Some(set) = setstmt {
+                    self.apply(settings::variable_set(set));
+                }
+            }
+            NodeEnum::GrantStmt(_) => {
+                self.raise_writing(K::Dcl);
+                self.own = Some(Role::Written);
+            }
+            NodeEnum::GrantRoleStmt(_)
+            | NodeEnum::CreateRoleStmt(_)
+            | NodeEnum::AlterRoleStmt(_)
+            | NodeEnum::DropRoleStmt(_)
+            | NodeEnum::AlterDefaultPrivilegesStmt(_)
+            | NodeEnum::ReassignOwnedStmt(_)
+            | NodeEnum::DropOwnedStmt(_)
+            | NodeEnum::SecLabelStmt(_)
+            | NodeEnum::CreateUserMappingStmt(_)
+            | NodeEnum::AlterUserMappingStmt(_)
+            | NodeEnum::DropUserMappingStmt(_) => self.raise_writing(K::Dcl),
+
+            // Utility and maintenance. LOCK changes no data; its tables are
+            // read. Maintenance rewrites storage or statistics and counts as
+            // writing its tables.
+            NodeEnum::LockStmt(_) => {
+                self.raise(K::Utility);
+                self.own = Some(Role::Read);
+            }
+            NodeEnum::VacuumStmt(_)
+            | NodeEnum::ClusterStmt(_)
+            | NodeEnum::ReindexStmt(_)
+            | NodeEnum::RefreshMatViewStmt(_) => {
+                self.raise_writing(K::Utility);
+                self.own = Some(Role::Written);
+            }
+            NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => self.raise(K::Utility),
+            // NOTIFY reaches other sessions, like pg_notify(); LOAD loads a
+            // shared library into the server process; CHECKPOINT writes
+            // every dirty buffer.
+            NodeEnum::NotifyStmt(_) | NodeEnum::LoadStmt(_) | NodeEnum::CheckPointStmt(_) => {
+                self.raise_writing(K::Utility)
+            }
+
+            // DROP and COMMENT name their objects as lists of words.
+            NodeEnum::DropStmt(drop) => {
+                self.raise_writing(K::Ddl);
+                if is_relation(drop.remove_type) {
+                    for object in &drop.objects {
+                        if let Some(name) = qualified_name(object) {
+                            self.facts.tables_written.insert(name);
+                        }
+                    }
+                }
+            }
+            NodeEnum::CommentStmt(comment) => {
+                self.raise_writing(K::Ddl);
+                if is_relation(comment.objtype)
+                    && let Some(name) = comment.object.as_deref().and_then(qualified_name)
+                {
+                    self.facts.tables_written.insert(name);
+                }
+            }
+
+            // Everything else creates, alters or drops schema objects.
+            _ => {
+                self.raise_writing(K::Ddl);
+                self.own = Some(Role::Written);
+            }
+        }
+    }
+
+    fn finish(mut self, statement: &NodeEnum) -> StatementFacts {
+        for read in std::mem::take(&mut self.reads) {
+            if !(read.bare && self.is_cte(&read)) {
+                self.facts.tables_read.insert(read.name);
+            }
+        }
+        if self.set_configs > 0 {
+            let mut found = Vec::new();
+            for (node, ..) in statement.nodes() {
+                if let pg_query::NodeRef::FuncCall(call) = node
+                    && function_name(&call.funcname).as_deref() == Some("set_config")
+                {
+                    found.push(settings::set_config(&call.args));
+                }
+            }
+            // pg_query's own iteration does not reach every part of the
+            // grammar; a call it missed could set anything.
+            if found.len() != self.set_configs {
+                found.push(settings::set_config(&[]));
+            }
+            for effect in found {
+                self.apply(effect);
+            }
+        }
+        if self.facts.runs_program || self.facts.reaches_outside || self.facts.dynamic {
+            self.facts.writes = true;
+        }
+        self.facts
+    }
+
+    /// Whether a bare name refers to a CTE in scope where it is: the
+    /// innermost query, going outwards, that has a CTE of that name visible
+    /// there (a CTE sees the ones before it, all of them with `RECURSIVE`;
+    /// the rest of the query sees all).
+    fn is_cte(&self, read: &Read) -> bool {
+        read.scope.iter().rev().any(|&(q, place)| {
+            let query = &self.queries[q];
+            let visible = match place {
+                Place::Body => query.ctes.len(),
+                Place::Cte(_) if query.recursive => query.ctes.len(),
+                Place::Cte(i) => i,
+            };
+            query.ctes[..visible.min(query.ctes.len())]
+                .iter()
+                .any(|c| *c == read.name)
+        })
+    }
+
+    // ---- the tree pass ----
+
+    fn top(&self) -> Option<&Frame> {
+        self.stack.last()
+    }
+
+    fn begin_struct(&mut self, name: &'static str) {
+        use StatementKind as K;
+        match name {
+            "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                self.queries.push(Query::default());
+                self.scope.push((self.queries.len() - 1, Place::Body));
+                match name {
+                    "InsertStmt" => self.raise_writing(K::Insert),
+                    "UpdateStmt" => self.raise_writing(K::Update),
+                    "DeleteStmt" => self.raise_writing(K::Delete),
+                    "MergeStmt" => self.raise_writing(K::Merge),
+                    _ => {}
+                }
+            }
+            "CommonTableExpr" => {
+                if let Some(&(q, _)) = self.scope.last() {
+                    let i = self.queries[q].ctes.len();
+                    self.queries[q].ctes.push(String::new());
+                    self.scope.last_mut().expect("checked").1 = Place::Cte(i);
+                }
+            }
+            // `SELECT … INTO t` creates `t`.
+            "IntoClause" => self.raise_writing(K::Ddl),
+            _ => {}
+        }
+        self.stack.push(Frame {
+            name,
+            field: "",
+            parts: Default::default(),
+        });
+    }
+
+    fn end_struct(&mut self) {
+        let Some(frame) = self.stack.pop() else {
+            return;
+        };
+        match frame.name {
+            "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                self.scope.pop();
+            }
+            "CommonTableExpr" => {
+                if let Some(last) = self.scope.last_mut() {
+                    last.1 = Place::Body;
+                }
+            }
+            "RangeVar" => self.relation(frame.parts),
+            "FuncCall" => {
+                let [name, ..] = frame.parts;
+                self.function(name);
+            }
+            _ => {}
+        }
+    }
+
+    fn function(&mut self, name: String) {
+        let name = name.to_lowercase();
+        match functions::call(&name) {
+            Some(Call::Dynamic) => self.facts.dynamic = true,
+            Some(Call::Outside) => self.facts.reaches_outside = true,
+            Some(Call::Writes) => self.facts.writes = true,
+            Some(Call::Harmless) | None => {}
+        }
         if name == "set_config" {
-            let effect = settings::set_config(args);
-            self.apply(effect);
+            self.set_configs += 1;
         }
         self.facts.functions.insert(name);
     }
 
-    fn is_cte(&self, name: &str) -> bool {
-        self.scopes
-            .iter()
-            .any(|s| s.names[..s.visible].iter().any(|n| n == name))
-    }
-
-    /// `TABLE name`, PostgreSQL's shorthand for `SELECT * FROM name`, which
-    /// sqlparser keeps as two strings rather than a relation.
-    fn table_shorthands(&mut self, body: &SetExpr) {
-        let mut pending = vec![body];
-        while let Some(expr) = pending.pop() {
-            match expr {
-                SetExpr::Table(table) => {
-                    let Some(table_name) = &table.table_name else {
-                        continue;
-                    };
-                    let mut name = String::new();
-                    if let Some(schema) = &table.schema_name {
-                        names::push_word(&mut name, &schema.value, schema.quote_style.is_some());
-                        name.push('.');
-                    }
-                    names::push_word(
-                        &mut name,
-                        &table_name.value,
-                        table_name.quote_style.is_some(),
-                    );
-                    if table.schema_name.is_some() || !self.is_cte(&name) {
-                        self.facts.tables_read.insert(name);
-                    }
-                }
-                SetExpr::SetOperation { left, right, .. } => {
-                    pending.push(left);
-                    pending.push(right);
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn set(&mut self, set: &Set) {
-        match set {
-            Set::SingleAssignment {
-                variable, values, ..
-            } => self.assign(variable, values),
-            Set::ParenthesizedAssignments { variables, values } => {
-                for variable in variables {
-                    self.assign(variable, values);
-                }
-            }
-            Set::MultipleAssignments { assignments } => {
-                for a in assignments {
-                    self.assign(&a.name, std::slice::from_ref(&a.value));
-                }
-            }
-            Set::SetRole { .. } | Set::SetSessionAuthorization(_) => {
-                self.raise_writing(StatementKind::Dcl)
-            }
-            Set::SetTransaction { modes, .. } => {
-                self.raise(StatementKind::Session);
-                self.facts.disables_read_only |= read_write(modes);
-            }
-            Set::SetNames { charset_name, .. } => {
-                self.raise(StatementKind::Session);
-                let effect = settings::assign(Setting::ClientEncoding, Some(&charset_name.value));
-                self.apply(effect);
-            }
-            Set::SetNamesDefault {} => {
-                self.raise(StatementKind::Session);
-                self.apply(settings::assign(Setting::ClientEncoding, None));
-            }
-            Set::SetTimeZone { .. } | Set::SetSessionParam(_) => self.raise(StatementKind::Session),
-        }
-    }
-
-    /// `SET variable = values`: a session setting, unless the variable is
-    /// the role or session authorization (`SET role = x` is `SET ROLE x`).
-    fn assign(&mut self, variable: &ObjectName, values: &[Expr]) {
-        let value = match values {
-            [value] => settings::literal(value),
+    /// A relation, when its RangeVar has been visited: `[catalog, schema,
+    /// name]`.
+    fn relation(&mut self, parts: [String; 3]) {
+        let bare = parts[0].is_empty() && parts[1].is_empty();
+        let name = parts
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(".");
+        let role = match self.top() {
+            Some(Frame {
+                name: "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt",
+                field: "relation",
+                ..
+            })
+            | Some(Frame {
+                name: "IntoClause",
+                field: "rel",
+                ..
+            }) => Some(Role::Written),
+            _ if self.is_own_relation() => self.own,
             _ => None,
         };
-        self.raise(StatementKind::Session);
-        self.apply(settings::assign(setting_of(variable), value.as_deref()));
-    }
-
-    fn reset(&mut self, reset: &Reset) {
-        match reset {
-            Reset::ALL => {
-                self.raise(StatementKind::Session);
-                self.apply(settings::reset_all());
+        match role {
+            Some(Role::Written) => {
+                self.facts.tables_written.insert(name);
             }
-            Reset::SessionAuthorization => self.raise_writing(StatementKind::Dcl),
-            Reset::ConfigurationParameter(name) => {
-                self.raise(StatementKind::Session);
-                self.apply(settings::assign(setting_of(name), None));
+            Some(Role::Read) => {
+                self.facts.tables_read.insert(name);
             }
-        }
-    }
-
-    fn grant_objects(&mut self, objects: Option<&GrantObjects>) {
-        if let Some(GrantObjects::Tables(tables) | GrantObjects::Views(tables)) = objects {
-            for table in tables {
-                self.written(table);
-            }
-        }
-    }
-
-    fn statement(&mut self, statement: &Statement) {
-        use StatementKind as K;
-        match statement {
-            // Reads. A cursor's query runs as it is fetched.
-            Statement::Query(_) | Statement::Declare { .. } | Statement::Fetch { .. } => {
-                self.raise(K::Select)
-            }
-
-            // Data changes.
-            Statement::Insert(insert) => {
-                self.raise_writing(K::Insert);
-                if let TableObject::TableName(name) = &insert.table {
-                    self.written(name);
-                }
-            }
-            Statement::Update(update) => {
-                self.raise_writing(K::Update);
-                self.written_factor(&update.table.relation);
-                if update.selection.is_none() {
-                    self.facts.has_where = false;
-                }
-            }
-            Statement::Delete(delete) => {
-                self.raise_writing(K::Delete);
-                if delete.tables.is_empty() {
-                    let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) =
-                        &delete.from;
-                    for table in from {
-                        self.written_factor(&table.relation);
-                    }
-                } else {
-                    for name in &delete.tables {
-                        self.written(name);
-                    }
-                }
-                if delete.selection.is_none() {
-                    self.facts.has_where = false;
-                }
-            }
-            Statement::Merge(merge) => {
-                self.raise_writing(K::Merge);
-                self.written_factor(&merge.table);
-            }
-
-            // COPY. Writing a server file is a write even when copying out.
-            Statement::Copy {
-                source, to, target, ..
-            } => {
-                if *to {
-                    self.raise(K::CopyOut);
-                    if let CopySource::Table { table_name, .. } = source {
-                        self.read(table_name);
-                    }
-                } else {
-                    self.raise_writing(K::CopyIn);
-                    if let CopySource::Table { table_name, .. } = source {
-                        self.written(table_name);
-                    }
-                }
-                match target {
-                    CopyTarget::Program { .. } => {
-                        self.facts.runs_program = true;
-                        self.facts.writes = true;
-                    }
-                    CopyTarget::File { .. } => self.facts.writes = true,
-                    CopyTarget::Stdin | CopyTarget::Stdout => {}
-                }
-            }
-
-            Statement::Call(function) => {
-                self.raise_writing(K::Call);
-                self.function(&function.name, function_args(&function.args));
-            }
-
-            // Schema changes that name tables.
-            Statement::CreateTable(create) => {
-                self.raise_writing(K::Ddl);
-                self.written(&create.name);
-                if let Some(parent) = &create.partition_of {
-                    self.written(parent);
-                }
-                match &create.like {
-                    Some(
-                        CreateTableLikeKind::Parenthesized(like) | CreateTableLikeKind::Plain(like),
-                    ) => self.read(&like.name),
-                    None => {}
-                }
-                for parent in create.inherits.iter().flatten().chain(&create.clone) {
-                    self.read(parent);
-                }
-                if let Some(strategy) = &create.partition_by {
-                    self.not_calls.push(&**strategy);
-                }
-            }
-            Statement::CreateView(view) => {
-                self.raise_writing(K::Ddl);
-                self.written(&view.name);
-            }
-            Statement::CreateIndex(index) => {
-                self.raise_writing(K::Ddl);
-                self.written(&index.table_name);
-            }
-            Statement::AlterTable(alter) => {
-                self.raise_writing(K::Ddl);
-                self.written(&alter.name);
-            }
-            Statement::AlterIndex { name, .. } => {
-                self.raise_writing(K::Ddl);
-                self.written(name);
-            }
-            Statement::AlterView(alter) => {
-                self.raise_writing(K::Ddl);
-                self.written(&alter.name);
-            }
-            Statement::Drop {
-                object_type, names, ..
-            } => match object_type {
-                ObjectType::Role | ObjectType::User | ObjectType::Group => {
-                    self.raise_writing(K::Dcl)
-                }
-                ObjectType::Table
-                | ObjectType::View
-                | ObjectType::MaterializedView
-                | ObjectType::Index
-                | ObjectType::Sequence
-                | ObjectType::ForeignTable => {
-                    self.raise_writing(K::Ddl);
-                    for name in names {
-                        self.written(name);
-                    }
-                }
-                _ => self.raise_writing(K::Ddl),
-            },
-            Statement::Truncate(truncate) => {
-                self.raise_writing(K::Ddl);
-                for target in &truncate.table_names {
-                    self.written(&target.name);
-                }
-            }
-            Statement::Comment {
-                object_type,
-                object_name,
-                ..
-            } => {
-                self.raise_writing(K::Ddl);
-                if matches!(
-                    object_type,
-                    CommentObject::Table
-                        | CommentObject::View
-                        | CommentObject::MaterializedView
-                        | CommentObject::ForeignTable
-                ) {
-                    self.written(object_name);
-                }
-            }
-            Statement::CreatePolicy(policy) => {
-                self.raise_writing(K::Ddl);
-                self.written(&policy.table_name);
-            }
-            Statement::AlterPolicy(policy) => {
-                self.raise_writing(K::Ddl);
-                self.written(&policy.table_name);
-            }
-            Statement::DropPolicy(policy) => {
-                self.raise_writing(K::Ddl);
-                self.written(&policy.table_name);
-            }
-            Statement::CreateTrigger(trigger) => {
-                self.raise_writing(K::Ddl);
-                self.written(&trigger.table_name);
-            }
-            Statement::DropTrigger(trigger) => {
-                self.raise_writing(K::Ddl);
-                if let Some(table) = &trigger.table_name {
-                    self.written(table);
-                }
-            }
-            Statement::AlterTrigger(trigger) => {
-                self.raise_writing(K::Ddl);
-                self.written(&trigger.table_name);
-            }
-            Statement::CreateRule(rule) => {
-                self.raise_writing(K::Ddl);
-                self.written(&rule.table_name);
-            }
-            Statement::DropRule(rule) => {
-                self.raise_writing(K::Ddl);
-                self.written(&rule.table_name);
-            }
-            Statement::CreateForeignTable(table) => {
-                self.raise_writing(K::Ddl);
-                self.written(&table.name);
-            }
-            Statement::RenameTable(renames) => {
-                self.raise_writing(K::Ddl);
-                for rename in renames {
-                    self.written(&rename.old_name);
-                    self.written(&rename.new_name);
-                }
-            }
-
-            // Other schema changes.
-            Statement::CreateSchema { .. }
-            | Statement::AlterSchema(_)
-            | Statement::CreateDatabase { .. }
-            | Statement::CreateFunction(_)
-            | Statement::AlterFunction(_)
-            | Statement::DropFunction(_)
-            | Statement::CreateProcedure { .. }
-            | Statement::DropProcedure { .. }
-            | Statement::CreateSequence { .. }
-            | Statement::CreateDomain(_)
-            | Statement::DropDomain(_)
-            | Statement::CreateType { .. }
-            | Statement::AlterType(_)
-            | Statement::CreateExtension(_)
-            | Statement::DropExtension(_)
-            | Statement::CreateCollation(_)
-            | Statement::AlterCollation(_)
-            | Statement::CreateServer(_)
-            | Statement::CreateForeignDataWrapper(_)
-            | Statement::CreateUserMapping(_)
-            | Statement::CreateOperator(_)
-            | Statement::CreateOperatorFamily(_)
-            | Statement::CreateOperatorClass(_)
-            | Statement::AlterOperator(_)
-            | Statement::AlterOperatorFamily(_)
-            | Statement::AlterOperatorClass(_)
-            | Statement::DropOperator(_)
-            | Statement::DropOperatorFamily(_)
-            | Statement::DropOperatorClass(_)
-            | Statement::CreateTextSearch(_)
-            | Statement::AlterTextSearch(_)
-            | Statement::CreateAggregate(_)
-            | Statement::CreateVirtualTable { .. }
-            | Statement::CreateSecret { .. }
-            | Statement::DropSecret { .. }
-            | Statement::CreateConnector(_)
-            | Statement::AlterConnector { .. }
-            | Statement::DropConnector { .. }
-            | Statement::CreateMacro { .. }
-            | Statement::CreateStage { .. }
-            | Statement::CreateFileFormat { .. }
-            | Statement::CreateWarehouse(_) => self.raise_writing(K::Ddl),
-
-            // Privileges and roles.
-            Statement::Grant(grant) => {
-                self.raise_writing(K::Dcl);
-                self.grant_objects(grant.objects.as_ref());
-            }
-            Statement::Revoke(revoke) => {
-                self.raise_writing(K::Dcl);
-                self.grant_objects(revoke.objects.as_ref());
-            }
-            Statement::AlterRole { operation, .. } => {
-                self.raise_writing(K::Dcl);
-                match operation {
-                    AlterRoleOperation::Set {
-                        config_name,
-                        config_value,
-                        ..
-                    } => {
-                        let value = match config_value {
-                            SetConfigValue::Value(v) => settings::literal(v),
-                            SetConfigValue::Default | SetConfigValue::FromCurrent => None,
-                        };
-                        self.apply(settings::assign(setting_of(config_name), value.as_deref()));
-                    }
-                    AlterRoleOperation::Reset { config_name, .. } => match config_name {
-                        ResetConfig::ALL => self.apply(settings::reset_all()),
-                        ResetConfig::ConfigName(name) => {
-                            self.apply(settings::assign(setting_of(name), None))
-                        }
-                    },
-                    _ => {}
-                }
-            }
-            Statement::GrantRole(_)
-            | Statement::RevokeRole(_)
-            | Statement::Deny(_)
-            | Statement::CreateRole(_)
-            | Statement::CreateUser(_)
-            | Statement::AlterUser(_)
-            | Statement::AlterDefaultPrivileges(_) => self.raise_writing(K::Dcl),
-
-            // Session settings.
-            Statement::Set(set) => self.set(set),
-            Statement::Reset(reset) => self.reset(&reset.reset),
-            Statement::ShowVariable { .. }
-            | Statement::ShowVariables { .. }
-            | Statement::ShowStatus { .. }
-            | Statement::ShowFunctions { .. }
-            | Statement::ShowCreate { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::ShowCatalogs { .. }
-            | Statement::ShowDatabases { .. }
-            | Statement::ShowProcessList { .. }
-            | Statement::ShowSchemas { .. }
-            | Statement::ShowCharset(_)
-            | Statement::ShowObjects(_)
-            | Statement::ShowTables { .. }
-            | Statement::ShowViews { .. }
-            | Statement::ShowCollation { .. } => self.raise(K::Session),
-
-            // Transaction control.
-            Statement::StartTransaction { modes, .. } => {
-                self.raise(K::Transaction);
-                self.facts.disables_read_only |= read_write(modes);
-            }
-            Statement::Commit { .. }
-            | Statement::Rollback { .. }
-            | Statement::Savepoint { .. }
-            | Statement::ReleaseSavepoint { .. } => self.raise(K::Transaction),
-
-            // Utility and maintenance. LOCK changes no data; its tables are
-            // reported as read by the visitor. Maintenance rewrites storage
-            // or statistics and counts as writing its tables.
-            Statement::Lock(_) => self.raise(K::Utility),
-            Statement::Analyze(analyze) => {
-                self.raise_writing(K::Utility);
-                if let Some(name) = &analyze.table_name {
-                    self.written(name);
-                }
-            }
-            Statement::Vacuum(vacuum) => {
-                self.raise_writing(K::Utility);
-                if let Some(name) = &vacuum.table_name {
-                    self.written(name);
-                }
-            }
-            Statement::RefreshMaterializedView(refresh) => {
-                self.raise_writing(K::Utility);
-                self.written(&refresh.name);
-            }
-            Statement::Discard { object_type } => {
-                self.raise(K::Utility);
-                if matches!(object_type, DiscardObject::ALL) {
-                    self.apply(settings::reset_all());
-                }
-            }
-            Statement::LISTEN { .. }
-            | Statement::UNLISTEN { .. }
-            | Statement::Deallocate { .. }
-            | Statement::Close { .. } => self.raise(K::Utility),
-            // NOTIFY reaches other sessions, like pg_notify(); LOAD loads a
-            // shared library into the server process.
-            Statement::NOTIFY { .. } | Statement::Load { .. } => self.raise_writing(K::Utility),
-            Statement::ExplainTable { table_name, .. } => {
-                self.raise(K::Utility);
-                self.read(table_name);
-            }
-
-            // The worker judges EXECUTE by what was prepared under the name.
-            Statement::Execute { name, .. } => {
-                self.raise(K::Other);
-                self.facts.executes = name.as_ref().map(names::object);
-            }
-
-            // Only at the top, where `facts` handles them; here, their inner
-            // statement is walked like any nested one.
-            Statement::Explain { .. } | Statement::Prepare { .. } => self.raise(K::Utility),
-
-            // Statements of other dialects that PostgreSQL's can still
-            // produce: unknown, so taken to write.
-            _ => self.raise_writing(K::Other),
-        }
-    }
-}
-
-impl Visitor for Walker {
-    type Break = ();
-
-    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
-        self.statement(statement);
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-        if let Some(with) = &query.with {
-            let names = with
-                .cte_tables
-                .iter()
-                .map(|cte| names::ident(&cte.alias.name))
-                .collect::<Vec<_>>();
-            self.scopes.push(CteScope {
-                owner: query,
-                visible: if with.recursive { names.len() } else { 0 },
-                names,
-                queries: with
-                    .cte_tables
-                    .iter()
-                    .map(|cte| &*cte.query as *const Query)
-                    .collect(),
-            });
-        }
-        self.table_shorthands(&query.body);
-        ControlFlow::Continue(())
-    }
-
-    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-        let query: *const Query = query;
-        if self.scopes.last().is_some_and(|s| s.owner == query) {
-            self.scopes.pop();
-        }
-        // A CTE's name comes into scope once its own query is done.
-        let scope = self.scopes.last_mut();
-        if let Some((scope, i)) = scope.and_then(|s| {
-            let i = s.queries.iter().position(|q| *q == query)?;
-            Some((s, i))
-        }) {
-            scope.visible = scope.visible.max(i + 1);
-        }
-        ControlFlow::Continue(())
-    }
-
-    /// `SELECT … INTO t` creates `t`.
-    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
-        if let Some(into) = &select.into {
-            self.raise_writing(StatementKind::Ddl);
-            for target in &into.targets {
-                if let Some(name) = expr_name(target) {
-                    self.facts.tables_written.insert(name);
-                }
-            }
-        }
-        ControlFlow::Continue(())
-    }
-
-    /// A set-returning function in FROM (`FROM dblink(…)`) is a call, not
-    /// a table.
-    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-        match factor {
-            TableFactor::Table {
+            None => self.reads.push(Read {
                 name,
-                args: Some(args),
-                ..
-            } => {
-                self.claimed.push(name);
-                self.function(name, &args.args);
+                bare,
+                scope: self.scope.clone(),
+            }),
+        }
+    }
+
+    /// Whether the RangeVar just visited is one the top-level statement
+    /// names itself (see [`OWN_RELATION_FIELDS`]).
+    fn is_own_relation(&self) -> bool {
+        let Some((statement, between)) = self.stack.split_first() else {
+            return false;
+        };
+        OWN_RELATION_FIELDS.contains(&statement.field)
+            && between.iter().all(|f| RELATION_WRAPPERS.contains(&f.name))
+    }
+
+    fn string(&mut self, value: &str) {
+        let n = self.stack.len();
+        let Some(top) = self.stack.last() else {
+            return;
+        };
+        match (top.name, top.field) {
+            ("RangeVar", field) => {
+                let slot = match field {
+                    "catalogname" => 0,
+                    "schemaname" => 1,
+                    "relname" => 2,
+                    _ => return,
+                };
+                self.stack[n - 1].parts[slot] = value.to_owned();
             }
-            TableFactor::Function { name, args, .. } => self.function(name, args),
+            // A function's name is a list of String nodes; the last stands.
+            ("String", "sval") if n >= 3 => {
+                let owner = &self.stack[n - 3];
+                if owner.name == "FuncCall" && owner.field == "funcname" {
+                    self.stack[n - 3].parts[0] = value.to_owned();
+                }
+            }
+            ("CommonTableExpr", "ctename") => {
+                if let Some(&(q, _)) = self.scope.last()
+                    && let Some(name) = self.queries[q].ctes.last_mut()
+                {
+                    *name = value.to_owned();
+                }
+            }
             _ => {}
         }
-        ControlFlow::Continue(())
     }
 
-    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        let address: *const ObjectName = relation;
-        if self.claimed.contains(&address) {
-            return ControlFlow::Continue(());
+    fn boolean(&mut self, value: bool) {
+        if value
+            && matches!(
+                self.top(),
+                Some(Frame {
+                    name: "WithClause",
+                    field: "recursive",
+                    ..
+                })
+            )
+            && let Some(&(q, _)) = self.scope.last()
+        {
+            self.queries[q].recursive = true;
         }
-        let name = names::object(relation);
-        if relation.0.len() == 1 && self.is_cte(&name) {
-            return ControlFlow::Continue(());
-        }
-        self.facts.tables_read.insert(name);
-        ControlFlow::Continue(())
     }
 
-    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(function) = expr {
-            let address: *const Expr = expr;
-            if !self.not_calls.contains(&address) {
-                self.function(&function.name, function_args(&function.args));
-            }
+    fn none(&mut self) {
+        // An UPDATE or DELETE without WHERE (`WHERE CURRENT OF` is one).
+        if let Some(Frame {
+            name: "UpdateStmt" | "DeleteStmt",
+            field: "where_clause",
+            ..
+        }) = self.top()
+        {
+            self.facts.has_where = false;
         }
-        ControlFlow::Continue(())
     }
 }
 
-fn function_args(args: &FunctionArguments) -> &[FunctionArg] {
-    match args {
-        FunctionArguments::List(list) => &list.args,
-        FunctionArguments::None | FunctionArguments::Subquery(_) => &[],
-    }
+/// Whether an object type is a relation (table, view, index, sequence…).
+fn is_relation(object_type: i32) -> bool {
+    [
+        ObjectType::ObjectTable,
+        ObjectType::ObjectView,
+        ObjectType::ObjectMatview,
+        ObjectType::ObjectIndex,
+        ObjectType::ObjectSequence,
+        ObjectType::ObjectForeignTable,
+    ]
+    .iter()
+    .any(|t| *t as i32 == object_type)
 }
 
-/// The setting a `SET`/`RESET` names; qualified names are custom settings.
-fn setting_of(name: &ObjectName) -> Setting {
-    match name.0.as_slice() {
-        [ObjectNamePart::Identifier(id)] => Setting::named(&id.value),
-        _ => Setting::Other,
-    }
+/// `a.b.c` from a DROP's or COMMENT's list of words.
+fn qualified_name(object: &pb::Node) -> Option<String> {
+    let Some(NodeEnum::List(list)) = object.node.as_ref() else {
+        return None;
+    };
+    let parts = list
+        .items
+        .iter()
+        .map(|item| match item.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(parts.join("."))
 }
 
-fn read_write(modes: &[TransactionMode]) -> bool {
-    modes.iter().any(|m| {
-        matches!(
-            m,
-            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
-        )
-    })
-}
-
-/// The table named by a `SELECT … INTO` target.
-fn expr_name(expr: &Expr) -> Option<String> {
-    match expr {
-        Expr::Identifier(id) => Some(names::ident(id)),
-        Expr::CompoundIdentifier(ids) => {
-            let mut out = String::new();
-            for (i, id) in ids.iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                names::push_word(&mut out, &id.value, id.quote_style.is_some());
-            }
-            Some(out)
-        }
+/// A function's name as policies see it: the last part, lowercased.
+fn function_name(funcname: &[pb::Node]) -> Option<String> {
+    match funcname.last()?.node.as_ref()? {
+        NodeEnum::String(s) => Some(s.sval.to_lowercase()),
         _ => None,
+    }
+}
+
+// The tree pass is a serde `Serializer` that serializes nothing: it only
+// follows the structs, fields, sequences and options of the tree.
+
+/// Never produced: every method succeeds.
+#[derive(Debug)]
+pub(super) struct Never;
+
+impl std::fmt::Display for Never {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("never")
+    }
+}
+
+impl std::error::Error for Never {}
+
+impl ser::Error for Never {
+    fn custom<T: std::fmt::Display>(_: T) -> Self {
+        Never
+    }
+}
+
+macro_rules! ignore {
+    ($($method:ident($ty:ty)),* $(,)?) => {
+        $(fn $method(self, _: $ty) -> Result<(), Never> { Ok(()) })*
+    };
+}
+
+impl<'a> ser::Serializer for &'a mut Walker {
+    type Ok = ();
+    type Error = Never;
+    type SerializeSeq = Self;
+    type SerializeTuple = Self;
+    type SerializeTupleStruct = Self;
+    type SerializeTupleVariant = Self;
+    type SerializeMap = Impossible<(), Never>;
+    type SerializeStruct = Self;
+    type SerializeStructVariant = Self;
+
+    ignore!(
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_u8(u8),
+        serialize_u16(u16),
+        serialize_u32(u32),
+        serialize_u64(u64),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_bytes(&[u8]),
+        serialize_unit_struct(&'static str),
+    );
+
+    fn serialize_bool(self, v: bool) -> Result<(), Never> {
+        self.boolean(v);
+        Ok(())
+    }
+
+    fn serialize_str(self, v: &str) -> Result<(), Never> {
+        self.string(v);
+        Ok(())
+    }
+
+    fn serialize_none(self) -> Result<(), Never> {
+        self.none();
+        Ok(())
+    }
+
+    fn serialize_some<T: ?Sized + Serialize>(self, value: &T) -> Result<(), Never> {
+        value.serialize(self)
+    }
+
+    fn serialize_unit(self) -> Result<(), Never> {
+        Ok(())
+    }
+
+    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<(), Never> {
+        Ok(())
+    }
+
+    fn serialize_newtype_struct<T: ?Sized + Serialize>(
+        self,
+        _: &'static str,
+        value: &T,
+    ) -> Result<(), Never> {
+        value.serialize(self)
+    }
+
+    fn serialize_newtype_variant<T: ?Sized + Serialize>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        value: &T,
+    ) -> Result<(), Never> {
+        value.serialize(self)
+    }
+
+    fn serialize_seq(self, _: Option<usize>) -> Result<Self, Never> {
+        Ok(self)
+    }
+
+    fn serialize_tuple(self, _: usize) -> Result<Self, Never> {
+        Ok(self)
+    }
+
+    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self, Never> {
+        Ok(self)
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self, Never> {
+        Ok(self)
+    }
+
+    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Never> {
+        // The parse tree has no maps.
+        Err(Never)
+    }
+
+    fn serialize_struct(self, name: &'static str, _: usize) -> Result<Self, Never> {
+        self.begin_struct(name);
+        Ok(self)
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: usize,
+    ) -> Result<Self, Never> {
+        self.begin_struct(variant);
+        Ok(self)
+    }
+}
+
+impl ser::SerializeSeq for &mut Walker {
+    type Ok = ();
+    type Error = Never;
+    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Never> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeTuple for &mut Walker {
+    type Ok = ();
+    type Error = Never;
+    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Never> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeTupleStruct for &mut Walker {
+    type Ok = ();
+    type Error = Never;
+    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Never> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeTupleVariant for &mut Walker {
+    type Ok = ();
+    type Error = Never;
+    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Never> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeStruct for &mut Walker {
+    type Ok = ();
+    type Error = Never;
+    fn serialize_field<T: ?Sized + Serialize>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), Never> {
+        if let Some(top) = self.stack.last_mut() {
+            top.field = key;
+        }
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Never> {
+        self.end_struct();
+        Ok(())
+    }
+}
+
+impl ser::SerializeStructVariant for &mut Walker {
+    type Ok = ();
+    type Error = Never;
+    fn serialize_field<T: ?Sized + Serialize>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), Never> {
+        if let Some(top) = self.stack.last_mut() {
+            top.field = key;
+        }
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Never> {
+        self.end_struct();
+        Ok(())
     }
 }

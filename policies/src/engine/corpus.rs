@@ -384,7 +384,7 @@ impl Case {
 
 /// Statement facts as a corpus writes them. `writes` defaults to true for
 /// the kinds that always write (insert, update, delete, merge, ddl, dcl,
-/// copy_in, call), else false; `has_where` and `parsed` default to true.
+/// copy_in, call) and when `dynamic` or `reaches_outside`, else false; `has_where` and `parsed` default to true.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Facts {
@@ -400,6 +400,10 @@ struct Facts {
     writes: Option<bool>,
     #[serde(default)]
     runs_program: bool,
+    #[serde(default)]
+    dynamic: bool,
+    #[serde(default)]
+    reaches_outside: bool,
     #[serde(default)]
     disables_read_only: bool,
     #[serde(default)]
@@ -433,8 +437,12 @@ impl Facts {
         facts.tables_written = self.tables_written.iter().cloned().collect();
         facts.functions = self.functions.iter().cloned().collect();
         facts.has_where = self.has_where;
-        facts.writes = self.writes.unwrap_or(always_writes);
+        facts.writes = self
+            .writes
+            .unwrap_or(always_writes || self.dynamic || self.reaches_outside);
         facts.runs_program = self.runs_program;
+        facts.dynamic = self.dynamic;
+        facts.reaches_outside = self.reaches_outside;
         facts.disables_read_only = self.disables_read_only;
         facts.changes_parsing = self.changes_parsing;
         Ok(facts)
