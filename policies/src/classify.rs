@@ -17,7 +17,7 @@
 //!   whose CTE deletes is a `delete`; `SELECT … INTO t` is `ddl` (it creates
 //!   `t`); `SET ROLE` and `SELECT set_config('role', …)` are `dcl`.
 //! - **EXPLAIN** without `ANALYZE` plans but does not run its statement: it
-//!   is `utility`, does not write, and reads every table its statement names.
+//!   is a `select`, does not write, and reads every table its statement names.
 //!   With `ANALYZE` (any spelling or option syntax, unless plainly false) it
 //!   runs it and has its facts.
 //! - **Maintenance** (VACUUM, ANALYZE, CLUSTER, REINDEX, REFRESH MATERIALIZED

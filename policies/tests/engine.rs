@@ -116,7 +116,7 @@ fn examples_bundle_shape() {
             "agents-connect-read-only",
             "base-connect",
             "base-query",
-            "pinned-parsing-settings",
+            "unparsed-denied",
             "dangerous-functions-dba-only",
             "prod-no-ddl",
             "unbounded-write-needs-approval",
@@ -589,7 +589,7 @@ fn a_command_stands_only_if_every_statement_does() {
     };
     let d = e.decide_classification(&s, &unparsed);
     assert_eq!(d.effect, Effect::Deny);
-    assert_eq!(d.policies, ["agents-read-only"]);
+    assert_eq!(d.policies, ["agents-read-only", "unparsed-denied"]);
 
     // An empty command runs nothing: allowed, even for an agent, with no
     // policy consulted.

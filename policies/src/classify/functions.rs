@@ -193,6 +193,7 @@ const CATALOGUE: &[(Call, &[&str])] = &[
             "pg_last_wal_*",
             "pg_last_xact_replay_timestamp",
             "pg_current_logfile",
+            "pg_show_replication_origin_status",
             "pg_collation_actual_version",
             "pg_database_collation_actual_version",
             // Access-method, table-sampling and text-search internals,
@@ -248,5 +249,99 @@ mod tests {
         assert_eq!(call("random"), Some(Call::Harmless));
         assert_eq!(call("nextvalue"), None);
         assert_eq!(call("count"), None);
+    }
+
+    /// The functions of the local PostgreSQL's `pg_catalog`, as psql lists
+    /// them (one name a line) for a `WHERE` clause on `pg_proc`.
+    fn catalogue(filter: &str) -> Vec<String> {
+        let sql = format!(
+            "SELECT DISTINCT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'pg_catalog' AND ({filter}) ORDER BY 1"
+        );
+        let out = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-AtX",
+                "-c",
+                &sql,
+            ])
+            .output()
+            .expect("psql runs (deploy/scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "psql could not read pg_proc of the PostgreSQL on 127.0.0.1:5432: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let names: Vec<String> = String::from_utf8(out.stdout)
+            .expect("names are UTF-8")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert!(!names.is_empty(), "pg_proc listed nothing for {filter}");
+        names
+    }
+
+    /// Every volatile function of the server's catalogue is classified on
+    /// purpose: a function a new PostgreSQL version adds fails this test
+    /// until it is put in one of the lists. (Trigger functions cannot be
+    /// called from a statement.)
+    #[test]
+    fn every_volatile_catalogue_function_is_classified() {
+        let unknown: Vec<String> =
+            catalogue("p.provolatile = 'v' AND p.prorettype <> 'trigger'::regtype")
+                .into_iter()
+                .filter(|name| call(name).is_none())
+                .collect();
+        assert!(
+            unknown.is_empty(),
+            "volatile pg_catalog functions missing from classify/functions.rs: {unknown:?}"
+        );
+    }
+
+    /// Functions of a side-effect family are classified at least as that
+    /// family, whatever their volatility.
+    #[test]
+    fn side_effect_families_are_known() {
+        let families = [
+            ("p.proname LIKE 'pg\\_read\\_%'", Call::Outside),
+            ("p.proname LIKE 'pg\\_ls\\_%'", Call::Outside),
+            (
+                "p.proname ~ '^pg_(create|copy|drop)_.*replication_slot$'",
+                Call::Outside,
+            ),
+            (
+                "p.proname LIKE 'pg\\_replication\\_slot\\_%'",
+                Call::Outside,
+            ),
+            ("p.proname LIKE 'pg\\_logical\\_%'", Call::Outside),
+            ("p.proname LIKE 'pg\\_replication\\_origin%'", Call::Outside),
+            ("p.proname LIKE 'pg\\_stat\\_reset%'", Call::Outside),
+            ("p.proname LIKE 'pg\\_%backup%'", Call::Outside),
+            ("p.proname LIKE 'pg\\_wal\\_replay%'", Call::Outside),
+            (
+                "p.proname LIKE 'pg\\_terminate%' OR p.proname LIKE 'pg\\_cancel%'",
+                Call::Outside,
+            ),
+            ("p.proname LIKE 'lo\\_%'", Call::Writes),
+            ("p.proname LIKE '%advisory%'", Call::Writes),
+            ("p.proname LIKE '%\\_to\\_xml%'", Call::Dynamic),
+        ];
+        let mut wrong = Vec::new();
+        for (filter, at_least) in families {
+            for name in catalogue(filter) {
+                if call(&name).is_none_or(|c| c < at_least) {
+                    wrong.push(format!(
+                        "{name} (want at least {at_least:?}, got {:?})",
+                        call(&name)
+                    ));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 }

@@ -29,8 +29,8 @@ use crate::{StatementFacts, StatementKind};
 
 /// The facts of one top-level statement.
 ///
-/// `EXPLAIN` without `ANALYZE` only plans its statement: it is `utility`,
-/// does not write, and every table its statement names is read (planning
+/// `EXPLAIN` without `ANALYZE` only plans its statement: it is a `select`
+/// (it reads, runs nothing, writes nothing), and every table its statement names is read (planning
 /// reads their definitions and statistics). `EXPLAIN ANALYZE` runs its
 /// statement and has that statement's facts. `PREPARE name AS stmt` has the
 /// facts of `stmt` with `prepares` set.
@@ -86,7 +86,7 @@ fn explain_runs(options: &[pb::Node]) -> bool {
 
 /// The facts of a statement that is planned but not run.
 fn planned_only(inner: StatementFacts) -> StatementFacts {
-    let mut facts = StatementFacts::new(StatementKind::Utility);
+    let mut facts = StatementFacts::new(StatementKind::Select);
     facts.tables_read = inner.tables_read;
     facts.tables_read.extend(inner.tables_written);
     facts.functions = inner.functions;
@@ -408,9 +408,7 @@ impl Walker {
                 Place::Cte(_) if query.recursive => query.ctes.len(),
                 Place::Cte(i) => i,
             };
-            query.ctes[..visible.min(query.ctes.len())]
-                .iter()
-                .any(|c| *c == read.name)
+            query.ctes[..visible.min(query.ctes.len())].contains(&read.name)
         })
     }
 
@@ -663,7 +661,7 @@ macro_rules! ignore {
     };
 }
 
-impl<'a> ser::Serializer for &'a mut Walker {
+impl ser::Serializer for &mut Walker {
     type Ok = ();
     type Error = Never;
     type SerializeSeq = Self;
