@@ -47,6 +47,11 @@ async fn what_the_server_would_run_is_what_is_decided() {
     let alice_token = env.stack().token("alice", &["engineering"]);
     let alice = env.try_connect("alice", &alice_token).await.expect("alice");
 
+    alice
+        .batch_execute("PREPARE q(text) AS SELECT $1")
+        .await
+        .unwrap();
+
     // (who, text, a substring of the policy's reason)
     let cases: Vec<(&tokio_postgres::Client, String, &str)> =
         vec![
@@ -96,6 +101,14 @@ async fn what_the_server_would_run_is_what_is_decided() {
             "SELECT * FROM ROWS FROM (pg_read_file('/etc/hostname'))".into(),
             "only group dba",
         ),
+        // EXECUTE runs what was prepared, with its parameters' effects; a
+        // name never prepared through the gateway cannot be known.
+        (
+            &alice,
+            "EXECUTE q(pg_read_file('/etc/hostname'))".into(),
+            "only group dba",
+        ),
+        (&alice, "EXECUTE never_prepared".into(), "could not be read"),
         // What the server's parser rejects is refused for everyone.
         (&alice, "SELEC 1; DELETE FROM t".into(), "could not be read"),
     ];
@@ -136,12 +149,12 @@ async fn what_the_server_would_run_is_what_is_decided() {
         .unwrap();
 
     // Every refusal is in the audit trail with the policy that decided it.
-    let audit = env.audit_commands("alice", 16).await;
+    let audit = env.audit_commands("alice", 20).await;
     let denied: Vec<&Value> = audit
         .iter()
         .filter(|c| c["decision"]["effect"] != "allow")
         .collect();
-    assert_eq!(denied.len(), 8, "{audit:#?}");
+    assert_eq!(denied.len(), 10, "{audit:#?}");
     env.cleanup().await;
 }
 

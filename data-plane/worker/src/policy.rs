@@ -228,14 +228,24 @@ impl SessionPolicy {
         let mut read_only_violation = false;
         let mut to_prepare = Vec::new();
         for s in statements {
-            let facts = match &s.executes {
-                Some(name) => self.prepared.get(name).unwrap_or(&unparsed[0]),
-                None => s,
+            // EXECUTE runs what was prepared under its name, with its own
+            // parameters' facts added; a name the session never prepared
+            // cannot be known, and is judged as unparsed text.
+            let executed;
+            let (facts, parsed) = match &s.executes {
+                Some(name) => match self.prepared.get(name) {
+                    Some(prepared) => {
+                        executed = with_parameters(prepared, s);
+                        (&executed, c.parsed)
+                    }
+                    None => (&unparsed[0], false),
+                },
+                None => (s, c.parsed),
             };
             if self.read_only && facts.disables_read_only {
                 read_only_violation = true;
             }
-            let d = engine.decide_statement(session, facts, c.parsed, c.statements.len() > 1);
+            let d = engine.decide_statement(session, facts, parsed, c.statements.len() > 1);
             for p in d.policies {
                 if !policies.contains(&p) {
                     policies.push(p);
@@ -298,6 +308,23 @@ impl SessionPolicy {
             refusal,
         }
     }
+}
+
+/// What `EXECUTE name(params…)` does: the prepared statement's facts, and
+/// whatever its parameter expressions do (`EXECUTE p(pg_read_file(…))`).
+fn with_parameters(prepared: &StatementFacts, execute: &StatementFacts) -> StatementFacts {
+    let mut facts = prepared.clone();
+    facts.prepares = None;
+    facts
+        .tables_read
+        .extend(execute.tables_read.iter().cloned());
+    facts.functions.extend(execute.functions.iter().cloned());
+    facts.writes |= execute.writes;
+    facts.dynamic |= execute.dynamic;
+    facts.reaches_outside |= execute.reaches_outside;
+    facts.disables_read_only |= execute.disables_read_only;
+    facts.changes_parsing |= execute.changes_parsing;
+    facts
 }
 
 const NO_BUNDLE: &str = "no policy bundle has been published, so nothing is allowed yet; push one with `gatehouse policy push`";
