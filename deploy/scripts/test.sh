@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Gatehouse test command:   deploy/scripts/test.sh   (from the repo root)
 #
-# 1. Makes sure what the tests need is there: PostgreSQL on 127.0.0.1:5432
+# 1. Makes sure what the build and tests need is there: a C compiler and
+#    libclang (for PostgreSQL's parser, pg_query), PostgreSQL on 127.0.0.1:5432
 #    (user postgres, no password, SSL on), psql and pgbench, NATS with
 #    JetStream on 127.0.0.1:4222, and a nats-server binary on PATH (some tests
 #    start private servers). Services already answering are left alone; as
@@ -27,6 +28,15 @@ if ! command -v cc >/dev/null 2>&1; then
         gh_apt_install gcc libc6-dev
     else
         gh_missing "a C compiler (cc) for crates that build C (ring): sudo apt-get install gcc libc6-dev"
+    fi
+fi
+# pg_query (PostgreSQL's parser, used by the SQL classifier) runs bindgen at
+# build time, which needs libclang.
+if [ -z "${LIBCLANG_PATH:-}" ] && ! ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so'; then
+    if gh_can_install; then
+        gh_apt_install libclang-dev
+    else
+        gh_missing "libclang, to build PostgreSQL's parser (pg_query): sudo apt-get install libclang-dev (or set LIBCLANG_PATH)"
     fi
 fi
 if [ "${GATEHOUSE_SKIP_LINT:-0}" != 1 ] && command -v cargo >/dev/null 2>&1; then
