@@ -8,7 +8,8 @@
 //! - `decide_statement`: the same statement again (the session's memo).
 //! - `decide_query`: building the session's entities, then evaluating.
 //! - `session`: building a session's entities (once per connection).
-//! - `classify/{pgbench,join}`: PostgreSQL's parser and the walk alone, for
+//! - `parse/{pgbench,join}`: PostgreSQL's parser and the decode of its tree;
+//!   `classify/{pgbench,join}`: that plus the walk, for
 //!   pgbench's `-S` statement and a two-table join.
 //! - `classify_and_decide/{pgbench,join}`: SQL text to decision, the
 //!   decision from the session's memo (a statement the session decided
@@ -82,6 +83,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| engine.session(black_box(&principal), black_box(&target), "10.0.0.7"))
     });
     for (name, sql) in [("pgbench", PGBENCH), ("join", JOIN)] {
+        // PostgreSQL's parser and the decode of its tree, without the walk.
+        c.bench_function(&format!("parse/{name}"), |b| {
+            b.iter(|| pg_query::parse(black_box(sql), 0).map(|t| t.protobuf.stmts.len()))
+        });
         c.bench_function(&format!("classify/{name}"), |b| {
             b.iter(|| classify(black_box(sql), Reading::default()))
         });

@@ -131,6 +131,7 @@ const OWN_RELATION_FIELDS: &[&str] = &[
     "table",
     "view",
     "sequence",
+    "base_stmt",
 ];
 
 /// Structs that may stand between a statement and its own relations
