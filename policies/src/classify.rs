@@ -30,7 +30,11 @@
 //!   (`reaches_outside`) or a program (`runs_program`).
 //! - **Dynamic code**: `DO`, `CALL` (kind `call`) and functions that run SQL
 //!   given as text (`query_to_xml`, `dblink*`, …) are `dynamic` and write:
-//!   what they do cannot be known from the text.
+//!   what they do cannot be known from the text. So is defining code that
+//!   runs later (`CREATE FUNCTION`/`PROCEDURE`, `CREATE RULE`, `CREATE
+//!   LANGUAGE`) and installing or updating an extension (its script runs).
+//!   Foreign servers, foreign tables, user mappings, subscriptions, `LOAD`
+//!   and `ALTER SYSTEM` reach outside the database (`reaches_outside`).
 //! - **Functions** are checked against the catalogue lists of `functions`:
 //!   writing ones (`nextval`, `set_config`, large objects, advisory locks)
 //!   make a statement `writes`; ones that reach outside the database or into

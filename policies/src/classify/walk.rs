@@ -257,6 +257,32 @@ impl Walker {
                 self.raise_writing(K::Call);
                 self.facts.dynamic = true;
             }
+            // Defining code that runs later (functions, procedures, rules,
+            // languages), or installing an extension (its script runs now).
+            NodeEnum::CreateFunctionStmt(_)
+            | NodeEnum::RuleStmt(_)
+            | NodeEnum::CreatePlangStmt(_)
+            | NodeEnum::CreateExtensionStmt(_)
+            | NodeEnum::AlterExtensionStmt(_)
+            | NodeEnum::AlterExtensionContentsStmt(_) => {
+                self.raise_writing(K::Ddl);
+                self.own = Some(Role::Written);
+                self.facts.dynamic = true;
+            }
+            // Other servers, files through foreign-data wrappers,
+            // replication from elsewhere, libraries loaded into the server.
+            NodeEnum::CreateFdwStmt(_)
+            | NodeEnum::AlterFdwStmt(_)
+            | NodeEnum::CreateForeignServerStmt(_)
+            | NodeEnum::AlterForeignServerStmt(_)
+            | NodeEnum::CreateForeignTableStmt(_)
+            | NodeEnum::ImportForeignSchemaStmt(_)
+            | NodeEnum::CreateSubscriptionStmt(_)
+            | NodeEnum::AlterSubscriptionStmt(_) => {
+                self.raise_writing(K::Ddl);
+                self.own = Some(Role::Written);
+                self.facts.reaches_outside = true;
+            }
 
             // The worker judges EXECUTE by what was prepared under the name.
             NodeEnum::ExecuteStmt(execute) => {
@@ -293,8 +319,16 @@ impl Walker {
 
             // Privileges, roles, and settings of the server, a role or a
             // database (they apply to later sessions).
-            NodeEnum::AlterSystemStmt(pb::AlterSystemStmt { setstmt })
-            | NodeEnum::AlterRoleSetStmt(pb::AlterRoleSetStmt { setstmt, .. })
+            // The server's configuration file: it can name programs
+            // (archive_command) and libraries.
+            NodeEnum::AlterSystemStmt(pb::AlterSystemStmt { setstmt }) => {
+                self.raise_writing(K::Dcl);
+                self.facts.reaches_outside = true;
+                if let Some(set) = setstmt {
+                    self.apply(settings::variable_set(set));
+                }
+            }
+            NodeEnum::AlterRoleSetStmt(pb::AlterRoleSetStmt { setstmt, .. })
             | NodeEnum::AlterDatabaseSetStmt(pb::AlterDatabaseSetStmt { setstmt, .. }) => {
                 self.raise_writing(K::Dcl);
                 if let Some(set) = setstmt {
@@ -313,9 +347,11 @@ impl Walker {
             | NodeEnum::ReassignOwnedStmt(_)
             | NodeEnum::DropOwnedStmt(_)
             | NodeEnum::SecLabelStmt(_)
-            | NodeEnum::CreateUserMappingStmt(_)
-            | NodeEnum::AlterUserMappingStmt(_)
             | NodeEnum::DropUserMappingStmt(_) => self.raise_writing(K::Dcl),
+            NodeEnum::CreateUserMappingStmt(_) | NodeEnum::AlterUserMappingStmt(_) => {
+                self.raise_writing(K::Dcl);
+                self.facts.reaches_outside = true;
+            }
 
             // Utility and maintenance. LOCK changes no data; its tables are
             // read. Maintenance rewrites storage or statistics and counts as
@@ -332,11 +368,13 @@ impl Walker {
                 self.own = Some(Role::Written);
             }
             NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => self.raise(K::Utility),
-            // NOTIFY reaches other sessions, like pg_notify(); LOAD loads a
-            // shared library into the server process; CHECKPOINT writes
-            // every dirty buffer.
-            NodeEnum::NotifyStmt(_) | NodeEnum::LoadStmt(_) | NodeEnum::CheckPointStmt(_) => {
-                self.raise_writing(K::Utility)
+            // NOTIFY reaches other sessions, like pg_notify(); CHECKPOINT
+            // writes every dirty buffer; LOAD loads a shared library into
+            // the server process.
+            NodeEnum::NotifyStmt(_) | NodeEnum::CheckPointStmt(_) => self.raise_writing(K::Utility),
+            NodeEnum::LoadStmt(_) => {
+                self.raise_writing(K::Utility);
+                self.facts.reaches_outside = true;
             }
 
             // DROP and COMMENT name their objects as lists of words.
@@ -557,6 +595,8 @@ impl Walker {
                     self.stack[n - 3].parts[0] = value.to_owned();
                 }
             }
+            // `CREATE TABLE … AS EXECUTE p` runs what `p` runs too.
+            ("ExecuteStmt", "name") => self.facts.executes = Some(value.to_owned()),
             ("CommonTableExpr", "ctename") => {
                 if let Some(&(q, _)) = self.scope.last()
                     && let Some(name) = self.queries[q].ctes.last_mut()
