@@ -818,84 +818,51 @@ impl ser::Serializer for &mut Walker {
     }
 }
 
-impl ser::SerializeSeq for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
-        value.serialize(&mut **self)
-    }
-    fn end(self) -> Result<(), Never> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTuple for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
-        value.serialize(&mut **self)
-    }
-    fn end(self) -> Result<(), Never> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
-        value.serialize(&mut **self)
-    }
-    fn end(self) -> Result<(), Never> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
-        value.serialize(&mut **self)
-    }
-    fn end(self) -> Result<(), Never> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Never> {
-        if let Some(top) = self.stack.last_mut() {
-            top.field = key;
+/// The compound parts of the tree: each element or field is visited in
+/// turn; a struct's fields are named first (see [`Walker::string`]).
+macro_rules! compound {
+    ($($trait:ident :: $method:ident),* $(,)?) => {$(
+        impl ser::$trait for &mut Walker {
+            type Ok = ();
+            type Error = Never;
+            fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
+                value.serialize(&mut **self)
+            }
+            fn end(self) -> Result<(), Never> {
+                Ok(())
+            }
         }
-        value.serialize(&mut **self)
-    }
-    fn end(self) -> Result<(), Never> {
-        self.end_struct();
-        Ok(())
-    }
+    )*};
 }
 
-impl ser::SerializeStructVariant for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), Never> {
-        if let Some(top) = self.stack.last_mut() {
-            top.field = key;
+compound!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field,
+);
+
+macro_rules! structure {
+    ($($trait:ident),* $(,)?) => {$(
+        impl ser::$trait for &mut Walker {
+            type Ok = ();
+            type Error = Never;
+            fn serialize_field<T: ?Sized + Serialize>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), Never> {
+                if let Some(top) = self.stack.last_mut() {
+                    top.field = key;
+                }
+                value.serialize(&mut **self)
+            }
+            fn end(self) -> Result<(), Never> {
+                self.end_struct();
+                Ok(())
+            }
         }
-        value.serialize(&mut **self)
-    }
-    fn end(self) -> Result<(), Never> {
-        self.end_struct();
-        Ok(())
-    }
+    )*};
 }
+
+structure!(SerializeStruct, SerializeStructVariant);
