@@ -107,8 +107,12 @@ pub fn sasl_response(buf: &mut BytesMut, data: &[u8]) {
     message(buf, Some(b'p'), |b| b.put_slice(data));
 }
 
-pub fn query(buf: &mut BytesMut, text: &str) {
-    message(buf, Some(b'Q'), |b| cstr(b, text));
+/// `Query`; `text` is in the session's `client_encoding` (any bytes but NUL).
+pub fn query(buf: &mut BytesMut, text: impl AsRef<[u8]>) {
+    message(buf, Some(b'Q'), |b| {
+        b.put_slice(text.as_ref());
+        b.put_u8(0);
+    });
 }
 
 pub fn terminate(buf: &mut BytesMut) {

@@ -6,8 +6,9 @@ use crate::{Frame, ProtocolError, Reader};
 /// [`Other`]: FrontendMessage::Other
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontendMessage<'a> {
-    /// `Q`: simple query; the text may hold several statements.
-    Query(&'a str),
+    /// `Q`: simple query; the text may hold several statements. Raw bytes in
+    /// the session's `client_encoding`, which need not be UTF-8.
+    Query(&'a [u8]),
     /// `P`
     Parse(Parse<'a>),
     /// `B`
@@ -28,8 +29,8 @@ pub enum FrontendMessage<'a> {
     CopyData(&'a [u8]),
     /// `c`
     CopyDone,
-    /// `f`
-    CopyFail(&'a str),
+    /// `f`: the reason, in the session's `client_encoding`.
+    CopyFail(&'a [u8]),
     /// `p`: password, SASL or GSS response; its meaning depends on the
     /// authentication exchange in progress.
     Password(&'a [u8]),
@@ -40,7 +41,8 @@ pub enum FrontendMessage<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub statement: &'a str,
-    pub query: &'a str,
+    /// The statement's text: raw bytes in the session's `client_encoding`.
+    pub query: &'a [u8],
     pub param_types: Vec<i32>,
 }
 
@@ -71,11 +73,11 @@ impl<'a> FrontendMessage<'a> {
     pub fn parse(frame: &'a Frame) -> Result<Self, ProtocolError> {
         let body = frame.body();
         Ok(match frame.tag {
-            b'Q' => FrontendMessage::Query(Reader::new(body, "Query").cstr()?),
+            b'Q' => FrontendMessage::Query(Reader::new(body, "Query").cbytes()?),
             b'P' => {
                 let mut r = Reader::new(body, "Parse");
                 let statement = r.cstr()?;
-                let query = r.cstr()?;
+                let query = r.cbytes()?;
                 let n = r.count()?;
                 let param_types = (0..n).map(|_| r.i32()).collect::<Result<_, _>>()?;
                 FrontendMessage::Parse(Parse {
@@ -140,7 +142,7 @@ impl<'a> FrontendMessage<'a> {
             b'X' => FrontendMessage::Terminate,
             b'd' => FrontendMessage::CopyData(body),
             b'c' => FrontendMessage::CopyDone,
-            b'f' => FrontendMessage::CopyFail(Reader::new(body, "CopyFail").cstr()?),
+            b'f' => FrontendMessage::CopyFail(Reader::new(body, "CopyFail").cbytes()?),
             b'p' => FrontendMessage::Password(body),
             other => FrontendMessage::Other(other),
         })

@@ -77,7 +77,16 @@ impl<'a> Reader<'a> {
         Self { buf, message }
     }
 
+    /// A C string that must be UTF-8 (names, protocol-level keywords).
     pub(crate) fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
+        let message = self.message;
+        std::str::from_utf8(self.cbytes()?)
+            .map_err(|_| ProtocolError::malformed(message, "string is not UTF-8"))
+    }
+
+    /// A C string's bytes, whatever their encoding (text the client sends in
+    /// its `client_encoding`).
+    pub(crate) fn cbytes(&mut self) -> Result<&'a [u8], ProtocolError> {
         let nul = self
             .buf
             .iter()
@@ -86,8 +95,7 @@ impl<'a> Reader<'a> {
                 self.message,
                 "unterminated string",
             ))?;
-        let s = std::str::from_utf8(&self.buf[..nul])
-            .map_err(|_| ProtocolError::malformed(self.message, "string is not UTF-8"))?;
+        let s = &self.buf[..nul];
         self.buf = &self.buf[nul + 1..];
         Ok(s)
     }

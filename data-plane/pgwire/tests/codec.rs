@@ -103,7 +103,7 @@ fn extended_protocol_messages_parse() {
         msgs[0],
         FrontendMessage::Parse(Parse {
             statement: "s1",
-            query: "select $1, $2",
+            query: b"select $1, $2",
             param_types: vec![23, 25],
         })
     );
@@ -138,6 +138,34 @@ fn extended_protocol_messages_parse() {
 }
 
 #[test]
+fn statement_text_is_raw_bytes_in_any_encoding() {
+    // Shift_JIS 'ソ' is 0x83 0x5C: its second byte is a backslash. The codec
+    // hands the bytes over as they are; reading them is the worker's job.
+    let sjis = b"SELECT '\x83\x5c'";
+    let mut buf = BytesMut::new();
+    query(&mut buf, sjis);
+    let f = frames(&buf);
+    assert_eq!(
+        FrontendMessage::parse(&f[0]).unwrap(),
+        FrontendMessage::Query(sjis)
+    );
+    let mut body = b"s\0".to_vec();
+    body.extend_from_slice(b"SELECT '\xe9'\0\0\0");
+    assert_eq!(
+        FrontendMessage::parse(&Frame::new(b'P', &body)).unwrap(),
+        FrontendMessage::Parse(Parse {
+            statement: "s",
+            query: b"SELECT '\xe9'",
+            param_types: vec![],
+        })
+    );
+    assert_eq!(
+        FrontendMessage::parse(&Frame::new(b'f', b"abgebrochen \xe9\0")).unwrap(),
+        FrontendMessage::CopyFail(b"abgebrochen \xe9")
+    );
+}
+
+#[test]
 fn malformed_bodies_are_errors_not_panics() {
     for (tag, body) in [
         (b'Q', &b"no terminator"[..]),
@@ -145,7 +173,9 @@ fn malformed_bodies_are_errors_not_panics() {
         (b'B', &b"p\0s\0\0\0\0\x01\xff\xff\xff\xfe"[..]),
         (b'E', &b"p\0\0"[..]),
         (b'C', &b"Xname\0"[..]),
-        (b'Q', &b"\xff\xfe\0"[..]),
+        // Names must be UTF-8; only statement text may be in another encoding.
+        (b'P', &b"\xff\0select 1\0\0\0"[..]),
+        (b'E', &b"\x83\\\0\0\0\0\0"[..]),
     ] {
         assert!(
             FrontendMessage::parse(&Frame::new(tag, body)).is_err(),

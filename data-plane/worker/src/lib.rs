@@ -9,7 +9,9 @@
 //! Layout: [`session`] is the per-connection state machine (startup, TLS,
 //! authentication, target login); [`relay`] carries the two directions of an
 //! open session; [`backend`] is the worker's own client to targets;
-//! [`cancel`] routes cancel requests, also across workers. The wire codec is
+//! [`cancel`] routes cancel requests, also across workers; [`encoding`]
+//! reads client text as the server does (its `client_encoding` and
+//! `standard_conforming_strings`). The wire codec is
 //! the pure `gatehouse-pgwire` crate; events are `gatehouse-events`.
 //!
 //! Must not depend on the control plane or on SQL storage.
@@ -19,6 +21,7 @@ mod backend;
 mod cancel;
 pub mod config;
 mod conn;
+mod encoding;
 pub mod error;
 mod policy;
 mod relay;

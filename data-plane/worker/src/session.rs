@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::backend::{self, Login};
 use crate::conn::{Conn, send};
+use crate::encoding::Parsing;
 use crate::error::ClientError;
 use crate::{Shared, relay};
 
@@ -161,6 +162,8 @@ pub(crate) struct Opened {
     /// Client bytes read past the password message.
     pub client_leftover: BytesMut,
     pub policy: crate::policy::SessionPolicy,
+    /// How the target reads the session's text, as it reported at login.
+    pub parsing: Parsing,
 }
 
 async fn read_more(conn: &mut Conn, buf: &mut BytesMut) -> Result<(), Refusal> {
@@ -352,7 +355,7 @@ async fn authenticate(
         // Defence in depth: the target itself refuses writes too.
         passed.push(("default_transaction_read_only".into(), "on".into()));
     }
-    let backend = backend::login(Login {
+    let mut backend = backend::login(Login {
         target: &target.config,
         tls: target.tls.as_ref(),
         params: &passed,
@@ -369,6 +372,24 @@ async fn authenticate(
             "target_unavailable",
         )
     })?;
+    // The target says which encoding the session's text is in (the
+    // client's `client_encoding`, or the database's): one the worker cannot
+    // read exactly, it cannot classify.
+    let parsing = Parsing::from_parameters(
+        backend
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    if let Err(unsupported) = &parsing.encoding {
+        let mut bye = BytesMut::new();
+        pg::terminate(&mut bye);
+        let _ = send(&mut backend.conn, &bye).await;
+        return Err(Refusal::new(
+            unsupported.client_error(true),
+            "unsupported_encoding",
+        ));
+    }
 
     let ctx = Arc::new(SessionCtx {
         worker_id: shared.worker_id.clone(),
@@ -400,13 +421,15 @@ async fn authenticate(
             "event_log_unavailable",
         ));
     }
-    tracing::info!(session = %ctx.session_id, user = %ctx.identity.username, target = %ctx.target, "session opened");
+    let encoding = parsing.encoding.as_ref().map_or("?", |e| e.name());
+    tracing::info!(session = %ctx.session_id, user = %ctx.identity.username, target = %ctx.target, encoding, "session opened");
     Ok(Opened {
         ctx,
         backend,
         target,
         client_leftover: buf,
         policy,
+        parsing,
     })
 }
 
