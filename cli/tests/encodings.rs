@@ -516,3 +516,40 @@ async fn a_statement_after_a_settings_change_is_read_with_the_new_settings() {
     assert_eq!(row.get(0), Some("it's"));
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_nothing_foresaw_ends_a_session_with_text_in_flight() {
+    let env = Env::start_with(plaintext()).await;
+    // A function that changes how later text is read, where the classifier
+    // cannot see it: created straight on the target.
+    env.target()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION quiet() RETURNS text LANGUAGE plpgsql AS \
+             $$ BEGIN RETURN set_config('standard_conforming_strings', 'off', false); END $$",
+        )
+        .await
+        .unwrap();
+    // Alone, it is harmless: nothing else was read with the old setting,
+    // and the next statement is read with the new one.
+    let mut db = Raw::connect(&env, "quiet-alone", &[], &[]).await.unwrap();
+    let a = db.query(b"SELECT quiet()").await;
+    assert!(a.ok(), "{a:?}");
+    let a = db.query(b"SELECT 'it\\'s'").await;
+    assert_eq!(a.rows, [[Some(b"it's".to_vec())]], "{a:?}");
+
+    // With the next statement already sent, that statement was read with
+    // the old setting: the session ends.
+    let mut db = Raw::connect(&env, "quiet-pipelined", &[], &[])
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    pg::query(&mut out, "SELECT quiet()");
+    pg::query(&mut out, "SELECT 1");
+    db.send(&out).await;
+    let a = db.answer().await;
+    assert!(a.closed, "{a:?}");
+    assert_eq!(a.codes(), ["0A000"], "{a:?}");
+    assert!(a.errors[0].2.contains("could not foresee"), "{a:?}");
+    env.cleanup().await;
+}

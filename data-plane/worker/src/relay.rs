@@ -992,13 +992,11 @@ async fn target_to_client(
                  alone, and wait for its result",
             )
             .encode(&mut out);
-            let _ = send(&mut client, &out).await;
             break Some(CloseReason::Error);
         }
         if let Some(e) = broken {
             tracing::warn!(session = %ctx.session_id, error = %e, "protocol error from target");
             ClientError::fatal("08P01", "the target sent a malformed message").encode(&mut out);
-            let _ = send(&mut client, &out).await;
             break Some(CloseReason::Error);
         }
         fatal |= drain_due(&mut pending, after_ready(seen), status, &mut out);
@@ -1025,11 +1023,14 @@ async fn target_to_client(
         }
     };
     // Replies that can no longer be ordered after target responses still
-    // go out (e.g. a fatal error after the target closed).
-    while let Ok(i) = inject.try_recv() {
-        pending.push_back(i);
+    // go out (e.g. a fatal error after the target closed), unless the
+    // worker ended the session itself: nothing follows its FATAL.
+    if reason != Some(CloseReason::Error) {
+        while let Ok(i) = inject.try_recv() {
+            pending.push_back(i);
+        }
+        drain_due(&mut pending, u64::MAX, status, &mut out);
     }
-    drain_due(&mut pending, u64::MAX, status, &mut out);
     if !out.is_empty() {
         let _ = send(&mut client, &out).await;
     }
