@@ -218,7 +218,9 @@ async fn notifications_and_notices_reach_the_client() {
     let env = Env::start().await;
     let mut config: tokio_postgres::Config =
         env.conninfo("frank", "app", "require").parse().unwrap();
-    config.password(env.token("frank"));
+    // A member of `dba`: the notice comes from a DO block, which the
+    // defaults allow only to that group.
+    config.password(env.stack().token("frank", &["dba"]));
     let (listener, mut conn) = config.connect(env.tls()).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
