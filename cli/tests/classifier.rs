@@ -7,25 +7,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::Env;
-
-fn refusal(err: &tokio_postgres::Error) -> (String, String) {
-    match err.as_db_error() {
-        Some(e) => (e.code().code().to_string(), e.message().to_string()),
-        None => (format!("not an ErrorResponse: {err}"), String::new()),
-    }
-}
-
-async fn ids(env: &Env) -> Vec<i32> {
-    env.target()
-        .await
-        .query("SELECT id FROM t ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
+use support::{Env, refusal};
 
 async fn setup(env: &Env) {
     env.target()
@@ -129,7 +111,7 @@ async fn what_the_server_would_run_is_what_is_decided() {
 
     // Nothing happened on the target: no row deleted, no program run, and
     // the agent's session is still read-only.
-    assert_eq!(ids(&env).await, [1, 2]);
+    assert_eq!(env.target_ids().await, [1, 2]);
     assert!(!proof.exists(), "the program ran: {}", proof.display());
     let mode: String = bot
         .query_one("SHOW default_transaction_read_only", &[])

@@ -7,7 +7,7 @@ mod support;
 
 use gatehouse_testkit::eventually;
 use serde_json::{Value, json};
-use support::{Env, Options};
+use support::{Env, Options, refusal};
 
 /// Connects as a member of the `agents` group.
 async fn agent(env: &Env, name: &str) -> tokio_postgres::Client {
@@ -18,20 +18,7 @@ async fn agent(env: &Env, name: &str) -> tokio_postgres::Client {
 }
 
 fn code(err: &tokio_postgres::Error) -> String {
-    err.as_db_error()
-        .map(|e| e.code().code().to_string())
-        .unwrap_or_else(|| format!("not an ErrorResponse: {err}"))
-}
-
-async fn ids(env: &Env) -> Vec<i32> {
-    env.target()
-        .await
-        .query("SELECT id FROM t ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    refusal(err).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +91,7 @@ async fn agents_are_read_only_in_every_disguise() {
     bot.batch_execute("EXECUTE q").await.unwrap();
 
     // Nothing reached the target.
-    assert_eq!(ids(&env).await, [1, 2]);
+    assert_eq!(env.target_ids().await, [1, 2]);
     let tables: i64 = env
         .target()
         .await
@@ -290,7 +277,7 @@ async fn dry_run_records_would_be_denials_and_runs_them() {
         .unwrap();
     let bot = agent(&env, "bot").await;
     bot.batch_execute("INSERT INTO t VALUES (5)").await.unwrap();
-    assert_eq!(ids(&env).await, [5]);
+    assert_eq!(env.target_ids().await, [5]);
     let audit = env.audit_commands("bot", 1).await;
     let insert = audit
         .iter()

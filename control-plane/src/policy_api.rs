@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use gatehouse_eventlog::Publisher;
 use gatehouse_events::{Event, IdentityRevoked, Payload, PolicyBundlePublished};
 use gatehouse_policies::{
-    Bundle, Effect, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
+    Bundle, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
 };
 use gatehouse_policystore::{PolicyConfig, PolicyStore, Revocation, Revoked};
 use serde::Deserialize;
@@ -281,17 +281,16 @@ async fn explain(
         req.source_ip.as_deref().unwrap_or("127.0.0.1"),
     );
     let c = classify(&req.sql, Reading::default());
-    // Unparsed text is judged as one `other` statement; an empty command
-    // has no statements and is allowed, as in the worker.
+    // The command's effect is what a worker would decide in a session that
+    // has prepared nothing; each statement's own decision follows.
+    // Unparsed text is explained as one `other` statement; an empty command
+    // has no statements and is allowed.
+    let overall = engine.decide_classification(&session, &c).effect;
     let unparsed = [StatementFacts::new(StatementKind::Other)];
     let statements: &[StatementFacts] = if c.parsed { &c.statements } else { &unparsed };
-    let mut overall = Effect::Allow;
     let mut out = Vec::new();
     for facts in statements {
         let d = engine.decide_statement(&session, facts, c.parsed, c.statements.len() > 1);
-        if d.effect.severity() > overall.severity() {
-            overall = d.effect;
-        }
         out.push(json!({
             "kind": facts.kind.as_str(),
             "tables_read": facts.tables_read,

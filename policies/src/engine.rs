@@ -3,9 +3,9 @@
 //!
 //! Hot path: the worker builds a [`Session`] once per connection
 //! ([`Engine::session`]: the principal, target and group entities) and
-//! then calls [`Engine::decide_statement`] (or
-//! [`Engine::decide_classification`]) per statement; only the request
-//! context is built per call. Annotation semantics are in
+//! then calls [`Engine::decide_command`] per command (or
+//! [`Engine::decide_statement`] per statement); only the request context
+//! is built per call. Annotation semantics are in
 //! `policies/README.md`.
 
 mod compile;
@@ -529,15 +529,28 @@ impl Engine {
         )
     }
 
-    /// `query` for a whole command: each statement is decided (with
-    /// `multi_statement` set when there are several) and the command stands
-    /// only if every statement is allowed; the first deny (else the first
-    /// approval-required) is returned. Text that did not parse is decided
-    /// as one `other` statement with `parsed = false`. An empty command
-    /// (nothing but comments or semicolons; drivers send one to check a
-    /// connection) runs nothing and is allowed without evaluating policies,
-    /// as the worker does.
-    pub fn decide_classification(&self, session: &Session, c: &Classification) -> Decision {
+    /// `query` for a whole command, as the worker decides it: each
+    /// statement is decided (with `multi_statement` set when there are
+    /// several) and the command stands only if every statement is allowed.
+    /// The most severe effect stands (deny over approval over allow); its
+    /// reason is that of the first statement with that effect, and its
+    /// policies those of every statement with that effect.
+    ///
+    /// - `EXECUTE name` is decided by what was prepared under that name,
+    ///   earlier in the command or else as `prepared(name)` says, with the facts of its own parameter
+    ///   expressions added (`EXECUTE p(pg_read_file(…))`). A name `prepared`
+    ///   does not know cannot be known: it is decided as unparsed text.
+    /// - Text that did not parse is decided as one `other` statement with
+    ///   `parsed = false`.
+    /// - An empty command (nothing but comments or semicolons; drivers send
+    ///   one to check a connection) runs nothing and is allowed without
+    ///   evaluating policies.
+    pub fn decide_command<'p>(
+        &self,
+        session: &Session,
+        c: &Classification,
+        prepared: impl Fn(&str) -> Option<&'p StatementFacts>,
+    ) -> Decision {
         if c.parsed && c.statements.is_empty() {
             return Decision {
                 effect: Effect::Allow,
@@ -547,34 +560,58 @@ impl Engine {
                 eval_micros: 0,
             };
         }
-        if !c.parsed {
-            return self.decide_statement(
-                session,
-                &StatementFacts::new(StatementKind::Other),
-                c.parsed,
-                false,
-            );
-        }
+        let unparsed = StatementFacts::new(StatementKind::Other);
+        let statements = if c.parsed {
+            c.statements.as_slice()
+        } else {
+            std::slice::from_ref(&unparsed)
+        };
         let multi = c.multi_statement();
-        let mut worst: Option<Decision> = None;
+        let mut out: Option<Decision> = None;
         let mut micros = 0;
-        for facts in &c.statements {
-            let d = self.decide_statement(session, facts, true, multi);
-            micros += d.eval_micros;
-            let replace = match &worst {
-                None => true,
-                Some(w) => d.effect.severity() > w.effect.severity(),
+        for (i, statement) in statements.iter().enumerate() {
+            // A name prepared earlier in this command, else in the session.
+            let earlier = |name: &str| {
+                statements[..i]
+                    .iter()
+                    .rev()
+                    .find(|s| s.prepares.as_deref() == Some(name))
             };
-            if replace {
-                worst = Some(d);
-            }
-            if worst.as_ref().is_some_and(|w| w.effect == Effect::Deny) {
-                break;
+            let executed;
+            let (facts, parsed) = match &statement.executes {
+                Some(name) => match earlier(name).or_else(|| prepared(name)) {
+                    Some(p) => {
+                        executed = p.executed_with(statement);
+                        (&executed, c.parsed)
+                    }
+                    None => (&unparsed, false),
+                },
+                None => (statement, c.parsed),
+            };
+            let d = self.decide_statement(session, facts, parsed, multi);
+            micros += d.eval_micros;
+            match &mut out {
+                Some(w) if d.effect.severity() < w.effect.severity() => {}
+                Some(w) if d.effect == w.effect => {
+                    for p in d.policies {
+                        if !w.policies.contains(&p) {
+                            w.policies.push(p);
+                        }
+                    }
+                }
+                _ => out = Some(d),
             }
         }
-        let mut d = worst.expect("at least one statement");
+        let mut d = out.expect("at least one statement");
         d.eval_micros = micros;
         d
+    }
+
+    /// [`Engine::decide_command`] in a session that has prepared nothing
+    /// (an `EXECUTE` of a name the command does not prepare itself is
+    /// decided as unparsed text): what-if explanations and policy corpora.
+    pub fn decide_classification(&self, session: &Session, c: &Classification) -> Decision {
+        self.decide_command(session, c, |_| None)
     }
 
     fn decide(

@@ -151,6 +151,26 @@ impl StatementFacts {
     }
 }
 
+impl StatementFacts {
+    /// What `EXECUTE name(params…)` does when `self` was prepared under
+    /// `name`: these facts, and whatever the `EXECUTE`'s own parameter
+    /// expressions do (`execute`'s facts).
+    pub fn executed_with(&self, execute: &StatementFacts) -> StatementFacts {
+        let mut facts = self.clone();
+        facts.prepares = None;
+        facts
+            .tables_read
+            .extend(execute.tables_read.iter().cloned());
+        facts.functions.extend(execute.functions.iter().cloned());
+        facts.writes |= execute.writes;
+        facts.dynamic |= execute.dynamic;
+        facts.reaches_outside |= execute.reaches_outside;
+        facts.disables_read_only |= execute.disables_read_only;
+        facts.changes_parsing |= execute.changes_parsing;
+        facts
+    }
+}
+
 /// The facts about a command's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classification {

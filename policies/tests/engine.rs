@@ -599,6 +599,46 @@ fn a_command_stands_only_if_every_statement_does() {
 }
 
 #[test]
+fn execute_is_decided_by_what_was_prepared() {
+    let e = Engine::new(&Bundle::defaults()).unwrap();
+    let t = target("db", "dev", &[]);
+    let alice = person("alice", &[]);
+    let s = e.session(&alice, &t, "10.0.0.1");
+    let read =
+        |sql: &str| gatehouse_policies::classify(sql, gatehouse_policies::Reading::default());
+
+    // Prepared in the session: the prepared statement's facts, plus the
+    // EXECUTE's own parameters'.
+    let prepared = read("PREPARE p(text) AS SELECT $1").statements[0].clone();
+    let lookup = |name: &str| (name == "p").then_some(&prepared);
+    assert_eq!(
+        e.decide_command(&s, &read("EXECUTE p('x')"), lookup).effect,
+        Effect::Allow
+    );
+    let d = e.decide_command(
+        &s,
+        &read("EXECUTE p(pg_read_file('/etc/hostname'))"),
+        lookup,
+    );
+    assert_eq!(d.effect, Effect::Deny);
+    assert_eq!(d.policies, ["dangerous-functions-dba-only"]);
+
+    // Prepared earlier in the same command.
+    let d = e.decide_command(&s, &read("PREPARE q AS DELETE FROM t; EXECUTE q"), lookup);
+    assert_eq!(d.effect, Effect::ApprovalRequired);
+
+    // Never prepared: it cannot be known, so it is unparsed text.
+    let d = e.decide_command(&s, &read("EXECUTE nobody_knows"), lookup);
+    assert_eq!(d.effect, Effect::Deny);
+    assert_eq!(d.policies, ["unparsed-denied"]);
+    // And without a session's statements at all (explain, corpora).
+    assert_eq!(
+        e.decide_classification(&s, &read("EXECUTE p('x')")).effect,
+        Effect::Deny
+    );
+}
+
+#[test]
 fn sessions_survive_a_reload() {
     let p = person("alice", &["eng"]);
     let t = target("db", "dev", &[]);

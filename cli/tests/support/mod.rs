@@ -192,6 +192,18 @@ impl Env {
         direct_db(&self.target_db).await
     }
 
+    /// The ids in table `t` of the target database, read directly.
+    pub async fn target_ids(&self) -> Vec<i32> {
+        self.target()
+            .await
+            .query("SELECT id FROM t ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     pub fn api(&self, path: &str) -> String {
         format!("http://{}{path}", self.stack().http_addr)
     }
@@ -276,6 +288,14 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
     rustls::pki_types::CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .unwrap()
+}
+
+/// The SQLSTATE and message of an ErrorResponse (or what else it was).
+pub fn refusal(err: &tokio_postgres::Error) -> (String, String) {
+    match err.as_db_error() {
+        Some(e) => (e.code().code().to_string(), e.message().to_string()),
+        None => (format!("not an ErrorResponse: {err}"), String::new()),
+    }
 }
 
 pub fn arc<T>(t: T) -> Arc<T> {

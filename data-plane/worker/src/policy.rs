@@ -220,45 +220,19 @@ impl SessionPolicy {
         let started = Instant::now();
         self.entities(&engine);
         let session = &self.entities.as_ref().expect("fresh").1;
-        let unparsed = [StatementFacts::new(StatementKind::Other)];
-        let statements: &[StatementFacts] = if c.parsed { &c.statements } else { &unparsed };
-        let mut effect = Effect::Allow;
-        let mut policies = Vec::new();
-        let mut reason = None;
-        let mut read_only_violation = false;
-        let mut to_prepare = Vec::new();
-        for s in statements {
-            // EXECUTE runs what was prepared under its name, with its own
-            // parameters' facts added; a name the session never prepared
-            // cannot be known, and is judged as unparsed text.
-            let executed;
-            let (facts, parsed) = match &s.executes {
-                Some(name) => match self.prepared.get(name) {
-                    Some(prepared) => {
-                        executed = with_parameters(prepared, s);
-                        (&executed, c.parsed)
-                    }
-                    None => (&unparsed[0], false),
-                },
-                None => (s, c.parsed),
-            };
-            if self.read_only && facts.disables_read_only {
-                read_only_violation = true;
-            }
-            let d = engine.decide_statement(session, facts, parsed, c.statements.len() > 1);
-            for p in d.policies {
-                if !policies.contains(&p) {
-                    policies.push(p);
-                }
-            }
-            if d.effect.severity() > effect.severity() {
-                effect = d.effect;
-                reason = d.reason;
-            }
-            if let Some(name) = &s.prepares {
-                to_prepare.push((name.clone(), s.clone()));
-            }
-        }
+        let prepared = &self.prepared;
+        let d = engine.decide_command(session, c, |name| prepared.get(name));
+        let (mut effect, policies, mut reason) = (d.effect, d.policies, d.reason);
+        // A read-only session is never made writable, whatever the policies
+        // say and even in dry-run.
+        let read_only_violation = self.read_only
+            && c.statements.iter().any(|s| {
+                s.disables_read_only
+                    || s.executes
+                        .as_ref()
+                        .and_then(|name| prepared.get(name))
+                        .is_some_and(|p| p.disables_read_only)
+            });
         if read_only_violation {
             effect = Effect::Deny;
             reason = Some("this session is read-only and cannot be made writable".into());
@@ -285,7 +259,11 @@ impl SessionPolicy {
             )),
         };
         if refusal.is_none() {
-            self.prepared.extend(to_prepare);
+            for s in &c.statements {
+                if let Some(name) = &s.prepares {
+                    self.prepared.insert(name.clone(), s.clone());
+                }
+            }
         }
         CommandDecision {
             record: Some(DecisionRecord {
@@ -297,10 +275,14 @@ impl SessionPolicy {
                 enforced,
                 policies,
                 reason,
-                kinds: statements
-                    .iter()
-                    .map(|s| s.kind.as_str().to_string())
-                    .collect(),
+                kinds: if c.parsed {
+                    c.statements
+                        .iter()
+                        .map(|s| s.kind.as_str().to_string())
+                        .collect()
+                } else {
+                    vec![StatementKind::Other.as_str().to_string()]
+                },
                 bundle_version: engine.bundle_version().to_string(),
                 bundle_hash: engine.bundle_hash().to_string(),
                 eval_micros: started.elapsed().as_micros() as u64,
@@ -308,23 +290,6 @@ impl SessionPolicy {
             refusal,
         }
     }
-}
-
-/// What `EXECUTE name(params…)` does: the prepared statement's facts, and
-/// whatever its parameter expressions do (`EXECUTE p(pg_read_file(…))`).
-fn with_parameters(prepared: &StatementFacts, execute: &StatementFacts) -> StatementFacts {
-    let mut facts = prepared.clone();
-    facts.prepares = None;
-    facts
-        .tables_read
-        .extend(execute.tables_read.iter().cloned());
-    facts.functions.extend(execute.functions.iter().cloned());
-    facts.writes |= execute.writes;
-    facts.dynamic |= execute.dynamic;
-    facts.reaches_outside |= execute.reaches_outside;
-    facts.disables_read_only |= execute.disables_read_only;
-    facts.changes_parsing |= execute.changes_parsing;
-    facts
 }
 
 const NO_BUNDLE: &str = "no policy bundle has been published, so nothing is allowed yet; push one with `gatehouse policy push`";
