@@ -55,6 +55,12 @@ async fn what_the_server_would_run_is_what_is_decided() {
             r#"SELECT U&"pg_read_fil\0065"('/etc/hostname')"#.into(),
             "only group dba",
         ),
+        // Attribute notation: `(x).f` calls `f(x)`.
+        (
+            &alice,
+            "SELECT ('/etc/hostname'::text).pg_read_file".into(),
+            "only group dba",
+        ),
         // EXPLAIN ANALYSE runs its DELETE, which needs an approval.
         (
             &alice,
@@ -131,12 +137,12 @@ async fn what_the_server_would_run_is_what_is_decided() {
         .unwrap();
 
     // Every refusal is in the audit trail with the policy that decided it.
-    let audit = env.audit_commands("alice", 20).await;
+    let audit = env.audit_commands("alice", 22).await;
     let denied: Vec<&Value> = audit
         .iter()
         .filter(|c| c["decision"]["effect"] != "allow")
         .collect();
-    assert_eq!(denied.len(), 10, "{audit:#?}");
+    assert_eq!(denied.len(), 11, "{audit:#?}");
     env.cleanup().await;
 }
 

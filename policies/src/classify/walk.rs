@@ -588,11 +588,18 @@ impl Walker {
                 };
                 self.stack[n - 1].parts[slot] = value.to_owned();
             }
-            // A function's name is a list of String nodes; the last stands.
             ("String", "sval") if n >= 3 => {
                 let owner = &self.stack[n - 3];
-                if owner.name == "FuncCall" && owner.field == "funcname" {
-                    self.stack[n - 3].parts[0] = value.to_owned();
+                match (owner.name, owner.field) {
+                    // A function's name is a list of String nodes; the last
+                    // stands.
+                    ("FuncCall", "funcname") => self.stack[n - 3].parts[0] = value.to_owned(),
+                    // `(expr).name` selects a field of a composite value, or
+                    // calls `name(expr)`: PostgreSQL's attribute notation
+                    // (`('/etc/hostname'::text).pg_read_file` reads the
+                    // file). Taken as a call.
+                    ("AIndirection", "indirection") => self.function(value.to_owned()),
+                    _ => {}
                 }
             }
             // `CREATE TABLE … AS EXECUTE p` runs what `p` runs too.
