@@ -115,6 +115,18 @@ async fn what_the_server_would_run_is_what_is_decided() {
         .expect_err("a file read as a prepared statement");
     assert_eq!(refusal(&err).0, "42501");
 
+    // Texts of one shape (the same tokens but for literals) share facts
+    // only where no literal's value can change them: EXPLAIN's options are
+    // literals.
+    bot.batch_execute("EXPLAIN (ANALYZE 'off') DELETE FROM t")
+        .await
+        .unwrap();
+    let err = bot
+        .batch_execute("EXPLAIN (ANALYZE 'on') DELETE FROM t")
+        .await
+        .expect_err("EXPLAIN ANALYZE of a DELETE, after a plan-only one");
+    assert_eq!(refusal(&err).0, "42501");
+
     // Nothing happened on the target: no row deleted, no program run, and
     // the agent's session is still read-only.
     assert_eq!(env.target_ids().await, [1, 2]);

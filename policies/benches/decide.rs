@@ -8,6 +8,9 @@
 //! - `decide_statement`: the same statement again (the session's memo).
 //! - `decide_query`: building the session's entities, then evaluating.
 //! - `session`: building a session's entities (once per connection).
+//! - `scan/{pgbench,join}`: PostgreSQL's scanner alone (what finds a text's
+//!   shape, see `Classifier`); `classifier/pgbench_new_literals`: a
+//!   session's cache given pgbench's statement with a new literal each time.
 //! - `parse/{pgbench,join}`: PostgreSQL's parser and the decode of its tree;
 //!   `classify/{pgbench,join}`: that plus the walk, for
 //!   pgbench's `-S` statement and a two-table join.
@@ -23,7 +26,8 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatehouse_policies::{
-    Bundle, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
+    Bundle, Classifier, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo,
+    classify,
 };
 
 /// What `pgbench -S` sends, with a literal of its own each time.
@@ -83,6 +87,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| engine.session(black_box(&principal), black_box(&target), "10.0.0.7"))
     });
     for (name, sql) in [("pgbench", PGBENCH), ("join", JOIN)] {
+        c.bench_function(&format!("scan/{name}"), |b| {
+            b.iter(|| pg_query::scan(black_box(sql)).map(|t| t.tokens.len()))
+        });
         // PostgreSQL's parser and the decode of its tree, without the walk.
         c.bench_function(&format!("parse/{name}"), |b| {
             b.iter(|| pg_query::parse(black_box(sql), 0).map(|t| t.protobuf.stmts.len()))
@@ -107,5 +114,19 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// A session's cache ([`Classifier`]) given pgbench's statement with a new
+/// literal each time: found by its shape, not parsed again.
+fn cached(c: &mut Criterion) {
+    let mut cache = Classifier::default();
+    let mut aid = 0u64;
+    c.bench_function("classifier/pgbench_new_literals", |b| {
+        b.iter(|| {
+            aid += 1;
+            let text = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};");
+            cache.classify(black_box(&text), Reading::default())
+        })
+    });
+}
+
+criterion_group!(benches, bench, cached);
 criterion_main!(benches);

@@ -65,9 +65,12 @@ use std::sync::{LazyLock, Mutex};
 
 use crate::Classification;
 
+mod cache;
 mod functions;
 mod settings;
 mod walk;
+
+pub use cache::Classifier;
 
 /// How the server reads a session's text at the moment: the settings that
 /// change where a string literal ends. The text itself is UTF-8, already
@@ -94,6 +97,13 @@ impl Default for Reading {
 /// only comments, is parsed and has no statements. Never panics, and never
 /// overflows the caller's stack.
 pub fn classify(sql: &str, reading: Reading) -> Classification {
+    classify_shaped(sql, reading).0
+}
+
+/// [`classify`], and whether the facts hold for every text of the same
+/// shape (the same tokens but for the values of literals): see
+/// [`Classifier`].
+fn classify_shaped(sql: &str, reading: Reading) -> (Classification, bool) {
     if sql.len() <= INLINE_TEXT_BYTES {
         return classify_guarded(sql, reading);
     }
@@ -109,9 +119,9 @@ pub fn classify(sql: &str, reading: Reading) -> Classification {
         .as_ref()
         .is_some_and(|jobs| jobs.send(job).is_ok());
     if !sent {
-        return UNPARSED;
+        return (UNPARSED, false);
     }
-    answer.recv().unwrap_or(UNPARSED)
+    answer.recv().unwrap_or((UNPARSED, false))
 }
 
 /// Texts up to this long are classified on the caller's stack. A level of
@@ -131,7 +141,7 @@ const DEEP_THREADS: usize = 2;
 struct Job {
     sql: String,
     reading: Reading,
-    reply: mpsc::SyncSender<Classification>,
+    reply: mpsc::SyncSender<(Classification, bool)>,
 }
 
 /// The queue of the deep-stack threads; `None` if none could be started
@@ -162,32 +172,48 @@ const UNPARSED: Classification = Classification {
     parsed: false,
 };
 
-fn classify_guarded(sql: &str, reading: Reading) -> Classification {
+fn classify_guarded(sql: &str, reading: Reading) -> (Classification, bool) {
     // Neither the parser nor the walk is known to panic on any input, but a
     // panic here would take down the session that sent the text; unparsed
     // is the safe answer.
-    panic::catch_unwind(AssertUnwindSafe(|| classify_text(sql, reading))).unwrap_or(UNPARSED)
+    panic::catch_unwind(AssertUnwindSafe(|| classify_text(sql, reading)))
+        .unwrap_or((UNPARSED, false))
 }
 
-fn classify_text(sql: &str, reading: Reading) -> Classification {
+/// The classification, and whether its facts depend on nothing a literal's
+/// value can change: every statement is a SELECT, INSERT, UPDATE, DELETE or
+/// MERGE (no EXPLAIN, whose options are literals; no SET, COPY, PREPARE…)
+/// that calls no `set_config` (whose arguments are).
+fn classify_text(sql: &str, reading: Reading) -> (Classification, bool) {
     let mut options = pg_query::ParserOptions::DEFAULT;
     if !reading.standard_conforming_strings {
         options |= pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS;
     }
     let Ok(tree) = pg_query::parse(sql, options) else {
-        return UNPARSED;
+        return (UNPARSED, false);
     };
     let mut statements = Vec::with_capacity(tree.protobuf.stmts.len());
+    let mut literal_free = true;
     for raw in &tree.protobuf.stmts {
-        match raw.stmt.as_deref().and_then(|s| s.node.as_ref()) {
-            Some(statement) => statements.push(walk::facts(statement)),
-            None => return UNPARSED,
-        }
+        let Some(statement) = raw.stmt.as_deref().and_then(|s| s.node.as_ref()) else {
+            return (UNPARSED, false);
+        };
+        let facts = walk::facts(statement);
+        literal_free &= matches!(
+            statement,
+            pg_query::NodeEnum::SelectStmt(_)
+                | pg_query::NodeEnum::InsertStmt(_)
+                | pg_query::NodeEnum::UpdateStmt(_)
+                | pg_query::NodeEnum::DeleteStmt(_)
+                | pg_query::NodeEnum::MergeStmt(_)
+        ) && !facts.functions.contains("set_config");
+        statements.push(facts);
     }
-    Classification {
+    let c = Classification {
         statements,
         parsed: true,
-    }
+    };
+    (c, literal_free)
 }
 
 #[cfg(test)]

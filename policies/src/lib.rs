@@ -16,7 +16,7 @@ mod engine;
 mod facts;
 
 pub use bundle::{Bundle, BundleError, Problem, SCHEMA, SCHEMA_FILE, Severity};
-pub use classify::{Reading, classify};
+pub use classify::{Classifier, Reading, classify};
 pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,
 };

@@ -28,7 +28,7 @@ use gatehouse_events::{
     CloseReason, CommandReceived, DecisionRecord, Event, Param, ParamFormat, Payload, Protocol,
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, FrontendMessage, TransactionStatus};
-use gatehouse_policies::{Classification, Reading, StatementKind, classify};
+use gatehouse_policies::{Classification, Classifier, StatementKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -181,7 +181,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: Conn, opened: Opened) {
             inject: inject_tx,
             statements: HashMap::new(),
             portals: HashMap::new(),
-            classified: Classified::default(),
+            classified: Classifier::default(),
             syncs_forwarded: 0,
             skip_until_sync: false,
             policy,
@@ -214,42 +214,6 @@ struct Prepared {
     facts: Arc<Classification>,
 }
 
-/// Classifications of the texts a session sent recently. Applications
-/// repeat their statements, so most texts are parsed once per session; a
-/// text with new literals each time costs one hash and one copy more than
-/// parsing alone. Texts are kept transcoded to UTF-8, for one `Reading`:
-/// when the session's changes, the cache starts over.
-#[derive(Default)]
-struct Classified {
-    reading: Reading,
-    by_text: HashMap<Box<str>, Arc<Classification>>,
-}
-
-impl Classified {
-    /// Texts kept; when full, the cache starts over.
-    const CAPACITY: usize = 256;
-    /// Longer texts are classified every time rather than kept.
-    const MAX_TEXT: usize = 4096;
-
-    fn get(&mut self, text: &str, reading: Reading) -> Arc<Classification> {
-        if reading != self.reading {
-            self.by_text.clear();
-            self.reading = reading;
-        }
-        if let Some(c) = self.by_text.get(text) {
-            return c.clone();
-        }
-        let c = Arc::new(classify(text, reading));
-        if text.len() <= Self::MAX_TEXT {
-            if self.by_text.len() >= Self::CAPACITY {
-                self.by_text.clear();
-            }
-            self.by_text.insert(text.into(), c.clone());
-        }
-        c
-    }
-}
-
 /// A bound portal: what an `Execute` of it runs.
 struct Portal {
     statement_name: String,
@@ -264,7 +228,7 @@ struct ClientToTarget<'a> {
     /// Prepared statements by name (`""` is the unnamed one).
     statements: HashMap<String, Prepared>,
     portals: HashMap<String, Portal>,
-    classified: Classified,
+    classified: Classifier,
     /// This session's side of policy decisions.
     policy: SessionPolicy,
     /// After a denied `Execute`, messages up to the next `Sync` are
@@ -507,7 +471,7 @@ impl ClientToTarget<'_> {
                         }
                     };
                     self.forwarded.mark_text(batch, self.batch_executed);
-                    let facts = self.classified.get(&text, reading);
+                    let facts = self.classified.classify(&text, reading);
                     let decision = self.policy.decide(&state, &facts);
                     chunk.events.push(self.command(
                         Protocol::Simple,
@@ -545,7 +509,7 @@ impl ClientToTarget<'_> {
                     self.forwarded.mark_text(batch, self.batch_executed);
                     let prepared = Prepared {
                         text: text.as_ref().into(),
-                        facts: self.classified.get(&text, reading),
+                        facts: self.classified.classify(&text, reading),
                     };
                     self.statements.insert(p.statement.to_owned(), prepared);
                 }
