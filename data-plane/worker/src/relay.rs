@@ -281,6 +281,17 @@ struct Chunk {
     barrier: bool,
 }
 
+impl Chunk {
+    /// Answers a `Query` (or a message that stands for one) in place of the
+    /// target: the error, then `ReadyForQuery`, where the target's answer
+    /// would have come.
+    fn answer(&mut self, error: ClientError) {
+        let at = after_ready(self.syncs);
+        self.local.push((at, Reply::Error(error)));
+        self.local.push((at, Reply::ReadyForQuery));
+    }
+}
+
 impl ClientToTarget<'_> {
     async fn run(
         mut self,
@@ -461,12 +472,7 @@ impl ClientToTarget<'_> {
                     let text = match parsing.decode(bytes) {
                         Ok(text) => text,
                         Err(e) => {
-                            chunk
-                                .local
-                                .push((after_ready(chunk.syncs), Reply::Error(e)));
-                            chunk
-                                .local
-                                .push((after_ready(chunk.syncs), Reply::ReadyForQuery));
+                            chunk.answer(e);
                             continue;
                         }
                     };
@@ -482,12 +488,7 @@ impl ClientToTarget<'_> {
                         decision.record,
                     ));
                     if let Some(refusal) = decision.refusal {
-                        chunk
-                            .local
-                            .push((after_ready(chunk.syncs), Reply::Error(refusal)));
-                        chunk
-                            .local
-                            .push((after_ready(chunk.syncs), Reply::ReadyForQuery));
+                        chunk.answer(refusal);
                         continue;
                     }
                     chunk.syncs += 1;
@@ -608,12 +609,7 @@ impl ClientToTarget<'_> {
                         "0A000",
                         "the function-call protocol is not supported through Gatehouse; use SELECT",
                     );
-                    chunk
-                        .local
-                        .push((after_ready(chunk.syncs), Reply::Error(e)));
-                    chunk
-                        .local
-                        .push((after_ready(chunk.syncs), Reply::ReadyForQuery));
+                    chunk.answer(e);
                     continue;
                 }
                 FrontendMessage::Describe { .. } | FrontendMessage::Flush => {
