@@ -138,6 +138,16 @@ async fn what_the_server_would_run_is_what_is_decided() {
         .get(0);
     assert_eq!(mode, "on");
 
+    // Drivers set the client encoding after connecting: allowed, for
+    // agents too (the worker follows the server's settings).
+    bot.batch_execute("SET client_encoding TO 'UTF8'")
+        .await
+        .unwrap();
+    alice
+        .batch_execute("SET NAMES 'UTF8'; SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+
     // An agent may plan its queries: EXPLAIN without ANALYZE reads nothing.
     let plan = bot
         .simple_query("EXPLAIN SELECT * FROM t WHERE id = 1")
