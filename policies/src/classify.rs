@@ -113,11 +113,7 @@ fn classify_shaped(sql: &str, reading: Reading) -> (Classification, bool) {
         reading,
         reply,
     };
-    let sent = DEEP
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|jobs| jobs.send(job).is_ok());
+    let sent = DEEP.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
     if !sent {
         return (UNPARSED, false);
     }
@@ -146,7 +142,7 @@ struct Job {
 
 /// The queue of the deep-stack threads; `None` if none could be started
 /// (every long text is then unparsed: refused).
-static DEEP: LazyLock<Mutex<Option<mpsc::Sender<Job>>>> = LazyLock::new(|| {
+static DEEP: LazyLock<Option<mpsc::Sender<Job>>> = LazyLock::new(|| {
     let (jobs, queue) = mpsc::channel::<Job>();
     let queue = std::sync::Arc::new(Mutex::new(queue));
     let mut started = 0;
@@ -164,7 +160,7 @@ static DEEP: LazyLock<Mutex<Option<mpsc::Sender<Job>>>> = LazyLock::new(|| {
             });
         started += usize::from(spawned.is_ok());
     }
-    Mutex::new((started > 0).then_some(jobs))
+    (started > 0).then_some(jobs)
 });
 
 const UNPARSED: Classification = Classification {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use pg_query::protobuf::Token;
 
-use super::{Reading, classify_shaped};
+use super::{Reading, classify, classify_shaped};
 use crate::Classification;
 
 /// A session's cache of classifications (see the module's documentation).
@@ -51,7 +51,7 @@ impl Classifier {
             return c.clone();
         }
         if text.len() > Self::MAX_TEXT {
-            return Arc::new(classify_shaped(text, reading).0);
+            return Arc::new(classify(text, reading));
         }
         let shape = shape(text, reading);
         if let Some(c) = shape.as_deref().and_then(|s| self.by_shape.get(s)) {
@@ -111,7 +111,7 @@ fn shape(text: &str, reading: Reading) -> Option<Box<str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{StatementKind, classify};
+    use crate::StatementKind;
 
     fn shape_of(text: &str) -> Option<Box<str>> {
         shape(text, Reading::default())

@@ -212,6 +212,12 @@ impl Walker {
         self.facts.writes = true;
     }
 
+    /// A statement that creates, alters or drops the objects it names.
+    fn schema_change(&mut self) {
+        self.raise_writing(StatementKind::Ddl);
+        self.own = Some(Role::Written);
+    }
+
     fn apply(&mut self, effect: Effect) {
         self.facts.disables_read_only |= effect.disables_read_only;
         self.facts.changes_parsing |= effect.changes_parsing;
@@ -243,11 +249,10 @@ impl Walker {
                     self.raise(K::CopyOut);
                     self.own = Some(Role::Read);
                 }
+                // Both also write (see `finish`).
                 if copy.is_program {
                     self.facts.runs_program = true;
-                    self.facts.writes = true;
                 } else if !copy.filename.is_empty() {
-                    self.facts.writes = true;
                     self.facts.reaches_outside = true;
                 }
             }
@@ -265,8 +270,7 @@ impl Walker {
             | NodeEnum::CreateExtensionStmt(_)
             | NodeEnum::AlterExtensionStmt(_)
             | NodeEnum::AlterExtensionContentsStmt(_) => {
-                self.raise_writing(K::Ddl);
-                self.own = Some(Role::Written);
+                self.schema_change();
                 self.facts.dynamic = true;
             }
             // Other servers, files through foreign-data wrappers,
@@ -279,8 +283,7 @@ impl Walker {
             | NodeEnum::ImportForeignSchemaStmt(_)
             | NodeEnum::CreateSubscriptionStmt(_)
             | NodeEnum::AlterSubscriptionStmt(_) => {
-                self.raise_writing(K::Ddl);
-                self.own = Some(Role::Written);
+                self.schema_change();
                 self.facts.reaches_outside = true;
             }
 
@@ -318,9 +321,9 @@ impl Walker {
             }
 
             // Privileges, roles, and settings of the server, a role or a
-            // database (they apply to later sessions).
-            // The server's configuration file: it can name programs
-            // (archive_command) and libraries.
+            // database (they apply to later sessions). The server's
+            // configuration file can name programs (archive_command) and
+            // libraries.
             NodeEnum::AlterSystemStmt(pb::AlterSystemStmt { setstmt }) => {
                 self.raise_writing(K::Dcl);
                 self.facts.reaches_outside = true;
@@ -398,10 +401,7 @@ impl Walker {
             }
 
             // Everything else creates, alters or drops schema objects.
-            _ => {
-                self.raise_writing(K::Ddl);
-                self.own = Some(Role::Written);
-            }
+            _ => self.schema_change(),
         }
     }
 
