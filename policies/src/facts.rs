@@ -112,6 +112,9 @@ pub struct StatementFacts {
     /// For `EXECUTE name`: the name; the worker judges it by the facts it
     /// recorded for that prepared statement.
     pub executes: Option<String>,
+    /// Which prepared statements the statement drops once it succeeds:
+    /// `DEALLOCATE name`, or all of them (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub deallocates: Option<Deallocates>,
     /// Whether the statement turns read-only mode off, or may: `SET
     /// [LOCAL|SESSION] default_transaction_read_only`/`transaction_read_only`
     /// to anything but a true value (also `TO DEFAULT` and `RESET`), `SET
@@ -145,6 +148,7 @@ impl StatementFacts {
             reaches_outside: false,
             prepares: None,
             executes: None,
+            deallocates: None,
             disables_read_only: false,
             changes_parsing: false,
         }
@@ -169,6 +173,13 @@ impl StatementFacts {
         facts.changes_parsing |= execute.changes_parsing;
         facts
     }
+}
+
+/// Prepared statements a statement drops.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Deallocates {
+    One(String),
+    All,
 }
 
 /// The facts about a command's text.

@@ -21,4 +21,4 @@ pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,
 };
 pub use engine::{Decision, Effect, Engine, Principal, Session, TargetInfo};
-pub use facts::{Classification, StatementFacts, StatementKind};
+pub use facts::{Classification, Deallocates, StatementFacts, StatementKind};

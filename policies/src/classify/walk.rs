@@ -25,7 +25,7 @@ use pg_query::protobuf::{self as pb, DiscardMode, ObjectType};
 
 use super::functions::{self, Call};
 use super::settings::{self, Effect, Setting};
-use crate::{StatementFacts, StatementKind};
+use crate::{Deallocates, StatementFacts, StatementKind};
 
 /// The facts of one top-level statement.
 ///
@@ -292,7 +292,15 @@ impl Walker {
                 self.raise(K::Other);
                 self.facts.executes = Some(execute.name.clone());
             }
-            NodeEnum::DeallocateStmt(_) | NodeEnum::ClosePortalStmt(_) => self.raise(K::Utility),
+            NodeEnum::DeallocateStmt(deallocate) => {
+                self.raise(K::Utility);
+                self.facts.deallocates = Some(if deallocate.isall {
+                    Deallocates::All
+                } else {
+                    Deallocates::One(deallocate.name.clone())
+                });
+            }
+            NodeEnum::ClosePortalStmt(_) => self.raise(K::Utility),
 
             // Settings.
             NodeEnum::VariableSetStmt(set) => {
@@ -309,6 +317,7 @@ impl Walker {
             NodeEnum::DiscardStmt(discard) => {
                 self.raise(K::Utility);
                 if discard.target == DiscardMode::DiscardAll as i32 {
+                    self.facts.deallocates = Some(Deallocates::All);
                     self.apply(settings::reset_all());
                 }
             }
