@@ -276,6 +276,7 @@ fn command(statement: &str) -> Payload {
         statement_name: None,
         portal: None,
         params: vec![],
+        executes: vec![],
         decision: None,
     })
 }

@@ -22,8 +22,8 @@ pub use cloudevent::{BATCH_CONTENT_TYPE, CONTENT_TYPE, DecodeError, decode, enco
 pub use envelope::{Actor, Event, Identity};
 pub use payload::{
     AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
-    IdentityRevoked, Param, ParamFormat, Payload, PolicyBundlePublished, Protocol, SessionClosed,
-    SessionOpened,
+    ExecutedStatement, IdentityRevoked, Param, ParamFormat, Payload, PolicyBundlePublished,
+    Protocol, SessionClosed, SessionOpened,
 };
 pub use subject::{EventType, Subjects};
 

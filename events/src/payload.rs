@@ -85,10 +85,23 @@ pub struct CommandReceived {
     /// Bound parameter values, for extended-protocol commands.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub params: Vec<Param>,
+    /// The prepared statements this command runs by name (a SQL `EXECUTE`,
+    /// or an extended-protocol `Execute` of a statement that is itself an
+    /// `EXECUTE`), each with the text it was prepared from, as the worker
+    /// saw the server accept it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub executes: Vec<ExecutedStatement>,
     /// The policy decision on the command (absent in events from workers
     /// that did not decide yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<DecisionRecord>,
+}
+
+/// A prepared statement run by name, and its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutedStatement {
+    pub name: String,
+    pub text: String,
 }
 
 /// The outcome of a policy decision.

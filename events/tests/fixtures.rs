@@ -79,6 +79,10 @@ fn batches_round_trip_in_order() {
                             value: None,
                         },
                     ],
+                    executes: vec![ExecutedStatement {
+                        name: format!("s{i}"),
+                        text: format!("select {i} -- \"prepared\" \u{e9}"),
+                    }],
                     decision: None,
                 }),
                 i,
@@ -87,6 +91,40 @@ fn batches_round_trip_in_order() {
         .collect();
     let decoded = decode(&encode_batch(&events)).unwrap();
     assert_eq!(decoded, events);
+}
+
+/// `executes` (added within schema version 1) is read where present, empty
+/// in events written before it, and left out of the JSON when empty.
+#[test]
+fn executes_are_optional_within_v1() {
+    let fixture = |name: &str| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1");
+        decode(&std::fs::read(root.join(name)).unwrap()).unwrap()
+    };
+    let command = |e: &Event| match &e.payload {
+        Payload::CommandReceived(c) => c.clone(),
+        other => panic!("not a command: {other:?}"),
+    };
+    let with = fixture("command_received_executes.json");
+    let one = ExecutedStatement {
+        name: "one".into(),
+        text: "select * from accounts where id = $1".into(),
+    };
+    let wipe = ExecutedStatement {
+        name: "wipe".into(),
+        text: "delete from accounts".into(),
+    };
+    assert_eq!(command(&with[0]).executes, [wipe, one.clone()]);
+    let extended = command(&with[1]);
+    assert_eq!(extended.protocol, Protocol::Extended);
+    assert_eq!(extended.executes, [one]);
+
+    let old = fixture("command_received_batch.json");
+    assert!(old.iter().all(|e| command(e).executes.is_empty()));
+    for e in &old {
+        let v: serde_json::Value = serde_json::from_slice(&e.to_cloudevent()).unwrap();
+        assert!(v["data"]["payload"].get("executes").is_none(), "{v}");
+    }
 }
 
 #[test]

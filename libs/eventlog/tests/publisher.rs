@@ -19,6 +19,7 @@ fn command(i: usize) -> Event {
             statement_name: None,
             portal: None,
             params: Vec::new(),
+            executes: Vec::new(),
             decision: None,
         }),
     )
