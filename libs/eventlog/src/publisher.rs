@@ -245,6 +245,10 @@ fn event_size_hint(event: &Event) -> usize {
                     .iter()
                     .map(|p| p.value.as_ref().map_or(4, |v| v.len() + 32))
                     .sum::<usize>()
+                + c.executes
+                    .iter()
+                    .map(|x| x.name.len() + x.text.len() + 32)
+                    .sum::<usize>()
         }
         _ => 256,
     }
