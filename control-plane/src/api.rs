@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
+use gatehouse_events::ExecutedStatement;
 use gatehouse_identity::{AuthError, Verifier};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -306,6 +307,10 @@ struct CommandItem {
     statement_name: Option<String>,
     portal: Option<String>,
     params: Value,
+    /// The prepared statements the command runs by name, each `{name,
+    /// text}` with the text it was prepared from; empty when it runs none.
+    #[sqlx(json)]
+    executes: Vec<ExecutedStatement>,
     /// The policy decision (`effect`, `enforced`, `policies`, `reason`,
     /// bundle version and hash), when the worker decided.
     decision: Option<Value>,
@@ -318,7 +323,8 @@ async fn list_commands(
     let q = ListQuery::parse(params?.0, s.max_page)?;
     let mut sql = QueryBuilder::new(
         "SELECT event_id, session_id, seq, time, identity_subject, identity_username,
-            delegation, target, protocol, statement, statement_name, portal, params, decision
+            delegation, target, protocol, statement, statement_name, portal, params,
+            coalesce(executes, '[]') AS executes, decision
          FROM commands WHERE true",
     );
     q.push_tail(&mut sql, "event_id");

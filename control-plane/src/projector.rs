@@ -341,6 +341,7 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
         names: Vec<Option<&'a str>>,
         portals: Vec<Option<&'a str>>,
         params: Vec<String>,
+        executes: Vec<Option<String>>,
         effects: Vec<Option<String>>,
         enforced: Vec<Option<bool>>,
         decisions: Vec<Option<String>>,
@@ -364,6 +365,8 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
         c.names.push(p.statement_name.as_deref());
         c.portals.push(p.portal.as_deref());
         c.params.push(json(&p.params));
+        c.executes
+            .push((!p.executes.is_empty()).then(|| json(&p.executes)));
         c.effects
             .push(p.decision.as_ref().map(|d| snake_case(&d.effect)));
         c.enforced.push(p.decision.as_ref().map(|d| d.enforced));
@@ -375,11 +378,11 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
     sqlx::query(
         "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
             identity_username, delegation, target, protocol, statement, statement_name,
-            portal, params, effect, enforced, decision)
+            portal, params, executes, effect, enforced, decision)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[],
             $5::text[], $6::text[], $7::text[]::jsonb[], $8::text[], $9::text[], $10::text[],
-            $11::text[], $12::text[], $13::text[]::jsonb[], $14::text[], $15::bool[],
-            $16::text[]::jsonb[])
+            $11::text[], $12::text[], $13::text[]::jsonb[], $14::text[]::jsonb[], $15::text[],
+            $16::bool[], $17::text[]::jsonb[])
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(c.ids)
@@ -395,6 +398,7 @@ async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), 
     .bind(c.names)
     .bind(c.portals)
     .bind(c.params)
+    .bind(c.executes)
     .bind(c.effects)
     .bind(c.enforced)
     .bind(c.decisions)

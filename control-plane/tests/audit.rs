@@ -14,7 +14,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::FutureExt;
 use gatehouse_control_plane::{ControlPlaneConfig, connect_audit_db, run};
 use gatehouse_eventlog::EventLogConfig;
-use gatehouse_events::{AuthenticationFailed, Param, ParamFormat};
+use gatehouse_events::{AuthenticationFailed, ExecutedStatement, Param, ParamFormat};
 use gatehouse_events::{
     CloseReason, CommandReceived, Event, EventType, Identity, Payload, Protocol, SessionClosed,
     SessionOpened, encode_batch,
@@ -587,6 +587,100 @@ async fn restart_scenario(env: &Env) {
         .await
         .unwrap();
     assert_eq!(seqs, [1, 2, 3, 4]);
+    db.close().await;
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_and_serves_the_texts_of_executed_statements() {
+    Env::new().await.scope(executes_scenario).await;
+}
+
+async fn executes_scenario(env: &Env) {
+    let cp = env.start().await;
+    let alice = who("u-alice", "alice");
+    let s = Uuid::now_v7();
+    let executed = |name: &str, text: &str| ExecutedStatement {
+        name: name.into(),
+        text: text.into(),
+    };
+    // A SQL EXECUTE of two prepared statements in one Query.
+    let mut simple = event(
+        s,
+        2,
+        1.0,
+        &alice,
+        "app",
+        command("execute wipe; execute one(7)"),
+    );
+    if let Payload::CommandReceived(p) = &mut simple.payload {
+        p.executes = vec![
+            executed("wipe", "delete from accounts"),
+            executed("one", "select * from accounts where id = $1"),
+        ];
+    }
+    // An extended-protocol Execute of a statement that is itself an EXECUTE.
+    let mut extended = event(s, 3, 2.0, &alice, "app", command("execute one($1)"));
+    if let Payload::CommandReceived(p) = &mut extended.payload {
+        p.protocol = Protocol::Extended;
+        p.statement_name = Some(String::new());
+        p.portal = Some(String::new());
+        p.params = vec![Param {
+            format: ParamFormat::Text,
+            value: Some("7".into()),
+        }];
+        p.executes = vec![executed("one", "select * from accounts where id = $1")];
+    }
+    // One without: stored as NULL, served as [].
+    let plain = event(s, 4, 3.0, &alice, "app", command("select 1"));
+    env.send_batch(&[simple, extended.clone(), plain]).await;
+    // Redelivered: still one row.
+    env.send(&extended).await;
+
+    let db = env.db().await;
+    env.wait_projected(&db, 3).await;
+    let stored: Vec<(i64, Option<Value>)> =
+        sqlx::query_as("SELECT seq, executes FROM commands ORDER BY seq")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let wipe = serde_json::json!({"name": "wipe", "text": "delete from accounts"});
+    let one = serde_json::json!({"name": "one", "text": "select * from accounts where id = $1"});
+    assert_eq!(
+        stored,
+        [
+            (2, Some(Value::from(vec![wipe.clone(), one.clone()]))),
+            (3, Some(Value::from(vec![one.clone()]))),
+            (4, None),
+        ]
+    );
+
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: &cp.url,
+        token: Some(env.token("u-carol", "carol", &["auditors"])),
+    };
+    let (status, _, body) = api.get("/api/v1/commands").await;
+    assert_eq!(status, 200, "{body}");
+    let items = body["items"].as_array().unwrap();
+    let served: Vec<(&str, &Value)> = items
+        .iter()
+        .map(|i| (i["statement"].as_str().unwrap(), &i["executes"]))
+        .collect();
+    assert_eq!(
+        served,
+        [
+            ("select 1", &Value::from(Vec::<Value>::new())),
+            ("execute one($1)", &Value::from(vec![one.clone()])),
+            (
+                "execute wipe; execute one(7)",
+                &Value::from(vec![wipe, one])
+            ),
+        ]
+    );
+    assert_eq!(items[1]["protocol"], "extended");
+    assert_eq!(items[1]["params"][0]["value"], "7");
+
     db.close().await;
     cp.stop().await;
 }
