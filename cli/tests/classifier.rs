@@ -96,7 +96,6 @@ async fn what_the_server_would_run_is_what_is_decided() {
             "EXECUTE q(pg_read_file('/etc/hostname'))".into(),
             "only group dba",
         ),
-        (&alice, "EXECUTE never_prepared".into(), "could not be read"),
         // What the server's parser rejects is refused for everyone.
         (&alice, "SELEC 1; DELETE FROM t".into(), "could not be read"),
     ];
@@ -108,6 +107,13 @@ async fn what_the_server_would_run_is_what_is_decided() {
         // The session stays usable after each refusal.
         client.simple_query("SELECT 1").await.unwrap();
     }
+    // A name the server never confirmed is refused as PostgreSQL refuses
+    // it, and never run.
+    let err = alice
+        .batch_execute("EXECUTE never_prepared")
+        .await
+        .expect_err("an unknown prepared statement");
+    assert_eq!(refusal(&err).0, "26000", "{err}");
     // The extended protocol is judged the same way.
     let err = alice
         .query("SELECT pg_read_file($1)", &[&"/etc/hostname"])

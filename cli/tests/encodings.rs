@@ -470,7 +470,9 @@ async fn a_statement_after_a_settings_change_is_read_with_the_new_settings() {
     );
 
     // Extended protocol: a statement after the change, before Sync, is
-    // refused; after the Sync it is read in the new encoding.
+    // refused, and as after any error the server rolls the batch back, the
+    // change with it; after a Sync that commits it, text is read in the new
+    // encoding.
     let mut bot = agent(&env, "bot-batch", &[]).await;
     let mut out = BytesMut::new();
     extended(&mut out, b"SET client_encoding TO 'SJIS'", &[]);
@@ -482,6 +484,21 @@ async fn a_statement_after_a_settings_change_is_read_with_the_new_settings() {
     let a = bot.answer().await;
     assert_eq!(a.codes(), ["0A000"], "{a:?}");
     assert!(a.errors[0].2.contains("send Sync"), "{a:?}");
+    assert!(
+        !a.parameters
+            .contains(&("client_encoding".into(), "SJIS".into())),
+        "rolled back with the batch: {a:?}"
+    );
+    // Still UTF-8: one SELECT of one string.
+    let a = bot.answer().await;
+    assert!(a.ok(), "{a:?}");
+    let mut out = BytesMut::new();
+    extended(&mut out, b"SET client_encoding TO 'SJIS'", &[]);
+    sync(&mut out);
+    extended(&mut out, attack, &[]);
+    sync(&mut out);
+    bot.send(&out).await;
+    let a = bot.answer().await;
     assert!(
         a.parameters
             .contains(&("client_encoding".into(), "SJIS".into())),

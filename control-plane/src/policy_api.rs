@@ -253,22 +253,13 @@ async fn explain(
     )
     .await?;
     let engine = current_engine(&s.policy).await?;
-    let principal = Principal {
-        username: req
-            .identity
-            .username
-            .clone()
-            .unwrap_or_else(|| req.identity.subject.clone()),
-        is_agent: !req.identity.actors.is_empty()
-            || req
-                .identity
-                .groups
-                .iter()
-                .any(|g| g == &s.policy.config.agent_group),
-        subject: req.identity.subject,
-        groups: req.identity.groups,
-        delegation: req.identity.actors,
-    };
+    let principal = Principal::from_claims(
+        req.identity.subject,
+        req.identity.username,
+        req.identity.groups,
+        req.identity.actors,
+        &s.policy.config.agent_group,
+    );
     let target = TargetInfo {
         name: req.target.name,
         kind: "postgres".into(),

@@ -48,6 +48,28 @@ pub struct Principal {
     pub is_agent: bool,
 }
 
+impl Principal {
+    /// The principal a verified token's claims make: an agent when it acts
+    /// for someone (`delegation`, from the `act` claim) or is in
+    /// `agent_group`. The one place claims become a principal, for the
+    /// worker and the control plane alike.
+    pub fn from_claims(
+        subject: String,
+        username: Option<String>,
+        groups: Vec<String>,
+        delegation: Vec<String>,
+        agent_group: &str,
+    ) -> Principal {
+        Principal {
+            is_agent: !delegation.is_empty() || groups.iter().any(|g| g == agent_group),
+            username: username.unwrap_or_else(|| subject.clone()),
+            subject,
+            groups,
+            delegation,
+        }
+    }
+}
+
 /// The database a session is on, from the worker's config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetInfo {

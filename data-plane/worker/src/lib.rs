@@ -23,6 +23,7 @@ pub mod config;
 mod conn;
 mod encoding;
 pub mod error;
+mod machine;
 mod policy;
 mod relay;
 mod session;
@@ -38,6 +39,12 @@ use gatehouse_policystore::{PolicyConfig, PolicyStore};
 use tokio::net::TcpListener;
 
 pub use config::{TargetConfig, TargetTls, WorkerConfig};
+
+/// The session machine driven by arbitrary bytes, for the fuzz target.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::machine::fuzz::run;
+}
 
 /// A target with its prepared TLS settings.
 pub(crate) struct Target {

@@ -2,7 +2,7 @@
 //! (kept fresh by watching the policy store), and each session's view of
 //! them — its principal, its target, its prepared statements.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -114,8 +114,6 @@ pub(crate) struct SessionPolicy {
     pub read_only: bool,
     /// Record denials without enforcing them (dry-run target or bundle).
     dry_run_target: bool,
-    /// SQL-level prepared statements (`PREPARE name AS …`) by name.
-    prepared: HashMap<String, StatementFacts>,
     /// Cedar entities of this session, built for `engine_of`.
     entities: Option<(Arc<Engine>, Session)>,
 }
@@ -125,6 +123,8 @@ pub(crate) struct CommandDecision {
     pub record: Option<DecisionRecord>,
     /// What to tell the client instead of running the command, if anything.
     pub refusal: Option<ClientError>,
+    /// The effect is a denial (not an approval to wait for).
+    pub denied: bool,
 }
 
 impl SessionPolicy {
@@ -135,18 +135,17 @@ impl SessionPolicy {
         target: TargetInfo,
         source_ip: String,
     ) -> Self {
-        let principal = Principal {
-            subject: identity.subject.clone(),
-            username: identity.username.clone(),
-            groups: identity.groups.clone(),
-            delegation: identity
+        let principal = Principal::from_claims(
+            identity.subject.clone(),
+            Some(identity.username.clone()),
+            identity.groups.clone(),
+            identity
                 .delegation
                 .iter()
                 .map(|a| a.subject.clone())
                 .collect(),
-            is_agent: !identity.delegation.is_empty()
-                || identity.groups.iter().any(|g| g == &config.agent_group),
-        };
+            &config.agent_group,
+        );
         Self {
             dry_run_target: config.dry_run_targets.iter().any(|t| t == &target.name),
             principal,
@@ -155,7 +154,6 @@ impl SessionPolicy {
             subject: identity.subject.clone(),
             token_id,
             read_only: false,
-            prepared: HashMap::new(),
             entities: None,
         }
     }
@@ -208,20 +206,32 @@ impl SessionPolicy {
         }
     }
 
-    /// Decides a command from its classification: allowed only if every
-    /// statement is.
+    /// Decides a command that executes no prepared statement by name (or
+    /// judges such an `EXECUTE` as text it cannot read).
     pub fn decide(&mut self, state: &PolicyState, c: &Classification) -> CommandDecision {
+        self.decide_with(state, c, |_| None)
+    }
+
+    /// Decides a command from its classification, with `prepared` saying
+    /// what each name its `EXECUTE`s run was prepared as: every statement
+    /// decided, the most severe effect stands.
+    pub fn decide_with<'p>(
+        &mut self,
+        state: &PolicyState,
+        c: &Classification,
+        prepared: impl Fn(&str) -> Option<&'p StatementFacts>,
+    ) -> CommandDecision {
         let Some(engine) = state.engine.clone() else {
             return CommandDecision {
                 record: None,
                 refusal: Some(ClientError::error("42501", NO_BUNDLE)),
+                denied: true,
             };
         };
         let started = Instant::now();
         self.entities(&engine);
         let session = &self.entities.as_ref().expect("fresh").1;
-        let prepared = &self.prepared;
-        let d = engine.decide_command(session, c, |name| prepared.get(name));
+        let d = engine.decide_command(session, c, &prepared);
         let (mut effect, policies, mut reason) = (d.effect, d.policies, d.reason);
         // A read-only session is never made writable, whatever the policies
         // say and even in dry-run.
@@ -229,8 +239,8 @@ impl SessionPolicy {
             && c.statements.iter().any(|s| {
                 s.disables_read_only
                     || s.executes
-                        .as_ref()
-                        .and_then(|name| prepared.get(name))
+                        .as_deref()
+                        .and_then(&prepared)
                         .is_some_and(|p| p.disables_read_only)
             });
         if read_only_violation {
@@ -258,37 +268,81 @@ impl SessionPolicy {
                 ),
             )),
         };
-        if refusal.is_none() {
-            for s in &c.statements {
-                if let Some(name) = &s.prepares {
-                    self.prepared.insert(name.clone(), s.clone());
-                }
-            }
-        }
         CommandDecision {
-            record: Some(DecisionRecord {
-                effect: match effect {
-                    Effect::Allow => DecisionEffect::Allow,
-                    Effect::Deny => DecisionEffect::Deny,
-                    Effect::ApprovalRequired => DecisionEffect::ApprovalRequired,
-                },
-                enforced,
-                policies,
-                reason,
-                kinds: if c.parsed {
-                    c.statements
-                        .iter()
-                        .map(|s| s.kind.as_str().to_string())
-                        .collect()
-                } else {
-                    vec![StatementKind::Other.as_str().to_string()]
-                },
-                bundle_version: engine.bundle_version().to_string(),
-                bundle_hash: engine.bundle_hash().to_string(),
-                eval_micros: started.elapsed().as_micros() as u64,
-            }),
+            denied: effect == Effect::Deny,
+            record: Some(Self::record(
+                &engine, effect, enforced, policies, reason, c, started,
+            )),
             refusal,
         }
+    }
+
+    /// The record of a command refused before any policy was asked (it
+    /// executes a prepared statement the server does not have).
+    pub fn refused_record(
+        &self,
+        state: &PolicyState,
+        c: &Classification,
+        reason: &str,
+    ) -> DecisionRecord {
+        let started = Instant::now();
+        match &state.engine {
+            Some(engine) => Self::record(
+                engine,
+                Effect::Deny,
+                true,
+                Vec::new(),
+                Some(reason.to_owned()),
+                c,
+                started,
+            ),
+            None => DecisionRecord {
+                effect: DecisionEffect::Deny,
+                enforced: true,
+                policies: Vec::new(),
+                reason: Some(reason.to_owned()),
+                kinds: kinds(c),
+                bundle_version: String::new(),
+                bundle_hash: String::new(),
+                eval_micros: 0,
+            },
+        }
+    }
+
+    fn record(
+        engine: &Engine,
+        effect: Effect,
+        enforced: bool,
+        policies: Vec<String>,
+        reason: Option<String>,
+        c: &Classification,
+        started: Instant,
+    ) -> DecisionRecord {
+        DecisionRecord {
+            effect: match effect {
+                Effect::Allow => DecisionEffect::Allow,
+                Effect::Deny => DecisionEffect::Deny,
+                Effect::ApprovalRequired => DecisionEffect::ApprovalRequired,
+            },
+            enforced,
+            policies,
+            reason,
+            kinds: kinds(c),
+            bundle_version: engine.bundle_version().to_string(),
+            bundle_hash: engine.bundle_hash().to_string(),
+            eval_micros: started.elapsed().as_micros() as u64,
+        }
+    }
+}
+
+fn kinds(c: &Classification) -> Vec<String> {
+    if c.parsed {
+        c.statements
+            .iter()
+            .map(|s| s.kind.as_str().to_string())
+            .collect()
+    } else {
+        vec![StatementKind::Other.as_str().to_string()]
     }
 }
 

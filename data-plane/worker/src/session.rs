@@ -63,10 +63,6 @@ impl SessionCtx {
         e.target = Some(self.target.clone());
         e
     }
-
-    pub fn token_expired(&self) -> bool {
-        chrono::Utc::now().timestamp() > self.expires_at + self.leeway_secs
-    }
 }
 
 /// Why a connection ended before a session opened.
@@ -457,4 +453,24 @@ pub(crate) async fn close(shared: &Shared, ctx: &SessionCtx, reason: CloseReason
         }
     }
     tracing::info!(session = %ctx.session_id, ?reason, "session closed");
+}
+
+#[cfg(test)]
+impl SessionCtx {
+    /// A session context for unit tests of the session machine.
+    pub fn for_tests(identity: Identity) -> Self {
+        SessionCtx {
+            worker_id: "test-worker".into(),
+            session_id: Uuid::now_v7(),
+            identity,
+            target: "test".into(),
+            expires_at: i64::MAX / 2,
+            leeway_secs: 0,
+            seq: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            bytes_from_client: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
 }

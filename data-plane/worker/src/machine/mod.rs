@@ -1,0 +1,1465 @@
+//! The session machine: what an open session does with every frame, without
+//! any I/O.
+//!
+//! It is fed what the client sent ([`Machine::client_input`]), what the
+//! target sent ([`Machine::target_input`]) and the outcome of recording
+//! ([`Machine::recorded`]); it says what to write to the target
+//! ([`Machine::to_target`]), what to write to the client
+//! ([`Machine::to_client`]), which events to record before anything of a read
+//! goes on ([`Machine::take_events`]), and when the session ends. The async
+//! pump in `relay.rs` only moves bytes.
+//!
+//! **What the server will run.** Every message forwarded to the target that
+//! the target answers is an entry in [`Machine::pending`], in order; each
+//! response frame is matched to the entry at the front. So the machine knows
+//! when the server accepted a `Parse`, a `Bind`, a `Close`, a `PREPARE` or a
+//! `DEALLOCATE`, and binds or drops names only then ([`names`]); an error
+//! makes the server skip to `Sync`, and the entries up to it are dropped
+//! unapplied. A `Bind`, `Execute` or `EXECUTE` is decided with the text its
+//! name is bound to when the server runs it; a name whose binding is still on
+//! its way is waited for; one the machine does not know is refused.
+//!
+//! **Refusing.** A refused message is replaced by one the server fails on at
+//! once (a statement that does not parse), and the server's error by the
+//! refusal: the server then does what it does after any error — skips the
+//! rest of the batch to `Sync`, rolls back an implicit transaction, marks an
+//! explicit one failed — so the client sees exactly PostgreSQL's behaviour,
+//! including after a `Flush`.
+//!
+//! **Settings barrier.** Text is read with the session's `client_encoding`
+//! and `standard_conforming_strings` as the target last reported them. A
+//! command that may change them is a barrier: nothing more from the client is
+//! read (COPY data aside) until the target has answered everything forwarded.
+//!
+//! **Extension points.** A command awaiting approval is an event recorded and
+//! bytes held, like any other (`held`), released by a later input instead of
+//! an acknowledgement; a response transform (masking) is a step in
+//! [`Machine::target_input`] between matching a frame and appending it to
+//! `to_client`.
+
+pub mod fuzz;
+mod names;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use base64::Engine as _;
+use bytes::{Buf, BufMut, BytesMut};
+use gatehouse_events::{
+    CloseReason, CommandReceived, DecisionRecord, Event, ExecutedStatement, Param, ParamFormat,
+    Payload, Protocol,
+};
+use gatehouse_pgwire::{self as pg, BackendMessage, Frame, FrontendMessage, TransactionStatus};
+use gatehouse_policies::{Classification, Classifier, Deallocates, StatementFacts, StatementKind};
+
+use crate::encoding::{self, Parsing};
+use crate::error::ClientError;
+use crate::policy::{PolicyState, SessionPolicy};
+use crate::session::SessionCtx;
+
+pub(crate) use names::{Change, Lookup, Names};
+
+/// The statement a refused message is replaced with: it never parses, so the
+/// server fails on it without running anything.
+const REFUSED_TEXT: &str = "refused by Gatehouse";
+/// The name the replacement `Parse` uses: a failed `Parse` binds nothing, and
+/// a named one leaves the unnamed statement alone.
+const REFUSED_NAME: &str = "gatehouse.refused";
+
+/// A prepared statement: its text and what the classifier found in it.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub text: Arc<str>,
+    pub facts: Arc<Classification>,
+}
+
+impl Prepared {
+    /// The one statement it holds (a `Parse` or `PREPARE` holds one).
+    fn statement(&self) -> Option<&StatementFacts> {
+        match self.facts.statements.as_slice() {
+            [one] if self.facts.parsed => Some(one),
+            _ => None,
+        }
+    }
+}
+
+/// A bound portal: what an `Execute` of it runs.
+#[derive(Debug)]
+pub(crate) struct Portal {
+    statement_name: String,
+    statement: Arc<Prepared>,
+    params: Vec<Param>,
+}
+
+/// Something forwarded that the target will answer, or a reply of the
+/// worker's own due once everything before it is answered.
+#[derive(Debug)]
+enum Pending {
+    /// Answered by `ParseComplete`.
+    Parse(Change<Prepared>),
+    /// Answered by `BindComplete`.
+    Bind(Change<Portal>),
+    /// Answered by `CloseComplete`.
+    CloseStatement(Change<Prepared>),
+    ClosePortal(Change<Portal>),
+    /// Answered by `RowDescription` or `NoData` (after a
+    /// `ParameterDescription` for a statement).
+    Describe,
+    /// Answered by `CommandComplete`, `EmptyQueryResponse` or
+    /// `PortalSuspended` (after rows or a COPY). `changes`: what running it
+    /// changes, once it completes.
+    Execute {
+        changes: Vec<Change<Prepared>>,
+    },
+    /// Answered by `ReadyForQuery`. The n-th `CommandComplete` in between
+    /// completes the n-th statement: `changes[n]`.
+    Query {
+        changes: VecDeque<Vec<Change<Prepared>>>,
+    },
+    /// Answered by `ReadyForQuery`. `text_after_execute`: text of this batch
+    /// came after an `Execute`, so it may have been read by the server with
+    /// settings that `Execute` changed.
+    Sync {
+        text_after_execute: bool,
+    },
+    /// The client's `CopyDone` or `CopyFail`: answered by nothing, marks
+    /// where a COPY's input ends.
+    CopyEnd,
+    /// A refused message, replaced by one the target fails on; its error is
+    /// replaced by this one. `simple`: a `Query` (answered by an error and
+    /// `ReadyForQuery`), else a `Parse` (an error, then the skip to `Sync`).
+    Refused {
+        error: ClientError,
+        simple: bool,
+        answered: bool,
+    },
+    /// A fatal error of the worker's own: the session ends after it.
+    Fatal(ClientError, CloseReason),
+}
+
+impl Pending {
+    /// Whether it carries text the worker read with the settings of its
+    /// time.
+    fn has_text(&self) -> bool {
+        matches!(self, Pending::Parse(_) | Pending::Query { .. })
+    }
+}
+
+/// What one read from the client amounts to, before it goes on.
+#[derive(Debug, Default)]
+struct Chunk {
+    bytes: BytesMut,
+    entries: Vec<Pending>,
+    events: Vec<Event>,
+    /// Events handed over for recording.
+    recording: u64,
+}
+
+/// The client's open extended-protocol batch (messages since its last
+/// `Sync`).
+#[derive(Debug, Default)]
+struct Batch {
+    /// Refused: the client's messages up to its `Sync` are dropped (its
+    /// `Flush` still goes on, so it sees the error).
+    dropping: bool,
+    executed: bool,
+    /// An `Execute` that may change how text is read: later text of the
+    /// batch is refused, and its `Sync` is a barrier.
+    changes_parsing: bool,
+    text_after_execute: bool,
+}
+
+/// How a `Query` or prepared statement's `EXECUTE`s resolve.
+enum Resolution {
+    /// Each name executed, with what it runs.
+    Ready(Vec<(String, Arc<Prepared>)>),
+    Unknown(String),
+    /// Wait for the target's answers, then read the message again.
+    Unsettled,
+}
+
+pub(crate) struct Machine {
+    ctx: Arc<SessionCtx>,
+    max_message: usize,
+    policy: SessionPolicy,
+    classifier: Classifier,
+    /// How the target reads the session's text, as it last reported.
+    parsing: Parsing,
+    status: TransactionStatus,
+    statements: Names<Prepared>,
+    portals: Names<Portal>,
+    /// Forwarded and not yet answered, in order.
+    pending: VecDeque<Pending>,
+    /// A read whose events are being recorded: nothing of it goes on before
+    /// they are.
+    held: Option<Chunk>,
+    batch: Batch,
+    /// The target is in COPY-in mode and the client has not ended it: it
+    /// ignores `Sync` meanwhile.
+    client_copy: bool,
+    /// Read nothing more from the client (COPY data aside) until the target
+    /// has answered everything forwarded.
+    barrier: bool,
+    /// A frame read but not yet acted on (it waits on a barrier).
+    stash: Option<Frame>,
+    /// A command that may change how text is read has run: ending a
+    /// transaction may change it back.
+    settings_touched: bool,
+    /// When the session's token expires (unless sessions outlive tokens).
+    token_deadline: Option<i64>,
+    /// The session is ending; with the reason.
+    closing: Option<CloseReason>,
+    ended: Option<CloseReason>,
+    /// Bytes for the client, ready to write.
+    pub to_client: BytesMut,
+    /// Bytes for the target, ready to write.
+    pub to_target: BytesMut,
+}
+
+impl Machine {
+    pub fn new(
+        ctx: Arc<SessionCtx>,
+        policy: SessionPolicy,
+        parsing: Parsing,
+        status: TransactionStatus,
+        max_message: usize,
+        token_deadline: Option<i64>,
+    ) -> Self {
+        Self {
+            ctx,
+            max_message,
+            policy,
+            classifier: Classifier::default(),
+            parsing,
+            status,
+            statements: Names::default(),
+            portals: Names::default(),
+            pending: VecDeque::new(),
+            held: None,
+            batch: Batch::default(),
+            client_copy: false,
+            barrier: false,
+            stash: None,
+            settings_touched: false,
+            token_deadline,
+            closing: None,
+            ended: None,
+            to_client: BytesMut::new(),
+            to_target: BytesMut::new(),
+        }
+    }
+
+    /// Why the session ended, once it has: write out `to_client`, then
+    /// close both connections.
+    pub fn ended(&self) -> Option<CloseReason> {
+        self.ended
+    }
+
+    /// Whether the machine takes client input now: not while a read's
+    /// events are being recorded, nor once the session is ending.
+    pub fn accepts_client(&self) -> bool {
+        self.held.is_none() && self.closing.is_none() && self.ended.is_none()
+    }
+
+    /// Events to record before the read they describe goes on; the pump
+    /// calls [`Machine::recorded`] with the outcome.
+    pub fn take_events(&mut self) -> Option<Vec<Event>> {
+        let held = self.held.as_mut()?;
+        held.recording += held.events.len() as u64;
+        (!held.events.is_empty()).then(|| std::mem::take(&mut held.events))
+    }
+
+    /// The worker is shutting down: the session ends once what was
+    /// forwarded is answered.
+    pub fn shutdown(&mut self) {
+        self.close(
+            ClientError::fatal(
+                "57P01",
+                "the Gatehouse worker is shutting down; reconnect to continue",
+            ),
+            CloseReason::WorkerShutdown,
+        );
+    }
+
+    /// Ends the session with `error`, after everything forwarded is
+    /// answered.
+    fn close(&mut self, error: ClientError, reason: CloseReason) {
+        if self.closing.is_some() || self.ended.is_some() {
+            return;
+        }
+        self.closing = Some(reason);
+        self.push_live(Pending::Fatal(error, reason));
+    }
+
+    /// Ends the session now, with `error` as the client's last message.
+    fn fail(&mut self, error: ClientError, reason: CloseReason) {
+        if self.ended.is_none() {
+            error.encode(&mut self.to_client);
+            self.ended = Some(reason);
+        }
+    }
+
+    /// Appends `entry` behind everything forwarded (and anything held).
+    fn push_live(&mut self, entry: Pending) {
+        match &mut self.held {
+            Some(held) => held.entries.push(entry),
+            None => {
+                self.pending.push_back(entry);
+                self.answer_front();
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Client to target.
+    // ---------------------------------------------------------------
+
+    /// Acts on the whole frames at the front of `buf`, up to a barrier.
+    /// `now` is the clock (Unix seconds) for the token's expiry.
+    pub fn client_input(&mut self, buf: &mut BytesMut, state: &PolicyState, now: i64) {
+        if !self.accepts_client() {
+            return;
+        }
+        if let Err(unsupported) = &self.parsing.encoding {
+            // The session switched to an encoding the worker cannot read
+            // (`SET client_encoding`): nothing more can be classified.
+            let error = unsupported.client_error(true);
+            self.close(error, CloseReason::Error);
+            return;
+        }
+        if self.barrier && self.pending.is_empty() {
+            self.barrier = false;
+        }
+        let mut chunk = Chunk::default();
+        loop {
+            let frame = match self.stash.take() {
+                Some(f) => f,
+                None => {
+                    if self.barrier && !matches!(buf.first(), Some(b'd' | b'c' | b'f')) {
+                        break;
+                    }
+                    match pg::decode_frame(buf, self.max_message) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.finish_chunk(chunk);
+                            self.close(ClientError::protocol(e), CloseReason::Error);
+                            return;
+                        }
+                    }
+                }
+            };
+            if self.barrier && !matches!(frame.tag, b'd' | b'c' | b'f') {
+                self.stash = Some(frame);
+                break;
+            }
+            match self.client_frame(frame, &mut chunk, state, now) {
+                Ok(Step::Next) => {}
+                Ok(Step::Wait(frame)) => {
+                    // A name it uses is still being settled: read it again
+                    // once the target has answered.
+                    self.stash = Some(frame);
+                    self.barrier = true;
+                    break;
+                }
+                Ok(Step::Stop) => break,
+                Err(e) => {
+                    self.finish_chunk(chunk);
+                    self.close(ClientError::protocol(e), CloseReason::Error);
+                    return;
+                }
+            }
+            if self.barrier || self.closing.is_some() || self.ended.is_some() {
+                break;
+            }
+        }
+        self.finish_chunk(chunk);
+    }
+
+    /// Sends a chunk on, or holds it until its events are recorded.
+    fn finish_chunk(&mut self, chunk: Chunk) {
+        if chunk.events.is_empty() {
+            self.to_target.extend_from_slice(&chunk.bytes);
+            self.pending.extend(chunk.entries);
+            self.answer_front();
+        } else {
+            self.held = Some(chunk);
+        }
+    }
+
+    /// The outcome of recording the held read's events.
+    pub fn recorded(&mut self, result: Result<(), String>) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.ctx
+                    .commands
+                    .fetch_add(held.recording, Ordering::Relaxed);
+                self.to_target.extend_from_slice(&held.bytes);
+                self.pending.extend(held.entries);
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.ctx.session_id, error = %e, "command not run: event not recorded");
+                self.unrecorded(held.entries);
+            }
+        }
+        self.answer_front();
+    }
+
+    /// A read could not be recorded: none of it runs. Every answer the
+    /// client awaits becomes the error, through messages the target fails
+    /// on, so transactions end as after any error.
+    fn unrecorded(&mut self, entries: Vec<Pending>) {
+        let error = ClientError::event_log_unavailable();
+        let mut out = BytesMut::new();
+        let mut live = Vec::new();
+        // An error is already due in the current extended batch.
+        let mut batch_failed = false;
+        let mut open = false;
+        for entry in entries {
+            match entry {
+                Pending::Query { changes } => {
+                    // Its ReadyForQuery still comes, for the replacement.
+                    self.settle_prepared(changes.into_iter().flatten(), false);
+                    live.push(refuse_simple_bytes(&mut out, error.clone()));
+                }
+                Pending::Refused { simple: true, .. } => {
+                    live.push(refuse_simple_bytes(&mut out, error.clone()))
+                }
+                Pending::Sync { .. } => {
+                    if !batch_failed {
+                        live.push(refuse_extended_bytes(&mut out, error.clone()));
+                    }
+                    pg_sync(&mut out);
+                    live.push(Pending::Sync {
+                        text_after_execute: false,
+                    });
+                    batch_failed = false;
+                    open = false;
+                }
+                Pending::Fatal(..) => live.push(entry),
+                Pending::CopyEnd => {
+                    // The client ended a COPY the target is in: end it.
+                    copy_fail(&mut out, "the event log is unavailable");
+                    live.push(Pending::CopyEnd);
+                }
+                other => {
+                    open = true;
+                    self.settle_entry(other);
+                    if !batch_failed {
+                        live.push(refuse_extended_bytes(&mut out, error.clone()));
+                        batch_failed = true;
+                    }
+                }
+            }
+        }
+        if open {
+            // The rest of the client's batch is dropped, as after an error.
+            out.extend_from_slice(&flush_bytes());
+            self.batch.dropping = true;
+            self.statements.end_batch();
+            self.portals.end_batch();
+        }
+        self.to_target.extend_from_slice(&out);
+        self.pending.extend(live);
+    }
+
+    /// Acts on one client frame.
+    fn client_frame(
+        &mut self,
+        frame: Frame,
+        chunk: &mut Chunk,
+        state: &PolicyState,
+        now: i64,
+    ) -> Result<Step, pg::ProtocolError> {
+        let message = FrontendMessage::parse(&frame)?;
+        if self.batch.dropping {
+            match message {
+                FrontendMessage::Sync => self.sync(&frame, chunk),
+                FrontendMessage::Flush => chunk.bytes.extend_from_slice(&frame.raw),
+                FrontendMessage::Terminate => {
+                    self.terminate(&frame, chunk);
+                    return Ok(Step::Stop);
+                }
+                _ => {}
+            }
+            return Ok(Step::Next);
+        }
+        if matches!(
+            message,
+            FrontendMessage::Query(_) | FrontendMessage::Execute { .. }
+        ) {
+            if self.policy.revoked(state) {
+                self.finish_and_close(
+                    chunk,
+                    ClientError::fatal("28000", "access for this identity has been revoked"),
+                    CloseReason::Revoked,
+                );
+                return Ok(Step::Stop);
+            }
+            if self.token_deadline.is_some_and(|d| now > d) {
+                self.finish_and_close(
+                    chunk,
+                    ClientError::fatal(
+                        "28000",
+                        "the token has expired; reconnect with a fresh token",
+                    ),
+                    CloseReason::TokenExpired,
+                );
+                return Ok(Step::Stop);
+            }
+        }
+        match message {
+            FrontendMessage::Query(_) | FrontendMessage::Parse(_) if self.batch.changes_parsing => {
+                // The target reads this text with settings an earlier
+                // `Execute` of the batch may have changed, and reports them
+                // only at the batch's end.
+                self.refuse_extended(
+                    chunk,
+                    ClientError::error(
+                        "0A000",
+                        "send Sync after changing client_encoding or standard_conforming_strings, \
+                         before the next statement",
+                    ),
+                );
+            }
+            FrontendMessage::Query(bytes) => return Ok(self.query(&frame, bytes, chunk, state)),
+            FrontendMessage::Parse(p) => self.parse(&frame, p, chunk, state),
+            FrontendMessage::Bind(b) => return Ok(self.bind(&frame, b, chunk)),
+            FrontendMessage::Execute { portal, .. } => {
+                return Ok(self.execute(&frame, portal, chunk, state));
+            }
+            FrontendMessage::Close { kind, name } => {
+                let entry = if kind == b'S' {
+                    let change = Change::Drop(name.to_owned());
+                    self.statements.stage(&change, true);
+                    Pending::CloseStatement(change)
+                } else {
+                    let change = Change::Drop(name.to_owned());
+                    self.portals.stage(&change, true);
+                    Pending::ClosePortal(change)
+                };
+                chunk.bytes.extend_from_slice(&frame.raw);
+                chunk.entries.push(entry);
+            }
+            FrontendMessage::Describe { .. } => {
+                chunk.bytes.extend_from_slice(&frame.raw);
+                chunk.entries.push(Pending::Describe);
+            }
+            FrontendMessage::Sync => self.sync(&frame, chunk),
+            FrontendMessage::Flush | FrontendMessage::CopyData(_) => {
+                chunk.bytes.extend_from_slice(&frame.raw)
+            }
+            FrontendMessage::CopyDone | FrontendMessage::CopyFail(_) => {
+                self.client_copy = false;
+                chunk.bytes.extend_from_slice(&frame.raw);
+                chunk.entries.push(Pending::CopyEnd);
+            }
+            FrontendMessage::Terminate => {
+                self.terminate(&frame, chunk);
+                return Ok(Step::Stop);
+            }
+            FrontendMessage::Other(b'F') => {
+                // The function-call sub-protocol runs a function by OID,
+                // outside any statement: it cannot be decided, so it is
+                // refused.
+                self.refuse_simple(
+                    chunk,
+                    ClientError::error(
+                        "0A000",
+                        "the function-call protocol is not supported through Gatehouse; use SELECT",
+                    ),
+                );
+            }
+            FrontendMessage::Password(_) | FrontendMessage::Other(_) => {
+                // Not a message of an open session: the target says so.
+                chunk.bytes.extend_from_slice(&frame.raw);
+            }
+        }
+        Ok(Step::Next)
+    }
+
+    /// The client is done: what it sent before goes on, and so does its
+    /// `Terminate`; the target closes once it has run it all.
+    fn terminate(&mut self, frame: &Frame, chunk: &mut Chunk) {
+        chunk.bytes.extend_from_slice(&frame.raw);
+        self.closing = Some(CloseReason::ClientTerminated);
+    }
+
+    /// Whether the client ended the session (its answers no longer
+    /// matter).
+    pub fn client_terminated(&self) -> bool {
+        self.closing == Some(CloseReason::ClientTerminated)
+    }
+
+    /// Ends the chunk so far normally, then the session.
+    fn finish_and_close(&mut self, chunk: &mut Chunk, error: ClientError, reason: CloseReason) {
+        self.closing = Some(reason);
+        chunk.entries.push(Pending::Fatal(error, reason));
+    }
+
+    /// The client's batch ends (also one that was refused): the `Sync`
+    /// goes on, so the target ends it too.
+    fn sync(&mut self, frame: &Frame, chunk: &mut Chunk) {
+        chunk.bytes.extend_from_slice(&frame.raw);
+        self.statements.end_batch();
+        self.portals.end_batch();
+        let batch = std::mem::take(&mut self.batch);
+        if batch.changes_parsing {
+            self.barrier = true;
+        }
+        if self.client_copy {
+            // Ignored by a target in COPY-in mode: no answer comes.
+            return;
+        }
+        self.portals
+            .stage(&Change::DropAll { always: false }, false);
+        chunk.entries.push(Pending::Sync {
+            text_after_execute: batch.text_after_execute,
+        });
+    }
+
+    fn query(
+        &mut self,
+        frame: &Frame,
+        bytes: &[u8],
+        chunk: &mut Chunk,
+        state: &PolicyState,
+    ) -> Step {
+        // A Query is a batch of its own.
+        self.statements.end_batch();
+        self.portals.end_batch();
+        self.batch = Batch::default();
+        let text = match self.parsing.decode(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                // Not recorded: nothing was decided or run.
+                self.refuse_simple(chunk, e);
+                return Step::Next;
+            }
+        };
+        let facts = self.classifier.classify(&text, self.parsing.reading());
+        let resolved = match self.resolve(&facts, &text) {
+            Resolution::Ready(r) => r,
+            Resolution::Unsettled => return Step::Wait(frame.clone()),
+            Resolution::Unknown(name) => {
+                let error = unknown_statement(&name);
+                chunk.events.push(self.command(
+                    Protocol::Simple,
+                    text.into_owned(),
+                    None,
+                    None,
+                    Vec::new(),
+                    Vec::new(),
+                    Some(self.policy.refused_record(state, &facts, &error.message)),
+                ));
+                self.refuse_simple(chunk, error);
+                return Step::Next;
+            }
+        };
+        let decision = self
+            .policy
+            .decide_with(state, &facts, |name| lookup(&resolved, name));
+        let executes = executed(&resolved);
+        let text: Arc<str> = text.into();
+        chunk.events.push(self.command(
+            Protocol::Simple,
+            text.to_string(),
+            None,
+            None,
+            Vec::new(),
+            executes,
+            decision.record,
+        ));
+        if let Some(refusal) = decision.refusal {
+            self.refuse_simple(chunk, refusal);
+            return Step::Next;
+        }
+        let effective = effective_facts(&facts, &resolved);
+        let changes: VecDeque<Vec<Change<Prepared>>> = effective
+            .iter()
+            .zip(facts.statements.iter())
+            .map(|(e, s)| changes_of(s, e, &text))
+            .chain((!facts.parsed).then(|| vec![Change::DropAll { always: true }]))
+            .collect();
+        for c in changes.iter().flatten() {
+            self.statements.stage(c, false);
+        }
+        self.portals
+            .stage(&Change::DropAll { always: false }, false);
+        chunk.bytes.extend_from_slice(&frame.raw);
+        chunk.entries.push(Pending::Query { changes });
+        if self.may_change_parsing(&facts, &effective) {
+            self.barrier = true;
+        }
+        Step::Next
+    }
+
+    fn parse(&mut self, frame: &Frame, p: pg::Parse<'_>, chunk: &mut Chunk, state: &PolicyState) {
+        let text = match self.parsing.decode(p.query) {
+            Ok(text) => text,
+            Err(e) => {
+                self.refuse_extended(chunk, e);
+                return;
+            }
+        };
+        if self.batch.executed {
+            self.batch.text_after_execute = true;
+        }
+        let facts = self.classifier.classify(&text, self.parsing.reading());
+        // Decided now as well as when run: text no policy allows is
+        // refused at once. (A statement that executes another by name is
+        // decided when run, with what that name is then bound to.)
+        if facts.statements.iter().all(|s| s.executes.is_none()) {
+            let decision = self.policy.decide(state, &facts);
+            if let Some(refusal) = decision.refusal.filter(|_| decision.denied) {
+                chunk.events.push(self.command(
+                    Protocol::Extended,
+                    text.into_owned(),
+                    Some(p.statement.to_owned()),
+                    None,
+                    Vec::new(),
+                    Vec::new(),
+                    decision.record,
+                ));
+                self.refuse_extended(chunk, refusal);
+                return;
+            }
+        }
+        let change = Change::Set(
+            p.statement.to_owned(),
+            Arc::new(Prepared {
+                text: text.as_ref().into(),
+                facts,
+            }),
+        );
+        self.statements.stage(&change, true);
+        chunk.bytes.extend_from_slice(&frame.raw);
+        chunk.entries.push(Pending::Parse(change));
+    }
+
+    fn bind(&mut self, frame: &Frame, b: pg::Bind<'_>, chunk: &mut Chunk) -> Step {
+        let statement = match self.statements.lookup(b.statement) {
+            Lookup::Known(s) => s,
+            Lookup::Unsettled => return Step::Wait(frame.clone()),
+            Lookup::Unknown => {
+                self.refuse_extended(chunk, unknown_statement(b.statement));
+                return Step::Next;
+            }
+        };
+        let params = b
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, v)| param(b.param_format(i), *v, &self.parsing))
+            .collect();
+        let change = Change::Set(
+            b.portal.to_owned(),
+            Arc::new(Portal {
+                statement_name: b.statement.to_owned(),
+                statement,
+                params,
+            }),
+        );
+        self.portals.stage(&change, true);
+        chunk.bytes.extend_from_slice(&frame.raw);
+        chunk.entries.push(Pending::Bind(change));
+        Step::Next
+    }
+
+    fn execute(
+        &mut self,
+        frame: &Frame,
+        portal_name: &str,
+        chunk: &mut Chunk,
+        state: &PolicyState,
+    ) -> Step {
+        let portal = match self.portals.lookup(portal_name) {
+            Lookup::Known(p) => p,
+            Lookup::Unsettled => return Step::Wait(frame.clone()),
+            Lookup::Unknown => {
+                let error = if portal_name.is_empty() {
+                    ClientError::error("34000", "unnamed portal does not exist")
+                } else {
+                    ClientError::error("34000", format!("portal \"{portal_name}\" does not exist"))
+                };
+                self.refuse_extended(chunk, error);
+                return Step::Next;
+            }
+        };
+        let statement = portal.statement.clone();
+        let facts = &statement.facts;
+        let resolved = match self.resolve(facts, &statement.text) {
+            Resolution::Ready(r) => r,
+            Resolution::Unsettled => return Step::Wait(frame.clone()),
+            Resolution::Unknown(name) => {
+                let error = unknown_statement(&name);
+                chunk.events.push(self.command(
+                    Protocol::Extended,
+                    statement.text.to_string(),
+                    Some(portal.statement_name.clone()),
+                    Some(portal_name.to_owned()),
+                    portal.params.clone(),
+                    Vec::new(),
+                    Some(self.policy.refused_record(state, facts, &error.message)),
+                ));
+                self.refuse_extended(chunk, error);
+                return Step::Next;
+            }
+        };
+        let decision = self
+            .policy
+            .decide_with(state, facts, |name| lookup(&resolved, name));
+        chunk.events.push(self.command(
+            Protocol::Extended,
+            statement.text.to_string(),
+            Some(portal.statement_name.clone()),
+            Some(portal_name.to_owned()),
+            portal.params.clone(),
+            executed(&resolved),
+            decision.record,
+        ));
+        if let Some(refusal) = decision.refusal {
+            self.refuse_extended(chunk, refusal);
+            return Step::Next;
+        }
+        let effective = effective_facts(facts, &resolved);
+        let mut changes: Vec<Change<Prepared>> = effective
+            .iter()
+            .zip(facts.statements.iter())
+            .flat_map(|(e, s)| changes_of(s, e, &statement.text))
+            .collect();
+        if !facts.parsed {
+            changes.push(Change::DropAll { always: true });
+        }
+        for c in &changes {
+            self.statements.stage(c, true);
+        }
+        chunk.bytes.extend_from_slice(&frame.raw);
+        chunk.entries.push(Pending::Execute { changes });
+        self.batch.executed = true;
+        if self.may_change_parsing(facts, &effective) {
+            self.batch.changes_parsing = true;
+        }
+        Step::Next
+    }
+
+    /// Refuses an extended-protocol message: the target gets a `Parse` it
+    /// fails on, the client the refusal, and the rest of the batch is
+    /// dropped.
+    fn refuse_extended(&mut self, chunk: &mut Chunk, error: ClientError) {
+        chunk
+            .entries
+            .push(refuse_extended_bytes(&mut chunk.bytes, error));
+        self.batch.dropping = true;
+        self.statements.end_batch();
+        self.portals.end_batch();
+    }
+
+    /// Refuses a `Query` (or a function call): the target gets a `Query`
+    /// it fails on, the client the refusal and the target's
+    /// `ReadyForQuery`.
+    fn refuse_simple(&mut self, chunk: &mut Chunk, error: ClientError) {
+        self.portals
+            .stage(&Change::DropAll { always: false }, false);
+        chunk
+            .entries
+            .push(refuse_simple_bytes(&mut chunk.bytes, error));
+    }
+
+    /// What the `EXECUTE`s of `c` run: a name prepared earlier in the same
+    /// text, else what the server has bound to it.
+    fn resolve(&self, c: &Classification, text: &str) -> Resolution {
+        let mut found: Vec<(String, Arc<Prepared>)> = Vec::new();
+        for (i, s) in c.statements.iter().enumerate() {
+            let Some(name) = &s.executes else {
+                continue;
+            };
+            let earlier = c.statements[..i].iter().rev().find_map(|e| {
+                if e.prepares.as_deref() == Some(name.as_str()) {
+                    return Some(Some(e));
+                }
+                match &e.deallocates {
+                    Some(Deallocates::All) => Some(None),
+                    Some(Deallocates::One(n)) if n == name => Some(None),
+                    _ => None,
+                }
+            });
+            match earlier {
+                Some(Some(e)) => found.push((
+                    name.clone(),
+                    Arc::new(Prepared {
+                        text: text.into(),
+                        facts: Arc::new(Classification {
+                            statements: vec![e.clone()],
+                            parsed: true,
+                        }),
+                    }),
+                )),
+                Some(None) => return Resolution::Unknown(name.clone()),
+                None => match self.statements.lookup(name) {
+                    Lookup::Known(p) => found.push((name.clone(), p)),
+                    Lookup::Unknown => return Resolution::Unknown(name.clone()),
+                    Lookup::Unsettled => return Resolution::Unsettled,
+                },
+            }
+        }
+        Resolution::Ready(found)
+    }
+
+    /// Whether running a command may change how the server reads later
+    /// text: it sets `client_encoding` or `standard_conforming_strings` (or
+    /// may), runs code the classifier cannot see, did not parse, or ends a
+    /// transaction in a session that changed them (a rollback or the end of
+    /// `SET LOCAL` restores the old value).
+    fn may_change_parsing(&mut self, c: &Classification, effective: &[StatementFacts]) -> bool {
+        let may = !c.parsed
+            || effective.iter().any(|s| {
+                s.changes_parsing
+                    || s.dynamic
+                    || (self.settings_touched && s.kind == StatementKind::Transaction)
+            });
+        self.settings_touched |= may;
+        may
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn command(
+        &self,
+        protocol: Protocol,
+        statement: String,
+        statement_name: Option<String>,
+        portal: Option<String>,
+        params: Vec<Param>,
+        executes: Vec<ExecutedStatement>,
+        decision: Option<DecisionRecord>,
+    ) -> Event {
+        self.ctx.event(Payload::CommandReceived(CommandReceived {
+            protocol,
+            statement,
+            statement_name,
+            portal,
+            params,
+            executes,
+            decision,
+        }))
+    }
+
+    // ---------------------------------------------------------------
+    // Target to client.
+    // ---------------------------------------------------------------
+
+    /// Acts on the whole frames at the front of `buf`: forwards them to the
+    /// client (with the worker's own replies where they are due) and
+    /// follows what they confirm.
+    pub fn target_input(&mut self, buf: &mut BytesMut) {
+        let mut pos = 0;
+        while self.ended.is_none() {
+            let len = match pg::pending_frame_len(&buf[pos..], self.max_message) {
+                Ok(Some(len)) if buf.len() - pos >= len => len,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(session = %self.ctx.session_id, error = %e, "protocol error from target");
+                    self.fail(
+                        ClientError::fatal("08P01", "the target sent a malformed message"),
+                        CloseReason::Error,
+                    );
+                    break;
+                }
+            };
+            let frame = &buf[pos..pos + len];
+            pos += len;
+            if self.target_frame(frame[0], &frame[5..]) {
+                self.to_client.extend_from_slice(frame);
+            }
+            self.answer_front();
+        }
+        buf.advance(pos);
+        if let Ok(Some(len)) = pg::pending_frame_len(buf, self.max_message) {
+            // Make room for a large frame in one go.
+            buf.reserve(len.saturating_sub(buf.len()));
+        }
+    }
+
+    /// Follows one target frame; false if it is not to be forwarded.
+    fn target_frame(&mut self, tag: u8, body: &[u8]) -> bool {
+        match tag {
+            b'S' => return self.parameter_status(body),
+            b'N' | b'A' => {}
+            b'1' => match self.pending.pop_front() {
+                Some(Pending::Parse(change)) => self.statements.settle(change, true),
+                other => return self.desync(tag, other),
+            },
+            b'2' => match self.pending.pop_front() {
+                Some(Pending::Bind(change)) => self.portals.settle(change, true),
+                other => return self.desync(tag, other),
+            },
+            b'3' => match self.pending.pop_front() {
+                Some(Pending::CloseStatement(change)) => self.statements.settle(change, true),
+                Some(Pending::ClosePortal(change)) => self.portals.settle(change, true),
+                other => return self.desync(tag, other),
+            },
+            b't' if !matches!(self.pending.front(), Some(Pending::Describe)) => {
+                let front = self.pending.pop_front();
+                return self.desync(tag, front);
+            }
+            b't' => {}
+            b'n' => match self.pending.pop_front() {
+                Some(Pending::Describe) => {}
+                other => return self.desync(tag, other),
+            },
+            b'T' => match self.pending.front() {
+                Some(Pending::Describe) => {
+                    self.pending.pop_front();
+                }
+                Some(Pending::Execute { .. } | Pending::Query { .. }) => {}
+                _ => {
+                    let front = self.pending.pop_front();
+                    return self.desync(tag, front);
+                }
+            },
+            b'D' | b'd' | b'c' | b'H' if !self.running() => {
+                let front = self.pending.pop_front();
+                return self.desync(tag, front);
+            }
+            b'D' | b'd' | b'c' | b'H' => {}
+            b'G' | b'W' if !self.running() => {
+                let front = self.pending.pop_front();
+                return self.desync(tag, front);
+            }
+            b'G' | b'W' => self.copy_in_started(),
+            b'C' => match self.pending.front_mut() {
+                Some(Pending::Execute { .. }) => {
+                    if let Some(Pending::Execute { changes }) = self.pending.pop_front() {
+                        self.settle_prepared(changes, true);
+                    }
+                }
+                Some(Pending::Query { changes }) => {
+                    let done = changes.pop_front().unwrap_or_default();
+                    self.settle_prepared(done, true);
+                }
+                _ => {
+                    let front = self.pending.pop_front();
+                    return self.desync(tag, front);
+                }
+            },
+            b'I' => match self.pending.front_mut() {
+                Some(Pending::Execute { .. }) => {
+                    if let Some(Pending::Execute { changes }) = self.pending.pop_front() {
+                        self.settle_prepared(changes, true);
+                    }
+                }
+                Some(Pending::Query { changes }) => {
+                    // An empty query has no statement of its own.
+                    if changes.front().is_some_and(|c| c.is_empty()) {
+                        changes.pop_front();
+                    }
+                }
+                _ => {
+                    let front = self.pending.pop_front();
+                    return self.desync(tag, front);
+                }
+            },
+            b's' => match self.pending.pop_front() {
+                Some(Pending::Execute { changes }) => self.settle_prepared(changes, false),
+                other => return self.desync(tag, other),
+            },
+            b'E' => return self.error_response(body),
+            b'Z' => return self.ready_for_query(body),
+            _ => {}
+        }
+        true
+    }
+
+    /// Whether the target is answering a statement that runs (rows and
+    /// COPY data belong to one).
+    fn running(&self) -> bool {
+        matches!(
+            self.pending.front(),
+            Some(Pending::Execute { .. } | Pending::Query { .. })
+        )
+    }
+
+    fn parameter_status(&mut self, body: &[u8]) -> bool {
+        let Some((name, value)) = encoding::parameter_status(body) else {
+            self.fail(
+                ClientError::fatal("08P01", "the target sent a malformed message"),
+                CloseReason::Error,
+            );
+            return false;
+        };
+        if self.parsing.apply(name, value) && self.misread() {
+            // Changed by something the worker could not foresee (a function
+            // calling set_config, say), while text the worker read with the
+            // old setting was already on its way: stop here.
+            tracing::warn!(
+                session = %self.ctx.session_id,
+                "client_encoding or standard_conforming_strings changed while later statements were in flight"
+            );
+            self.fail(
+                ClientError::fatal(
+                    "0A000",
+                    "client_encoding or standard_conforming_strings changed in a way Gatehouse \
+                     could not foresee while later statements were already sent; change them \
+                     with SET, alone, and wait for its result",
+                ),
+                CloseReason::Error,
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Whether text read before a setting changed now may be read by the
+    /// server after the change: text behind the batch that changed it, or
+    /// text of that batch after an `Execute`.
+    fn misread(&self) -> bool {
+        let mut entries = self.pending.iter();
+        let front_late = match entries.next() {
+            Some(Pending::Sync { text_after_execute }) => *text_after_execute,
+            _ => false,
+        };
+        front_late
+            || entries.any(Pending::has_text)
+            || self
+                .held
+                .as_ref()
+                .is_some_and(|h| h.entries.iter().any(Pending::has_text))
+    }
+
+    /// The target entered COPY-in mode: it ignores `Sync` until the COPY's
+    /// input ends, so `Sync` messages forwarded before the client's
+    /// `CopyDone`/`CopyFail` get no answer.
+    fn copy_in_started(&mut self) {
+        let mut i = 1;
+        let mut ended = false;
+        while i < self.pending.len() {
+            match &self.pending[i] {
+                Pending::CopyEnd => {
+                    ended = true;
+                    break;
+                }
+                Pending::Sync { .. } => {
+                    self.pending.remove(i);
+                    self.portals
+                        .settle(Change::DropAll { always: false }, false);
+                }
+                _ => i += 1,
+            }
+        }
+        self.client_copy = !ended;
+    }
+
+    fn error_response(&mut self, body: &[u8]) -> bool {
+        let fatal = match BackendMessage::parse_body(b'E', body) {
+            Ok(BackendMessage::ErrorResponse(f)) => f.severity == "FATAL" || f.severity == "PANIC",
+            _ => false,
+        };
+        self.client_copy = false;
+        match self.pending.front_mut() {
+            Some(Pending::Refused {
+                error,
+                simple,
+                answered,
+            }) if !fatal => {
+                error.encode(&mut self.to_client);
+                *answered = true;
+                if !*simple {
+                    self.pending.pop_front();
+                    self.skip_to_sync();
+                }
+                false
+            }
+            Some(Pending::Query { changes }) => {
+                // The rest of the query does not run.
+                let rest: Vec<_> = changes.drain(..).flatten().collect();
+                self.settle_prepared(rest, false);
+                true
+            }
+            Some(Pending::Sync { .. } | Pending::Refused { .. } | Pending::Fatal(..)) | None => {
+                true
+            }
+            Some(_) => {
+                let failed = self.pending.pop_front().expect("front exists");
+                self.settle_entry(failed);
+                self.skip_to_sync();
+                true
+            }
+        }
+    }
+
+    /// After an error in an extended batch the server discards messages up
+    /// to `Sync`: so are their entries.
+    fn skip_to_sync(&mut self) {
+        while let Some(front) = self.pending.front() {
+            if matches!(front, Pending::Sync { .. } | Pending::Fatal(..)) {
+                break;
+            }
+            let skipped = self.pending.pop_front().expect("front exists");
+            self.settle_entry(skipped);
+        }
+    }
+
+    fn ready_for_query(&mut self, body: &[u8]) -> bool {
+        if let Ok(BackendMessage::ReadyForQuery(s)) = BackendMessage::parse_body(b'Z', body) {
+            self.status = s;
+        }
+        let front = self.pending.pop_front();
+        match front {
+            Some(Pending::Sync { .. }) => {}
+            Some(Pending::Query { changes }) => {
+                self.settle_prepared(changes.into_iter().flatten(), false);
+            }
+            Some(Pending::Refused {
+                error,
+                simple: true,
+                answered,
+            }) => {
+                if !answered {
+                    error.encode(&mut self.to_client);
+                }
+            }
+            other => return self.desync(b'Z', other),
+        }
+        // The transaction ended (or never began): portals are gone.
+        let idle = self.status == TransactionStatus::Idle;
+        self.portals.settle(Change::DropAll { always: false }, idle);
+        true
+    }
+
+    /// Settles what a forwarded message would have changed, when it did not
+    /// run.
+    fn settle_entry(&mut self, entry: Pending) {
+        match entry {
+            Pending::Parse(c) | Pending::CloseStatement(c) => self.statements.settle(c, false),
+            Pending::Bind(c) | Pending::ClosePortal(c) => self.portals.settle(c, false),
+            Pending::Execute { changes } => self.settle_prepared(changes, false),
+            Pending::Query { changes } => {
+                self.settle_prepared(changes.into_iter().flatten(), false);
+                self.portals
+                    .settle(Change::DropAll { always: false }, false);
+            }
+            Pending::Sync { .. } | Pending::Refused { simple: true, .. } => self
+                .portals
+                .settle(Change::DropAll { always: false }, false),
+            Pending::Describe | Pending::CopyEnd | Pending::Refused { .. } | Pending::Fatal(..) => {
+            }
+        }
+    }
+
+    fn settle_prepared(&mut self, changes: impl IntoIterator<Item = Change<Prepared>>, ok: bool) {
+        for c in changes {
+            self.statements.settle(c, ok);
+        }
+    }
+
+    /// A response the machine cannot match to what it forwarded: its idea
+    /// of the server's state can no longer be trusted, so the session ends.
+    fn desync(&mut self, tag: u8, front: Option<Pending>) -> bool {
+        tracing::warn!(
+            session = %self.ctx.session_id,
+            message = %(tag as char),
+            awaiting = ?front,
+            "the target's answer does not match what was sent"
+        );
+        self.fail(
+            ClientError::fatal(
+                "08P01",
+                "Gatehouse could not follow the target's answers; the session is closed",
+            ),
+            CloseReason::Error,
+        );
+        false
+    }
+
+    /// Emits what is due at the front: the worker's own replies, and the
+    /// markers that wait for no answer.
+    fn answer_front(&mut self) {
+        while let Some(front) = self.pending.front() {
+            match front {
+                Pending::CopyEnd => {
+                    self.pending.pop_front();
+                }
+                Pending::Fatal(..) => {
+                    if let Some(Pending::Fatal(error, reason)) = self.pending.pop_front() {
+                        self.fail(error, reason);
+                    }
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// The target closed its connection: whatever it sent last has been
+    /// forwarded.
+    pub fn target_closed(&mut self) {
+        if self.ended.is_none() {
+            self.ended = Some(match self.closing {
+                Some(CloseReason::ClientTerminated) => CloseReason::ClientTerminated,
+                _ => CloseReason::TargetDisconnected,
+            });
+        }
+    }
+
+    /// Named statements and portals the server confirmed.
+    #[cfg(test)]
+    fn confirmed(&self) -> (usize, usize) {
+        (self.statements.confirmed(), self.portals.confirmed())
+    }
+}
+
+/// What acting on a client frame leads to.
+enum Step {
+    Next,
+    /// Hold this frame until the target has answered everything forwarded.
+    Wait(Frame),
+    /// Stop reading the client.
+    Stop,
+}
+
+fn unknown_statement(name: &str) -> ClientError {
+    if name.is_empty() {
+        ClientError::error("26000", "unnamed prepared statement does not exist")
+    } else {
+        ClientError::error(
+            "26000",
+            format!("prepared statement \"{name}\" does not exist"),
+        )
+    }
+}
+
+fn lookup<'a>(resolved: &'a [(String, Arc<Prepared>)], name: &str) -> Option<&'a StatementFacts> {
+    resolved
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, p)| p.statement())
+}
+
+fn executed(resolved: &[(String, Arc<Prepared>)]) -> Vec<ExecutedStatement> {
+    resolved
+        .iter()
+        .map(|(name, p)| ExecutedStatement {
+            name: name.clone(),
+            text: p.text.to_string(),
+        })
+        .collect()
+}
+
+/// Each statement's facts as it runs: an `EXECUTE` has those of what it
+/// executes.
+fn effective_facts(
+    c: &Classification,
+    resolved: &[(String, Arc<Prepared>)],
+) -> Vec<StatementFacts> {
+    c.statements
+        .iter()
+        .map(|s| match &s.executes {
+            Some(name) => match lookup(resolved, name) {
+                Some(p) => p.executed_with(s),
+                None => {
+                    // Prepared from text the worker could not read as one
+                    // statement: anything may happen.
+                    let mut unknown = StatementFacts::new(StatementKind::Other);
+                    unknown.dynamic = true;
+                    unknown
+                }
+            },
+            None => s.clone(),
+        })
+        .collect()
+}
+
+/// What running statement `s` (with facts `effective` when it runs) changes
+/// in the session's prepared statements.
+fn changes_of(s: &StatementFacts, effective: &StatementFacts, text: &str) -> Vec<Change<Prepared>> {
+    let mut changes = Vec::new();
+    if let Some(name) = &s.prepares {
+        changes.push(Change::Set(
+            name.clone(),
+            Arc::new(Prepared {
+                text: text.into(),
+                facts: Arc::new(Classification {
+                    statements: vec![s.clone()],
+                    parsed: true,
+                }),
+            }),
+        ));
+    }
+    match &s.deallocates {
+        Some(Deallocates::One(name)) => changes.push(Change::Drop(name.clone())),
+        Some(Deallocates::All) => changes.push(Change::DropAll { always: false }),
+        None => {}
+    }
+    if effective.dynamic {
+        // Code the worker cannot see may prepare or drop anything.
+        changes.push(Change::DropAll { always: true });
+    }
+    changes
+}
+
+/// One bound parameter as recorded: text transcoded from the session's
+/// encoding (as sent when it is not valid there: the target will refuse
+/// it), binary as base64.
+fn param(format: i16, value: Option<&[u8]>, parsing: &Parsing) -> Param {
+    match format {
+        1 => Param {
+            format: ParamFormat::Binary,
+            value: value.map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
+        },
+        _ => Param {
+            format: ParamFormat::Text,
+            value: value.map(|v| match parsing.decode(v) {
+                Ok(text) => text.into_owned(),
+                Err(_) => String::from_utf8_lossy(v).into_owned(),
+            }),
+        },
+    }
+}
+
+fn refuse_extended_bytes(out: &mut BytesMut, error: ClientError) -> Pending {
+    // Parse(REFUSED_NAME, REFUSED_TEXT, no parameter types)
+    let body_len = REFUSED_NAME.len() + 1 + REFUSED_TEXT.len() + 1 + 2;
+    out.put_u8(b'P');
+    out.put_i32((body_len + 4) as i32);
+    out.put_slice(REFUSED_NAME.as_bytes());
+    out.put_u8(0);
+    out.put_slice(REFUSED_TEXT.as_bytes());
+    out.put_u8(0);
+    out.put_i16(0);
+    Pending::Refused {
+        error,
+        simple: false,
+        answered: false,
+    }
+}
+
+fn refuse_simple_bytes(out: &mut BytesMut, error: ClientError) -> Pending {
+    pg::query(out, REFUSED_TEXT);
+    Pending::Refused {
+        error,
+        simple: true,
+        answered: false,
+    }
+}
+
+fn pg_sync(out: &mut BytesMut) {
+    out.put_u8(b'S');
+    out.put_i32(4);
+}
+
+fn flush_bytes() -> [u8; 5] {
+    [b'H', 0, 0, 0, 4]
+}
+
+fn copy_fail(out: &mut BytesMut, reason: &str) {
+    out.put_u8(b'f');
+    out.put_i32((reason.len() + 1 + 4) as i32);
+    out.put_slice(reason.as_bytes());
+    out.put_u8(0);
+}

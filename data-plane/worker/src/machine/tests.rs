@@ -1,0 +1,788 @@
+//! The session machine fed byte fixtures: what reaches the target, what
+//! reaches the client, what is recorded.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use gatehouse_events::{DecisionEffect, Event, Identity, Payload};
+use gatehouse_pgwire::TransactionStatus;
+use gatehouse_policies::{Bundle, Engine, TargetInfo};
+use gatehouse_policystore::{PolicyConfig, Revoked};
+
+use super::Machine;
+use crate::encoding::Parsing;
+use crate::policy::{PolicyState, SessionPolicy};
+use crate::session::SessionCtx;
+
+// ---- frontend messages ----
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+pub(super) fn query(text: &str) -> Vec<u8> {
+    query_bytes(text.as_bytes())
+}
+
+pub(super) fn query_bytes(text: &[u8]) -> Vec<u8> {
+    let mut b = text.to_vec();
+    b.push(0);
+    msg(b'Q', &b)
+}
+
+pub(super) fn parse(name: &str, text: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, name);
+    cstr(&mut b, text);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(b'P', &b)
+}
+
+pub(super) fn bind(portal: &str, statement: &str, params: &[&str]) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    cstr(&mut b, statement);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        b.extend_from_slice(p.as_bytes());
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(b'B', &b)
+}
+
+pub(super) fn execute(portal: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    b.extend_from_slice(&0i32.to_be_bytes());
+    msg(b'E', &b)
+}
+
+pub(super) fn close_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    cstr(&mut b, name);
+    msg(b'C', &b)
+}
+
+pub(super) fn describe_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    cstr(&mut b, name);
+    msg(b'D', &b)
+}
+
+pub(super) fn sync() -> Vec<u8> {
+    msg(b'S', &[])
+}
+
+pub(super) fn flush() -> Vec<u8> {
+    msg(b'H', &[])
+}
+
+pub(super) fn copy_data(data: &[u8]) -> Vec<u8> {
+    msg(b'd', data)
+}
+
+pub(super) fn copy_done() -> Vec<u8> {
+    msg(b'c', &[])
+}
+
+// ---- backend messages ----
+
+pub(super) fn parse_complete() -> Vec<u8> {
+    msg(b'1', &[])
+}
+
+pub(super) fn bind_complete() -> Vec<u8> {
+    msg(b'2', &[])
+}
+
+pub(super) fn close_complete() -> Vec<u8> {
+    msg(b'3', &[])
+}
+
+pub(super) fn no_data() -> Vec<u8> {
+    msg(b'n', &[])
+}
+
+pub(super) fn parameter_description() -> Vec<u8> {
+    msg(b't', &0i16.to_be_bytes())
+}
+
+pub(super) fn command_complete(tag: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, tag);
+    msg(b'C', &b)
+}
+
+pub(super) fn data_row(value: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    b.extend_from_slice(value.as_bytes());
+    msg(b'D', &b)
+}
+
+pub(super) fn ready(status: u8) -> Vec<u8> {
+    msg(b'Z', &[status])
+}
+
+pub(super) fn error(code: &str, message: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (field, value) in [(b'S', "ERROR"), (b'C', code), (b'M', message)] {
+        b.push(field);
+        cstr(&mut b, value);
+    }
+    b.push(0);
+    msg(b'E', &b)
+}
+
+pub(super) fn parameter_status(name: &str, value: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, name);
+    cstr(&mut b, value);
+    msg(b'S', &b)
+}
+
+pub(super) fn copy_in_response() -> Vec<u8> {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(b'G', &b)
+}
+
+pub(super) fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// A decoded message, for assertions: its tag, and for errors the SQLSTATE,
+/// for queries and parses the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Seen {
+    Msg(char),
+    Error(String),
+    Text(char, String),
+}
+
+/// Frames as a client (`from_client`) or the target sent them.
+pub(super) fn frames(bytes: &[u8], from_client: bool) -> Vec<Seen> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 5 <= bytes.len() {
+        let tag = bytes[pos];
+        let len = i32::from_be_bytes(bytes[pos + 1..pos + 5].try_into().unwrap()) as usize;
+        let body = &bytes[pos + 5..pos + 1 + len];
+        out.push(match tag {
+            b'E' if !from_client => {
+                let code = body
+                    .split(|b| *b == 0)
+                    .find(|f| f.first() == Some(&b'C'))
+                    .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                    .unwrap_or_default();
+                Seen::Error(code)
+            }
+            b'Q' => Seen::Text('Q', cstr_at(body, 0)),
+            b'P' => {
+                let name = cstr_at(body, 0);
+                Seen::Text('P', cstr_at(body, name.len() + 1))
+            }
+            _ => Seen::Msg(tag as char),
+        });
+        pos += 1 + len;
+    }
+    assert_eq!(pos, bytes.len(), "whole frames only");
+    out
+}
+
+fn cstr_at(body: &[u8], at: usize) -> String {
+    let end = body[at..].iter().position(|b| *b == 0).unwrap() + at;
+    String::from_utf8_lossy(&body[at..end]).into_owned()
+}
+
+fn m(c: char) -> Seen {
+    Seen::Msg(c)
+}
+
+fn err(code: &str) -> Seen {
+    Seen::Error(code.into())
+}
+
+fn text(tag: char, t: &str) -> Seen {
+    Seen::Text(tag, t.into())
+}
+
+// ---- the harness ----
+
+/// A recorded command: its text, the prepared statements it executes
+/// (name, text), its decision.
+pub(super) type Recorded = (String, Vec<(String, String)>, DecisionEffect);
+
+pub(super) struct Harness {
+    pub machine: Machine,
+    pub state: PolicyState,
+    pub client: BytesMut,
+    /// Every event recorded so far.
+    pub recorded: Vec<Event>,
+}
+
+pub(super) fn identity(name: &str, groups: &[&str]) -> Identity {
+    Identity {
+        issuer: "https://issuer.test".into(),
+        subject: format!("sub-{name}"),
+        username: name.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        delegation: Vec::new(),
+    }
+}
+
+impl Harness {
+    pub fn new(identity: Identity) -> Self {
+        let engine = Engine::new(&Bundle::defaults()).expect("defaults are valid");
+        let state = PolicyState {
+            engine: Some(Arc::new(engine)),
+            revoked: HashSet::new(),
+        };
+        let target = TargetInfo {
+            name: "test".into(),
+            kind: "postgres".into(),
+            environment: "dev".into(),
+            tags: Vec::new(),
+        };
+        let mut policy = SessionPolicy::new(
+            &PolicyConfig::default(),
+            &identity,
+            None,
+            target,
+            "127.0.0.1".into(),
+        );
+        policy.decide_connect(&state).expect("connect allowed");
+        let ctx = Arc::new(SessionCtx::for_tests(identity));
+        let machine = Machine::new(
+            ctx,
+            policy,
+            Parsing::default(),
+            TransactionStatus::Idle,
+            1 << 20,
+            None,
+        );
+        Harness {
+            machine,
+            state,
+            client: BytesMut::new(),
+            recorded: Vec::new(),
+        }
+    }
+
+    pub fn user() -> Self {
+        Self::new(identity("alice", &[]))
+    }
+
+    pub fn agent() -> Self {
+        Self::new(identity("bot", &["agents"]))
+    }
+
+    /// The client sends `bytes`; events are acknowledged at once.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.client.extend_from_slice(bytes);
+        self.pump(true);
+    }
+
+    /// The client sends `bytes`; the first recording fails.
+    pub fn send_unrecorded(&mut self, bytes: &[u8]) {
+        self.client.extend_from_slice(bytes);
+        self.machine.client_input(&mut self.client, &self.state, 0);
+        if self.machine.take_events().is_some() {
+            self.machine.recorded(Err("nats is down".into()));
+        }
+        self.pump(true);
+    }
+
+    /// Feeds buffered client input until the machine takes no more.
+    pub fn pump(&mut self, ack: bool) {
+        loop {
+            self.machine.client_input(&mut self.client, &self.state, 0);
+            match self.machine.take_events() {
+                Some(events) if ack => {
+                    self.recorded.extend(events);
+                    self.machine.recorded(Ok(()));
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// The target answers `bytes`; then client input that waited is read.
+    pub fn reply(&mut self, bytes: &[u8]) {
+        let mut buf = BytesMut::from(bytes);
+        self.machine.target_input(&mut buf);
+        assert!(buf.is_empty(), "whole frames consumed");
+        self.pump(true);
+    }
+
+    pub fn sent(&mut self) -> Vec<Seen> {
+        frames(&self.machine.to_target.split(), true)
+    }
+
+    pub fn answered(&mut self) -> Vec<Seen> {
+        frames(&self.machine.to_client.split(), false)
+    }
+
+    /// The statement texts, executed texts and effects of recorded
+    /// commands.
+    pub fn commands(&self) -> Vec<Recorded> {
+        self.recorded
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Payload::CommandReceived(c) => Some((
+                    c.statement.clone(),
+                    c.executes
+                        .iter()
+                        .map(|x| (x.name.clone(), x.text.clone()))
+                        .collect(),
+                    c.decision.as_ref().map(|d| d.effect).expect("decided"),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+use DecisionEffect::{Allow, ApprovalRequired, Deny};
+
+#[test]
+fn simple_query_is_recorded_then_forwarded_and_answered() {
+    let mut h = Harness::user();
+    h.client.extend_from_slice(&query("SELECT 1"));
+    h.machine.client_input(&mut h.client, &h.state, 0);
+    assert!(h.machine.to_target.is_empty(), "nothing before the ack");
+    let events = h.machine.take_events().expect("an event to record");
+    assert_eq!(events.len(), 1);
+    assert!(!h.machine.accepts_client(), "waits for the ack");
+    h.machine.recorded(Ok(()));
+    assert_eq!(h.sent(), vec![text('Q', "SELECT 1")]);
+    h.reply(&cat(&[
+        data_row("1"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.answered(), vec![m('D'), m('C'), m('Z')]);
+}
+
+#[test]
+fn several_statements_in_one_query() {
+    let mut h = Harness::user();
+    h.send(&query("SELECT 1; SELECT 2"));
+    assert_eq!(h.sent(), vec![text('Q', "SELECT 1; SELECT 2")]);
+    h.reply(&cat(&[
+        command_complete("SELECT 1"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.answered(), vec![m('C'), m('C'), m('Z')]);
+    assert!(h.machine.pending.is_empty());
+}
+
+#[test]
+fn extended_pipeline_with_several_syncs() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("", "SELECT $1"),
+        bind("", "", &["a"]),
+        execute(""),
+        sync(),
+        parse("", "SELECT 2"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ]));
+    let sent = h.sent();
+    assert_eq!(sent.len(), 8, "the whole pipeline goes on: {sent:?}");
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        data_row("a"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+        parse_complete(),
+        bind_complete(),
+        data_row("2"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.answered().len(), 10);
+    assert_eq!(
+        h.commands(),
+        vec![
+            ("SELECT $1".into(), vec![], Allow),
+            ("SELECT 2".into(), vec![], Allow)
+        ]
+    );
+    assert!(h.machine.statements.settled() && h.machine.portals.settled());
+}
+
+#[test]
+fn an_error_mid_pipeline_skips_to_sync_and_binds_nothing() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("s1", "SELECT 1"),
+        bind("p1", "s1", &[]),
+        execute("p1"),
+        sync(),
+    ]));
+    h.sent();
+    // The server refuses the Parse: the rest of the batch is skipped.
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("42601"), m('Z')]);
+    assert_eq!(h.machine.confirmed(), (0, 0));
+    // So s1 is unknown: a Bind of it is refused, never forwarded.
+    h.send(&cat(&[bind("", "s1", &[]), execute(""), sync()]));
+    assert_eq!(
+        h.sent(),
+        vec![text('P', super::REFUSED_TEXT), m('S')],
+        "the Bind is replaced by a Parse that fails"
+    );
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("26000"), m('Z')]);
+}
+
+/// The server refuses a second `Parse` of a name in use (42P05): the name
+/// keeps its first text, and that is what a later `Execute` is decided and
+/// recorded with.
+#[test]
+fn a_refused_reparse_keeps_the_first_text() {
+    let mut h = Harness::user();
+    h.send(&cat(&[parse("s1", "SET statement_timeout = 0"), sync()]));
+    h.reply(&cat(&[parse_complete(), ready(b'I')]));
+    h.send(&cat(&[parse("s1", "SELECT 1"), sync()]));
+    h.reply(&cat(&[
+        error("42P05", "prepared statement \"s1\" already exists"),
+        ready(b'I'),
+    ]));
+    h.sent();
+    h.answered();
+    h.send(&cat(&[bind("", "s1", &[]), execute(""), sync()]));
+    assert_eq!(h.sent(), vec![m('B'), m('E'), m('S')]);
+    let commands = h.commands();
+    assert_eq!(commands.len(), 1);
+    assert_eq!(commands[0].0, "SET statement_timeout = 0");
+}
+
+/// An agent's session is read-only: a `Parse` of text that would make it
+/// writable is refused at once, so no name is ever bound to it.
+#[test]
+fn an_agent_cannot_prepare_a_writable_session() {
+    let mut h = Harness::agent();
+    h.send(&cat(&[
+        parse("s1", "SET default_transaction_read_only = off"),
+        sync(),
+    ]));
+    assert_eq!(h.sent(), vec![text('P', super::REFUSED_TEXT), m('S')]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("42501"), m('Z')]);
+    assert_eq!(h.machine.confirmed(), (0, 0));
+    assert_eq!(h.commands()[0].2, Deny);
+}
+
+/// A statement prepared at the protocol level and run by SQL `EXECUTE` is
+/// decided and recorded as what it runs.
+#[test]
+fn sql_execute_of_a_protocol_statement_is_decided_by_its_text() {
+    let mut h = Harness::user();
+    h.send(&cat(&[parse("px", "DELETE FROM t"), sync()]));
+    assert_eq!(
+        h.sent(),
+        vec![text('P', "DELETE FROM t"), m('S')],
+        "preparing is not running: approval is asked when it runs"
+    );
+    h.reply(&cat(&[parse_complete(), ready(b'I')]));
+    h.answered();
+    h.send(&query("EXECUTE px"));
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("42501"), m('Z')]);
+    assert_eq!(
+        h.commands(),
+        vec![(
+            "EXECUTE px".into(),
+            vec![("px".into(), "DELETE FROM t".into())],
+            ApprovalRequired
+        )]
+    );
+}
+
+#[test]
+fn a_parse_of_denied_text_is_refused_when_it_arrives() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("p", "SELECT pg_read_file('/etc/passwd')"),
+        bind("", "p", &[]),
+        execute(""),
+        sync(),
+    ]));
+    assert_eq!(h.sent(), vec![text('P', super::REFUSED_TEXT), m('S')]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("42501"), m('Z')]);
+    assert_eq!(h.commands().len(), 1, "the refusal is recorded");
+    assert_eq!(h.commands()[0].2, Deny);
+}
+
+#[test]
+fn sql_prepare_is_bound_on_completion_and_dropped_by_deallocate() {
+    let mut h = Harness::user();
+    h.send(&query("PREPARE p AS SELECT 1"));
+    h.reply(&cat(&[command_complete("PREPARE"), ready(b'I')]));
+    h.send(&query("EXECUTE p"));
+    assert_eq!(h.sent().last(), Some(&text('Q', "EXECUTE p")));
+    h.reply(&cat(&[
+        data_row("1"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    h.send(&query("DEALLOCATE p"));
+    h.reply(&cat(&[command_complete("DEALLOCATE"), ready(b'I')]));
+    h.sent();
+    h.send(&query("EXECUTE p"));
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered().last(), Some(&m('Z')));
+    let commands = h.commands();
+    assert_eq!(
+        commands[1],
+        (
+            "EXECUTE p".into(),
+            vec![("p".into(), "PREPARE p AS SELECT 1".into())],
+            Allow
+        )
+    );
+    assert_eq!(commands[3].2, Deny, "unknown name refused and recorded");
+}
+
+#[test]
+fn a_failed_prepare_binds_nothing() {
+    let mut h = Harness::user();
+    h.send(&query("PREPARE p AS SELECT 1"));
+    h.reply(&cat(&[
+        error("42P05", "prepared statement \"p\" already exists"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.machine.confirmed(), (0, 0));
+}
+
+#[test]
+fn a_name_still_being_settled_is_waited_for() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("s1", "SELECT 1"),
+        sync(),
+        bind("", "s1", &[]),
+        execute(""),
+        sync(),
+    ]));
+    assert_eq!(
+        h.sent(),
+        vec![text('P', "SELECT 1"), m('S')],
+        "the Bind waits for the Parse's answer"
+    );
+    h.reply(&cat(&[parse_complete(), ready(b'I')]));
+    assert_eq!(h.sent(), vec![m('B'), m('E'), m('S')]);
+}
+
+#[test]
+fn flush_after_a_denied_execute_is_answered() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("", "DELETE FROM t"),
+        bind("", "", &[]),
+        execute(""),
+        flush(),
+    ]));
+    assert_eq!(
+        h.sent(),
+        vec![
+            text('P', "DELETE FROM t"),
+            m('B'),
+            text('P', super::REFUSED_TEXT),
+            m('H')
+        ]
+    );
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        error("42601", "syntax error"),
+    ]));
+    assert_eq!(h.answered(), vec![m('1'), m('2'), err("42501")]);
+    h.send(&sync());
+    assert_eq!(h.sent(), vec![m('S')]);
+    h.reply(&ready(b'I'));
+    assert_eq!(h.answered(), vec![m('Z')]);
+}
+
+#[test]
+fn portals_end_with_their_transaction() {
+    let mut h = Harness::user();
+    h.send(&cat(&[parse("s", "SELECT 1"), bind("c", "s", &[]), sync()]));
+    h.reply(&cat(&[parse_complete(), bind_complete(), ready(b'I')]));
+    assert_eq!(h.machine.confirmed(), (1, 0), "idle: the portal is gone");
+    h.sent();
+    h.send(&cat(&[execute("c"), sync()]));
+    assert_eq!(h.sent(), vec![text('P', super::REFUSED_TEXT), m('S')]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered().first(), Some(&m('1')));
+}
+
+#[test]
+fn copy_in_by_simple_query() {
+    let mut h = Harness::user();
+    h.send(&query("COPY t FROM STDIN"));
+    h.reply(&copy_in_response());
+    h.send(&cat(&[copy_data(b"1\n"), copy_data(b"2\n"), copy_done()]));
+    assert_eq!(
+        h.sent(),
+        vec![text('Q', "COPY t FROM STDIN"), m('d'), m('d'), m('c')]
+    );
+    h.reply(&cat(&[command_complete("COPY 2"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![m('G'), m('C'), m('Z')]);
+    assert!(h.machine.pending.is_empty());
+}
+
+/// A driver sends `Sync` right after the COPY's `Execute`; the server
+/// ignores it in COPY mode, and answers the one after `CopyDone`.
+#[test]
+fn copy_in_by_extended_query_with_an_early_sync() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("", "COPY t FROM STDIN"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ]));
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        copy_in_response(),
+    ]));
+    h.send(&cat(&[copy_data(b"1\n"), copy_done(), sync()]));
+    h.reply(&cat(&[command_complete("COPY 1"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![m('1'), m('2'), m('G'), m('C'), m('Z')]);
+    assert!(h.machine.pending.is_empty(), "{:?}", h.machine.pending);
+}
+
+#[test]
+fn describe_is_followed() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("s", "SELECT 1"),
+        describe_statement("s"),
+        close_statement("s"),
+        sync(),
+    ]));
+    h.reply(&cat(&[
+        parse_complete(),
+        parameter_description(),
+        no_data(),
+        close_complete(),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.machine.confirmed(), (0, 0));
+    assert!(h.machine.pending.is_empty());
+}
+
+#[test]
+fn a_failed_record_runs_nothing_and_answers_each_command() {
+    let mut h = Harness::user();
+    h.send_unrecorded(&cat(&[
+        query("INSERT INTO t VALUES (1)"),
+        parse("", "SELECT 1"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ]));
+    assert_eq!(
+        h.sent(),
+        vec![
+            text('Q', super::REFUSED_TEXT),
+            text('P', super::REFUSED_TEXT),
+            m('S')
+        ]
+    );
+    h.reply(&cat(&[
+        error("42601", "syntax error"),
+        ready(b'I'),
+        error("42601", "syntax error"),
+        ready(b'I'),
+    ]));
+    assert_eq!(
+        h.answered(),
+        vec![err("58000"), m('Z'), err("58000"), m('Z')]
+    );
+    assert!(h.machine.statements.settled() && h.machine.portals.settled());
+}
+
+#[test]
+fn revocation_ends_the_session() {
+    let mut h = Harness::user();
+    h.state.revoked.insert(Revoked::Subject("sub-alice".into()));
+    h.send(&query("SELECT 1"));
+    assert!(h.sent().is_empty());
+    assert_eq!(h.answered(), vec![err("28000")]);
+    assert!(h.machine.ended().is_some());
+}
+
+#[test]
+fn an_unforeseen_encoding_change_with_text_in_flight_ends_the_session() {
+    let mut h = Harness::new(identity("dba", &["dba"]));
+    h.send(&cat(&[query("SELECT f()"), query("SELECT 'x'")]));
+    h.reply(&cat(&[
+        command_complete("SELECT 1"),
+        parameter_status("client_encoding", "LATIN1"),
+    ]));
+    assert_eq!(h.answered(), vec![m('C'), err("0A000")]);
+    assert!(h.machine.ended().is_some());
+}
+
+#[test]
+fn a_settings_change_is_a_barrier() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        query("SET client_encoding = 'LATIN1'"),
+        query_bytes(b"SELECT '\xe9'"),
+    ]));
+    assert_eq!(h.sent().len(), 1, "the second text waits");
+    h.reply(&cat(&[
+        command_complete("SET"),
+        parameter_status("client_encoding", "LATIN1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.sent().len(), 1);
+    assert_eq!(h.commands()[1].0, "SELECT 'é'");
+}
+
+#[test]
+fn an_answer_that_matches_nothing_ends_the_session() {
+    let mut h = Harness::user();
+    h.reply(&parse_complete());
+    assert_eq!(h.answered(), vec![err("08P01")]);
+    assert!(h.machine.ended().is_some());
+}
+
+#[test]
+fn the_function_call_protocol_is_refused() {
+    let mut h = Harness::user();
+    let mut body = BytesMut::new();
+    body.put_i32(1234);
+    body.put_i16(0);
+    body.put_i16(0);
+    body.put_i16(0);
+    h.send(&msg(b'F', &body));
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("0A000"), m('Z')]);
+}
