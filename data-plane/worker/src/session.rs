@@ -69,7 +69,8 @@ impl SessionCtx {
 struct Refusal {
     error: ClientError,
     /// Reason code for the `AuthenticationFailed` event; `None` when the
-    /// connection ended without an attempt worth recording.
+    /// connection ended without an attempt worth recording (and without a
+    /// word to the client).
     reason: Option<&'static str>,
 }
 
@@ -180,6 +181,17 @@ async fn negotiate(
     let mut conn = Conn::Plain(tcp);
     let mut buf = BytesMut::with_capacity(1024);
     loop {
+        if let Some(len) = buf.first_chunk::<4>().map(|b| i32::from_be_bytes(*b))
+            && !(8..=MAX_STARTUP as i32).contains(&len)
+        {
+            // Not a startup packet at all: a message of an open session
+            // (`Terminate`), another protocol, a port scanner. PostgreSQL
+            // closes such a connection without a word (the client speaks
+            // no protocol it could answer in) and so does the worker,
+            // recording nothing: nobody attempted to log in.
+            tracing::debug!(peer = %attempt.peer, len, "not a startup packet; closing");
+            return Some((conn, buf, Startup::Refused(Refusal::silent())));
+        }
         let packet = match pg::decode_startup(&mut buf, MAX_STARTUP) {
             Ok(Some(p)) => p,
             Ok(None) => {
