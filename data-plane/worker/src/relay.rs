@@ -106,7 +106,7 @@ async fn pump(
         if !tbuf.is_empty() {
             machine.target_input(&mut tbuf);
         }
-        if recording.is_none() && machine.accepts_client() {
+        if recording.is_none() && machine.has_client_work(&cbuf) {
             let state = shared.policies.borrow().clone();
             machine.client_input(&mut cbuf, &state, chrono::Utc::now().timestamp());
             if let Some(events) = machine.take_events() {

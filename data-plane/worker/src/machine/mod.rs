@@ -264,6 +264,13 @@ impl Machine {
         self.held.is_none() && self.closing.is_none() && self.ended.is_none()
     }
 
+    /// Whether [`Machine::client_input`] has anything to act on: client
+    /// bytes, a frame that waited, or a settings change to end on.
+    pub fn has_client_work(&self, buf: &[u8]) -> bool {
+        self.accepts_client()
+            && (!buf.is_empty() || self.stash.is_some() || self.parsing.encoding.is_err())
+    }
+
     /// Events to record before the read they describe goes on; the pump
     /// calls [`Machine::recorded`] with the outcome.
     pub fn take_events(&mut self) -> Option<Vec<Event>> {
