@@ -26,8 +26,13 @@ pub enum BackendError {
     TlsRefused,
     #[error("TLS handshake with target failed: {0}")]
     Tls(std::io::Error),
-    #[error("target refused the login: {0}")]
-    Refused(String),
+    /// The target answered the login with an error (`FATAL`).
+    #[error("target refused the login: {} ({})", .fields.message, .fields.code)]
+    Refused {
+        fields: pg::ErrorFields,
+        /// The `ErrorResponse` as the target sent it.
+        frame: Frame,
+    },
     #[error("target asked for authentication method {0}, which Gatehouse does not support")]
     UnsupportedAuth(i32),
     #[error("target asked for a password, but none is configured")]
@@ -40,6 +45,25 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error("target closed the connection during login")]
     Closed,
+}
+
+impl BackendError {
+    /// The target's own `ErrorResponse`, when it refused the login for
+    /// something the client asked for (a setting it does not know, a value
+    /// it does not take, too many connections…) and may be shown to the
+    /// client as it is. Refusals of the worker's own credentials (class
+    /// `28`) or of the configured database (`3D000`) are the target's
+    /// configuration, not the client's business: `None`.
+    pub fn for_client(&self) -> Option<&Frame> {
+        match self {
+            BackendError::Refused { fields, frame }
+                if !fields.code.starts_with("28") && fields.code != "3D000" =>
+            {
+                Some(frame)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A logged-in connection to a target, ready for queries.
@@ -56,8 +80,9 @@ pub struct Backend {
 pub struct Login<'a> {
     pub target: &'a TargetConfig,
     pub tls: Option<&'a Arc<rustls::ClientConfig>>,
-    /// Startup parameters passed through from the client
-    /// (`application_name`, `client_encoding`, …).
+    /// Startup parameters for the target: the client's settings the worker
+    /// allowed (`application_name`, `client_encoding`, `search_path`, …),
+    /// and its own.
     pub params: &'a [(String, String)],
     pub max_message: usize,
 }
@@ -153,8 +178,11 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
                 process_id,
                 secret_key,
             } => key = (process_id, secret_key),
-            BackendMessage::ErrorResponse(e) => {
-                return Err(BackendError::Refused(format!("{} ({})", e.message, e.code)));
+            BackendMessage::ErrorResponse(fields) => {
+                return Err(BackendError::Refused {
+                    fields,
+                    frame: frame.clone(),
+                });
             }
             BackendMessage::ReadyForQuery(status) => {
                 return Ok(Backend {

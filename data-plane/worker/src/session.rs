@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use gatehouse_events::{
     AuthenticationFailed, CloseReason, Event, Identity, Payload, SessionClosed, SessionOpened,
 };
 use gatehouse_pgwire::{self as pg, FrontendMessage, StartupPacket};
+use gatehouse_policies::{Reading, classify};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
@@ -20,21 +21,8 @@ use crate::backend::{self, Login};
 use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
 use crate::error::ClientError;
+use crate::policy::{PolicyState, SessionPolicy};
 use crate::{Shared, relay};
-
-/// Startup parameters passed on to the target. Anything else (notably
-/// `options` and arbitrary settings such as `role`) could change the
-/// session's privileges without a recorded command, so it is dropped.
-const PASSED_PARAMS: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "extra_float_digits",
-    "intervalstyle",
-    "search_path",
-    "statement_timeout",
-];
 
 /// Largest startup packet accepted before authentication.
 const MAX_STARTUP: usize = 16 * 1024;
@@ -68,6 +56,9 @@ impl SessionCtx {
 /// Why a connection ended before a session opened.
 struct Refusal {
     error: ClientError,
+    /// The target's own `ErrorResponse`, sent to the client instead of
+    /// `error`.
+    from_target: Option<Bytes>,
     /// Reason code for the `AuthenticationFailed` event; `None` when the
     /// connection ended without an attempt worth recording (and without a
     /// word to the client).
@@ -78,6 +69,7 @@ impl Refusal {
     fn new(error: ClientError, reason: &'static str) -> Self {
         Self {
             error,
+            from_target: None,
             reason: Some(reason),
         }
     }
@@ -85,6 +77,7 @@ impl Refusal {
     fn silent() -> Self {
         Self {
             error: ClientError::protocol("connection closed"),
+            from_target: None,
             reason: None,
         }
     }
@@ -138,7 +131,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         }
         tracing::info!(peer = %attempt.peer, reason, "connection refused");
         let mut out = BytesMut::new();
-        refusal.error.encode(&mut out);
+        match &refusal.from_target {
+            Some(frame) => out.extend_from_slice(frame),
+            None => refusal.error.encode(&mut out),
+        }
         let _ = send(&mut conn, &out).await;
     }
     let _ = conn.shutdown().await;
@@ -158,7 +154,7 @@ pub(crate) struct Opened {
     pub target: Arc<crate::Target>,
     /// Client bytes read past the password message.
     pub client_leftover: BytesMut,
-    pub policy: crate::policy::SessionPolicy,
+    pub policy: SessionPolicy,
     /// How the target reads the session's text, as it reported at login.
     pub parsing: Parsing,
 }
@@ -289,6 +285,7 @@ async fn authenticate(
         ));
     }
     let database = attempt.database.clone().unwrap_or_default();
+    let settings = startup_settings(&params).map_err(|e| Refusal::new(e, "options_refused"))?;
 
     // Ask for the token as a cleartext password (only ever inside TLS,
     // unless plaintext was explicitly allowed).
@@ -334,7 +331,7 @@ async fn authenticate(
         ));
     };
 
-    let mut policy = crate::policy::SessionPolicy::new(
+    let mut policy = SessionPolicy::new(
         &shared.policy_config,
         &verified.identity,
         verified.token_id.clone(),
@@ -352,15 +349,14 @@ async fn authenticate(
         policy
             .decide_connect(&state)
             .map_err(|e| Refusal::new(e, "connect_denied"))?;
+        decide_settings(&mut policy, &state, &settings)
+            .map_err(|e| Refusal::new(e, "setting_denied"))?;
     }
 
-    let mut passed: Vec<(String, String)> = params
-        .iter()
-        .filter(|(k, _)| PASSED_PARAMS.contains(&k.to_ascii_lowercase().as_str()))
-        .cloned()
-        .collect();
+    let mut passed = settings;
     if policy.read_only {
-        // Defence in depth: the target itself refuses writes too.
+        // Defence in depth: the target itself refuses writes too. Last, so
+        // that it wins over anything the client asked for.
         passed.push(("default_transaction_read_only".into(), "on".into()));
     }
     let mut backend = backend::login(Login {
@@ -370,15 +366,29 @@ async fn authenticate(
         max_message: shared.config.max_message_bytes,
     })
     .await
-    .map_err(|e| {
-        tracing::warn!(target = %target.name, error = %e, "cannot log in to target");
-        Refusal::new(
-            ClientError::fatal(
-                "08001",
-                format!("cannot connect to target \"{}\"", target.name),
-            ),
-            "target_unavailable",
-        )
+    .map_err(|e| match e.for_client() {
+        // The target refused a setting (or is full, or starting up): the
+        // client reads why in the target's own words.
+        Some(frame) => {
+            tracing::info!(target = %target.name, error = %e, "target refused the login");
+            Refusal {
+                from_target: Some(frame.raw.clone()),
+                ..Refusal::new(
+                    ClientError::fatal("08004", "the target refused the connection"),
+                    "target_refused",
+                )
+            }
+        }
+        None => {
+            tracing::warn!(target = %target.name, error = %e, "cannot log in to target");
+            Refusal::new(
+                ClientError::fatal(
+                    "08001",
+                    format!("cannot connect to target \"{}\"", target.name),
+                ),
+                "target_unavailable",
+            )
+        }
     })?;
     // The target says which encoding the session's text is in (the
     // client's `client_encoding`, or the database's): one the worker cannot
@@ -416,7 +426,11 @@ async fn authenticate(
         client_addr: attempt.peer.to_string(),
         client_tls: attempt.tls,
         target_tls: backend.conn.is_tls(),
-        application_name: get("application_name"),
+        application_name: passed
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case("application_name"))
+            .map(|(_, v)| v.clone()),
         token_expires_at: Some(ctx.expires_at),
     }));
     if let Err(e) = shared.publisher.record(vec![opened]).await {
@@ -439,6 +453,159 @@ async fn authenticate(
         policy,
         parsing,
     })
+}
+
+/// Startup parameters PostgreSQL reads itself rather than as settings
+/// (their names compared as it compares them, case and all).
+fn is_setting(name: &str) -> bool {
+    !matches!(name, "user" | "database" | "replication" | "options")
+        // Protocol extensions (`_pq_.…`) between the client and the
+        // worker, which offers none: not settings, and not the target's.
+        && !name.starts_with("_pq_.")
+}
+
+/// The settings a client asked for at startup, in the order PostgreSQL
+/// applies them (a later one wins): those in `options` first, then every
+/// other parameter that is not `user`, `database` or `replication`.
+fn startup_settings(params: &[(String, String)]) -> Result<Vec<(String, String)>, ClientError> {
+    let mut settings = Vec::new();
+    for (name, value) in params {
+        if name == "options" {
+            settings.extend(options_settings(value)?);
+        }
+    }
+    settings.extend(params.iter().filter(|(name, _)| is_setting(name)).cloned());
+    Ok(settings)
+}
+
+/// Splits `options` into arguments as PostgreSQL does (`pg_split_opts`):
+/// at runs of whitespace, a backslash taking the next character as it is.
+fn split_options(options: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut chars = options.chars().peekable();
+    loop {
+        while chars.next_if(|c| is_c_space(*c)).is_some() {}
+        if chars.peek().is_none() {
+            return args;
+        }
+        let mut arg = String::new();
+        while let Some(c) = chars.next_if(|c| !is_c_space(*c)) {
+            if c == '\\' {
+                // An escaped character, whitespace included; a backslash
+                // at the very end stands for nothing.
+                if let Some(next) = chars.next() {
+                    arg.push(next);
+                }
+            } else {
+                arg.push(c);
+            }
+        }
+        args.push(arg);
+    }
+}
+
+/// C's `isspace` in the C locale.
+fn is_c_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
+}
+
+/// The settings in `options`, read as PostgreSQL reads the switches of a
+/// server process (`process_postgres_switches`): `-c name=value`,
+/// `-cname=value` and `--name=value`, dashes in a name read as
+/// underscores. Every other switch sets something a `SET` cannot say, or
+/// nothing a client needs: it is refused, named.
+fn options_settings(options: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut settings = Vec::new();
+    let mut args = split_options(options).into_iter();
+    while let Some(arg) = args.next() {
+        let (switch, assignment) = if arg == "--" {
+            // The end of the switches; PostgreSQL takes no arguments after.
+            match args.next() {
+                None => break,
+                Some(extra) => return Err(invalid_option(&extra)),
+            }
+        } else if let Some(rest) = arg.strip_prefix("--") {
+            ("--", rest.to_owned())
+        } else if arg == "-c" {
+            match args.next() {
+                Some(next) => ("-c", next),
+                None => {
+                    return Err(ClientError::fatal(
+                        "42601",
+                        "the startup option -c needs a name=value argument",
+                    ));
+                }
+            }
+        } else if let Some(rest) = arg.strip_prefix("-c") {
+            ("-c", rest.to_owned())
+        } else if let Some(rest) = arg.strip_prefix('-')
+            && let Some(letter) = rest.chars().next()
+        {
+            return Err(ClientError::fatal(
+                "0A000",
+                format!(
+                    "the startup option \"-{letter}\" is not supported through Gatehouse; \
+                     use -c name=value"
+                ),
+            ));
+        } else {
+            return Err(invalid_option(&arg));
+        };
+        let Some((name, value)) = assignment.split_once('=') else {
+            let spaced = if switch == "-c" { " " } else { "" };
+            return Err(ClientError::fatal(
+                "42601",
+                format!("{switch}{spaced}{assignment} requires a value"),
+            ));
+        };
+        settings.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(settings)
+}
+
+fn invalid_option(arg: &str) -> ClientError {
+    ClientError::fatal(
+        "42601",
+        format!(
+            "invalid startup option \"{arg}\": options holds only -c name=value and \
+             --name=value"
+        ),
+    )
+}
+
+/// The `SET` a startup setting amounts to: the name as a quoted
+/// identifier, the value as a string literal (as the server takes a
+/// startup parameter's value: text, never an expression).
+fn set_statement(name: &str, value: &str) -> String {
+    format!(
+        "SET \"{}\" = '{}'",
+        name.replace('"', "\"\""),
+        value.replace('\'', "''")
+    )
+}
+
+/// Decides each setting as the `SET` it amounts to. `client_encoding` is
+/// not decided: the worker follows whatever encoding the target reports,
+/// and refuses those it cannot read.
+fn decide_settings(
+    policy: &mut SessionPolicy,
+    state: &PolicyState,
+    settings: &[(String, String)],
+) -> Result<(), ClientError> {
+    for (name, value) in settings {
+        if name.eq_ignore_ascii_case("client_encoding") {
+            continue;
+        }
+        // Built with standard_conforming_strings on, and read so.
+        let facts = classify(&set_statement(name, value), Reading::default());
+        if let Some(refusal) = policy.decide(state, &facts).refusal {
+            return Err(ClientError::fatal(
+                refusal.sqlstate,
+                format!("the setting \"{name}\" is refused: {}", refusal.message),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Records the end of a session. Retries for a while: a session's last
@@ -484,5 +651,111 @@ impl SessionCtx {
             bytes_to_client: AtomicU64::new(0),
             started: Instant::now(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn options_are_split_as_postgres_splits_them() {
+        assert_eq!(
+            split_options("  -c a=b\t-cx=y\\ z  --e-f=g\\\\h\\"),
+            ["-c", "a=b", "-cx=y z", "--e-f=g\\h"]
+        );
+        assert!(split_options(" \n ").is_empty());
+    }
+
+    #[test]
+    fn options_hold_settings_in_three_spellings() {
+        assert_eq!(
+            options_settings("-c search_path=a,b -cwork_mem=64kB --statement-timeout=5s -c x=")
+                .unwrap(),
+            owned(&[
+                ("search_path", "a,b"),
+                ("work_mem", "64kB"),
+                ("statement_timeout", "5s"),
+                ("x", ""),
+            ])
+        );
+        assert_eq!(
+            options_settings("-c application_name=two\\ words=yes --").unwrap(),
+            owned(&[("application_name", "two words=yes")])
+        );
+    }
+
+    #[test]
+    fn other_switches_and_arguments_are_refused_by_name() {
+        for (options, code, named) in [
+            ("-d 5", "0A000", "\"-d\""),
+            ("-c a=b -B 100", "0A000", "\"-B\""),
+            ("-Ec a=b", "0A000", "\"-E\""),
+            ("foo", "42601", "\"foo\""),
+            ("-", "42601", "\"-\""),
+            ("-- -c a=b", "42601", "\"-c\""),
+            ("-c", "42601", "-c"),
+            ("-c search_path", "42601", "-c search_path requires a value"),
+            ("--work_mem", "42601", "--work_mem requires a value"),
+        ] {
+            let e = options_settings(options).unwrap_err();
+            assert!(e.fatal, "{options}");
+            assert_eq!(e.sqlstate, code, "{options}: {}", e.message);
+            assert!(e.message.contains(named), "{options}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn settings_come_from_options_first_then_the_other_parameters() {
+        let params = owned(&[
+            ("user", "alice"),
+            ("database", "app"),
+            ("search_path", "late"),
+            ("options", "-c search_path=early"),
+            ("replication", "false"),
+            ("_pq_.something", "1"),
+            ("client_encoding", "UTF8"),
+        ]);
+        assert_eq!(
+            startup_settings(&params).unwrap(),
+            owned(&[
+                ("search_path", "early"),
+                ("search_path", "late"),
+                ("client_encoding", "UTF8"),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_setting_is_read_as_its_set_statement() {
+        let read = |name: &str, value: &str| {
+            let text = set_statement(name, value);
+            let c = classify(&text, Reading::default());
+            assert!(c.parsed, "{text}");
+            assert_eq!(c.statements.len(), 1, "{text}");
+            c.statements[0].clone()
+        };
+        assert_eq!(
+            set_statement("a\"b", "it's \\ here"),
+            r#"SET "a""b" = 'it''s \ here'"#
+        );
+        assert!(read("default_transaction_read_only", "off").disables_read_only);
+        assert!(read("Default_Transaction_Read_Only", "0").disables_read_only);
+        assert!(!read("default_transaction_read_only", "on").disables_read_only);
+        // A quote in the value ends nothing.
+        let s = read(
+            "search_path",
+            "x'; SET default_transaction_read_only = off; --",
+        );
+        assert!(!s.disables_read_only);
+        assert_eq!(s.kind, gatehouse_policies::StatementKind::Session);
+        assert_eq!(read("role", "postgres").kind.as_str(), "dcl");
     }
 }
