@@ -1,74 +1,129 @@
-//! Cancel requests. The worker hands clients its own cancel keys; a cancel
-//! request that reaches a worker which does not hold the session (behind a
-//! load balancer) is forwarded to all workers over NATS, and the holder acts.
+//! Cancel requests. A client gets its target backend's real process id
+//! (what `pg_backend_pid()` and notifications say) with a secret the
+//! worker chose at random, so that a key is unique across targets and
+//! workers. A cancel request is routed by the whole key: the worker holding
+//! the session sends it to the target with the target's own secret; one
+//! that reaches a worker which does not hold the session (behind a load
+//! balancer) is forwarded to all workers over NATS, and the holder acts.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 
 use crate::Target;
 
+/// A client's cancel key: the backend's process id and the worker's secret.
+pub(crate) type Key = (i32, i32);
+
 struct Entry {
-    secret: i32,
     target: Arc<Target>,
-    backend_pid: i32,
+    /// The target's own secret for the backend.
     backend_secret: i32,
+}
+
+tokio::task_local! {
+    /// The key registered by the session running in this task, so that
+    /// [`CancelRegistry::remove`], given only a process id, removes that
+    /// session's key: two targets may well have backends of one pid.
+    static SESSION_KEY: Cell<Option<Key>>;
+}
+
+/// Runs one session's `future` with a slot for its cancel key; returns what
+/// it returned and the key it registered, if any.
+pub(crate) async fn session_scope<F: Future>(future: F) -> (F::Output, Option<Key>) {
+    SESSION_KEY
+        .scope(Cell::new(None), async {
+            let out = future.await;
+            (out, SESSION_KEY.with(Cell::get))
+        })
+        .await
 }
 
 #[derive(Default)]
 pub(crate) struct CancelRegistry {
-    sessions: Mutex<HashMap<i32, Entry>>,
+    sessions: Mutex<HashMap<Key, Entry>>,
 }
 
 impl CancelRegistry {
-    /// Registers a session's backend key and returns the key for the client.
+    /// Registers a session's backend key and returns the key for the
+    /// client: the backend's process id, and a random secret no other
+    /// session of this worker has with that process id.
     pub(crate) fn register(
         &self,
         target: Arc<Target>,
         backend_pid: i32,
         backend_secret: i32,
-    ) -> (i32, i32) {
+    ) -> Key {
         let mut map = self.sessions.lock().expect("poisoned");
-        let secret = rand::random::<i32>();
-        loop {
-            let pid = rand::random::<i32>() & 0x7fff_ffff;
-            if pid != 0 && !map.contains_key(&pid) {
-                map.insert(
-                    pid,
-                    Entry {
-                        secret,
-                        target,
-                        backend_pid,
-                        backend_secret,
-                    },
-                );
-                return (pid, secret);
+        let key = loop {
+            let key = (backend_pid, rand::random::<i32>());
+            if !map.contains_key(&key) {
+                break key;
+            }
+        };
+        map.insert(
+            key,
+            Entry {
+                target,
+                backend_secret,
+            },
+        );
+        let _ = SESSION_KEY.try_with(|k| k.set(Some(key)));
+        key
+    }
+
+    /// Forgets the key of the session running in this task, which has
+    /// process id `pid`. Outside a session's scope, forgets the only key
+    /// with that process id, if there is just one.
+    pub(crate) fn remove(&self, pid: i32) {
+        let mine = SESSION_KEY
+            .try_with(Cell::get)
+            .ok()
+            .flatten()
+            .filter(|(p, _)| *p == pid);
+        let mut map = self.sessions.lock().expect("poisoned");
+        match mine {
+            Some(key) => {
+                map.remove(&key);
+            }
+            None => {
+                let mut keys = map.keys().filter(|(p, _)| *p == pid);
+                if let (Some(&key), None) = (keys.next(), keys.next()) {
+                    map.remove(&key);
+                }
             }
         }
     }
 
-    pub(crate) fn remove(&self, pid: i32) {
-        self.sessions.lock().expect("poisoned").remove(&pid);
+    /// Forgets `key` (a session's, once it has ended).
+    pub(crate) fn remove_key(&self, key: Key) {
+        self.sessions.lock().expect("poisoned").remove(&key);
     }
 
     /// Cancels the session's running command if this worker holds it.
     pub(crate) async fn cancel_local(&self, pid: i32, secret: i32) -> bool {
         let found = {
             let map = self.sessions.lock().expect("poisoned");
-            map.get(&pid)
-                .filter(|e| e.secret == secret)
-                .map(|e| (e.target.clone(), e.backend_pid, e.backend_secret))
+            map.get(&(pid, secret))
+                .map(|e| (e.target.clone(), e.backend_secret))
         };
-        let Some((target, bpid, bsecret)) = found else {
+        let Some((target, backend_secret)) = found else {
             return false;
         };
         if let Err(e) =
-            crate::backend::cancel(&target.config, target.tls.as_ref(), bpid, bsecret).await
+            crate::backend::cancel(&target.config, target.tls.as_ref(), pid, backend_secret).await
         {
             tracing::warn!(target = %target.name, error = %e, "cancel request to target failed");
         }
         true
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.sessions.lock().expect("poisoned").len()
     }
 }
 
@@ -92,5 +147,59 @@ pub(crate) async fn serve_forwarded(
         if registry.cancel_local(pid, secret).await {
             tracing::debug!("served a cancel request forwarded by another worker");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str) -> Arc<Target> {
+        let config: crate::TargetConfig = serde_json::from_value(serde_json::json!({
+            "host": format!("{name}.invalid"),
+            "database": "d",
+            "user": "u",
+        }))
+        .expect("a target");
+        Arc::new(Target {
+            name: name.into(),
+            config,
+            tls: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_backend_pid_is_kept_and_each_session_removes_its_own_key() {
+        let registry = Arc::new(CancelRegistry::default());
+        // Two targets whose backends happen to have one process id.
+        let (a, b) = (target("a"), target("b"));
+        let session = |t: Arc<Target>, release: tokio::sync::oneshot::Receiver<()>| {
+            let registry = registry.clone();
+            tokio::spawn(session_scope(async move {
+                let key = registry.register(t, 4242, 7);
+                let _ = release.await;
+                registry.remove(key.0);
+                key
+            }))
+        };
+        let (end_a, wait_a) = tokio::sync::oneshot::channel();
+        let (end_b, wait_b) = tokio::sync::oneshot::channel();
+        let first = session(a, wait_a);
+        let second = session(b, wait_b);
+        while registry.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        end_a.send(()).unwrap();
+        let (key_a, registered) = first.await.unwrap();
+        assert_eq!(registered, Some(key_a));
+        assert_eq!(key_a.0, 4242, "the client gets the backend's own pid");
+        // The first session's end removed its key, not the other's.
+        let keys: Vec<Key> = registry.sessions.lock().unwrap().keys().copied().collect();
+        assert_eq!(keys.len(), 1);
+        assert_ne!(keys[0], key_a);
+        end_b.send(()).unwrap();
+        let (key_b, _) = second.await.unwrap();
+        assert_eq!(keys[0], key_b);
+        assert_eq!(registry.len(), 0);
     }
 }

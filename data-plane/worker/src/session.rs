@@ -22,7 +22,7 @@ use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
 use crate::error::ClientError;
 use crate::policy::{PolicyState, SessionPolicy};
-use crate::{Shared, relay};
+use crate::{Shared, cancel, relay};
 
 /// Largest startup packet accepted before authentication.
 const MAX_STARTUP: usize = 16 * 1024;
@@ -109,7 +109,15 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         Startup::Refused(r) => Err(r),
     };
     let refusal = match result {
-        Ok(opened) => return relay::run(shared, conn, opened).await,
+        Ok(opened) => {
+            // The relay registers the session's cancel key within this
+            // scope; should it not remove the key itself, it goes here.
+            let (_, key) = cancel::session_scope(relay::run(shared.clone(), conn, opened)).await;
+            if let Some(key) = key {
+                shared.cancels.remove_key(key);
+            }
+            return;
+        }
         Err(refusal) => refusal,
     };
     if let Some(reason) = refusal.reason {
