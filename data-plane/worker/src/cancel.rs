@@ -6,9 +6,7 @@
 //! that reaches a worker which does not hold the session (behind a load
 //! balancer) is forwarded to all workers over NATS, and the holder acts.
 
-use std::cell::Cell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -22,24 +20,6 @@ struct Entry {
     target: Arc<Target>,
     /// The target's own secret for the backend.
     backend_secret: i32,
-}
-
-tokio::task_local! {
-    /// The key registered by the session running in this task, so that
-    /// [`CancelRegistry::remove`], given only a process id, removes that
-    /// session's key: two targets may well have backends of one pid.
-    static SESSION_KEY: Cell<Option<Key>>;
-}
-
-/// Runs one session's `future` with a slot for its cancel key; returns what
-/// it returned and the key it registered, if any.
-pub(crate) async fn session_scope<F: Future>(future: F) -> (F::Output, Option<Key>) {
-    SESSION_KEY
-        .scope(Cell::new(None), async {
-            let out = future.await;
-            (out, SESSION_KEY.with(Cell::get))
-        })
-        .await
 }
 
 #[derive(Default)]
@@ -71,35 +51,11 @@ impl CancelRegistry {
                 backend_secret,
             },
         );
-        let _ = SESSION_KEY.try_with(|k| k.set(Some(key)));
         key
     }
 
-    /// Forgets the key of the session running in this task, which has
-    /// process id `pid`. Outside a session's scope, forgets the only key
-    /// with that process id, if there is just one.
-    pub(crate) fn remove(&self, pid: i32) {
-        let mine = SESSION_KEY
-            .try_with(Cell::get)
-            .ok()
-            .flatten()
-            .filter(|(p, _)| *p == pid);
-        let mut map = self.sessions.lock().expect("poisoned");
-        match mine {
-            Some(key) => {
-                map.remove(&key);
-            }
-            None => {
-                let mut keys = map.keys().filter(|(p, _)| *p == pid);
-                if let (Some(&key), None) = (keys.next(), keys.next()) {
-                    map.remove(&key);
-                }
-            }
-        }
-    }
-
     /// Forgets `key` (a session's, once it has ended).
-    pub(crate) fn remove_key(&self, key: Key) {
+    pub(crate) fn remove(&self, key: Key) {
         self.sessions.lock().expect("poisoned").remove(&key);
     }
 
@@ -168,38 +124,22 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn the_backend_pid_is_kept_and_each_session_removes_its_own_key() {
-        let registry = Arc::new(CancelRegistry::default());
+    #[test]
+    fn the_backend_pid_is_kept_and_each_session_removes_its_own_key() {
+        let registry = CancelRegistry::default();
         // Two targets whose backends happen to have one process id.
-        let (a, b) = (target("a"), target("b"));
-        let session = |t: Arc<Target>, release: tokio::sync::oneshot::Receiver<()>| {
-            let registry = registry.clone();
-            tokio::spawn(session_scope(async move {
-                let key = registry.register(t, 4242, 7);
-                let _ = release.await;
-                registry.remove(key.0);
-                key
-            }))
-        };
-        let (end_a, wait_a) = tokio::sync::oneshot::channel();
-        let (end_b, wait_b) = tokio::sync::oneshot::channel();
-        let first = session(a, wait_a);
-        let second = session(b, wait_b);
-        while registry.len() < 2 {
-            tokio::task::yield_now().await;
-        }
-        end_a.send(()).unwrap();
-        let (key_a, registered) = first.await.unwrap();
-        assert_eq!(registered, Some(key_a));
+        let key_a = registry.register(target("a"), 4242, 7);
+        let key_b = registry.register(target("b"), 4242, 7);
         assert_eq!(key_a.0, 4242, "the client gets the backend's own pid");
-        // The first session's end removed its key, not the other's.
+        assert_ne!(key_a, key_b, "the secrets keep the keys apart");
+        registry.remove(key_a);
         let keys: Vec<Key> = registry.sessions.lock().unwrap().keys().copied().collect();
-        assert_eq!(keys.len(), 1);
-        assert_ne!(keys[0], key_a);
-        end_b.send(()).unwrap();
-        let (key_b, _) = second.await.unwrap();
-        assert_eq!(keys[0], key_b);
+        assert_eq!(
+            keys,
+            [key_b],
+            "the first session's end removed its key only"
+        );
+        registry.remove(key_b);
         assert_eq!(registry.len(), 0);
     }
 }

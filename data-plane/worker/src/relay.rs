@@ -41,17 +41,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
         policy,
         parsing,
     } = opened;
-    let (pid, secret) =
-        shared
-            .cancels
-            .register(target.clone(), backend.process_id, backend.secret_key);
+    let key = shared
+        .cancels
+        .register(target.clone(), backend.process_id, backend.secret_key);
 
     let mut hello = BytesMut::new();
     pg::authentication_ok(&mut hello);
     for (k, v) in &backend.parameters {
         pg::parameter_status(&mut hello, k, v);
     }
-    pg::backend_key_data(&mut hello, pid, secret);
+    pg::backend_key_data(&mut hello, key.0, key.1);
     pg::ready_for_query(&mut hello, backend.status);
     let reason = if send(&mut client, &hello).await.is_err() {
         CloseReason::ClientDisconnected
@@ -77,7 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
         )
         .await
     };
-    shared.cancels.remove(pid);
+    shared.cancels.remove(key);
     session::close(&shared, &ctx, reason).await;
 }
 

@@ -22,7 +22,7 @@ use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
 use crate::error::ClientError;
 use crate::policy::{PolicyState, SessionPolicy};
-use crate::{Shared, cancel, relay};
+use crate::{Shared, relay};
 
 /// Largest startup packet accepted before authentication.
 const MAX_STARTUP: usize = 16 * 1024;
@@ -110,12 +110,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
     };
     let refusal = match result {
         Ok(opened) => {
-            // The relay registers the session's cancel key within this
-            // scope; should it not remove the key itself, it goes here.
-            let (_, key) = cancel::session_scope(relay::run(shared.clone(), conn, opened)).await;
-            if let Some(key) = key {
-                shared.cancels.remove_key(key);
-            }
+            relay::run(shared.clone(), conn, opened).await;
             return;
         }
         Err(refusal) => refusal,
@@ -642,9 +637,11 @@ pub(crate) async fn close(shared: &Shared, ctx: &SessionCtx, reason: CloseReason
     tracing::info!(session = %ctx.session_id, ?reason, "session closed");
 }
 
-#[cfg(test)]
 impl SessionCtx {
-    /// A session context for unit tests of the session machine.
+    /// A session context for unit tests and the fuzz target of the session
+    /// machine.
+    #[doc(hidden)]
+    #[allow(dead_code)]
     pub fn for_tests(identity: Identity) -> Self {
         SessionCtx {
             worker_id: "test-worker".into(),
