@@ -113,11 +113,15 @@ enum Pending {
     /// changes, once it completes.
     Execute {
         changes: Vec<Change<Prepared>>,
+        /// Calls functions, which may change settings in ways the worker
+        /// cannot foresee (see [`Machine::unforeseeable`]).
+        calls: bool,
     },
     /// Answered by `ReadyForQuery`. The n-th `CommandComplete` in between
     /// completes the n-th statement: `changes[n]`.
     Query {
         changes: VecDeque<Vec<Change<Prepared>>>,
+        calls: bool,
     },
     /// Answered by `ReadyForQuery`. `text_after_execute`: text of this batch
     /// came after an `Execute`, so it may have been read by the server with
@@ -169,6 +173,9 @@ struct Batch {
     /// An `Execute` that may change how text is read: later text of the
     /// batch is refused, and its `Sync` is a barrier.
     changes_parsing: bool,
+    /// An `Execute` that calls functions: later text of the batch must read
+    /// the same whatever the settings.
+    calls: bool,
     text_after_execute: bool,
 }
 
@@ -366,10 +373,10 @@ impl Machine {
             match self.client_frame(frame, &mut chunk, state, now) {
                 Ok(Step::Next) => {}
                 Ok(Step::Wait(frame)) => {
-                    // A name it uses is still being settled: read it again
-                    // once the target has answered.
+                    // It depends on answers still to come (a name being
+                    // settled, settings that may change): it is read again
+                    // once the target has answered more.
                     self.stash = Some(frame);
-                    self.barrier = true;
                     break;
                 }
                 Ok(Step::Stop) => break,
@@ -430,7 +437,7 @@ impl Machine {
         let mut open = false;
         for entry in entries {
             match entry {
-                Pending::Query { changes } => {
+                Pending::Query { changes, .. } => {
                     // Its ReadyForQuery still comes, for the replacement.
                     self.settle_prepared(changes.into_iter().flatten(), false);
                     live.push(refuse_simple_bytes(&mut out, error.clone()));
@@ -521,19 +528,52 @@ impl Machine {
                 return Ok(Step::Stop);
             }
         }
+        if self.client_copy
+            && !matches!(
+                message,
+                FrontendMessage::CopyData(_)
+                    | FrontendMessage::CopyDone
+                    | FrontendMessage::CopyFail(_)
+                    | FrontendMessage::Flush
+                    | FrontendMessage::Sync
+                    | FrontendMessage::Terminate
+            )
+        {
+            self.finish_and_close(chunk, copy_in_progress(), CloseReason::Error);
+            return Ok(Step::Stop);
+        }
         match message {
-            FrontendMessage::Query(_) | FrontendMessage::Parse(_) if self.batch.changes_parsing => {
+            FrontendMessage::Query(_) if self.batch.changes_parsing => {
                 // The target reads this text with settings an earlier
                 // `Execute` of the batch may have changed, and reports them
                 // only at the batch's end.
-                self.refuse_extended(
-                    chunk,
-                    ClientError::error(
-                        "0A000",
-                        "send Sync after changing client_encoding or standard_conforming_strings, \
-                         before the next statement",
-                    ),
-                );
+                self.refuse_simple(chunk, settings_in_flux());
+            }
+            FrontendMessage::Parse(_) if self.batch.changes_parsing => {
+                self.refuse_extended(chunk, settings_in_flux());
+            }
+            FrontendMessage::Query(text)
+            | FrontendMessage::Parse(pg::Parse { query: text, .. })
+                if !settings_proof(text) && self.batch.calls =>
+            {
+                // Read after an `Execute` of the batch that calls functions,
+                // which may change the settings (the server says so only at
+                // the batch's end): only text that reads the same whatever
+                // they are can be read now.
+                if frame.tag == b'Q' {
+                    self.refuse_simple(chunk, settings_in_flux());
+                } else {
+                    self.refuse_extended(chunk, settings_in_flux());
+                }
+            }
+            FrontendMessage::Query(text)
+            | FrontendMessage::Parse(pg::Parse { query: text, .. })
+                if !settings_proof(text) && self.unforeseeable(chunk) =>
+            {
+                // Earlier commands that call functions are still running:
+                // read this text once they are answered, with the settings
+                // they leave.
+                return Ok(Step::Wait(frame.clone()));
             }
             FrontendMessage::Query(bytes) => return Ok(self.query(&frame, bytes, chunk, state)),
             FrontendMessage::Parse(p) => self.parse(&frame, p, chunk, state),
@@ -688,6 +728,7 @@ impl Machine {
             return Step::Next;
         }
         let effective = effective_facts(&facts, &resolved);
+        let calls = calls_functions(&facts, &effective);
         let changes: VecDeque<Vec<Change<Prepared>>> = effective
             .iter()
             .zip(facts.statements.iter())
@@ -700,7 +741,7 @@ impl Machine {
         self.portals
             .stage(&Change::DropAll { always: false }, false);
         chunk.bytes.extend_from_slice(&frame.raw);
-        chunk.entries.push(Pending::Query { changes });
+        chunk.entries.push(Pending::Query { changes, calls });
         if self.may_change_parsing(&facts, &effective) {
             self.barrier = true;
         }
@@ -836,6 +877,8 @@ impl Machine {
             return Step::Next;
         }
         let effective = effective_facts(facts, &resolved);
+        let calls = calls_functions(facts, &effective);
+        self.batch.calls |= calls;
         let mut changes: Vec<Change<Prepared>> = effective
             .iter()
             .zip(facts.statements.iter())
@@ -848,7 +891,7 @@ impl Machine {
             self.statements.stage(c, true);
         }
         chunk.bytes.extend_from_slice(&frame.raw);
-        chunk.entries.push(Pending::Execute { changes });
+        chunk.entries.push(Pending::Execute { changes, calls });
         self.batch.executed = true;
         if self.may_change_parsing(facts, &effective) {
             self.batch.changes_parsing = true;
@@ -919,6 +962,20 @@ impl Machine {
         Resolution::Ready(found)
     }
 
+    /// Whether a command that calls functions is forwarded (or about to
+    /// be) and not yet answered: a function may change the settings text is
+    /// read with (`set_config` inside a function the worker cannot see), and
+    /// the server reports it only at the end of the command's batch.
+    fn unforeseeable(&self, chunk: &Chunk) -> bool {
+        let calls = |e: &Pending| {
+            matches!(
+                e,
+                Pending::Query { calls: true, .. } | Pending::Execute { calls: true, .. }
+            )
+        };
+        self.pending.iter().any(calls) || chunk.entries.iter().any(calls)
+    }
+
     /// Whether running a command may change how the server reads later
     /// text: it sets `client_encoding` or `standard_conforming_strings` (or
     /// may), runs code the classifier cannot see, did not parse, or ends a
@@ -981,7 +1038,7 @@ impl Machine {
             };
             let frame = &buf[pos..pos + len];
             pos += len;
-            if self.target_frame(frame[0], &frame[5..]) {
+            if self.target_frame(frame[0], &frame[5..]) && self.ended.is_none() {
                 self.to_client.extend_from_slice(frame);
             }
             self.answer_front();
@@ -1042,11 +1099,11 @@ impl Machine {
             b'G' | b'W' => self.copy_in_started(),
             b'C' => match self.pending.front_mut() {
                 Some(Pending::Execute { .. }) => {
-                    if let Some(Pending::Execute { changes }) = self.pending.pop_front() {
+                    if let Some(Pending::Execute { changes, .. }) = self.pending.pop_front() {
                         self.settle_prepared(changes, true);
                     }
                 }
-                Some(Pending::Query { changes }) => {
+                Some(Pending::Query { changes, .. }) => {
                     let done = changes.pop_front().unwrap_or_default();
                     self.settle_prepared(done, true);
                 }
@@ -1057,11 +1114,11 @@ impl Machine {
             },
             b'I' => match self.pending.front_mut() {
                 Some(Pending::Execute { .. }) => {
-                    if let Some(Pending::Execute { changes }) = self.pending.pop_front() {
+                    if let Some(Pending::Execute { changes, .. }) = self.pending.pop_front() {
                         self.settle_prepared(changes, true);
                     }
                 }
-                Some(Pending::Query { changes }) => {
+                Some(Pending::Query { changes, .. }) => {
                     // An empty query has no statement of its own.
                     if changes.front().is_some_and(|c| c.is_empty()) {
                         changes.pop_front();
@@ -1073,7 +1130,7 @@ impl Machine {
                 }
             },
             b's' => match self.pending.pop_front() {
-                Some(Pending::Execute { changes }) => self.settle_prepared(changes, false),
+                Some(Pending::Execute { changes, .. }) => self.settle_prepared(changes, false),
                 other => return self.desync(tag, other),
             },
             b'E' => return self.error_response(body),
@@ -1142,9 +1199,15 @@ impl Machine {
     /// The target entered COPY-in mode: it ignores `Sync` until the COPY's
     /// input ends, so `Sync` messages forwarded before the client's
     /// `CopyDone`/`CopyFail` get no answer.
+    ///
+    /// Anything else sent before the COPY's input ends is a client's
+    /// mistake the server answers by taking it as part of the COPY (it fails
+    /// the COPY and swallows the message): what the machine expects would
+    /// no longer be what the server does, so the session ends.
     fn copy_in_started(&mut self) {
         let mut i = 1;
         let mut ended = false;
+        let mut misplaced = false;
         while i < self.pending.len() {
             match &self.pending[i] {
                 Pending::CopyEnd => {
@@ -1156,8 +1219,20 @@ impl Machine {
                     self.portals
                         .settle(Change::DropAll { always: false }, false);
                 }
-                _ => i += 1,
+                Pending::Fatal(..) => i += 1,
+                _ => {
+                    misplaced = true;
+                    i += 1;
+                }
             }
+        }
+        misplaced |= !ended
+            && self
+                .held
+                .as_ref()
+                .is_some_and(|h| h.entries.iter().any(|e| !matches!(e, Pending::CopyEnd)));
+        if misplaced {
+            self.fail(copy_in_progress(), CloseReason::Error);
         }
         self.client_copy = !ended;
     }
@@ -1182,7 +1257,7 @@ impl Machine {
                 }
                 false
             }
-            Some(Pending::Query { changes }) => {
+            Some(Pending::Query { changes, .. }) => {
                 // The rest of the query does not run.
                 let rest: Vec<_> = changes.drain(..).flatten().collect();
                 self.settle_prepared(rest, false);
@@ -1219,7 +1294,7 @@ impl Machine {
         let front = self.pending.pop_front();
         match front {
             Some(Pending::Sync { .. }) => {}
-            Some(Pending::Query { changes }) => {
+            Some(Pending::Query { changes, .. }) => {
                 self.settle_prepared(changes.into_iter().flatten(), false);
             }
             Some(Pending::Refused {
@@ -1245,8 +1320,8 @@ impl Machine {
         match entry {
             Pending::Parse(c) | Pending::CloseStatement(c) => self.statements.settle(c, false),
             Pending::Bind(c) | Pending::ClosePortal(c) => self.portals.settle(c, false),
-            Pending::Execute { changes } => self.settle_prepared(changes, false),
-            Pending::Query { changes } => {
+            Pending::Execute { changes, .. } => self.settle_prepared(changes, false),
+            Pending::Query { changes, .. } => {
                 self.settle_prepared(changes.into_iter().flatten(), false);
                 self.portals
                     .settle(Change::DropAll { always: false }, false);
@@ -1328,6 +1403,36 @@ enum Step {
     Wait(Frame),
     /// Stop reading the client.
     Stop,
+}
+
+/// Whether `text` reads the same whatever the session's `client_encoding`
+/// (every encoding the server offers clients keeps ASCII as it is) and
+/// `standard_conforming_strings` (which only changes what a backslash
+/// means).
+fn settings_proof(text: &[u8]) -> bool {
+    text.is_ascii() && !text.contains(&b'\\')
+}
+
+/// Whether a command calls functions (any of which may be one that changes
+/// settings).
+fn calls_functions(c: &Classification, effective: &[StatementFacts]) -> bool {
+    !c.parsed || effective.iter().any(|s| !s.functions.is_empty())
+}
+
+fn settings_in_flux() -> ClientError {
+    ClientError::error(
+        "0A000",
+        "send Sync after a statement that may change client_encoding or \
+         standard_conforming_strings (a SET of them, or a call of a function that may), \
+         before the next statement with non-ASCII text or backslashes",
+    )
+}
+
+fn copy_in_progress() -> ClientError {
+    ClientError::fatal(
+        "08P01",
+        "a message other than COPY data was sent while a COPY was in progress",
+    )
 }
 
 fn unknown_statement(name: &str) -> ClientError {

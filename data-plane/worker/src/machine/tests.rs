@@ -786,3 +786,87 @@ fn the_function_call_protocol_is_refused() {
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
     assert_eq!(h.answered(), vec![err("0A000"), m('Z')]);
 }
+
+/// A `Query` inside an extended batch, after an `Execute` that changed the
+/// settings: refused as a `Query` is (its own ReadyForQuery), and the
+/// batch's `Sync` still answered.
+#[test]
+fn a_query_after_a_settings_change_in_the_same_batch_is_refused_as_a_query() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("", "SET client_encoding = 'LATIN1'"),
+        bind("", "", &[]),
+        execute(""),
+        query("SELECT 1"),
+        sync(),
+    ]));
+    assert_eq!(
+        h.sent(),
+        vec![
+            text('P', "SET client_encoding = 'LATIN1'"),
+            m('B'),
+            m('E'),
+            text('Q', super::REFUSED_TEXT),
+            m('S')
+        ]
+    );
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        command_complete("SET"),
+        error("42601", "syntax error"),
+        ready(b'I'),
+        ready(b'I'),
+    ]));
+    assert_eq!(
+        h.answered(),
+        vec![m('1'), m('2'), m('C'), err("0A000"), m('Z'), m('Z')]
+    );
+}
+
+/// Text whose reading depends on the settings waits behind a command that
+/// calls functions (one may change them, and the server says so only at
+/// its end); text that reads the same either way does not.
+#[test]
+fn text_that_settings_could_change_waits_behind_function_calls() {
+    let mut h = Harness::user();
+    h.send(&cat(&[query("SELECT f()"), query("SELECT 'a'")]));
+    assert_eq!(h.sent().len(), 2, "ASCII without backslashes goes on");
+    h.reply(&cat(&[command_complete("SELECT 1"), ready(b'I')]));
+    h.reply(&cat(&[command_complete("SELECT 1"), ready(b'I')]));
+    h.send(&cat(&[query("SELECT f()"), query_bytes(b"SELECT 'a\\b'")]));
+    assert_eq!(h.sent(), vec![text('Q', "SELECT f()")]);
+    h.reply(&cat(&[
+        command_complete("SELECT 1"),
+        parameter_status("standard_conforming_strings", "off"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.sent(), vec![text('Q', "SELECT 'a\\b'")]);
+    // In one extended batch it cannot wait: the server reports settings
+    // only at the batch's end.
+    h.reply(&cat(&[command_complete("SELECT 1"), ready(b'I')]));
+    h.answered();
+    h.send(&cat(&[
+        parse("", "SELECT f()"),
+        bind("", "", &[]),
+        execute(""),
+        parse("", "SELECT 'é'"),
+        sync(),
+    ]));
+    let sent = h.sent();
+    assert_eq!(sent[3], text('P', super::REFUSED_TEXT), "{sent:?}");
+}
+
+/// Statements sent behind a COPY before its data are taken by the server as
+/// part of the COPY: the session ends rather than guess.
+#[test]
+fn statements_sent_into_a_copy_end_the_session() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        query("COPY t FROM STDIN"),
+        query("PREPARE s1 AS SELECT 1"),
+    ]));
+    h.reply(&copy_in_response());
+    assert_eq!(h.answered(), vec![err("08P01")]);
+    assert!(h.machine.ended().is_some());
+}
