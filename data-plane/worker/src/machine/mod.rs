@@ -42,6 +42,7 @@ mod names;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -713,28 +714,31 @@ impl Machine {
             .policy
             .decide_with(state, &facts, |name| lookup(&resolved, name));
         let executes = executed(&resolved);
-        let text: Arc<str> = text.into();
+        let refusal = decision.refusal;
+        let effective = effective_facts(&facts, &resolved);
+        let changes: VecDeque<Vec<Change<Prepared>>> = match refusal {
+            Some(_) => VecDeque::new(),
+            None => effective
+                .iter()
+                .zip(facts.statements.iter())
+                .map(|(e, s)| changes_of(s, e, &text))
+                .chain((!facts.parsed).then(|| vec![Change::DropAll { always: true }]))
+                .collect(),
+        };
         chunk.events.push(self.command(
             Protocol::Simple,
-            text.to_string(),
+            text.into_owned(),
             None,
             None,
             Vec::new(),
             executes,
             decision.record,
         ));
-        if let Some(refusal) = decision.refusal {
+        if let Some(refusal) = refusal {
             self.refuse_simple(chunk, refusal);
             return Step::Next;
         }
-        let effective = effective_facts(&facts, &resolved);
         let calls = calls_functions(&facts, &effective);
-        let changes: VecDeque<Vec<Change<Prepared>>> = effective
-            .iter()
-            .zip(facts.statements.iter())
-            .map(|(e, s)| changes_of(s, e, &text))
-            .chain((!facts.parsed).then(|| vec![Change::DropAll { always: true }]))
-            .collect();
         for c in changes.iter().flatten() {
             self.statements.stage(c, false);
         }
@@ -981,7 +985,11 @@ impl Machine {
     /// may), runs code the classifier cannot see, did not parse, or ends a
     /// transaction in a session that changed them (a rollback or the end of
     /// `SET LOCAL` restores the old value).
-    fn may_change_parsing(&mut self, c: &Classification, effective: &[StatementFacts]) -> bool {
+    fn may_change_parsing(
+        &mut self,
+        c: &Classification,
+        effective: &[Cow<'_, StatementFacts>],
+    ) -> bool {
         let may = !c.parsed
             || effective.iter().any(|s| {
                 s.changes_parsing
@@ -1415,7 +1423,7 @@ fn settings_proof(text: &[u8]) -> bool {
 
 /// Whether a command calls functions (any of which may be one that changes
 /// settings).
-fn calls_functions(c: &Classification, effective: &[StatementFacts]) -> bool {
+fn calls_functions(c: &Classification, effective: &[Cow<'_, StatementFacts>]) -> bool {
     !c.parsed || effective.iter().any(|s| !s.functions.is_empty())
 }
 
@@ -1465,14 +1473,14 @@ fn executed(resolved: &[(String, Arc<Prepared>)]) -> Vec<ExecutedStatement> {
 
 /// Each statement's facts as it runs: an `EXECUTE` has those of what it
 /// executes.
-fn effective_facts(
-    c: &Classification,
+fn effective_facts<'a>(
+    c: &'a Classification,
     resolved: &[(String, Arc<Prepared>)],
-) -> Vec<StatementFacts> {
+) -> Vec<Cow<'a, StatementFacts>> {
     c.statements
         .iter()
         .map(|s| match &s.executes {
-            Some(name) => match lookup(resolved, name) {
+            Some(name) => Cow::Owned(match lookup(resolved, name) {
                 Some(p) => p.executed_with(s),
                 None => {
                     // Prepared from text the worker could not read as one
@@ -1481,8 +1489,8 @@ fn effective_facts(
                     unknown.dynamic = true;
                     unknown
                 }
-            },
-            None => s.clone(),
+            }),
+            None => Cow::Borrowed(s),
         })
         .collect()
 }
