@@ -870,3 +870,48 @@ fn statements_sent_into_a_copy_end_the_session() {
     assert_eq!(h.answered(), vec![err("08P01")]);
     assert!(h.machine.ended().is_some());
 }
+
+#[test]
+fn copy_out_streams_through() {
+    let mut h = Harness::user();
+    h.send(&query("COPY t TO STDOUT"));
+    let copy_out = msg(b'H', &[0, 0, 0]);
+    h.reply(&cat(&[
+        copy_out,
+        copy_data(b"1\n"),
+        copy_data(b"2\n"),
+        copy_done(),
+        command_complete("COPY 2"),
+        ready(b'I'),
+    ]));
+    assert_eq!(
+        h.answered(),
+        vec![m('H'), m('d'), m('d'), m('c'), m('C'), m('Z')]
+    );
+    assert!(h.machine.pending.is_empty());
+}
+
+/// A cancel request reaches the target on its own connection; what the
+/// session sees is the statement's error, in its place, and the session
+/// goes on in step.
+#[test]
+fn a_cancelled_statement_fails_in_its_place() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        parse("", "SELECT pg_sleep(10)"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ]));
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        error("57014", "canceling statement due to user request"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.answered(), vec![m('1'), m('2'), err("57014"), m('Z')]);
+    assert!(h.machine.pending.is_empty());
+    assert!(h.machine.statements.settled() && h.machine.portals.settled());
+    h.send(&query("SELECT 1"));
+    assert_eq!(h.sent().last(), Some(&text('Q', "SELECT 1")));
+}
