@@ -7,15 +7,23 @@
 //! and answers every waiting session when JetStream acknowledges it. Under
 //! load this turns many small publishes into few large ones, and acks of many
 //! sessions are awaited together; at low load a lone event goes out at once.
+//!
+//! The writer task does all of it itself: it sends the messages, keeps the
+//! acks it awaits (up to `max_in_flight` batches), and answers the sessions
+//! from its own loop, with no task hand-off per batch.
 
-use std::sync::Arc;
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use gatehouse_events::{Event, EventType, Subjects, encode_batch};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::EventLogConfig;
 
@@ -57,7 +65,7 @@ impl Publisher {
             nats,
             subjects: config.subjects(),
             timeout: config.publish_timeout(),
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            max_in_flight: config.max_in_flight.max(1),
         };
         tokio::spawn(writer.run(rx));
         Self { tx }
@@ -84,8 +92,12 @@ struct Writer {
     js: jetstream::Context,
     subjects: Subjects,
     timeout: Duration,
-    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
 }
+
+/// A batch sent and awaiting its acks; it answers its own waiters when it
+/// completes. Polled only by the writer task.
+type InFlight = BoxFuture<'static, ()>;
 
 /// Events of one type going out as one message, and who waits for them.
 struct Message {
@@ -99,20 +111,24 @@ impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Request>) {
         let mut queued: Vec<Request> = Vec::new();
         let mut last_batch = 0;
+        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut open = true;
         loop {
-            if queued.is_empty() {
-                match rx.recv().await {
-                    Some(r) => queued.push(r),
-                    None => return,
+            // Wait for a request, then for room in flight; meanwhile answer
+            // the batches JetStream acknowledges, and more requests queue up
+            // in the channel.
+            while queued.is_empty() || in_flight.len() >= self.max_in_flight {
+                tokio::select! {
+                    biased;
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                    r = rx.recv(), if open && queued.is_empty() => match r {
+                        Some(r) => queued.push(r),
+                        None => open = false,
+                    },
+                    // Every sender is gone and every batch answered.
+                    else => return,
                 }
             }
-            // Wait for room in flight; meanwhile more requests queue up.
-            let permit = self
-                .in_flight
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("never closed");
             // Under load, give sessions that are about to record a moment to
             // join this message: a few yields cost microseconds, while each
             // message saved spares nats-server far more.
@@ -129,6 +145,9 @@ impl Writer {
                 }
                 yields -= 1;
                 tokio::task::yield_now().await;
+                // Answer batches acknowledged meanwhile (with more than one
+                // in flight), without waiting for any.
+                while let Some(Some(())) = in_flight.next().now_or_never() {}
             }
             last_batch = queued.len();
             let batch = std::mem::take(&mut queued);
@@ -141,29 +160,79 @@ impl Writer {
                 }
                 continue;
             }
-            let (js, subjects, timeout) = (self.js.clone(), self.subjects.clone(), self.timeout);
-            tokio::spawn(async move {
-                let (events, waiters): (Vec<_>, Vec<_>) =
-                    batch.into_iter().map(|r| (r.events, r.done)).unzip();
-                let result = publish_all(&js, &subjects, timeout, events).await;
-                drop(permit);
-                for (done, r) in waiters.into_iter().zip(result) {
-                    let _ = done.send(r);
-                }
+            let flight = self.send(batch).await;
+            in_flight.push(flight);
+        }
+    }
+
+    /// Sends the requests' events, grouped into messages, and returns the
+    /// future that awaits their acks and answers each request (a request
+    /// fails if any message holding its events does). The timeout runs from
+    /// here to the last ack.
+    async fn send(&self, batch: Vec<Request>) -> InFlight {
+        let deadline = Instant::now() + self.timeout;
+        let timeout = self.timeout;
+        let (events, waiters): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|r| (r.events, r.done)).unzip();
+        let messages = group(events);
+
+        // Send every message first, then await the acks together.
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let body = if m.events.len() == 1 {
+                m.events[0].to_cloudevent()
+            } else {
+                encode_batch(&m.events)
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", m.events[0].id.to_string().as_str());
+            headers.insert(
+                "Content-Type",
+                if m.events.len() == 1 {
+                    gatehouse_events::CONTENT_TYPE
+                } else {
+                    gatehouse_events::BATCH_CONTENT_TYPE
+                },
+            );
+            let subject = self.subjects.for_type(m.ty);
+            let publish = self
+                .js
+                .publish_with_headers(subject, headers, Bytes::from(body));
+            acks.push(match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(ack)) => Ok(ack),
+                Ok(Err(e)) => Err(PublishError::Refused(e.to_string())),
+                Err(_) => Err(PublishError::Timeout(timeout)),
             });
         }
+
+        async move {
+            let outcomes = futures::future::join_all(acks.into_iter().map(|ack| async move {
+                match tokio::time::timeout_at(deadline, ack?.into_future()).await {
+                    Ok(Ok(_ack)) => Ok(()),
+                    Ok(Err(e)) => Err(PublishError::Refused(e.to_string())),
+                    Err(_) => Err(PublishError::Timeout(timeout)),
+                }
+            }))
+            .await;
+            let mut result = vec![Ok(()); waiters.len()];
+            for (m, outcome) in messages.iter().zip(outcomes) {
+                if let Err(e) = outcome {
+                    tracing::warn!(error = %e, events = m.events.len(), "event publish failed");
+                    for &w in &m.waiters {
+                        result[w] = Err(e.clone());
+                    }
+                }
+            }
+            for (done, r) in waiters.into_iter().zip(result) {
+                let _ = done.send(r);
+            }
+        }
+        .boxed()
     }
 }
 
-/// Publishes the requests' events, grouped into messages, and returns each
-/// request's outcome (a request fails if any message holding its events does).
-async fn publish_all(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    timeout: Duration,
-    batch: Vec<Vec<Event>>,
-) -> Vec<Result<(), PublishError>> {
-    let requests = batch.len();
+/// Groups the requests' events into messages, one event type per message.
+fn group(batch: Vec<Vec<Event>>) -> Vec<Message> {
     let mut messages: Vec<Message> = Vec::new();
     for (i, events) in batch.into_iter().enumerate() {
         for event in events {
@@ -193,47 +262,7 @@ async fn publish_all(
             }
         }
     }
-
-    // Send every message first, then await the acks together.
-    let mut acks = Vec::with_capacity(messages.len());
-    for m in &messages {
-        let body = if m.events.len() == 1 {
-            m.events[0].to_cloudevent()
-        } else {
-            encode_batch(&m.events)
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", m.events[0].id.to_string().as_str());
-        headers.insert(
-            "Content-Type",
-            if m.events.len() == 1 {
-                gatehouse_events::CONTENT_TYPE
-            } else {
-                gatehouse_events::BATCH_CONTENT_TYPE
-            },
-        );
-        let subject = subjects.for_type(m.ty);
-        let publish = js.publish_with_headers(subject, headers, Bytes::from(body));
-        acks.push(async move {
-            match tokio::time::timeout(timeout, async { publish.await?.await }).await {
-                Ok(Ok(_ack)) => Ok(()),
-                Ok(Err(e)) => Err(PublishError::Refused(e.to_string())),
-                Err(_) => Err(PublishError::Timeout(timeout)),
-            }
-        });
-    }
-    let outcomes = futures::future::join_all(acks).await;
-
-    let mut result = vec![Ok(()); requests];
-    for (m, outcome) in messages.iter().zip(outcomes) {
-        if let Err(e) = outcome {
-            tracing::warn!(error = %e, events = m.events.len(), "event publish failed");
-            for &w in &m.waiters {
-                result[w] = Err(e.clone());
-            }
-        }
-    }
-    result
+    messages
 }
 
 /// A cheap estimate of an event's encoded size, for splitting messages.

@@ -115,3 +115,111 @@ async fn recording_fails_at_once_while_disconnected() {
     assert!(matches!(err, PublishError::Disconnected), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_millis(500));
 }
+
+/// A TCP relay to a NATS server that can stop passing bytes on, both ways,
+/// while the connection stays open: the client still counts as connected,
+/// and no ack comes back.
+struct FreezingRelay {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingRelay {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        async fn pipe(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            frozen: std::sync::Arc<AtomicBool>,
+        ) {
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                while frozen.load(Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, f.clone()));
+                tokio::spawn(pipe(sr, cw, f.clone()));
+            }
+        });
+        Self { port, frozen }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_times_out_when_no_ack_comes_and_recovers() {
+    let server = PrivateNats::start().await;
+    let relay = FreezingRelay::start(server.url().trim_start_matches("nats://").to_string()).await;
+    let nats = async_nats::connect(relay.url()).await.unwrap();
+    let js = jetstream::new(nats.clone());
+    let config = EventLogConfig {
+        publish_timeout_ms: 500,
+        max_in_flight: 2,
+        ..config(&relay.url())
+    };
+    ensure_stream(&js, &config).await.unwrap();
+    let publisher = Publisher::start(nats.clone(), &config);
+    publisher.record(vec![command(1)]).await.unwrap();
+
+    // More sessions than batches in flight: the last ones wait for room,
+    // then for their own ack, and every one of them times out.
+    relay.freeze(true);
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move { publisher.record(vec![command(10 + i)]).await })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, PublishError::Timeout(_)), "{err}");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(450),
+        "timed out after {elapsed:?}, before the publish timeout"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "{elapsed:?}: batches waiting for room were not answered"
+    );
+    assert_eq!(
+        nats.connection_state(),
+        async_nats::connection::State::Connected
+    );
+
+    relay.freeze(false);
+    gatehouse_testkit::eventually("recording to work again", async || {
+        publisher.record(vec![command(100)]).await.is_ok()
+    })
+    .await;
+}
