@@ -1,5 +1,2661 @@
 //! Drives the session machine with arbitrary input and checks its
 //! invariants on every step.
+//!
+//! The input is read as operations: the client sends a message (drawn from a
+//! small vocabulary of statements and names, or raw bytes), bytes move on
+//! (all of them, or a prefix: frames split anywhere), a recording succeeds
+//! or fails, the target fails its next command. The target is a **model
+//! server** ([`Model`]): it reads what the machine wrote to it and answers
+//! as PostgreSQL would, with its own prepared statements, portals,
+//! transactions, settings and COPY mode, and it is the referee:
+//!
+//! 1. nothing panics, and the machine's buffers stay bounded;
+//! 2. no `Query` or `Execute` reaches the server unless its event was handed
+//!    over and acknowledged first (the machine's own replacements, the
+//!    refused text, aside), and no `FunctionCall` reaches it at all; every
+//!    acknowledged event reaches it, as itself or as a refusal;
+//! 3. the recorded text is what the server runs: a `Query`'s text read with
+//!    the settings the server reads it with, an `Execute`'s statement as the
+//!    server bound it, and for SQL `EXECUTE` the text the server has under
+//!    that name;
+//! 4. a command recorded as denied (or awaiting approval) never runs, and
+//!    the server never runs what the default policies forbid for the
+//!    session's identity (the server knows what each statement really is);
+//! 5. the client gets one `ReadyForQuery` per `Query`, `Sync` or function
+//!    call it sent (less those PostgreSQL itself ignores), unless the
+//!    session ended; nothing follows a `FATAL`.
+//!
+//! A function the classifier cannot see into (`f()`, `g()` here) may change
+//! `client_encoding` or `standard_conforming_strings`. Text the server reads
+//! differently meanwhile is excused from 3 and 4 only if the session then
+//! ends (ARCHITECTURE, step 7); the machine should rather wait behind such
+//! calls, and the harness checks one or the other.
+//!
+//! The model PostgreSQL is 14 or later (settings reported at
+//! `ReadyForQuery`, a stray message in COPY mode ends the connection), or,
+//! with the first input byte's high bit, 13 (settings reported as they
+//! change, the stray message dropped).
+
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock};
+
+use bytes::{BufMut, BytesMut};
+use gatehouse_events::{CommandReceived, DecisionEffect, Identity, Payload, Protocol};
+use gatehouse_pgwire::{self as pg, FrontendMessage, TransactionStatus};
+use gatehouse_policies::{Bundle, Engine, TargetInfo};
+use gatehouse_policystore::{PolicyConfig, Revoked};
+
+use super::{Machine, REFUSED_NAME, REFUSED_TEXT};
+use crate::encoding::Parsing;
+use crate::policy::{PolicyState, SessionPolicy};
+use crate::session::SessionCtx;
+
+/// Machine gaps the harness can tolerate, so that fuzzing goes on past a
+/// known one while it waits for a fix (shown by an ignored test at the end
+/// of this file). Those below were found by this harness and are fixed; the
+/// tests that show them are regressions now.
+#[derive(Clone, Copy, Debug)]
+struct Tolerate {
+    /// The client sends no `Query` after an `Execute` before `Sync`. (Such a
+    /// `Query`, refused because the batch changed `client_encoding`, got no
+    /// `ReadyForQuery`; read after an `Execute` whose function changed a
+    /// setting unforeseen, it ran as other text than recorded.)
+    query_after_execute: bool,
+    /// PostgreSQL 13 is modelled as 14 in COPY mode. (The `Query` it drops
+    /// there kept its pending entry, and later answers were matched to it.)
+    legacy_copy: bool,
+    /// Text read after a setting changed unforeseen, and changed back
+    /// before `ReadyForQuery`, so never reported, may run as other text
+    /// than recorded.
+    unreported_change: bool,
+}
+
+const KNOWN: Tolerate = Tolerate {
+    query_after_execute: false,
+    legacy_copy: false,
+    unreported_change: false,
+};
+
+thread_local! {
+    /// Print what happens (for reading a failing case).
+    static TRACE: Cell<bool> = const { Cell::new(false) };
+}
+
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if TRACE.get() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// Describes frames for the trace.
+fn describe(bytes: &[u8]) -> String {
+    let mut out = Vec::new();
+    let mut buf = BytesMut::from(bytes);
+    while let Ok(Some(f)) = pg::decode_frame(&mut buf, 1 << 30) {
+        let body = f.body();
+        let text = match f.tag {
+            b'Q' | b'E' | b'S' | b'C' if !body.is_empty() => {
+                let shown: Vec<String> = body
+                    .split(|b| *b == 0)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                format!("{}{:?}", f.tag as char, shown)
+            }
+            b'P' | b'B' => {
+                let shown: Vec<String> = body
+                    .split(|b| *b == 0)
+                    .take(2)
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                format!("{}{:?}", f.tag as char, shown)
+            }
+            tag => (tag as char).to_string(),
+        };
+        out.push(text);
+    }
+    if !buf.is_empty() {
+        out.push(format!("+{} bytes", buf.len()));
+    }
+    out.join(" ")
+}
 
 /// Runs one fuzz case.
-pub fn run(_data: &[u8]) {}
+pub fn run(data: &[u8]) {
+    run_case(data);
+}
+
+/// Runs one fuzz case; what its model server checked.
+fn run_case(data: &[u8]) -> [u64; 3] {
+    let mut input = Input { data, pos: 0 };
+    let first = input.byte();
+    let who = match first % 3 {
+        0 => Who::User,
+        1 => Who::Agent,
+        _ => Who::Dba,
+    };
+    // PostgreSQL 13 and older report settings as they change (not at
+    // ReadyForQuery) and drop an unexpected message in COPY mode instead of
+    // closing the connection.
+    let legacy = first & 0x80 != 0;
+    let mut f = Fuzz::new(who, legacy, KNOWN);
+    while !input.done() {
+        f.op(&mut input);
+        f.check();
+    }
+    f.finish();
+    f.model.stats
+}
+
+// ---------------------------------------------------------------------
+// Input.
+// ---------------------------------------------------------------------
+
+struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Input<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+
+    fn done(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+
+    fn pick<T: Copy>(&mut self, options: &[T]) -> T {
+        options[self.byte() as usize % options.len()]
+    }
+
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.byte() as usize % (max + 1);
+        (0..n).map(|_| self.byte()).collect()
+    }
+}
+
+// ---------------------------------------------------------------------
+// The vocabulary.
+// ---------------------------------------------------------------------
+
+/// Statement texts the client sends (as `Query`, as `Parse`).
+const TEXTS: &[&[u8]] = &[
+    b"SELECT 1",
+    b"SELECT $1",
+    b"SELECT generate_series(1, 3)",
+    b"SELECT 1/0",
+    "SELECT 'é'".as_bytes(),
+    b"SELECT '\xe9'",
+    b"SELECT 'a\\' ; DELETE FROM t; --'",
+    b"INSERT INTO t VALUES (1)",
+    b"DELETE FROM t WHERE id = 1",
+    b"DELETE FROM t",
+    b"UPDATE t SET a = 1",
+    b"SELECT pg_read_file('/etc/passwd')",
+    b"PREPARE s1 AS SELECT 1",
+    b"PREPARE s1 AS DELETE FROM t",
+    b"PREPARE s2 AS SELECT pg_read_file('/etc/passwd')",
+    b"PREPARE s2 AS INSERT INTO t VALUES (1)",
+    b"PREPARE p AS SELECT 2",
+    b"PREPARE \"S1\" AS SELECT 3",
+    b"EXECUTE s1",
+    b"EXECUTE s2",
+    b"EXECUTE p",
+    b"EXECUTE S1",
+    b"EXECUTE \"S1\"",
+    b"EXECUTE \"gatehouse.refused\"",
+    b"DEALLOCATE s1",
+    b"DEALLOCATE p",
+    b"DEALLOCATE ALL",
+    b"DEALLOCATE \"S1\"",
+    b"DISCARD ALL",
+    b"SET client_encoding = 'LATIN1'",
+    b"SET client_encoding = 'UTF8'",
+    b"SET client_encoding = 'SQL_ASCII'",
+    b"SET client_encoding = 'BIG5'",
+    b"SET LOCAL client_encoding = 'LATIN1'",
+    b"RESET client_encoding",
+    b"SET standard_conforming_strings = off",
+    b"SET standard_conforming_strings = on",
+    b"SET default_transaction_read_only = off",
+    b"SET default_transaction_read_only = on",
+    b"DO $$BEGIN PERFORM 1; END$$",
+    b"DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$",
+    b"DO $$BEGIN EXECUTE 'PREPARE s1 AS DELETE FROM t'; END$$",
+    b"DO $$BEGIN PERFORM set_config('client_encoding', 'LATIN1', false); END$$",
+    b"DO $$BEGIN PERFORM set_config('standard_conforming_strings', 'on', false); END$$",
+    b"SELECT f()",
+    b"SELECT g()",
+    b"SELECT set_config('client_encoding', 'LATIN1', false)",
+    b"SELECT set_config('standard_conforming_strings', 'off', false)",
+    b"COPY t FROM STDIN",
+    b"COPY t TO STDOUT",
+    b"BEGIN",
+    b"COMMIT",
+    b"ROLLBACK",
+    b"",
+    b";",
+    b"SELEC 1",
+    REFUSED_TEXT.as_bytes(),
+    b"SELECT 1; SELECT 2",
+    b"PREPARE s1 AS SELECT 1; EXECUTE s1",
+    b"EXECUTE s1; DEALLOCATE s1",
+    b"DEALLOCATE ALL; PREPARE s1 AS DELETE FROM t",
+    b"BEGIN; SELECT 1",
+    b"SELECT 1; COMMIT",
+    b"DISCARD ALL; SELECT 1",
+    "SET client_encoding = 'LATIN1'; SELECT 'é'".as_bytes(),
+    b"COPY t FROM STDIN; SELECT 1",
+    b"SELECT 1/0; PREPARE p AS SELECT 2",
+    b"PREPARE p AS SELECT 2; SELECT 1/0",
+    "SELECT f(); SELECT 'é'".as_bytes(),
+];
+
+/// Statement names (prepared statements, and `Parse`'s name).
+const NAMES: &[&str] = &["", "s1", "s2", "p", "S1", REFUSED_NAME];
+const PORTALS: &[&str] = &["", "p", "c"];
+const PARAMS: &[Option<&[u8]>] = &[Some(b"1"), Some("é".as_bytes()), Some(b"\xe9"), None];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    User,
+    Agent,
+    Dba,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Guc {
+    Encoding,
+    Scs,
+    ReadOnly,
+}
+
+/// What a statement really is, as the model server runs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum St {
+    Select {
+        rows: u32,
+        params: usize,
+        fail: bool,
+        outside: bool,
+    },
+    /// A `SELECT` of a function that changes a setting; `foreseen`: the
+    /// worker's classifier knows it does.
+    SetVia {
+        guc: Guc,
+        value: &'static str,
+        foreseen: bool,
+    },
+    Write {
+        all: bool,
+    },
+    Prepare {
+        name: String,
+        body: String,
+    },
+    Exec {
+        name: String,
+    },
+    Dealloc(Option<String>),
+    DiscardAll,
+    Set {
+        guc: Guc,
+        value: Option<&'static str>,
+        local: bool,
+    },
+    Do(DoEffect),
+    CopyIn,
+    CopyOut,
+    Begin,
+    Commit,
+    Rollback,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum DoEffect {
+    Nothing,
+    DeallocateAll,
+    PrepareS1Delete,
+    Set(Guc, &'static str),
+}
+
+impl St {
+    /// Returns rows (runs as a portal that can be suspended).
+    fn selects(&self) -> bool {
+        matches!(self, St::Select { .. } | St::SetVia { .. })
+    }
+
+    fn params(&self) -> usize {
+        match self {
+            St::Select { params, .. } => *params,
+            _ => 0,
+        }
+    }
+
+    fn exits_transaction(&self) -> bool {
+        matches!(self, St::Commit | St::Rollback)
+    }
+}
+
+fn ident(s: &str) -> Option<String> {
+    if let Some(quoted) = s.strip_prefix('"') {
+        let inner = quoted.strip_suffix('"')?;
+        (!inner.is_empty() && !inner.contains('"')).then(|| inner.to_owned())
+    } else if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Some(s.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+fn select(rows: u32) -> St {
+    St::Select {
+        rows,
+        params: 0,
+        fail: false,
+        outside: false,
+    }
+}
+
+/// One statement's meaning; `None` if it does not parse.
+fn single(s: &str) -> Option<St> {
+    Some(match s {
+        "SELECT 1" | "SELECT 2" | "SELECT 3" | "SELECT 'é'" => select(1),
+        "SELECT $1" => St::Select {
+            rows: 1,
+            params: 1,
+            fail: false,
+            outside: false,
+        },
+        "SELECT generate_series(1, 3)" => select(3),
+        "SELECT 1/0" => St::Select {
+            rows: 1,
+            params: 0,
+            fail: true,
+            outside: false,
+        },
+        "SELECT pg_read_file('/etc/passwd')" => St::Select {
+            rows: 1,
+            params: 0,
+            fail: false,
+            outside: true,
+        },
+        "INSERT INTO t VALUES (1)" | "DELETE FROM t WHERE id = 1" => St::Write { all: false },
+        "DELETE FROM t" | "UPDATE t SET a = 1" => St::Write { all: true },
+        "DEALLOCATE ALL" => St::Dealloc(None),
+        "DISCARD ALL" => St::DiscardAll,
+        "SET client_encoding = 'LATIN1'" => set(Guc::Encoding, "LATIN1"),
+        "SET client_encoding = 'UTF8'" => set(Guc::Encoding, "UTF8"),
+        "SET client_encoding = 'SQL_ASCII'" => set(Guc::Encoding, "SQL_ASCII"),
+        "SET client_encoding = 'BIG5'" => set(Guc::Encoding, "BIG5"),
+        "SET LOCAL client_encoding = 'LATIN1'" => St::Set {
+            guc: Guc::Encoding,
+            value: Some("LATIN1"),
+            local: true,
+        },
+        "RESET client_encoding" => St::Set {
+            guc: Guc::Encoding,
+            value: None,
+            local: false,
+        },
+        "SET standard_conforming_strings = off" => set(Guc::Scs, "off"),
+        "SET standard_conforming_strings = on" => set(Guc::Scs, "on"),
+        "SET default_transaction_read_only = off" => set(Guc::ReadOnly, "off"),
+        "SET default_transaction_read_only = on" => set(Guc::ReadOnly, "on"),
+        "DO $$BEGIN PERFORM 1; END$$" => St::Do(DoEffect::Nothing),
+        "DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$" => St::Do(DoEffect::DeallocateAll),
+        "DO $$BEGIN EXECUTE 'PREPARE s1 AS DELETE FROM t'; END$$" => {
+            St::Do(DoEffect::PrepareS1Delete)
+        }
+        "DO $$BEGIN PERFORM set_config('client_encoding', 'LATIN1', false); END$$" => {
+            St::Do(DoEffect::Set(Guc::Encoding, "LATIN1"))
+        }
+        "DO $$BEGIN PERFORM set_config('standard_conforming_strings', 'on', false); END$$" => {
+            St::Do(DoEffect::Set(Guc::Scs, "on"))
+        }
+        // User-defined functions: the classifier cannot know what they do.
+        "SELECT f()" => St::SetVia {
+            guc: Guc::Encoding,
+            value: "LATIN1",
+            foreseen: false,
+        },
+        "SELECT g()" => St::SetVia {
+            guc: Guc::Scs,
+            value: "on",
+            foreseen: false,
+        },
+        "SELECT set_config('client_encoding', 'LATIN1', false)" => St::SetVia {
+            guc: Guc::Encoding,
+            value: "LATIN1",
+            foreseen: true,
+        },
+        "SELECT set_config('standard_conforming_strings', 'off', false)" => St::SetVia {
+            guc: Guc::Scs,
+            value: "off",
+            foreseen: true,
+        },
+        "COPY t FROM STDIN" => St::CopyIn,
+        "COPY t TO STDOUT" => St::CopyOut,
+        "BEGIN" => St::Begin,
+        "COMMIT" => St::Commit,
+        "ROLLBACK" => St::Rollback,
+        _ => {
+            if let Some(rest) = s.strip_prefix("PREPARE ") {
+                let (name, body) = rest.split_once(" AS ")?;
+                let name = ident(name)?;
+                // Only these are preparable by SQL.
+                match single(body)? {
+                    St::Select { .. } | St::Write { .. } => {}
+                    _ => return None,
+                }
+                return Some(St::Prepare {
+                    name,
+                    body: body.to_owned(),
+                });
+            }
+            if let Some(name) = s.strip_prefix("EXECUTE ") {
+                return Some(St::Exec { name: ident(name)? });
+            }
+            if let Some(name) = s.strip_prefix("DEALLOCATE ") {
+                return Some(St::Dealloc(Some(ident(name)?)));
+            }
+            return None;
+        }
+    })
+}
+
+fn set(guc: Guc, value: &'static str) -> St {
+    St::Set {
+        guc,
+        value: Some(value),
+        local: false,
+    }
+}
+
+/// What a text means to the server, read with `scs`
+/// (standard_conforming_strings); `None` if it does not parse.
+fn meaning(bytes: &[u8], scs: bool) -> Option<Vec<St>> {
+    if bytes == b"SELECT '\xe9'" {
+        return Some(vec![select(1)]);
+    }
+    let s = std::str::from_utf8(bytes).ok()?;
+    if s == "SELECT 'a\\' ; DELETE FROM t; --'" {
+        // With standard_conforming_strings off, \' is a quote inside the
+        // literal; on, the literal ends at it.
+        return Some(if scs {
+            vec![select(1), St::Write { all: true }]
+        } else {
+            vec![select(1)]
+        });
+    }
+    if s.trim().is_empty() || s.trim() == ";" {
+        return Some(Vec::new());
+    }
+    if let Some(one) = single(s) {
+        return Some(vec![one]);
+    }
+    if s.starts_with("DO ") {
+        return None;
+    }
+    s.split("; ").map(single).collect()
+}
+
+// ---------------------------------------------------------------------
+// Client messages.
+// ---------------------------------------------------------------------
+
+fn msg(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.push(tag);
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+fn cstr(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(s);
+    out.push(0);
+}
+
+fn query(out: &mut Vec<u8>, text: &[u8]) {
+    let mut b = Vec::new();
+    cstr(&mut b, text);
+    msg(out, b'Q', &b);
+}
+
+fn parse(out: &mut Vec<u8>, name: &str, text: &[u8]) {
+    let mut b = Vec::new();
+    cstr(&mut b, name.as_bytes());
+    cstr(&mut b, text);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(out, b'P', &b);
+}
+
+fn bind(
+    out: &mut Vec<u8>,
+    portal: &str,
+    statement: &str,
+    formats: &[i16],
+    params: &[Option<&[u8]>],
+) {
+    let mut b = Vec::new();
+    cstr(&mut b, portal.as_bytes());
+    cstr(&mut b, statement.as_bytes());
+    b.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+    for f in formats {
+        b.extend_from_slice(&f.to_be_bytes());
+    }
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        match p {
+            Some(v) => {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v);
+            }
+            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(out, b'B', &b);
+}
+
+fn execute(out: &mut Vec<u8>, portal: &str, max_rows: i32) {
+    let mut b = Vec::new();
+    cstr(&mut b, portal.as_bytes());
+    b.extend_from_slice(&max_rows.to_be_bytes());
+    msg(out, b'E', &b);
+}
+
+fn close_or_describe(out: &mut Vec<u8>, tag: u8, kind: u8, name: &str) {
+    let mut b = vec![kind];
+    cstr(&mut b, name.as_bytes());
+    msg(out, tag, &b);
+}
+
+fn function_call(out: &mut Vec<u8>) {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1234i32.to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(out, b'F', &b);
+}
+
+// ---------------------------------------------------------------------
+// Backend messages (written by the model server).
+// ---------------------------------------------------------------------
+
+fn put(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_i32((body.len() + 4) as i32);
+    out.put_slice(body);
+}
+
+fn fields(severity: &str, code: &str, message: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (f, v) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        b.push(f);
+        cstr(&mut b, v.as_bytes());
+    }
+    b.push(0);
+    b
+}
+
+fn row_description(out: &mut BytesMut) {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1i16.to_be_bytes());
+    cstr(&mut b, b"x");
+    b.extend_from_slice(&0i32.to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&23i32.to_be_bytes());
+    b.extend_from_slice(&4i16.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    put(out, b'T', &b);
+}
+
+fn data_row(out: &mut BytesMut) {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&1i32.to_be_bytes());
+    b.push(b'1');
+    put(out, b'D', &b);
+}
+
+fn complete(out: &mut BytesMut, tag: &str) {
+    let mut b = Vec::new();
+    cstr(&mut b, tag.as_bytes());
+    put(out, b'C', &b);
+}
+
+fn copy_response(out: &mut BytesMut, tag: u8) {
+    put(out, tag, &[0, 0, 1, 0, 0]);
+}
+
+// ---------------------------------------------------------------------
+// The model server.
+// ---------------------------------------------------------------------
+
+/// A recorded command, acknowledged, waiting to be matched with what
+/// reaches the server; with the settings the worker read it with.
+#[derive(Debug, Clone)]
+struct Recorded {
+    command: CommandReceived,
+    parsing: Parsing,
+}
+
+impl Recorded {
+    /// Refused when it arrived (denied, awaiting approval, or an unknown
+    /// name): its message is replaced by one the server fails on.
+    fn refused(&self) -> bool {
+        self.command
+            .decision
+            .as_ref()
+            .is_some_and(|d| d.enforced && d.effect != DecisionEffect::Allow)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Prep {
+    /// The text as the server read it (for SQL PREPARE, the body).
+    text: String,
+    stmts: Vec<St>,
+    /// Prepared by SQL PREPARE (or code): the worker records the whole
+    /// command's text for it.
+    by_sql: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Portal {
+    prep: Prep,
+    fetched: u32,
+    done: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tx {
+    Idle,
+    Implicit,
+    Block,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Gucs {
+    encoding: &'static str,
+    scs: bool,
+    read_only: bool,
+}
+
+impl Gucs {
+    fn parsing(&self) -> Parsing {
+        Parsing::from_parameters([
+            ("client_encoding", self.encoding),
+            (
+                "standard_conforming_strings",
+                if self.scs { "on" } else { "off" },
+            ),
+        ])
+    }
+
+    fn set(&mut self, guc: Guc, value: &'static str) {
+        match guc {
+            Guc::Encoding => self.encoding = value,
+            Guc::Scs => self.scs = value == "on",
+            Guc::ReadOnly => self.read_only = value == "on",
+        }
+    }
+
+    fn value(&self, guc: Guc) -> &'static str {
+        let on = |b: bool| if b { "on" } else { "off" };
+        match guc {
+            Guc::Encoding => self.encoding,
+            Guc::Scs => on(self.scs),
+            Guc::ReadOnly => on(self.read_only),
+        }
+    }
+}
+
+/// A COPY FROM STDIN in progress.
+#[derive(Debug)]
+struct CopyIn {
+    /// From a simple `Query` (with the statements after it), else from an
+    /// `Execute`.
+    simple: bool,
+    rest: VecDeque<St>,
+    multi: bool,
+    event: Option<Recorded>,
+    rows: u32,
+}
+
+/// How a statement is being run.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    simple: bool,
+    multi: bool,
+    event: Option<&'a Recorded>,
+    depth: u32,
+}
+
+struct PgError {
+    code: &'static str,
+    message: String,
+}
+
+fn pg_err(code: &'static str, message: impl Into<String>) -> PgError {
+    PgError {
+        code,
+        message: message.into(),
+    }
+}
+
+enum Outcome {
+    Done,
+    CopyIn,
+}
+
+struct Model {
+    who: Who,
+    legacy: bool,
+    inbuf: BytesMut,
+    /// Written, not yet flushed.
+    out: BytesMut,
+    /// Flushed: on its way to the worker.
+    flushed: BytesMut,
+    closed: bool,
+    statements: HashMap<String, Prep>,
+    portals: HashMap<String, Portal>,
+    /// The portal an `Execute` is running.
+    active: Option<String>,
+    tx: Tx,
+    /// The transaction is read-only (default_transaction_read_only when it
+    /// began).
+    tx_read_only: bool,
+    /// Skipping to `Sync` after an error in an extended-protocol message.
+    skip: bool,
+    /// The message being processed is an extended-protocol one.
+    extended: bool,
+    /// An `Execute` completed since the last `Sync` (a pipeline).
+    pipelined: bool,
+    copy: Option<CopyIn>,
+    reset: Gucs,
+    session: Gucs,
+    pending_session: Gucs,
+    current: Gucs,
+    reported: Gucs,
+    /// The input asks the next command to fail.
+    fail_next: bool,
+    /// Acknowledged events not yet matched with a message.
+    expect: VecDeque<Recorded>,
+    /// The client broke the protocol (a message other than COPY's in COPY
+    /// mode): what it gets back is PostgreSQL's business.
+    violated: bool,
+    /// A function the worker cannot see into changed how text is read; the
+    /// worker has not caught up yet.
+    unforeseen: bool,
+    /// Text was read (or run) differently from the recording because of
+    /// that: once the server reports the change, the session must end.
+    misread: bool,
+    /// The server reported the change (ParameterStatus).
+    unforeseen_reported: bool,
+    /// Drop an unexpected message in COPY mode rather than end the
+    /// connection (PostgreSQL 13 and older).
+    legacy_copy: bool,
+    /// What was checked: statements run, texts matched with their
+    /// recording, SQL EXECUTEs matched with theirs.
+    stats: [u64; 3],
+}
+
+impl Model {
+    fn new(who: Who, legacy: bool) -> Self {
+        let reset = Gucs {
+            encoding: "UTF8",
+            scs: true,
+            // The worker logs agents in with default_transaction_read_only.
+            read_only: who == Who::Agent,
+        };
+        Model {
+            who,
+            legacy,
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            flushed: BytesMut::new(),
+            closed: false,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            active: None,
+            tx: Tx::Idle,
+            tx_read_only: false,
+            skip: false,
+            extended: false,
+            pipelined: false,
+            copy: None,
+            session: reset.clone(),
+            pending_session: reset.clone(),
+            current: reset.clone(),
+            reported: reset.clone(),
+            reset,
+            fail_next: false,
+            expect: VecDeque::new(),
+            violated: false,
+            unforeseen: false,
+            misread: false,
+            unforeseen_reported: false,
+            legacy_copy: legacy,
+            stats: [0; 3],
+        }
+    }
+
+    fn parsing(&self) -> Parsing {
+        self.current.parsing()
+    }
+
+    fn flush(&mut self) {
+        let out = self.out.split();
+        self.flushed.extend_from_slice(&out);
+    }
+
+    /// Reads what the worker wrote.
+    fn receive(&mut self, bytes: &[u8]) {
+        if self.closed {
+            return;
+        }
+        self.inbuf.extend_from_slice(bytes);
+        while !self.closed {
+            let frame = match pg::decode_frame(&mut self.inbuf, 1 << 30) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    self.fatal("08P01", "invalid message length");
+                    break;
+                }
+            };
+            self.message(&frame);
+        }
+        if self.closed {
+            self.inbuf.clear();
+        }
+    }
+
+    fn fatal(&mut self, code: &'static str, message: &str) {
+        put(&mut self.out, b'E', &fields("FATAL", code, message));
+        self.flush();
+        self.closed = true;
+    }
+
+    /// The event of a `Query` or `Execute` that reached the server: the
+    /// next one acknowledged, which must not be a refused one.
+    fn take_event(&mut self, what: &str) -> Recorded {
+        let Some(front) = self.expect.pop_front() else {
+            panic!("{what} reached the server without an acknowledged event");
+        };
+        assert!(
+            !front.refused(),
+            "{what} reached the server, but its event says it was refused: {:?}",
+            front.command
+        );
+        front
+    }
+
+    /// The machine's own replacement arrived: it stands for the next event
+    /// if that one was refused.
+    fn refused_arrived(&mut self) {
+        if self.expect.front().is_some_and(Recorded::refused) {
+            self.expect.pop_front();
+        }
+    }
+
+    fn message(&mut self, frame: &pg::Frame) {
+        let tag = frame.tag;
+        let Ok(message) = FrontendMessage::parse(frame) else {
+            self.violated = true;
+            self.error(pg_err("08P01", "malformed message"));
+            return;
+        };
+        // What reached the server is matched with what was recorded, in
+        // order, before anything else (it reached it, whether it runs).
+        let mut event = None;
+        match &message {
+            FrontendMessage::Query(text) if *text == REFUSED_TEXT.as_bytes() => {
+                self.refused_arrived()
+            }
+            FrontendMessage::Query(_) => {
+                let e = self.take_event("a Query");
+                assert_eq!(e.command.protocol, Protocol::Simple, "{:?}", e.command);
+                event = Some(e);
+            }
+            FrontendMessage::Parse(p) if p.query == REFUSED_TEXT.as_bytes() => {
+                self.refused_arrived()
+            }
+            FrontendMessage::Execute { portal, .. } => {
+                let e = self.take_event("an Execute");
+                assert_eq!(e.command.protocol, Protocol::Extended, "{:?}", e.command);
+                assert_eq!(
+                    e.command.portal.as_deref(),
+                    Some(*portal),
+                    "an Execute of another portal than recorded"
+                );
+                event = Some(e);
+            }
+            FrontendMessage::Other(b'F') => panic!("a FunctionCall reached the server"),
+            _ => {}
+        }
+        if self.copy.is_some() {
+            self.copy_message(tag, &message, event);
+            return;
+        }
+        if self.skip && tag != b'S' {
+            // Everything but Sync is ignored, a Query too.
+            if tag == b'X' {
+                self.closed = true;
+            }
+            return;
+        }
+        match message {
+            FrontendMessage::Query(text) => {
+                let text = text.to_vec();
+                self.query(&text, event);
+            }
+            FrontendMessage::Parse(p) => {
+                let (name, text) = (p.statement.to_owned(), p.query.to_vec());
+                self.extended = true;
+                if let Err(e) = self.parse(&name, &text) {
+                    self.error(e);
+                }
+            }
+            FrontendMessage::Bind(b) => {
+                self.extended = true;
+                let (portal, statement, n) =
+                    (b.portal.to_owned(), b.statement.to_owned(), b.params.len());
+                if let Err(e) = self.bind(&portal, &statement, n) {
+                    self.error(e);
+                }
+            }
+            FrontendMessage::Execute { portal, max_rows } => {
+                self.extended = true;
+                let portal = portal.to_owned();
+                let event = event.expect("matched");
+                if let Err(e) = self.execute(&portal, max_rows, event) {
+                    self.active = None;
+                    self.error(e);
+                }
+            }
+            FrontendMessage::Describe { kind, name } => {
+                self.extended = true;
+                let name = name.to_owned();
+                if let Err(e) = self.describe(kind, &name) {
+                    self.error(e);
+                }
+            }
+            FrontendMessage::Close { kind, name } => {
+                self.extended = true;
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                put(&mut self.out, b'3', &[]);
+            }
+            FrontendMessage::Sync => self.sync(),
+            FrontendMessage::Flush => self.flush(),
+            // Outside COPY mode these are ignored (a COPY failed, the client
+            // still sends its data).
+            FrontendMessage::CopyData(_)
+            | FrontendMessage::CopyDone
+            | FrontendMessage::CopyFail(_) => {}
+            FrontendMessage::Terminate => self.closed = true,
+            FrontendMessage::Password(_) | FrontendMessage::Other(_) => {
+                self.fatal("08P01", "invalid frontend message type")
+            }
+        }
+    }
+
+    fn copy_message(&mut self, tag: u8, message: &FrontendMessage<'_>, _event: Option<Recorded>) {
+        match message {
+            FrontendMessage::CopyData(_) => {
+                if let Some(c) = &mut self.copy {
+                    c.rows += 1;
+                }
+            }
+            FrontendMessage::CopyDone => {
+                let c = self.copy.take().expect("in COPY");
+                complete(&mut self.out, &format!("COPY {}", c.rows));
+                self.after_statement();
+                if c.simple {
+                    self.run_statements(c.rest, c.multi, c.event);
+                } else {
+                    self.pipelined = true;
+                    self.active = None;
+                }
+            }
+            FrontendMessage::CopyFail(_) => {
+                let c = self.copy.take().expect("in COPY");
+                self.extended = !c.simple;
+                self.error(pg_err("57014", "COPY from stdin failed"));
+                if c.simple {
+                    self.finish_query();
+                }
+            }
+            FrontendMessage::Flush => {}
+            FrontendMessage::Sync => {}
+            _ => {
+                // PostgreSQL 14 and later reject the message type before
+                // reading its body, and so lose track of the stream: the
+                // connection ends. Older ones read it whole, drop it, and
+                // fail the COPY.
+                let c = self.copy.take().expect("in COPY");
+                self.violated = true;
+                self.extended = !c.simple;
+                self.error(pg_err(
+                    "08P01",
+                    format!("unexpected message type 0x{tag:02X} during COPY from stdin"),
+                ));
+                if !self.legacy_copy {
+                    self.fatal(
+                        "08P01",
+                        "terminating connection because protocol synchronization was lost",
+                    );
+                    return;
+                }
+                if tag == b'X' {
+                    self.closed = true;
+                }
+                if c.simple {
+                    self.finish_query();
+                }
+            }
+        }
+    }
+
+    /// An error: reported (and flushed, as PostgreSQL does), the
+    /// transaction aborted, the rest of an extended batch skipped.
+    fn error(&mut self, e: PgError) {
+        put(&mut self.out, b'E', &fields("ERROR", e.code, &e.message));
+        self.flush();
+        self.copy = None;
+        match self.tx {
+            Tx::Block => self.tx = Tx::Failed,
+            Tx::Failed => {}
+            Tx::Idle | Tx::Implicit => self.end_transaction(false),
+        }
+        if self.extended {
+            self.skip = true;
+        }
+    }
+
+    fn begin_implicit(&mut self) {
+        if self.tx == Tx::Idle {
+            self.tx = Tx::Implicit;
+            self.tx_read_only = self.current.read_only;
+        }
+    }
+
+    fn end_transaction(&mut self, commit: bool) {
+        if commit {
+            self.session = self.pending_session.clone();
+        } else {
+            self.pending_session = self.session.clone();
+        }
+        self.current = self.session.clone();
+        let active = self.active.clone();
+        self.portals.retain(|name, _| Some(name) == active.as_ref());
+        self.tx = Tx::Idle;
+        if self.legacy {
+            self.report();
+        }
+    }
+
+    /// ParameterStatus for every reported setting that changed.
+    fn report(&mut self) {
+        for (guc, name) in [
+            (Guc::Encoding, "client_encoding"),
+            (Guc::Scs, "standard_conforming_strings"),
+            (Guc::ReadOnly, "default_transaction_read_only"),
+        ] {
+            let value = self.current.value(guc);
+            if self.reported.value(guc) != value {
+                let mut b = Vec::new();
+                cstr(&mut b, name.as_bytes());
+                cstr(&mut b, value.as_bytes());
+                put(&mut self.out, b'S', &b);
+                self.reported.set(guc, value);
+                if guc != Guc::ReadOnly && self.unforeseen {
+                    self.unforeseen_reported = true;
+                }
+            }
+        }
+    }
+
+    fn ready(&mut self) {
+        self.report();
+        let status = match self.tx {
+            Tx::Idle | Tx::Implicit => TransactionStatus::Idle,
+            Tx::Block => TransactionStatus::InTransaction,
+            Tx::Failed => TransactionStatus::Failed,
+        };
+        put(&mut self.out, b'Z', &[status.byte()]);
+        self.flush();
+    }
+
+    fn after_statement(&mut self) {
+        if self.legacy {
+            self.report();
+        }
+    }
+
+    fn sync(&mut self) {
+        self.skip = false;
+        self.extended = false;
+        self.pipelined = false;
+        if self.tx == Tx::Implicit {
+            self.end_transaction(true);
+        }
+        self.ready();
+    }
+
+    fn finish_query(&mut self) {
+        if self.tx == Tx::Implicit {
+            self.end_transaction(true);
+        }
+        self.ready();
+    }
+
+    /// Whether text read now is excused from matching its recording.
+    fn excused(&mut self) -> bool {
+        if self.unforeseen {
+            self.misread = true;
+        }
+        self.unforeseen
+    }
+
+    fn query(&mut self, bytes: &[u8], event: Option<Recorded>) {
+        self.extended = false;
+        // A simple Query uses the unnamed statement and portal.
+        self.statements.remove("");
+        self.portals.remove("");
+        let parsing = self.parsing();
+        assert!(
+            parsing.encoding.is_ok() || self.excused(),
+            "text reached the server after it switched to an encoding Gatehouse cannot read"
+        );
+        if let Some(event) = &event
+            && event.parsing != parsing
+            && !self.excused()
+        {
+            panic!(
+                "a Query was read by the worker with {:?} but by the server with {parsing:?}: {:?}",
+                event.parsing, event.command.statement
+            );
+        }
+        let text = match parsing.decode(bytes) {
+            Ok(t) => t.into_owned(),
+            Err(_) => {
+                self.error(pg_err("22021", "invalid byte sequence"));
+                self.finish_query();
+                return;
+            }
+        };
+        if let Some(event) = &event {
+            self.stats[1] += 1;
+            if event.command.statement != text && !self.excused() {
+                panic!(
+                    "recorded {:?}, but the server runs {text:?}",
+                    event.command.statement
+                );
+            }
+        }
+        let Some(stmts) = meaning(bytes, self.current.scs) else {
+            self.error(pg_err("42601", "syntax error"));
+            self.finish_query();
+            return;
+        };
+        if stmts.is_empty() {
+            put(&mut self.out, b'I', &[]);
+            self.finish_query();
+            return;
+        }
+        let multi = stmts.len() > 1;
+        self.run_statements(stmts.into(), multi, event);
+    }
+
+    /// Runs a simple Query's statements (from the first, or after a COPY).
+    fn run_statements(&mut self, mut rest: VecDeque<St>, multi: bool, event: Option<Recorded>) {
+        while let Some(st) = rest.pop_front() {
+            self.begin_implicit();
+            let run = Run {
+                simple: true,
+                multi,
+                event: event.as_ref(),
+                depth: 0,
+            };
+            match self.run(&st, run) {
+                Ok(Outcome::Done) => self.after_statement(),
+                Ok(Outcome::CopyIn) => {
+                    self.copy = Some(CopyIn {
+                        simple: true,
+                        rest,
+                        multi,
+                        event,
+                        rows: 0,
+                    });
+                    return;
+                }
+                Err(e) => {
+                    self.error(e);
+                    break;
+                }
+            }
+        }
+        self.finish_query();
+    }
+
+    fn injected(&mut self) -> Result<(), PgError> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(pg_err("40001", "could not serialize access (injected)"));
+        }
+        Ok(())
+    }
+
+    /// What the default policies forbid this identity to run.
+    fn forbidden(&self, st: &St) -> Option<&'static str> {
+        match st {
+            St::Write { all: true } => Some("an UPDATE or DELETE without WHERE"),
+            St::Select { outside: true, .. } | St::Do(_) if self.who != Who::Dba => {
+                Some("a statement only group dba may run")
+            }
+            St::Write { .. } | St::CopyIn if self.who == Who::Agent => Some("an agent's write"),
+            St::Set {
+                guc: Guc::ReadOnly,
+                value: Some("off"),
+                ..
+            } if self.who == Who::Agent => Some("an agent turning read-only off"),
+            _ => None,
+        }
+    }
+
+    /// Runs one statement (of a Query, a portal, or an EXECUTE).
+    fn run(&mut self, st: &St, run: Run<'_>) -> Result<Outcome, PgError> {
+        if self.tx == Tx::Failed && !st.exits_transaction() {
+            return Err(pg_err(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        self.stats[0] += 1;
+        if let Some(what) = self.forbidden(st)
+            && !self.excused()
+        {
+            panic!(
+                "the server runs {what}: {st:?} (recorded: {:?})",
+                run.event.map(|e| &e.command)
+            );
+        }
+        self.injected()?;
+        match st {
+            St::Select {
+                rows, fail, params, ..
+            } => {
+                if *params > 0 && run.simple {
+                    return Err(pg_err("42P02", "there is no parameter $1"));
+                }
+                if *fail {
+                    return Err(pg_err("22012", "division by zero"));
+                }
+                if run.simple {
+                    row_description(&mut self.out);
+                }
+                for _ in 0..*rows {
+                    data_row(&mut self.out);
+                }
+                complete(&mut self.out, &format!("SELECT {rows}"));
+            }
+            St::SetVia {
+                guc,
+                value,
+                foreseen,
+            } => {
+                self.set_guc(*guc, value, false, *foreseen);
+                if run.simple {
+                    row_description(&mut self.out);
+                }
+                data_row(&mut self.out);
+                complete(&mut self.out, "SELECT 1");
+            }
+            St::Write { .. } => {
+                if self.tx_read_only {
+                    return Err(pg_err("25006", "cannot execute in a read-only transaction"));
+                }
+                complete(&mut self.out, "DELETE 0");
+            }
+            St::Prepare { name, body } => {
+                if self.statements.contains_key(name) {
+                    return Err(pg_err(
+                        "42P05",
+                        format!("prepared statement \"{name}\" already exists"),
+                    ));
+                }
+                let stmts = vec![single(body).expect("preparable")];
+                self.statements.insert(
+                    name.clone(),
+                    Prep {
+                        text: body.clone(),
+                        stmts,
+                        by_sql: true,
+                    },
+                );
+                complete(&mut self.out, "PREPARE");
+            }
+            St::Exec { name } => {
+                let Some(prep) = self
+                    .statements
+                    .get(name)
+                    .filter(|_| !name.is_empty())
+                    .cloned()
+                else {
+                    return Err(pg_err(
+                        "26000",
+                        format!("prepared statement \"{name}\" does not exist"),
+                    ));
+                };
+                if run.depth == 0
+                    && let Some(event) = run.event
+                {
+                    let recorded = event.command.executes.iter().find(|x| &x.name == name);
+                    let matches = recorded.is_some_and(|x| x.text.contains(&prep.text));
+                    self.stats[2] += 1;
+                    if !matches && !self.excused() {
+                        panic!(
+                            "EXECUTE {name} runs {:?} on the server, but the event records {:?}",
+                            prep.text, event.command
+                        );
+                    }
+                }
+                if run.depth > 8 {
+                    return Err(pg_err("54001", "stack depth limit exceeded"));
+                }
+                if prep.stmts.iter().any(|s| s.params() > 0) {
+                    return Err(pg_err(
+                        "42601",
+                        "wrong number of parameters for prepared statement",
+                    ));
+                }
+                let Some(inner) = prep.stmts.first() else {
+                    return Ok(Outcome::Done);
+                };
+                let inner_run = Run {
+                    depth: run.depth + 1,
+                    ..run
+                };
+                return self.run(inner, inner_run);
+            }
+            St::Dealloc(name) => {
+                match name {
+                    Some(n) => {
+                        if self.statements.remove(n).is_none() || n.is_empty() {
+                            return Err(pg_err(
+                                "26000",
+                                format!("prepared statement \"{n}\" does not exist"),
+                            ));
+                        }
+                    }
+                    None => self.statements.retain(|n, _| n.is_empty()),
+                }
+                complete(&mut self.out, "DEALLOCATE");
+            }
+            St::DiscardAll => {
+                if self.tx != Tx::Implicit || run.multi || self.pipelined {
+                    return Err(pg_err(
+                        "25001",
+                        "DISCARD ALL cannot run inside a transaction block",
+                    ));
+                }
+                self.statements.retain(|n, _| n.is_empty());
+                let active = self.active.clone();
+                self.portals.retain(|n, _| Some(n) == active.as_ref());
+                self.current = self.reset.clone();
+                self.pending_session = self.reset.clone();
+                complete(&mut self.out, "DISCARD ALL");
+            }
+            St::Set { guc, value, local } => {
+                let value = value.unwrap_or_else(|| self.reset.value(*guc));
+                self.set_guc(*guc, value, *local, true);
+                complete(&mut self.out, "SET");
+            }
+            St::Do(effect) => {
+                match effect {
+                    DoEffect::Nothing => {}
+                    DoEffect::DeallocateAll => self.statements.retain(|n, _| n.is_empty()),
+                    DoEffect::PrepareS1Delete => {
+                        if self.statements.contains_key("s1") {
+                            return Err(pg_err(
+                                "42P05",
+                                "prepared statement \"s1\" already exists",
+                            ));
+                        }
+                        self.statements.insert(
+                            "s1".into(),
+                            Prep {
+                                text: "DELETE FROM t".into(),
+                                stmts: vec![St::Write { all: true }],
+                                by_sql: true,
+                            },
+                        );
+                    }
+                    DoEffect::Set(guc, value) => self.set_guc(*guc, value, false, true),
+                }
+                complete(&mut self.out, "DO");
+            }
+            St::CopyIn => {
+                if self.tx_read_only {
+                    return Err(pg_err(
+                        "25006",
+                        "cannot execute COPY FROM in a read-only transaction",
+                    ));
+                }
+                copy_response(&mut self.out, b'G');
+                self.flush();
+                return Ok(Outcome::CopyIn);
+            }
+            St::CopyOut => {
+                copy_response(&mut self.out, b'H');
+                put(&mut self.out, b'd', b"1\n");
+                put(&mut self.out, b'c', &[]);
+                complete(&mut self.out, "COPY 1");
+            }
+            St::Begin => {
+                match self.tx {
+                    Tx::Block => put(
+                        &mut self.out,
+                        b'N',
+                        &fields(
+                            "WARNING",
+                            "25001",
+                            "there is already a transaction in progress",
+                        ),
+                    ),
+                    _ => {
+                        self.begin_implicit();
+                        self.tx = Tx::Block;
+                    }
+                }
+                complete(&mut self.out, "BEGIN");
+            }
+            St::Commit | St::Rollback => {
+                let commit = *st == St::Commit && self.tx != Tx::Failed;
+                if matches!(self.tx, Tx::Idle | Tx::Implicit) && !run.multi {
+                    put(
+                        &mut self.out,
+                        b'N',
+                        &fields("WARNING", "25P01", "there is no transaction in progress"),
+                    );
+                }
+                self.end_transaction(commit);
+                complete(&mut self.out, if commit { "COMMIT" } else { "ROLLBACK" });
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn set_guc(&mut self, guc: Guc, value: &'static str, local: bool, foreseen: bool) {
+        let before = self.parsing();
+        if !local {
+            self.pending_session.set(guc, value);
+        }
+        self.current.set(guc, value);
+        if !foreseen && self.parsing() != before {
+            self.unforeseen = true;
+        }
+    }
+
+    fn parse(&mut self, name: &str, bytes: &[u8]) -> Result<(), PgError> {
+        self.begin_implicit();
+        let parsing = self.parsing();
+        assert!(
+            parsing.encoding.is_ok() || self.excused(),
+            "text reached the server after it switched to an encoding Gatehouse cannot read"
+        );
+        let text = parsing
+            .decode(bytes)
+            .map_err(|_| pg_err("22021", "invalid byte sequence"))?
+            .into_owned();
+        let stmts =
+            meaning(bytes, self.current.scs).ok_or_else(|| pg_err("42601", "syntax error"))?;
+        if stmts.len() > 1 {
+            return Err(pg_err(
+                "42601",
+                "cannot insert multiple commands into a prepared statement",
+            ));
+        }
+        if self.tx == Tx::Failed && !stmts.first().is_some_and(St::exits_transaction) {
+            return Err(pg_err("25P02", "current transaction is aborted"));
+        }
+        if !name.is_empty() && self.statements.contains_key(name) {
+            return Err(pg_err(
+                "42P05",
+                format!("prepared statement \"{name}\" already exists"),
+            ));
+        }
+        self.injected()?;
+        self.statements.insert(
+            name.to_owned(),
+            Prep {
+                text,
+                stmts,
+                by_sql: false,
+            },
+        );
+        put(&mut self.out, b'1', &[]);
+        Ok(())
+    }
+
+    fn bind(&mut self, portal: &str, statement: &str, params: usize) -> Result<(), PgError> {
+        self.begin_implicit();
+        let Some(prep) = self.statements.get(statement).cloned() else {
+            return Err(pg_err(
+                "26000",
+                format!("prepared statement \"{statement}\" does not exist"),
+            ));
+        };
+        let wanted = prep.stmts.first().map_or(0, St::params);
+        if params != wanted {
+            return Err(pg_err(
+                "08P01",
+                format!(
+                    "bind message supplies {params} parameters, but prepared statement requires {wanted}"
+                ),
+            ));
+        }
+        if self.tx == Tx::Failed && !prep.stmts.first().is_some_and(St::exits_transaction) {
+            return Err(pg_err("25P02", "current transaction is aborted"));
+        }
+        if portal.is_empty() {
+            self.portals.remove("");
+        } else if self.portals.contains_key(portal) {
+            return Err(pg_err(
+                "42P03",
+                format!("cursor \"{portal}\" already exists"),
+            ));
+        }
+        self.injected()?;
+        self.portals.insert(
+            portal.to_owned(),
+            Portal {
+                prep,
+                fetched: 0,
+                done: false,
+            },
+        );
+        put(&mut self.out, b'2', &[]);
+        Ok(())
+    }
+
+    fn execute(&mut self, name: &str, max_rows: i32, event: Recorded) -> Result<(), PgError> {
+        self.begin_implicit();
+        let Some(portal) = self.portals.get(name).cloned() else {
+            return Err(pg_err("34000", format!("portal \"{name}\" does not exist")));
+        };
+        let st = portal.prep.stmts.first().cloned();
+        if self.tx == Tx::Failed && !st.as_ref().is_some_and(St::exits_transaction) {
+            return Err(pg_err("25P02", "current transaction is aborted"));
+        }
+        if portal.done {
+            return Err(pg_err("55000", format!("portal \"{name}\" cannot be run")));
+        }
+        let recorded = &event.command.statement;
+        let same = if portal.prep.by_sql {
+            recorded.contains(&portal.prep.text)
+        } else {
+            *recorded == portal.prep.text
+        };
+        self.stats[1] += 1;
+        if !same && !self.excused() {
+            panic!(
+                "recorded {:?} for portal {name:?}, but the server runs {:?}",
+                event.command.statement, portal.prep.text
+            );
+        }
+        let Some(st) = st else {
+            put(&mut self.out, b'I', &[]);
+            self.pipelined = true;
+            return Ok(());
+        };
+        self.active = Some(name.to_owned());
+        if st.selects() && portal.fetched > 0 {
+            // Resuming a suspended portal: no side effects again.
+            if let Some(what) = self.forbidden(&st) {
+                assert!(self.excused(), "the server runs {what}: {st:?}");
+            }
+            self.injected()?;
+        } else if st.selects() {
+            // The first fetch runs it (its side effects, its errors).
+            let before = self.out.len();
+            let run = Run {
+                simple: false,
+                multi: false,
+                event: Some(&event),
+                depth: 0,
+            };
+            self.run(&st, run)?;
+            // Rows and tag are written below, by fetch.
+            self.out.truncate(before);
+        } else {
+            let run = Run {
+                simple: false,
+                multi: false,
+                event: Some(&event),
+                depth: 0,
+            };
+            match self.run(&st, run)? {
+                Outcome::Done => {}
+                Outcome::CopyIn => {
+                    self.copy = Some(CopyIn {
+                        simple: false,
+                        rest: VecDeque::new(),
+                        multi: false,
+                        event: Some(event),
+                        rows: 0,
+                    });
+                    if let Some(p) = self.portals.get_mut(name) {
+                        p.done = true;
+                    }
+                    return Ok(());
+                }
+            }
+            self.after_statement();
+            if let Some(p) = self.portals.get_mut(name) {
+                p.done = true;
+            }
+            self.active = None;
+            self.pipelined = true;
+            return Ok(());
+        }
+        let total = match &st {
+            St::Select { rows, .. } => *rows,
+            _ => 1,
+        };
+        let remaining = total.saturating_sub(portal.fetched);
+        let n = if max_rows > 0 {
+            remaining.min(max_rows as u32)
+        } else {
+            remaining
+        };
+        for _ in 0..n {
+            data_row(&mut self.out);
+        }
+        if max_rows > 0 && n == max_rows as u32 {
+            put(&mut self.out, b's', &[]);
+        } else {
+            complete(&mut self.out, &format!("SELECT {n}"));
+        }
+        self.after_statement();
+        if let Some(p) = self.portals.get_mut(name) {
+            p.fetched += n;
+        }
+        self.active = None;
+        self.pipelined = true;
+        Ok(())
+    }
+
+    fn describe(&mut self, kind: u8, name: &str) -> Result<(), PgError> {
+        self.begin_implicit();
+        let prep = if kind == b'S' {
+            let Some(prep) = self.statements.get(name) else {
+                return Err(pg_err(
+                    "26000",
+                    format!("prepared statement \"{name}\" does not exist"),
+                ));
+            };
+            prep.clone()
+        } else {
+            let Some(portal) = self.portals.get(name) else {
+                return Err(pg_err("34000", format!("portal \"{name}\" does not exist")));
+            };
+            portal.prep.clone()
+        };
+        let rows = prep.stmts.first().is_some_and(St::selects);
+        if rows && self.tx == Tx::Failed {
+            return Err(pg_err("25P02", "current transaction is aborted"));
+        }
+        if kind == b'S' {
+            let n = prep.stmts.first().map_or(0, St::params) as i16;
+            let mut b = n.to_be_bytes().to_vec();
+            for _ in 0..n {
+                b.extend_from_slice(&25i32.to_be_bytes());
+            }
+            put(&mut self.out, b't', &b);
+        }
+        if rows {
+            row_description(&mut self.out);
+        } else {
+            put(&mut self.out, b'n', &[]);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------
+// The client.
+// ---------------------------------------------------------------------
+
+/// The client's side: what it sent that the server answers, matched with
+/// what it gets back in order, as a driver in pipeline mode does. After an
+/// error in an extended-protocol message PostgreSQL ignores everything up
+/// to `Sync` (a `Query` too); in COPY-in mode it ignores `Sync`.
+#[derive(Default)]
+struct Client {
+    sent: VecDeque<u8>,
+    skip: bool,
+    /// In COPY-in mode, and the client has not ended it yet.
+    copy_open: bool,
+    saw_fatal: bool,
+    /// Matching abandoned: the session ended or the protocol was broken.
+    off: bool,
+}
+
+impl Client {
+    fn sends(&mut self, tag: u8) {
+        if self.copy_open {
+            match tag {
+                b'S' => return,
+                b'c' | b'f' => self.copy_open = false,
+                _ => {}
+            }
+        }
+        self.sent.push_back(tag);
+    }
+
+    /// The first sent message an answer is due for.
+    fn front(&mut self) -> Option<u8> {
+        loop {
+            let tag = *self.sent.front()?;
+            match tag {
+                b'H' | b'd' | b'c' | b'f' => {}
+                b'P' | b'B' | b'E' | b'D' | b'C' | b'Q' | b'F' if self.skip => {}
+                _ => return Some(tag),
+            }
+            self.sent.pop_front();
+        }
+    }
+
+    fn pop(&mut self, expected: &[u8], got: u8) -> Result<(), String> {
+        match self.front() {
+            Some(t) if expected.contains(&t) => {
+                self.sent.pop_front();
+                Ok(())
+            }
+            other => Err(self.unexpected(got, other)),
+        }
+    }
+
+    fn at(&mut self, expected: &[u8], got: u8) -> Result<(), String> {
+        match self.front() {
+            Some(t) if expected.contains(&t) => Ok(()),
+            other => Err(self.unexpected(got, other)),
+        }
+    }
+
+    fn unexpected(&self, got: u8, front: Option<u8>) -> String {
+        format!(
+            "the client got {:?} while awaiting an answer to {:?} (sent: {:?})",
+            got as char,
+            front.map(char::from),
+            String::from_utf8_lossy(&self.sent.iter().copied().collect::<Vec<_>>())
+        )
+    }
+
+    fn receives(&mut self, tag: u8, fatal: bool) -> Result<(), String> {
+        if fatal {
+            self.saw_fatal = true;
+        }
+        if self.off || fatal {
+            return Ok(());
+        }
+        match tag {
+            b'1' => self.pop(b"P", tag),
+            b'2' => self.pop(b"B", tag),
+            b'3' => self.pop(b"C", tag),
+            b't' => self.at(b"D", tag),
+            b'n' => self.pop(b"D", tag),
+            b'T' => match self.front() {
+                Some(b'D') => self.pop(b"D", tag),
+                _ => self.at(b"EQ", tag),
+            },
+            b'D' | b'd' | b'c' | b'H' => self.at(b"EQ", tag),
+            b'C' | b'I' => {
+                self.copy_open = false;
+                match self.front() {
+                    Some(b'E') => self.pop(b"E", tag),
+                    _ => self.at(b"Q", tag),
+                }
+            }
+            b's' => self.pop(b"E", tag),
+            b'G' => {
+                self.at(b"EQ", tag)?;
+                // The server ignores Sync until the COPY's end.
+                let mut i = 1;
+                let mut ended = false;
+                while i < self.sent.len() {
+                    match self.sent[i] {
+                        b'S' => {
+                            self.sent.remove(i);
+                        }
+                        b'c' | b'f' => {
+                            ended = true;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+                self.copy_open = !ended;
+                Ok(())
+            }
+            b'E' => {
+                self.copy_open = false;
+                match self.front() {
+                    Some(b'P' | b'B' | b'E' | b'D' | b'C') => {
+                        self.sent.pop_front();
+                        self.skip = true;
+                        Ok(())
+                    }
+                    // A Query's error comes before its ReadyForQuery; a
+                    // refused read's error may precede a Sync's.
+                    Some(b'Q' | b'F' | b'S') => Ok(()),
+                    other => Err(self.unexpected(tag, other)),
+                }
+            }
+            b'Z' => {
+                self.pop(b"QFS", tag)?;
+                self.skip = false;
+                Ok(())
+            }
+            b'N' | b'S' | b'A' => Ok(()),
+            other => Err(self.unexpected(other, None)),
+        }
+    }
+
+    /// Whether a `Query`, `Sync` or function call still awaits its
+    /// `ReadyForQuery`.
+    fn awaits_ready(&mut self) -> bool {
+        self.front();
+        self.sent.iter().any(|t| matches!(t, b'Q' | b'S' | b'F'))
+    }
+}
+
+// ---------------------------------------------------------------------
+// The harness.
+// ---------------------------------------------------------------------
+
+fn engine() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| Arc::new(Engine::new(&Bundle::defaults()).expect("the defaults are valid")))
+        .clone()
+}
+
+fn identity(who: Who) -> Identity {
+    let (name, groups): (&str, &[&str]) = match who {
+        Who::User => ("alice", &[]),
+        Who::Agent => ("bot", &["agents"]),
+        Who::Dba => ("dba", &["dba"]),
+    };
+    Identity {
+        issuer: "https://issuer.test".into(),
+        subject: format!("sub-{name}"),
+        username: name.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        delegation: Vec::new(),
+    }
+}
+
+struct Fuzz {
+    tolerate: Tolerate,
+    /// The client sent an `Execute` since its last `Sync` or `Query`.
+    executed_in_batch: bool,
+    machine: Machine,
+    state: PolicyState,
+    model: Model,
+    /// Sent by the client, not yet read by the worker.
+    client_wire: Vec<u8>,
+    /// Read by the worker, not yet consumed.
+    client_buf: BytesMut,
+    /// Everything the client sent, framed as the server would.
+    client_frames: BytesMut,
+    /// What the client sent and awaits answers to.
+    client: Client,
+    client_bytes: u64,
+    /// The client's stream could not be framed: the session ends.
+    client_garbled: bool,
+    /// Events handed over and not yet acknowledged, with the settings
+    /// they were read with.
+    handed: Option<(Vec<gatehouse_events::Event>, Parsing)>,
+    /// Written by the worker to the target, not yet read by it.
+    target_wire: BytesMut,
+    /// From the target, not yet consumed by the worker.
+    target_buf: BytesMut,
+    target_bytes: u64,
+    to_target_total: u64,
+    to_client_total: u64,
+    /// The worker's terminal state was reported to it (target closed).
+    target_closed: bool,
+}
+
+impl Fuzz {
+    fn new(who: Who, legacy: bool, tolerate: Tolerate) -> Self {
+        let state = PolicyState {
+            engine: Some(engine()),
+            revoked: Default::default(),
+        };
+        let target = TargetInfo {
+            name: "test".into(),
+            kind: "postgres".into(),
+            environment: "dev".into(),
+            tags: Vec::new(),
+        };
+        let identity = identity(who);
+        let mut policy = SessionPolicy::new(
+            &PolicyConfig::default(),
+            &identity,
+            None,
+            target,
+            "127.0.0.1".into(),
+        );
+        policy.decide_connect(&state).expect("connect allowed");
+        let ctx = Arc::new(SessionCtx::for_tests(identity));
+        let machine = Machine::new(
+            ctx,
+            policy,
+            Parsing::default(),
+            TransactionStatus::Idle,
+            1 << 16,
+            None,
+        );
+        let mut model = Model::new(who, legacy);
+        model.legacy_copy = legacy && !tolerate.legacy_copy;
+        Fuzz {
+            tolerate,
+            executed_in_batch: false,
+            machine,
+            state,
+            model,
+            client_wire: Vec::new(),
+            client_buf: BytesMut::new(),
+            client_frames: BytesMut::new(),
+            client: Client::default(),
+            client_bytes: 0,
+            client_garbled: false,
+            handed: None,
+            target_wire: BytesMut::new(),
+            target_buf: BytesMut::new(),
+            target_bytes: 0,
+            to_target_total: 0,
+            to_client_total: 0,
+            target_closed: false,
+        }
+    }
+
+    /// One operation from the input.
+    fn op(&mut self, input: &mut Input<'_>) {
+        let mut out = Vec::new();
+        match input.byte() % 32 {
+            0..=4 => {
+                let text = if input.byte().is_multiple_of(16) {
+                    input.bytes(24).into_iter().filter(|b| *b != 0).collect()
+                } else {
+                    input.pick(TEXTS).to_vec()
+                };
+                if self.tolerate.query_after_execute && self.executed_in_batch {
+                    msg(&mut out, b'S', &[]);
+                }
+                query(&mut out, &text);
+            }
+            5..=7 => {
+                let name = input.pick(NAMES);
+                let text = input.pick(TEXTS);
+                parse(&mut out, name, text);
+            }
+            8..=9 => {
+                let portal = input.pick(PORTALS);
+                let statement = input.pick(NAMES);
+                let b = input.byte();
+                let params: Vec<_> = (0..b % 3).map(|_| input.pick(PARAMS)).collect();
+                let formats: &[i16] = match b / 3 % 4 {
+                    0 | 1 => &[],
+                    2 => &[0],
+                    _ => &[1],
+                };
+                bind(&mut out, portal, statement, formats, &params);
+            }
+            10..=11 => {
+                let portal = input.pick(PORTALS);
+                let max_rows = input.pick(&[0, 0, 1, 2]);
+                execute(&mut out, portal, max_rows);
+            }
+            12 => {
+                let kind = input.pick(b"SP");
+                let name = if kind == b'S' {
+                    input.pick(NAMES)
+                } else {
+                    input.pick(PORTALS)
+                };
+                close_or_describe(&mut out, b'C', kind, name);
+            }
+            13 => {
+                let kind = input.pick(b"SP");
+                let name = if kind == b'S' {
+                    input.pick(NAMES)
+                } else {
+                    input.pick(PORTALS)
+                };
+                close_or_describe(&mut out, b'D', kind, name);
+            }
+            14..=16 => msg(&mut out, b'S', &[]),
+            17 => msg(&mut out, b'H', &[]),
+            18 => {
+                let data = input.bytes(8);
+                msg(&mut out, b'd', &data);
+            }
+            19 => msg(&mut out, b'c', &[]),
+            20 => {
+                let mut b = Vec::new();
+                cstr(&mut b, b"client gave up");
+                msg(&mut out, b'f', &b);
+            }
+            21 => function_call(&mut out),
+            22 => {
+                if input.byte().is_multiple_of(8) {
+                    msg(&mut out, b'X', &[]);
+                } else {
+                    msg(&mut out, b'S', &[]);
+                }
+            }
+            23 if !input.byte().is_multiple_of(4) => {
+                // A Parse and Sync, as drivers send them.
+                let name = input.pick(NAMES);
+                parse(&mut out, name, input.pick(TEXTS));
+                msg(&mut out, b'S', &[]);
+            }
+            23 => {
+                // Raw bytes (the session ends): a frame of any tag,
+                // sometimes of any length.
+                let tag = input.byte();
+                let body = input.bytes(12);
+                if input.byte().is_multiple_of(4) {
+                    out.push(tag);
+                    out.extend_from_slice(&body);
+                } else {
+                    msg(&mut out, tag, &body);
+                }
+            }
+            24..=25 => {
+                let ok = !input.byte().is_multiple_of(8);
+                self.ack(ok);
+            }
+            26 => {
+                trace!("the server fails its next command");
+                self.model.fail_next = true;
+            }
+            27 => {
+                let n = input.byte() as usize;
+                self.deliver_client(n);
+            }
+            28 => {
+                let n = input.byte() as usize;
+                self.deliver_to_server(n);
+            }
+            29 => {
+                let n = input.byte() as usize;
+                self.deliver_to_worker(n);
+            }
+            30 => match input.byte() % 8 {
+                0 => {
+                    self.machine.shutdown();
+                    self.after_machine();
+                }
+                1 => {
+                    self.state
+                        .revoked
+                        .insert(Revoked::Subject(self.machine.ctx.identity.subject.clone()));
+                }
+                2 => {
+                    // An asynchronous notice, between messages.
+                    if !self.model.closed {
+                        put(
+                            &mut self.model.out,
+                            b'N',
+                            &fields("NOTICE", "00000", "hello"),
+                        );
+                        self.model.flush();
+                    }
+                }
+                3 => {
+                    // The server goes away.
+                    if !self.model.closed {
+                        self.model.fatal(
+                            "57P01",
+                            "terminating connection due to administrator command",
+                        );
+                    }
+                }
+                _ => self.settle(false),
+            },
+            _ => self.settle(true),
+        }
+        if !out.is_empty() {
+            self.client_sends(&out);
+        }
+    }
+
+    fn client_sends(&mut self, bytes: &[u8]) {
+        trace!("client sends  {}", describe(bytes));
+        self.client_wire.extend_from_slice(bytes);
+        self.client_bytes += bytes.len() as u64;
+        self.client_frames.extend_from_slice(bytes);
+        while !self.client_garbled {
+            match pg::decode_frame(&mut self.client_frames, 1 << 16) {
+                Ok(Some(f)) => {
+                    if !b"QPBEDCSHXdcfF".contains(&f.tag) {
+                        // Not a message of an open session: PostgreSQL ends
+                        // the connection (even while skipping to Sync).
+                        self.client_garbled = true;
+                    }
+                    self.client.sends(f.tag);
+                    match f.tag {
+                        b'E' => self.executed_in_batch = true,
+                        b'S' | b'Q' => self.executed_in_batch = false,
+                        _ => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => self.client_garbled = true,
+            }
+        }
+    }
+
+    fn ack(&mut self, ok: bool) {
+        let Some((events, parsing)) = self.handed.take() else {
+            return;
+        };
+        trace!("recorded {} events: {ok}", events.len());
+        if ok {
+            for e in events {
+                if let Payload::CommandReceived(command) = e.payload {
+                    self.model.expect.push_back(Recorded {
+                        command,
+                        parsing: parsing.clone(),
+                    });
+                }
+            }
+            self.machine.recorded(Ok(()));
+        } else {
+            self.machine.recorded(Err("nats is down".into()));
+        }
+        self.after_machine();
+        self.pump_client();
+    }
+
+    /// The worker reads from the client as long as it takes input.
+    fn pump_client(&mut self) {
+        for _ in 0..64 {
+            if self.handed.is_some() || !self.machine.accepts_client() {
+                break;
+            }
+            let before = (
+                self.client_buf.len(),
+                self.machine.to_target.len(),
+                self.machine.stash.is_some(),
+            );
+            self.machine
+                .client_input(&mut self.client_buf, &self.state, 0);
+            let events = self.machine.take_events();
+            self.after_machine();
+            if let Some(events) = events {
+                self.handed = Some((events, self.machine.parsing.clone()));
+                break;
+            }
+            let after = (
+                self.client_buf.len(),
+                self.machine.to_target.len(),
+                self.machine.stash.is_some(),
+            );
+            if before == after {
+                break;
+            }
+        }
+    }
+
+    fn deliver_client(&mut self, n: usize) {
+        if self.machine.ended().is_some() {
+            return;
+        }
+        let n = n.min(self.client_wire.len());
+        if n > 0 {
+            trace!("worker gets {n} bytes from the client");
+        }
+        self.client_buf.extend_from_slice(&self.client_wire[..n]);
+        self.client_wire.drain(..n);
+        self.pump_client();
+    }
+
+    fn deliver_to_server(&mut self, n: usize) {
+        let n = n.min(self.target_wire.len());
+        let bytes = self.target_wire.split_to(n);
+        if !bytes.is_empty() {
+            trace!("server reads  {}", describe(&bytes));
+        }
+        self.model.receive(&bytes);
+    }
+
+    fn deliver_to_worker(&mut self, n: usize) {
+        if self.machine.ended().is_some() {
+            return;
+        }
+        let n = n.min(self.model.flushed.len());
+        let bytes = self.model.flushed.split_to(n);
+        if !bytes.is_empty() {
+            trace!("worker reads  {}", describe(&bytes));
+        }
+        self.target_bytes += n as u64;
+        self.target_buf.extend_from_slice(&bytes);
+        self.machine.target_input(&mut self.target_buf);
+        if self.model.closed
+            && self.model.flushed.is_empty()
+            && self.target_buf.is_empty()
+            && !self.target_closed
+        {
+            self.target_closed = true;
+            self.machine.target_closed();
+        }
+        self.after_machine();
+        self.pump_client();
+    }
+
+    /// Takes what the machine wrote, and checks its bounds: every client
+    /// frame is at least 5 bytes, and stands for at most one entry, a
+    /// replacement of ~50 bytes and an error of a few hundred.
+    fn after_machine(&mut self) {
+        let m = &mut self.machine;
+        let frames = self.client_bytes / 5;
+        assert!(
+            m.pending.len() as u64 <= frames + 4,
+            "pending grew to {} for {} client bytes",
+            m.pending.len(),
+            self.client_bytes
+        );
+        self.to_target_total += m.to_target.len() as u64;
+        assert!(
+            self.to_target_total <= self.client_bytes + 64 * frames + 1024,
+            "the worker wrote {} bytes to the target for {} client bytes",
+            self.to_target_total,
+            self.client_bytes
+        );
+        self.to_client_total += m.to_client.len() as u64;
+        assert!(
+            self.to_client_total <= self.target_bytes + 512 * frames + 1024,
+            "the worker wrote {} bytes to the client for {} target bytes",
+            self.to_client_total,
+            self.target_bytes
+        );
+        let to_target = m.to_target.split();
+        if !to_target.is_empty() {
+            trace!("worker writes {}", describe(&to_target));
+        }
+        self.target_wire.extend_from_slice(&to_target);
+        let to_client = m.to_client.split();
+        self.client_reads(&to_client);
+    }
+
+    /// What the client sees.
+    fn client_reads(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            trace!("client reads  {}", describe(bytes));
+        }
+        let mut pos = 0;
+        while pos < bytes.len() {
+            assert!(pos + 5 <= bytes.len(), "a partial frame for the client");
+            let tag = bytes[pos];
+            let len =
+                i32::from_be_bytes(bytes[pos + 1..pos + 5].try_into().expect("4 bytes")) as usize;
+            assert!(
+                len >= 4 && pos + 1 + len <= bytes.len(),
+                "a partial frame for the client"
+            );
+            let body = &bytes[pos + 5..pos + 1 + len];
+            let fatal = tag == b'E' && body.windows(7).any(|w| w == b"SFATAL\0");
+            // (The worker's own FATAL may follow the target's.)
+            assert!(
+                !self.client.saw_fatal || fatal,
+                "the client got {:?} after a FATAL",
+                tag as char
+            );
+            let live = self.live();
+            if let Err(e) = self.client.receives(tag, fatal) {
+                if live {
+                    panic!("{e}");
+                }
+                self.client.off = true;
+            }
+            pos += 1 + len;
+        }
+    }
+
+    /// The session is neither ending nor broken by the client.
+    fn live(&self) -> bool {
+        !self.client.off
+            && !self.model.violated
+            && self.machine.ended().is_none()
+            && self.machine.closing.is_none()
+            && !self.model.closed
+            && !self.client_garbled
+    }
+
+    /// Moves everything everywhere until nothing changes.
+    fn settle(&mut self, ack: bool) {
+        for _ in 0..256 {
+            let before = self.progress();
+            self.deliver_client(usize::MAX);
+            if ack && self.handed.is_some() {
+                self.ack(true);
+            }
+            self.deliver_to_server(usize::MAX);
+            self.deliver_to_worker(usize::MAX);
+            if before == self.progress() {
+                return;
+            }
+        }
+        panic!("the session does not settle");
+    }
+
+    fn progress(&self) -> (usize, usize, usize, usize, usize, u64, bool) {
+        (
+            self.client_wire.len(),
+            self.client_buf.len(),
+            self.target_wire.len(),
+            self.model.flushed.len(),
+            self.target_buf.len(),
+            self.to_client_total,
+            self.handed.is_some(),
+        )
+    }
+
+    /// Checks after every operation.
+    fn check(&mut self) {
+        if !self.model.unforeseen {
+            return;
+        }
+        let caught_up = self.machine.parsing == self.model.parsing()
+            && self.model.out.is_empty()
+            && self.model.flushed.is_empty()
+            && self.target_buf.is_empty();
+        if caught_up || self.machine.ended().is_some() || self.model.closed {
+            self.unforeseen_over();
+        }
+    }
+
+    /// The worker caught up with a setting changed unforeseen (or the
+    /// session is over): if text was read differently meanwhile, the
+    /// session must have ended.
+    fn unforeseen_over(&mut self) {
+        let ending = self.machine.ended().is_some() || self.machine.closing.is_some();
+        let m = &mut self.model;
+        if m.misread && !m.closed {
+            if m.unforeseen_reported {
+                assert!(
+                    ending,
+                    "the server read text differently from the worker after a setting changed \
+                     unforeseen, and the session goes on"
+                );
+            } else {
+                assert!(
+                    ending || self.tolerate.unreported_change,
+                    "the server read text differently from the worker after a setting changed \
+                     unforeseen and back, unreported, and the session goes on"
+                );
+            }
+        }
+        m.unforeseen = false;
+        m.misread = false;
+        m.unforeseen_reported = false;
+    }
+
+    /// Ends the case: the client finishes what it started, everything is
+    /// answered, and the counts must add up.
+    fn finish(&mut self) {
+        for _ in 0..4 {
+            self.settle(true);
+            self.check();
+            if self.model.copy.is_some() && !self.model.closed {
+                // A client ends its COPY.
+                let mut out = Vec::new();
+                msg(&mut out, b'c', &[]);
+                self.client_sends(&out);
+            } else {
+                break;
+            }
+        }
+        self.settle(true);
+        trace!(
+            "end: pending {:?}, stash {:?}, server skip {} copy {}",
+            self.machine.pending,
+            self.machine.stash,
+            self.model.skip,
+            self.model.copy.is_some()
+        );
+        self.check();
+        if self.model.unforeseen {
+            self.unforeseen_over();
+        }
+        if !self.live() {
+            return;
+        }
+        assert!(
+            self.model.expect.is_empty(),
+            "recorded, acknowledged and never forwarded: {:?}",
+            self.model.expect
+        );
+        if self.client_wire.is_empty() && self.client_buf.is_empty() && self.handed.is_none() {
+            assert!(
+                !self.client.awaits_ready(),
+                "the client still awaits ReadyForQuery: {:?} unanswered",
+                String::from_utf8_lossy(&self.client.sent.iter().copied().collect::<Vec<_>>())
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64: a small deterministic generator for the inputs.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Runs `data` printing what happens.
+    #[allow(dead_code)]
+    pub(super) fn traced(data: &[u8]) {
+        TRACE.set(true);
+        run(data);
+    }
+
+    /// Finds the first failing input of the random ones and prints it.
+    #[test]
+    #[ignore = "a debugging aid"]
+    fn first_failing_random_input() {
+        let mut rng = Rng(0x6761_7465_686f_7573);
+        for i in 0..3000 {
+            let len = (rng.next() % 160) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if std::panic::catch_unwind(|| run(&data)).is_err() {
+                eprintln!("input {i}: {data:?}");
+                traced(&data);
+            }
+        }
+    }
+
+    fn q(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        query(&mut out, text.as_bytes());
+        out
+    }
+
+    fn ext(name: &str, text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        parse(&mut out, name, text.as_bytes());
+        bind(&mut out, "", name, &[], &[]);
+        execute(&mut out, "", 0);
+        out
+    }
+
+    fn sync() -> Vec<u8> {
+        let mut out = Vec::new();
+        msg(&mut out, b'S', &[]);
+        out
+    }
+
+    /// Sends each part, letting everything settle after each.
+    fn scenario(who: Who, legacy: bool, parts: &[Vec<u8>]) {
+        TRACE.set(true);
+        let nothing = Tolerate {
+            query_after_execute: false,
+            legacy_copy: false,
+            unreported_change: false,
+        };
+        let mut f = Fuzz::new(who, legacy, nothing);
+        for p in parts {
+            f.client_sends(p);
+            f.settle(true);
+            f.check();
+        }
+        f.finish();
+    }
+
+    // ---- Cases the fuzzer's model found (fixed; kept as regressions) ----
+
+    /// A `Query` after an `Execute` that changes `client_encoding`, before
+    /// `Sync`, is refused as a `Query`: it gets its own `ReadyForQuery`.
+    /// (It was refused as an extended-protocol message: the target skipped
+    /// to `Sync`, and the client, owed two `ReadyForQuery`, got one.)
+    #[test]
+    fn a_query_refused_after_a_settings_execute_gets_its_ready_for_query() {
+        scenario(
+            Who::User,
+            false,
+            &[[
+                ext("", "SET client_encoding = 'LATIN1'"),
+                q("SELECT 1"),
+                sync(),
+            ]
+            .concat()],
+        );
+    }
+
+    /// A `Query` after an `Execute` of a function, before `Sync`: the
+    /// function may change `standard_conforming_strings` (here `g()` does),
+    /// which the server reports only at the batch's end. (The `Query` was
+    /// read with the old setting as one `SELECT`, and the server ran the
+    /// `DELETE FROM t` in it; the session went on.)
+    #[test]
+    fn a_query_read_after_an_unforeseen_settings_change_ends_the_session() {
+        scenario(
+            Who::User,
+            false,
+            &[
+                q("SET standard_conforming_strings = off"),
+                [
+                    ext("", "SELECT g()"),
+                    q("SELECT 'a\\' ; DELETE FROM t; --'"),
+                    sync(),
+                ]
+                .concat(),
+            ],
+        );
+    }
+
+    /// PostgreSQL 13 and older read a message other than COPY's in COPY-in
+    /// mode whole, drop it and fail the COPY. (A `Query` pipelined behind a
+    /// `COPY … FROM STDIN` was so dropped while the worker kept its entry
+    /// and matched the next `Query`'s answers to it: a `PREPARE s1` the
+    /// server never ran was taken as done, and `EXECUTE s1` was allowed and
+    /// recorded as `SELECT 1` while the server ran the `DELETE FROM t`
+    /// bound to `s1` before.)
+    #[test]
+    fn a_message_dropped_in_copy_mode_does_not_shift_the_answers() {
+        scenario(
+            Who::User,
+            true,
+            &[
+                [ext("s1", "DELETE FROM t"), sync()].concat(),
+                [q("COPY t FROM STDIN"), q("PREPARE s1 AS SELECT 1")].concat(),
+                q("SELECT 2"),
+                q("EXECUTE s1"),
+            ],
+        );
+    }
+
+    /// A function changes `client_encoding`, and the transaction ends
+    /// before `Sync`: the value is back when PostgreSQL 14+ reports
+    /// settings (at `ReadyForQuery`), so no `ParameterStatus` ever says it
+    /// changed. (`SELECT 'é'`, read after it, was run as `SELECT 'Ã©'`.)
+    #[test]
+    fn an_unforeseen_change_undone_before_it_is_reported() {
+        scenario(
+            Who::User,
+            false,
+            &[
+                q("BEGIN"),
+                [
+                    ext("", "SELECT f()"),
+                    ext("", "SELECT 'é'"),
+                    ext("", "ROLLBACK"),
+                    sync(),
+                ]
+                .concat(),
+            ],
+        );
+    }
+
+    /// How much the random cases check.
+    #[test]
+    #[ignore = "a debugging aid"]
+    fn what_random_inputs_check() {
+        let mut rng = Rng(0x6761_7465_686f_7573);
+        let mut total = [0u64; 3];
+        for _ in 0..3000 {
+            let len = (rng.next() % 160) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let stats = run_case(&data);
+            for (t, s) in total.iter_mut().zip(stats) {
+                *t += s;
+            }
+        }
+        eprintln!("statements run, texts matched, SQL EXECUTEs matched: {total:?}");
+    }
+
+    #[test]
+    fn random_sessions_keep_the_invariants() {
+        let mut rng = Rng(0x6761_7465_686f_7573);
+        for _ in 0..3000 {
+            let len = (rng.next() % 160) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            run(&data);
+        }
+    }
+}
