@@ -69,12 +69,28 @@ struct Tolerate {
     /// before `ReadyForQuery`, so never reported, may run as other text
     /// than recorded.
     unreported_change: bool,
+    /// The client sends `Flush` before a `Query` that follows
+    /// extended-protocol messages with no `Sync` or `Flush` after them: a
+    /// `Query` that names a statement they change waits for their answers,
+    /// which the server holds until `Sync` or `Flush` (see
+    /// `a_query_naming_a_statement_of_an_unsynced_batch_is_answered`).
+    flush_before_query: bool,
+    /// Once the target's error for an extended-protocol message reached
+    /// the worker, the client's messages up to its `Sync` never reach the
+    /// worker (as if it dropped them), and target answers wait while a
+    /// read is being recorded (see
+    /// `messages_after_an_error_before_sync_are_ignored`); a read that ends
+    /// a batch begun before it is recorded (see
+    /// `a_failed_recording_after_a_failed_batch_keeps_the_session`).
+    error_skips_batch: bool,
 }
 
 const KNOWN: Tolerate = Tolerate {
     query_after_execute: false,
     legacy_copy: false,
     unreported_change: false,
+    flush_before_query: true,
+    error_skips_batch: true,
 };
 
 thread_local! {
@@ -1187,8 +1203,11 @@ impl Model {
             parsing.encoding.is_ok() || self.excused(),
             "text reached the server after it switched to an encoding Gatehouse cannot read"
         );
+        // Read with other settings than the worker's, the text must still
+        // mean the same (ASCII without backslashes does).
         if let Some(event) = &event
-            && event.parsing != parsing
+            && meaning(bytes, event.parsing.standard_conforming_strings)
+                != meaning(bytes, self.current.scs)
             && !self.excused()
         {
             panic!(
@@ -1778,7 +1797,7 @@ impl Client {
         loop {
             let tag = *self.sent.front()?;
             match tag {
-                b'H' | b'd' | b'c' | b'f' => {}
+                b'H' | b'd' | b'c' | b'f' | b'X' => {}
                 b'P' | b'B' | b'E' | b'D' | b'C' | b'Q' | b'F' if self.skip => {}
                 _ => return Some(tag),
             }
@@ -1920,6 +1939,9 @@ struct Fuzz {
     tolerate: Tolerate,
     /// The client sent an `Execute` since its last `Sync` or `Query`.
     executed_in_batch: bool,
+    /// The client sent extended-protocol messages since its last `Sync`,
+    /// `Flush` or `Query`.
+    unflushed: bool,
     machine: Machine,
     state: PolicyState,
     model: Model,
@@ -1983,6 +2005,7 @@ impl Fuzz {
         Fuzz {
             tolerate,
             executed_in_batch: false,
+            unflushed: false,
             machine,
             state,
             model,
@@ -2014,6 +2037,8 @@ impl Fuzz {
                 };
                 if self.tolerate.query_after_execute && self.executed_in_batch {
                     msg(&mut out, b'S', &[]);
+                } else if self.tolerate.flush_before_query && self.unflushed {
+                    msg(&mut out, b'H', &[]);
                 }
                 query(&mut out, &text);
             }
@@ -2173,6 +2198,11 @@ impl Fuzz {
                         b'S' | b'Q' => self.executed_in_batch = false,
                         _ => {}
                     }
+                    match f.tag {
+                        b'P' | b'B' | b'E' | b'D' | b'C' => self.unflushed = true,
+                        b'S' | b'H' | b'Q' => self.unflushed = false,
+                        _ => {}
+                    }
                 }
                 Ok(None) => break,
                 Err(_) => self.client_garbled = true,
@@ -2180,7 +2210,19 @@ impl Fuzz {
         }
     }
 
-    fn ack(&mut self, ok: bool) {
+    fn ack(&mut self, mut ok: bool) {
+        if !ok
+            && self.tolerate.error_skips_batch
+            && self.machine.held.as_ref().is_some_and(|h| {
+                // The read ends a batch begun before it.
+                h.entries
+                    .iter()
+                    .find(|e| !matches!(e, super::Pending::CopyEnd))
+                    .is_some_and(|e| matches!(e, super::Pending::Sync { .. }))
+            })
+        {
+            ok = true;
+        }
         let Some((events, parsing)) = self.handed.take() else {
             return;
         };
@@ -2208,6 +2250,7 @@ impl Fuzz {
             if self.handed.is_some() || !self.machine.accepts_client() {
                 break;
             }
+            self.skip_failed_batch();
             let before = (
                 self.client_buf.len(),
                 self.machine.to_target.len(),
@@ -2254,11 +2297,62 @@ impl Fuzz {
         self.model.receive(&bytes);
     }
 
+    /// With `Tolerate::error_skips_batch`: the worker got the target's
+    /// error for the client's open batch; the client's messages up to its
+    /// `Sync` are dropped before the worker reads them.
+    fn skip_failed_batch(&mut self) {
+        let failed = self.tolerate.error_skips_batch
+            && self.client.skip
+            && !self.machine.batch.dropping
+            && !self
+                .machine
+                .pending
+                .iter()
+                .any(|e| matches!(e, super::Pending::Sync { .. }));
+        if !failed {
+            return;
+        }
+        if self.machine.stash.as_ref().is_some_and(|f| f.tag != b'S') {
+            self.machine.stash = None;
+        }
+        let mut all = BytesMut::from(&self.client_buf[..]);
+        all.extend_from_slice(&self.client_wire);
+        let total = all.len();
+        let mut dropped = 0;
+        while let Ok(Some(f)) = pg::decode_frame(&mut all, 1 << 16) {
+            if f.tag == b'S' {
+                break;
+            }
+            dropped += f.raw.len();
+        }
+        if dropped > 0 {
+            trace!("(the worker never reads {dropped} bytes of a failed batch)");
+        }
+        debug_assert!(dropped <= total);
+        let from_buf = dropped.min(self.client_buf.len());
+        let _ = self.client_buf.split_to(from_buf);
+        self.client_wire.drain(..dropped - from_buf);
+    }
+
+    /// Length of the whole frames at the front of `bytes` before the first
+    /// `ErrorResponse`.
+    fn before_error(bytes: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos + 5 <= bytes.len() && bytes[pos] != b'E' {
+            let len = i32::from_be_bytes(bytes[pos + 1..pos + 5].try_into().expect("4 bytes"));
+            pos += 1 + len as usize;
+        }
+        pos.min(bytes.len())
+    }
+
     fn deliver_to_worker(&mut self, n: usize) {
         if self.machine.ended().is_some() {
             return;
         }
-        let n = n.min(self.model.flushed.len());
+        let mut n = n.min(self.model.flushed.len());
+        if self.tolerate.error_skips_batch && self.handed.is_some() {
+            n = n.min(Self::before_error(&self.model.flushed));
+        }
         let bytes = self.model.flushed.split_to(n);
         if !bytes.is_empty() {
             trace!("worker reads  {}", describe(&bytes));
@@ -2279,13 +2373,14 @@ impl Fuzz {
     }
 
     /// Takes what the machine wrote, and checks its bounds: every client
-    /// frame is at least 5 bytes, and stands for at most one entry, a
+    /// frame is at least 5 bytes, and stands for at most two entries (a
+    /// `Sync` of a read that failed to record: a refusal and itself), a
     /// replacement of ~50 bytes and an error of a few hundred.
     fn after_machine(&mut self) {
         let m = &mut self.machine;
         let frames = self.client_bytes / 5;
         assert!(
-            m.pending.len() as u64 <= frames + 4,
+            m.pending.len() as u64 <= 2 * frames + 4,
             "pending grew to {} for {} client bytes",
             m.pending.len(),
             self.client_bytes
@@ -2337,6 +2432,13 @@ impl Fuzz {
                 tag as char
             );
             let live = self.live();
+            if fatal
+                && body.windows(16).any(|w| w == b"could not follow")
+                && !self.client_garbled
+                && !self.model.violated
+            {
+                panic!("the worker lost track of the target's answers to a valid client");
+            }
             if let Err(e) = self.client.receives(tag, fatal) {
                 if live {
                     panic!("{e}");
@@ -2530,20 +2632,111 @@ mod tests {
         out
     }
 
+    const NOTHING: Tolerate = Tolerate {
+        query_after_execute: false,
+        legacy_copy: false,
+        unreported_change: false,
+        flush_before_query: false,
+        error_skips_batch: false,
+    };
+
     /// Sends each part, letting everything settle after each.
     fn scenario(who: Who, legacy: bool, parts: &[Vec<u8>]) {
         TRACE.set(true);
-        let nothing = Tolerate {
-            query_after_execute: false,
-            legacy_copy: false,
-            unreported_change: false,
-        };
-        let mut f = Fuzz::new(who, legacy, nothing);
+        let mut f = Fuzz::new(who, legacy, NOTHING);
         for p in parts {
             f.client_sends(p);
             f.settle(true);
             f.check();
         }
+        f.finish();
+    }
+
+    // ---- Known gaps, tolerated by `KNOWN` while these fail ----
+
+    /// A `Query` naming a statement that a `Parse` (or `Close`) of the
+    /// still open batch changes: `query()` ends the batch first, so the name
+    /// is unsettled and the `Query` waits for the `ParseComplete`. The
+    /// server holds that in its output buffer until `Sync` or `Flush`, the
+    /// client waits for the `Query`'s answer: the session hangs.
+    /// (PostgreSQL runs the `Query` with the statement just parsed.)
+    ///
+    /// Client: `Parse("s1", "SELECT 1")`, `Query("EXECUTE s1")`. The worker
+    /// forwards the `Parse` only; the server answers nothing yet.
+    /// Forwarding a `Flush` when waiting on answers not yet flushed, or
+    /// resolving the name with the batch's own changes (the server runs the
+    /// `Query` only if the batch had no error), would answer it.
+    #[test]
+    #[ignore = "machine gap: tolerated by KNOWN.flush_before_query"]
+    fn a_query_naming_a_statement_of_an_unsynced_batch_is_answered() {
+        let mut parse_s1 = Vec::new();
+        parse(&mut parse_s1, "s1", b"SELECT 1");
+        scenario(Who::User, false, &[[parse_s1, q("EXECUTE s1")].concat()]);
+    }
+
+    /// After the target's error for an extended-protocol message, it
+    /// ignores everything up to `Sync`, a `Query` too; the worker drops the
+    /// entries it had forwarded, but takes the client's later messages of
+    /// that batch as live. Their entries then take the answers to later
+    /// commands: the `Sync`'s `ReadyForQuery` goes to an ignored `Query`,
+    /// and the `CommandComplete` of `SELECT 3` confirms an ignored `PREPARE
+    /// s1 AS SELECT 1`, while the server still has `s1` as `DELETE FROM t`.
+    /// `EXECUTE s1` is then allowed and recorded as `PREPARE s1 AS SELECT
+    /// 1`, and the server runs the `DELETE` (which needs approval).
+    ///
+    /// Client: `Parse("s1", "DELETE FROM t")`, `Sync`; then
+    /// `Parse("s1", "SELECT 1")`, `Flush` (the server answers `E(42P05)`);
+    /// then `Query("SELECT 2")`, `Query("PREPARE s1 AS SELECT 1")`, `Sync`
+    /// (the server ignores both `Query`s, answers `Z`); then
+    /// `Query("SELECT 3")` and `Query("EXECUTE s1")`. (Dropping the rest of
+    /// the client's batch once the error arrives, as for a refusal, would
+    /// match what the server does.)
+    #[test]
+    #[ignore = "machine gap: not tolerated yet"]
+    fn messages_after_an_error_before_sync_are_ignored() {
+        let mut parse_delete = Vec::new();
+        parse(&mut parse_delete, "s1", b"DELETE FROM t");
+        let mut parse_select = Vec::new();
+        parse(&mut parse_select, "s1", b"SELECT 1");
+        let mut flush = Vec::new();
+        msg(&mut flush, b'H', &[]);
+        scenario(
+            Who::User,
+            false,
+            &[
+                [parse_delete, sync()].concat(),
+                [parse_select, flush].concat(),
+                [q("SELECT 2"), q("PREPARE s1 AS SELECT 1"), sync()].concat(),
+                q("SELECT 3"),
+                q("EXECUTE s1"),
+            ],
+        );
+    }
+
+    /// A read that fails to record and holds the `Sync` of a batch that
+    /// had already failed (here: a `Bind` of an unknown statement, refused):
+    /// `unrecorded` starts a refusal for that `Sync` (a failing `Parse`),
+    /// which the server, skipping to `Sync`, ignores. The `Sync`'s
+    /// `ReadyForQuery` then meets the refusal's entry, and the worker ends
+    /// the session ("could not follow the target's answers").
+    ///
+    /// Client: `Bind("", "s2")` (refused: `Parse(refused)` to the target,
+    /// answered `E`); then `Sync`, `Query("SELECT 1")`, whose recording
+    /// fails: the target gets `Parse(refused) Sync Query(refused)` and
+    /// answers `Z E Z`.
+    #[test]
+    #[ignore = "machine gap: tolerated by KNOWN.error_skips_batch"]
+    fn a_failed_recording_after_a_failed_batch_keeps_the_session() {
+        TRACE.set(true);
+        let mut f = Fuzz::new(Who::User, false, NOTHING);
+        let mut bind_unknown = Vec::new();
+        bind(&mut bind_unknown, "", "s2", &[], &[]);
+        f.client_sends(&bind_unknown);
+        f.settle(true);
+        f.client_sends(&[sync(), q("SELECT 1")].concat());
+        f.deliver_client(usize::MAX);
+        f.ack(false);
+        f.settle(true);
         f.finish();
     }
 
@@ -2630,6 +2823,15 @@ mod tests {
                 .concat(),
             ],
         );
+    }
+
+    /// Replays the input in the file `GATEHOUSE_FUZZ_CASE` (a fuzzer's
+    /// artifact) printing what happens.
+    #[test]
+    #[ignore = "a debugging aid"]
+    fn replay() {
+        let path = std::env::var("GATEHOUSE_FUZZ_CASE").expect("GATEHOUSE_FUZZ_CASE");
+        traced(&std::fs::read(path).expect("readable"));
     }
 
     /// How much the random cases check.
