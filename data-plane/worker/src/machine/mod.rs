@@ -129,6 +129,9 @@ enum Pending {
     /// settings that `Execute` changed.
     Sync {
         text_after_execute: bool,
+        /// Its batch already had an error (a refusal, or one from the
+        /// target): the server skipped to it.
+        errored: bool,
     },
     /// The client's `CopyDone` or `CopyFail`: answered by nothing, marks
     /// where a COPY's input ends.
@@ -211,6 +214,10 @@ pub(crate) struct Machine {
     /// Read nothing more from the client (COPY data aside) until the target
     /// has answered everything forwarded.
     barrier: bool,
+    /// The target failed an extended-protocol message and skips what
+    /// follows up to a `Sync` the client has not sent yet: so does the
+    /// machine.
+    server_skipping: bool,
     /// A frame read but not yet acted on (it waits on a barrier).
     stash: Option<Frame>,
     /// A command that may change how text is read has run: ending a
@@ -250,6 +257,7 @@ impl Machine {
             batch: Batch::default(),
             client_copy: false,
             barrier: false,
+            server_skipping: false,
             stash: None,
             settings_touched: false,
             token_deadline,
@@ -416,7 +424,23 @@ impl Machine {
                     .commands
                     .fetch_add(held.recording, Ordering::Relaxed);
                 self.to_target.extend_from_slice(&held.bytes);
-                self.pending.extend(held.entries);
+                let mut entries = held.entries.into_iter();
+                if self.server_skipping {
+                    // The server ignores the read's messages up to its
+                    // Sync: they get no answer.
+                    for entry in entries.by_ref() {
+                        match entry {
+                            Pending::Sync { .. } => {
+                                self.server_skipping = false;
+                                self.pending.push_back(entry);
+                                break;
+                            }
+                            Pending::Fatal(..) => self.pending.push_back(entry),
+                            other => self.settle_entry(other),
+                        }
+                    }
+                }
+                self.pending.extend(entries);
             }
             Err(e) => {
                 tracing::warn!(session = %self.ctx.session_id, error = %e, "command not run: event not recorded");
@@ -434,9 +458,14 @@ impl Machine {
         let mut out = BytesMut::new();
         let mut live = Vec::new();
         // An error is already due in the current extended batch.
-        let mut batch_failed = false;
+        let mut batch_failed = self.server_skipping;
         let mut open = false;
         for entry in entries {
+            if self.server_skipping && !matches!(entry, Pending::Sync { .. } | Pending::Fatal(..)) {
+                // Ignored by the server, which already failed the batch.
+                self.settle_entry(entry);
+                continue;
+            }
             match entry {
                 Pending::Query { changes, .. } => {
                     // Its ReadyForQuery still comes, for the replacement.
@@ -446,14 +475,16 @@ impl Machine {
                 Pending::Refused { simple: true, .. } => {
                     live.push(refuse_simple_bytes(&mut out, error.clone()))
                 }
-                Pending::Sync { .. } => {
-                    if !batch_failed {
+                Pending::Sync { errored, .. } => {
+                    if !batch_failed && !errored {
                         live.push(refuse_extended_bytes(&mut out, error.clone()));
                     }
                     pg_sync(&mut out);
                     live.push(Pending::Sync {
                         text_after_execute: false,
+                        errored: true,
                     });
+                    self.server_skipping = false;
                     batch_failed = false;
                     open = false;
                 }
@@ -493,7 +524,7 @@ impl Machine {
         now: i64,
     ) -> Result<Step, pg::ProtocolError> {
         let message = FrontendMessage::parse(&frame)?;
-        if self.batch.dropping {
+        if self.batch.dropping || self.server_skipping {
             match message {
                 FrontendMessage::Sync => self.sync(&frame, chunk),
                 FrontendMessage::Flush => chunk.bytes.extend_from_slice(&frame.raw),
@@ -654,6 +685,8 @@ impl Machine {
     /// The client's batch ends (also one that was refused): the `Sync`
     /// goes on, so the target ends it too.
     fn sync(&mut self, frame: &Frame, chunk: &mut Chunk) {
+        let skipping = std::mem::take(&mut self.server_skipping);
+        let errored = self.batch.dropping || skipping;
         chunk.bytes.extend_from_slice(&frame.raw);
         self.statements.end_batch();
         self.portals.end_batch();
@@ -669,6 +702,7 @@ impl Machine {
             .stage(&Change::DropAll { always: false }, false);
         chunk.entries.push(Pending::Sync {
             text_after_execute: batch.text_after_execute,
+            errored,
         });
     }
 
@@ -679,20 +713,23 @@ impl Machine {
         chunk: &mut Chunk,
         state: &PolicyState,
     ) -> Step {
-        // A Query is a batch of its own.
-        self.statements.end_batch();
-        self.portals.end_batch();
-        self.batch = Batch::default();
         let text = match self.parsing.decode(bytes) {
             Ok(text) => text,
             Err(e) => {
                 // Not recorded: nothing was decided or run.
+                self.end_client_batch();
                 self.refuse_simple(chunk, e);
                 return Step::Next;
             }
         };
         let facts = self.classifier.classify(&text, self.parsing.reading());
-        let resolved = match self.resolve(&facts, &text) {
+        // Names resolve as the open batch left them (the server runs the
+        // Query only if the batch had no error), then the Query ends it.
+        let resolution = self.resolve(&facts, &text);
+        if !matches!(resolution, Resolution::Unsettled) {
+            self.end_client_batch();
+        }
+        let resolved = match resolution {
             Resolution::Ready(r) => r,
             Resolution::Unsettled => return Step::Wait(frame.clone()),
             Resolution::Unknown(name) => {
@@ -901,6 +938,13 @@ impl Machine {
             self.batch.changes_parsing = true;
         }
         Step::Next
+    }
+
+    /// A `Query` ends the client's open batch.
+    fn end_client_batch(&mut self) {
+        self.statements.end_batch();
+        self.portals.end_batch();
+        self.batch = Batch::default();
     }
 
     /// Refuses an extended-protocol message: the target gets a `Parse` it
@@ -1193,7 +1237,9 @@ impl Machine {
     fn misread(&self) -> bool {
         let mut entries = self.pending.iter();
         let front_late = match entries.next() {
-            Some(Pending::Sync { text_after_execute }) => *text_after_execute,
+            Some(Pending::Sync {
+                text_after_execute, ..
+            }) => *text_after_execute,
             _ => false,
         };
         front_late
@@ -1288,11 +1334,14 @@ impl Machine {
     fn skip_to_sync(&mut self) {
         while let Some(front) = self.pending.front() {
             if matches!(front, Pending::Sync { .. } | Pending::Fatal(..)) {
-                break;
+                return;
             }
             let skipped = self.pending.pop_front().expect("front exists");
             self.settle_entry(skipped);
         }
+        // The client has not sent the batch's Sync yet: the server skips
+        // its messages until then (also those being recorded).
+        self.server_skipping = true;
     }
 
     fn ready_for_query(&mut self, body: &[u8]) -> bool {
