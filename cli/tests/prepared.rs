@@ -3,9 +3,9 @@
 //! the client sent since, and what runs is what is decided and recorded.
 //! Each case checks the target directly and the recorded text.
 
-mod support;
 #[path = "support/raw.rs"]
 mod raw;
+mod support;
 
 use bytes::{BufMut, BytesMut};
 use gatehouse_pgwire as pg;
@@ -110,7 +110,10 @@ async fn a_name_rebound_behind_the_gateway_cannot_make_a_session_writable() {
     let first = bot.reply().await;
     assert_eq!(first.errors[0].code, "42501", "{first:?}");
     let second = bot.reply().await;
-    assert!(second.ok(), "the name was free, so this Parse binds it: {second:?}");
+    assert!(
+        second.ok(),
+        "the name was free, so this Parse binds it: {second:?}"
+    );
     let third = bot.reply().await;
     assert!(third.ok(), "{third:?}");
     assert_eq!(third.value(), Some("1"), "s1 is SELECT 1");
@@ -118,7 +121,10 @@ async fn a_name_rebound_behind_the_gateway_cannot_make_a_session_writable() {
     assert!(!write.ok(), "{write:?}");
     assert_eq!(ids(&env).await, [1, 2], "nothing written");
     let audit = env.audit_commands("bot", 3).await;
-    assert_eq!(audit[0]["statement"], "SET default_transaction_read_only = off");
+    assert_eq!(
+        audit[0]["statement"],
+        "SET default_transaction_read_only = off"
+    );
     assert_eq!(audit[0]["decision"]["effect"], "deny");
     assert_eq!(audit[1]["statement"], "SELECT 1", "recorded as what ran");
     env.cleanup().await;
@@ -223,7 +229,10 @@ async fn flush_after_a_denied_execute_gets_the_error_and_the_batch_rolls_back() 
             break;
         }
     }
-    assert_eq!(seen, b"12C12E", "ParseComplete, BindComplete, … then the error");
+    assert_eq!(
+        seen, b"12C12E",
+        "ParseComplete, BindComplete, … then the error"
+    );
     let mut out = BytesMut::new();
     sync(&mut out);
     alice.send(&out).await;
