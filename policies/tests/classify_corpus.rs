@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use gatehouse_policies::{Classification, Reading, StatementFacts, StatementKind, classify};
+use gatehouse_policies::{
+    Classification, Deallocates, Reading, StatementFacts, StatementKind, classify,
+};
 
 const CORPUS: &str = include_str!("corpus/classify.txt");
 
@@ -50,6 +52,8 @@ fn parse_expectation(text: &str) -> Result<StatementFacts, String> {
             Some(("functions", v)) => facts.functions = set(v),
             Some(("prepares", v)) => facts.prepares = Some(v.to_owned()),
             Some(("executes", v)) => facts.executes = Some(v.to_owned()),
+            Some(("deallocates", "*")) => facts.deallocates = Some(Deallocates::All),
+            Some(("deallocates", v)) => facts.deallocates = Some(Deallocates::One(v.to_owned())),
             Some((key, _)) => return Err(format!("unknown key {key:?}")),
             None => match word {
                 "writes" => facts.writes = true,
@@ -127,6 +131,13 @@ fn describe(f: &StatementFacts) -> String {
     }
     if let Some(e) = &f.executes {
         let _ = write!(s, " executes={e}");
+    }
+    match &f.deallocates {
+        Some(Deallocates::One(name)) => {
+            let _ = write!(s, " deallocates={name}");
+        }
+        Some(Deallocates::All) => s.push_str(" deallocates=*"),
+        None => {}
     }
     for (on, flag) in [
         (f.writes, "writes"),
