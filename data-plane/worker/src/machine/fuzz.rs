@@ -83,6 +83,9 @@ struct Tolerate {
     /// a batch begun before it is recorded (see
     /// `a_failed_recording_after_a_failed_batch_keeps_the_session`).
     error_skips_batch: bool,
+    /// The model server refuses an `EXECUTE` of a statement that is itself
+    /// an `EXECUTE` (see `an_execute_of_an_execute_is_decided_by_what_runs`).
+    nested_execute: bool,
 }
 
 const KNOWN: Tolerate = Tolerate {
@@ -91,6 +94,7 @@ const KNOWN: Tolerate = Tolerate {
     unreported_change: false,
     flush_before_query: false,
     error_skips_batch: false,
+    nested_execute: true,
 };
 
 thread_local! {
@@ -830,6 +834,8 @@ struct Model {
     /// Drop an unexpected message in COPY mode rather than end the
     /// connection (PostgreSQL 13 and older).
     legacy_copy: bool,
+    /// `Tolerate::nested_execute`.
+    refuse_nested_execute: bool,
     /// What was checked: statements run, texts matched with their
     /// recording, SQL EXECUTEs matched with theirs.
     stats: [u64; 3],
@@ -871,6 +877,7 @@ impl Model {
             misread: false,
             unforeseen_reported: false,
             legacy_copy: legacy,
+            refuse_nested_execute: false,
             stats: [0; 3],
         }
     }
@@ -1401,6 +1408,9 @@ impl Model {
                             prep.text, event.command
                         );
                     }
+                }
+                if run.depth > 0 && self.refuse_nested_execute {
+                    return Err(pg_err("0A000", "nested EXECUTE (tolerated gap)"));
                 }
                 if run.depth > 8 {
                     return Err(pg_err("54001", "stack depth limit exceeded"));
@@ -2006,6 +2016,7 @@ impl Fuzz {
         );
         let mut model = Model::new(who, legacy);
         model.legacy_copy = legacy && !tolerate.legacy_copy;
+        model.refuse_nested_execute = tolerate.nested_execute;
         Fuzz {
             tolerate,
             executed_in_batch: false,
@@ -2642,6 +2653,7 @@ mod tests {
         unreported_change: false,
         flush_before_query: false,
         error_skips_batch: false,
+        nested_execute: false,
     };
 
     /// Sends each part, letting everything settle after each.
@@ -2654,6 +2666,35 @@ mod tests {
             f.check();
         }
         f.finish();
+    }
+
+    // ---- Known gaps, tolerated by `KNOWN` while these fail ----
+
+    /// SQL `EXECUTE` of a statement prepared (by `Parse`) as `EXECUTE s2`
+    /// is decided by the facts of `EXECUTE s2` alone (kind `other`,
+    /// allowed), not by what `s2` runs: here an `UPDATE` without `WHERE`,
+    /// which needs approval, runs, recorded as `EXECUTE "S1"` with
+    /// `executes` `S1 = EXECUTE s2` only. (An extended-protocol `Execute`
+    /// of `S1` resolves `s2` and is refused.)
+    ///
+    /// Client: `Parse("s2", "UPDATE t SET a = 1")`, `Sync`;
+    /// `Parse("S1", "EXECUTE s2")`, `Sync`; `Query("EXECUTE \"S1\"")`.
+    #[test]
+    #[ignore = "machine gap: tolerated by KNOWN.nested_execute"]
+    fn an_execute_of_an_execute_is_decided_by_what_runs() {
+        let mut parse_update = Vec::new();
+        parse(&mut parse_update, "s2", b"UPDATE t SET a = 1");
+        let mut parse_execute = Vec::new();
+        parse(&mut parse_execute, "S1", b"EXECUTE s2");
+        scenario(
+            Who::User,
+            false,
+            &[
+                [parse_update, sync()].concat(),
+                [parse_execute, sync()].concat(),
+                q("EXECUTE \"S1\""),
+            ],
+        );
     }
 
     // ---- Cases the fuzzer's model found (fixed; kept as regressions) ----
