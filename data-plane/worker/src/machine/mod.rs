@@ -187,7 +187,9 @@ struct Batch {
 enum Resolution {
     /// Each name executed, with what it runs.
     Ready(Vec<(String, Arc<Prepared>)>),
-    Unknown(String),
+    /// A name the server has not confirmed, or one that runs another:
+    /// refused with this error.
+    Refused(ClientError),
     /// Wait for the target's answers, then read the message again.
     Unsettled,
 }
@@ -732,8 +734,7 @@ impl Machine {
         let resolved = match resolution {
             Resolution::Ready(r) => r,
             Resolution::Unsettled => return Step::Wait(frame.clone()),
-            Resolution::Unknown(name) => {
-                let error = unknown_statement(&name);
+            Resolution::Refused(error) => {
                 chunk.events.push(self.command(
                     Protocol::Simple,
                     text.into_owned(),
@@ -886,8 +887,7 @@ impl Machine {
         let resolved = match self.resolve(facts, &statement.text) {
             Resolution::Ready(r) => r,
             Resolution::Unsettled => return Step::Wait(frame.clone()),
-            Resolution::Unknown(name) => {
-                let error = unknown_statement(&name);
+            Resolution::Refused(error) => {
                 chunk.events.push(self.command(
                     Protocol::Extended,
                     statement.text.to_string(),
@@ -999,10 +999,21 @@ impl Machine {
                         }),
                     }),
                 )),
-                Some(None) => return Resolution::Unknown(name.clone()),
+                Some(None) => return Resolution::Refused(unknown_statement(name)),
                 None => match self.statements.lookup(name) {
+                    Lookup::Known(p) if p.statement().is_some_and(|s| s.executes.is_some()) => {
+                        // A statement that is itself an EXECUTE (a Parse
+                        // of one) runs what yet another name holds.
+                        return Resolution::Refused(ClientError::error(
+                            "0A000",
+                            format!(
+                                "prepared statement \"{name}\" itself executes a prepared \
+                                 statement, which Gatehouse does not run"
+                            ),
+                        ));
+                    }
                     Lookup::Known(p) => found.push((name.clone(), p)),
-                    Lookup::Unknown => return Resolution::Unknown(name.clone()),
+                    Lookup::Unknown => return Resolution::Refused(unknown_statement(name)),
                     Lookup::Unsettled => return Resolution::Unsettled,
                 },
             }
