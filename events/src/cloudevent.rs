@@ -14,7 +14,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::{Event, EventType, Identity, Payload, SCHEMA_VERSION};
@@ -36,21 +36,18 @@ pub enum DecodeError {
     UnsupportedVersion { ty: EventType, version: u32 },
 }
 
-#[derive(Serialize, Deserialize)]
+/// The decoding side: one event as read off the wire.
+#[derive(Deserialize)]
 struct CloudEvent {
     specversion: String,
     id: Uuid,
-    source: String,
     #[serde(rename = "type")]
     ty: String,
     time: DateTime<Utc>,
-    datacontenttype: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    subject: Option<String>,
     data: Data,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Data {
     worker_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,42 +58,107 @@ struct Data {
     identity: Option<Identity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target: Option<String>,
-    payload: Value,
+    payload: Box<RawValue>,
+}
+
+/// The encoding side of [`CloudEvent`]: the same document, borrowed from the
+/// event and written straight into the output buffer (no intermediate
+/// `serde_json::Value`, no copies of the envelope's strings).
+#[derive(Serialize)]
+struct CloudEventRef<'a> {
+    specversion: &'static str,
+    id: Uuid,
+    source: Source<'a>,
+    #[serde(rename = "type")]
+    ty: CloudEventType,
+    time: DateTime<Utc>,
+    datacontenttype: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<Uuid>,
+    data: DataRef<'a>,
+}
+
+#[derive(Serialize)]
+struct DataRef<'a> {
+    worker_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<Uuid>,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<&'a Identity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a str>,
+    payload: PayloadRef<'a>,
+}
+
+/// `/gatehouse/workers/<worker id>`.
+struct Source<'a>(&'a str);
+
+impl Serialize for Source<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("/gatehouse/workers/{}", self.0))
+    }
+}
+
+/// `dev.gatehouse.<type>.v<schema version>`.
+struct CloudEventType(EventType);
+
+impl Serialize for CloudEventType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!(
+            "dev.gatehouse.{}.v{SCHEMA_VERSION}",
+            self.0.token()
+        ))
+    }
+}
+
+/// The payload as the bare object of its variant (the type is in `type`).
+struct PayloadRef<'a>(&'a Payload);
+
+impl Serialize for PayloadRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Payload::SessionOpened(p) => p.serialize(s),
+            Payload::AuthenticationFailed(p) => p.serialize(s),
+            Payload::CommandReceived(p) => p.serialize(s),
+            Payload::SessionClosed(p) => p.serialize(s),
+            Payload::PolicyBundlePublished(p) => p.serialize(s),
+            Payload::IdentityRevoked(p) => p.serialize(s),
+        }
+    }
 }
 
 impl Event {
-    fn to_wire(&self) -> CloudEvent {
-        let payload = match &self.payload {
-            Payload::SessionOpened(p) => serde_json::to_value(p),
-            Payload::AuthenticationFailed(p) => serde_json::to_value(p),
-            Payload::CommandReceived(p) => serde_json::to_value(p),
-            Payload::SessionClosed(p) => serde_json::to_value(p),
-            Payload::PolicyBundlePublished(p) => serde_json::to_value(p),
-            Payload::IdentityRevoked(p) => serde_json::to_value(p),
-        }
-        .expect("payloads serialize to JSON");
-        CloudEvent {
-            specversion: "1.0".into(),
+    fn to_wire(&self) -> CloudEventRef<'_> {
+        CloudEventRef {
+            specversion: "1.0",
             id: self.id,
-            source: format!("/gatehouse/workers/{}", self.worker_id),
-            ty: self.event_type().cloudevent_type(SCHEMA_VERSION),
+            source: Source(&self.worker_id),
+            ty: CloudEventType(self.event_type()),
             time: self.time,
-            datacontenttype: "application/json".into(),
-            subject: self.session_id.map(|s| s.to_string()),
-            data: Data {
-                worker_id: self.worker_id.clone(),
+            datacontenttype: "application/json",
+            subject: self.session_id,
+            data: DataRef {
+                worker_id: &self.worker_id,
                 session_id: self.session_id,
                 seq: self.seq,
-                identity: self.identity.clone(),
-                target: self.target.clone(),
-                payload,
+                identity: self.identity.as_ref(),
+                target: self.target.as_deref(),
+                payload: PayloadRef(&self.payload),
             },
         }
     }
 
     /// Encodes the event as one CloudEvents structured-mode JSON document.
     pub fn to_cloudevent(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_wire()).expect("events serialize to JSON")
+        let mut out = Vec::with_capacity(512);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the event's CloudEvents structured-mode JSON to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, &self.to_wire()).expect("events serialize to JSON");
     }
 
     fn from_wire(ce: CloudEvent) -> Result<Self, DecodeError> {
@@ -110,18 +172,18 @@ impl Event {
         if version != 1 {
             return Err(DecodeError::UnsupportedVersion { ty, version });
         }
-        let p = ce.data.payload;
+        let p = ce.data.payload.get();
         let payload = match ty {
-            EventType::SessionOpened => Payload::SessionOpened(serde_json::from_value(p)?),
+            EventType::SessionOpened => Payload::SessionOpened(serde_json::from_str(p)?),
             EventType::AuthenticationFailed => {
-                Payload::AuthenticationFailed(serde_json::from_value(p)?)
+                Payload::AuthenticationFailed(serde_json::from_str(p)?)
             }
-            EventType::CommandReceived => Payload::CommandReceived(serde_json::from_value(p)?),
-            EventType::SessionClosed => Payload::SessionClosed(serde_json::from_value(p)?),
+            EventType::CommandReceived => Payload::CommandReceived(serde_json::from_str(p)?),
+            EventType::SessionClosed => Payload::SessionClosed(serde_json::from_str(p)?),
             EventType::PolicyBundlePublished => {
-                Payload::PolicyBundlePublished(serde_json::from_value(p)?)
+                Payload::PolicyBundlePublished(serde_json::from_str(p)?)
             }
-            EventType::IdentityRevoked => Payload::IdentityRevoked(serde_json::from_value(p)?),
+            EventType::IdentityRevoked => Payload::IdentityRevoked(serde_json::from_str(p)?),
         };
         Ok(Event {
             id: ce.id,
@@ -138,8 +200,16 @@ impl Event {
 
 /// Encodes several events as a CloudEvents JSON batch (a JSON array).
 pub fn encode_batch(events: &[Event]) -> Vec<u8> {
-    let wire: Vec<CloudEvent> = events.iter().map(Event::to_wire).collect();
-    serde_json::to_vec(&wire).expect("events serialize to JSON")
+    let mut out = Vec::with_capacity(512 * events.len() + 2);
+    out.push(b'[');
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        event.encode_into(&mut out);
+    }
+    out.push(b']');
+    out
 }
 
 /// Decodes a message body: one structured-mode event or a batch.

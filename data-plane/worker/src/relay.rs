@@ -13,6 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use bytes::{Buf, BytesMut};
 use gatehouse_events::CloseReason;
@@ -92,6 +93,9 @@ async fn pump(
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut trd, mut twr) = tokio::io::split(target);
     let mut closing = shared.closing.clone();
+    // One waiter for the whole session, not one registered and dropped per
+    // turn of the loop.
+    let mut closing = std::pin::pin!(async move { closing.wait_for(|c| *c).await.is_ok() });
     let mut shutting_down = false;
     let mut recording: Option<Recording> = None;
     let mut client_open = true;
@@ -128,22 +132,20 @@ async fn pump(
             && cbuf.len() < CLIENT_AHEAD;
         let read_target = target_open && machine.to_client.len() < BACKLOG;
         tokio::select! {
-            r = write_or_flush(&mut cwr, &machine.to_client), if client_open && (client_unflushed || !machine.to_client.is_empty()) => match r {
-                Ok(Some(n)) => {
-                    machine.to_client.advance(n);
-                    ctx.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
-                    client_unflushed = true;
+            r = write_and_flush(&mut cwr, &machine.to_client), if client_open && (client_unflushed || !machine.to_client.is_empty()) => match r {
+                Ok(w) => {
+                    machine.to_client.advance(w.written);
+                    ctx.bytes_to_client.fetch_add(w.written as u64, Ordering::Relaxed);
+                    client_unflushed = !w.flushed;
                 }
-                Ok(None) => client_unflushed = false,
                 Err(_) if machine.client_terminated() => client_open = false,
                 Err(_) => break CloseReason::ClientDisconnected,
             },
-            r = write_or_flush(&mut twr, &machine.to_target), if target_open && (target_unflushed || !machine.to_target.is_empty()) => match r {
-                Ok(Some(n)) => {
-                    machine.to_target.advance(n);
-                    target_unflushed = true;
+            r = write_and_flush(&mut twr, &machine.to_target), if target_open && (target_unflushed || !machine.to_target.is_empty()) => match r {
+                Ok(w) => {
+                    machine.to_target.advance(w.written);
+                    target_unflushed = !w.flushed;
                 }
-                Ok(None) => target_unflushed = false,
                 Err(_) => break CloseReason::TargetDisconnected,
             },
             r = async { recording.as_mut().expect("guarded").await }, if recording.is_some() => {
@@ -169,7 +171,7 @@ async fn pump(
                     }
                 }
             },
-            _ = async { closing.wait_for(|c| *c).await.is_ok() }, if !shutting_down => {
+            _ = &mut closing, if !shutting_down => {
                 shutting_down = true;
                 machine.shutdown();
             }
@@ -190,20 +192,52 @@ async fn pump(
     reason
 }
 
-/// Writes some of `bytes` (`Some(n)`), or, with nothing left to write,
-/// flushes what was written (`None`): over TLS, the last records may wait
-/// in the TLS layer until flushed, and a peer waiting for them would wait
-/// forever.
-async fn write_or_flush<W: AsyncWrite + Unpin>(
+/// What one [`write_and_flush`] did.
+struct Written {
+    written: usize,
+    flushed: bool,
+}
+
+/// Writes as much of `bytes` as the socket takes now, then flushes if all
+/// of it went (over TLS the last records may wait in the TLS layer until
+/// flushed, and a peer waiting for them would wait forever). Ready once
+/// anything was written or flushed; all of it happens within one poll, so
+/// dropping the future loses nothing (`select!` drops it when another
+/// branch wins).
+async fn write_and_flush<W: AsyncWrite + Unpin>(
     w: &mut W,
     bytes: &[u8],
-) -> std::io::Result<Option<usize>> {
-    if bytes.is_empty() {
-        w.flush().await.map(|()| None)
-    } else {
-        match w.write(bytes).await? {
-            0 => Err(std::io::ErrorKind::WriteZero.into()),
-            n => Ok(Some(n)),
+) -> std::io::Result<Written> {
+    std::future::poll_fn(|cx| {
+        let mut written = 0;
+        while written < bytes.len() {
+            match Pin::new(&mut *w).poll_write(cx, &bytes[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if written == 0 => return Poll::Pending,
+                Poll::Pending => {
+                    return Poll::Ready(Ok(Written {
+                        written,
+                        flushed: false,
+                    }));
+                }
+            }
         }
-    }
+        match Pin::new(&mut *w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Written {
+                written,
+                flushed: true,
+            })),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if written == 0 => Poll::Pending,
+            Poll::Pending => Poll::Ready(Ok(Written {
+                written,
+                flushed: false,
+            })),
+        }
+    })
+    .await
 }
