@@ -1,9 +1,12 @@
 //! The projector: event log ──► audit tables.
 //!
-//! A durable pull consumer reads the event stream in batches. Every event of a
-//! batch is written in one transaction, idempotently on its event id; the
-//! messages are acknowledged only after COMMIT, so a crash between the two
-//! costs a redelivery, never a lost record. A message that does not decode is
+//! A durable pull consumer streams the event log: one long-lived pull
+//! subscription that the server keeps fed, not a request per batch. What has
+//! arrived (up to [`BATCH`] messages) is written in one transaction,
+//! idempotently on its event id, and acknowledged only after COMMIT, so a
+//! crash between the two costs a redelivery, never a lost record. The
+//! consumer acknowledges cumulatively (`AckPolicy::All`): one ack, for the
+//! last message of a batch, settles the batch. A message that does not decode is
 //! terminated (logged by stream sequence, without its content) so it cannot
 //! block the stream; the event log keeps it for later inspection.
 
@@ -12,7 +15,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, Message};
-use futures::StreamExt;
+use async_nats::jetstream::consumer::pull::Stream as MessageStream;
+use futures::{FutureExt, StreamExt};
 use gatehouse_eventlog::{EventLogConfig, StreamError, ensure_stream};
 use gatehouse_events::{DecodeError, Event, Payload, decode};
 use serde::Serialize;
@@ -21,8 +25,6 @@ use sqlx::{PgConnection, PgPool};
 
 /// Messages fetched (and committed together) at most per batch.
 const BATCH: usize = 256;
-/// How long one fetch waits for the first message.
-const FETCH_WAIT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -47,6 +49,10 @@ pub struct Projector {
     events: EventLogConfig,
     consumer_name: String,
     consumer: Option<PullConsumer>,
+    messages: Option<MessageStream>,
+    /// The consumer acknowledges cumulatively; consumers created before
+    /// this was the default acknowledge message by message.
+    ack_all: bool,
 }
 
 impl Projector {
@@ -64,6 +70,8 @@ impl Projector {
             events,
             consumer_name: consumer.into(),
             consumer: None,
+            messages: None,
+            ack_all: false,
         };
         projector.consumer = Some(projector.connect().await?);
         Ok(projector)
@@ -74,7 +82,7 @@ impl Projector {
         let config = pull::Config {
             durable_name: Some(self.consumer_name.clone()),
             description: Some("Gatehouse audit projector".into()),
-            ack_policy: AckPolicy::Explicit,
+            ack_policy: AckPolicy::All,
             deliver_policy: DeliverPolicy::All,
             filter_subject: self.events.subjects().all(),
             ..Default::default()
@@ -111,6 +119,7 @@ impl Projector {
                     // Find or re-create the consumer on the next round, in
                     // case it was deleted.
                     self.consumer = None;
+                    self.messages = None;
                     if !sleep(backoff, &mut shutdown).await {
                         return;
                     }
@@ -120,30 +129,45 @@ impl Projector {
         }
     }
 
-    /// Fetches up to [`BATCH`] messages, waiting up to [`FETCH_WAIT`] for the
-    /// first one and returning as soon as those pending are delivered.
+    /// Waits for the next message, then takes those that have arrived
+    /// besides, up to [`BATCH`].
     async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
-        let consumer = match &self.consumer {
-            Some(consumer) => consumer,
-            None => self.consumer.insert(self.connect().await?),
-        };
-        let mut batch = consumer
-            .fetch()
-            .max_messages(BATCH)
-            .expires(FETCH_WAIT)
-            .messages()
-            .await
-            .map_err(|e| ProjectorError::Fetch(e.into()))?;
+        if self.messages.is_none() {
+            let consumer = match self.consumer.take() {
+                Some(consumer) => consumer,
+                None => self.connect().await?,
+            };
+            self.ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
+            let messages = consumer
+                .messages()
+                .await
+                .map_err(|e| ProjectorError::Fetch(e.into()))?;
+            self.consumer = Some(consumer);
+            self.messages = Some(messages);
+        }
+        let stream = self.messages.as_mut().expect("just set");
         let mut messages = Vec::new();
-        while let Some(next) = batch.next().await {
-            match next {
-                Ok(message) => messages.push(message),
-                // Keep what arrived; the rest is redelivered after ack_wait.
-                Err(e) if !messages.is_empty() => {
-                    tracing::warn!(error = %e, "event fetch ended early");
+        let first = stream.next().await;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Some(Ok(message)) => messages.push(message),
+                // Keep what arrived and subscribe again next round; the
+                // rest is redelivered.
+                Some(Err(e)) if !messages.is_empty() => {
+                    tracing::warn!(error = %e, "event stream interrupted");
+                    self.messages = None;
                     break;
                 }
-                Err(e) => return Err(ProjectorError::Fetch(e)),
+                None if !messages.is_empty() => {
+                    self.messages = None;
+                    break;
+                }
+                Some(Err(e)) => return Err(ProjectorError::Fetch(e.into())),
+                None => return Err(ProjectorError::Fetch("the event stream ended".into())),
+            }
+            if messages.len() < BATCH {
+                next = stream.next().now_or_never();
             }
         }
         Ok(messages)
@@ -194,8 +218,14 @@ impl Projector {
                 return true;
             }
         }
-        for (message, _) in &decoded {
-            settle(message, AckKind::Ack).await;
+        if self.ack_all {
+            if let Some((last, _)) = decoded.last() {
+                settle(last, AckKind::Ack).await;
+            }
+        } else {
+            for (message, _) in &decoded {
+                settle(message, AckKind::Ack).await;
+            }
         }
         true
     }
