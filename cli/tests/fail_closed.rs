@@ -84,3 +84,43 @@ async fn commands_do_not_run_while_the_event_log_is_down() {
     drop(db);
     env.cleanup().await;
 }
+
+/// A command whose record is larger than the event log takes (NATS's
+/// `max_payload`, 1 MiB by default; JSON escaping grows a control character
+/// six-fold) is refused on its own with 54000, runs nothing, and the
+/// session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_too_large_to_record_is_refused_alone() {
+    let env = Env::start().await;
+    let db = env.connect("dana").await;
+    db.batch_execute("CREATE TABLE big (v text)").await.unwrap();
+
+    // 200 kB of text, some 1.2 MB once escaped in the event's JSON.
+    let text = "\u{1}".repeat(200_000);
+    let err = db
+        .batch_execute(&format!("INSERT INTO big VALUES ('{text}')"))
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_err.code().code(), "54000", "{db_err}");
+    assert!(db_err.message().contains("not run"), "{}", db_err.message());
+    // The same through the extended protocol.
+    let err = db
+        .execute(&format!("INSERT INTO big VALUES ('{text}')"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "54000", "{err}");
+
+    // Nothing ran, and the session carries on.
+    db.execute("INSERT INTO big VALUES ('small')", &[])
+        .await
+        .unwrap();
+    let rows = env
+        .target()
+        .await
+        .query("SELECT v FROM big", &[])
+        .await
+        .unwrap();
+    let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(values, ["small"]);
+}

@@ -13,9 +13,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::Stream as MessageStream;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, Message};
-use async_nats::jetstream::consumer::pull::Stream as MessageStream;
 use futures::{FutureExt, StreamExt};
 use gatehouse_eventlog::{EventLogConfig, StreamError, ensure_stream};
 use gatehouse_events::{DecodeError, Event, Payload, decode};

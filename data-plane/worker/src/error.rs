@@ -48,6 +48,16 @@ impl ClientError {
         )
     }
 
+    pub fn event_too_large(size: usize, max: usize) -> Self {
+        Self::error(
+            "54000",
+            format!(
+                "Gatehouse cannot record this command in the audit log, so it was not run: \
+                 its record would take {size} bytes, more than the {max} the event log accepts"
+            ),
+        )
+    }
+
     pub fn protocol(detail: impl std::fmt::Display) -> Self {
         Self::fatal("08P01", format!("protocol violation: {detail}"))
     }

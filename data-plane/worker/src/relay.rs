@@ -22,8 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::Shared;
 use crate::conn::send;
-use crate::machine::Machine;
+use crate::machine::{Machine, RecordError};
 use crate::session::{self, Opened};
+use gatehouse_eventlog::PublishError;
 
 /// Output for one side beyond which reading the other side pauses.
 const BACKLOG: usize = 256 * 1024;
@@ -31,7 +32,7 @@ const BACKLOG: usize = 256 * 1024;
 /// barrier) before reading the client pauses.
 const CLIENT_AHEAD: usize = 256 * 1024;
 
-type Recording = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type Recording = Pin<Box<dyn Future<Output = Result<(), RecordError>> + Send>>;
 
 pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, opened: Opened) {
     let Opened {
@@ -115,7 +116,10 @@ async fn pump(
             if let Some(events) = machine.take_events() {
                 let publisher = shared.publisher.clone();
                 recording = Some(Box::pin(async move {
-                    publisher.record(events).await.map_err(|e| e.to_string())
+                    publisher.record(events).await.map_err(|e| match e {
+                        PublishError::TooLarge { size, max } => RecordError::TooLarge { size, max },
+                        e => RecordError::Unavailable(e.to_string()),
+                    })
                 }));
             }
         }

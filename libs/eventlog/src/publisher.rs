@@ -21,17 +21,19 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use gatehouse_events::{Event, EventType, Subjects, encode_batch};
+use gatehouse_events::{Event, EventType, Subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::EventLogConfig;
 
-/// Most events in one message; keeps messages well under NATS's 1 MiB
-/// default payload limit for typical statements.
+/// Most events in one message.
 const MAX_EVENTS_PER_MESSAGE: usize = 256;
-/// Most encoded bytes in one message before a new one starts.
+/// Most encoded bytes in one message of several events; one event larger
+/// than this goes alone, up to the server's `max_payload`.
 const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+/// Room kept in every message for its headers.
+const HEADER_ROOM: usize = 1024;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
@@ -43,6 +45,10 @@ pub enum PublishError {
     Disconnected,
     #[error("the event publisher has stopped")]
     Stopped,
+    #[error(
+        "the event is too large to record: {size} bytes encoded, the event log takes at most {max}"
+    )]
+    TooLarge { size: usize, max: usize },
 }
 
 struct Request {
@@ -99,12 +105,41 @@ struct Writer {
 /// completes. Polled only by the writer task.
 type InFlight = BoxFuture<'static, ()>;
 
+/// One event, encoded.
+struct Encoded {
+    ty: EventType,
+    id: uuid::Uuid,
+    json: Vec<u8>,
+}
+
 /// Events of one type going out as one message, and who waits for them.
 struct Message {
     ty: EventType,
-    events: Vec<Event>,
+    /// The first event's id: the message's `Nats-Msg-Id`.
+    id: uuid::Uuid,
+    events: Vec<Vec<u8>>,
+    /// Encoded size: the events, the commas between them and the brackets.
     bytes: usize,
     waiters: Vec<usize>,
+}
+
+impl Message {
+    /// The body: the one event's document, or a CloudEvents JSON batch.
+    fn body(&mut self) -> Vec<u8> {
+        if self.events.len() == 1 {
+            return std::mem::take(&mut self.events[0]);
+        }
+        let mut out = Vec::with_capacity(self.bytes);
+        out.push(b'[');
+        for (i, event) in self.events.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(event);
+        }
+        out.push(b']');
+        out
+    }
 }
 
 impl Writer {
@@ -174,18 +209,32 @@ impl Writer {
         let timeout = self.timeout;
         let (events, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|r| (r.events, r.done)).unzip();
-        let messages = group(events);
+        // Sizes are checked on the encoded events, before anything is sent:
+        // a request holding an event that no message could carry fails
+        // alone, and none of its events is published.
+        let max = self.nats.max_payload().saturating_sub(HEADER_ROOM);
+        let mut result: Vec<Result<(), PublishError>> = vec![Ok(()); waiters.len()];
+        let encoded: Vec<Vec<Encoded>> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, events)| {
+                let encoded: Vec<Encoded> = events.iter().map(encode).collect();
+                match encoded.iter().map(|e| e.json.len()).max() {
+                    Some(size) if size > max => {
+                        result[i] = Err(PublishError::TooLarge { size, max });
+                        Vec::new()
+                    }
+                    _ => encoded,
+                }
+            })
+            .collect();
+        let mut messages = group(encoded, MAX_MESSAGE_BYTES.min(max));
 
         // Send every message first, then await the acks together.
         let mut acks = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let body = if m.events.len() == 1 {
-                m.events[0].to_cloudevent()
-            } else {
-                encode_batch(&m.events)
-            };
+        for m in &mut messages {
             let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", m.events[0].id.to_string().as_str());
+            headers.insert("Nats-Msg-Id", m.id.to_string().as_str());
             headers.insert(
                 "Content-Type",
                 if m.events.len() == 1 {
@@ -197,7 +246,7 @@ impl Writer {
             let subject = self.subjects.for_type(m.ty);
             let publish = self
                 .js
-                .publish_with_headers(subject, headers, Bytes::from(body));
+                .publish_with_headers(subject, headers, Bytes::from(m.body()));
             acks.push(match tokio::time::timeout_at(deadline, publish).await {
                 Ok(Ok(ack)) => Ok(ack),
                 Ok(Err(e)) => Err(PublishError::Refused(e.to_string())),
@@ -214,7 +263,6 @@ impl Writer {
                 }
             }))
             .await;
-            let mut result = vec![Ok(()); waiters.len()];
             for (m, outcome) in messages.iter().zip(outcomes) {
                 if let Err(e) = outcome {
                     tracing::warn!(error = %e, events = m.events.len(), "event publish failed");
@@ -231,31 +279,40 @@ impl Writer {
     }
 }
 
-/// Groups the requests' events into messages, one event type per message.
-fn group(batch: Vec<Vec<Event>>) -> Vec<Message> {
+fn encode(event: &Event) -> Encoded {
+    Encoded {
+        ty: event.event_type(),
+        id: event.id,
+        json: event.to_cloudevent(),
+    }
+}
+
+/// Groups the requests' encoded events into messages, one event type per
+/// message, each message at most `limit` bytes unless it holds one event.
+fn group(batch: Vec<Vec<Encoded>>, limit: usize) -> Vec<Message> {
     let mut messages: Vec<Message> = Vec::new();
     for (i, events) in batch.into_iter().enumerate() {
         for event in events {
-            let ty = event.event_type();
-            let size = 512 + event_size_hint(&event);
+            let size = event.json.len() + 1;
             let slot = messages.iter().position(|m| {
-                m.ty == ty
+                m.ty == event.ty
                     && m.events.len() < MAX_EVENTS_PER_MESSAGE
-                    && m.bytes + size <= MAX_MESSAGE_BYTES
+                    && m.bytes + size <= limit
             });
             let m = match slot {
                 Some(s) => &mut messages[s],
                 None => {
                     messages.push(Message {
-                        ty,
+                        ty: event.ty,
+                        id: event.id,
                         events: Vec::new(),
-                        bytes: 0,
+                        bytes: 1,
                         waiters: Vec::new(),
                     });
                     messages.last_mut().expect("just pushed")
                 }
             };
-            m.events.push(event);
+            m.events.push(event.json);
             m.bytes += size;
             if m.waiters.last() != Some(&i) {
                 m.waiters.push(i);
@@ -263,22 +320,4 @@ fn group(batch: Vec<Vec<Event>>) -> Vec<Message> {
         }
     }
     messages
-}
-
-/// A cheap estimate of an event's encoded size, for splitting messages.
-fn event_size_hint(event: &Event) -> usize {
-    match &event.payload {
-        gatehouse_events::Payload::CommandReceived(c) => {
-            c.statement.len()
-                + c.params
-                    .iter()
-                    .map(|p| p.value.as_ref().map_or(4, |v| v.len() + 32))
-                    .sum::<usize>()
-                + c.executes
-                    .iter()
-                    .map(|x| x.name.len() + x.text.len() + 32)
-                    .sum::<usize>()
-        }
-        _ => 256,
-    }
 }

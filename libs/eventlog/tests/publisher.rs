@@ -95,6 +95,83 @@ async fn concurrent_events_are_stored_once_in_fewer_messages() {
     js.delete_stream(&config.stream).await.unwrap();
 }
 
+fn command_text(text: String) -> Event {
+    let mut e = command(0);
+    if let Payload::CommandReceived(c) = &mut e.payload {
+        c.statement = text;
+    }
+    e
+}
+
+/// Messages are cut by the encoded size of their events (JSON escaping
+/// grows a control character six-fold), never past the server's
+/// `max_payload`; an event no message can carry fails its own request and
+/// no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_never_sink_other_sessions_events() {
+    let nats = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(nats.clone());
+    let config = config("nats://127.0.0.1:4222");
+    let stream = ensure_stream(&js, &config).await.unwrap();
+    let publisher = Publisher::start(nats.clone(), &config);
+    let max = nats.max_payload();
+
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(40));
+    let mut tasks = Vec::new();
+    for s in 0..40usize {
+        let publisher = publisher.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stored = Vec::new();
+            start.wait().await;
+            for i in 0..4 {
+                let e = match s {
+                    // 150 kB of control characters: some 900 kB encoded.
+                    0..=5 => command_text("\u{1}".repeat(150_000)),
+                    6 if i == 2 => command_text("\u{1}".repeat(max / 3)),
+                    _ => command(s * 100 + i),
+                };
+                let id = e.id;
+                match publisher.record(vec![e]).await {
+                    Ok(()) => stored.push(id),
+                    Err(PublishError::TooLarge { size, max: limit }) => {
+                        assert_eq!((s, i), (6, 2), "only the oversized event fails");
+                        assert!(size > limit && limit < max, "{size} {limit} {max}");
+                    }
+                    Err(e) => panic!("session {s}, command {i}: {e}"),
+                }
+            }
+            stored
+        }));
+    }
+    let mut expected = HashSet::new();
+    for t in tasks {
+        expected.extend(t.await.unwrap());
+    }
+    assert_eq!(expected.len(), 40 * 4 - 1);
+
+    let consumer = stream
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10_000)
+        .messages()
+        .await
+        .unwrap();
+    while seen.len() < expected.len() {
+        let msg = batch.next().await.expect("all events arrive").unwrap();
+        assert!(msg.payload.len() <= max, "{} bytes", msg.payload.len());
+        for e in decode(&msg.payload).unwrap() {
+            assert!(seen.insert(e.id), "event {} stored twice", e.id);
+        }
+    }
+    assert_eq!(seen, expected);
+    js.delete_stream(&config.stream).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_fails_at_once_while_disconnected() {
     let mut server = PrivateNats::start().await;

@@ -46,7 +46,7 @@ use gatehouse_pgwire::{self as pg, FrontendMessage, TransactionStatus};
 use gatehouse_policies::{Bundle, Engine, TargetInfo};
 use gatehouse_policystore::{PolicyConfig, Revoked};
 
-use super::{Machine, REFUSED_NAME, REFUSED_TEXT};
+use super::{Machine, REFUSED_NAME, REFUSED_TEXT, RecordError};
 use crate::encoding::Parsing;
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
@@ -2253,7 +2253,8 @@ impl Fuzz {
             }
             self.machine.recorded(Ok(()));
         } else {
-            self.machine.recorded(Err("nats is down".into()));
+            self.machine
+                .recorded(Err(RecordError::Unavailable("nats is down".into())));
         }
         self.after_machine();
         self.pump_client();

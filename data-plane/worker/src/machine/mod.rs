@@ -194,6 +194,15 @@ enum Resolution {
     Unsettled,
 }
 
+/// Why a read's events were not recorded; none of the read runs.
+#[derive(Debug, Clone)]
+pub(crate) enum RecordError {
+    /// The event log did not take them: down, refusing, or too slow.
+    Unavailable(String),
+    /// An event is larger than the event log takes: retrying cannot help.
+    TooLarge { size: usize, max: usize },
+}
+
 pub(crate) struct Machine {
     ctx: Arc<SessionCtx>,
     max_message: usize,
@@ -416,7 +425,7 @@ impl Machine {
     }
 
     /// The outcome of recording the held read's events.
-    pub fn recorded(&mut self, result: Result<(), String>) {
+    pub fn recorded(&mut self, result: Result<(), RecordError>) {
         let Some(held) = self.held.take() else {
             return;
         };
@@ -445,8 +454,17 @@ impl Machine {
                 self.pending.extend(entries);
             }
             Err(e) => {
-                tracing::warn!(session = %self.ctx.session_id, error = %e, "command not run: event not recorded");
-                self.unrecorded(held.entries);
+                let error = match e {
+                    RecordError::Unavailable(e) => {
+                        tracing::warn!(session = %self.ctx.session_id, error = %e, "command not run: event not recorded");
+                        ClientError::event_log_unavailable()
+                    }
+                    RecordError::TooLarge { size, max } => {
+                        tracing::info!(session = %self.ctx.session_id, size, max, "command not run: its event is too large to record");
+                        ClientError::event_too_large(size, max)
+                    }
+                };
+                self.unrecorded(held.entries, error);
             }
         }
         self.answer_front();
@@ -455,8 +473,7 @@ impl Machine {
     /// A read could not be recorded: none of it runs. Every answer the
     /// client awaits becomes the error, through messages the target fails
     /// on, so transactions end as after any error.
-    fn unrecorded(&mut self, entries: Vec<Pending>) {
-        let error = ClientError::event_log_unavailable();
+    fn unrecorded(&mut self, entries: Vec<Pending>, error: ClientError) {
         let mut out = BytesMut::new();
         let mut live = Vec::new();
         // An error is already due in the current extended batch.

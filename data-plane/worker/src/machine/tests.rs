@@ -10,7 +10,7 @@ use gatehouse_pgwire::TransactionStatus;
 use gatehouse_policies::{Bundle, Engine, TargetInfo};
 use gatehouse_policystore::{PolicyConfig, Revoked};
 
-use super::Machine;
+use super::{Machine, RecordError};
 use crate::encoding::Parsing;
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
@@ -300,7 +300,8 @@ impl Harness {
         self.client.extend_from_slice(bytes);
         self.machine.client_input(&mut self.client, &self.state, 0);
         if self.machine.take_events().is_some() {
-            self.machine.recorded(Err("nats is down".into()));
+            self.machine
+                .recorded(Err(RecordError::Unavailable("nats is down".into())));
         }
         self.pump(true);
     }
