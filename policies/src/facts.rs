@@ -94,6 +94,11 @@ pub struct StatementFacts {
     pub writes: bool,
     /// `COPY … TO/FROM PROGRAM`: runs a shell command on the server.
     pub runs_program: bool,
+    /// `COPY … FROM STDIN`: the server then takes what the client sends
+    /// next as the COPY's rows until its input ends; a message that is not
+    /// COPY data fails the COPY and is swallowed, and what followed it in
+    /// a simple `Query` does not run.
+    pub copies_from_client: bool,
     /// Runs code whose effects cannot be known from the text: `DO` blocks,
     /// `CALL` (a procedure's body), and functions that run SQL given as
     /// text or read tables named in text (`query_to_xml`, `table_to_xml`,
@@ -144,6 +149,7 @@ impl StatementFacts {
             has_where: true,
             writes: false,
             runs_program: false,
+            copies_from_client: false,
             dynamic: false,
             reaches_outside: false,
             prepares: None,

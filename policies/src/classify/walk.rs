@@ -254,6 +254,8 @@ impl Walker {
                     self.facts.runs_program = true;
                 } else if !copy.filename.is_empty() {
                     self.facts.reaches_outside = true;
+                } else if copy.is_from {
+                    self.facts.copies_from_client = true;
                 }
             }
 

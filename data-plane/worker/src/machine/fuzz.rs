@@ -2674,6 +2674,19 @@ mod tests {
 
     // ---- Cases the fuzzer's model found (fixed; kept as regressions) ----
 
+    /// A simple `Query` whose `EXECUTE` runs `COPY … FROM STDIN` is a
+    /// barrier: the server takes the next message as COPY input (a `Parse`
+    /// fails the COPY and is swallowed, and the rest of the `Query` does not
+    /// run), so nothing sent after it may be read as if it ran. (The
+    /// `DEALLOCATE` behind the COPY and the swallowed `Parse` were taken as
+    /// done, and a later `EXECUTE s1` was recorded as the `Parse`'s text
+    /// while the server ran the COPY again.)
+    #[test]
+    fn a_query_copying_from_the_client_is_a_barrier() {
+        TRACE.set(true);
+        run(b"\xb1\xc7m\xfful\xc7m\xffulessdn\x80essdn\x80");
+    }
+
     /// SQL `EXECUTE` of a statement prepared (by `Parse`) as `EXECUTE s2`
     /// never runs what its decision did not see. (It was decided by the
     /// facts of `EXECUTE s2` alone, kind `other`, allowed, while the server

@@ -30,6 +30,8 @@
 //! and `standard_conforming_strings` as the target last reported them. A
 //! command that may change them is a barrier: nothing more from the client is
 //! read (COPY data aside) until the target has answered everything forwarded.
+//! So is a `Query` that copies from the client: the server takes what
+//! follows as COPY input, and swallows a message that is not.
 //!
 //! **Extension points.** A command awaiting approval is an event recorded and
 //! bytes held, like any other (`held`), released by a later input instead of
@@ -372,7 +374,10 @@ impl Machine {
             let frame = match self.stash.take() {
                 Some(f) => f,
                 None => {
-                    if self.barrier && !matches!(buf.first(), Some(b'd' | b'c' | b'f')) {
+                    if self.barrier
+                        && !self.client_copy
+                        && !matches!(buf.first(), Some(b'd' | b'c' | b'f'))
+                    {
                         break;
                     }
                     match pg::decode_frame(buf, self.max_message) {
@@ -386,7 +391,9 @@ impl Machine {
                     }
                 }
             };
-            if self.barrier && !matches!(frame.tag, b'd' | b'c' | b'f') {
+            // In COPY mode every frame is acted on: COPY data goes on,
+            // anything else ends the session.
+            if self.barrier && !self.client_copy && !matches!(frame.tag, b'd' | b'c' | b'f') {
                 self.stash = Some(frame);
                 break;
             }
@@ -406,7 +413,9 @@ impl Machine {
                     return;
                 }
             }
-            if self.barrier || self.closing.is_some() || self.ended.is_some() {
+            // A barrier stops the next frame unless it is COPY data (at
+            // the top of the loop).
+            if self.closing.is_some() || self.ended.is_some() {
                 break;
             }
         }
@@ -590,7 +599,10 @@ impl Machine {
                     | FrontendMessage::Terminate
             )
         {
-            self.finish_and_close(chunk, copy_in_progress(), CloseReason::Error);
+            // The server would take it as part of the COPY, which waits for
+            // input that is not coming: the session ends now, unsent, and
+            // the COPY with it.
+            self.fail(copy_in_progress(), CloseReason::Error);
             return Ok(Step::Stop);
         }
         match message {
@@ -801,7 +813,12 @@ impl Machine {
             .stage(&Change::DropAll { always: false }, false);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Query { changes, calls });
-        if self.may_change_parsing(&facts, &effective) {
+        // A COPY from the client takes whatever follows as its input, and
+        // what the server then runs of the rest is not what was sent: read
+        // on only once the server has answered (COPY mode is then known).
+        if self.may_change_parsing(&facts, &effective)
+            || effective.iter().any(|s| s.copies_from_client)
+        {
             self.barrier = true;
         }
         Step::Next

@@ -858,8 +858,10 @@ fn text_that_settings_could_change_waits_behind_function_calls() {
     assert_eq!(sent[3], text('P', super::REFUSED_TEXT), "{sent:?}");
 }
 
-/// Statements sent behind a COPY before its data are taken by the server as
-/// part of the COPY: the session ends rather than guess.
+/// Statements sent behind a COPY from the client before its data would be
+/// taken by the server as part of the COPY: a `Query` that copies from the
+/// client is a barrier, and what follows it ends the session unsent once
+/// the server is in COPY mode.
 #[test]
 fn statements_sent_into_a_copy_end_the_session() {
     let mut h = Harness::user();
@@ -867,8 +869,11 @@ fn statements_sent_into_a_copy_end_the_session() {
         query("COPY t FROM STDIN"),
         query("PREPARE s1 AS SELECT 1"),
     ]));
+    assert_eq!(h.sent(), vec![text('Q', "COPY t FROM STDIN")]);
     h.reply(&copy_in_response());
-    assert_eq!(h.answered(), vec![err("08P01")]);
+    h.send(&[]);
+    assert_eq!(h.answered(), vec![m('G'), err("08P01")]);
+    assert_eq!(h.sent(), vec![], "PREPARE never sent");
     assert!(h.machine.ended().is_some());
 }
 
