@@ -116,6 +116,10 @@ fn header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, ProtocolErr
     Ok(Some((buf[0], total)))
 }
 
+/// Most room [`decode_frame`] makes ahead of the bytes that have arrived for
+/// a frame not yet whole; a larger frame's buffer grows as its bytes come.
+pub const RESERVE_AHEAD: usize = 256 * 1024;
+
 /// Splits one whole frame off the front of `buf`, or `Ok(None)` if it has not
 /// fully arrived. `buf` keeps any bytes after the frame.
 pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
@@ -125,7 +129,10 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
             raw: buf.split_to(total).freeze(),
         })),
         Some((_, total)) => {
-            buf.reserve(total - buf.len());
+            // Room for what is still to come, but never more than
+            // `RESERVE_AHEAD` beyond what has arrived: a header alone must not
+            // claim memory for a frame whose bytes never come.
+            buf.reserve((total - buf.len()).min(RESERVE_AHEAD));
             Ok(None)
         }
         None => Ok(None),

@@ -20,7 +20,8 @@ mod frontend;
 pub use backend::{BackendMessage, ErrorFields, TransactionStatus};
 pub use encode::*;
 pub use frame::{
-    Frame, StartupPacket, complete_frames, decode_frame, decode_startup, pending_frame_len,
+    Frame, RESERVE_AHEAD, StartupPacket, complete_frames, decode_frame, decode_startup,
+    pending_frame_len,
 };
 pub use frontend::{Bind, FrontendMessage, Parse, password_text};
 

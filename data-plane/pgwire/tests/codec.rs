@@ -276,3 +276,36 @@ fn arbitrary_bytes_never_panic() {
         fuzz_input(&data);
     }
 }
+
+/// A header alone (a `Query` claiming 1 GiB, say) makes room only for what
+/// may arrive soon, never for the whole claimed frame; the frame still
+/// decodes once all of it is there.
+#[test]
+fn a_header_alone_claims_no_memory() {
+    let max = 1 << 30;
+    let mut buf = BytesMut::from(&[b'Q', 0x3f, 0xff, 0xff, 0xf0][..]);
+    assert!(decode_frame(&mut buf, max).unwrap().is_none());
+    assert!(
+        buf.capacity() <= 5 + RESERVE_AHEAD + 64,
+        "{} bytes reserved for a 5-byte header",
+        buf.capacity()
+    );
+
+    // A 1 MiB frame arriving in pieces grows its buffer as it comes.
+    let body = vec![b'x'; 1 << 20];
+    let mut whole = BytesMut::new();
+    whole.extend_from_slice(&[b'Q']);
+    whole.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    whole.extend_from_slice(&body);
+    let mut buf = BytesMut::new();
+    let mut frame = None;
+    for piece in whole.chunks(100_000) {
+        assert!(frame.is_none());
+        buf.extend_from_slice(piece);
+        frame = decode_frame(&mut buf, max).unwrap();
+        if frame.is_none() {
+            assert!(buf.capacity() <= 4 * buf.len() + RESERVE_AHEAD + 64);
+        }
+    }
+    assert_eq!(frame.expect("whole").body(), &body[..]);
+}

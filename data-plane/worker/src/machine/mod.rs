@@ -1142,8 +1142,9 @@ impl Machine {
         }
         buf.advance(pos);
         if let Ok(Some(len)) = pg::pending_frame_len(buf, self.max_message) {
-            // Make room for a large frame in one go.
-            buf.reserve(len.saturating_sub(buf.len()));
+            // Make room for a large frame, but not for more than has
+            // arrived plus `RESERVE_AHEAD`: a header claims nothing.
+            buf.reserve(len.saturating_sub(buf.len()).min(pg::RESERVE_AHEAD));
         }
     }
 
