@@ -93,6 +93,7 @@ async fn pump(
 ) -> CloseReason {
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut trd, mut twr) = tokio::io::split(target);
+    let max_message = shared.config.max_message_bytes;
     let mut closing = shared.closing.clone();
     // One waiter for the whole session, not one registered and dropped per
     // turn of the loop.
@@ -133,7 +134,7 @@ async fn pump(
             && machine.accepts_client()
             && recording.is_none()
             && machine.to_target.len() < BACKLOG
-            && cbuf.len() < CLIENT_AHEAD;
+            && (cbuf.len() < CLIENT_AHEAD || frame_incomplete(&cbuf, max_message));
         let read_target = target_open && machine.to_client.len() < BACKLOG;
         tokio::select! {
             r = write_and_flush(&mut cwr, &machine.to_client), if client_open && (client_unflushed || !machine.to_client.is_empty()) => match r {
@@ -194,6 +195,13 @@ async fn pump(
         let _ = twr.shutdown().await;
     }
     reason
+}
+
+/// Whether `buf` starts with a frame whose bytes have not all arrived: its
+/// reading goes on (up to the largest message accepted) however much is
+/// buffered, or a statement larger than [`CLIENT_AHEAD`] would never arrive.
+fn frame_incomplete(buf: &[u8], max_message: usize) -> bool {
+    matches!(pg::pending_frame_len(buf, max_message), Ok(Some(len)) if len > buf.len())
 }
 
 /// What one [`write_and_flush`] did.
