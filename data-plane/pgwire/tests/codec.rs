@@ -294,7 +294,7 @@ fn a_header_alone_claims_no_memory() {
     // A 1 MiB frame arriving in pieces grows its buffer as it comes.
     let body = vec![b'x'; 1 << 20];
     let mut whole = BytesMut::new();
-    whole.extend_from_slice(&[b'Q']);
+    whole.extend_from_slice(b"Q");
     whole.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     whole.extend_from_slice(&body);
     let mut buf = BytesMut::new();
