@@ -200,13 +200,21 @@ impl Event {
 
 /// Encodes several events as a CloudEvents JSON batch (a JSON array).
 pub fn encode_batch(events: &[Event]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512 * events.len() + 2);
+    let encoded: Vec<Vec<u8>> = events.iter().map(Event::to_cloudevent).collect();
+    join_batch(&encoded)
+}
+
+/// Joins events already encoded ([`Event::to_cloudevent`]) into a
+/// CloudEvents JSON batch.
+pub fn join_batch(encoded: &[impl AsRef<[u8]>]) -> Vec<u8> {
+    let len = encoded.iter().map(|e| e.as_ref().len() + 1).sum::<usize>() + 1;
+    let mut out = Vec::with_capacity(len);
     out.push(b'[');
-    for (i, event) in events.iter().enumerate() {
+    for (i, event) in encoded.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        event.encode_into(&mut out);
+        out.extend_from_slice(event.as_ref());
     }
     out.push(b']');
     out

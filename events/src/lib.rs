@@ -18,7 +18,9 @@ mod envelope;
 mod payload;
 mod subject;
 
-pub use cloudevent::{BATCH_CONTENT_TYPE, CONTENT_TYPE, DecodeError, decode, encode_batch};
+pub use cloudevent::{
+    BATCH_CONTENT_TYPE, CONTENT_TYPE, DecodeError, decode, encode_batch, join_batch,
+};
 pub use envelope::{Actor, Event, Identity};
 pub use payload::{
     AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,

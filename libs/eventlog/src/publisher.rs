@@ -129,16 +129,7 @@ impl Message {
         if self.events.len() == 1 {
             return std::mem::take(&mut self.events[0]);
         }
-        let mut out = Vec::with_capacity(self.bytes);
-        out.push(b'[');
-        for (i, event) in self.events.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(event);
-        }
-        out.push(b']');
-        out
+        gatehouse_events::join_batch(&self.events)
     }
 }
 
