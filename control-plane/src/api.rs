@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use gatehouse_events::ExecutedStatement;
 use gatehouse_identity::{AuthError, Verifier};
@@ -37,6 +37,8 @@ pub struct ApiState {
     pub max_page: u32,
     /// Policy pushes, revocations and what-if explanations.
     pub policy: crate::policy_api::PolicyApi,
+    /// The projector's counters.
+    pub projector: Arc<crate::ProjectorStats>,
 }
 
 /// The control plane's routes, state applied.
@@ -44,6 +46,7 @@ pub fn router(state: ApiState) -> Router {
     let audit = Router::new()
         .route("/api/v1/sessions", get(list_sessions))
         .route("/api/v1/commands", get(list_commands))
+        .route("/api/v1/quarantine", get(list_quarantine))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_auditor,
@@ -162,16 +165,7 @@ impl ListQuery {
             })
             .transpose()
         };
-        let limit = match params.limit {
-            None => DEFAULT_LIMIT.min(max_page),
-            Some(v) => match v.parse::<u32>() {
-                Ok(n) if (1..=max_page).contains(&n) => n,
-                _ => {
-                    let why = format!("must be an integer from 1 to {max_page}");
-                    return Err(ApiError::param("limit", &why));
-                }
-            },
-        };
+        let limit = parse_limit(params.limit, max_page)?;
         Ok(Self {
             identity: params.identity,
             target: params.target,
@@ -209,6 +203,19 @@ impl ListQuery {
         }
         sql.push(format_args!(" ORDER BY time DESC, {id} DESC LIMIT "))
             .push_bind(i64::from(self.limit) + 1);
+    }
+}
+
+fn parse_limit(limit: Option<String>, max_page: u32) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT.min(max_page)),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=max_page).contains(&n) => Ok(n),
+            _ => {
+                let why = format!("must be an integer from 1 to {max_page}");
+                Err(ApiError::param("limit", &why))
+            }
+        },
     }
 }
 
@@ -334,6 +341,91 @@ async fn list_commands(
     })))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuarantineParams {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// A message or event the projector could not project.
+#[derive(Serialize, sqlx::FromRow)]
+struct QuarantineItem {
+    id: i64,
+    received_at: DateTime<Utc>,
+    stream_seq: i64,
+    subject: String,
+    /// Position of the event in its message; null for a whole message that
+    /// did not decode.
+    event_index: Option<i32>,
+    event_id: Option<Uuid>,
+    event_type: Option<String>,
+    session_id: Option<Uuid>,
+    /// The decode error, or the audit database's SQLSTATE and message.
+    reason: String,
+    /// The bytes as published (the message, or the event's own JSON),
+    /// standard base64.
+    #[serde(serialize_with = "base64_standard")]
+    raw: Vec<u8>,
+}
+
+fn base64_standard<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&STANDARD.encode(bytes))
+}
+
+#[derive(Serialize)]
+struct QuarantinePage {
+    items: Vec<QuarantineItem>,
+    next_cursor: Option<String>,
+    /// Rows this control plane's projector has quarantined since it
+    /// started (not the size of the table).
+    total: u64,
+}
+
+/// Newest first, paged by id: the cursor is the last id of the page.
+async fn list_quarantine(
+    State(s): State<ApiState>,
+    params: Result<Query<QuarantineParams>, QueryRejection>,
+) -> Result<Json<QuarantinePage>, ApiError> {
+    let params = params?.0;
+    let limit = parse_limit(params.limit, s.max_page)?;
+    let before = params.cursor.as_deref().map(decode_id_cursor).transpose()?;
+    let mut rows: Vec<QuarantineItem> = sqlx::query_as(
+        "SELECT id, received_at, stream_seq, subject, event_index, event_id, event_type,
+            session_id, reason, raw
+         FROM quarantine WHERE $1::bigint IS NULL OR id < $1
+         ORDER BY id DESC LIMIT $2",
+    )
+    .bind(before)
+    .bind(i64::from(limit) + 1)
+    .fetch_all(&s.pool)
+    .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| rows.last().map(|last| encode_id_cursor(last.id)))
+        .flatten();
+    Ok(Json(QuarantinePage {
+        items: rows,
+        next_cursor,
+        total: s.projector.quarantined(),
+    }))
+}
+
+/// `base64url("q.<id>")`: opaque like the other cursors.
+fn encode_id_cursor(id: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("q.{id}"))
+}
+
+fn decode_id_cursor(cursor: &str) -> Result<i64, ApiError> {
+    let bad = || ApiError::param("cursor", "not a cursor returned by this API");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let raw = std::str::from_utf8(&raw).map_err(|_| bad())?;
+    raw.strip_prefix("q.")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(bad)
+}
+
 /// What an API client sees on failure: `{"error": "..."}` with a status.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -406,6 +498,9 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor((t, id))).unwrap(), (t, id));
         assert!(decode_cursor("nope!").is_err());
         assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("12.not-a-uuid")).is_err());
+        assert_eq!(decode_id_cursor(&encode_id_cursor(42)).unwrap(), 42);
+        assert!(decode_id_cursor(&encode_cursor((t, id))).is_err());
+        assert!(decode_id_cursor("nope!").is_err());
     }
 
     #[test]

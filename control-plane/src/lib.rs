@@ -3,7 +3,8 @@
 //!
 //! - [`Projector`] reads the JetStream event stream with a durable pull
 //!   consumer and writes `events`, `sessions`, `commands` and
-//!   `authentication_failures` (schema in `migrations/`). Projections are
+//!   `authentication_failures` (schema in `migrations/`); what it cannot
+//!   project goes raw into `quarantine`, never dropped. Projections are
 //!   idempotent and rebuildable: the event log stays the source of truth.
 //! - [`router`] serves `/healthz`, `/readyz` and the audit search under
 //!   `/api/v1`, for holders of an OIDC token in the auditor group.
@@ -33,7 +34,7 @@ pub use api::{ApiState, router};
 pub use config::ControlPlaneConfig;
 pub use db::{DbError, connect_audit_db};
 pub use policy_api::PolicyApi;
-pub use projector::{Projector, ProjectorError};
+pub use projector::{Projector, ProjectorError, ProjectorStats};
 
 /// Runs the control plane until `shutdown` completes: prepares the audit
 /// database, starts the projector and serves the API (merged with
@@ -61,6 +62,7 @@ pub async fn run(
     let policy = PolicyApi::new(store, publisher, policy, source);
     let projector = Projector::new(pool.clone(), js, events, config.consumer.clone()).await?;
 
+    let projector_stats = projector.stats();
     let shutdown = shutdown.shared();
     let projector = tokio::spawn(projector.run(shutdown.clone()));
     let app = router(ApiState {
@@ -70,6 +72,7 @@ pub async fn run(
         auditor_group: config.auditor_group,
         max_page: config.max_page,
         policy,
+        projector: projector_stats,
     })
     .merge(extra_routes);
     tracing::info!(addr = ?listener.local_addr().ok(), "control plane API listening");

@@ -6,11 +6,24 @@
 //! idempotently on its event id, and acknowledged only after COMMIT, so a
 //! crash between the two costs a redelivery, never a lost record. The
 //! consumer acknowledges cumulatively (`AckPolicy::All`): one ack, for the
-//! last message of a batch, settles the batch. A message that does not decode is
-//! terminated (logged by stream sequence, without its content) so it cannot
-//! block the stream; the event log keeps it for later inspection.
+//! last message of a batch, settles the batch.
+//!
+//! Nothing is dropped. A message that does not decode is stored raw in
+//! `quarantine` with the decode error. When the database refuses a batch
+//! (a data error: SQLSTATE class 22, 23 or 54), its messages are stored one
+//! by one, and within a refused message its events one by one: an event
+//! the database refuses goes raw (its own JSON) into `quarantine` with the
+//! SQLSTATE and message, the other events of the message, often other
+//! sessions' (the worker groups them), are projected. A message is
+//! acknowledged only once each of its events is projected or quarantined;
+//! only a quarantine row the database refuses too is lost (logged as an
+//! error, the message terminated). Quarantines are logged by stream
+//! sequence and event id, never with their content, and counted in
+//! [`ProjectorStats`].
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Stream as MessageStream;
@@ -20,6 +33,7 @@ use futures::{FutureExt, StreamExt};
 use gatehouse_eventlog::{EventLogConfig, StreamError, ensure_stream};
 use gatehouse_events::{DecodeError, Event, Payload, decode};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 
@@ -42,6 +56,22 @@ pub enum ProjectorError {
     Fetch(#[source] async_nats::Error),
 }
 
+/// What the projector has done since the process started, shared with the
+/// API.
+#[derive(Debug, Default)]
+pub struct ProjectorStats {
+    quarantined: AtomicU64,
+}
+
+impl ProjectorStats {
+    /// Rows this process has written to `quarantine`: undecodable messages
+    /// and refused events. One already there (a redelivery) is not counted
+    /// again.
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+}
+
 /// Reads the event stream with a durable consumer and writes the audit tables.
 pub struct Projector {
     pool: PgPool,
@@ -53,6 +83,7 @@ pub struct Projector {
     /// The consumer acknowledges cumulatively; consumers created before
     /// this was the default acknowledge message by message.
     ack_all: bool,
+    stats: Arc<ProjectorStats>,
 }
 
 impl Projector {
@@ -72,9 +103,15 @@ impl Projector {
             consumer: None,
             messages: None,
             ack_all: false,
+            stats: Arc::default(),
         };
         projector.consumer = Some(projector.connect().await?);
         Ok(projector)
+    }
+
+    /// The projector's counters, for the API.
+    pub fn stats(&self) -> Arc<ProjectorStats> {
+        self.stats.clone()
     }
 
     async fn connect(&self) -> Result<PullConsumer, ProjectorError> {
@@ -180,39 +217,43 @@ impl Projector {
         messages: Vec<Message>,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
-        let mut decoded = Vec::with_capacity(messages.len());
-        for message in messages {
-            match decode(&message.payload) {
-                Ok(events) => decoded.push((message, events)),
-                Err(e) => {
-                    tracing::warn!(
-                        stream_seq = stream_seq(&message),
-                        subject = %message.subject,
-                        error = %describe(&e),
-                        "cannot decode event message; terminating it"
-                    );
-                    settle(&message, AckKind::Term).await;
-                }
-            }
-        }
-        match self.store_retrying(&decoded, shutdown).await {
-            Stored::Yes => {}
+        let decoded: Vec<(Message, Result<Vec<Event>, DecodeError>)> = messages
+            .into_iter()
+            .map(|message| {
+                let events = decode(&message.payload);
+                (message, events)
+            })
+            .collect();
+        let events: Vec<&Event> = decoded
+            .iter()
+            .filter_map(|(_, events)| events.as_ref().ok())
+            .flatten()
+            .collect();
+        let undecodable: Vec<Quarantine> = decoded
+            .iter()
+            .filter_map(|(message, events)| {
+                let e = events.as_ref().err()?;
+                Some(Quarantine::message(message, describe(e)))
+            })
+            .collect();
+        match self.store_retrying(&events, &undecodable, shutdown).await {
+            Stored::Yes(inserted) => self.quarantined(&undecodable, &inserted),
             Stored::Shutdown => return false,
-            // Some event in the batch is refused by the database itself:
-            // store message by message to isolate it.
+            // The database refuses something in the batch: store message by
+            // message to isolate it.
             Stored::Rejected(_) => {
-                for one in decoded.chunks(1) {
-                    match self.store_retrying(one, shutdown).await {
-                        Stored::Yes => settle(&one[0].0, AckKind::Ack).await,
-                        Stored::Shutdown => return false,
-                        Stored::Rejected(e) => {
-                            tracing::error!(
-                                stream_seq = stream_seq(&one[0].0),
-                                sqlstate = e.code().as_deref().unwrap_or(""),
-                                "audit database refuses an event message; terminating it"
-                            );
-                            settle(&one[0].0, AckKind::Term).await;
+                for (message, events) in &decoded {
+                    let settled = match events {
+                        Ok(events) => self.store_message(message, events, shutdown).await,
+                        Err(e) => {
+                            let q = Quarantine::message(message, describe(e));
+                            self.quarantine(&q, shutdown).await
                         }
+                    };
+                    match settled {
+                        Settled::Stored => settle(message, AckKind::Ack).await,
+                        Settled::Lost => settle(message, AckKind::Term).await,
+                        Settled::Shutdown => return false,
                     }
                 }
                 return true;
@@ -230,18 +271,122 @@ impl Projector {
         true
     }
 
-    /// Stores the events of `batch` in one transaction, retrying with
-    /// back-off while the database is unavailable.
+    /// Stores the events of one message in one transaction; if the database
+    /// refuses it, event by event, quarantining those it refuses.
+    async fn store_message(
+        &self,
+        message: &Message,
+        events: &[Event],
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Settled {
+        let all: Vec<&Event> = events.iter().collect();
+        let refused = match self.store_retrying(&all, &[], shutdown).await {
+            Stored::Yes(_) => return Settled::Stored,
+            Stored::Shutdown => return Settled::Shutdown,
+            Stored::Rejected(e) => e,
+        };
+        tracing::warn!(
+            stream_seq = stream_seq(message),
+            sqlstate = refused.code().as_deref().unwrap_or(""),
+            events = events.len(),
+            "audit database refuses an event message; storing its events one by one"
+        );
+        // Each event's own JSON as it arrived, so that what is quarantined
+        // is exactly what was published.
+        let raw = split_events(&message.payload);
+        let mut settled = Settled::Stored;
+        for (index, event) in events.iter().enumerate() {
+            let e = match self.store_retrying(&[event], &[], shutdown).await {
+                Stored::Yes(_) => continue,
+                Stored::Shutdown => return Settled::Shutdown,
+                Stored::Rejected(e) => e,
+            };
+            let q = Quarantine {
+                stream_seq: stream_seq(message),
+                subject: &message.subject,
+                index: Some(index),
+                event: Some(event),
+                reason: db_reason(&*e),
+                raw: raw
+                    .as_ref()
+                    .and_then(|parts| parts.get(index).copied())
+                    .unwrap_or(&message.payload),
+            };
+            match self.quarantine(&q, shutdown).await {
+                Settled::Stored => {}
+                Settled::Lost => settled = Settled::Lost,
+                Settled::Shutdown => return Settled::Shutdown,
+            }
+        }
+        settled
+    }
+
+    /// Writes one quarantine row, retrying while the database is unavailable.
+    async fn quarantine(
+        &self,
+        q: &Quarantine<'_>,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Settled {
+        match self
+            .store_retrying(&[], std::slice::from_ref(q), shutdown)
+            .await
+        {
+            Stored::Yes(inserted) => {
+                self.quarantined(std::slice::from_ref(q), &inserted);
+                Settled::Stored
+            }
+            Stored::Shutdown => Settled::Shutdown,
+            Stored::Rejected(e) => {
+                tracing::error!(
+                    stream_seq = q.stream_seq,
+                    subject = %q.subject,
+                    event_id = q.event.map(|e| tracing::field::display(e.id)),
+                    reason = %q.reason,
+                    sqlstate = e.code().as_deref().unwrap_or(""),
+                    error = %e.message(),
+                    "audit database refuses the quarantine row too; the event is LOST \
+                     from the audit tables (the event log still holds it)"
+                );
+                Settled::Lost
+            }
+        }
+    }
+
+    /// Counts and logs the quarantine rows just committed.
+    fn quarantined(&self, rows: &[Quarantine], inserted: &[bool]) {
+        for (q, &new) in rows.iter().zip(inserted) {
+            let event_id = q.event.map(|e| tracing::field::display(e.id));
+            if new {
+                self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    stream_seq = q.stream_seq,
+                    subject = %q.subject,
+                    event_id = event_id,
+                    reason = %q.reason,
+                    "event quarantined: not projected, kept raw in the quarantine table"
+                );
+            } else {
+                tracing::debug!(
+                    stream_seq = q.stream_seq,
+                    event_id = event_id,
+                    "event already quarantined"
+                );
+            }
+        }
+    }
+
+    /// Stores `events` and `quarantine` rows in one transaction, retrying
+    /// with back-off while the database is unavailable.
     async fn store_retrying(
         &self,
-        batch: &[(Message, Vec<Event>)],
+        events: &[&Event],
+        quarantine: &[Quarantine<'_>],
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> Stored {
-        let events: Vec<&Event> = batch.iter().flat_map(|(_, events)| events).collect();
         let mut backoff = BACKOFF_MIN;
         loop {
-            match store(&self.pool, &events).await {
-                Ok(()) => return Stored::Yes,
+            match store(&self.pool, events, quarantine).await {
+                Ok(inserted) => return Stored::Yes(inserted),
                 Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
                     return Stored::Rejected(e);
                 }
@@ -261,10 +406,68 @@ impl Projector {
     }
 }
 
+/// A quarantine row to write.
+struct Quarantine<'a> {
+    stream_seq: u64,
+    subject: &'a str,
+    /// The event's position in its message; `None` for a whole message that
+    /// did not decode.
+    index: Option<usize>,
+    event: Option<&'a Event>,
+    /// The decode error, or the database's SQLSTATE and message; never the
+    /// content.
+    reason: String,
+    raw: &'a [u8],
+}
+
+impl<'a> Quarantine<'a> {
+    /// A whole message that did not decode.
+    fn message(message: &'a Message, reason: String) -> Self {
+        Self {
+            stream_seq: stream_seq(message),
+            subject: &message.subject,
+            index: None,
+            event: None,
+            reason,
+            raw: &message.payload,
+        }
+    }
+}
+
+/// How a message ended up.
+enum Settled {
+    /// Every event projected or quarantined.
+    Stored,
+    /// Some event could not even be quarantined.
+    Lost,
+    Shutdown,
+}
+
 enum Stored {
-    Yes,
+    /// Committed; for each quarantine row, whether it is new.
+    Yes(Vec<bool>),
     Rejected(Box<dyn sqlx::error::DatabaseError>),
     Shutdown,
+}
+
+/// The SQLSTATE and message of a refusal (without the detail, which may
+/// quote values).
+fn db_reason(e: &dyn sqlx::error::DatabaseError) -> String {
+    let code = e.code();
+    format!("{}: {}", code.as_deref().unwrap_or("?????"), e.message())
+}
+
+/// The raw JSON of each event of a message body, in the order [`decode`]
+/// reads them: the elements of a batch, or the whole body. `None` if the
+/// body is not JSON.
+fn split_events(body: &[u8]) -> Option<Vec<&[u8]>> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let parts: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
+        Some(parts.into_iter().map(|p| p.get().as_bytes()).collect())
+    } else {
+        Some(vec![body])
+    }
 }
 
 /// SQLSTATE classes that retrying cannot fix: data exceptions (22), integrity
@@ -310,17 +513,51 @@ fn describe(e: &DecodeError) -> String {
     }
 }
 
-/// Writes `events` and their projections in one transaction. The raw events
-/// and the commands (nearly all of the volume) go in one statement each;
-/// session and authentication rows, which are rare, one by one.
-async fn store(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
+/// Writes `events` and their projections, and `quarantine` rows, in one
+/// transaction; says for each quarantine row whether it is new. The raw
+/// events and the commands (nearly all of the volume) go in one statement
+/// each; session and authentication rows, which are rare, one by one.
+async fn store(
+    pool: &PgPool,
+    events: &[&Event],
+    quarantine: &[Quarantine<'_>],
+) -> Result<Vec<bool>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    store_raw(&mut tx, events).await?;
-    store_commands(&mut tx, events).await?;
+    if !events.is_empty() {
+        store_raw(&mut tx, events).await?;
+        store_commands(&mut tx, events).await?;
+    }
     for event in events {
         store_event(&mut tx, event).await?;
     }
-    tx.commit().await
+    let mut inserted = Vec::with_capacity(quarantine.len());
+    for q in quarantine {
+        inserted.push(store_quarantine(&mut tx, q).await?);
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// True if the row is new; a redelivered message or event is already there.
+async fn store_quarantine(db: &mut PgConnection, q: &Quarantine<'_>) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO quarantine (stream_seq, subject, event_index, event_id, event_type,
+            session_id, reason, raw)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(int(q.stream_seq))
+    .bind(q.subject)
+    .bind(q.index.map(|i| i32::try_from(i).unwrap_or(i32::MAX)))
+    .bind(q.event.map(|e| e.id))
+    .bind(q.event.map(|e| e.event_type().token()))
+    .bind(q.event.and_then(|e| e.session_id))
+    // text cannot hold NUL; a reason never needs one.
+    .bind(q.reason.replace('\0', ""))
+    .bind(q.raw)
+    .execute(&mut *db)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 async fn store_raw(db: &mut PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
@@ -598,6 +835,15 @@ mod tests {
         assert!(!is_data_error(Some("57P01"))); // admin shutdown
         assert!(!is_data_error(Some("08006")));
         assert!(!is_data_error(None));
+    }
+
+    #[test]
+    fn batches_split_into_each_events_own_json() {
+        let body = br#" [ {"a":"x\u0000y"} ,{"b":[1,2]}]"#;
+        let parts = split_events(body).unwrap();
+        assert_eq!(parts, [&br#"{"a":"x\u0000y"}"#[..], br#"{"b":[1,2]}"#]);
+        assert_eq!(split_events(br#"{"a":1}"#).unwrap(), [br#"{"a":1}"#]);
+        assert_eq!(split_events(b"[1,"), None);
     }
 
     #[test]

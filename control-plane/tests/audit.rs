@@ -384,6 +384,19 @@ async fn audit_scenario(env: &Env) {
     let db = env.db().await;
     env.wait_projected(&db, 11).await;
     assert_eq!(count(&db, "commands").await, 6);
+    // The garbage message and the NUL event: kept, not dropped.
+    let quarantined: Vec<(Option<Uuid>, Vec<u8>)> =
+        sqlx::query_as("SELECT event_id, raw FROM quarantine ORDER BY stream_seq")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        quarantined,
+        [
+            (None, b"{ not an event".to_vec()),
+            (Some(nul.id), nul.to_cloudevent())
+        ]
+    );
     assert_eq!(count(&db, "sessions").await, 2);
     assert_eq!(count(&db, "authentication_failures").await, 1);
     let bob_row = sqlx::query("SELECT * FROM sessions WHERE session_id = $1")
@@ -736,4 +749,254 @@ async fn survives_a_nats_restart() {
         cp.stop().await;
     })
     .await;
+}
+
+/// A quarantine row, as stored.
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct QuarantineRow {
+    stream_seq: i64,
+    subject: String,
+    event_index: Option<i32>,
+    event_id: Option<Uuid>,
+    event_type: Option<String>,
+    session_id: Option<Uuid>,
+    reason: String,
+    raw: Vec<u8>,
+}
+
+async fn quarantine_rows(db: &PgPool) -> Vec<QuarantineRow> {
+    sqlx::query_as(
+        "SELECT stream_seq, subject, event_index, event_id, event_type, session_id, reason, raw
+         FROM quarantine ORDER BY id",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+impl Env {
+    /// Deletes the durable consumer, so that the next start reads the whole
+    /// stream again: every message is delivered a second time.
+    async fn forget_consumer(&self) {
+        let stream = self.js.get_stream(&self.events.stream).await.unwrap();
+        stream.delete_consumer(&self.config.consumer).await.unwrap();
+    }
+
+    /// [`Env::start`], then waits until the durable consumer exists.
+    async fn start_consumer(&self) -> Running {
+        let cp = self.start().await;
+        eventually("the consumer to exist", || async {
+            let stream = self.js.get_stream(&self.events.stream).await.unwrap();
+            stream.consumer_info(&self.config.consumer).await.is_ok()
+        })
+        .await;
+        cp
+    }
+}
+
+fn decode_base64(v: &Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantines_a_refused_event_and_projects_the_rest_of_its_message() {
+    Env::new().await.scope(refused_event_scenario).await;
+}
+
+async fn refused_event_scenario(env: &Env) {
+    let cp = env.start_consumer().await;
+    let (alice, bob, carol) = (
+        who("u-alice", "alice"),
+        who("u-bob", "bob"),
+        who("u-carol", "carol"),
+    );
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let first = event(a, 2, 1.0, &alice, "app", command("select 1"));
+    // jsonb cannot hold \u0000: the database refuses this event (22P05).
+    let mut refused = event(b, 2, 2.0, &bob, "app", command("select $1"));
+    if let Payload::CommandReceived(p) = &mut refused.payload {
+        p.protocol = Protocol::Extended;
+        p.params = vec![Param {
+            format: ParamFormat::Text,
+            value: Some("before\0after".into()),
+        }];
+    }
+    let third = event(c, 2, 3.0, &carol, "app", command("select 3"));
+    // One message, as the worker's group commit sends three sessions' events.
+    env.send_batch(&[first.clone(), refused.clone(), third.clone()])
+        .await;
+
+    let db = env.db().await;
+    env.wait_projected(&db, 2).await;
+    let commands: Vec<(Uuid, Option<Uuid>, String)> =
+        sqlx::query_as("SELECT event_id, session_id, statement FROM commands ORDER BY time")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        commands,
+        [
+            (first.id, Some(a), "select 1".to_owned()),
+            (third.id, Some(c), "select 3".to_owned()),
+        ]
+    );
+    let rows = quarantine_rows(&db).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let reason = rows[0].reason.clone();
+    assert!(reason.starts_with("22P05: "), "{reason}");
+    assert_eq!(
+        rows[0],
+        QuarantineRow {
+            stream_seq: 1,
+            subject: env.events.subjects().for_type(EventType::CommandReceived),
+            event_index: Some(1),
+            event_id: Some(refused.id),
+            event_type: Some("command_received".into()),
+            session_id: Some(b),
+            reason: reason.clone(),
+            // Exactly the event's own JSON from the batch.
+            raw: refused.to_cloudevent(),
+        }
+    );
+
+    // Served to auditors only.
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: &cp.url,
+        token: Some(env.token("u-carol", "carol", &["auditors"])),
+    };
+    let developer = Api {
+        http: api.http.clone(),
+        url: &cp.url,
+        token: Some(env.token("u-dave", "dave", &["dev"])),
+    };
+    let anon = Api {
+        http: api.http.clone(),
+        url: &cp.url,
+        token: None,
+    };
+    assert_eq!(anon.get("/api/v1/quarantine").await.0, 401);
+    assert_eq!(developer.get("/api/v1/quarantine").await.0, 403);
+    let (status, _, body) = api.get("/api/v1/quarantine").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 1, "{body}");
+    assert!(body["next_cursor"].is_null(), "{body}");
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{body}");
+    let item = &items[0];
+    assert_eq!(item["event_id"], refused.id.to_string());
+    assert_eq!(item["session_id"], b.to_string());
+    assert_eq!(item["event_type"], "command_received");
+    assert_eq!(item["event_index"], 1);
+    assert_eq!(item["stream_seq"], 1);
+    assert_eq!(item["reason"], reason.as_str());
+    assert_eq!(decode_base64(&item["raw"]), refused.to_cloudevent());
+    assert_eq!(api.get("/api/v1/quarantine?limit=0").await.0, 400);
+    assert_eq!(api.get("/api/v1/quarantine?cursor=xyz").await.0, 400);
+    assert_eq!(api.get("/api/v1/quarantine?identity=bob").await.0, 400);
+
+    // The same event published again in another message: not twice.
+    env.send_batch(std::slice::from_ref(&refused)).await;
+    env.wait_projected(&db, 2).await;
+    assert_eq!(count(&db, "quarantine").await, 1);
+    cp.stop().await;
+
+    // Every message delivered again to a new projector: nothing twice.
+    env.forget_consumer().await;
+    let cp = env.start_consumer().await;
+    env.wait_projected(&db, 2).await;
+    assert_eq!(quarantine_rows(&db).await, rows);
+    assert_eq!(count(&db, "commands").await, 2);
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: &cp.url,
+        token: Some(env.token("u-carol", "carol", &["auditors"])),
+    };
+    let (status, _, body) = api.get("/api/v1/quarantine").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 0, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 1, "{body}");
+
+    db.close().await;
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantines_an_undecodable_message_raw() {
+    Env::new().await.scope(undecodable_scenario).await;
+}
+
+async fn undecodable_scenario(env: &Env) {
+    let cp = env.start_consumer().await;
+    let alice = who("u-alice", "alice");
+    let s = Uuid::now_v7();
+    let garbage = br#"{"not":"an event"}"#.to_vec();
+    env.publish(EventType::CommandReceived, garbage.clone())
+        .await;
+    let after = event(s, 1, 1.0, &alice, "app", command("select 1"));
+    env.send(&after).await;
+    // A second one, to page through.
+    env.publish(EventType::SessionClosed, b"\xff\xfe".to_vec())
+        .await;
+
+    let db = env.db().await;
+    env.wait_projected(&db, 1).await;
+    assert_eq!(count(&db, "commands").await, 1);
+    let rows = quarantine_rows(&db).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert!(row.reason.starts_with("invalid event JSON"), "{row:?}");
+    }
+    let expected = |stream_seq, ty, raw: &[u8], reason: &str| QuarantineRow {
+        stream_seq,
+        subject: env.events.subjects().for_type(ty),
+        event_index: None,
+        event_id: None,
+        event_type: None,
+        session_id: None,
+        reason: reason.to_owned(),
+        raw: raw.to_vec(),
+    };
+    assert_eq!(
+        rows,
+        [
+            expected(1, EventType::CommandReceived, &garbage, &rows[0].reason),
+            expected(3, EventType::SessionClosed, b"\xff\xfe", &rows[1].reason),
+        ]
+    );
+    // The decode error, never the content.
+    assert!(!rows[0].reason.contains("an event"), "{}", rows[0].reason);
+
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: &cp.url,
+        token: Some(env.token("u-carol", "carol", &["auditors"])),
+    };
+    // Newest first, one per page.
+    let (status, _, body) = api.get("/api/v1/quarantine?limit=1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 2, "{body}");
+    assert_eq!(decode_base64(&body["items"][0]["raw"]), b"\xff\xfe");
+    assert!(body["items"][0]["event_id"].is_null(), "{body}");
+    let cursor = body["next_cursor"].as_str().unwrap();
+    let (status, _, body) = api
+        .get(&format!("/api/v1/quarantine?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(decode_base64(&body["items"][0]["raw"]), garbage);
+    assert_eq!(body["items"][0]["stream_seq"], 1);
+    assert!(body["next_cursor"].is_null(), "{body}");
+    cp.stop().await;
+
+    // Delivered again: nothing twice.
+    env.forget_consumer().await;
+    let cp = env.start_consumer().await;
+    env.wait_projected(&db, 1).await;
+    assert_eq!(quarantine_rows(&db).await, rows);
+    db.close().await;
+    cp.stop().await;
 }
