@@ -49,6 +49,13 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every session holds two sockets. The soft limit on open files is
+    // often 1024, which a few hundred connections exhaust, locking out
+    // everyone else; the hard limit is what the host grants the process.
+    // The worker's own connection limits then bound what it takes.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("warning: cannot raise the limit on open files: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

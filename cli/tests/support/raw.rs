@@ -102,7 +102,17 @@ impl Raw {
         token: &str,
         params: &[(&str, &str)],
     ) -> Result<(Raw, Reply), Reply> {
-        let mut raw = Raw::open(addr).await;
+        Raw::open(addr).await.login_on(user, token, params).await
+    }
+
+    /// [`Raw::login`] on a connection already open.
+    pub async fn login_on(
+        mut self,
+        user: &str,
+        token: &str,
+        params: &[(&str, &str)],
+    ) -> Result<(Raw, Reply), Reply> {
+        let raw = &mut self;
         let mut out = BytesMut::new();
         let mut all = vec![("user", user), ("database", "app")];
         all.extend_from_slice(params);
@@ -118,7 +128,7 @@ impl Raw {
         raw.send(&out).await;
         let reply = raw.reply().await;
         if reply.ok() {
-            Ok((raw, reply))
+            Ok((self, reply))
         } else {
             Err(reply)
         }

@@ -30,6 +30,22 @@ pub struct WorkerConfig {
     /// Let a session go on after its token expires. Off by default: the
     /// first command after expiry ends the session (`FATAL 28000`).
     pub sessions_outlive_tokens: bool,
+    /// How long a client has, from connecting, to finish the TLS
+    /// handshake, send its startup message and its token. A connection
+    /// still in its handshake then is closed.
+    pub startup_timeout_secs: u64,
+    /// Client connections open at once, in their handshake or in a
+    /// session. Past it, new connections are refused with `53300`.
+    pub max_connections: usize,
+    /// Client connections open at once from one source address.
+    pub max_connections_per_address: usize,
+    /// Failed logins one source address may cost per minute (a bucket that
+    /// refills continuously). Past it, the address's login attempts are
+    /// refused before their token is checked, and not recorded one by one.
+    pub auth_failures_per_minute: u32,
+    /// Address of the worker's Prometheus endpoint (`GET /metrics`); off
+    /// when unset.
+    pub metrics_listen: Option<String>,
     /// Targets by name; a client names one as its `database`.
     pub targets: BTreeMap<String, TargetConfig>,
 }
@@ -46,6 +62,11 @@ impl Default for WorkerConfig {
             max_message_bytes: gatehouse_pgwire::DEFAULT_MAX_FRAME,
             drain_timeout_secs: 30,
             sessions_outlive_tokens: false,
+            startup_timeout_secs: 10,
+            max_connections: 10_000,
+            max_connections_per_address: 1_000,
+            auth_failures_per_minute: 30,
+            metrics_listen: None,
             targets: BTreeMap::new(),
         }
     }
@@ -164,6 +185,22 @@ impl WorkerConfig {
         }
         if self.max_message_bytes < 1024 {
             return Err("worker.max_message_bytes: must be at least 1024".into());
+        }
+        for (field, value) in [
+            ("startup_timeout_secs", self.startup_timeout_secs as usize),
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_address",
+                self.max_connections_per_address,
+            ),
+            (
+                "auth_failures_per_minute",
+                self.auth_failures_per_minute as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("worker.{field}: must be at least 1"));
+            }
         }
         for (name, target) in &mut self.targets {
             let field = format!("worker.targets.{name}");

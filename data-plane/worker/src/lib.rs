@@ -17,6 +17,7 @@
 //! Must not depend on the control plane or on SQL storage.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod backend;
 mod cancel;
 pub mod config;
@@ -24,6 +25,7 @@ mod conn;
 mod encoding;
 pub mod error;
 mod machine;
+mod metrics;
 mod policy;
 mod relay;
 mod session;
@@ -80,6 +82,8 @@ pub(crate) struct Shared {
     pub policy_config: PolicyConfig,
     /// The current bundle and revocations.
     pub policies: policy::Policies,
+    /// Connection and login limits, and the worker's counters.
+    pub admission: Arc<admission::Admission>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +144,13 @@ pub async fn run(
 
     let (close_sessions, closing) = tokio::sync::watch::channel(false);
     let drain = std::time::Duration::from_secs(config.drain_timeout_secs);
+    let admission = admission::Admission::new(&config);
+    let metrics_task = match &config.metrics_listen {
+        Some(addr) => Some(metrics::serve(addr, admission.clone()).await?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        admission,
         closing,
         policy_config,
         policies,
@@ -164,9 +174,21 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    sessions.spawn(session::handle(shared.clone(), tcp, peer));
-                }
+                Ok((tcp, peer)) => match shared.admission.admit(peer.ip()) {
+                    Ok(permit) => {
+                        sessions.spawn(session::handle(shared.clone(), tcp, peer, permit));
+                    }
+                    Err(refused) => {
+                        // Answered in plain text before any TLS work: a
+                        // client that sent nothing yet reads an
+                        // ErrorResponse; one that sent an SSLRequest reads
+                        // a refusal of it.
+                        let mut out = bytes::BytesMut::new();
+                        refused.encode(&mut out);
+                        let _ = tcp.try_write(&out);
+                        tracing::debug!(%peer, reason = %refused.message, "connection refused at a limit");
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -206,6 +228,9 @@ pub async fn run(
         }
     }
     cancel_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use gatehouse_events::{
@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+use crate::admission::{LoginGate, Permit, truncate};
 use crate::backend::{self, Login};
 use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
@@ -63,6 +64,9 @@ struct Refusal {
     /// connection ended without an attempt worth recording (and without a
     /// word to the client).
     reason: Option<&'static str>,
+    /// Whether to record it; `None`: as its reason says (a login failure
+    /// is recorded while its address's failure budget lasts).
+    record: Option<bool>,
 }
 
 impl Refusal {
@@ -71,6 +75,7 @@ impl Refusal {
             error,
             from_target: None,
             reason: Some(reason),
+            record: None,
         }
     }
 
@@ -79,6 +84,7 @@ impl Refusal {
             error: ClientError::protocol("connection closed"),
             from_target: None,
             reason: None,
+            record: None,
         }
     }
 }
@@ -90,7 +96,7 @@ struct Attempt {
     database: Option<String>,
 }
 
-pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, _permit: Permit) {
     let _ = tcp.set_nodelay(true);
     let mut attempt = Attempt {
         peer,
@@ -98,41 +104,52 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         user: None,
         database: None,
     };
-    let Some((mut conn, buf, startup)) = negotiate(&shared, tcp, &mut attempt).await else {
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(shared.config.startup_timeout_secs);
+    let negotiated = tokio::time::timeout_at(deadline, negotiate(&shared, tcp, &mut attempt));
+    let Some((mut conn, buf, startup)) = negotiated.await.unwrap_or_else(|_| {
+        // Not even a startup message in time: nobody attempted to log in.
+        shared
+            .admission
+            .counters
+            .startup_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, "no startup message before the deadline; closing");
+        None
+    }) else {
         return;
     };
     let result = match startup {
         Startup::Params(params) => {
-            authenticate(&shared, &mut conn, buf, params, &mut attempt).await
+            authenticate(&shared, &mut conn, buf, params, &mut attempt, deadline).await
         }
         Startup::Done => return,
         Startup::Refused(r) => Err(r),
     };
     let refusal = match result {
         Ok(opened) => {
+            shared
+                .admission
+                .counters
+                .sessions_opened
+                .fetch_add(1, Ordering::Relaxed);
             relay::run(shared.clone(), conn, opened).await;
             return;
         }
         Err(refusal) => refusal,
     };
     if let Some(reason) = refusal.reason {
-        let mut e = Event::new(
-            shared.worker_id.clone(),
-            Payload::AuthenticationFailed(AuthenticationFailed {
-                client_addr: attempt.peer.to_string(),
-                client_tls: attempt.tls,
-                claimed_user: attempt.user.clone(),
-                requested_target: attempt.database.clone(),
-                reason: reason.into(),
-            }),
-        );
-        e.session_id = Some(Uuid::now_v7());
-        e.seq = 1;
-        e.target = attempt.database.clone();
-        if let Err(err) = shared.publisher.record(vec![e]).await {
-            tracing::warn!(error = %err, "could not record a refused connection");
+        let record = match refusal.record {
+            Some(record) => record,
+            None if is_login_failure(reason) => shared
+                .admission
+                .login_failed(peer.ip(), std::time::Instant::now()),
+            None => true,
+        };
+        if record {
+            record_refusal(&shared, &attempt, reason).await;
         }
-        tracing::info!(peer = %attempt.peer, reason, "connection refused");
+        tracing::info!(peer = %attempt.peer, reason, recorded = record, "connection refused");
         let mut out = BytesMut::new();
         match &refusal.from_target {
             Some(frame) => out.extend_from_slice(frame),
@@ -141,6 +158,40 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         let _ = send(&mut conn, &out).await;
     }
     let _ = conn.shutdown().await;
+}
+
+/// Longest claimed user name or target name recorded for a refused login:
+/// PostgreSQL's own limit on names (`NAMEDATALEN` - 1). The rest is the
+/// attacker's text and is not kept.
+const MAX_RECORDED_NAME: usize = 63;
+
+async fn record_refusal(shared: &Shared, attempt: &Attempt, reason: &str) {
+    let name = |n: &Option<String>| n.as_deref().map(|n| truncate(n, MAX_RECORDED_NAME));
+    let mut e = Event::new(
+        shared.worker_id.clone(),
+        Payload::AuthenticationFailed(AuthenticationFailed {
+            client_addr: attempt.peer.to_string(),
+            client_tls: attempt.tls,
+            claimed_user: name(&attempt.user),
+            requested_target: name(&attempt.database),
+            reason: reason.into(),
+        }),
+    );
+    e.session_id = Some(Uuid::now_v7());
+    e.seq = 1;
+    e.target = name(&attempt.database);
+    if let Err(err) = shared.publisher.record(vec![e]).await {
+        tracing::warn!(error = %err, "could not record a refused connection");
+    }
+}
+
+/// Whether a refusal is the client's failure to log in, counted against its
+/// address, rather than the target's or the worker's own trouble.
+fn is_login_failure(reason: &str) -> bool {
+    !matches!(
+        reason,
+        "target_unavailable" | "target_refused" | "event_log_unavailable"
+    )
 }
 
 enum Startup {
@@ -260,6 +311,7 @@ async fn authenticate(
     mut buf: BytesMut,
     params: Vec<(String, String)>,
     attempt: &mut Attempt,
+    deadline: tokio::time::Instant,
 ) -> Result<Opened, Refusal> {
     let get = |k: &str| {
         params
@@ -288,6 +340,28 @@ async fn authenticate(
         ));
     }
     let database = attempt.database.clone().unwrap_or_default();
+    if let LoginGate::Closed {
+        retry_after,
+        record,
+    } = shared
+        .admission
+        .login_gate(attempt.peer.ip(), std::time::Instant::now())
+    {
+        return Err(Refusal {
+            record: Some(record),
+            ..Refusal::new(
+                ClientError::fatal(
+                    "53300",
+                    format!(
+                        "too many failed logins from {}; try again in {} s",
+                        attempt.peer.ip(),
+                        retry_after.as_secs().max(1)
+                    ),
+                ),
+                "rate_limited",
+            )
+        });
+    }
     let settings = startup_settings(&params).map_err(|e| Refusal::new(e, "options_refused"))?;
 
     // Ask for the token as a cleartext password (only ever inside TLS,
@@ -298,7 +372,26 @@ async fn authenticate(
     let frame = loop {
         match pg::decode_frame(&mut buf, MAX_STARTUP) {
             Ok(Some(f)) => break f,
-            Ok(None) => read_more(conn, &mut buf).await?,
+            Ok(None) => match tokio::time::timeout_at(deadline, read_more(conn, &mut buf)).await {
+                Ok(read) => read?,
+                Err(_) => {
+                    shared
+                        .admission
+                        .counters
+                        .startup_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(Refusal::new(
+                        ClientError::fatal(
+                            "08006",
+                            format!(
+                                "no password within {} s of connecting (startup_timeout_secs)",
+                                shared.config.startup_timeout_secs
+                            ),
+                        ),
+                        "startup_timeout",
+                    ));
+                }
+            },
             Err(e) => return Err(Refusal::new(ClientError::protocol(e), "protocol_violation")),
         }
     };
