@@ -164,6 +164,50 @@ async fn sql_execute_runs_and_records_what_the_server_has_under_the_name() {
     env.cleanup().await;
 }
 
+/// A SQL `EXECUTE` changes the names as the statement it runs does: `p`
+/// bound to `DEALLOCATE ALL` and run drops every name; `s1` bound to
+/// `PREPARE p AS DELETE FROM t WHERE id = 1` and run binds `p` anew. An
+/// `EXECUTE p` then runs the `DELETE`, and is decided and recorded as it
+/// (it was recorded as `DEALLOCATE ALL`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_follow_what_a_sql_execute_runs() {
+    let env = Env::start_with(plaintext()).await;
+    setup(&env).await;
+    let mut alice = login(&env, "alice", &[]).await;
+    let mut out = BytesMut::new();
+    parse(&mut out, "p", "DEALLOCATE ALL");
+    sync(&mut out);
+    alice.send(&out).await;
+    assert!(alice.reply().await.ok());
+    let discard = alice.query("EXECUTE p").await;
+    assert!(discard.ok(), "{discard:?}");
+    let gone = alice.query("EXECUTE p").await;
+    assert_eq!(
+        gone.errors[0].code, "26000",
+        "DEALLOCATE ALL dropped p: {gone:?}"
+    );
+    let mut out = BytesMut::new();
+    parse(&mut out, "s1", "PREPARE p AS DELETE FROM t WHERE id = 1");
+    sync(&mut out);
+    alice.send(&out).await;
+    assert!(alice.reply().await.ok());
+    let prepare = alice.query("EXECUTE s1").await;
+    assert!(prepare.ok(), "{prepare:?}");
+    let run = alice.query("EXECUTE p").await;
+    assert!(run.ok(), "{run:?}");
+    assert_eq!(ids(&env).await, [2], "the DELETE ran");
+    let audit = env.audit_commands("alice", 4).await;
+    let last = audit
+        .iter()
+        .rfind(|c| c["statement"] == "EXECUTE p")
+        .expect("EXECUTE p recorded");
+    assert_eq!(
+        last["executes"][0]["text"],
+        "PREPARE p AS DELETE FROM t WHERE id = 1"
+    );
+    env.cleanup().await;
+}
+
 /// `Close` then `Parse` of a name, with the Parse failing on the server:
 /// the name is then unbound, and a Bind of it is refused without reaching
 /// the server; a Parse of text no policy allows is refused when it arrives.

@@ -2708,6 +2708,36 @@ mod tests {
         );
     }
 
+    /// A SQL `EXECUTE` changes the session's names as the statement it runs
+    /// does: a `Parse` of `DISCARD ALL` run by `EXECUTE` drops every name,
+    /// and one of `PREPARE p AS …` run by `EXECUTE` binds `p`. (The worker
+    /// kept `p` as `DISCARD ALL` through both, and recorded that text for an
+    /// `EXECUTE p` that ran `SELECT 2`.)
+    #[test]
+    fn an_execute_changes_names_as_what_it_runs_does() {
+        let mut parse_discard = Vec::new();
+        parse(&mut parse_discard, "p", b"DISCARD ALL");
+        let mut parse_prepare = Vec::new();
+        parse(&mut parse_prepare, "s1", b"PREPARE p AS SELECT 2");
+        let mut parse_deallocate = Vec::new();
+        parse(&mut parse_deallocate, "s2", b"DEALLOCATE p");
+        scenario(
+            Who::User,
+            false,
+            &[
+                [parse_discard, sync()].concat(),
+                q("EXECUTE p"),
+                [parse_prepare.clone(), sync()].concat(),
+                q("EXECUTE s1"),
+                q("EXECUTE p"),
+                [parse_deallocate, sync()].concat(),
+                q("EXECUTE s2"),
+                q("EXECUTE p"),
+                [parse_prepare, q("EXECUTE s1"), q("EXECUTE p")].concat(),
+            ],
+        );
+    }
+
     /// A `Query` naming a statement that a `Parse` of the still open batch
     /// changes is answered. (It waited for the `ParseComplete`, which the
     /// server holds until `Sync` or `Flush`: the session hung.)

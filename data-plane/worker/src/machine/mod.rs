@@ -788,7 +788,7 @@ impl Machine {
             None => effective
                 .iter()
                 .zip(facts.statements.iter())
-                .map(|(e, s)| changes_of(s, e, &text))
+                .map(|(e, s)| changes_of(s, e, &text, &resolved))
                 .chain((!facts.parsed).then(|| vec![Change::DropAll { always: true }]))
                 .collect(),
         };
@@ -957,7 +957,7 @@ impl Machine {
         let mut changes: Vec<Change<Prepared>> = effective
             .iter()
             .zip(facts.statements.iter())
-            .flat_map(|(e, s)| changes_of(s, e, &statement.text))
+            .flat_map(|(e, s)| changes_of(s, e, &statement.text, &resolved))
             .collect();
         if !facts.parsed {
             changes.push(Change::DropAll { always: true });
@@ -1023,16 +1023,7 @@ impl Machine {
                 }
             });
             match earlier {
-                Some(Some(e)) => found.push((
-                    name.clone(),
-                    Arc::new(Prepared {
-                        text: text.into(),
-                        facts: Arc::new(Classification {
-                            statements: vec![e.clone()],
-                            parsed: true,
-                        }),
-                    }),
-                )),
+                Some(Some(e)) => found.push((name.clone(), Arc::new(prepared_body(e, text)))),
                 Some(None) => return Resolution::Refused(unknown_statement(name)),
                 None => match self.statements.lookup(name) {
                     Lookup::Known(p) if p.statement().is_some_and(|s| s.executes.is_some()) => {
@@ -1591,22 +1582,34 @@ fn effective_facts<'a>(
 }
 
 /// What running statement `s` (with facts `effective` when it runs) changes
-/// in the session's prepared statements.
-fn changes_of(s: &StatementFacts, effective: &StatementFacts, text: &str) -> Vec<Change<Prepared>> {
+/// in the session's prepared statements. `text` is the command's text.
+/// An `EXECUTE` changes what the statement it runs changes: a `Parse` of
+/// `PREPARE …`, `DEALLOCATE …` or `DISCARD ALL`, run by a SQL `EXECUTE`,
+/// prepares or drops names on the server like the statement itself.
+fn changes_of(
+    s: &StatementFacts,
+    effective: &StatementFacts,
+    text: &str,
+    resolved: &[(String, Arc<Prepared>)],
+) -> Vec<Change<Prepared>> {
+    let executed = s.executes.as_ref().and_then(|name| {
+        let (_, p) = resolved.iter().find(|(n, _)| n == name)?;
+        Some((p.statement()?, &*p.text))
+    });
+    let (runs, text) = match (&s.executes, executed) {
+        (Some(_), Some(executed)) => executed,
+        // What it runs is unknown: `effective` says it is dynamic.
+        (Some(_), None) => (effective, text),
+        (None, _) => (s, text),
+    };
     let mut changes = Vec::new();
-    if let Some(name) = &s.prepares {
+    if let Some(name) = &runs.prepares {
         changes.push(Change::Set(
             name.clone(),
-            Arc::new(Prepared {
-                text: text.into(),
-                facts: Arc::new(Classification {
-                    statements: vec![s.clone()],
-                    parsed: true,
-                }),
-            }),
+            Arc::new(prepared_body(runs, text)),
         ));
     }
-    match &s.deallocates {
+    match &runs.deallocates {
         Some(Deallocates::One(name)) => changes.push(Change::Drop(name.clone())),
         Some(Deallocates::All) => changes.push(Change::DropAll { always: false }),
         None => {}
@@ -1616,6 +1619,22 @@ fn changes_of(s: &StatementFacts, effective: &StatementFacts, text: &str) -> Vec
         changes.push(Change::DropAll { always: true });
     }
     changes
+}
+
+/// The statement a SQL `PREPARE` (with facts `prepare`, from `text`) binds
+/// to its name: what an `EXECUTE` of it runs is the prepared query, which
+/// itself prepares nothing (unlike a `Parse` of the `PREPARE`, which runs
+/// the `PREPARE`).
+fn prepared_body(prepare: &StatementFacts, text: &str) -> Prepared {
+    let mut body = prepare.clone();
+    body.prepares = None;
+    Prepared {
+        text: text.into(),
+        facts: Arc::new(Classification {
+            statements: vec![body],
+            parsed: true,
+        }),
+    }
 }
 
 /// One bound parameter as recorded: text transcoded from the session's
