@@ -344,6 +344,7 @@ async fn audit_scenario(env: &Env) {
         p.params = vec![Param {
             format: ParamFormat::Text,
             value: Some("42".into()),
+            encoding: None,
         }];
     }
     let refused = AuthenticationFailed {
@@ -641,6 +642,7 @@ async fn executes_scenario(env: &Env) {
         p.params = vec![Param {
             format: ParamFormat::Text,
             value: Some("7".into()),
+            encoding: None,
         }];
         p.executes = vec![executed("one", "select * from accounts where id = $1")];
     }
@@ -822,6 +824,7 @@ async fn refused_event_scenario(env: &Env) {
         p.params = vec![Param {
             format: ParamFormat::Text,
             value: Some("before\0after".into()),
+            encoding: None,
         }];
     }
     let third = event(c, 2, 3.0, &carol, "app", command("select 3"));

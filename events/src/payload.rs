@@ -175,6 +175,41 @@ pub enum ParamFormat {
 pub struct Param {
     pub format: ParamFormat,
     pub value: Option<String>,
+    /// Set when a text value is carried as the bytes the client sent,
+    /// base64-encoded: they are not valid text in the session's encoding,
+    /// or hold a NUL byte (which no JSON text in the audit store can hold).
+    /// Absent: a text value is the text itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<ValueEncoding>,
+}
+
+impl Param {
+    /// A text value, carried losslessly: as text when `decoded` (the bytes
+    /// read in the session's encoding) is text a JSON document can hold,
+    /// else as the bytes sent, base64-encoded and flagged so.
+    pub fn text(sent: &[u8], decoded: Option<String>) -> Self {
+        use base64::Engine as _;
+        match decoded {
+            Some(text) if !text.contains('\0') => Param {
+                format: ParamFormat::Text,
+                value: Some(text),
+                encoding: None,
+            },
+            _ => Param {
+                format: ParamFormat::Text,
+                value: Some(base64::engine::general_purpose::STANDARD.encode(sent)),
+                encoding: Some(ValueEncoding::Base64),
+            },
+        }
+    }
+}
+
+/// How a parameter's value is carried when not as itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueEncoding {
+    /// Standard base64 of the bytes as sent.
+    Base64,
 }
 
 /// Why a session ended.

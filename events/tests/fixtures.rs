@@ -101,10 +101,12 @@ fn batches_round_trip_in_order() {
                         Param {
                             format: ParamFormat::Text,
                             value: Some(i.to_string()),
+                            encoding: None,
                         },
                         Param {
                             format: ParamFormat::Binary,
                             value: None,
+                            encoding: None,
                         },
                     ],
                     executes: vec![ExecutedStatement {

@@ -1637,22 +1637,23 @@ fn prepared_body(prepare: &StatementFacts, text: &str) -> Prepared {
     }
 }
 
-/// One bound parameter as recorded: text transcoded from the session's
-/// encoding (as sent when it is not valid there: the target will refuse
-/// it), binary as base64.
+/// One bound parameter as recorded, losslessly: text transcoded from the
+/// session's encoding, or, when it is not valid there (the target will
+/// refuse it) or holds a NUL, the bytes sent in base64, flagged so; binary
+/// as base64.
 fn param(format: i16, value: Option<&[u8]>, parsing: &Parsing) -> Param {
-    match format {
-        1 => Param {
+    match (format, value) {
+        (1, value) => Param {
             format: ParamFormat::Binary,
             value: value.map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
+            encoding: None,
         },
-        _ => Param {
+        (_, None) => Param {
             format: ParamFormat::Text,
-            value: value.map(|v| match parsing.decode(v) {
-                Ok(text) => text.into_owned(),
-                Err(_) => String::from_utf8_lossy(v).into_owned(),
-            }),
+            value: None,
+            encoding: None,
         },
+        (_, Some(v)) => Param::text(v, parsing.decode(v).ok().map(Cow::into_owned)),
     }
 }
 
