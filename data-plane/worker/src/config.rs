@@ -30,6 +30,11 @@ pub struct WorkerConfig {
     /// Let a session go on after its token expires. Off by default: the
     /// first command after expiry ends the session (`FATAL 28000`).
     pub sessions_outlive_tokens: bool,
+    /// Bytes of prepared statements and portals one session may hold (their
+    /// texts and bound parameters, as the worker keeps them to decide and
+    /// record what runs). A `Parse`, `Bind` or `PREPARE` past it is refused
+    /// with `54000`.
+    pub max_session_prepared_bytes: usize,
     /// How long a client has, from connecting, to finish the TLS
     /// handshake, send its startup message and its token. A connection
     /// still in its handshake then is closed.
@@ -62,6 +67,7 @@ impl Default for WorkerConfig {
             max_message_bytes: gatehouse_pgwire::DEFAULT_MAX_FRAME,
             drain_timeout_secs: 30,
             sessions_outlive_tokens: false,
+            max_session_prepared_bytes: 64 << 20,
             startup_timeout_secs: 10,
             max_connections: 10_000,
             max_connections_per_address: 1_000,
@@ -188,6 +194,10 @@ impl WorkerConfig {
         }
         for (field, value) in [
             ("startup_timeout_secs", self.startup_timeout_secs as usize),
+            (
+                "max_session_prepared_bytes",
+                self.max_session_prepared_bytes,
+            ),
             ("max_connections", self.max_connections),
             (
                 "max_connections_per_address",

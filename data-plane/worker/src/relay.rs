@@ -65,6 +65,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
             parsing,
             backend.status,
             shared.config.max_message_bytes,
+            shared.config.max_session_prepared_bytes,
             token_deadline,
         );
         pump(

@@ -2012,6 +2012,7 @@ impl Fuzz {
             Parsing::default(),
             TransactionStatus::Idle,
             1 << 16,
+            1 << 30,
             None,
         );
         let mut model = Model::new(who, legacy);

@@ -63,7 +63,7 @@ use crate::error::ClientError;
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
 
-pub(crate) use names::{Change, Lookup, Names};
+pub(crate) use names::{Change, Lookup, Names, Weighed};
 
 /// The statement a refused message is replaced with: it never parses, so the
 /// server fails on it without running anything.
@@ -86,6 +86,24 @@ impl Prepared {
             [one] if self.facts.parsed => Some(one),
             _ => None,
         }
+    }
+}
+
+impl Weighed for Prepared {
+    fn weight(&self) -> usize {
+        // The text, and about as much again for its facts and the entry.
+        2 * self.text.len() + 256
+    }
+}
+
+impl Weighed for Portal {
+    fn weight(&self) -> usize {
+        let params: usize = self
+            .params
+            .iter()
+            .map(|p| p.value.as_ref().map_or(0, String::len) + 48)
+            .sum();
+        self.statement_name.len() + params + 128
     }
 }
 
@@ -208,6 +226,8 @@ pub(crate) enum RecordError {
 pub(crate) struct Machine {
     ctx: Arc<SessionCtx>,
     max_message: usize,
+    /// Most bytes of prepared statements and portals the session may hold.
+    max_held: usize,
     policy: SessionPolicy,
     classifier: Classifier,
     /// How the target reads the session's text, as it last reported.
@@ -254,11 +274,13 @@ impl Machine {
         parsing: Parsing,
         status: TransactionStatus,
         max_message: usize,
+        max_held: usize,
         token_deadline: Option<i64>,
     ) -> Self {
         Self {
             ctx,
             max_message,
+            max_held,
             policy,
             classifier: Classifier::default(),
             parsing,
@@ -792,6 +814,11 @@ impl Machine {
                 .chain((!facts.parsed).then(|| vec![Change::DropAll { always: true }]))
                 .collect(),
         };
+        if let Some(error) = self.over_held(changes.iter().flatten()) {
+            // Not recorded: nothing was run.
+            self.refuse_simple(chunk, error);
+            return Step::Next;
+        }
         chunk.events.push(self.command(
             Protocol::Simple,
             text.into_owned(),
@@ -862,6 +889,10 @@ impl Machine {
                 facts,
             }),
         );
+        if let Some(error) = self.over_held([&change]) {
+            self.refuse_extended(chunk, error);
+            return;
+        }
         self.statements.stage(&change, true);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Parse(change));
@@ -890,6 +921,10 @@ impl Machine {
                 params,
             }),
         );
+        if let Some(error) = self.over_held([&change]) {
+            self.refuse_extended(chunk, error);
+            return Step::Next;
+        }
         self.portals.stage(&change, true);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Bind(change));
@@ -1002,6 +1037,35 @@ impl Machine {
         chunk
             .entries
             .push(refuse_simple_bytes(&mut chunk.bytes, error));
+    }
+
+    /// The refusal of bindings that would take the session's prepared
+    /// statements and portals past `max_held` bytes.
+    fn over_held<'c, T: Weighed + 'c>(
+        &self,
+        bindings: impl IntoIterator<Item = &'c Change<T>>,
+    ) -> Option<ClientError> {
+        let adding: usize = bindings
+            .into_iter()
+            .map(|c| match c {
+                Change::Set(_, value) => value.weight(),
+                _ => 0,
+            })
+            .sum();
+        let held = self.statements.held() + self.portals.held();
+        (adding > 0 && held + adding > self.max_held).then(|| {
+            ClientError::error(
+                "54000",
+                format!(
+                    "this session would hold {} bytes of prepared statements and portals, \
+                     more than the {} Gatehouse keeps per session \
+                     (worker.max_session_prepared_bytes); close some first \
+                     (DEALLOCATE, Close)",
+                    held + adding,
+                    self.max_held
+                ),
+            )
+        })
     }
 
     /// What the `EXECUTE`s of `c` run: a name prepared earlier in the same

@@ -34,6 +34,20 @@ impl<T> Change<T> {
     }
 }
 
+/// What a bound name costs the worker to keep, in bytes (about).
+pub(crate) trait Weighed {
+    fn weight(&self) -> usize;
+}
+
+impl<T: Weighed> Change<T> {
+    fn weight(&self) -> usize {
+        match self {
+            Change::Set(_, value) => value.weight(),
+            _ => 0,
+        }
+    }
+}
+
 /// What a name refers to for a message being read now.
 #[derive(Debug)]
 pub(crate) enum Lookup<T> {
@@ -54,6 +68,8 @@ pub(crate) struct Names<T> {
     /// Forwarded, unconfirmed changes per name.
     unsettled: HashMap<String, u32>,
     unsettled_all: u32,
+    /// Weight of the confirmed names and of the bindings on their way.
+    held: usize,
 }
 
 impl<T> Default for Names<T> {
@@ -64,11 +80,12 @@ impl<T> Default for Names<T> {
             batch_dropped_all: false,
             unsettled: HashMap::new(),
             unsettled_all: 0,
+            held: 0,
         }
     }
 }
 
-impl<T> Names<T> {
+impl<T: Weighed> Names<T> {
     pub fn lookup(&self, name: &str) -> Lookup<T> {
         if let Some(entry) = self.batch.get(name) {
             return entry.clone().map_or(Lookup::Unknown, Lookup::Known);
@@ -88,6 +105,7 @@ impl<T> Names<T> {
     /// A message making `change` is forwarded (or about to be). `in_batch`:
     /// later messages of the same batch see it at once.
     pub fn stage(&mut self, change: &Change<T>, in_batch: bool) {
+        self.held += change.weight();
         match change.name() {
             Some(name) => *self.unsettled.entry(name.to_owned()).or_default() += 1,
             None => self.unsettled_all += 1,
@@ -110,6 +128,7 @@ impl<T> Names<T> {
 
     /// The server answered the message that made `change`: `ok` if it ran.
     pub fn settle(&mut self, change: Change<T>, ok: bool) {
+        self.held = self.held.saturating_sub(change.weight());
         match change.name() {
             Some(name) => {
                 if let Some(n) = self.unsettled.get_mut(name) {
@@ -123,12 +142,22 @@ impl<T> Names<T> {
         }
         match change {
             Change::Set(name, value) if ok => {
-                self.confirmed.insert(name, value);
+                self.held += value.weight();
+                if let Some(old) = self.confirmed.insert(name, value) {
+                    self.held = self.held.saturating_sub(old.weight());
+                }
             }
             Change::Drop(name) if ok => {
-                self.confirmed.remove(&name);
+                if let Some(old) = self.confirmed.remove(&name) {
+                    self.held = self.held.saturating_sub(old.weight());
+                }
             }
-            Change::DropAll { always } if ok || always => self.confirmed.clear(),
+            Change::DropAll { always } if ok || always => {
+                for old in self.confirmed.values() {
+                    self.held = self.held.saturating_sub(old.weight());
+                }
+                self.confirmed.clear();
+            }
             _ => {}
         }
     }
@@ -137,6 +166,11 @@ impl<T> Names<T> {
     pub fn end_batch(&mut self) {
         self.batch.clear();
         self.batch_dropped_all = false;
+    }
+
+    /// What the confirmed names and the bindings on their way weigh.
+    pub fn held(&self) -> usize {
+        self.held
     }
 
     /// Bound names, as the server confirmed them.

@@ -271,6 +271,7 @@ impl Harness {
             Parsing::default(),
             TransactionStatus::Idle,
             1 << 20,
+            1 << 30,
             None,
         );
         Harness {
@@ -920,4 +921,53 @@ fn a_cancelled_statement_fails_in_its_place() {
     assert!(h.machine.statements.settled() && h.machine.portals.settled());
     h.send(&query("SELECT 1"));
     assert_eq!(h.sent().last(), Some(&text('Q', "SELECT 1")));
+}
+
+#[test]
+fn prepared_statements_and_portals_are_held_within_a_limit() {
+    let mut h = Harness::user();
+    h.machine.max_held = 4096;
+    let big = "x".repeat(1000);
+    h.send(&query("BEGIN"));
+    h.reply(&cat(&[command_complete("BEGIN"), ready(b'T')]));
+    h.send(&cat(&[parse("s1", "SELECT $1::text"), sync()]));
+    h.reply(&cat(&[parse_complete(), ready(b'T')]));
+    h.sent();
+    h.answered();
+    // Named portals live until the transaction ends, each holding its
+    // parameter: the fourth would pass the limit.
+    h.send(&cat(&[
+        bind("p1", "s1", &[&big]),
+        bind("p2", "s1", &[&big]),
+        bind("p3", "s1", &[&big]),
+        bind("p4", "s1", &[&big]),
+        sync(),
+    ]));
+    let sent = h.sent();
+    assert_eq!(&sent[..3], &[m('B'), m('B'), m('B')], "{sent:?}");
+    assert_eq!(sent[3], text('P', super::REFUSED_TEXT), "{sent:?}");
+    h.reply(&cat(&[
+        bind_complete(),
+        bind_complete(),
+        bind_complete(),
+        error("42601", "syntax error"),
+        ready(b'E'),
+    ]));
+    let answered = h.answered();
+    assert!(answered.contains(&err("54000")), "{answered:?}");
+    assert_eq!(h.machine.confirmed(), (1, 3));
+    // The transaction's end frees the portals: binding works again.
+    h.send(&query("ROLLBACK"));
+    h.reply(&cat(&[command_complete("ROLLBACK"), ready(b'I')]));
+    h.sent();
+    h.send(&cat(&[bind("p4", "s1", &[&big]), sync()]));
+    assert_eq!(h.sent(), vec![m('B'), m('S')]);
+    // A SQL PREPARE past the limit is refused too, and not recorded.
+    let recorded = h.commands().len();
+    h.send(&query(&format!(
+        "PREPARE big AS SELECT '{}'",
+        "y".repeat(4000)
+    )));
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    assert_eq!(h.commands().len(), recorded);
 }
