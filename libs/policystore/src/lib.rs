@@ -10,12 +10,26 @@
 //! Plain streams rather than the KV abstraction: they work the same on
 //! every nats-server from 2.9 on.
 //!
+//! Writes that must stay in step with the event log (the control plane
+//! records `PolicyBundlePublished` and `IdentityRevoked` only after the
+//! write took effect) use [`PolicyStore::replace_bundle`] and
+//! [`PolicyStore::replace_revocation`]: each carries the event's id as its
+//! `Nats-Msg-Id` and the subject's sequence it expects to replace, so a
+//! concurrent write is refused rather than undone later, and an ack lost
+//! on the way is resolved by looking for that id. [`PolicyStore::restore_bundle`]
+//! and [`PolicyStore::restore_revocation`] undo such a write when its event
+//! could not be recorded. [`PolicyStore::max_body`] is the largest body the
+//! server takes, so sizes can be checked before anything is written.
+//!
 //! Depends on the `policies` bundle format and NATS only.
 #![forbid(unsafe_code)]
 
 use std::collections::HashSet;
 
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
 use futures::StreamExt;
 use gatehouse_policies::Bundle;
 use serde::{Deserialize, Serialize};
@@ -81,7 +95,15 @@ pub enum StoreError {
     Kv(String),
     #[error("the stored bundle is not valid JSON: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("{size} bytes encoded, NATS takes at most {max} (max_payload less room for headers)")]
+    TooLarge { size: usize, max: usize },
+    /// Another write reached the subject between reading it and writing.
+    #[error("the policy store changed meanwhile: {0}")]
+    Conflict(String),
 }
+
+/// Room kept in every message for its headers, as the event publisher does.
+pub const HEADER_ROOM: usize = 1024;
 
 fn kv_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Kv(e.to_string())
@@ -122,6 +144,13 @@ pub struct Revocation {
     pub reason: Option<String>,
     /// Unix seconds.
     pub at: i64,
+}
+
+/// What a subject currently holds, and its stream sequence.
+#[derive(Debug, Clone)]
+pub struct Stored<T> {
+    pub value: T,
+    pub sequence: u64,
 }
 
 #[derive(Clone)]
@@ -187,6 +216,96 @@ impl PolicyStore {
         }
     }
 
+    /// The largest body a bundle or revocation message may have: the
+    /// server's `max_payload` less [`HEADER_ROOM`].
+    pub fn max_body(&self) -> usize {
+        self.js.client().max_payload().saturating_sub(HEADER_ROOM)
+    }
+
+    /// Encoded size of `bundle` as [`Self::replace_bundle`] would store it.
+    pub fn bundle_size(bundle: &Bundle) -> Result<usize, StoreError> {
+        Ok(serde_json::to_vec(bundle)?.len())
+    }
+
+    /// Encoded size of `revocation` as stored.
+    pub fn revocation_size(revocation: &Revocation) -> Result<usize, StoreError> {
+        Ok(serde_json::to_vec(revocation)?.len())
+    }
+
+    /// The current bundle with its stream sequence.
+    pub async fn current(&self) -> Result<Option<Stored<Bundle>>, StoreError> {
+        match self
+            .bundles
+            .get_last_raw_message_by_subject(&self.bundle_subject)
+            .await
+        {
+            Ok(m) => Ok(Some(Stored {
+                value: serde_json::from_slice(&m.payload)?,
+                sequence: m.sequence,
+            })),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(kv_error(e)),
+        }
+    }
+
+    /// Makes `bundle` the current one, provided the current one is still
+    /// the one at `expected` (0: none), with `id` as its `Nats-Msg-Id`;
+    /// returns its stream sequence. A body over [`Self::max_body`] is
+    /// refused before anything is sent; another push in between is a
+    /// [`StoreError::Conflict`].
+    pub async fn replace_bundle(
+        &self,
+        bundle: &Bundle,
+        id: &str,
+        expected: u64,
+    ) -> Result<u64, StoreError> {
+        let body = serde_json::to_vec(bundle)?;
+        self.put(
+            &self.bundles,
+            &self.bundle_subject,
+            body,
+            Some(id),
+            expected,
+        )
+        .await
+    }
+
+    /// Undoes [`Self::replace_bundle`] of `ours`, stored at `sequence`: the bundle
+    /// that was current before it (`previous`) is published again, so
+    /// workers, which follow the subject, go back to it; with no previous
+    /// bundle, a bundle without policies named `withdrawn-<version>`
+    /// replaces it (it refuses everything, as no bundle does). Then `ours`
+    /// is deleted from the history. Nothing happens if another bundle has
+    /// replaced `ours` meanwhile: `ours` is no longer in force.
+    pub async fn restore_bundle(
+        &self,
+        previous: Option<&Bundle>,
+        ours: &Bundle,
+        sequence: u64,
+    ) -> Result<(), StoreError> {
+        let body = match previous {
+            Some(b) => serde_json::to_vec(b)?,
+            None => serde_json::to_vec(&Bundle::new(
+                format!("withdrawn-{}", ours.version),
+                Vec::new(),
+                ours.schema.clone(),
+                false,
+            ))?,
+        };
+        match self
+            .put(&self.bundles, &self.bundle_subject, body, None, sequence)
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Conflict(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = self.bundles.delete_message(sequence).await {
+            tracing::warn!(error = %e, sequence, "cannot delete a withdrawn bundle from the history");
+        }
+        Ok(())
+    }
+
     /// Makes `bundle` the current one; returns its stream sequence.
     pub async fn publish_bundle(&self, bundle: &Bundle) -> Result<u64, StoreError> {
         let body = serde_json::to_vec(bundle)?;
@@ -208,9 +327,131 @@ impl PolicyStore {
         Ok(messages.map(|m| m.and_then(|payload| Ok(serde_json::from_slice(&payload)?))))
     }
 
+    fn revocation_subject(&self, revoked: &Revoked) -> String {
+        format!("{}.{}", self.revocation_prefix, revoked.key())
+    }
+
+    /// The revocation stored for `revoked`, if any, as stored (raw) and
+    /// its sequence.
+    pub async fn revocation_of(
+        &self,
+        revoked: &Revoked,
+    ) -> Result<Option<Stored<Bytes>>, StoreError> {
+        match self
+            .revocations
+            .get_last_raw_message_by_subject(&self.revocation_subject(revoked))
+            .await
+        {
+            Ok(m) => Ok(Some(Stored {
+                value: m.payload,
+                sequence: m.sequence,
+            })),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(kv_error(e)),
+        }
+    }
+
+    /// Stores `revocation`, provided its subject still holds the message at
+    /// `expected` (0: none), with `id` as its `Nats-Msg-Id`; returns its
+    /// sequence. As [`Self::replace_bundle`].
+    pub async fn replace_revocation(
+        &self,
+        revocation: &Revocation,
+        id: &str,
+        expected: u64,
+    ) -> Result<u64, StoreError> {
+        let body = serde_json::to_vec(revocation)?;
+        let subject = self.revocation_subject(&revocation.revoked);
+        self.put(&self.revocations, &subject, body, Some(id), expected)
+            .await
+    }
+
+    /// Undoes [`Self::replace_revocation`] of the revocation at `sequence`:
+    /// the one it replaced (`previous`, as stored) is stored again, or,
+    /// with none, `sequence` is deleted, so the store, workers that start
+    /// and [`Self::revoked`] no longer hold it. Workers that already saw it
+    /// keep refusing the identity until they restart: revocations are only
+    /// ever added to a running worker's set.
+    pub async fn restore_revocation(
+        &self,
+        revoked: &Revoked,
+        previous: Option<Bytes>,
+        sequence: u64,
+    ) -> Result<(), StoreError> {
+        match previous {
+            Some(body) => {
+                let subject = self.revocation_subject(revoked);
+                match self
+                    .put(&self.revocations, &subject, body.to_vec(), None, sequence)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            None => match self.revocations.delete_message(sequence).await {
+                Ok(_) => Ok(()),
+                // Already replaced by a later revocation of the same identity.
+                Err(e) if e.to_string().contains("no message found") => Ok(()),
+                Err(e) => Err(kv_error(e)),
+            },
+        }
+    }
+
+    /// Publishes `body` on `subject` of `stream` if the subject's last
+    /// sequence is `expected`, and returns the new message's sequence. When
+    /// the ack is lost (timeout, connection), a message with `id` found
+    /// last on the subject counts as stored.
+    async fn put(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        body: Vec<u8>,
+        id: Option<&str>,
+        expected: u64,
+    ) -> Result<u64, StoreError> {
+        let max = self.max_body();
+        if body.len() > max {
+            return Err(StoreError::TooLarge {
+                size: body.len(),
+                max,
+            });
+        }
+        let mut message = PublishMessage::build()
+            .payload(Bytes::from(body))
+            .expected_last_subject_sequence(expected);
+        if let Some(id) = id {
+            message = message.message_id(id);
+        }
+        let ack = match self.js.send_publish(subject.to_string(), message).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(StoreError::Conflict(e.to_string()))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                ) && id.is_some() =>
+            {
+                match stream.get_last_raw_message_by_subject(subject).await {
+                    Ok(m) if m.headers.get("Nats-Msg-Id").map(|v| v.as_str()) == id => {
+                        Ok(m.sequence)
+                    }
+                    _ => Err(kv_error(e)),
+                }
+            }
+            Err(e) => Err(kv_error(e)),
+        }
+    }
+
     pub async fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
         let body = serde_json::to_vec(revocation)?;
-        let subject = format!("{}.{}", self.revocation_prefix, revocation.revoked.key());
+        let subject = self.revocation_subject(&revocation.revoked);
         self.js
             .publish(subject, body.into())
             .await
