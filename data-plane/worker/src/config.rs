@@ -22,8 +22,16 @@ pub struct WorkerConfig {
     /// NATS subject on which workers forward cancel requests for sessions
     /// they do not hold themselves.
     pub cancel_subject: String,
-    /// Largest protocol message accepted from a client or target, in bytes.
+    /// Largest protocol message accepted from a client, in bytes. A larger
+    /// one ends the session (`54000`) on its header, before its body is
+    /// read. (A target's messages may be as large as PostgreSQL's own
+    /// limit, 1 GiB.)
     pub max_message_bytes: usize,
+    /// Longest statement text a client may send (a `Query`, or a `Parse`'s
+    /// text): longer ones are refused with `54000` before they are parsed.
+    /// Its record must also fit the event log's `max_payload` (1 MiB by
+    /// default).
+    pub max_statement_bytes: usize,
     /// On shutdown, how long open sessions may go on before they are ended
     /// (with `57P01` and a `SessionClosed` event saying `worker_shutdown`).
     pub drain_timeout_secs: u64,
@@ -64,7 +72,8 @@ impl Default for WorkerConfig {
             tls_key_file: None,
             allow_plaintext: false,
             cancel_subject: "gatehouse.cancel".into(),
-            max_message_bytes: gatehouse_pgwire::DEFAULT_MAX_FRAME,
+            max_message_bytes: 64 << 20,
+            max_statement_bytes: 1 << 20,
             drain_timeout_secs: 30,
             sessions_outlive_tokens: false,
             max_session_prepared_bytes: 64 << 20,
@@ -194,6 +203,7 @@ impl WorkerConfig {
         }
         for (field, value) in [
             ("startup_timeout_secs", self.startup_timeout_secs as usize),
+            ("max_statement_bytes", self.max_statement_bytes),
             (
                 "max_session_prepared_bytes",
                 self.max_session_prepared_bytes,

@@ -64,8 +64,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
             policy,
             parsing,
             backend.status,
-            shared.config.max_message_bytes,
-            shared.config.max_session_prepared_bytes,
+            crate::machine::Limits::of(&shared.config),
             token_deadline,
         );
         pump(

@@ -459,7 +459,7 @@ async fn authenticate(
         target: &target.config,
         tls: target.tls.as_ref(),
         params: &passed,
-        max_message: shared.config.max_message_bytes,
+        max_message: pg::DEFAULT_MAX_FRAME,
     })
     .await
     .map_err(|e| match e.for_client() {

@@ -2011,8 +2011,11 @@ impl Fuzz {
             policy,
             Parsing::default(),
             TransactionStatus::Idle,
-            1 << 16,
-            1 << 30,
+            super::Limits {
+                max_message: 1 << 16,
+                max_statement: 1 << 16,
+                max_held: 1 << 30,
+            },
             None,
         );
         let mut model = Model::new(who, legacy);

@@ -223,11 +223,30 @@ pub(crate) enum RecordError {
     TooLarge { size: usize, max: usize },
 }
 
+/// What one session may take: the worker's limits, from its config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Largest message from the client.
+    pub max_message: usize,
+    /// Longest statement text read (classified, decided, recorded).
+    pub max_statement: usize,
+    /// Most bytes of prepared statements and portals held.
+    pub max_held: usize,
+}
+
+impl Limits {
+    pub fn of(config: &crate::WorkerConfig) -> Self {
+        Limits {
+            max_message: config.max_message_bytes,
+            max_statement: config.max_statement_bytes,
+            max_held: config.max_session_prepared_bytes,
+        }
+    }
+}
+
 pub(crate) struct Machine {
     ctx: Arc<SessionCtx>,
-    max_message: usize,
-    /// Most bytes of prepared statements and portals the session may hold.
-    max_held: usize,
+    limits: Limits,
     policy: SessionPolicy,
     classifier: Classifier,
     /// How the target reads the session's text, as it last reported.
@@ -273,14 +292,12 @@ impl Machine {
         policy: SessionPolicy,
         parsing: Parsing,
         status: TransactionStatus,
-        max_message: usize,
-        max_held: usize,
+        limits: Limits,
         token_deadline: Option<i64>,
     ) -> Self {
         Self {
             ctx,
-            max_message,
-            max_held,
+            limits,
             policy,
             classifier: Classifier::default(),
             parsing,
@@ -402,9 +419,25 @@ impl Machine {
                     {
                         break;
                     }
-                    match pg::decode_frame(buf, self.max_message) {
+                    match pg::decode_frame(buf, self.limits.max_message) {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
+                        Err(pg::ProtocolError::TooLarge { len, max }) => {
+                            // Refused on its header: the body is neither
+                            // read nor allocated.
+                            self.finish_chunk(chunk);
+                            self.close(
+                                ClientError::fatal(
+                                    "54000",
+                                    format!(
+                                        "a message of {len} bytes is larger than the {max} \
+                                         Gatehouse accepts (worker.max_message_bytes)"
+                                    ),
+                                ),
+                                CloseReason::Error,
+                            );
+                            return;
+                        }
                         Err(e) => {
                             self.finish_chunk(chunk);
                             self.close(ClientError::protocol(e), CloseReason::Error);
@@ -775,6 +808,11 @@ impl Machine {
                 return Step::Next;
             }
         };
+        if let Some(error) = self.too_long(&text) {
+            self.end_client_batch();
+            self.refuse_simple(chunk, error);
+            return Step::Next;
+        }
         let facts = self.classifier.classify(&text, self.parsing.reading());
         // Names resolve as the open batch left them (the server runs the
         // Query only if the batch had no error), then the Query ends it.
@@ -861,6 +899,10 @@ impl Machine {
         };
         if self.batch.executed {
             self.batch.text_after_execute = true;
+        }
+        if let Some(error) = self.too_long(&text) {
+            self.refuse_extended(chunk, error);
+            return;
         }
         let facts = self.classifier.classify(&text, self.parsing.reading());
         // Decided now as well as when run: text no policy allows is
@@ -1039,6 +1081,22 @@ impl Machine {
             .push(refuse_simple_bytes(&mut chunk.bytes, error));
     }
 
+    /// The refusal of a statement longer than the worker reads. Not
+    /// recorded: nothing was run.
+    fn too_long(&self, text: &str) -> Option<ClientError> {
+        (text.len() > self.limits.max_statement).then(|| {
+            ClientError::error(
+                "54000",
+                format!(
+                    "the statement is {} bytes long; Gatehouse reads statements of at most {} \
+                     bytes (worker.max_statement_bytes)",
+                    text.len(),
+                    self.limits.max_statement
+                ),
+            )
+        })
+    }
+
     /// The refusal of bindings that would take the session's prepared
     /// statements and portals past `max_held` bytes.
     fn over_held<'c, T: Weighed + 'c>(
@@ -1053,7 +1111,7 @@ impl Machine {
             })
             .sum();
         let held = self.statements.held() + self.portals.held();
-        (adding > 0 && held + adding > self.max_held).then(|| {
+        (adding > 0 && held + adding > self.limits.max_held).then(|| {
             ClientError::error(
                 "54000",
                 format!(
@@ -1062,7 +1120,7 @@ impl Machine {
                      (worker.max_session_prepared_bytes); close some first \
                      (DEALLOCATE, Close)",
                     held + adding,
-                    self.max_held
+                    self.limits.max_held
                 ),
             )
         })
@@ -1176,7 +1234,7 @@ impl Machine {
     pub fn target_input(&mut self, buf: &mut BytesMut) {
         let mut pos = 0;
         while self.ended.is_none() {
-            let len = match pg::pending_frame_len(&buf[pos..], self.max_message) {
+            let len = match pg::pending_frame_len(&buf[pos..], pg::DEFAULT_MAX_FRAME) {
                 Ok(Some(len)) if buf.len() - pos >= len => len,
                 Ok(_) => break,
                 Err(e) => {
@@ -1196,7 +1254,7 @@ impl Machine {
             self.answer_front();
         }
         buf.advance(pos);
-        if let Ok(Some(len)) = pg::pending_frame_len(buf, self.max_message) {
+        if let Ok(Some(len)) = pg::pending_frame_len(buf, pg::DEFAULT_MAX_FRAME) {
             // Make room for a large frame, but not for more than has
             // arrived plus `RESERVE_AHEAD`: a header claims nothing.
             buf.reserve(len.saturating_sub(buf.len()).min(pg::RESERVE_AHEAD));

@@ -270,8 +270,11 @@ impl Harness {
             policy,
             Parsing::default(),
             TransactionStatus::Idle,
-            1 << 20,
-            1 << 30,
+            super::Limits {
+                max_message: 1 << 20,
+                max_statement: 1 << 20,
+                max_held: 1 << 30,
+            },
             None,
         );
         Harness {
@@ -926,7 +929,7 @@ fn a_cancelled_statement_fails_in_its_place() {
 #[test]
 fn prepared_statements_and_portals_are_held_within_a_limit() {
     let mut h = Harness::user();
-    h.machine.max_held = 4096;
+    h.machine.limits.max_held = 4096;
     let big = "x".repeat(1000);
     h.send(&query("BEGIN"));
     h.reply(&cat(&[command_complete("BEGIN"), ready(b'T')]));
@@ -970,4 +973,39 @@ fn prepared_statements_and_portals_are_held_within_a_limit() {
     )));
     assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
     assert_eq!(h.commands().len(), recorded);
+}
+
+#[test]
+fn statements_longer_than_the_worker_reads_are_refused_unparsed() {
+    let mut h = Harness::user();
+    h.machine.limits.max_statement = 100;
+    let long = format!("SELECT '{}'", "x".repeat(200));
+    h.send(&query(&long));
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("54000"), m('Z')]);
+    h.send(&cat(&[parse("s1", &long), sync()]));
+    assert_eq!(h.sent(), vec![text('P', super::REFUSED_TEXT), m('S')]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("54000"), m('Z')]);
+    assert!(h.commands().is_empty(), "nothing ran, nothing recorded");
+    h.send(&query("SELECT 1"));
+    assert_eq!(h.sent(), vec![text('Q', "SELECT 1")]);
+}
+
+#[test]
+fn a_message_larger_than_accepted_ends_the_session_on_its_header() {
+    let mut h = Harness::user();
+    h.machine.limits.max_message = 1024;
+    // A Query header claiming 10 MB, without its body.
+    let mut header = vec![b'Q'];
+    header.extend_from_slice(&(10_000_000i32).to_be_bytes());
+    h.send(&header);
+    assert!(h.sent().is_empty());
+    assert_eq!(h.answered(), vec![err("54000")]);
+    assert!(h.machine.ended().is_some());
+    assert!(
+        h.client.capacity() < 1 << 20,
+        "the body was never allocated"
+    );
 }
