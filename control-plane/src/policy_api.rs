@@ -1,22 +1,59 @@
 //! The control plane as policy authority: pushing bundles, revoking
 //! identities, and explaining what a bundle would decide.
 //!
-//! Pushes and revocations are recorded as events first (fail closed: what
-//! cannot be recorded does not take effect), then written to the policy
-//! store that workers watch.
+//! # Records and effects stay in step
+//!
+//! A push writes two things to NATS: the bundle on the bundle stream (the
+//! effect: workers follow it) and `PolicyBundlePublished` on the event log
+//! (the record: the audit trail). A revocation likewise writes the
+//! revocation and `IdentityRevoked`. JetStream cannot write both at once,
+//! so the order is chosen to keep this invariant:
+//!
+//! **An event says a bundle was published, or an identity revoked, only if
+//! it was; and what was published or revoked stays in force only if its
+//! event was recorded.**
+//!
+//! 1. Sizes first. The bundle (or revocation) as stored, and its event as
+//!    recorded, must each fit the server's `max_payload` less room for
+//!    headers; otherwise the request is refused with 413 naming both sizes,
+//!    and nothing is written.
+//! 2. The effect. The bundle is published with the event's id as its
+//!    `Nats-Msg-Id`, on condition that the subject still holds what was
+//!    read as current (a concurrent push gets 409, never a silent undo of
+//!    another's push). If the store refuses, nothing is recorded (503); an
+//!    ack lost on the way is settled by looking for the id.
+//! 3. The record. Only once the store acknowledged the write is the event
+//!    recorded (retried once; the event log drops a duplicate of the same
+//!    id and the projector is idempotent on it).
+//! 4. Undo. If the event cannot be recorded, the write is undone before
+//!    the client gets its 503: the previous bundle is published again
+//!    (workers follow the subject back to it), or, if there was none, a
+//!    bundle without policies that refuses everything as no bundle does; a
+//!    revocation is replaced by the one it replaced, or deleted. The undone
+//!    message is deleted from the stream's history.
+//!
+//! What remains: between steps 2 and 4 workers may briefly decide with the
+//! new bundle (their `CommandReceived` decisions name its hash); a worker
+//! that saw an undone revocation keeps refusing that identity until it
+//! restarts (revocations only ever add to a running worker's set, which
+//! errs toward refusing); if NATS goes away after step 2, the undo may fail
+//! too, which is logged as an error naming the bundle or identity; and an
+//! event the log stored but whose ack was lost both times is followed by an
+//! undo, leaving a record of a write that was withdrawn.
 
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gatehouse_eventlog::Publisher;
+use gatehouse_eventlog::{PublishError, Publisher};
 use gatehouse_events::{Event, IdentityRevoked, Payload, PolicyBundlePublished};
 use gatehouse_policies::{
     Bundle, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
 };
-use gatehouse_policystore::{PolicyConfig, PolicyStore, Revocation, Revoked};
+use gatehouse_policystore::{PolicyConfig, PolicyStore, Revocation, Revoked, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -64,9 +101,90 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable("policy store or event log")
 }
 
-async fn record(api: &PolicyApi, payload: Payload) -> Result<(), ApiError> {
-    let event = Event::new(api.source.clone(), payload);
-    api.publisher.record(vec![event]).await.map_err(unavailable)
+/// An error of the push and revoke endpoints: the API's own, or one of
+/// the outcomes only they have.
+enum PolicyError {
+    Api(ApiError),
+    /// 413: `what`, encoded, is `size` bytes; NATS takes `max`.
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        max: usize,
+    },
+    /// 409: another push or revocation of the same thing came first.
+    Conflict(&'static str),
+}
+
+impl From<ApiError> for PolicyError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl IntoResponse for PolicyError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Api(e) => e.into_response(),
+            Self::TooLarge { what, size, max } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(json!({
+                    "error": format!(
+                        "{what} is too large: {size} bytes encoded, NATS takes at most {max} \
+                         (max_payload less room for headers); nothing was recorded or published"
+                    ),
+                    "size": size,
+                    "max": max,
+                })),
+            )
+                .into_response(),
+            Self::Conflict(what) => (
+                StatusCode::CONFLICT,
+                Json(json!({
+                    "error": format!("{what} changed while this request was written; nothing was recorded, try again")
+                })),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Maps a policy store error about `what`.
+fn store_error(what: &'static str) -> impl Fn(StoreError) -> PolicyError {
+    move |e| match e {
+        StoreError::TooLarge { size, max } => PolicyError::TooLarge { what, size, max },
+        StoreError::Conflict(_) => PolicyError::Conflict(what),
+        e => unavailable(e).into(),
+    }
+}
+
+/// Refuses `event` if the event log could not carry it (as the publisher
+/// would, but before anything is written).
+fn check_event(event: &Event, max: usize, what: &'static str) -> Result<(), PolicyError> {
+    let size = event.to_cloudevent().len();
+    if size > max {
+        return Err(PolicyError::TooLarge { what, size, max });
+    }
+    Ok(())
+}
+
+/// Records `event`, retrying once: a retry of an event stored whose ack was
+/// lost is dropped as a duplicate of its id.
+async fn record(api: &PolicyApi, event: &Event, what: &'static str) -> Result<(), PolicyError> {
+    let mut retried = false;
+    loop {
+        match api.publisher.record(vec![event.clone()]).await {
+            Ok(()) => return Ok(()),
+            Err(PublishError::TooLarge { size, max }) => {
+                return Err(PolicyError::TooLarge { what, size, max });
+            }
+            Err(e) if !retried => {
+                tracing::warn!(error = %e, event = %event.id, "cannot record a policy event; retrying");
+                retried = true;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(unavailable(e).into()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -87,7 +205,7 @@ async fn push(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Json(req): Json<PushRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
     let who = authorize(&s, &headers, &[&s.policy.config.admin_group]).await?;
     let api = &s.policy;
     let schema = req
@@ -105,8 +223,8 @@ async fn push(
         message: "the bundle is not valid".into(),
         details: e.problems().iter().map(|p| p.to_string()).collect(),
     })?;
-    record(
-        api,
+    let event = Event::new(
+        api.source.clone(),
         Payload::PolicyBundlePublished(PolicyBundlePublished {
             version: bundle.version.clone(),
             hash: bundle.hash.clone(),
@@ -114,12 +232,48 @@ async fn push(
             dry_run: bundle.dry_run,
             published_by: who.identity.subject.clone(),
         }),
-    )
-    .await?;
-    api.store
-        .publish_bundle(&bundle)
+    );
+
+    // 1. Sizes, before anything is written.
+    let max = api.store.max_body();
+    let size = PolicyStore::bundle_size(&bundle).map_err(unavailable)?;
+    if size > max {
+        return Err(PolicyError::TooLarge {
+            what: "the policy bundle",
+            size,
+            max,
+        });
+    }
+    check_event(&event, max, "the bundle's PolicyBundlePublished event")?;
+
+    // 2. The effect, provided the current bundle is still the one read.
+    let previous = api.store.current().await.map_err(unavailable)?;
+    let sequence = api
+        .store
+        .replace_bundle(
+            &bundle,
+            &event.id.to_string(),
+            previous.as_ref().map_or(0, |p| p.sequence),
+        )
         .await
-        .map_err(unavailable)?;
+        .map_err(store_error("the current policy bundle"))?;
+
+    // 3. The record; 4. or the undo.
+    if let Err(e) = record(api, &event, "the bundle's PolicyBundlePublished event").await {
+        match api
+            .store
+            .restore_bundle(previous.as_ref().map(|p| &p.value), &bundle, sequence)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(version = %bundle.version, hash = %bundle.hash, "policy bundle withdrawn: its event could not be recorded")
+            }
+            Err(undo) => {
+                tracing::error!(error = %undo, version = %bundle.version, hash = %bundle.hash, "policy bundle in force without its PolicyBundlePublished event: recording failed and so did withdrawing it")
+            }
+        }
+        return Err(e);
+    }
     *api.cache.lock().expect("poisoned") = Some(Arc::new(engine));
     tracing::info!(version = %bundle.version, hash = %bundle.hash, by = %who.identity.subject, "policy bundle published");
     Ok((
@@ -165,41 +319,85 @@ async fn revoke(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Json(req): Json<RevokeRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
     let who = authorize(&s, &headers, &[&s.policy.config.admin_group]).await?;
+    let api = &s.policy;
     let revoked = match (req.subject, req.token_id) {
         (Some(sub), None) if !sub.is_empty() => Revoked::Subject(sub),
         (None, Some(jti)) if !jti.is_empty() => Revoked::Token(jti),
         _ => {
-            return Err(ApiError::BadRequest(
-                "give exactly one of subject or token_id".into(),
-            ));
+            return Err(
+                ApiError::BadRequest("give exactly one of subject or token_id".into()).into(),
+            );
         }
     };
     let (kind, value) = match &revoked {
         Revoked::Subject(v) => ("subject", v.clone()),
         Revoked::Token(v) => ("token", v.clone()),
     };
-    record(
-        &s.policy,
+    let event = Event::new(
+        api.source.clone(),
         Payload::IdentityRevoked(IdentityRevoked {
             kind: kind.into(),
             value: value.clone(),
             revoked_by: who.identity.subject.clone(),
             reason: req.reason.clone(),
         }),
-    )
-    .await?;
-    s.policy
+    );
+    let revocation = Revocation {
+        revoked,
+        by: who.identity.subject.clone(),
+        reason: req.reason,
+        at: chrono::Utc::now().timestamp(),
+    };
+
+    // 1. Sizes, before anything is written.
+    let max = api.store.max_body();
+    let size = PolicyStore::revocation_size(&revocation).map_err(unavailable)?;
+    if size > max {
+        return Err(PolicyError::TooLarge {
+            what: "the revocation",
+            size,
+            max,
+        });
+    }
+    check_event(&event, max, "the revocation's IdentityRevoked event")?;
+
+    // 2. The effect, provided the identity's revocation is still the one read.
+    let previous = api
         .store
-        .revoke(&Revocation {
-            revoked,
-            by: who.identity.subject.clone(),
-            reason: req.reason,
-            at: chrono::Utc::now().timestamp(),
-        })
+        .revocation_of(&revocation.revoked)
         .await
         .map_err(unavailable)?;
+    let sequence = api
+        .store
+        .replace_revocation(
+            &revocation,
+            &event.id.to_string(),
+            previous.as_ref().map_or(0, |p| p.sequence),
+        )
+        .await
+        .map_err(store_error("the identity's revocation"))?;
+
+    // 3. The record; 4. or the undo.
+    if let Err(e) = record(api, &event, "the revocation's IdentityRevoked event").await {
+        match api
+            .store
+            .restore_revocation(&revocation.revoked, previous.map(|p| p.value), sequence)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(
+                    kind,
+                    "revocation withdrawn: its event could not be recorded"
+                )
+            }
+            Err(undo) => {
+                tracing::error!(error = %undo, kind, value = %value, "revocation in force without its IdentityRevoked event: recording failed and so did withdrawing it")
+            }
+        }
+        return Err(e);
+    }
     tracing::info!(kind, by = %who.identity.subject, "identity revoked");
     Ok((
         StatusCode::CREATED,

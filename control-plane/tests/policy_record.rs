@@ -1,0 +1,539 @@
+//! Pushes and revocations against the real NATS (127.0.0.1:4222, JetStream)
+//! and PostgreSQL (postgres://postgres@127.0.0.1:5432, trust auth): an
+//! event saying a bundle was published, or an identity revoked, exists only
+//! if the store took it, and what the store took stays only if its event
+//! was recorded.
+//!
+//! Failures are provoked per stream: a bundle or reason larger than the
+//! server's `max_payload`, or a stream's own `max_message_size` set below
+//! the message (the policy store's stream refuses the effect, or the event
+//! stream refuses the record). Each test has its own streams, consumer and
+//! audit database, removed at the end even on failure.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::{FutureExt, StreamExt};
+use gatehouse_control_plane::{ControlPlaneConfig, run};
+use gatehouse_eventlog::EventLogConfig;
+use gatehouse_events::EventType;
+use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use gatehouse_policystore::{PolicyConfig, PolicyStore, Revoked};
+use gatehouse_testkit::eventually;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+const ADMINS: &str = "policy-admins";
+const PERMIT_ALL: &str = "@id(\"all\") permit (principal, action, resource);";
+
+struct Env {
+    js: jetstream::Context,
+    nats: async_nats::Client,
+    events: EventLogConfig,
+    config: ControlPlaneConfig,
+    database: String,
+    issuer: DevIssuer,
+    verifier: Arc<Verifier>,
+    http: reqwest::Client,
+    _watchdog: gatehouse_testkit::Watchdog,
+}
+
+struct Running {
+    url: String,
+    admin: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let watchdog = gatehouse_testkit::Watchdog::for_test();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("gatehouse_control_plane=debug")
+            .with_test_writer()
+            .try_init();
+        let id = Uuid::new_v4().simple().to_string();
+        let nats_url = "nats://127.0.0.1:4222";
+        let nats = async_nats::connect(nats_url).await.unwrap();
+        let events = EventLogConfig {
+            nats_url: nats_url.into(),
+            stream: format!("CPPOL_{id}"),
+            subject_prefix: format!("cppol.{id}.events"),
+            ..Default::default()
+        };
+        let database = format!("gh_cppol_{id}");
+        let config = ControlPlaneConfig {
+            audit_db_url: format!("{SERVER}/{database}"),
+            consumer: format!("cppol-{id}"),
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer_url = format!("http://{}", listener.local_addr().unwrap());
+        let issuer = DevIssuer::generate(&issuer_url);
+        tokio::spawn(axum::serve(listener, issuer.router()).into_future());
+        let verifier = Verifier::new(VerifierConfig {
+            issuer: issuer_url,
+            allow_http: true,
+            ..Default::default()
+        })
+        .unwrap();
+        Self {
+            js: jetstream::new(nats.clone()),
+            nats,
+            events,
+            config,
+            database,
+            issuer,
+            verifier: Arc::new(verifier),
+            http: reqwest::Client::new(),
+            _watchdog: watchdog,
+        }
+    }
+
+    fn policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            bundle_stream: format!("{}_POLICIES", self.events.stream),
+            revocation_stream: format!("{}_REVOCATIONS", self.events.stream),
+            ..Default::default()
+        }
+    }
+
+    async fn start(&self) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            self.config.clone(),
+            self.policy(),
+            self.events.clone(),
+            self.nats.clone(),
+            listener,
+            self.verifier.clone(),
+            axum::Router::new(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        eventually("the control plane to start", || async {
+            self.http
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        let admin = self.issuer.mint(&TokenRequest {
+            subject: "admin-1".into(),
+            username: Some("admin".into()),
+            groups: vec![ADMINS.into()],
+            audience: "gatehouse".into(),
+            ttl: Duration::from_secs(300),
+            actors: vec![],
+        });
+        Running {
+            url,
+            admin,
+            stop,
+            task,
+        }
+    }
+
+    async fn scope(self, body: impl AsyncFnOnce(&Env)) {
+        let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
+        let _ = self.js.delete_stream(&self.events.stream).await;
+        let policy = self.policy();
+        let _ = self.js.delete_stream(&policy.bundle_stream).await;
+        let _ = self.js.delete_stream(&policy.revocation_stream).await;
+        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
+            .await
+            .unwrap();
+        let drop = format!(
+            "SET statement_timeout = '60s'; DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.database
+        );
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+            .execute(&mut admin)
+            .await
+        {
+            eprintln!("could not drop test database {}: {e}", self.database);
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    async fn db(&self) -> PgPool {
+        PgPool::connect(&self.config.audit_db_url).await.unwrap()
+    }
+
+    async fn store(&self) -> PolicyStore {
+        PolicyStore::open(&self.js, &self.policy()).await.unwrap()
+    }
+
+    /// Events of type `ty` on the event stream (each push or revocation
+    /// here is recorded alone, one event per message).
+    async fn events_of(&self, ty: EventType) -> usize {
+        let subject = self.events.subjects().for_type(ty);
+        let stream = self.js.get_stream(&self.events.stream).await.unwrap();
+        let mut subjects = stream.info_with_subjects(&subject).await.unwrap();
+        let mut n = 0;
+        while let Some(s) = subjects.next().await {
+            n += s.unwrap().1;
+        }
+        n
+    }
+
+    /// The version of every bundle in the bundle stream, oldest first.
+    async fn bundle_history(&self) -> Vec<String> {
+        let mut stream = self
+            .js
+            .get_stream(&self.policy().bundle_stream)
+            .await
+            .unwrap();
+        let total = stream.info().await.unwrap().state.messages;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out = Vec::new();
+        while (out.len() as u64) < total {
+            let m = messages.next().await.unwrap().unwrap();
+            let bundle: Value = serde_json::from_slice(&m.payload).unwrap();
+            out.push(bundle["version"].as_str().unwrap().to_string());
+        }
+        out
+    }
+
+    /// Sets a stream's largest message, in bytes (-1: unlimited).
+    async fn limit_stream(&self, name: &str, max_message_size: i32) {
+        let mut stream = self.js.get_stream(name).await.unwrap();
+        let mut config = stream.info().await.unwrap().config.clone();
+        config.max_message_size = max_message_size;
+        self.js.update_stream(&config).await.unwrap();
+    }
+
+    /// Waits until the projector has nothing pending or unacknowledged.
+    async fn wait_projected(&self) {
+        eventually("the projector to catch up", || async {
+            let stream = self.js.get_stream(&self.events.stream).await.unwrap();
+            let info = stream.consumer_info(&self.config.consumer).await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+        .await;
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn post(&self, env: &Env, path: &str, body: &Value) -> (u16, Value) {
+        let resp = env
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn push(&self, env: &Env, version: &str, files: Value) -> (u16, Value) {
+        self.post(
+            env,
+            "/api/v1/policies",
+            &json!({ "version": version, "files": files }),
+        )
+        .await
+    }
+
+    async fn current(&self, env: &Env) -> Value {
+        let resp = env
+            .http
+            .get(format!("{}/api/v1/policies/current", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        resp.json().await.unwrap()
+    }
+}
+
+async fn bundle_rows(db: &PgPool) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT version, hash FROM policy_bundles ORDER BY time, event_id")
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+async fn revocation_rows(db: &PgPool) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as("SELECT kind, value, reason FROM revocations ORDER BY time, event_id")
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+/// A valid bundle of `bytes` and more: one policy and a long comment.
+fn padded_files(bytes: usize) -> Value {
+    let comment = format!("// {}\n", "x".repeat(bytes));
+    json!([["all.cedar", format!("{comment}{PERMIT_ALL}")]])
+}
+
+#[tokio::test]
+async fn an_oversized_bundle_is_refused_and_nothing_is_recorded() {
+    Env::new().await.scope(oversized_bundle).await;
+}
+
+async fn oversized_bundle(env: &Env) {
+    let cp = env.start().await;
+    let db = env.db().await;
+
+    // A normal push is published and recorded exactly once.
+    let (status, first) = cp.push(env, "v1", json!([["all.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(cp.current(env).await["hash"], first["hash"]);
+
+    // 1.5 MB: within the API's body limit, beyond NATS's max_payload.
+    let max_payload = env.nats.max_payload();
+    assert!(max_payload < 1_500_000, "max_payload is {max_payload}");
+    let (status, body) = cp.push(env, "huge", padded_files(1_500_000)).await;
+    assert_eq!(status, 413, "{body}");
+    let size = body["size"].as_u64().unwrap() as usize;
+    let max = body["max"].as_u64().unwrap() as usize;
+    assert!(size > 1_500_000 && max < max_payload, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains(&size.to_string()) && error.contains(&max.to_string()),
+        "{error}"
+    );
+    // The current bundle is unchanged; the store's history holds v1 only.
+    let current = cp.current(env).await;
+    assert_eq!(current["version"], "v1", "{current}");
+    assert_eq!(current["hash"], first["hash"]);
+
+    // A later push is projected after anything the refused one could have
+    // recorded: then exactly v1 and v2 are there.
+    let (status, second) = cp.push(env, "v2", json!([["b.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{second}");
+    eventually("both bundles to be projected", || async {
+        bundle_rows(&db).await.len() >= 2
+    })
+    .await;
+    env.wait_projected().await;
+    let rows = bundle_rows(&db).await;
+    assert_eq!(
+        rows,
+        vec![
+            ("v1".into(), first["hash"].as_str().unwrap().into()),
+            ("v2".into(), second["hash"].as_str().unwrap().into()),
+        ]
+    );
+    assert_eq!(env.events_of(EventType::PolicyBundlePublished).await, 2);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_bundle_the_store_refuses_is_not_recorded() {
+    Env::new().await.scope(store_refuses_bundle).await;
+}
+
+async fn store_refuses_bundle(env: &Env) {
+    let cp = env.start().await;
+    let db = env.db().await;
+    let (status, first) = cp.push(env, "v1", json!([["all.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{first}");
+
+    // The bundle stream takes nothing over 4 kB; the event log takes it all.
+    env.limit_stream(&env.policy().bundle_stream, 4096).await;
+    let (status, body) = cp.push(env, "big", padded_files(8192)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(cp.current(env).await["version"], "v1");
+
+    env.limit_stream(&env.policy().bundle_stream, -1).await;
+    let (status, second) = cp.push(env, "v2", json!([["b.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{second}");
+    eventually("both bundles to be projected", || async {
+        bundle_rows(&db).await.len() >= 2
+    })
+    .await;
+    env.wait_projected().await;
+    let versions: Vec<String> = bundle_rows(&db).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(versions, ["v1", "v2"]);
+    assert_eq!(env.events_of(EventType::PolicyBundlePublished).await, 2);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_bundle_whose_event_cannot_be_recorded_is_withdrawn() {
+    Env::new().await.scope(record_fails_bundle).await;
+}
+
+async fn record_fails_bundle(env: &Env) {
+    let cp = env.start().await;
+    let db = env.db().await;
+    let store = env.store().await;
+
+    // With no bundle before, the withdrawal is a bundle without policies,
+    // which refuses everything as no bundle does.
+    env.limit_stream(&env.events.stream, 128).await;
+    let (status, body) = cp.push(env, "v0", json!([["all.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 503, "{body}");
+    let current = cp.current(env).await;
+    assert_eq!(current["version"], "withdrawn-v0", "{current}");
+    assert_eq!(current["files"], json!([]), "{current}");
+    let explained = cp
+        .post(
+            env,
+            "/api/v1/decisions/explain",
+            &json!({
+                "identity": { "subject": "u1" },
+                "target": { "name": "app" },
+                "sql": "SELECT 1",
+            }),
+        )
+        .await;
+    assert_eq!(explained.0, 200, "{}", explained.1);
+    assert_eq!(explained.1["effect"], "deny", "{}", explained.1);
+
+    env.limit_stream(&env.events.stream, -1).await;
+    let (status, first) = cp.push(env, "v1", json!([["all.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{first}");
+
+    // With a bundle before, that one is current again, and the refused
+    // one is not in the store's history.
+    env.limit_stream(&env.events.stream, 128).await;
+    let (status, body) = cp.push(env, "v2", json!([["b.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 503, "{body}");
+    let current = cp.current(env).await;
+    assert_eq!(current["version"], "v1", "{current}");
+    assert_eq!(current["hash"], first["hash"]);
+    assert_eq!(
+        store.current().await.unwrap().unwrap().value.hash,
+        first["hash"].as_str().unwrap()
+    );
+    // The history: the withdrawal, v1, and v1 again; v0 and v2 are gone.
+    assert_eq!(env.bundle_history().await, ["withdrawn-v0", "v1", "v1"]);
+
+    env.limit_stream(&env.events.stream, -1).await;
+    let (status, third) = cp.push(env, "v3", json!([["c.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{third}");
+    eventually("the bundles to be projected", || async {
+        bundle_rows(&db).await.len() >= 2
+    })
+    .await;
+    env.wait_projected().await;
+    let versions: Vec<String> = bundle_rows(&db).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(versions, ["v1", "v3"]);
+    assert_eq!(env.events_of(EventType::PolicyBundlePublished).await, 2);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn revocations_are_recorded_only_when_in_force() {
+    Env::new().await.scope(revocations).await;
+}
+
+async fn revocations(env: &Env) {
+    let cp = env.start().await;
+    let db = env.db().await;
+    let store = env.store().await;
+    let alice = Revoked::Subject("alice".into());
+    let bob = Revoked::Subject("bob".into());
+    let carol = Revoked::Token("carol-jti".into());
+
+    // A normal revocation: in force and recorded once.
+    let (status, body) = cp
+        .post(
+            env,
+            "/api/v1/revocations",
+            &json!({ "subject": "alice", "reason": "first" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(store.revoked().await.unwrap().contains(&alice));
+
+    // An oversized reason: refused before anything is written.
+    let (status, body) = cp
+        .post(
+            env,
+            "/api/v1/revocations",
+            &json!({ "subject": "bob", "reason": "x".repeat(1_500_000) }),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["size"].as_u64().unwrap() > 1_500_000, "{body}");
+    assert!(!store.revoked().await.unwrap().contains(&bob));
+
+    // The revocation stream refuses: nothing recorded.
+    env.limit_stream(&env.policy().revocation_stream, 64).await;
+    let (status, body) = cp
+        .post(
+            env,
+            "/api/v1/revocations",
+            &json!({ "token_id": "carol-jti" }),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    env.limit_stream(&env.policy().revocation_stream, -1).await;
+    assert!(!store.revoked().await.unwrap().contains(&carol));
+
+    // The event log refuses: the revocation is withdrawn; one that was in
+    // force before (alice's) is kept as it was.
+    env.limit_stream(&env.events.stream, 128).await;
+    let (status, body) = cp
+        .post(env, "/api/v1/revocations", &json!({ "subject": "bob" }))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = cp
+        .post(
+            env,
+            "/api/v1/revocations",
+            &json!({ "subject": "alice", "reason": "second" }),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    env.limit_stream(&env.events.stream, -1).await;
+    let revoked = store.revoked().await.unwrap();
+    assert!(!revoked.contains(&bob), "{revoked:?}");
+    assert!(revoked.contains(&alice), "{revoked:?}");
+    let stored = store.revocation_of(&alice).await.unwrap().unwrap();
+    let stored: Value = serde_json::from_slice(&stored.value).unwrap();
+    assert_eq!(stored["reason"], "first", "{stored}");
+
+    // Afterwards, one more: projected after anything refused would be.
+    let (status, body) = cp
+        .post(env, "/api/v1/revocations", &json!({ "subject": "dave" }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    eventually("the revocations to be projected", || async {
+        revocation_rows(&db).await.len() >= 2
+    })
+    .await;
+    env.wait_projected().await;
+    assert_eq!(
+        revocation_rows(&db).await,
+        vec![
+            ("subject".into(), "alice".into(), Some("first".into())),
+            ("subject".into(), "dave".into(), None),
+        ]
+    );
+    assert_eq!(env.events_of(EventType::IdentityRevoked).await, 2);
+    let revoked = store.revoked().await.unwrap();
+    assert_eq!(revoked.len(), 2, "{revoked:?}");
+    cp.stop().await;
+}
