@@ -35,6 +35,10 @@ pub(crate) struct Counters {
     pub auth_failures: AtomicU64,
     pub auth_rate_limited: AtomicU64,
     pub sessions_opened: AtomicU64,
+    /// Commands refused at a session limit.
+    pub message_too_large: AtomicU64,
+    pub statement_too_long: AtomicU64,
+    pub prepared_bytes_exceeded: AtomicU64,
 }
 
 impl Counters {
@@ -84,6 +88,25 @@ impl Counters {
             ],
         );
         metric(
+            "gatehouse_worker_commands_refused_total",
+            "counter",
+            "Client messages refused at a session limit.",
+            &[
+                (
+                    "{limit=\"max_message_bytes\"}",
+                    get(&self.message_too_large),
+                ),
+                (
+                    "{limit=\"max_statement_bytes\"}",
+                    get(&self.statement_too_long),
+                ),
+                (
+                    "{limit=\"max_session_prepared_bytes\"}",
+                    get(&self.prepared_bytes_exceeded),
+                ),
+            ],
+        );
+        metric(
             "gatehouse_worker_auth_failures_total",
             "counter",
             "Login attempts refused (bad token, user mismatch, revoked, ...).",
@@ -105,7 +128,7 @@ pub(crate) struct Admission {
     max_per_address: usize,
     failures_per_minute: u32,
     state: Mutex<State>,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
 }
 
 #[derive(Default)]
@@ -169,7 +192,7 @@ impl Admission {
             max_per_address: config.max_connections_per_address,
             failures_per_minute: config.auth_failures_per_minute,
             state: Mutex::new(State::default()),
-            counters: Counters::default(),
+            counters: Arc::default(),
         })
     }
 

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use crate::admission::{LoginGate, Permit, truncate};
+use crate::admission::{Counters, LoginGate, Permit, truncate};
 use crate::backend::{self, Login};
 use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
@@ -41,6 +41,8 @@ pub(crate) struct SessionCtx {
     pub bytes_from_client: AtomicU64,
     pub bytes_to_client: AtomicU64,
     started: Instant,
+    /// The worker's counters (limits hit).
+    pub counters: Arc<Counters>,
 }
 
 impl SessionCtx {
@@ -517,6 +519,7 @@ async fn authenticate(
         bytes_from_client: AtomicU64::new(0),
         bytes_to_client: AtomicU64::new(0),
         started: Instant::now(),
+        counters: shared.admission.counters.clone(),
     });
     let opened = ctx.event(Payload::SessionOpened(SessionOpened {
         client_addr: attempt.peer.to_string(),
@@ -748,6 +751,7 @@ impl SessionCtx {
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             started: Instant::now(),
+            counters: Arc::default(),
         }
     }
 }

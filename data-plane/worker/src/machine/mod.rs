@@ -223,6 +223,10 @@ pub(crate) enum RecordError {
     TooLarge { size: usize, max: usize },
 }
 
+fn count(counter: &std::sync::atomic::AtomicU64) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// What one session may take: the worker's limits, from its config.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -425,6 +429,7 @@ impl Machine {
                         Err(pg::ProtocolError::TooLarge { len, max }) => {
                             // Refused on its header: the body is neither
                             // read nor allocated.
+                            count(&self.ctx.counters.message_too_large);
                             self.finish_chunk(chunk);
                             self.close(
                                 ClientError::fatal(
@@ -1085,6 +1090,7 @@ impl Machine {
     /// recorded: nothing was run.
     fn too_long(&self, text: &str) -> Option<ClientError> {
         (text.len() > self.limits.max_statement).then(|| {
+            count(&self.ctx.counters.statement_too_long);
             ClientError::error(
                 "54000",
                 format!(
@@ -1112,6 +1118,7 @@ impl Machine {
             .sum();
         let held = self.statements.held() + self.portals.held();
         (adding > 0 && held + adding > self.limits.max_held).then(|| {
+            count(&self.ctx.counters.prepared_bytes_exceeded);
             ClientError::error(
                 "54000",
                 format!(

@@ -973,6 +973,11 @@ fn prepared_statements_and_portals_are_held_within_a_limit() {
     )));
     assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
     assert_eq!(h.commands().len(), recorded);
+    assert_eq!(counted(&h.machine.ctx.counters.prepared_bytes_exceeded), 2);
+}
+
+fn counted(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[test]
@@ -989,6 +994,7 @@ fn statements_longer_than_the_worker_reads_are_refused_unparsed() {
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
     assert_eq!(h.answered(), vec![err("54000"), m('Z')]);
     assert!(h.commands().is_empty(), "nothing ran, nothing recorded");
+    assert_eq!(counted(&h.machine.ctx.counters.statement_too_long), 2);
     h.send(&query("SELECT 1"));
     assert_eq!(h.sent(), vec![text('Q', "SELECT 1")]);
 }
