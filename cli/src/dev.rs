@@ -486,7 +486,13 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("sslmode", "disable")) => tls = TargetTls::Disable,
-            Some(("sslmode", "require" | "prefer" | "allow")) => tls = TargetTls::Require,
+            Some(("sslmode", "require")) => tls = TargetTls::Require,
+            Some(("sslmode", mode @ ("prefer" | "allow"))) => {
+                return Err(fail(&format!(
+                    "sslmode={mode} would fall back to an unencrypted connection; \
+                     use verify-full (the default), require or disable"
+                )));
+            }
             Some(("sslmode", "verify-full" | "verify-ca")) => tls = TargetTls::VerifyFull,
             Some(("sslrootcert", path)) => ca = Some(PathBuf::from(percent_decode(path))),
             _ => return Err(fail(&format!("unsupported URL parameter {pair:?}"))),
@@ -503,6 +509,7 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
             password_file: None,
             tls,
             tls_ca_file: ca,
+            auth_methods: None,
             environment: String::new(),
             tags: Vec::new(),
             password,

@@ -94,7 +94,7 @@ impl Raw {
     }
 
     /// Logs in as `user` with `token` and the startup `params` (beside user
-    /// and database `app`): the session and what the login said, or what
+    /// and, unless they name one, database `app`): the session and what the login said, or what
     /// the refusal said.
     pub async fn login(
         addr: SocketAddr,
@@ -114,7 +114,10 @@ impl Raw {
     ) -> Result<(Raw, Reply), Reply> {
         let raw = &mut self;
         let mut out = BytesMut::new();
-        let mut all = vec![("user", user), ("database", "app")];
+        let mut all = vec![("user", user)];
+        if !params.iter().any(|(k, _)| *k == "database") {
+            all.push(("database", "app"));
+        }
         all.extend_from_slice(params);
         pg::startup_message(&mut out, all);
         raw.send(&out).await;

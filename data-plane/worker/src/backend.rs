@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::TargetConfig;
+use crate::config::{TargetAuth, TargetConfig, TargetTls};
 use crate::conn::{Conn, send};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,12 @@ pub enum BackendError {
     NoPassword,
     #[error("SCRAM authentication failed: {0}")]
     Scram(std::io::Error),
+    /// The target asked for something the worker will not do: a method its
+    /// configuration does not allow, a password over a connection whose
+    /// peer is not verified, or letting the worker in before proving
+    /// itself in SCRAM.
+    #[error("target not trusted: {0}")]
+    Untrusted(String),
     #[error("protocol error from target: {0}")]
     Protocol(#[from] pg::ProtocolError),
     #[error("target connection failed: {0}")]
@@ -126,50 +132,15 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
     send(&mut conn, &out).await?;
 
     let mut buf = BytesMut::with_capacity(8192);
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut auth = Auth::new(target);
     let mut parameters = Vec::new();
     let mut key = (0, 0);
     loop {
         let frame = read_frame(&mut conn, &mut buf, login.max_message).await?;
         out.clear();
         match BackendMessage::parse(&frame)? {
-            BackendMessage::Authentication { code: 0, .. } => {}
-            BackendMessage::Authentication { code: 3, .. } => {
-                pg::password_message(&mut out, password(target)?);
-            }
-            BackendMessage::Authentication { code: 5, data } => {
-                let salt: [u8; 4] = data.try_into().map_err(|_| pg::ProtocolError::Malformed {
-                    message: "AuthenticationMD5Password",
-                    why: "salt must be 4 bytes",
-                })?;
-                let hash = md5_hash(target.user.as_bytes(), password(target)?.as_bytes(), salt);
-                pg::password_message(&mut out, &hash);
-            }
-            BackendMessage::Authentication { code: 10, data } => {
-                let offers_scram = data
-                    .split(|b| *b == 0)
-                    .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
-                if !offers_scram {
-                    return Err(BackendError::UnsupportedAuth(10));
-                }
-                let s = sasl::ScramSha256::new(
-                    password(target)?.as_bytes(),
-                    sasl::ChannelBinding::unsupported(),
-                );
-                pg::sasl_initial_response(&mut out, sasl::SCRAM_SHA_256, s.message());
-                scram = Some(s);
-            }
-            BackendMessage::Authentication { code: 11, data } => {
-                let s = scram.as_mut().ok_or(BackendError::UnsupportedAuth(11))?;
-                s.update(data).map_err(BackendError::Scram)?;
-                pg::sasl_response(&mut out, s.message());
-            }
-            BackendMessage::Authentication { code: 12, data } => {
-                let mut s = scram.take().ok_or(BackendError::UnsupportedAuth(12))?;
-                s.finish(data).map_err(BackendError::Scram)?;
-            }
-            BackendMessage::Authentication { code, .. } => {
-                return Err(BackendError::UnsupportedAuth(code));
+            BackendMessage::Authentication { code, data } => {
+                auth.step(code, data, &mut out)?;
             }
             BackendMessage::ParameterStatus { name, value } => {
                 parameters.push((name.to_owned(), value.to_owned()));
@@ -185,6 +156,7 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
                 });
             }
             BackendMessage::ReadyForQuery(status) => {
+                auth.done()?;
                 return Ok(Backend {
                     conn,
                     leftover: buf,
@@ -203,8 +175,150 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
     }
 }
 
-fn password(target: &TargetConfig) -> Result<&str, BackendError> {
-    target.password.as_deref().ok_or(BackendError::NoPassword)
+/// The worker's side of the target's authentication exchange: it answers
+/// only what the target's configuration allows, sends a password (cleartext
+/// or MD5) only to a target whose certificate it verified, and takes the
+/// login as done only once the method that began has finished — a SCRAM
+/// exchange with the server's proof checked.
+struct Auth<'a> {
+    target: &'a TargetConfig,
+    /// SCRAM begun and not yet proven by the server.
+    scram: Option<sasl::ScramSha256>,
+    /// The method the target asked for, if any, and whether it finished.
+    method: Option<TargetAuth>,
+    finished: bool,
+}
+
+impl<'a> Auth<'a> {
+    fn new(target: &'a TargetConfig) -> Self {
+        Auth {
+            target,
+            scram: None,
+            method: None,
+            finished: false,
+        }
+    }
+
+    fn allow(&mut self, method: TargetAuth) -> Result<(), BackendError> {
+        if let Some(allowed) = &self.target.auth_methods
+            && !allowed.contains(&method)
+        {
+            return Err(BackendError::Untrusted(format!(
+                "it asked for {method:?} authentication, which auth_methods does not allow"
+            )));
+        }
+        if self.method.is_some() && self.method != Some(method) {
+            return Err(BackendError::Untrusted(
+                "it switched authentication methods mid-exchange".into(),
+            ));
+        }
+        self.method = Some(method);
+        Ok(())
+    }
+
+    fn password(&self, method: TargetAuth) -> Result<&'a str, BackendError> {
+        if self.target.tls != TargetTls::VerifyFull {
+            return Err(BackendError::Untrusted(format!(
+                "it asked for a {} password over a connection whose certificate is not \
+                 verified (tls = {:?}); Gatehouse sends passwords only to a verified \
+                 target (tls = \"verify-full\") and uses SCRAM otherwise",
+                if method == TargetAuth::Md5 {
+                    "MD5"
+                } else {
+                    "cleartext"
+                },
+                self.target.tls
+            )));
+        }
+        self.target
+            .password
+            .as_deref()
+            .ok_or(BackendError::NoPassword)
+    }
+
+    /// Answers one `Authentication` message into `out`.
+    fn step(&mut self, code: i32, data: &[u8], out: &mut BytesMut) -> Result<(), BackendError> {
+        match code {
+            0 => {
+                if self.method.is_none() {
+                    self.allow(TargetAuth::None)?;
+                } else if self.method == Some(TargetAuth::ScramSha256) && !self.finished {
+                    return Err(BackendError::Untrusted(
+                        "it accepted the login before proving, in SCRAM, that it knows the \
+                         password"
+                            .into(),
+                    ));
+                }
+                self.finished = true;
+            }
+            3 => {
+                self.allow(TargetAuth::Password)?;
+                pg::password_message(out, self.password(TargetAuth::Password)?);
+                self.finished = true;
+            }
+            5 => {
+                self.allow(TargetAuth::Md5)?;
+                let salt: [u8; 4] = data.try_into().map_err(|_| pg::ProtocolError::Malformed {
+                    message: "AuthenticationMD5Password",
+                    why: "salt must be 4 bytes",
+                })?;
+                let password = self.password(TargetAuth::Md5)?;
+                let hash = md5_hash(self.target.user.as_bytes(), password.as_bytes(), salt);
+                pg::password_message(out, &hash);
+                self.finished = true;
+            }
+            10 => {
+                self.allow(TargetAuth::ScramSha256)?;
+                if self.scram.is_some() {
+                    return Err(BackendError::Untrusted("it began SCRAM twice".into()));
+                }
+                let offers_scram = data
+                    .split(|b| *b == 0)
+                    .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
+                if !offers_scram {
+                    return Err(BackendError::UnsupportedAuth(10));
+                }
+                let password = self
+                    .target
+                    .password
+                    .as_deref()
+                    .ok_or(BackendError::NoPassword)?;
+                let s = sasl::ScramSha256::new(
+                    password.as_bytes(),
+                    sasl::ChannelBinding::unsupported(),
+                );
+                pg::sasl_initial_response(out, sasl::SCRAM_SHA_256, s.message());
+                self.scram = Some(s);
+            }
+            11 => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or(BackendError::UnsupportedAuth(11))?;
+                s.update(data).map_err(BackendError::Scram)?;
+                pg::sasl_response(out, s.message());
+            }
+            12 => {
+                let mut s = self.scram.take().ok_or(BackendError::UnsupportedAuth(12))?;
+                // Checks the server's signature: it knows the password.
+                s.finish(data).map_err(BackendError::Scram)?;
+                self.finished = true;
+            }
+            code => return Err(BackendError::UnsupportedAuth(code)),
+        }
+        Ok(())
+    }
+
+    /// The target says the login is done (`ReadyForQuery`).
+    fn done(&self) -> Result<(), BackendError> {
+        if self.finished {
+            Ok(())
+        } else {
+            Err(BackendError::Untrusted(
+                "it ended the login before authenticating the worker".into(),
+            ))
+        }
+    }
 }
 
 async fn read_frame(

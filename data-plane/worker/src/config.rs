@@ -102,6 +102,18 @@ pub enum TargetTls {
     Disable,
 }
 
+/// How a target may ask the worker to authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetAuth {
+    /// No authentication (`trust`): the target lets the worker in at once.
+    None,
+    /// A cleartext password.
+    Password,
+    Md5,
+    ScramSha256,
+}
+
 /// `[worker.targets.NAME]`: one PostgreSQL target.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +136,12 @@ pub struct TargetConfig {
     /// CA bundle (PEM) for `verify-full`; the system roots when absent.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// The authentication methods the target may ask for (like libpq's
+    /// `require_auth`); any other is refused. Unset: any of them, except
+    /// that a password (cleartext or MD5) is sent only to a target whose
+    /// certificate is verified.
+    #[serde(default)]
+    pub auth_methods: Option<Vec<TargetAuth>>,
     /// Environment policies see (`resource.environment`), e.g. `prod`.
     #[serde(default)]
     pub environment: String,
