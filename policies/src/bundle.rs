@@ -5,6 +5,45 @@
 //! SHA-256 of its canonical content, so a worker can tell which policies it
 //! decided with and refuse a bundle whose content was altered on the way
 //! ([`crate::Engine::new`] checks it).
+//!
+//! # Limits checked before Cedar reads anything
+//!
+//! Cedar's parser turns its syntax tree into policies by recursion, and
+//! much of what it does with a policy afterwards (printing it, comparing
+//! types, dropping it) recurses over the tree too. A policy of about 40
+//! nested parentheses, brackets or records is enough to overflow a 2 MiB
+//! thread stack in a debug build, which aborts the whole process: no
+//! `Result`, no unwinding. [`Bundle::check_limits`], which
+//! [`crate::Engine::new`] runs first, refuses such a bundle by looking at
+//! its bytes only:
+//!
+//! - sizes: the whole bundle ([`MAX_BUNDLE_BYTES`]), each file and the
+//!   schema ([`MAX_FILE_BYTES`]), the number of files ([`MAX_FILES`]);
+//! - nesting ([`MAX_NESTING`]): a lexical scan of each policy file (Cedar
+//!   strings `"…"` with backslash escapes and `//` comments skipped) counts
+//!   open `(`, `[` and `{`, and every `if` since the innermost open one
+//!   (within one pair of brackets, each `if` is nested in the one before:
+//!   Cedar only allows `if` where a whole expression stands). The schema is
+//!   scanned the same way, with `<`…`>` (`Set<…>`) counting too;
+//! - operator chains ([`MAX_OPERATORS`]): `a && b && …`, `1 + 1 + …`,
+//!   `x.a.a.…` are flat in Cedar's syntax tree but each operator is one
+//!   more level of the expression tree, so a policy (up to its `;`) may
+//!   have at most that many operators (`&&`, `||`, comparisons, `+`, `-`,
+//!   `*`, `!`, `.`, `[`, `in`, `has`, `like`, `is`). Unary chains need nothing
+//!   more: Cedar itself refuses more than four `!` or `-` in a row;
+//! - schema declarations ([`MAX_SCHEMA_DECLARATIONS`], counted by their
+//!   `;`): a chain of entity types each `in` the next, or of type aliases,
+//!   overflows the stack (and takes seconds) at a few thousand.
+//!
+//! The limits leave a debug build's 2 MiB thread room to spare (the tests
+//! in `policies/tests/limits.rs` build and decide with a bundle at every
+//! limit on such a thread). As a second line, [`crate::Engine::new`]
+//! parses and validates on a thread of its own with a 64 MiB stack, so a
+//! shape the scan does not foresee still cannot abort the process there;
+//! deciding and dropping an engine happen on the caller's thread, where
+//! the limits above are what keeps the tree shallow (Cedar's evaluator
+//! also checks its remaining stack and fails the policy rather than
+//! overflowing).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -40,6 +79,21 @@ const DEFAULTS: &[(&str, &str)] = &[
         include_str!("../defaults/dangerous-functions-dba-only.cedar"),
     ),
 ];
+
+/// Largest bundle: file names, policy texts and the schema together.
+pub const MAX_BUNDLE_BYTES: usize = 1 << 20;
+/// Largest single policy file, and largest schema.
+pub const MAX_FILE_BYTES: usize = 512 << 10;
+/// Most policy files in a bundle.
+pub const MAX_FILES: usize = 1024;
+/// Deepest nesting of `(`, `[`, `{` and `if` in a policy (and of `(`, `[`,
+/// `{`, `<` in the schema). Real policies stay under 10.
+pub const MAX_NESTING: usize = 32;
+/// Most operators in one policy (see the module documentation).
+pub const MAX_OPERATORS: usize = 1000;
+/// Most declarations (`entity`, `action`, `type`, each ended by `;`) in
+/// the schema.
+pub const MAX_SCHEMA_DECLARATIONS: usize = 512;
 
 /// Policies, schema and metadata, as published by the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +173,81 @@ impl Bundle {
         self
     }
 
+    /// Refuses a bundle over the size limits, or with a policy or schema
+    /// nested deeper or chained longer than Cedar can safely take (see the
+    /// module documentation), before Cedar parses anything. Each problem
+    /// names its file, line and the limit. Reads the bytes once; no
+    /// recursion.
+    pub fn check_limits(&self) -> Result<(), BundleError> {
+        let mut problems = Vec::new();
+        let too_big = |file: &str, what: String| Problem {
+            severity: Severity::Error,
+            file: file.to_string(),
+            line: 1,
+            column: 1,
+            message: what,
+            help: None,
+            policy: None,
+        };
+        let total = self.schema.len()
+            + self
+                .files
+                .iter()
+                .map(|(name, text)| name.len() + text.len())
+                .sum::<usize>();
+        if total > MAX_BUNDLE_BYTES {
+            let mut p = too_big(
+                "(bundle)",
+                format!(
+                    "the bundle is {total} bytes (names, policies and schema); at most {MAX_BUNDLE_BYTES} are accepted"
+                ),
+            );
+            p.help = Some("split it, or remove policies that are no longer used".into());
+            problems.push(p);
+        }
+        if self.files.len() > MAX_FILES {
+            problems.push(too_big(
+                "(bundle)",
+                format!(
+                    "the bundle has {} policy files; at most {MAX_FILES} are accepted",
+                    self.files.len()
+                ),
+            ));
+        }
+        if self.schema.len() > MAX_FILE_BYTES {
+            problems.push(too_big(
+                SCHEMA_FILE,
+                format!(
+                    "the schema is {} bytes; at most {MAX_FILE_BYTES} are accepted",
+                    self.schema.len()
+                ),
+            ));
+        }
+        for (name, text) in &self.files {
+            if text.len() > MAX_FILE_BYTES {
+                problems.push(too_big(
+                    name,
+                    format!(
+                        "the file is {} bytes; at most {MAX_FILE_BYTES} are accepted",
+                        text.len()
+                    ),
+                ));
+            }
+        }
+        // Scanning is linear, but an oversized bundle is refused as it is.
+        if problems.is_empty() {
+            problems.extend(scan(SCHEMA_FILE, &self.schema, Syntax::Schema));
+            for (name, text) in &self.files {
+                problems.extend(scan(name, text, Syntax::Policy));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(BundleError::Invalid(problems))
+        }
+    }
+
     /// SHA-256 over a length-prefixed encoding: the tag
     /// `gatehouse-bundle/1`, the schema, each file's name and text in name
     /// order, and the dry-run flag. Independent of `version` and of the
@@ -147,6 +276,162 @@ impl Bundle {
         }
         hex
     }
+}
+
+/// What [`scan`] reads: a policy file or the schema.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    Policy,
+    Schema,
+}
+
+/// The lexical pre-scan of [`Bundle::check_limits`]: at most one problem
+/// per limit and file (the first place it is passed). Never recurses.
+fn scan(file: &str, text: &str, syntax: Syntax) -> Vec<Problem> {
+    let bytes = text.as_bytes();
+    let mut problems = Vec::new();
+    let refusal = |offset: usize, message: String, help: &str| {
+        let mut p = Problem::at(Severity::Error, file, text, offset, message);
+        p.help = Some(help.to_string());
+        p
+    };
+    let too_deep = |offset: usize| {
+        refusal(
+            offset,
+            format!(
+                "nested more than {MAX_NESTING} levels deep (parentheses, brackets, braces{}); Gatehouse accepts at most {MAX_NESTING}",
+                match syntax {
+                    Syntax::Schema => ", Set<…>",
+                    Syntax::Policy => " and `if`",
+                }
+            ),
+            "flatten the expression, or name the inner part (a schema type, a separate policy)",
+        )
+    };
+    // Open brackets, each with the `if`s seen directly inside it; `ifs` are
+    // those outside any bracket. `depth` is the sum of both.
+    let mut open: Vec<(u8, usize)> = Vec::new();
+    let mut ifs = 0usize;
+    let mut depth = 0usize;
+    let mut operators = 0usize;
+    let mut declarations = 0usize;
+    let mut too_many_operators = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let next = bytes.get(i + 1).copied();
+        let mut deeper = false;
+        match b {
+            b'"' => {
+                // A string: up to the next unescaped quote.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'/' if next == Some(b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                // `x["a"]["b"]…` chains like `x.a.b…`.
+                if b == b'[' {
+                    operators += 1;
+                }
+                open.push((b, 0));
+                deeper = true;
+            }
+            b'<' if syntax == Syntax::Schema => {
+                open.push((b, 0));
+                deeper = true;
+            }
+            b')' | b']' | b'}' => {
+                if let Some((_, inner)) = open.pop() {
+                    depth -= 1 + inner;
+                }
+            }
+            b'>' if syntax == Syntax::Schema => {
+                if let Some((_, inner)) = open.pop() {
+                    depth -= 1 + inner;
+                }
+            }
+            b';' => {
+                declarations += 1;
+                if syntax == Syntax::Schema && declarations > MAX_SCHEMA_DECLARATIONS {
+                    problems.push(refusal(
+                        i,
+                        format!(
+                            "the schema has more than {MAX_SCHEMA_DECLARATIONS} declarations; Gatehouse accepts at most {MAX_SCHEMA_DECLARATIONS}"
+                        ),
+                        "declare several entity types in one declaration (`entity A, B;`)",
+                    ));
+                    break;
+                }
+                if open.is_empty() {
+                    // The end of a policy.
+                    depth -= ifs;
+                    ifs = 0;
+                    operators = 0;
+                }
+            }
+            b'_' | b'a'..=b'z' | b'A'..=b'Z' => {
+                let start = i;
+                while bytes
+                    .get(i + 1)
+                    .is_some_and(|c| *c == b'_' || c.is_ascii_alphanumeric())
+                {
+                    i += 1;
+                }
+                if syntax == Syntax::Policy {
+                    match &bytes[start..=i] {
+                        b"if" => {
+                            match open.last_mut() {
+                                Some((_, inner)) => *inner += 1,
+                                None => ifs += 1,
+                            }
+                            deeper = true;
+                        }
+                        b"in" | b"has" | b"like" | b"is" => operators += 1,
+                        _ => {}
+                    }
+                }
+            }
+            b':' if next == Some(b':') => i += 1,
+            b'&' | b'|' | b'=' | b'!' | b'<' | b'>' | b'+' | b'-' | b'*' | b'/' | b'%' | b'.' => {
+                operators += 1;
+                // Two-character operators count once.
+                if matches!(
+                    (b, next),
+                    (b'&', Some(b'&'))
+                        | (b'|', Some(b'|'))
+                        | (b'=' | b'!' | b'<' | b'>', Some(b'='))
+                ) {
+                    i += 1;
+                }
+            }
+            _ => {}
+        }
+        if deeper {
+            depth += 1;
+            if depth > MAX_NESTING {
+                problems.push(too_deep(i));
+                break;
+            }
+        }
+        if syntax == Syntax::Policy && operators > MAX_OPERATORS && !too_many_operators {
+            too_many_operators = true;
+            problems.push(refusal(
+                i,
+                format!(
+                    "a policy with more than {MAX_OPERATORS} operators (&&, ||, comparisons, arithmetic, `.`, `[`, in, has, like, is); Gatehouse accepts at most {MAX_OPERATORS} in one policy"
+                ),
+                "split the policy into several, or test membership in a set (`[\"a\", \"b\"].contains(x)`)",
+            ));
+        }
+        i += 1;
+    }
+    problems
 }
 
 fn collect(

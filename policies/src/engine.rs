@@ -302,8 +302,15 @@ impl Engine {
     /// Checks the bundle's hash, parses its schema and policies, reads their
     /// annotations and validates them against the schema (strict mode).
     /// Every problem found is reported, located at file:line:column.
+    ///
+    /// First the bundle's sizes, nesting and operator chains are checked
+    /// without parsing ([`Bundle::check_limits`]); then Cedar parses and
+    /// validates it on a thread with a [`COMPILE_STACK`] stack, so that a
+    /// shape those checks do not foresee fails here (an error if Cedar
+    /// panics) rather than aborting the process.
     pub fn new(bundle: &Bundle) -> Result<Engine, BundleError> {
-        let compiled = compile::compile(bundle)?;
+        bundle.check_limits()?;
+        let compiled = compile_on_large_stack(bundle)?;
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Engine {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -756,6 +763,41 @@ impl Engine {
 
 /// The policies whose action scope may admit `action`. `action in [...]`
 /// is kept whatever it names (a bundle schema may declare action groups).
+/// The stack of the thread Cedar parses and validates a bundle on.
+pub const COMPILE_STACK: usize = 64 << 20;
+
+/// [`compile::compile`] on a thread of its own with a [`COMPILE_STACK`]
+/// stack (only reserved; pages are touched as used). If no thread can be
+/// started, compiles here: [`Bundle::check_limits`] has already bounded the
+/// depth.
+fn compile_on_large_stack(bundle: &Bundle) -> Result<compile::Compiled, BundleError> {
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("cedar-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn_scoped(scope, || compile::compile(bundle));
+        match spawned {
+            Ok(handle) => handle.join().unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(BundleError::Invalid(vec![Problem {
+                    severity: crate::Severity::Error,
+                    file: "(bundle)".into(),
+                    line: 1,
+                    column: 1,
+                    message: format!("Cedar failed on this bundle: {what}"),
+                    help: None,
+                    policy: None,
+                }]))
+            }),
+            Err(_) => compile::compile(bundle),
+        }
+    })
+}
+
 fn for_action(all: &PolicySet, action: &EntityUid) -> PolicySet {
     let mut set = PolicySet::new();
     for p in all.policies() {
