@@ -1,7 +1,8 @@
 //! The HTTP API: health, readiness and audit search.
 //!
-//! `/api/v1/*` needs `Authorization: Bearer <OIDC token>` whose groups
-//! include the auditor group. Lists are newest first and paged by an opaque
+//! `/api/v1/*` needs `Authorization: Bearer <OIDC token>` of a caller who
+//! is not revoked, acts for no one else, and whose own groups include the
+//! auditor group; every route is admitted by [`crate::auth`]. Lists are newest first and paged by an opaque
 //! cursor (keyset pagination on `(time, id)`), so a page is as cheap at the end
 //! of the log as at its start and stable while new events arrive.
 
@@ -9,9 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -19,11 +19,13 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use gatehouse_events::ExecutedStatement;
-use gatehouse_identity::{AuthError, Verifier};
+use gatehouse_identity::Verifier;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
+
+use crate::auth::{self, Access, Caller};
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -46,16 +48,12 @@ pub fn router(state: ApiState) -> Router {
     let audit = Router::new()
         .route("/api/v1/sessions", get(list_sessions))
         .route("/api/v1/commands", get(list_commands))
-        .route("/api/v1/quarantine", get(list_quarantine))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_auditor,
-        ));
+        .route("/api/v1/quarantine", get(list_quarantine));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .merge(audit)
-        .merge(crate::policy_api::routes())
+        .merge(auth::require(audit, &state, Access::Audit))
+        .merge(crate::policy_api::routes(&state))
         .with_state(state)
 }
 
@@ -78,53 +76,6 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         "audit_db": if db_ok { "ok" } else { "unavailable" },
     });
     (status, Json(body)).into_response()
-}
-
-/// Admits requests whose bearer token verifies and carries the auditor group.
-/// The token itself is never logged.
-async fn require_auditor(
-    State(s): State<ApiState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    authorize(&s, req.headers(), &[&s.auditor_group]).await?;
-    Ok(next.run(req).await)
-}
-
-/// Verifies the bearer token and checks that its groups include one of
-/// `groups`. The token itself is never logged.
-pub(crate) async fn authorize(
-    s: &ApiState,
-    headers: &HeaderMap,
-    groups: &[&str],
-) -> Result<gatehouse_identity::VerifiedToken, ApiError> {
-    let token = bearer(headers).ok_or(ApiError::Unauthorized("missing bearer token"))?;
-    let verified = s.verifier.verify(token).await.map_err(|e| {
-        tracing::info!(reason = e.reason(), "API token rejected");
-        match e {
-            AuthError::IssuerUnavailable(_) => ApiError::Unavailable("identity provider"),
-            AuthError::Expired => ApiError::Unauthorized("the token has expired"),
-            _ => ApiError::Unauthorized("the token was not accepted"),
-        }
-    })?;
-    if !groups
-        .iter()
-        .any(|g| verified.identity.groups.iter().any(|mine| mine == g))
-    {
-        tracing::info!(subject = %verified.identity.subject, ?groups, "API refused: not in a required group");
-        return Err(ApiError::Forbidden(format!(
-            "the token's groups do not include {}",
-            groups.join(" or ")
-        )));
-    }
-    Ok(verified)
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The raw query string of a list; each value is parsed in [`ListQuery::parse`]
@@ -282,6 +233,7 @@ struct SessionItem {
 
 async fn list_sessions(
     State(s): State<ApiState>,
+    _: Caller,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<SessionItem>>, ApiError> {
     let q = ListQuery::parse(params?.0, s.max_page)?;
@@ -325,6 +277,7 @@ struct CommandItem {
 
 async fn list_commands(
     State(s): State<ApiState>,
+    _: Caller,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<CommandItem>>, ApiError> {
     let q = ListQuery::parse(params?.0, s.max_page)?;
@@ -385,6 +338,7 @@ struct QuarantinePage {
 /// Newest first, paged by id: the cursor is the last id of the page.
 async fn list_quarantine(
     State(s): State<ApiState>,
+    _: Caller,
     params: Result<Query<QuarantineParams>, QueryRejection>,
 ) -> Result<Json<QuarantinePage>, ApiError> {
     let params = params?.0;
@@ -444,6 +398,12 @@ pub(crate) enum ApiError {
     },
     #[error("{0} unavailable; try again")]
     Unavailable(&'static str),
+    #[error("the body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("the request body is too large")]
+    BodyTooLarge,
+    #[error("internal error")]
+    Internal,
     #[error("audit database unavailable; try again")]
     Db(#[from] sqlx::Error),
 }
@@ -468,6 +428,9 @@ impl IntoResponse for ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Db(e) => {
                 tracing::error!(error = %e, "audit query failed");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -501,19 +464,6 @@ mod tests {
         assert_eq!(decode_id_cursor(&encode_id_cursor(42)).unwrap(), 42);
         assert!(decode_id_cursor(&encode_cursor((t, id))).is_err());
         assert!(decode_id_cursor("nope!").is_err());
-    }
-
-    #[test]
-    fn bearer_tokens_are_read_from_the_header() {
-        let mut h = HeaderMap::new();
-        assert_eq!(bearer(&h), None);
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer abc"),
-        );
-        assert_eq!(bearer(&h), Some("abc"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(bearer(&h), None);
     }
 
     #[test]

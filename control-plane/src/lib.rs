@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod auth;
 mod config;
 mod db;
 mod policy_api;

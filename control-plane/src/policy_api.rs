@@ -44,7 +44,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -57,7 +57,8 @@ use gatehouse_policystore::{PolicyConfig, PolicyStore, Revocation, Revoked, Stor
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, ApiState, authorize};
+use crate::api::{ApiError, ApiState};
+use crate::auth::{self, Access, Caller, JsonBody};
 
 /// What the policy endpoints share.
 #[derive(Clone)]
@@ -88,12 +89,19 @@ impl PolicyApi {
     }
 }
 
-pub(crate) fn routes() -> Router<ApiState> {
-    Router::new()
+/// The policy routes, each behind the API's authorization middleware:
+/// pushing and revoking for policy admins, reading and explaining also for
+/// auditors.
+pub(crate) fn routes(state: &ApiState) -> Router<ApiState> {
+    let administer = Router::new()
         .route("/api/v1/policies", post(push))
+        .route("/api/v1/revocations", post(revoke));
+    let read = Router::new()
         .route("/api/v1/policies/current", get(current))
-        .route("/api/v1/revocations", post(revoke))
-        .route("/api/v1/decisions/explain", post(explain))
+        .route("/api/v1/decisions/explain", post(explain));
+    Router::new()
+        .merge(auth::require(administer, state, Access::Administer))
+        .merge(auth::require(read, state, Access::AuditOrAdminister))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -203,10 +211,9 @@ struct PushRequest {
 /// `POST /api/v1/policies`: validate, version and publish a bundle.
 async fn push(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Json(req): Json<PushRequest>,
+    who: Caller,
+    JsonBody(req): JsonBody<PushRequest>,
 ) -> Result<(StatusCode, Json<Value>), PolicyError> {
-    let who = authorize(&s, &headers, &[&s.policy.config.admin_group]).await?;
     let api = &s.policy;
     let schema = req
         .schema
@@ -230,7 +237,7 @@ async fn push(
             hash: bundle.hash.clone(),
             files: bundle.files.iter().map(|(n, _)| n.clone()).collect(),
             dry_run: bundle.dry_run,
-            published_by: who.identity.subject.clone(),
+            published_by: who.subject().to_string(),
         }),
     );
 
@@ -275,7 +282,7 @@ async fn push(
         return Err(e);
     }
     *api.cache.lock().expect("poisoned") = Some(Arc::new(engine));
-    tracing::info!(version = %bundle.version, hash = %bundle.hash, by = %who.identity.subject, "policy bundle published");
+    tracing::info!(version = %bundle.version, hash = %bundle.hash, by = %who.subject(), "policy bundle published");
     Ok((
         StatusCode::CREATED,
         Json(json!({ "version": bundle.version, "hash": bundle.hash, "dry_run": bundle.dry_run })),
@@ -283,13 +290,7 @@ async fn push(
 }
 
 /// `GET /api/v1/policies/current`
-async fn current(State(s): State<ApiState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    authorize(
-        &s,
-        &headers,
-        &[&s.auditor_group, &s.policy.config.admin_group],
-    )
-    .await?;
+async fn current(State(s): State<ApiState>, _: Caller) -> Result<Json<Value>, ApiError> {
     let bundle = s.policy.store.current_bundle().await.map_err(unavailable)?;
     let Some(b) = bundle else {
         return Err(ApiError::BadRequest(
@@ -317,10 +318,9 @@ struct RevokeRequest {
 /// `POST /api/v1/revocations`
 async fn revoke(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Json(req): Json<RevokeRequest>,
+    who: Caller,
+    JsonBody(req): JsonBody<RevokeRequest>,
 ) -> Result<(StatusCode, Json<Value>), PolicyError> {
-    let who = authorize(&s, &headers, &[&s.policy.config.admin_group]).await?;
     let api = &s.policy;
     let revoked = match (req.subject, req.token_id) {
         (Some(sub), None) if !sub.is_empty() => Revoked::Subject(sub),
@@ -340,13 +340,13 @@ async fn revoke(
         Payload::IdentityRevoked(IdentityRevoked {
             kind: kind.into(),
             value: value.clone(),
-            revoked_by: who.identity.subject.clone(),
+            revoked_by: who.subject().to_string(),
             reason: req.reason.clone(),
         }),
     );
     let revocation = Revocation {
         revoked,
-        by: who.identity.subject.clone(),
+        by: who.subject().to_string(),
         reason: req.reason,
         at: chrono::Utc::now().timestamp(),
     };
@@ -398,7 +398,7 @@ async fn revoke(
         }
         return Err(e);
     }
-    tracing::info!(kind, by = %who.identity.subject, "identity revoked");
+    tracing::info!(kind, by = %who.subject(), "identity revoked");
     Ok((
         StatusCode::CREATED,
         Json(json!({ "revoked": { "kind": kind, "value": value } })),
@@ -441,15 +441,9 @@ struct ExplainTarget {
 /// for an identity running some SQL on a target, and by which policies.
 async fn explain(
     State(s): State<ApiState>,
-    headers: HeaderMap,
-    Json(req): Json<ExplainRequest>,
+    _: Caller,
+    JsonBody(req): JsonBody<ExplainRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(
-        &s,
-        &headers,
-        &[&s.auditor_group, &s.policy.config.admin_group],
-    )
-    .await?;
     let engine = current_engine(&s.policy).await?;
     let principal = Principal::from_claims(
         req.identity.subject,

@@ -1,0 +1,342 @@
+//! The one authorization path of `/api/v1/*`.
+//!
+//! Every route of the API sits behind [`require`]: a middleware that, before
+//! the handler runs and before any body is read,
+//!
+//! 1. verifies the bearer token (401 if missing or not accepted; 503 if the
+//!    identity provider cannot be reached);
+//! 2. checks the token's subject, its token id (`jti`) and every subject of
+//!    its delegation chain (`act`) against the revocations in the policy
+//!    store, read at that moment: a revoked one is 401, and if the store
+//!    cannot be read the answer is 503: the API never admits a caller it
+//!    cannot check;
+//! 3. refuses a delegated token (one whose identity carries an `act` chain:
+//!    an agent acting for someone) with 403: the groups of a delegated
+//!    token are those of the person delegating, and administering Gatehouse
+//!    (pushing policy, revoking, explaining, reading the audit log) is not
+//!    something a person can lend;
+//! 4. checks the principal's own groups against the route's [`Access`]
+//!    (403).
+//!
+//! The verified caller is handed to the handler as [`Caller`]; a handler
+//! that asks for it on a route without this middleware fails closed (500).
+//! Request bodies are read by handlers only, through [`JsonBody`], whose
+//! 400 names what is wrong with the JSON but no internal type.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use futures::future::try_join_all;
+use gatehouse_identity::{AuthError, VerifiedToken};
+use gatehouse_policystore::Revoked;
+use serde::de::DeserializeOwned;
+
+use crate::api::{ApiError, ApiState};
+
+/// What a route requires of the caller's own groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// The auditor group: reading the audit log.
+    Audit,
+    /// The policy admin group: pushing bundles, revoking identities.
+    Administer,
+    /// Either: reading the current bundle, explaining decisions.
+    AuditOrAdminister,
+}
+
+impl Access {
+    fn groups(self, s: &ApiState) -> Vec<&str> {
+        match self {
+            Access::Audit => vec![&s.auditor_group],
+            Access::Administer => vec![&s.policy.config.admin_group],
+            Access::AuditOrAdminister => vec![&s.auditor_group, &s.policy.config.admin_group],
+        }
+    }
+}
+
+/// A caller admitted by [`require`].
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub VerifiedToken);
+
+impl Caller {
+    pub fn subject(&self) -> &str {
+        &self.0.identity.subject
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            tracing::error!(path = %parts.uri.path(), "a route that needs a caller is not behind the authorization middleware");
+            ApiError::Internal
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Gate {
+    state: ApiState,
+    access: Access,
+}
+
+/// Puts every route of `routes` behind the authorization middleware, for
+/// callers with `access`. Every `/api/v1` route is added through this.
+pub(crate) fn require(
+    routes: Router<ApiState>,
+    state: &ApiState,
+    access: Access,
+) -> Router<ApiState> {
+    let gate = Gate {
+        state: state.clone(),
+        access,
+    };
+    routes.route_layer(middleware::from_fn_with_state(gate, authorize))
+}
+
+async fn authorize(
+    State(gate): State<Gate>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let caller = admit(&gate.state, req.headers(), gate.access).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+/// Steps 1–4 of the module documentation. The token itself is never logged.
+async fn admit(
+    s: &ApiState,
+    headers: &axum::http::HeaderMap,
+    access: Access,
+) -> Result<Caller, ApiError> {
+    let token = bearer(headers).ok_or(ApiError::Unauthorized("missing bearer token"))?;
+    let verified = s.verifier.verify(token).await.map_err(|e| {
+        tracing::info!(reason = e.reason(), "API token rejected");
+        match e {
+            AuthError::IssuerUnavailable(_) => ApiError::Unavailable("identity provider"),
+            AuthError::Expired => ApiError::Unauthorized("the token has expired"),
+            _ => ApiError::Unauthorized("the token was not accepted"),
+        }
+    })?;
+    let identity = &verified.identity;
+
+    if let Some(revoked) = revoked(s, &verified).await? {
+        tracing::info!(subject = %identity.subject, revoked = ?revoked, "API refused: revoked");
+        return Err(ApiError::Unauthorized(
+            "the token or its identity has been revoked",
+        ));
+    }
+    if !identity.delegation.is_empty() {
+        tracing::info!(subject = %identity.subject, actors = identity.delegation.len(), "API refused: delegated token");
+        return Err(ApiError::Forbidden(
+            "delegated tokens cannot administer Gatehouse: the token carries a delegation \
+             chain (act); use a token of your own"
+                .into(),
+        ));
+    }
+    let groups = access.groups(s);
+    if !groups
+        .iter()
+        .any(|g| identity.groups.iter().any(|mine| mine == g))
+    {
+        tracing::info!(subject = %identity.subject, ?groups, "API refused: not in a required group");
+        return Err(ApiError::Forbidden(format!(
+            "the token's groups do not include {}",
+            groups.join(" or ")
+        )));
+    }
+    Ok(Caller(verified))
+}
+
+/// What a verified token is checked against: its subject, its `jti`, and
+/// every subject of its delegation chain.
+fn revocable(token: &VerifiedToken) -> Vec<Revoked> {
+    let mut out = vec![Revoked::Subject(token.identity.subject.clone())];
+    out.extend(token.token_id.iter().map(|t| Revoked::Token(t.clone())));
+    out.extend(
+        token
+            .identity
+            .delegation
+            .iter()
+            .map(|a| Revoked::Subject(a.subject.clone())),
+    );
+    out
+}
+
+/// The first of the token's identities that is revoked, read from the
+/// policy store now; an error (503) when the store cannot answer.
+async fn revoked(s: &ApiState, token: &VerifiedToken) -> Result<Option<Revoked>, ApiError> {
+    let names = revocable(token);
+    let store = &s.policy.store;
+    let found = try_join_all(names.iter().map(|r| store.revocation_of(r)))
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot read revocations; refusing the API request");
+            ApiError::Unavailable("revocation list")
+        })?;
+    Ok(names
+        .into_iter()
+        .zip(found)
+        .find_map(|(name, stored)| stored.map(|_| name)))
+}
+
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A JSON request body. Read only by handlers, so after [`require`] has
+/// admitted the caller. Its errors are 400 (415 without a JSON content
+/// type, 413 past the body limit) with a message about the JSON, never the
+/// name of a type of this crate.
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| {
+                v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+            });
+        if !json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge
+            } else {
+                ApiError::BadRequest("the request body could not be read".into())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(json_problem(&e)))
+    }
+}
+
+/// A client-facing description of a JSON body error: syntax errors as they
+/// are, data errors with serde's "struct Name"/"enum Name" expectations
+/// replaced by what the client should send.
+fn json_problem(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let (line, column) = (e.line(), e.column());
+    match e.classify() {
+        Category::Syntax | Category::Eof => {
+            format!("the body is not valid JSON (line {line}, column {column})")
+        }
+        Category::Io => "the request body could not be read".into(),
+        Category::Data => {
+            let text = e.to_string();
+            let text = text
+                .rsplit_once(" at line ")
+                .map_or(text.as_str(), |(msg, _)| msg);
+            format!(
+                "the body does not match the request: {} (line {line}, column {column})",
+                scrub_type_names(text)
+            )
+        }
+    }
+}
+
+/// Replaces `struct Name` and `enum Name` (how serde describes what it
+/// expected) by a description that names no Rust type.
+fn scrub_type_names(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let next = ["struct ", "enum "]
+            .iter()
+            .filter_map(|kw| rest.find(kw).map(|i| (i, *kw)))
+            .min();
+        let Some((i, kw)) = next else {
+            out.push_str(rest);
+            return out;
+        };
+        out.push_str(&rest[..i]);
+        let after = &rest[i + kw.len()..];
+        let name_end = after
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        out.push_str(if kw == "struct " {
+            "an object"
+        } else {
+            "one of the documented values"
+        });
+        rest = &after[name_end..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+    use serde::Deserialize;
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct SecretInternalRequest {
+        files: Vec<(String, String)>,
+        kind: SecretKind,
+    }
+
+    #[derive(Debug, Deserialize)]
+    enum SecretKind {
+        A,
+    }
+
+    fn problem(body: &str) -> String {
+        json_problem(&serde_json::from_str::<SecretInternalRequest>(body).unwrap_err())
+    }
+
+    #[test]
+    fn json_problems_name_no_internal_type() {
+        for body in [
+            "{not json",
+            "",
+            "42",
+            "[]",
+            r#"{"files": 3, "kind": "A"}"#,
+            r#"{"files": [], "kind": "B"}"#,
+            r#"{"files": [], "kind": 1}"#,
+            r#"{"files": []}"#,
+            r#"{"files": [], "kind": "A", "extra": 1}"#,
+        ] {
+            let p = problem(body);
+            assert!(!p.contains("Secret"), "{body:?}: {p}");
+            assert!(!p.contains("struct"), "{body:?}: {p}");
+            assert!(p.contains("line"), "{body:?}: {p}");
+        }
+        assert!(problem("{not json").contains("not valid JSON"));
+        assert!(problem("42").contains("expected an object"));
+        assert!(problem(r#"{"files": []}"#).contains("missing field `kind`"));
+        assert!(problem(r#"{"files": [], "kind": "A", "x": 1}"#).contains("unknown field `x`"));
+    }
+}

@@ -1,0 +1,487 @@
+//! Who the `/api/v1/*` routes admit, against the real NATS
+//! (127.0.0.1:4222, JetStream) and PostgreSQL (postgres://postgres@127.0.0.1:5432,
+//! trust auth): a revoked subject, token or delegating actor is refused by
+//! every route; when revocations cannot be read the API answers 503; a
+//! delegated token cannot administer Gatehouse; and bodies are read only
+//! after the caller is admitted, their errors naming no internal type.
+//! Each test has its own streams, consumer and audit database, removed at
+//! the end even on failure.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use base64::Engine as _;
+use futures::FutureExt;
+use gatehouse_control_plane::{ControlPlaneConfig, run};
+use gatehouse_eventlog::EventLogConfig;
+use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use gatehouse_policystore::{PolicyConfig, PolicyStore};
+use gatehouse_testkit::eventually;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+const ADMINS: &str = "policy-admins";
+const AUDITORS: &str = "auditors";
+const PERMIT_ALL: &str = "@id(\"all\") permit (principal, action, resource);";
+
+struct Env {
+    js: jetstream::Context,
+    nats: async_nats::Client,
+    events: EventLogConfig,
+    config: ControlPlaneConfig,
+    database: String,
+    issuer: DevIssuer,
+    verifier: Arc<Verifier>,
+    http: reqwest::Client,
+    _watchdog: gatehouse_testkit::Watchdog,
+}
+
+struct Running {
+    url: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let watchdog = gatehouse_testkit::Watchdog::for_test();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("gatehouse_control_plane=debug")
+            .with_test_writer()
+            .try_init();
+        let id = Uuid::new_v4().simple().to_string();
+        let nats_url = "nats://127.0.0.1:4222";
+        let nats = async_nats::connect(nats_url).await.unwrap();
+        let events = EventLogConfig {
+            nats_url: nats_url.into(),
+            stream: format!("CPACC_{id}"),
+            subject_prefix: format!("cpacc.{id}.events"),
+            ..Default::default()
+        };
+        let database = format!("gh_cpacc_{id}");
+        let config = ControlPlaneConfig {
+            audit_db_url: format!("{SERVER}/{database}"),
+            consumer: format!("cpacc-{id}"),
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer_url = format!("http://{}", listener.local_addr().unwrap());
+        let issuer = DevIssuer::generate(&issuer_url);
+        tokio::spawn(axum::serve(listener, issuer.router()).into_future());
+        let verifier = Verifier::new(VerifierConfig {
+            issuer: issuer_url,
+            allow_http: true,
+            ..Default::default()
+        })
+        .unwrap();
+        Self {
+            js: jetstream::new(nats.clone()),
+            nats,
+            events,
+            config,
+            database,
+            issuer,
+            verifier: Arc::new(verifier),
+            http: reqwest::Client::new(),
+            _watchdog: watchdog,
+        }
+    }
+
+    fn policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            bundle_stream: format!("{}_POLICIES", self.events.stream),
+            revocation_stream: format!("{}_REVOCATIONS", self.events.stream),
+            ..Default::default()
+        }
+    }
+
+    async fn start(&self) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            self.config.clone(),
+            self.policy(),
+            self.events.clone(),
+            self.nats.clone(),
+            listener,
+            self.verifier.clone(),
+            axum::Router::new(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        eventually("the control plane to start", || async {
+            self.http
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        Running { url, stop, task }
+    }
+
+    /// A token of `subject` with `groups`, acting through `actors` (current
+    /// actor first; empty: acting for itself).
+    fn token(&self, subject: &str, groups: &[&str], actors: &[&str]) -> String {
+        self.issuer.mint(&TokenRequest {
+            subject: subject.into(),
+            username: Some(subject.into()),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audience: "gatehouse".into(),
+            ttl: Duration::from_secs(300),
+            actors: actors.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+
+    /// An administrator and auditor acting for itself.
+    fn admin(&self, subject: &str) -> String {
+        self.token(subject, &[ADMINS, AUDITORS], &[])
+    }
+
+    async fn scope(self, body: impl AsyncFnOnce(&Env)) {
+        let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
+        let _ = self.js.delete_stream(&self.events.stream).await;
+        let policy = self.policy();
+        let _ = self.js.delete_stream(&policy.bundle_stream).await;
+        let _ = self.js.delete_stream(&policy.revocation_stream).await;
+        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
+            .await
+            .unwrap();
+        // Two statements in one string would run as one transaction block,
+        // where DROP DATABASE is refused: send them apart.
+        sqlx::raw_sql("SET statement_timeout = '60s'")
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+            .execute(&mut admin)
+            .await
+        {
+            eprintln!("could not drop test database {}: {e}", self.database);
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    async fn store(&self) -> PolicyStore {
+        PolicyStore::open(&self.js, &self.policy()).await.unwrap()
+    }
+}
+
+/// The `jti` of a token minted by the development issuer.
+fn jti(token: &str) -> String {
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["jti"].as_str().unwrap().to_string()
+}
+
+/// A request body: JSON, or raw bytes sent as `application/json`.
+enum Body {
+    Json(Value),
+    Raw(&'static str),
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// Sends a request (GET without a body, POST with one) and returns
+    /// its status and JSON answer.
+    async fn call(
+        &self,
+        env: &Env,
+        token: Option<&str>,
+        path: &str,
+        body: Option<Body>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.url);
+        let mut req = match body {
+            None => env.http.get(url),
+            Some(Body::Json(v)) => env.http.post(url).json(&v),
+            Some(Body::Raw(raw)) => env
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(raw),
+        };
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn revoke(&self, env: &Env, by: &str, what: Value) {
+        let (status, body) = self
+            .call(env, Some(by), "/api/v1/revocations", Some(Body::Json(what)))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Every `/api/v1` route with `token`: its path and status.
+    async fn every_route(&self, env: &Env, token: &str) -> Vec<(&'static str, u16, Value)> {
+        let mut out = Vec::new();
+        for (path, body) in routes() {
+            let (status, answer) = self.call(env, Some(token), path, body).await;
+            out.push((path, status, answer));
+        }
+        out
+    }
+}
+
+/// Every `/api/v1` route with a request it would carry out for an admin.
+fn routes() -> Vec<(&'static str, Option<Body>)> {
+    vec![
+        (
+            "/api/v1/policies",
+            Some(Body::Json(json!({
+                "version": "permit-all",
+                "files": [["all.cedar", PERMIT_ALL]],
+            }))),
+        ),
+        (
+            "/api/v1/revocations",
+            Some(Body::Json(
+                json!({ "subject": "someone-else", "reason": "test" }),
+            )),
+        ),
+        (
+            "/api/v1/decisions/explain",
+            Some(Body::Json(json!({
+                "identity": { "subject": "alice", "groups": [] },
+                "target": { "name": "db" },
+                "sql": "SELECT 1",
+            }))),
+        ),
+        ("/api/v1/policies/current", None),
+        ("/api/v1/sessions", None),
+        ("/api/v1/commands", None),
+        ("/api/v1/quarantine", None),
+    ]
+}
+
+/// Asserts every route refused `token` with `status`, its error containing
+/// `says`, and that nothing was pushed or revoked by it.
+async fn refused_everywhere(env: &Env, cp: &Running, token: &str, status: u16, says: &str) {
+    for (path, got, answer) in cp.every_route(env, token).await {
+        assert_eq!(got, status, "{path}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{path}: {answer}");
+    }
+    let store = env.store().await;
+    let bundle = store.current_bundle().await.unwrap();
+    assert!(
+        bundle.as_ref().is_none_or(|b| b.version != "permit-all"),
+        "a refused caller pushed a bundle"
+    );
+    let someone = gatehouse_policystore::Revoked::Subject("someone-else".into());
+    assert!(
+        store.revocation_of(&someone).await.unwrap().is_none(),
+        "a refused caller revoked an identity"
+    );
+}
+
+#[tokio::test]
+async fn revoked_subjects_tokens_and_actors_are_refused_by_every_route() {
+    Env::new().await.scope(revoked_scenario).await;
+}
+
+async fn revoked_scenario(env: &Env) {
+    let cp = env.start().await;
+    let keeper = env.admin("admin-keeper");
+
+    // Before any revocation, an admin may use every route (the explain
+    // and current-bundle routes need a bundle: push a deny-nothing one).
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&keeper),
+            "/api/v1/policies",
+            Some(Body::Json(json!({
+                "version": "first",
+                "files": [["none.cedar", "@id(\"x\") forbid (principal, action, resource) when { false };"]],
+            }))),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    // Revoked by subject: every token of it is refused.
+    let rogue = env.admin("admin-rogue");
+    for path in ["/api/v1/sessions", "/api/v1/policies/current"] {
+        let (status, body) = cp.call(env, Some(&rogue), path, None).await;
+        assert_eq!(status, 200, "{path} before revocation: {body}");
+    }
+    cp.revoke(env, &keeper, json!({ "subject": "admin-rogue" }))
+        .await;
+    refused_everywhere(env, &cp, &rogue, 401, "revoked").await;
+    refused_everywhere(env, &cp, &env.admin("admin-rogue"), 401, "revoked").await;
+
+    // Revoked by token id: that token is refused, another of the same
+    // subject is not.
+    let lost = env.admin("admin-laptop");
+    cp.revoke(env, &keeper, json!({ "token_id": jti(&lost) }))
+        .await;
+    refused_everywhere(env, &cp, &lost, 401, "revoked").await;
+    let fresh = env.admin("admin-laptop");
+    let (status, body) = cp.call(env, Some(&fresh), "/api/v1/sessions", None).await;
+    assert_eq!(status, 200, "a new token of the subject: {body}");
+
+    // A revoked identity anywhere in a delegation chain: refused as
+    // revoked (401), not only as delegated (403).
+    let via_agent = env.token("alice", &[ADMINS, AUDITORS], &["agent-7"]);
+    let via_chain = env.token("bob", &[ADMINS, AUDITORS], &["agent-8", "broker-2"]);
+    refused_everywhere(env, &cp, &via_agent, 403, "delegated").await;
+    refused_everywhere(env, &cp, &via_chain, 403, "delegated").await;
+    cp.revoke(env, &keeper, json!({ "subject": "agent-7" }))
+        .await;
+    cp.revoke(env, &keeper, json!({ "subject": "broker-2" }))
+        .await;
+    refused_everywhere(env, &cp, &via_agent, 401, "revoked").await;
+    refused_everywhere(env, &cp, &via_chain, 401, "revoked").await;
+
+    // The keeper was never revoked: every route admits it.
+    for (path, status, body) in cp.every_route(env, &keeper).await {
+        assert!(status == 200 || status == 201, "{path}: {status} {body}");
+    }
+
+    // When revocations cannot be read, nobody is admitted: 503, never 200.
+    env.js
+        .delete_stream(&env.policy().revocation_stream)
+        .await
+        .unwrap();
+    for (path, status, body) in cp.every_route(env, &keeper).await {
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("revocation"),
+            "{path}: {body}"
+        );
+    }
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn delegated_tokens_cannot_administer_and_bodies_follow_authorization() {
+    Env::new().await.scope(delegation_and_bodies_scenario).await;
+}
+
+async fn delegation_and_bodies_scenario(env: &Env) {
+    let cp = env.start().await;
+
+    // An agent acting for a policy admin (and auditor) is refused on every
+    // route, pushing a permit-all bundle included.
+    let agent = env.token("admin-alice", &[ADMINS, AUDITORS], &["agent-x"]);
+    refused_everywhere(
+        env,
+        &cp,
+        &agent,
+        403,
+        "delegated tokens cannot administer Gatehouse",
+    )
+    .await;
+    // The same person's own token may.
+    let alice = env.admin("admin-alice");
+    let (status, body) = cp.call(env, Some(&alice), "/api/v1/sessions", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Bodies are read only after authorization: garbage from callers
+    // without a token, with a bad token, or without the group is refused as
+    // such, and the answer names no field.
+    let auditor = env.token("auditor-1", &[AUDITORS], &[]);
+    for path in [
+        "/api/v1/policies",
+        "/api/v1/revocations",
+        "/api/v1/decisions/explain",
+    ] {
+        for raw in ["{\"files\": nope", "42", "{}"] {
+            for (token, status) in [
+                (None, 401),
+                (Some("not-a-token"), 401),
+                (Some(agent.as_str()), 403),
+            ] {
+                let (got, body) = cp.call(env, token, path, Some(Body::Raw(raw))).await;
+                assert_eq!(got, status, "{path} {raw:?} {token:?}: {body}");
+                let error = body["error"].as_str().unwrap();
+                for leak in ["files", "subject", "identity", "missing field", "expected"] {
+                    assert!(!error.contains(leak), "{path} {raw:?}: {body}");
+                }
+            }
+        }
+    }
+    for path in ["/api/v1/policies", "/api/v1/revocations"] {
+        let (got, body) = cp
+            .call(
+                env,
+                Some(&auditor),
+                path,
+                Some(Body::Raw("{\"files\": nope")),
+            )
+            .await;
+        assert_eq!(got, 403, "{path}: {body}");
+    }
+
+    // An authorized caller's malformed body is a 400 whose message says
+    // what is wrong without naming an internal type.
+    let cases: &[(&str, &str, &str)] = &[
+        ("/api/v1/policies", "{\"files\": nope", "not valid JSON"),
+        ("/api/v1/policies", "42", "expected an object"),
+        ("/api/v1/policies", "{\"files\": 3}", "invalid type"),
+        ("/api/v1/policies", "{}", "missing field `files`"),
+        (
+            "/api/v1/policies",
+            "{\"files\": [], \"x\": 1}",
+            "unknown field `x`",
+        ),
+        ("/api/v1/revocations", "{\"subject\": 1}", "invalid type"),
+        ("/api/v1/revocations", "[", "not valid JSON"),
+        ("/api/v1/decisions/explain", "{}", "missing field"),
+        ("/api/v1/decisions/explain", "\"sql\"", "expected an object"),
+    ];
+    for (path, raw, says) in cases {
+        let (status, body) = cp.call(env, Some(&alice), path, Some(Body::Raw(raw))).await;
+        assert_eq!(status, 400, "{path} {raw:?}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(says), "{path} {raw:?}: {body}");
+        for leak in [
+            "Request",
+            "struct",
+            "Explain",
+            "Failed to deserialize",
+            "target type",
+        ] {
+            assert!(!error.contains(leak), "{path} {raw:?}: {body}");
+        }
+    }
+    // Not JSON at all: 415.
+    let resp = env
+        .http
+        .post(format!("{}/api/v1/policies", cp.url))
+        .bearer_auth(&alice)
+        .body("files=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+
+    // Nothing was pushed or revoked.
+    assert!(env.store().await.current_bundle().await.unwrap().is_none());
+    cp.stop().await;
+}
