@@ -125,6 +125,15 @@ async fn settings_in_options_and_startup_parameters_are_in_force() {
         "{:?}",
         login.parameters
     );
+    // What the target says about the worker's own login (it logs in as
+    // postgres, a superuser) is shown as the client's.
+    for (name, shown) in [("session_authorization", "bob"), ("is_superuser", "off")] {
+        assert!(
+            login.parameters.contains(&(name.into(), shown.into())),
+            "{name}: {:?}",
+            login.parameters
+        );
+    }
     let r = bob.query("SHOW search_path").await;
     assert_eq!(r.value(), Some("s1, public"), "{r:?}");
     let r = bob.query("SHOW idle_in_transaction_session_timeout").await;

@@ -50,7 +50,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
     let mut hello = BytesMut::new();
     pg::authentication_ok(&mut hello);
     for (k, v) in &backend.parameters {
-        pg::parameter_status(&mut hello, k, v);
+        let shown = crate::machine::shown_to_client(k.as_bytes(), &ctx.identity.username);
+        pg::parameter_status(&mut hello, k, shown.map_or(v.as_str(), |(_, s)| s));
     }
     pg::backend_key_data(&mut hello, key.0, key.1);
     pg::ready_for_query(&mut hello, backend.status);

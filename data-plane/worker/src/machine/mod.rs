@@ -223,6 +223,18 @@ pub(crate) enum RecordError {
     TooLarge { size: usize, max: usize },
 }
 
+/// The value a client is shown for a parameter the target reports about
+/// the worker's own login rather than the client's session (which role the
+/// worker logs in as, and whether it is a superuser): the client's own user
+/// name, and `off`. `None` for every other parameter, shown as it is.
+pub(crate) fn shown_to_client<'a>(name: &[u8], user: &'a str) -> Option<(&'static str, &'a str)> {
+    match name {
+        b"session_authorization" => Some(("session_authorization", user)),
+        b"is_superuser" => Some(("is_superuser", "off")),
+        _ => None,
+    }
+}
+
 fn count(counter: &std::sync::atomic::AtomicU64) {
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
@@ -1392,6 +1404,10 @@ impl Machine {
                 ),
                 CloseReason::Error,
             );
+            return false;
+        }
+        if let Some((name, shown)) = shown_to_client(name, &self.ctx.identity.username) {
+            pg::parameter_status(&mut self.to_client, name, shown);
             return false;
         }
         true

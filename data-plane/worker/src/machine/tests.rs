@@ -1015,3 +1015,35 @@ fn a_message_larger_than_accepted_ends_the_session_on_its_header() {
         "the body was never allocated"
     );
 }
+
+#[test]
+fn parameters_about_the_workers_own_login_are_shown_as_the_clients() {
+    let mut h = Harness::user();
+    h.send(&query("SELECT 1"));
+    h.reply(&cat(&[
+        parameter_status("session_authorization", "gatehouse_svc"),
+        parameter_status("is_superuser", "on"),
+        parameter_status("TimeZone", "UTC"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    let mut shown = BytesMut::from(&h.machine.to_client.split()[..]);
+    let mut seen = Vec::new();
+    while let Ok(Some(f)) = gatehouse_pgwire::decode_frame(&mut shown, 1 << 20) {
+        if f.tag == b'S' {
+            seen.push((cstr_at(&f.raw[5..], 0), {
+                let body = &f.raw[5..];
+                let at = body.iter().position(|b| *b == 0).unwrap() + 1;
+                cstr_at(body, at)
+            }));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("session_authorization".to_string(), "alice".to_string()),
+            ("is_superuser".into(), "off".into()),
+            ("TimeZone".into(), "UTC".into()),
+        ]
+    );
+}
