@@ -190,6 +190,18 @@ impl DevIssuer {
         tracing::info!(issuer = %self.inner.issuer, kid = %keys.current.kid, "dev issuer key rotated");
     }
 
+    /// Stops serving the public keys rotated out: their tokens stop verifying
+    /// once verifiers refresh the JWKS.
+    pub fn drop_retired(&self) {
+        let mut keys = self.inner.keys.write().unwrap_or_else(|e| e.into_inner());
+        keys.retired.clear();
+    }
+
+    /// The current public key as a JWK (with its `kid`), as the JWKS serves it.
+    pub fn public_jwk(&self) -> Value {
+        serde_json::to_value(&self.keys().current.jwk).expect("a JWK serializes")
+    }
+
     /// SPKI PEM of the current public key.
     pub fn public_key_pem(&self) -> String {
         self.keys().current.public_pem.clone()

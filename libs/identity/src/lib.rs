@@ -23,12 +23,26 @@ pub enum AuthError {
     UnsupportedAlgorithm,
     #[error("token key id is not in the issuer's JWKS")]
     UnknownKey,
+    /// The issuer's JWKS lists the token's key id more than once.
+    #[error("token key id appears more than once in the issuer's JWKS")]
+    AmbiguousKey,
+    /// The token's key was not loaded: an RSA key under 2048 bits, or a curve not allowed.
+    #[error("token key is too weak or on a curve that is not allowed")]
+    RefusedKey,
+    /// The header has `crit`: it requires extensions, and none is understood.
+    #[error("token header names critical extensions (crit), which are not supported")]
+    CriticalExtension,
     #[error("token signature is invalid")]
     BadSignature,
     #[error("token has expired")]
     Expired,
     #[error("token is not valid yet (nbf)")]
     NotYetValid,
+    #[error("token was issued in the future (iat)")]
+    IssuedInFuture,
+    /// `exp - iat` (or `exp - now` without `iat`) is over `max_token_lifetime_secs`.
+    #[error("token lifetime is longer than allowed")]
+    LifetimeTooLong,
     #[error("token issuer does not match")]
     WrongIssuer,
     #[error("token audience does not match")]
@@ -47,9 +61,14 @@ impl AuthError {
             Self::Malformed => "malformed",
             Self::UnsupportedAlgorithm => "unsupported_algorithm",
             Self::UnknownKey => "unknown_key",
+            Self::AmbiguousKey => "ambiguous_key",
+            Self::RefusedKey => "key_refused",
+            Self::CriticalExtension => "unsupported_critical_header",
             Self::BadSignature => "bad_signature",
             Self::Expired => "token_expired",
             Self::NotYetValid => "token_not_yet_valid",
+            Self::IssuedInFuture => "token_issued_in_future",
+            Self::LifetimeTooLong => "token_lifetime_too_long",
             Self::WrongIssuer => "wrong_issuer",
             Self::WrongAudience => "wrong_audience",
             Self::MissingClaim(_) => "missing_claim",
@@ -63,6 +82,22 @@ impl AuthError {
             Self::Expired => "the token has expired; get a new one and reconnect",
             Self::NotYetValid => "the token is not valid yet",
             Self::Malformed => "the password must be an OIDC token (a JWT)",
+            Self::IssuedInFuture => {
+                "the token's issue time is in the future; check the clocks and get a new token"
+            }
+            Self::LifetimeTooLong => {
+                "the token is valid for longer than allowed; get one with a shorter lifetime"
+            }
+            Self::CriticalExtension => {
+                "the token requires header extensions (crit) that are not supported"
+            }
+            Self::AmbiguousKey => {
+                "the identity provider publishes the token's signing key ambiguously; \
+                 tell an administrator"
+            }
+            Self::RefusedKey => {
+                "the token's signing key is too weak or of a kind that is not accepted"
+            }
             Self::IssuerUnavailable(_) => {
                 "the identity provider cannot be reached to check the token; try again"
             }

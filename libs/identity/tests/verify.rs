@@ -279,7 +279,25 @@ fn config_validation_names_the_field() {
         (parsed.audiences, parsed.leeway_secs),
         (vec!["gatehouse".into()], 30)
     );
+    assert_eq!(
+        (
+            parsed.jwks_max_age_secs,
+            parsed.jwks_stale_limit_secs,
+            parsed.max_token_lifetime_secs
+        ),
+        (900, 3600, 86_400)
+    );
     assert!(serde_json::from_value::<VerifierConfig>(json!({"isuer": "x"})).is_err());
+    let zero_age = VerifierConfig {
+        jwks_max_age_secs: 0,
+        ..config("https://idp.example", 30)
+    };
+    assert!(error(zero_age).starts_with("oidc.jwks_max_age_secs"));
+    let zero_lifetime = VerifierConfig {
+        max_token_lifetime_secs: 0,
+        ..config("https://idp.example", 30)
+    };
+    assert!(error(zero_lifetime).starts_with("oidc.max_token_lifetime_secs"));
 }
 
 #[test]
