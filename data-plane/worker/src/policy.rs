@@ -108,8 +108,9 @@ pub(crate) struct SessionPolicy {
     pub principal: Principal,
     pub target: TargetInfo,
     pub source_ip: String,
-    subject: String,
-    token_id: Option<String>,
+    /// What revokes the session: its subject, every actor of its
+    /// delegation chain, its token.
+    revoked_by: Vec<Revoked>,
     /// The `connect` decision made the session read-only.
     pub read_only: bool,
     /// Record denials without enforcing them (dry-run target or bundle).
@@ -151,8 +152,11 @@ impl SessionPolicy {
             principal,
             target,
             source_ip,
-            subject: identity.subject.clone(),
-            token_id,
+            revoked_by: std::iter::once(&identity.subject)
+                .chain(identity.delegation.iter().map(|a| &a.subject))
+                .map(|s| Revoked::Subject(s.clone()))
+                .chain(token_id.map(Revoked::Token))
+                .collect(),
             read_only: false,
             entities: None,
         }
@@ -170,13 +174,7 @@ impl SessionPolicy {
 
     /// Whether the identity or its token has been revoked.
     pub fn revoked(&self, state: &PolicyState) -> bool {
-        state
-            .revoked
-            .contains(&Revoked::Subject(self.subject.clone()))
-            || self
-                .token_id
-                .as_ref()
-                .is_some_and(|t| state.revoked.contains(&Revoked::Token(t.clone())))
+        !state.revoked.is_empty() && self.revoked_by.iter().any(|r| state.revoked.contains(r))
     }
 
     /// The `connect` decision, at session start.

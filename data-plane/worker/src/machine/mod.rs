@@ -636,27 +636,34 @@ impl Machine {
             }
             return Ok(Step::Next);
         }
-        if matches!(
-            message,
-            FrontendMessage::Query(_) | FrontendMessage::Execute { .. }
-        ) {
-            if self.policy.revoked(state) {
-                self.finish_and_close(
-                    chunk,
+        // Revocation and expiry take effect at the next message of any
+        // kind but the client's goodbye: a Parse, a Bind, COPY data.
+        if !matches!(message, FrontendMessage::Terminate) {
+            let end = if self.policy.revoked(state) {
+                Some((
                     ClientError::fatal("28000", "access for this identity has been revoked"),
                     CloseReason::Revoked,
-                );
-                return Ok(Step::Stop);
-            }
-            if self.token_deadline.is_some_and(|d| now > d) {
-                self.finish_and_close(
-                    chunk,
+                ))
+            } else if self.token_deadline.is_some_and(|d| now > d) {
+                Some((
                     ClientError::fatal(
                         "28000",
                         "the token has expired; reconnect with a fresh token",
                     ),
                     CloseReason::TokenExpired,
-                );
+                ))
+            } else {
+                None
+            };
+            if let Some((error, reason)) = end {
+                if self.client_copy {
+                    // The target waits for the rest of the COPY, which is
+                    // not coming: the session ends now.
+                    self.fail(error, reason);
+                } else {
+                    // After the answers to what was forwarded before.
+                    self.finish_and_close(chunk, error, reason);
+                }
                 return Ok(Step::Stop);
             }
         }

@@ -1047,3 +1047,31 @@ fn parameters_about_the_workers_own_login_are_shown_as_the_clients() {
         ]
     );
 }
+
+#[test]
+fn revoking_anyone_in_the_chain_ends_the_session_at_any_message() {
+    // An agent acting for alice: revoking the agent ends it at a Parse.
+    let mut bot = identity("alice", &[]);
+    bot.delegation = vec![gatehouse_events::Actor {
+        subject: "agent-7".into(),
+        issuer: None,
+    }];
+    let mut h = Harness::new(bot);
+    h.state.revoked.insert(Revoked::Subject("agent-7".into()));
+    h.send(&cat(&[parse("s1", "SELECT 1"), sync()]));
+    assert!(h.sent().is_empty());
+    assert_eq!(h.answered(), vec![err("28000")]);
+    assert!(h.machine.ended().is_some());
+
+    // In a COPY, the next COPY data ends it.
+    let mut h = Harness::user();
+    h.send(&query("COPY t FROM STDIN"));
+    h.reply(&copy_in_response());
+    h.sent();
+    h.state.revoked.insert(Revoked::Subject("sub-alice".into()));
+    h.send(&copy_data(b"1\n"));
+    assert!(h.sent().is_empty(), "no COPY data after the revocation");
+    let answered = h.answered();
+    assert!(answered.contains(&err("28000")), "{answered:?}");
+    assert!(h.machine.ended().is_some());
+}
