@@ -21,6 +21,13 @@
 //! could not be recorded. [`PolicyStore::max_body`] is the largest body the
 //! server takes, so sizes can be checked before anything is written.
 //!
+//! A bundle that is not valid never stops a reader: [`PolicyStore::current_engine`]
+//! starts from the newest valid bundle of the history (logging each bad
+//! one with its version), and a follower of [`PolicyStore::watch_bundles`]
+//! keeps the engine it has when [`gatehouse_policies::Engine::new`]
+//! refuses a new one (which it does without parsing a bundle too large or
+//! too deeply nested for Cedar).
+//!
 //! Depends on the `policies` bundle format and NATS only.
 #![forbid(unsafe_code)]
 
@@ -31,7 +38,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use gatehouse_policies::Bundle;
+use gatehouse_policies::{Bundle, BundleError, Engine, Problem, Severity};
 use serde::{Deserialize, Serialize};
 
 /// `[policy]`: where bundles and revocations live, and how identities map
@@ -213,6 +220,89 @@ impl PolicyStore {
             Ok(m) => Ok(Some(serde_json::from_slice(&m.payload)?)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(kv_error(e)),
+        }
+    }
+
+    /// The engine to start deciding with: the current bundle's, or, when
+    /// the current bundle is not valid ([`Engine::new`]), the newest earlier
+    /// bundle of the history that is. Each refused bundle is logged as an
+    /// error naming its version. `None` when no bundle was published or
+    /// none in the history is valid: every command is then refused, as
+    /// with no bundle. So a process started while a bad bundle is current
+    /// keeps the last good one instead of exiting (and, restarted, exiting
+    /// again); a valid bundle published later replaces it as usual.
+    pub async fn current_engine(&self) -> Result<Option<Engine>, StoreError> {
+        let last = match self
+            .bundles
+            .get_last_raw_message_by_subject(&self.bundle_subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(kv_error(e)),
+        };
+        let first = {
+            let mut stream = self.bundles.clone();
+            stream.info().await.map_err(kv_error)?.state.first_sequence
+        };
+        let (mut payload, mut sequence) = (last.payload, last.sequence);
+        loop {
+            match serde_json::from_slice::<Bundle>(&payload) {
+                Ok(bundle) => {
+                    let version = bundle.version.clone();
+                    let built = tokio::task::spawn_blocking(move || Engine::new(&bundle))
+                        .await
+                        .map_err(|e| BundleError::Invalid(vec![panicked(&e.to_string())]));
+                    match built.and_then(|r| r) {
+                        Ok(engine) => {
+                            if sequence != last.sequence {
+                                tracing::warn!(
+                                    version = %version,
+                                    sequence,
+                                    "deciding with an earlier policy bundle until a valid one is published"
+                                );
+                            }
+                            return Ok(Some(engine));
+                        }
+                        Err(e) => tracing::error!(
+                            version = %version,
+                            sequence,
+                            error = %e,
+                            "policy bundle is not valid; trying the one published before it"
+                        ),
+                    }
+                }
+                Err(e) => tracing::error!(
+                    sequence,
+                    error = %e,
+                    "a stored policy bundle is not valid JSON; trying the one published before it"
+                ),
+            }
+            // The message before it: the stream holds only the bundle
+            // subject, at most 64 messages, some maybe deleted.
+            let mut previous = None;
+            while previous.is_none() && sequence > first {
+                sequence -= 1;
+                match self.bundles.get_raw_message(sequence).await {
+                    Ok(m) if m.subject.as_str() == self.bundle_subject => {
+                        previous = Some(m.payload)
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                    Err(e) => return Err(kv_error(e)),
+                }
+            }
+            match previous {
+                Some(p) => payload = p,
+                None => {
+                    tracing::error!(
+                        "no valid policy bundle in the history: every command will be refused"
+                    );
+                    return Ok(None);
+                }
+            }
         }
     }
 
@@ -496,6 +586,19 @@ impl PolicyStore {
     }
 }
 
+/// The problem reported when building an engine panicked.
+fn panicked(detail: &str) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        file: "(bundle)".into(),
+        line: 1,
+        column: 1,
+        message: format!("building the engine failed: {detail}"),
+        help: None,
+        policy: None,
+    }
+}
+
 /// The last message of each subject matching `filter`, then every new one,
 /// through an ordered consumer (recreated by the client if it falls behind
 /// or the connection drops).
@@ -513,4 +616,113 @@ async fn follow(
         .map_err(kv_error)?;
     let messages = consumer.messages().await.map_err(kv_error)?;
     Ok(messages.map(|m| m.map(|m| m.payload.clone()).map_err(kv_error)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A nats-server of the test's own, with JetStream, killed when dropped.
+    struct Nats {
+        _child: tokio::process::Child,
+        dir: std::path::PathBuf,
+        url: String,
+    }
+
+    impl Drop for Nats {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn nats() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "gatehouse-policystore-{}-{port}",
+            std::process::id()
+        ));
+        let child = tokio::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server must be installed");
+        let url = format!("nats://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Nats {
+            _child: child,
+            dir,
+            url,
+        }
+    }
+
+    fn config(name: &str) -> PolicyConfig {
+        PolicyConfig {
+            bundle_stream: format!("{name}_BUNDLES"),
+            revocation_stream: format!("{name}_REVOCATIONS"),
+            ..PolicyConfig::default()
+        }
+    }
+
+    /// The attack: about 150 nested parentheses in one policy.
+    fn too_deep(version: &str) -> Bundle {
+        let text = format!(
+            "permit (principal, action, resource) when {{ {}true{} }};",
+            "(".repeat(150),
+            ")".repeat(150)
+        );
+        Bundle::new(
+            version,
+            vec![("deep.cedar".into(), text)],
+            gatehouse_policies::SCHEMA,
+            false,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_bad_current_bundle_leaves_the_last_good_one_in_force() {
+        let server = nats().await;
+        let client = async_nats::connect(&server.url).await.unwrap();
+        let js = jetstream::new(client);
+
+        let store = PolicyStore::open(&js, &config("GOOD")).await.unwrap();
+        assert!(store.current_engine().await.unwrap().is_none());
+        let mut good = Bundle::defaults();
+        good.version = "v1".into();
+        let seq = store.replace_bundle(&good, "event-1", 0).await.unwrap();
+        store
+            .replace_bundle(&too_deep("v2"), "event-2", seq)
+            .await
+            .unwrap();
+        // Not even JSON.
+        js.publish(store.bundle_subject.clone(), Bytes::from_static(b"{"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let engine = store.current_engine().await.unwrap().expect("v1 in force");
+        assert_eq!(engine.bundle_version(), "v1");
+
+        // With nothing valid in the history, no engine: everything refused.
+        let store = PolicyStore::open(&js, &config("BAD")).await.unwrap();
+        store
+            .replace_bundle(&too_deep("v1"), "event-3", 0)
+            .await
+            .unwrap();
+        assert!(store.current_engine().await.unwrap().is_none());
+    }
 }
