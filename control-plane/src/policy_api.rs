@@ -226,10 +226,6 @@ async fn push(
             &bundle.hash[..12]
         )
     });
-    let engine = Engine::new(&bundle).map_err(|e| ApiError::Invalid {
-        message: "the bundle is not valid".into(),
-        details: e.problems().iter().map(|p| p.to_string()).collect(),
-    })?;
     let event = Event::new(
         api.source.clone(),
         Payload::PolicyBundlePublished(PolicyBundlePublished {
@@ -252,6 +248,12 @@ async fn push(
         });
     }
     check_event(&event, max, "the bundle's PolicyBundlePublished event")?;
+    // Then validated: a bundle too large to publish is 413 whatever else
+    // is wrong with it.
+    let engine = Engine::new(&bundle).map_err(|e| ApiError::Invalid {
+        message: "the bundle is not valid".into(),
+        details: e.problems().iter().map(|p| p.to_string()).collect(),
+    })?;
 
     // 2. The effect, provided the current bundle is still the one read.
     let previous = api.store.current().await.map_err(unavailable)?;

@@ -154,10 +154,13 @@ impl Env {
         let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
             .await
             .unwrap();
-        let drop = format!(
-            "SET statement_timeout = '60s'; DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.database
-        );
+        // Two statements in one string would run as one transaction block,
+        // where DROP DATABASE is refused: send them apart.
+        sqlx::raw_sql("SET statement_timeout = '60s'")
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
             .execute(&mut admin)
             .await

@@ -28,15 +28,12 @@ pub(crate) type Policies = watch::Receiver<Arc<PolicyState>>;
 
 /// Loads the current bundle and revocations and keeps them fresh.
 pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
-    let engine = match store.current_bundle().await.map_err(|e| e.to_string())? {
-        Some(bundle) => Some(Arc::new(Engine::new(&bundle).map_err(|e| {
-            format!(
-                "the published policy bundle {} is not valid: {e}",
-                bundle.version
-            )
-        })?)),
+    // The newest bundle that validates: one that does not is logged and
+    // passed over, so a bad bundle cannot keep workers from starting.
+    let engine = match store.current_engine().await.map_err(|e| e.to_string())? {
+        Some(engine) => Some(Arc::new(engine)),
         None => {
-            tracing::warn!("no policy bundle published yet: every command will be refused");
+            tracing::warn!("no valid policy bundle published yet: every command will be refused");
             None
         }
     };
