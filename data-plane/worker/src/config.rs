@@ -111,6 +111,7 @@ pub enum TargetAuth {
     /// A cleartext password.
     Password,
     Md5,
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
 }
 
