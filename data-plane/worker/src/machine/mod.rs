@@ -1128,13 +1128,7 @@ impl Machine {
         &self,
         bindings: impl IntoIterator<Item = &'c Change<T>>,
     ) -> Option<ClientError> {
-        let adding: usize = bindings
-            .into_iter()
-            .map(|c| match c {
-                Change::Set(_, value) => value.weight(),
-                _ => 0,
-            })
-            .sum();
+        let adding: usize = bindings.into_iter().map(Change::weight).sum();
         let held = self.statements.held() + self.portals.held();
         (adding > 0 && held + adding > self.limits.max_held).then(|| {
             count(&self.ctx.counters.prepared_bytes_exceeded);

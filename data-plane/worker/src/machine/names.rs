@@ -40,7 +40,8 @@ pub(crate) trait Weighed {
 }
 
 impl<T: Weighed> Change<T> {
-    fn weight(&self) -> usize {
+    /// What the binding it makes weighs; nothing for a drop.
+    pub fn weight(&self) -> usize {
         match self {
             Change::Set(_, value) => value.weight(),
             _ => 0,
