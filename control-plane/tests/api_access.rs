@@ -7,175 +7,18 @@
 //! Each test has its own streams, consumer and audit database, removed at
 //! the end even on failure.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::time::Duration;
+mod support;
 
-use async_nats::jetstream;
 use base64::Engine as _;
-use futures::FutureExt;
-use gatehouse_control_plane::{ControlPlaneConfig, run};
-use gatehouse_eventlog::EventLogConfig;
-use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
-use gatehouse_policystore::{PolicyConfig, PolicyStore};
-use gatehouse_testkit::eventually;
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use uuid::Uuid;
+use support::{ADMINS, Env, PERMIT_ALL, Running};
 
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-const ADMINS: &str = "policy-admins";
 const AUDITORS: &str = "auditors";
-const PERMIT_ALL: &str = "@id(\"all\") permit (principal, action, resource);";
-
-struct Env {
-    js: jetstream::Context,
-    nats: async_nats::Client,
-    events: EventLogConfig,
-    config: ControlPlaneConfig,
-    database: String,
-    issuer: DevIssuer,
-    verifier: Arc<Verifier>,
-    http: reqwest::Client,
-    _watchdog: gatehouse_testkit::Watchdog,
-}
-
-struct Running {
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
 
 impl Env {
-    async fn new() -> Self {
-        let watchdog = gatehouse_testkit::Watchdog::for_test();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("gatehouse_control_plane=debug")
-            .with_test_writer()
-            .try_init();
-        let id = Uuid::new_v4().simple().to_string();
-        let nats_url = "nats://127.0.0.1:4222";
-        let nats = async_nats::connect(nats_url).await.unwrap();
-        let events = EventLogConfig {
-            nats_url: nats_url.into(),
-            stream: format!("CPACC_{id}"),
-            subject_prefix: format!("cpacc.{id}.events"),
-            ..Default::default()
-        };
-        let database = format!("gh_cpacc_{id}");
-        let config = ControlPlaneConfig {
-            audit_db_url: format!("{SERVER}/{database}"),
-            consumer: format!("cpacc-{id}"),
-            ..Default::default()
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let issuer_url = format!("http://{}", listener.local_addr().unwrap());
-        let issuer = DevIssuer::generate(&issuer_url);
-        tokio::spawn(axum::serve(listener, issuer.router()).into_future());
-        let verifier = Verifier::new(VerifierConfig {
-            issuer: issuer_url,
-            allow_http: true,
-            ..Default::default()
-        })
-        .unwrap();
-        Self {
-            js: jetstream::new(nats.clone()),
-            nats,
-            events,
-            config,
-            database,
-            issuer,
-            verifier: Arc::new(verifier),
-            http: reqwest::Client::new(),
-            _watchdog: watchdog,
-        }
-    }
-
-    fn policy(&self) -> PolicyConfig {
-        PolicyConfig {
-            bundle_stream: format!("{}_POLICIES", self.events.stream),
-            revocation_stream: format!("{}_REVOCATIONS", self.events.stream),
-            ..Default::default()
-        }
-    }
-
-    async fn start(&self) -> Running {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(
-            self.config.clone(),
-            self.policy(),
-            self.events.clone(),
-            self.nats.clone(),
-            listener,
-            self.verifier.clone(),
-            axum::Router::new(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        eventually("the control plane to start", || async {
-            self.http
-                .get(format!("{url}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        Running { url, stop, task }
-    }
-
-    /// A token of `subject` with `groups`, acting through `actors` (current
-    /// actor first; empty: acting for itself).
-    fn token(&self, subject: &str, groups: &[&str], actors: &[&str]) -> String {
-        self.issuer.mint(&TokenRequest {
-            subject: subject.into(),
-            username: Some(subject.into()),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            audience: "gatehouse".into(),
-            ttl: Duration::from_secs(300),
-            actors: actors.iter().map(|a| a.to_string()).collect(),
-        })
-    }
-
     /// An administrator and auditor acting for itself.
     fn admin(&self, subject: &str) -> String {
         self.token(subject, &[ADMINS, AUDITORS], &[])
-    }
-
-    async fn scope(self, body: impl AsyncFnOnce(&Env)) {
-        let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
-        let _ = self.js.delete_stream(&self.events.stream).await;
-        let policy = self.policy();
-        let _ = self.js.delete_stream(&policy.bundle_stream).await;
-        let _ = self.js.delete_stream(&policy.revocation_stream).await;
-        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
-            .await
-            .unwrap();
-        // Two statements in one string would run as one transaction block,
-        // where DROP DATABASE is refused: send them apart.
-        sqlx::raw_sql("SET statement_timeout = '60s'")
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-            .execute(&mut admin)
-            .await
-        {
-            eprintln!("could not drop test database {}: {e}", self.database);
-        }
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
-    async fn store(&self) -> PolicyStore {
-        PolicyStore::open(&self.js, &self.policy()).await.unwrap()
     }
 }
 
@@ -198,11 +41,6 @@ enum Body {
 }
 
 impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-
     /// Sends a request (GET without a body, POST with one) and returns
     /// its status and JSON answer.
     async fn call(
@@ -302,7 +140,7 @@ async fn refused_everywhere(env: &Env, cp: &Running, token: &str, status: u16, s
 
 #[tokio::test]
 async fn revoked_subjects_tokens_and_actors_are_refused_by_every_route() {
-    Env::new().await.scope(revoked_scenario).await;
+    Env::new("cpacc").await.scope(revoked_scenario).await;
 }
 
 async fn revoked_scenario(env: &Env) {
@@ -380,7 +218,10 @@ async fn revoked_scenario(env: &Env) {
 
 #[tokio::test]
 async fn delegated_tokens_cannot_administer_and_bodies_follow_authorization() {
-    Env::new().await.scope(delegation_and_bodies_scenario).await;
+    Env::new("cpacc")
+        .await
+        .scope(delegation_and_bodies_scenario)
+        .await;
 }
 
 async fn delegation_and_bodies_scenario(env: &Env) {

@@ -10,174 +10,20 @@
 //! stream refuses the record). Each test has its own streams, consumer and
 //! audit database, removed at the end even on failure.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::time::Duration;
+mod support;
 
 use async_nats::jetstream;
-use futures::{FutureExt, StreamExt};
-use gatehouse_control_plane::{ControlPlaneConfig, run};
-use gatehouse_eventlog::EventLogConfig;
+use futures::StreamExt;
 use gatehouse_events::EventType;
-use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
-use gatehouse_policystore::{PolicyConfig, PolicyStore, Revoked};
+use gatehouse_policystore::Revoked;
 use gatehouse_testkit::eventually;
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use uuid::Uuid;
-
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-const ADMINS: &str = "policy-admins";
-const PERMIT_ALL: &str = "@id(\"all\") permit (principal, action, resource);";
-
-struct Env {
-    js: jetstream::Context,
-    nats: async_nats::Client,
-    events: EventLogConfig,
-    config: ControlPlaneConfig,
-    database: String,
-    issuer: DevIssuer,
-    verifier: Arc<Verifier>,
-    http: reqwest::Client,
-    _watchdog: gatehouse_testkit::Watchdog,
-}
-
-struct Running {
-    url: String,
-    admin: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
+use sqlx::PgPool;
+use support::{Env, PERMIT_ALL, Running};
 
 impl Env {
-    async fn new() -> Self {
-        let watchdog = gatehouse_testkit::Watchdog::for_test();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("gatehouse_control_plane=debug")
-            .with_test_writer()
-            .try_init();
-        let id = Uuid::new_v4().simple().to_string();
-        let nats_url = "nats://127.0.0.1:4222";
-        let nats = async_nats::connect(nats_url).await.unwrap();
-        let events = EventLogConfig {
-            nats_url: nats_url.into(),
-            stream: format!("CPPOL_{id}"),
-            subject_prefix: format!("cppol.{id}.events"),
-            ..Default::default()
-        };
-        let database = format!("gh_cppol_{id}");
-        let config = ControlPlaneConfig {
-            audit_db_url: format!("{SERVER}/{database}"),
-            consumer: format!("cppol-{id}"),
-            ..Default::default()
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let issuer_url = format!("http://{}", listener.local_addr().unwrap());
-        let issuer = DevIssuer::generate(&issuer_url);
-        tokio::spawn(axum::serve(listener, issuer.router()).into_future());
-        let verifier = Verifier::new(VerifierConfig {
-            issuer: issuer_url,
-            allow_http: true,
-            ..Default::default()
-        })
-        .unwrap();
-        Self {
-            js: jetstream::new(nats.clone()),
-            nats,
-            events,
-            config,
-            database,
-            issuer,
-            verifier: Arc::new(verifier),
-            http: reqwest::Client::new(),
-            _watchdog: watchdog,
-        }
-    }
-
-    fn policy(&self) -> PolicyConfig {
-        PolicyConfig {
-            bundle_stream: format!("{}_POLICIES", self.events.stream),
-            revocation_stream: format!("{}_REVOCATIONS", self.events.stream),
-            ..Default::default()
-        }
-    }
-
-    async fn start(&self) -> Running {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(
-            self.config.clone(),
-            self.policy(),
-            self.events.clone(),
-            self.nats.clone(),
-            listener,
-            self.verifier.clone(),
-            axum::Router::new(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        eventually("the control plane to start", || async {
-            self.http
-                .get(format!("{url}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        let admin = self.issuer.mint(&TokenRequest {
-            subject: "admin-1".into(),
-            username: Some("admin".into()),
-            groups: vec![ADMINS.into()],
-            audience: "gatehouse".into(),
-            ttl: Duration::from_secs(300),
-            actors: vec![],
-        });
-        Running {
-            url,
-            admin,
-            stop,
-            task,
-        }
-    }
-
-    async fn scope(self, body: impl AsyncFnOnce(&Env)) {
-        let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
-        let _ = self.js.delete_stream(&self.events.stream).await;
-        let policy = self.policy();
-        let _ = self.js.delete_stream(&policy.bundle_stream).await;
-        let _ = self.js.delete_stream(&policy.revocation_stream).await;
-        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
-            .await
-            .unwrap();
-        // Two statements in one string would run as one transaction block,
-        // where DROP DATABASE is refused: send them apart.
-        sqlx::raw_sql("SET statement_timeout = '60s'")
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-            .execute(&mut admin)
-            .await
-        {
-            eprintln!("could not drop test database {}: {e}", self.database);
-        }
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
     async fn db(&self) -> PgPool {
         PgPool::connect(&self.config.audit_db_url).await.unwrap()
-    }
-
-    async fn store(&self) -> PolicyStore {
-        PolicyStore::open(&self.js, &self.policy()).await.unwrap()
     }
 
     /// Events of type `ty` on the event stream (each push or revocation
@@ -238,11 +84,6 @@ impl Env {
 }
 
 impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-
     async fn post(&self, env: &Env, path: &str, body: &Value) -> (u16, Value) {
         let resp = env
             .http
@@ -299,7 +140,7 @@ fn padded_files(bytes: usize) -> Value {
 
 #[tokio::test]
 async fn an_oversized_bundle_is_refused_and_nothing_is_recorded() {
-    Env::new().await.scope(oversized_bundle).await;
+    Env::new("cppol").await.scope(oversized_bundle).await;
 }
 
 async fn oversized_bundle(env: &Env) {
@@ -352,7 +193,7 @@ async fn oversized_bundle(env: &Env) {
 
 #[tokio::test]
 async fn a_bundle_the_store_refuses_is_not_recorded() {
-    Env::new().await.scope(store_refuses_bundle).await;
+    Env::new("cppol").await.scope(store_refuses_bundle).await;
 }
 
 async fn store_refuses_bundle(env: &Env) {
@@ -383,7 +224,7 @@ async fn store_refuses_bundle(env: &Env) {
 
 #[tokio::test]
 async fn a_bundle_whose_event_cannot_be_recorded_is_withdrawn() {
-    Env::new().await.scope(record_fails_bundle).await;
+    Env::new("cppol").await.scope(record_fails_bundle).await;
 }
 
 async fn record_fails_bundle(env: &Env) {
@@ -448,7 +289,7 @@ async fn record_fails_bundle(env: &Env) {
 
 #[tokio::test]
 async fn revocations_are_recorded_only_when_in_force() {
-    Env::new().await.scope(revocations).await;
+    Env::new("cppol").await.scope(revocations).await;
 }
 
 async fn revocations(env: &Env) {
