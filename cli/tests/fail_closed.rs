@@ -123,4 +123,5 @@ async fn a_command_too_large_to_record_is_refused_alone() {
         .unwrap();
     let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(values, ["small"]);
+    env.cleanup().await;
 }

@@ -414,4 +414,5 @@ async fn statements_larger_than_the_read_ahead_run() {
         .unwrap();
     let lengths: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(lengths, [700_000; 3]);
+    env.cleanup().await;
 }
