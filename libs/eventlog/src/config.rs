@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
@@ -8,8 +9,31 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventLogConfig {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated. `tls://` URLs require TLS.
+    /// Every NATS connection of the process (events, policy bundles and
+    /// revocations, cancel forwarding) uses the settings of this section.
     pub nats_url: String,
+    /// User name for NATS user/password authentication; the password comes
+    /// from `nats_password_env` or `nats_password_file`.
+    pub nats_user: Option<String>,
+    /// Environment variable holding the NATS password.
+    pub nats_password_env: Option<String>,
+    /// File holding the NATS password (trailing newline ignored).
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding an NKey seed (`SU…`) to authenticate with.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// A NATS credentials file (user JWT and NKey seed, `.creds`).
+    pub nats_creds_file: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS (also implied by `tls://` URLs
+    /// and by any `nats_tls_*` file).
+    pub nats_tls_required: bool,
+    /// CA bundle (PEM) that NATS server certificates are checked against;
+    /// the system roots when absent. Server names are always verified.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), for servers that verify clients.
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `nats_tls_cert_file`.
+    pub nats_tls_key_file: Option<PathBuf>,
     /// JetStream stream that holds every event.
     pub stream: String,
     /// Subject prefix; events go to `<prefix>.<event type>`.
@@ -34,6 +58,15 @@ impl Default for EventLogConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password_env: None,
+            nats_password_file: None,
+            nats_nkey_file: None,
+            nats_creds_file: None,
+            nats_tls_required: false,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
             stream: "GATEHOUSE_EVENTS".into(),
             subject_prefix: Subjects::DEFAULT_PREFIX.into(),
             replicas: 1,
@@ -80,7 +113,55 @@ impl EventLogConfig {
         if self.publish_timeout_ms == 0 {
             return Err("events.publish_timeout_ms: must be greater than 0".into());
         }
+        let methods = [
+            ("nats_user", self.nats_user.is_some()),
+            ("nats_nkey_file", self.nats_nkey_file.is_some()),
+            ("nats_creds_file", self.nats_creds_file.is_some()),
+        ];
+        if methods.iter().filter(|(_, set)| *set).count() > 1 {
+            return Err(
+                "events.nats_user / nats_nkey_file / nats_creds_file: choose one way to \
+                 authenticate to NATS"
+                    .into(),
+            );
+        }
+        let password = self.nats_password_env.is_some() || self.nats_password_file.is_some();
+        if self.nats_password_env.is_some() && self.nats_password_file.is_some() {
+            return Err("events.nats_password_env / nats_password_file: set one, not both".into());
+        }
+        if self.nats_user.is_some() != password {
+            return Err(if password {
+                "events.nats_user: required with nats_password_env / nats_password_file".into()
+            } else {
+                "events.nats_password_env: nats_user needs a password \
+                 (nats_password_env or nats_password_file)"
+                    .into()
+            });
+        }
+        if self.nats_tls_cert_file.is_some() != self.nats_tls_key_file.is_some() {
+            return Err(
+                "events.nats_tls_cert_file / nats_tls_key_file: set both or neither".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// Whether NATS connections must use TLS.
+    pub fn nats_tls(&self) -> bool {
+        self.nats_tls_required
+            || self.nats_tls_ca_file.is_some()
+            || self.nats_tls_cert_file.is_some()
+            || (!self.nats_url.is_empty()
+                && self
+                    .nats_url
+                    .split(',')
+                    .all(|u| u.trim().starts_with("tls://")))
+    }
+
+    /// Whether NATS connections authenticate (user/password, NKey or
+    /// credentials file).
+    pub fn nats_authenticated(&self) -> bool {
+        self.nats_user.is_some() || self.nats_nkey_file.is_some() || self.nats_creds_file.is_some()
     }
 
     pub fn stream_config(&self) -> stream::Config {

@@ -16,6 +16,92 @@ pub use publisher::{PublishError, Publisher};
 
 use async_nats::jetstream::{self, stream};
 
+/// Why the process could not connect to NATS. Messages name the setting
+/// and the file or variable, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("events.nats_password_env: environment variable {0} is not set")]
+    PasswordEnv(String),
+    #[error("events.{field}: cannot read {path}: {source}")]
+    File {
+        field: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot connect to NATS at {url}: {source} (is nats-server running with JetStream, \
+         and do the [events] credentials and TLS settings match its configuration?)"
+    )]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Connects to NATS as `[events]` says: its URLs, credentials and TLS. Every
+/// NATS connection of a Gatehouse process is made here, so none goes out
+/// without them.
+pub async fn connect(
+    config: &EventLogConfig,
+    name: &str,
+) -> Result<async_nats::Client, ConnectError> {
+    let read = |field: &'static str, path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|source| ConnectError::File {
+                field,
+                path: path.display().to_string(),
+                source,
+            })
+    };
+    let mut options = async_nats::ConnectOptions::new().name(name);
+    if let Some(user) = &config.nats_user {
+        let password = match (&config.nats_password_env, &config.nats_password_file) {
+            (Some(var), _) => {
+                std::env::var(var).map_err(|_| ConnectError::PasswordEnv(var.clone()))?
+            }
+            (None, Some(path)) => read("nats_password_file", path)?,
+            (None, None) => String::new(),
+        };
+        options = options.user_and_password(user.clone(), password);
+    }
+    if let Some(path) = &config.nats_nkey_file {
+        options = options.nkey(read("nats_nkey_file", path)?.trim().to_owned());
+    }
+    if let Some(path) = &config.nats_creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|source| ConnectError::File {
+                field: "nats_creds_file",
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    if config.nats_tls() {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.nats_tls_ca_file {
+        // Read here so that a missing file is named before connecting.
+        read("nats_tls_ca_file", ca)?;
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.nats_tls_cert_file, &config.nats_tls_key_file) {
+        read("nats_tls_cert_file", cert)?;
+        read("nats_tls_key_file", key)?;
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    options
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|source| ConnectError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error("cannot create or update JetStream stream {stream:?}: {source}")]
