@@ -281,6 +281,7 @@ fn command(statement: &str) -> Payload {
         params: vec![],
         executes: vec![],
         decision: None,
+        redactions: vec![],
     })
 }
 
@@ -620,6 +621,7 @@ async fn executes_scenario(env: &Env) {
     let executed = |name: &str, text: &str| ExecutedStatement {
         name: name.into(),
         text: text.into(),
+        redactions: vec![],
     };
     // A SQL EXECUTE of two prepared statements in one Query.
     let mut simple = event(

@@ -25,7 +25,7 @@ pub use envelope::{Actor, Event, Identity};
 pub use payload::{
     AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
     ExecutedStatement, IdentityRevoked, Param, ParamFormat, Payload, PolicyBundlePublished,
-    Protocol, SessionClosed, SessionOpened, ValueEncoding,
+    Protocol, Redaction, SessionClosed, SessionOpened, ValueEncoding,
 };
 pub use subject::{EventType, Subjects};
 

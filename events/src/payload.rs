@@ -95,6 +95,10 @@ pub struct CommandReceived {
     /// that did not decide yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<DecisionRecord>,
+    /// Secrets withheld from `statement` and `params` (each replaced by
+    /// `'[redacted]'`), in order: what they were, never their content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redactions: Vec<Redaction>,
 }
 
 /// A prepared statement run by name, and its text.
@@ -102,6 +106,23 @@ pub struct CommandReceived {
 pub struct ExecutedStatement {
     pub name: String,
     pub text: String,
+    /// Secrets withheld from `text`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redactions: Vec<Redaction>,
+}
+
+/// A secret the worker did not record: a value in a statement's text (a
+/// password in role DDL, the value of a setting named like a secret, a
+/// connection string with a password), a bound parameter that takes one,
+/// or a whole text it could not read token by token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redaction {
+    /// `secret_value`, `connection_string` or `unreadable_text`.
+    pub kind: String,
+    /// The parameter (`$n`, from 1) whose bound value was withheld; absent
+    /// for a value in the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<u32>,
 }
 
 /// The outcome of a policy decision.

@@ -112,8 +112,13 @@ fn batches_round_trip_in_order() {
                     executes: vec![ExecutedStatement {
                         name: format!("s{i}"),
                         text: format!("select {i} -- \"prepared\" \u{e9}"),
+                        redactions: Vec::new(),
                     }],
                     decision: None,
+                    redactions: vec![Redaction {
+                        kind: "secret_value".into(),
+                        param: Some(1),
+                    }],
                 }),
                 i,
             )
@@ -139,10 +144,12 @@ fn executes_are_optional_within_v1() {
     let one = ExecutedStatement {
         name: "one".into(),
         text: "select * from accounts where id = $1".into(),
+        redactions: Vec::new(),
     };
     let wipe = ExecutedStatement {
         name: "wipe".into(),
         text: "delete from accounts".into(),
+        redactions: Vec::new(),
     };
     assert_eq!(command(&with[0]).executes, [wipe, one.clone()]);
     let extended = command(&with[1]);
@@ -201,4 +208,34 @@ fn unknown_types_and_versions_are_refused() {
         decode(v.to_string().as_bytes()),
         Err(DecodeError::UnknownType(_))
     ));
+}
+
+/// `redactions` (added within schema version 1) says what was withheld,
+/// never the value; events written before it decode with none.
+#[test]
+fn redactions_are_optional_within_v1() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1");
+    let read = |name: &str| decode(&std::fs::read(root.join(name)).unwrap()).unwrap();
+    let command = |e: &Event| match &e.payload {
+        Payload::CommandReceived(c) => c.clone(),
+        other => panic!("not a command: {other:?}"),
+    };
+    let redacted = read("command_received_redacted.json");
+    let text = command(&redacted[0]);
+    assert_eq!(text.statement, "alter role app password '[redacted]'");
+    assert_eq!(
+        text.redactions,
+        [Redaction {
+            kind: "secret_value".into(),
+            param: None
+        }]
+    );
+    let param = command(&redacted[1]);
+    assert_eq!(param.redactions[0].param, Some(1));
+    assert_eq!(param.params[0].value.as_deref(), Some("'[redacted]'"));
+    for e in read("command_received_batch.json") {
+        assert!(command(&e).redactions.is_empty());
+        let v: serde_json::Value = serde_json::from_slice(&e.to_cloudevent()).unwrap();
+        assert!(v["data"]["payload"].get("redactions").is_none(), "{v}");
+    }
 }

@@ -21,6 +21,7 @@ fn command(i: usize) -> Event {
             params: Vec::new(),
             executes: Vec::new(),
             decision: None,
+            redactions: Vec::new(),
         }),
     )
 }

@@ -53,10 +53,13 @@ use base64::Engine as _;
 use bytes::{Buf, BufMut, BytesMut};
 use gatehouse_events::{
     CloseReason, CommandReceived, DecisionRecord, Event, ExecutedStatement, Param, ParamFormat,
-    Payload, Protocol,
+    Payload, Protocol, Redaction,
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, Frame, FrontendMessage, TransactionStatus};
-use gatehouse_policies::{Classification, Classifier, Deallocates, StatementFacts, StatementKind};
+use gatehouse_policies::{
+    Classification, Classifier, Deallocates, REDACTED, SecretKind, StatementFacts, StatementKind,
+    find_secrets, is_connection_secret,
+};
 
 use crate::encoding::{self, Parsing};
 use crate::error::ClientError;
@@ -1233,6 +1236,21 @@ impl Machine {
         executes: Vec<ExecutedStatement>,
         decision: Option<DecisionRecord>,
     ) -> Event {
+        // Secrets never reach the log: not the text's, not the bound
+        // values', not those of the statements it executes.
+        let reading = self.parsing.reading();
+        let (statement, params, redactions) = redacted(statement, params, reading);
+        let executes = executes
+            .into_iter()
+            .map(|e| {
+                let (text, _, redactions) = redacted(e.text, Vec::new(), reading);
+                ExecutedStatement {
+                    text,
+                    redactions,
+                    ..e
+                }
+            })
+            .collect();
         self.ctx.event(Payload::CommandReceived(CommandReceived {
             protocol,
             statement,
@@ -1241,6 +1259,7 @@ impl Machine {
             params,
             executes,
             decision,
+            redactions,
         }))
     }
 
@@ -1693,12 +1712,65 @@ fn lookup<'a>(resolved: &'a [(String, Arc<Prepared>)], name: &str) -> Option<&'a
         .and_then(|(_, p)| p.statement())
 }
 
+/// A command's text and bound values as they are recorded: each secret
+/// [`find_secrets`] finds in the text replaced by [`REDACTED`], and so is
+/// the value of each parameter in a secret's place and each text value that
+/// is a connection string with a password.
+fn redacted(
+    text: String,
+    mut params: Vec<Param>,
+    reading: gatehouse_policies::Reading,
+) -> (String, Vec<Param>, Vec<Redaction>) {
+    let secrets = find_secrets(&text, reading);
+    let mut redactions: Vec<Redaction> = secrets
+        .kinds()
+        .map(|(kind, param)| Redaction {
+            kind: kind.as_str().to_owned(),
+            param,
+        })
+        .collect();
+    let text = if secrets.is_empty() {
+        text
+    } else {
+        secrets.redact(&text)
+    };
+    let mut withheld = secrets.params.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+    for (i, p) in params.iter().enumerate() {
+        let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        let connection = p.format == ParamFormat::Text
+            && p.encoding.is_none()
+            && p.value.as_deref().is_some_and(is_connection_secret);
+        if connection && !withheld.contains(&n) {
+            withheld.push(n);
+            redactions.push(Redaction {
+                kind: SecretKind::ConnectionString.as_str().to_owned(),
+                param: Some(n),
+            });
+        }
+    }
+    for n in withheld {
+        let index = (n as usize).checked_sub(1);
+        if let Some(p) = index
+            .and_then(|i| params.get_mut(i))
+            .filter(|p| p.value.is_some())
+        {
+            *p = Param {
+                format: ParamFormat::Text,
+                value: Some(REDACTED.to_owned()),
+                encoding: None,
+            };
+        }
+    }
+    (text, params, redactions)
+}
+
 fn executed(resolved: &[(String, Arc<Prepared>)]) -> Vec<ExecutedStatement> {
     resolved
         .iter()
         .map(|(name, p)| ExecutedStatement {
             name: name.clone(),
             text: p.text.to_string(),
+            redactions: Vec::new(),
         })
         .collect()
 }
