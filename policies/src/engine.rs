@@ -8,8 +8,11 @@
 //! is built per call. Annotation semantics are in
 //! `policies/README.md`.
 
+mod api;
 mod compile;
 pub mod corpus;
+
+pub use api::{ApiAction, ApiAuthority};
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -277,6 +280,8 @@ pub struct Engine {
     /// action scope allows it): Cedar evaluates every policy it is given.
     connect_policies: PolicySet,
     query_policies: PolicySet,
+    /// The policies that may take part in API decisions ([`ApiAuthority`]).
+    api_policies: PolicySet,
     schema: Schema,
     schema_hash: Arc<str>,
     authorizer: Authorizer,
@@ -316,6 +321,7 @@ impl Engine {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             connect_policies: for_action(&compiled.policies, &NAMES.connect),
             query_policies: for_action(&compiled.policies, &NAMES.query),
+            api_policies: api::bundle_policies(&compiled.policies),
             schema: compiled.schema,
             schema_hash: hex_sha256(&bundle.schema).into(),
             authorizer: Authorizer::new(),
@@ -866,7 +872,15 @@ fn hex_sha256(s: &str) -> String {
 
 type Built = (EntityUid, EntityUid, Result<Entities, String>);
 
-fn build_entities(p: &Principal, t: &TargetInfo, schema: &Schema) -> Built {
+/// The principal's entity and those it refers to: its groups and, for a
+/// delegation, the user it acts for. The one place a [`Principal`] becomes
+/// entities, for sessions and API requests alike.
+///
+/// The agent of a delegation is in no group: a token's groups are its
+/// subject's, the person's, and what a person may do does not pass to a
+/// program acting for them unless a policy grants it to the agent (e.g.
+/// `principal.acting_for in Gatehouse::Group::"oncall"`).
+fn principal_entities(p: &Principal) -> (EntityUid, Vec<Result<Entity, String>>) {
     let n = &*NAMES;
     let uid = |ty: &EntityTypeName, id: &str| {
         EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
@@ -890,7 +904,7 @@ fn build_entities(p: &Principal, t: &TargetInfo, schema: &Schema) -> Built {
             Entity::new(
                 user.clone(),
                 HashMap::from([("name".to_string(), name(username))]),
-                parents.clone(),
+                parents,
             )
             .map_err(|e| e.to_string()),
         );
@@ -905,7 +919,7 @@ fn build_entities(p: &Principal, t: &TargetInfo, schema: &Schema) -> Built {
                         RestrictedExpression::new_entity_uid(user),
                     ),
                 ]),
-                parents,
+                HashSet::new(),
             )
             .map_err(|e| e.to_string()),
         );
@@ -923,6 +937,16 @@ fn build_entities(p: &Principal, t: &TargetInfo, schema: &Schema) -> Built {
         );
         me
     };
+    (principal, entities)
+}
+
+fn build_entities(p: &Principal, t: &TargetInfo, schema: &Schema) -> Built {
+    let n = &*NAMES;
+    let uid = |ty: &EntityTypeName, id: &str| {
+        EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
+    };
+    let name = |s: &str| RestrictedExpression::new_string(s.to_string());
+    let (principal, mut entities) = principal_entities(p);
     let target = uid(&n.target, &t.name);
     entities.push(
         Entity::new(

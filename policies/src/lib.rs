@@ -16,12 +16,11 @@ mod engine;
 mod facts;
 
 pub use bundle::{Bundle, BundleError, Problem, SCHEMA, SCHEMA_FILE, Severity};
-pub use classify::{
-    Classifier, REDACTED, Reading, SecretKind, Secrets, classify, find_secrets,
-    is_connection_secret,
-};
+pub use classify::{Classifier, Reading, classify};
 pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,
 };
-pub use engine::{Decision, Effect, Engine, Principal, Session, TargetInfo};
+pub use engine::{
+    ApiAction, ApiAuthority, Decision, Effect, Engine, Principal, Session, TargetInfo,
+};
 pub use facts::{Classification, Deallocates, StatementFacts, StatementKind};
