@@ -9,6 +9,10 @@ use sqlx::postgres::PgConnectOptions;
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
     /// PostgreSQL URL of the audit database that holds the projections.
+    /// Without `sslmode` the connection is `verify-full` (TLS, certificate
+    /// chain and host name checked; `sslrootcert=PATH` names the CA,
+    /// otherwise the system roots); `prefer` and `allow`, which fall back to
+    /// plaintext, are refused.
     pub audit_db_url: String,
     /// Create the audit database if it is missing, by connecting to the
     /// `postgres` database of the same server.
@@ -34,7 +38,78 @@ impl Default for ControlPlaneConfig {
     }
 }
 
+/// How the connection to the audit database is secured: its URL's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditDbTls {
+    /// TLS, certificate chain and host name verified (the default).
+    VerifyFull,
+    /// TLS, certificate chain verified but not the host name.
+    VerifyCa,
+    /// TLS without verifying the certificate.
+    Require,
+    /// No TLS.
+    Disable,
+}
+
+impl AuditDbTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VerifyFull => "verify-full",
+            Self::VerifyCa => "verify-ca",
+            Self::Require => "require",
+            Self::Disable => "disable",
+        }
+    }
+
+    pub(crate) fn ssl_mode(self) -> sqlx::postgres::PgSslMode {
+        use sqlx::postgres::PgSslMode;
+        match self {
+            Self::VerifyFull => PgSslMode::VerifyFull,
+            Self::VerifyCa => PgSslMode::VerifyCa,
+            Self::Require => PgSslMode::Require,
+            Self::Disable => PgSslMode::Disable,
+        }
+    }
+}
+
 impl ControlPlaneConfig {
+    /// The audit database's TLS mode: `sslmode` of the URL, `verify-full`
+    /// when it has none. `prefer` and `allow` are refused: they would fall
+    /// back to plaintext without a word.
+    pub fn audit_db_tls(&self) -> Result<AuditDbTls, String> {
+        let query = self
+            .audit_db_url
+            .split_once('?')
+            .map_or("", |(_, q)| q.split('#').next().unwrap_or(""));
+        let mut mode = AuditDbTls::VerifyFull;
+        for pair in query.split('&') {
+            let Some(value) = pair.strip_prefix("sslmode=") else {
+                continue;
+            };
+            mode = match value {
+                "verify-full" => AuditDbTls::VerifyFull,
+                "verify-ca" => AuditDbTls::VerifyCa,
+                "require" => AuditDbTls::Require,
+                "disable" => AuditDbTls::Disable,
+                "prefer" | "allow" => {
+                    return Err(format!(
+                        "control_plane.audit_db_url: sslmode={value} would fall back to an \
+                         unencrypted connection; use verify-full (the default, when sslmode \
+                         is absent), or say require or disable explicitly"
+                    ));
+                }
+                _ => {
+                    return Err(
+                        "control_plane.audit_db_url: sslmode must be verify-full, verify-ca, \
+                         require or disable"
+                            .into(),
+                    );
+                }
+            };
+        }
+        Ok(mode)
+    }
+
     /// Checks the values; the error names the field and why.
     pub fn validate(&self) -> Result<(), String> {
         // The URL may hold a password: report why it is wrong, never the URL.
@@ -48,6 +123,7 @@ impl ControlPlaneConfig {
         }
         PgConnectOptions::from_str(&self.audit_db_url)
             .map_err(|e| format!("control_plane.audit_db_url: not a PostgreSQL URL ({e})"))?;
+        self.audit_db_tls()?;
         if self.consumer.is_empty()
             || self
                 .consumer
@@ -90,6 +166,35 @@ mod tests {
         assert!(bad(|c| c.consumer = "a.b".into()).starts_with("control_plane.consumer:"));
         assert!(bad(|c| c.auditor_group.clear()).starts_with("control_plane.auditor_group:"));
         assert!(bad(|c| c.max_page = 0).starts_with("control_plane.max_page:"));
+    }
+
+    #[test]
+    fn the_audit_db_is_verified_unless_the_url_says_otherwise() {
+        let with = |url: &str| ControlPlaneConfig {
+            audit_db_url: url.into(),
+            ..Default::default()
+        };
+        let db = "postgres://u:secret@db.example/audit";
+        assert_eq!(with(db).audit_db_tls(), Ok(AuditDbTls::VerifyFull));
+        for (query, mode) in [
+            ("sslmode=require", AuditDbTls::Require),
+            ("sslmode=disable", AuditDbTls::Disable),
+            (
+                "sslrootcert=/ca.pem&sslmode=verify-full",
+                AuditDbTls::VerifyFull,
+            ),
+            ("sslmode=verify-ca", AuditDbTls::VerifyCa),
+        ] {
+            assert_eq!(with(&format!("{db}?{query}")).audit_db_tls(), Ok(mode));
+        }
+        for fallback in ["prefer", "allow"] {
+            let e = with(&format!("{db}?sslmode={fallback}"))
+                .validate()
+                .unwrap_err();
+            assert!(e.starts_with("control_plane.audit_db_url:"), "{e}");
+            assert!(e.contains("fall back"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
     }
 
     #[test]

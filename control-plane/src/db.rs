@@ -14,6 +14,8 @@ use crate::ControlPlaneConfig;
 pub enum DbError {
     #[error("control_plane.audit_db_url is not a PostgreSQL URL: {0}")]
     Url(#[source] sqlx::Error),
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot create audit database {database:?}: {source}")]
     Create {
         database: String,
@@ -34,7 +36,11 @@ pub enum DbError {
 /// `create_database` allows and it is missing, and applies the embedded
 /// migrations (under an advisory lock, so replicas may start together).
 pub async fn connect_audit_db(config: &ControlPlaneConfig) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(&config.audit_db_url).map_err(DbError::Url)?;
+    let tls = config.audit_db_tls().map_err(DbError::Tls)?;
+    // Set explicitly: sqlx's own default (and `PGSSLMODE`) is `prefer`.
+    let options = PgConnectOptions::from_str(&config.audit_db_url)
+        .map_err(DbError::Url)?
+        .ssl_mode(tls.ssl_mode());
     let database = options
         .get_database()
         .unwrap_or(options.get_username())

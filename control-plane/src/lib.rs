@@ -20,6 +20,7 @@ mod api;
 mod auth;
 mod config;
 mod db;
+mod listener;
 mod policy_api;
 mod projector;
 
@@ -32,14 +33,16 @@ use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::Verifier;
 
 pub use api::{ApiState, router};
-pub use config::ControlPlaneConfig;
+pub use config::{AuditDbTls, ControlPlaneConfig};
 pub use db::{DbError, connect_audit_db};
+pub use listener::{ApiListener, ApiTlsError};
 pub use policy_api::PolicyApi;
 pub use projector::{Projector, ProjectorError, ProjectorStats};
 
 /// Runs the control plane until `shutdown` completes: prepares the audit
 /// database, starts the projector and serves the API (merged with
-/// `extra_routes`, e.g. the development issuer) on `listener`. On shutdown
+/// `extra_routes`, e.g. the development issuer) on `listener` (plain HTTP
+/// from a `TcpListener`, or HTTPS with [`ApiListener::tls`]). On shutdown
 /// the server drains its requests and the projector finishes its batch.
 #[allow(clippy::too_many_arguments)] // each is a separate dependency the binary hands in
 pub async fn run(
@@ -47,7 +50,7 @@ pub async fn run(
     policy: gatehouse_policystore::PolicyConfig,
     events: EventLogConfig,
     nats: async_nats::Client,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<ApiListener>,
     verifier: Arc<Verifier>,
     extra_routes: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -76,10 +79,29 @@ pub async fn run(
         projector: projector_stats,
     })
     .merge(extra_routes);
-    tracing::info!(addr = ?listener.local_addr().ok(), "control plane API listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let listener = listener.into();
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        tls = listener.is_tls(),
+        "control plane API listening"
+    );
+    let served = match listener {
+        ApiListener::Plain(listener) => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        ApiListener::Tls { listener, acceptor } => {
+            match listener::TlsListener::new(listener, acceptor) {
+                Ok(listener) => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
     if let Err(e) = served {
         projector.abort();
         return Err(e).context("control plane API server failed");

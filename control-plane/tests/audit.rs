@@ -76,7 +76,7 @@ impl Env {
         };
         let database = format!("gh_cp_{id}");
         let config = ControlPlaneConfig {
-            audit_db_url: format!("{SERVER}/{database}"),
+            audit_db_url: format!("{SERVER}/{database}?sslmode=disable"),
             consumer: format!("cptest-{id}"),
             ..Default::default()
         };
@@ -708,7 +708,10 @@ async fn executes_scenario(env: &Env) {
 #[tokio::test]
 async fn missing_database_is_an_error_when_creation_is_off() {
     let config = ControlPlaneConfig {
-        audit_db_url: format!("{SERVER}/gh_cp_missing_{}", Uuid::new_v4().simple()),
+        audit_db_url: format!(
+            "{SERVER}/gh_cp_missing_{}?sslmode=disable",
+            Uuid::new_v4().simple()
+        ),
         create_database: false,
         ..Default::default()
     };

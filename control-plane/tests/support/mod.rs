@@ -14,7 +14,7 @@ use futures::FutureExt;
 use gatehouse_control_plane::{ControlPlaneConfig, run};
 use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
-use gatehouse_policystore::{PolicyConfig, PolicyStore};
+use gatehouse_policystore::{PolicyConfig, PolicyStore, SigningKey};
 use gatehouse_testkit::eventually;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
@@ -34,6 +34,8 @@ pub struct Env {
     pub issuer: DevIssuer,
     pub verifier: Arc<Verifier>,
     pub http: reqwest::Client,
+    /// The control plane's bundle signing key.
+    pub signing_key: SigningKey,
     _watchdog: gatehouse_testkit::Watchdog,
 }
 
@@ -66,7 +68,7 @@ impl Env {
         };
         let database = format!("gh_{prefix}_{id}");
         let config = ControlPlaneConfig {
-            audit_db_url: format!("{SERVER}/{database}"),
+            audit_db_url: format!("{SERVER}/{database}?sslmode=disable"),
             consumer: format!("{prefix}-{id}"),
             ..Default::default()
         };
@@ -89,6 +91,7 @@ impl Env {
             issuer,
             verifier: Arc::new(verifier),
             http: reqwest::Client::new(),
+            signing_key: SigningKey::generate().0,
             _watchdog: watchdog,
         }
     }
@@ -97,6 +100,7 @@ impl Env {
         PolicyConfig {
             bundle_stream: format!("{}_POLICIES", self.events.stream),
             revocation_stream: format!("{}_REVOCATIONS", self.events.stream),
+            signing_key: Some(self.signing_key.clone()),
             ..Default::default()
         }
     }
