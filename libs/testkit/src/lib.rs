@@ -24,6 +24,8 @@ pub async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
 pub struct PrivateNats {
     pub port: u16,
     dir: PathBuf,
+    /// A configuration file the server runs with, instead of flags.
+    config: Option<PathBuf>,
     child: Option<tokio::process::Child>,
 }
 
@@ -39,10 +41,40 @@ impl PrivateNats {
         let mut nats = Self {
             port,
             dir,
+            config: None,
             child: None,
         };
         nats.up().await;
         nats
+    }
+
+    /// A server run with the configuration `make(port, store_dir)` returns
+    /// (e.g. one with TLS and users); the test gives it the free port and a
+    /// storage folder of its own, which also holds the file.
+    pub async fn start_with_config(make: impl FnOnce(u16, &std::path::Path) -> String) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("gatehouse-nats-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("nats-server.conf");
+        std::fs::write(&config, make(port, &dir)).unwrap();
+        let mut nats = Self {
+            port,
+            dir,
+            config: Some(config),
+            child: None,
+        };
+        nats.up().await;
+        nats
+    }
+
+    /// The folder the server keeps its storage (and configuration) in.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn url(&self) -> String {
@@ -64,16 +96,21 @@ impl PrivateNats {
                 .is_ok()
         })
         .expect("nats-server must be installed: deploy/scripts/test.sh installs it");
-        let child = tokio::process::Command::new(binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
+        let mut command = tokio::process::Command::new(binary);
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command
+                .args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-js",
+                    "-sd",
+                ])
+                .arg(&self.dir),
+        };
+        let child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
