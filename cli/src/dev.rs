@@ -13,7 +13,7 @@ use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_policies::{Bundle, Engine};
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
-use gatehouse_worker::{TargetConfig, TargetTls, WorkerConfig};
+use gatehouse_worker::{ChannelBinding, TargetConfig, TargetTls, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -483,6 +483,7 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
     };
     let mut tls = TargetTls::VerifyFull;
     let mut ca = None;
+    let mut channel_binding = ChannelBinding::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("sslmode", "disable")) => tls = TargetTls::Disable,
@@ -495,6 +496,9 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
             }
             Some(("sslmode", "verify-full" | "verify-ca")) => tls = TargetTls::VerifyFull,
             Some(("sslrootcert", path)) => ca = Some(PathBuf::from(percent_decode(path))),
+            Some(("channel_binding", "prefer")) => channel_binding = ChannelBinding::Prefer,
+            Some(("channel_binding", "require")) => channel_binding = ChannelBinding::Require,
+            Some(("channel_binding", "disable")) => channel_binding = ChannelBinding::Disable,
             _ => return Err(fail(&format!("unsupported URL parameter {pair:?}"))),
         }
     }
@@ -510,6 +514,7 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
             tls,
             tls_ca_file: ca,
             auth_methods: None,
+            channel_binding,
             environment: String::new(),
             tags: Vec::new(),
             password,

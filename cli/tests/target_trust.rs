@@ -109,6 +109,7 @@ async fn worker_for(
                     tls: TargetTls::Disable,
                     tls_ca_file: None,
                     auth_methods: methods,
+                    channel_binding: Default::default(),
                     environment: String::new(),
                     tags: Vec::new(),
                     password: Some("the-target-secret".into()),

@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{TargetAuth, TargetConfig, TargetTls};
+use crate::config::{ChannelBinding, TargetAuth, TargetConfig, TargetTls};
 use crate::conn::{Conn, send};
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +132,7 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
     send(&mut conn, &out).await?;
 
     let mut buf = BytesMut::with_capacity(8192);
-    let mut auth = Auth::new(target);
+    let mut auth = Auth::new(target, binding_data(&conn));
     let mut parameters = Vec::new();
     let mut key = (0, 0);
     loop {
@@ -182,6 +182,11 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
 /// exchange with the server's proof checked.
 struct Auth<'a> {
     target: &'a TargetConfig,
+    /// The connection's `tls-server-end-point` channel binding data; `None`
+    /// without TLS, or for a certificate it cannot be computed for.
+    binding: Option<Vec<u8>>,
+    /// SCRAM with channel binding begun.
+    bound: bool,
     /// SCRAM begun and not yet proven by the server.
     scram: Option<sasl::ScramSha256>,
     /// The method the target asked for, if any, and whether it finished.
@@ -190,9 +195,11 @@ struct Auth<'a> {
 }
 
 impl<'a> Auth<'a> {
-    fn new(target: &'a TargetConfig) -> Self {
+    fn new(target: &'a TargetConfig, binding: Option<Vec<u8>>) -> Self {
         Auth {
             target,
+            binding,
+            bound: false,
             scram: None,
             method: None,
             finished: false,
@@ -205,6 +212,14 @@ impl<'a> Auth<'a> {
         {
             return Err(BackendError::Untrusted(format!(
                 "it asked for {method:?} authentication, which auth_methods does not allow"
+            )));
+        }
+        if self.target.channel_binding == ChannelBinding::Require
+            && method != TargetAuth::ScramSha256
+        {
+            return Err(BackendError::Untrusted(format!(
+                "it asked for {method:?} authentication, but channel_binding = \"require\" \
+                 allows only SCRAM with channel binding"
             )));
         }
         if self.method.is_some() && self.method != Some(method) {
@@ -272,22 +287,14 @@ impl<'a> Auth<'a> {
                 if self.scram.is_some() {
                     return Err(BackendError::Untrusted("it began SCRAM twice".into()));
                 }
-                let offers_scram = data
-                    .split(|b| *b == 0)
-                    .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
-                if !offers_scram {
-                    return Err(BackendError::UnsupportedAuth(10));
-                }
+                let (mechanism, binding) = self.mechanism(data)?;
                 let password = self
                     .target
                     .password
                     .as_deref()
                     .ok_or(BackendError::NoPassword)?;
-                let s = sasl::ScramSha256::new(
-                    password.as_bytes(),
-                    sasl::ChannelBinding::unsupported(),
-                );
-                pg::sasl_initial_response(out, sasl::SCRAM_SHA_256, s.message());
+                let s = sasl::ScramSha256::new(password.as_bytes(), binding);
+                pg::sasl_initial_response(out, mechanism, s.message());
                 self.scram = Some(s);
             }
             11 => {
@@ -309,16 +316,130 @@ impl<'a> Auth<'a> {
         Ok(())
     }
 
+    /// The SASL mechanism to answer an offer of `mechanisms` (NUL-separated)
+    /// with: SCRAM bound to the TLS connection where both sides can, else
+    /// plain SCRAM, saying whether the worker could have bound it (`y`: a
+    /// server that can bind but whose offer was stripped on the way then
+    /// refuses the login) or not (`n`: no TLS, or binding disabled).
+    fn mechanism(
+        &mut self,
+        mechanisms: &[u8],
+    ) -> Result<(&'static str, sasl::ChannelBinding), BackendError> {
+        let offers = |name: &str| mechanisms.split(|b| *b == 0).any(|m| m == name.as_bytes());
+        let mode = self.target.channel_binding;
+        if mode != ChannelBinding::Disable
+            && offers(sasl::SCRAM_SHA_256_PLUS)
+            && let Some(data) = &self.binding
+        {
+            self.bound = true;
+            return Ok((
+                sasl::SCRAM_SHA_256_PLUS,
+                sasl::ChannelBinding::tls_server_end_point(data.clone()),
+            ));
+        }
+        if mode == ChannelBinding::Require {
+            return Err(BackendError::Untrusted(if self.binding.is_none() {
+                "channel_binding = \"require\", but the connection has no TLS or a \
+                 certificate channel binding cannot be computed for"
+                    .into()
+            } else {
+                "channel_binding = \"require\", but it did not offer SCRAM-SHA-256-PLUS".into()
+            }));
+        }
+        if !offers(sasl::SCRAM_SHA_256) {
+            return Err(BackendError::UnsupportedAuth(10));
+        }
+        let binding = if self.binding.is_some() && mode == ChannelBinding::Prefer {
+            sasl::ChannelBinding::unrequested()
+        } else {
+            sasl::ChannelBinding::unsupported()
+        };
+        Ok((sasl::SCRAM_SHA_256, binding))
+    }
+
     /// The target says the login is done (`ReadyForQuery`).
     fn done(&self) -> Result<(), BackendError> {
-        if self.finished {
-            Ok(())
-        } else {
-            Err(BackendError::Untrusted(
+        if !self.finished {
+            return Err(BackendError::Untrusted(
                 "it ended the login before authenticating the worker".into(),
-            ))
+            ));
         }
+        if self.target.channel_binding == ChannelBinding::Require && !self.bound {
+            return Err(BackendError::Untrusted(
+                "channel_binding = \"require\", but the login was not bound to the TLS \
+                 connection"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
+}
+
+/// The `tls-server-end-point` channel binding data of the connection (RFC
+/// 5929), if it has TLS.
+fn binding_data(conn: &Conn) -> Option<Vec<u8>> {
+    let Conn::Tls(tls) = conn else {
+        return None;
+    };
+    let cert = tls.get_ref().1.peer_certificates()?.first()?;
+    tls_server_end_point(cert)
+}
+
+/// The `tls-server-end-point` channel binding data of a certificate (DER),
+/// as PostgreSQL computes it: the certificate's hash with the hash function
+/// of its signature algorithm, SHA-256 where that is MD5 or SHA-1. `None`
+/// for one PostgreSQL does not bind to either (Ed25519, RSA-PSS, SHA-224)
+/// or DER that does not read as a certificate.
+pub(crate) fn tls_server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE, signatureAlgorithm
+    // SEQUENCE { algorithm OBJECT IDENTIFIER, … }, signature BIT STRING }
+    let (0x30, body, _) = der(cert)? else {
+        return None;
+    };
+    let (0x30, _, rest) = der(body)? else {
+        return None;
+    };
+    let (0x30, algorithm, _) = der(rest)? else {
+        return None;
+    };
+    let (0x06, oid, _) = der(algorithm)? else {
+        return None;
+    };
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let hash = match oid {
+        // md5WithRSAEncryption, sha1WithRSAEncryption, sha256WithRSAEncryption
+        [r @ .., 0x04 | 0x05 | 0x0b] if r == RSA => &ring::digest::SHA256,
+        [r @ .., 0x0c] if r == RSA => &ring::digest::SHA384,
+        [r @ .., 0x0d] if r == RSA => &ring::digest::SHA512,
+        // ecdsa-with-SHA1, ecdsa-with-SHA256/384/512
+        [e @ .., 0x01] if e == ECDSA => &ring::digest::SHA256,
+        [e @ .., 0x03, 0x02] if e == ECDSA => &ring::digest::SHA256,
+        [e @ .., 0x03, 0x03] if e == ECDSA => &ring::digest::SHA384,
+        [e @ .., 0x03, 0x04] if e == ECDSA => &ring::digest::SHA512,
+        _ => return None,
+    };
+    Some(ring::digest::digest(hash, cert).as_ref().to_vec())
+}
+
+/// One DER element at the start of `input`: its tag, its content and what
+/// follows it.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 async fn read_frame(
@@ -351,4 +472,104 @@ pub async fn cancel(
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["db.example".into()]).unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    /// The binding hashes with the certificate's own signature hash, as
+    /// PostgreSQL does, and gives up where PostgreSQL does.
+    #[test]
+    fn channel_binding_data_follows_the_signature_hash() {
+        let p256 = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(
+            tls_server_end_point(&p256).unwrap(),
+            ring::digest::digest(&ring::digest::SHA256, &p256).as_ref()
+        );
+        let p384 = cert(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(
+            tls_server_end_point(&p384).unwrap(),
+            ring::digest::digest(&ring::digest::SHA384, &p384).as_ref()
+        );
+        assert_eq!(tls_server_end_point(&cert(&rcgen::PKCS_ED25519)), None);
+        for garbage in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff],
+            &p256[..40],
+        ] {
+            assert_eq!(tls_server_end_point(garbage), None);
+        }
+    }
+
+    fn target(binding: ChannelBinding) -> TargetConfig {
+        TargetConfig {
+            host: "db".into(),
+            port: 5432,
+            database: "app".into(),
+            user: "gatehouse".into(),
+            password_env: None,
+            password_file: None,
+            tls: TargetTls::Require,
+            tls_ca_file: None,
+            auth_methods: None,
+            channel_binding: binding,
+            environment: String::new(),
+            tags: Vec::new(),
+            password: Some("pw".into()),
+        }
+    }
+
+    /// The first SCRAM message says which mechanism was chosen and how the
+    /// client stands on channel binding (`p=…`, `y`, `n`).
+    fn first(binding: ChannelBinding, tls: bool, offer: &[u8]) -> Result<String, BackendError> {
+        let t = target(binding);
+        let data = tls.then(|| vec![7u8; 32]);
+        let mut auth = Auth::new(&t, data);
+        let mut out = BytesMut::new();
+        auth.step(10, offer, &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[test]
+    fn scram_is_bound_to_tls_when_both_sides_can() {
+        let both = b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
+        let plain = b"SCRAM-SHA-256\0\0";
+        let sent = first(ChannelBinding::Prefer, true, both).unwrap();
+        assert!(sent.contains("SCRAM-SHA-256-PLUS\0"), "{sent:?}");
+        assert!(sent.contains("p=tls-server-end-point,,n="), "{sent:?}");
+        // The offer stripped by someone in the middle: the server learns
+        // the worker could have bound, and refuses if it offered.
+        let sent = first(ChannelBinding::Prefer, true, plain).unwrap();
+        assert!(sent.contains("y,,n="), "{sent:?}");
+        let sent = first(ChannelBinding::Prefer, false, both).unwrap();
+        assert!(sent.contains("n,,n=") && !sent.contains("PLUS"), "{sent:?}");
+        let sent = first(ChannelBinding::Disable, true, both).unwrap();
+        assert!(sent.contains("n,,n=") && !sent.contains("PLUS"), "{sent:?}");
+        let sent = first(ChannelBinding::Require, true, both).unwrap();
+        assert!(sent.contains("p=tls-server-end-point"), "{sent:?}");
+        for (tls, offer) in [(true, &plain[..]), (false, &both[..])] {
+            let e = first(ChannelBinding::Require, tls, offer).unwrap_err();
+            assert!(matches!(e, BackendError::Untrusted(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn require_refuses_every_other_method() {
+        let t = target(ChannelBinding::Require);
+        for code in [0, 3, 5] {
+            let mut auth = Auth::new(&t, Some(vec![7; 32]));
+            let e = auth
+                .step(code, &[1, 2, 3, 4], &mut BytesMut::new())
+                .unwrap_err();
+            assert!(matches!(e, BackendError::Untrusted(_)), "{code}: {e}");
+        }
+    }
 }

@@ -115,6 +115,24 @@ pub enum TargetAuth {
     ScramSha256,
 }
 
+/// Channel binding of the worker's SCRAM login to a target: proof, inside
+/// the password exchange, that the TLS connection ends at the server that
+/// knows the password (no man in the middle can relay it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelBinding {
+    /// Used whenever the target offers it over TLS; over TLS without it,
+    /// the worker tells the server it could have (so a server that does
+    /// offer it, behind someone who removed the offer, refuses the login).
+    #[default]
+    Prefer,
+    /// The login must be SCRAM with channel binding; anything else
+    /// (another method, no TLS, no offer) is refused.
+    Require,
+    /// Never used.
+    Disable,
+}
+
 /// `[worker.targets.NAME]`: one PostgreSQL target.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +161,10 @@ pub struct TargetConfig {
     /// certificate is verified.
     #[serde(default)]
     pub auth_methods: Option<Vec<TargetAuth>>,
+    /// Whether a SCRAM login is bound to the TLS connection
+    /// (`SCRAM-SHA-256-PLUS`, like libpq's `channel_binding`).
+    #[serde(default)]
+    pub channel_binding: ChannelBinding,
     /// Environment policies see (`resource.environment`), e.g. `prod`.
     #[serde(default)]
     pub environment: String,

@@ -40,7 +40,7 @@ use gatehouse_identity::Verifier;
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
 use tokio::net::TcpListener;
 
-pub use config::{TargetAuth, TargetConfig, TargetTls, WorkerConfig};
+pub use config::{ChannelBinding, TargetAuth, TargetConfig, TargetTls, WorkerConfig};
 
 /// The session machine driven by arbitrary bytes, for the fuzz target.
 #[doc(hidden)]

@@ -1737,9 +1737,7 @@ fn redacted(
     let mut withheld = secrets.params.iter().map(|(n, _)| *n).collect::<Vec<_>>();
     for (i, p) in params.iter().enumerate() {
         let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let connection = p.format == ParamFormat::Text
-            && p.encoding.is_none()
-            && p.value.as_deref().is_some_and(is_connection_secret);
+        let connection = sent_text(p).is_some_and(|v| is_connection_secret(&v));
         if connection && !withheld.contains(&n) {
             withheld.push(n);
             redactions.push(Redaction {
@@ -1762,6 +1760,25 @@ fn redacted(
         }
     }
     (text, params, redactions)
+}
+
+/// A bound value as text, to look for a connection secret in: text values
+/// as they are, and values carried as base64 (binary ones, whose text-like
+/// types are their UTF-8 bytes, and text not valid in the session's
+/// encoding) decoded, up to a length no connection string reaches.
+fn sent_text(p: &Param) -> Option<Cow<'_, str>> {
+    const LONGEST: usize = 16 * 1024;
+    let value = p.value.as_deref()?;
+    if p.format == ParamFormat::Text && p.encoding.is_none() {
+        return Some(Cow::Borrowed(value));
+    }
+    if value.len() > LONGEST {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()?;
+    Some(Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 fn executed(resolved: &[(String, Arc<Prepared>)]) -> Vec<ExecutedStatement> {
