@@ -203,3 +203,5 @@ mod tests {
         );
     }
 }
+        assert_eq!(c.policy.bundle_public_keys.len(), 1);
+        c.policy.trusted_keys().expect("the example's bundle key parses");

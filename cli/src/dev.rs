@@ -155,7 +155,7 @@ pub struct DevStack {
     pub issuer: Arc<DevIssuer>,
     pub targets: Vec<String>,
     /// Version of the bundle published at start.
-    pub bundle_version: String,
+    pub bundle_version: u64,
     worker_config: WorkerConfig,
     policy_config: PolicyConfig,
     events: EventLogConfig,
@@ -232,7 +232,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Starts a worker and the control plane in this process.
-pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
+pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("--data-dir: cannot create {}", opts.data_dir.display()))?;
     let (cert, key) = ensure_tls(&opts.data_dir)?;
@@ -258,8 +258,23 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
         .map_err(anyhow::Error::msg)?,
     );
 
+    // Bundles are signed: the control plane gets a key made for this run
+    // (unless the caller gave one), its workers only the public key.
+    if opts.policy.signing_key.is_none() {
+        let (key, _) = gatehouse_policystore::SigningKey::generate();
+        opts.policy.signing_key = Some(key);
+    }
+    let mut worker_policy = PolicyConfig {
+        signing_key: None,
+        ..opts.policy.clone()
+    };
+    if let Some(key) = &opts.policy.signing_key {
+        worker_policy
+            .bundle_public_keys
+            .push(key.public_key().to_string());
+    }
     let nats = connect_nats(&opts.nats_url).await?;
-    publish_bundle(&nats, &opts).await?;
+    let bundle_version = publish_bundle(&nats, &opts).await?;
     let control = ControlPlaneConfig {
         audit_db_url: opts.audit_db.clone(),
         consumer: opts.consumer.clone(),
@@ -296,7 +311,7 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
     let worker_config = worker.clone();
     let worker_task = tokio::spawn({
         let (policy, events, nats, verifier, rx) = (
-            opts.policy.clone(),
+            worker_policy.clone(),
             opts.events.clone(),
             nats.clone(),
             verifier.clone(),
@@ -323,8 +338,8 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
         issuer,
         targets: opts.targets.iter().map(|(n, _)| n.clone()).collect(),
         worker_config,
-        policy_config: opts.policy,
-        bundle_version: opts.bundle.version.clone(),
+        policy_config: worker_policy,
+        bundle_version,
         events: opts.events,
         nats,
         verifier,
@@ -334,27 +349,39 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevStack> {
     })
 }
 
-/// Makes the dev stack's bundle the current one, recording who did it.
-async fn publish_bundle(nats: &async_nats::Client, opts: &DevOptions) -> anyhow::Result<()> {
+/// Makes the dev stack's bundle the current one (signed, under the next
+/// version), then records who did it; returns its version.
+async fn publish_bundle(nats: &async_nats::Client, opts: &DevOptions) -> anyhow::Result<u64> {
     let js = async_nats::jetstream::new(nats.clone());
     gatehouse_eventlog::ensure_stream(&js, &opts.events).await?;
+    let store = PolicyStore::open(&js, &opts.policy).await?;
+    let bundle = store.publish_bundle(&opts.bundle).await?.value;
     let event = gatehouse_events::Event::new(
         "gatehouse-dev",
         gatehouse_events::Payload::PolicyBundlePublished(gatehouse_events::PolicyBundlePublished {
-            version: opts.bundle.version.clone(),
-            hash: opts.bundle.hash.clone(),
-            files: opts.bundle.files.iter().map(|(n, _)| n.clone()).collect(),
-            dry_run: opts.bundle.dry_run,
+            version: bundle.version.to_string(),
+            hash: bundle.hash.clone(),
+            files: bundle.files.iter().map(|(n, _)| n.clone()).collect(),
+            dry_run: bundle.dry_run.is_some(),
             published_by: "gatehouse dev".into(),
+            label: Some(bundle.label.clone()).filter(|l| !l.is_empty()),
+            rollback_of: None,
+            dry_run_scope: bundle
+                .dry_run
+                .as_ref()
+                .map(|d| gatehouse_events::DryRunScope {
+                    all_targets: d.all_targets,
+                    targets: d.targets.clone(),
+                    expires_at: d.expires_at,
+                    set_by: d.set_by.clone(),
+                }),
         }),
     );
     gatehouse_eventlog::Publisher::start(nats.clone(), &opts.events)
         .record(vec![event])
         .await
         .context("cannot record the policy bundle publication")?;
-    let store = PolicyStore::open(&js, &opts.policy).await?;
-    store.publish_bundle(&opts.bundle).await?;
-    Ok(())
+    Ok(bundle.version)
 }
 
 /// `gatehouse dev`

@@ -1,4 +1,5 @@
-//! `gatehouse policy validate|test|push`: the policy author's tools.
+//! `gatehouse policy validate|test|push|rollback|dry-run|keygen`: the
+//! policy author's and administrator's tools.
 
 use std::path::PathBuf;
 
@@ -24,12 +25,49 @@ pub enum PolicyCommand {
         /// (`policy.admin_group`, default `policy-admins`).
         #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
         token: String,
-        /// Version label; default: the UTC time and the hash prefix.
+        /// A label kept with the bundle (the control plane assigns the
+        /// version).
         #[arg(long)]
-        version: Option<String>,
-        /// Record would-be denials without enforcing them.
+        label: Option<String>,
+    },
+    /// Publish an earlier version's policies again, under a new version;
+    /// recorded as a rollback.
+    Rollback {
+        /// The version to go back to.
+        version: u64,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        api: String,
+        #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Record would-be denials on some targets without enforcing them, for
+    /// a while (at most 24h); `--off` ends it now. Read-only sessions
+    /// (agents) stay enforced.
+    DryRun {
+        /// A target (repeatable).
+        #[arg(long = "target", conflicts_with_all = ["all_targets", "off"])]
+        targets: Vec<String>,
+        /// Every target.
+        #[arg(long, conflicts_with = "off")]
+        all_targets: bool,
+        /// How long, e.g. 30m, 2h (at most 24h).
+        #[arg(long = "for", value_name = "DURATION", required_unless_present = "off")]
+        duration: Option<String>,
+        /// End the dry-run now.
         #[arg(long)]
-        dry_run: bool,
+        off: bool,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        api: String,
+        #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Make an Ed25519 key for the control plane to sign bundles with
+    /// (`policy.signing_key_file`) and print its public key, the value for
+    /// workers' `policy.bundle_public_keys`.
+    Keygen {
+        /// Where to write the private key (PKCS#8 PEM); not overwritten.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -72,45 +110,138 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             dir,
             api,
             token,
-            version,
-            dry_run,
+            label,
         } => {
             let (bundle, _) = load(&dir)?;
             let body = serde_json::json!({
-                "version": version,
+                "label": label.unwrap_or(bundle.label),
                 "files": bundle.files,
                 "schema": bundle.schema,
-                "dry_run": dry_run,
             });
-            let url = format!("{}/api/v1/policies", api.trim_end_matches('/'));
-            let response = reqwest::Client::new()
-                .post(&url)
-                .bearer_auth(token)
-                .json(&body)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the control plane at {api}"))?;
-            let status = response.status();
-            let reply: serde_json::Value = response.json().await.unwrap_or_default();
-            if !status.is_success() {
-                let mut msg = format!(
-                    "the control plane refused the bundle ({status}): {}",
-                    reply["error"].as_str().unwrap_or("no detail")
+            let (status, reply) =
+                call(&api, &token, "POST", "/api/v1/policies", Some(body)).await?;
+            if status == reqwest::StatusCode::OK {
+                println!(
+                    "unchanged: version {} already has these policies",
+                    reply["version"]
                 );
-                for d in reply["details"].as_array().into_iter().flatten() {
-                    msg.push_str(&format!("\n  {}", d.as_str().unwrap_or_default()));
-                }
-                bail!(msg);
+            } else {
+                println!(
+                    "published version {} (hash {})",
+                    reply["version"],
+                    reply["hash"].as_str().unwrap_or("?")
+                );
             }
+            Ok(())
+        }
+        PolicyCommand::Rollback {
+            version,
+            api,
+            token,
+        } => {
+            let body = serde_json::json!({ "version": version });
+            let (_, reply) = call(
+                &api,
+                &token,
+                "POST",
+                "/api/v1/policies/rollback",
+                Some(body),
+            )
+            .await?;
             println!(
-                "published bundle {} (hash {}){}",
-                reply["version"].as_str().unwrap_or("?"),
-                reply["hash"].as_str().unwrap_or("?"),
-                if dry_run { " in dry-run mode" } else { "" }
+                "published version {} with the policies of version {version}",
+                reply["version"]
             );
             Ok(())
         }
+        PolicyCommand::DryRun {
+            targets,
+            all_targets,
+            duration,
+            off,
+            api,
+            token,
+        } => {
+            if off {
+                let (_, reply) =
+                    call(&api, &token, "DELETE", "/api/v1/policies/dry-run", None).await?;
+                println!("dry-run ended (version {})", reply["version"]);
+                return Ok(());
+            }
+            let duration = duration.expect("clap requires --for without --off");
+            let secs = gatehouse_identity::parse_ttl(&duration)
+                .map_err(|e| anyhow::anyhow!("--for: {e}"))?
+                .as_secs();
+            let body = serde_json::json!({
+                "targets": targets,
+                "all_targets": all_targets,
+                "expires_in_secs": secs,
+            });
+            let (_, reply) =
+                call(&api, &token, "POST", "/api/v1/policies/dry-run", Some(body)).await?;
+            println!(
+                "dry-run until {} (version {})",
+                reply["dry_run"]["expires_at"].as_str().unwrap_or("?"),
+                reply["version"]
+            );
+            Ok(())
+        }
+        PolicyCommand::Keygen { out } => {
+            let (key, der) = gatehouse_policystore::SigningKey::generate();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("--out: cannot create {}", out.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            use std::io::Write;
+            file.write_all(gatehouse_policystore::signing::pkcs8_pem(&der).as_bytes())?;
+            println!("{}", key.public_key());
+            Ok(())
+        }
     }
+}
+
+/// Calls the control plane; a refusal is an error with its message and
+/// details.
+async fn call(
+    api: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let mut request = match method {
+        "DELETE" => client.delete(&url),
+        _ => client.post(&url),
+    }
+    .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {api}"))?;
+    let status = response.status();
+    let reply: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let mut msg = format!(
+            "the control plane refused ({status}): {}",
+            reply["error"].as_str().unwrap_or("no detail")
+        );
+        for d in reply["details"].as_array().into_iter().flatten() {
+            msg.push_str(&format!("\n  {}", d.as_str().unwrap_or_default()));
+        }
+        bail!(msg);
+    }
+    Ok((status, reply))
 }
 
 fn load(dir: &std::path::Path) -> anyhow::Result<(Bundle, Engine)> {

@@ -1,13 +1,15 @@
 //! Decisions on every command, through a worker with real clients: agents
 //! are read-only whatever the disguise, a push changes an open session's
 //! decisions, a revocation ends an open session, dry-run records without
-//! enforcing, and the control plane explains what a bundle would decide.
+//! enforcing (on its targets, until it ends, never in an agent's
+//! read-only session), and the control plane explains what a bundle
+//! would decide.
 
 mod support;
 
 use gatehouse_testkit::eventually;
 use serde_json::{Value, json};
-use support::{Env, Options, refusal};
+use support::{Env, refusal};
 
 /// Connects as a member of the `agents` group.
 async fn agent(env: &Env, name: &str) -> tokio_postgres::Client {
@@ -221,7 +223,8 @@ async fn a_push_changes_decisions_for_an_open_session() {
         .rev()
         .find(|c| c["statement"] == "CREATE TABLE c (id int)")
         .unwrap();
-    assert_eq!(last["decision"]["bundle_version"], "freeze-1");
+    // `gatehouse dev` published version 1; the push is version 2.
+    assert_eq!(last["decision"]["bundle_version"], "2");
     assert_eq!(last["decision"]["policies"][0], "no-ddl");
     env.cleanup().await;
 }
@@ -264,27 +267,68 @@ async fn a_revoked_identity_is_cut_off_at_its_next_command() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dry_run_records_would_be_denials_and_runs_them() {
-    let env = Env::start_with(Options {
-        dry_run_targets: vec!["app".into()],
-        ..Default::default()
-    })
-    .await;
+async fn dry_run_records_would_be_denials_until_it_ends_and_never_relaxes_an_agent() {
+    let env = Env::start().await;
     env.target()
         .await
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    let bot = agent(&env, "bot").await;
-    bot.batch_execute("INSERT INTO t VALUES (5)").await.unwrap();
-    assert_eq!(env.target_ids().await, [5]);
-    let audit = env.audit_commands("bot", 1).await;
-    let insert = audit
-        .iter()
-        .find(|c| c["statement"] == "INSERT INTO t VALUES (5)")
+    let admin = env.stack().token("root", &["policy-admins"]);
+    let set = reqwest::Client::new()
+        .post(env.api("/api/v1/policies/dry-run"))
+        .bearer_auth(&admin)
+        .json(&json!({ "targets": ["app"], "expires_in_secs": 6 }))
+        .send()
+        .await
         .unwrap();
-    assert_eq!(insert["decision"]["effect"], "deny");
-    assert_eq!(insert["decision"]["enforced"], false);
+    assert_eq!(set.status(), 201, "{:?}", set.text().await);
+
+    // A person's DELETE without WHERE needs an approval by the defaults:
+    // in dry-run it runs, recorded as not enforced, with the dry-run's end.
+    let alice = env.connect("alice").await;
+    eventually("the worker to apply the dry-run", || async {
+        alice.batch_execute("DELETE FROM t").await.is_ok()
+    })
+    .await;
+    let audit = env.audit_commands("alice", 1).await;
+    let delete = audit
+        .iter()
+        .rev()
+        .find(|c| c["statement"] == "DELETE FROM t")
+        .unwrap();
+    assert_eq!(
+        delete["decision"]["effect"], "approval_required",
+        "{delete}"
+    );
+    assert_eq!(delete["decision"]["enforced"], false, "{delete}");
+    assert!(delete["decision"]["dry_run_until"].is_i64(), "{delete}");
+
+    // An agent's session stays read-only and enforced: no write, no DDL.
+    let bot = agent(&env, "bot").await;
+    for sql in ["INSERT INTO t VALUES (5)", "DROP TABLE t"] {
+        let err = bot.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&err), "42501", "{sql}: {err:?}");
+    }
+    env.target()
+        .await
+        .batch_execute("SELECT * FROM t")
+        .await
+        .expect("the table is still there");
+    let audit = env.audit_commands("bot", 2).await;
+    for c in audit.iter().filter(|c| c["decision"]["effect"] == "deny") {
+        assert_eq!(c["decision"]["enforced"], true, "{c}");
+        assert!(c["decision"].get("dry_run_until").is_none(), "{c}");
+    }
+
+    // Once it has ended, by the worker's clock, everything is enforced.
+    eventually("the dry-run to end", || async {
+        alice
+            .batch_execute("DELETE FROM t")
+            .await
+            .is_err_and(|e| code(&e) == "42501")
+    })
+    .await;
     env.cleanup().await;
 }
 

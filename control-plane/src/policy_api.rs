@@ -32,6 +32,19 @@
 //!    revocation is replaced by the one it replaced, or deleted. The undone
 //!    message is deleted from the stream's history.
 //!
+//! # Versions, rollbacks and dry-run
+//!
+//! Every bundle is signed with the control plane's key
+//! (`policy.signing_key_file`) and gets the next version number (one more
+//! than the highest signed bundle in the stream; the client's `label` is
+//! kept as metadata only). Content that an earlier version had is refused
+//! (409) unless it is rolled back explicitly (`POST
+//! /api/v1/policies/rollback`), which publishes it under a new version and
+//! records `rollback_of`. Dry-run is no field of a push: it is set on its
+//! own (`POST /api/v1/policies/dry-run`: named targets or `all_targets`,
+//! ending within 24 hours) and ended (`DELETE`), each a new version of the
+//! same content; a push or rollback keeps a dry-run that has not ended.
+//!
 //! What remains: between steps 2 and 4 workers may briefly decide with the
 //! new bundle (their `CommandReceived` decisions name its hash); a worker
 //! that saw an undone revocation keeps refusing that identity until it
@@ -49,11 +62,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gatehouse_eventlog::{PublishError, Publisher};
-use gatehouse_events::{Event, IdentityRevoked, Payload, PolicyBundlePublished};
+use gatehouse_events::{DryRunScope, Event, IdentityRevoked, Payload, PolicyBundlePublished};
 use gatehouse_policies::{
-    Bundle, Engine, Principal, Reading, StatementFacts, StatementKind, TargetInfo, classify,
+    Bundle, DryRun, Engine, MAX_DRY_RUN_SECS, Principal, Reading, StatementFacts, StatementKind,
+    TargetInfo, classify,
 };
-use gatehouse_policystore::{PolicyConfig, PolicyStore, Revocation, Revoked, StoreError};
+use gatehouse_policystore::{
+    History, PolicyConfig, PolicyStore, Revocation, Revoked, StoreError, Stored,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -70,6 +86,9 @@ pub struct PolicyApi {
     pub source: String,
     /// The engine of the current bundle, kept for explanations.
     cache: Arc<Mutex<Option<Arc<Engine>>>>,
+    /// The bundle subject's last sequence and the bundle in force then,
+    /// for `/readyz`.
+    in_force: Arc<Mutex<Option<(u64, Option<Bundle>)>>>,
 }
 
 impl PolicyApi {
@@ -85,16 +104,71 @@ impl PolicyApi {
             config,
             source,
             cache: Arc::default(),
+            in_force: Arc::default(),
         }
+    }
+
+    /// What `/readyz` says about policies: the version in force and its
+    /// dry-run (`null` when none; `active` false once it has ended). Read
+    /// again only when the bundle subject has changed.
+    pub(crate) async fn readiness(&self) -> Value {
+        let last = match self.store.last_sequence().await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the policy store for /readyz");
+                return json!({ "store": "unavailable" });
+            }
+        };
+        let cached = self.in_force.lock().expect("poisoned").clone();
+        let bundle = match cached {
+            Some((seq, bundle)) if seq == last => bundle,
+            _ => match self.store.history().await {
+                Ok(h) => {
+                    let bundle = h.current().map(|c| c.value.clone());
+                    *self.in_force.lock().expect("poisoned") = Some((last, bundle.clone()));
+                    bundle
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the policy store for /readyz");
+                    return json!({ "store": "unavailable" });
+                }
+            },
+        };
+        json!({
+            "store": "ok",
+            "signing_key": self.store.signs(),
+            "version": bundle.as_ref().map(|b| b.version),
+            "dry_run": bundle.as_ref().and_then(|b| b.dry_run.as_ref()).map(dry_run_json),
+        })
     }
 }
 
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A dry-run as the API shows it.
+fn dry_run_json(d: &DryRun) -> Value {
+    json!({
+        "all_targets": d.all_targets,
+        "targets": d.targets,
+        "expires_at": chrono::DateTime::from_timestamp(d.expires_at, 0).map(|t| t.to_rfc3339()),
+        "active": d.expires_at > unix_now(),
+        "set_by": d.set_by,
+    })
+}
+
 /// The policy routes, each behind the API's authorization middleware:
-/// pushing and revoking for policy admins, reading and explaining also for
-/// auditors.
+/// pushing, rolling back, setting dry-run and revoking for policy admins,
+/// reading and explaining also for auditors.
 pub(crate) fn routes(state: &ApiState) -> Router<ApiState> {
     let administer = Router::new()
         .route("/api/v1/policies", post(push))
+        .route("/api/v1/policies/rollback", post(rollback))
+        .route(
+            "/api/v1/policies/dry-run",
+            post(set_dry_run).delete(end_dry_run),
+        )
         .route("/api/v1/revocations", post(revoke));
     let read = Router::new()
         .route("/api/v1/policies/current", get(current))
@@ -121,6 +195,12 @@ enum PolicyError {
     },
     /// 409: another push or revocation of the same thing came first.
     Conflict(&'static str),
+    /// 409: refused as it stands (an old bundle pushed again), with why.
+    Refused(String),
+    /// 404: the named version is not in the bundle history.
+    NotFound(String),
+    /// 503: this control plane cannot sign bundles.
+    NoSigningKey,
 }
 
 impl From<ApiError> for PolicyError {
@@ -152,6 +232,19 @@ impl IntoResponse for PolicyError {
                 })),
             )
                 .into_response(),
+            Self::Refused(why) => {
+                (StatusCode::CONFLICT, Json(json!({ "error": why }))).into_response()
+            }
+            Self::NotFound(why) => {
+                (StatusCode::NOT_FOUND, Json(json!({ "error": why }))).into_response()
+            }
+            Self::NoSigningKey => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": "this control plane has no policy signing key (policy.signing_key_file), so it publishes no bundles"
+                })),
+            )
+                .into_response(),
         }
     }
 }
@@ -161,6 +254,7 @@ fn store_error(what: &'static str) -> impl Fn(StoreError) -> PolicyError {
     move |e| match e {
         StoreError::TooLarge { size, max } => PolicyError::TooLarge { what, size, max },
         StoreError::Conflict(_) => PolicyError::Conflict(what),
+        StoreError::NoSigningKey => PolicyError::NoSigningKey,
         e => unavailable(e).into(),
     }
 }
@@ -198,42 +292,207 @@ async fn record(api: &PolicyApi, event: &Event, what: &'static str) -> Result<()
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PushRequest {
-    /// Defaults to the UTC time and the hash prefix.
-    version: Option<String>,
+    /// A name of the pusher's own, kept with the bundle; the version is
+    /// the control plane's. (`version` is taken as the label.)
+    #[serde(alias = "version")]
+    label: Option<String>,
     /// `[file name, Cedar text]` pairs.
     files: Vec<(String, String)>,
     /// Defaults to the built-in schema.
     schema: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
+    /// Refused when true: dry-run is set on its own.
+    dry_run: Option<bool>,
 }
 
-/// `POST /api/v1/policies`: validate, version and publish a bundle.
+/// The dry-run of the bundle in force, if it has not ended: kept by a
+/// push or rollback.
+fn ongoing_dry_run(current: Option<&Stored<Bundle>>) -> Option<DryRun> {
+    current
+        .and_then(|c| c.value.dry_run.clone())
+        .filter(|d| d.expires_at > unix_now())
+}
+
+/// `POST /api/v1/policies`: validate, version, sign and publish a bundle.
 async fn push(
     State(s): State<ApiState>,
     who: Caller,
     JsonBody(req): JsonBody<PushRequest>,
 ) -> Result<(StatusCode, Json<Value>), PolicyError> {
     let api = &s.policy;
+    if req.dry_run == Some(true) {
+        return Err(ApiError::BadRequest(
+            "dry-run is not part of a push: set it with POST /api/v1/policies/dry-run (targets and an expiry)".into(),
+        )
+        .into());
+    }
     let schema = req
         .schema
         .unwrap_or_else(|| gatehouse_policies::SCHEMA.to_string());
-    let mut bundle = Bundle::new(String::new(), req.files, schema, req.dry_run);
-    bundle.version = req.version.unwrap_or_else(|| {
-        format!(
-            "{}-{}",
-            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
-            &bundle.hash[..12]
-        )
-    });
+    let mut bundle = Bundle::new(req.label.unwrap_or_default(), req.files, schema);
+    let history = history(api).await?;
+    let current = history.current();
+    if let Some(c) = current.filter(|c| c.value.hash == bundle.hash) {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({
+                "version": c.value.version,
+                "hash": c.value.hash,
+                "unchanged": true,
+            })),
+        ));
+    }
+    if let Some(old) = history.earlier_with_hash(&bundle.hash) {
+        return Err(PolicyError::Refused(format!(
+            "this is the content of version {}, an earlier bundle; to go back to it, roll back \
+             (POST /api/v1/policies/rollback {{\"version\": {}}}), which is recorded as such",
+            old.value.version, old.value.version
+        )));
+    }
+    bundle.dry_run = ongoing_dry_run(current);
+    publish(api, &who, bundle, &history).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    /// The version whose content to publish again.
+    version: u64,
+    /// Defaults to that version's label.
+    label: Option<String>,
+}
+
+/// `POST /api/v1/policies/rollback`: publishes an earlier version's content
+/// under a new version, recorded with `rollback_of`.
+async fn rollback(
+    State(s): State<ApiState>,
+    who: Caller,
+    JsonBody(req): JsonBody<RollbackRequest>,
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
+    let api = &s.policy;
+    let history = history(api).await?;
+    let Some(target) = history.version(req.version) else {
+        return Err(PolicyError::NotFound(format!(
+            "version {} is not in the bundle history (it keeps the last 64 bundles)",
+            req.version
+        )));
+    };
+    let current = history.current().expect("the history holds a bundle");
+    if target.value.hash == current.value.hash {
+        return Err(PolicyError::Refused(format!(
+            "version {}'s content is the one in force (version {}); nothing to roll back",
+            req.version, current.value.version
+        )));
+    }
+    let bundle = Bundle {
+        label: req.label.unwrap_or_else(|| target.value.label.clone()),
+        rollback_of: Some(req.version),
+        dry_run: ongoing_dry_run(Some(current)),
+        ..target.value.clone()
+    };
+    publish(api, &who, bundle, &history).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunRequest {
+    /// Targets whose denials are only recorded.
+    #[serde(default)]
+    targets: Vec<String>,
+    /// Every target instead.
+    #[serde(default)]
+    all_targets: bool,
+    /// How long, at most a day; then everything is enforced again.
+    expires_in_secs: i64,
+}
+
+/// `POST /api/v1/policies/dry-run`: the bundle in force, under a new
+/// version, with a dry-run on some targets (or all) that ends by itself.
+async fn set_dry_run(
+    State(s): State<ApiState>,
+    who: Caller,
+    JsonBody(req): JsonBody<DryRunRequest>,
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
+    let api = &s.policy;
+    let now = unix_now();
+    let dry_run = DryRun {
+        all_targets: req.all_targets,
+        targets: req.targets,
+        expires_at: now.saturating_add(req.expires_in_secs),
+        set_by: who.subject().to_string(),
+    };
+    dry_run.check(now).map_err(|why| {
+        ApiError::BadRequest(format!("{why} (expires_in_secs: 1 to {MAX_DRY_RUN_SECS})"))
+    })?;
+    let history = history(api).await?;
+    let Some(current) = history.current() else {
+        return Err(ApiError::BadRequest("no policy bundle has been published".into()).into());
+    };
+    let bundle = Bundle {
+        dry_run: Some(dry_run),
+        rollback_of: None,
+        ..current.value.clone()
+    };
+    publish(api, &who, bundle, &history).await
+}
+
+/// `DELETE /api/v1/policies/dry-run`: ends the dry-run now (a new version
+/// of the same content without it).
+async fn end_dry_run(
+    State(s): State<ApiState>,
+    who: Caller,
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
+    let api = &s.policy;
+    let history = history(api).await?;
+    let Some(current) = history.current() else {
+        return Err(ApiError::BadRequest("no policy bundle has been published".into()).into());
+    };
+    if current.value.dry_run.is_none() {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({ "version": current.value.version, "unchanged": true })),
+        ));
+    }
+    let bundle = Bundle {
+        dry_run: None,
+        rollback_of: None,
+        ..current.value.clone()
+    };
+    publish(api, &who, bundle, &history).await
+}
+
+/// The bundle history, for a write: refused at once without a signing key.
+async fn history(api: &PolicyApi) -> Result<History, PolicyError> {
+    if !api.store.signs() {
+        return Err(PolicyError::NoSigningKey);
+    }
+    api.store.history().await.map_err(|e| unavailable(e).into())
+}
+
+/// Publishes `bundle` under the next version of `history`, signed, and
+/// records it (the steps of the module documentation).
+async fn publish(
+    api: &PolicyApi,
+    who: &Caller,
+    mut bundle: Bundle,
+    history: &History,
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
+    bundle.version = history.next_version();
     let event = Event::new(
         api.source.clone(),
         Payload::PolicyBundlePublished(PolicyBundlePublished {
-            version: bundle.version.clone(),
+            version: bundle.version.to_string(),
             hash: bundle.hash.clone(),
             files: bundle.files.iter().map(|(n, _)| n.clone()).collect(),
-            dry_run: bundle.dry_run,
+            dry_run: bundle.dry_run.is_some(),
             published_by: who.subject().to_string(),
+            label: Some(bundle.label.clone()).filter(|l| !l.is_empty()),
+            rollback_of: bundle.rollback_of,
+            dry_run_scope: bundle.dry_run.as_ref().map(|d| DryRunScope {
+                all_targets: d.all_targets,
+                targets: d.targets.clone(),
+                expires_at: d.expires_at,
+                set_by: d.set_by.clone(),
+            }),
         }),
     );
 
@@ -255,43 +514,52 @@ async fn push(
         details: e.problems().iter().map(|p| p.to_string()).collect(),
     })?;
 
-    // 2. The effect, provided the current bundle is still the one read.
-    let previous = api.store.current().await.map_err(unavailable)?;
+    // 2. The effect, provided the subject still holds what was read.
+    let previous = history.current().map(|c| &c.value);
     let sequence = api
         .store
-        .replace_bundle(
-            &bundle,
-            &event.id.to_string(),
-            previous.as_ref().map_or(0, |p| p.sequence),
-        )
+        .replace_bundle(&bundle, &event.id.to_string(), history.last_sequence)
         .await
         .map_err(store_error("the current policy bundle"))?;
 
     // 3. The record; 4. or the undo.
     if let Err(e) = record(api, &event, "the bundle's PolicyBundlePublished event").await {
-        match api
-            .store
-            .restore_bundle(previous.as_ref().map(|p| &p.value), &bundle, sequence)
-            .await
-        {
+        match api.store.restore_bundle(previous, &bundle, sequence).await {
             Ok(()) => {
-                tracing::warn!(version = %bundle.version, hash = %bundle.hash, "policy bundle withdrawn: its event could not be recorded")
+                tracing::warn!(version = bundle.version, hash = %bundle.hash, "policy bundle withdrawn: its event could not be recorded")
             }
             Err(undo) => {
-                tracing::error!(error = %undo, version = %bundle.version, hash = %bundle.hash, "policy bundle in force without its PolicyBundlePublished event: recording failed and so did withdrawing it")
+                tracing::error!(error = %undo, version = bundle.version, hash = %bundle.hash, "policy bundle in force without its PolicyBundlePublished event: recording failed and so did withdrawing it")
             }
         }
         return Err(e);
     }
     *api.cache.lock().expect("poisoned") = Some(Arc::new(engine));
-    tracing::info!(version = %bundle.version, hash = %bundle.hash, by = %who.subject(), "policy bundle published");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "version": bundle.version, "hash": bundle.hash, "dry_run": bundle.dry_run })),
-    ))
+    tracing::info!(
+        version = bundle.version,
+        hash = %bundle.hash,
+        rollback_of = ?bundle.rollback_of,
+        dry_run = bundle.dry_run.is_some(),
+        by = %who.subject(),
+        "policy bundle published"
+    );
+    Ok((StatusCode::CREATED, Json(bundle_json(&bundle))))
 }
 
-/// `GET /api/v1/policies/current`
+/// A bundle's metadata as the API shows it.
+fn bundle_json(b: &Bundle) -> Value {
+    json!({
+        "version": b.version,
+        "label": b.label,
+        "hash": b.hash,
+        "rollback_of": b.rollback_of,
+        "dry_run": b.dry_run.as_ref().map(dry_run_json),
+        "files": b.files.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+    })
+}
+
+/// `GET /api/v1/policies/current`: the signed bundle with the highest
+/// version.
 async fn current(State(s): State<ApiState>, _: Caller) -> Result<Json<Value>, ApiError> {
     let bundle = s.policy.store.current_bundle().await.map_err(unavailable)?;
     let Some(b) = bundle else {
@@ -299,12 +567,7 @@ async fn current(State(s): State<ApiState>, _: Caller) -> Result<Json<Value>, Ap
             "no policy bundle has been published".into(),
         ));
     };
-    Ok(Json(json!({
-        "version": b.version,
-        "hash": b.hash,
-        "dry_run": b.dry_run,
-        "files": b.files.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-    })))
+    Ok(Json(bundle_json(&b)))
 }
 
 #[derive(Deserialize)]
@@ -512,6 +775,7 @@ async fn current_engine(api: &PolicyApi) -> Result<Arc<Engine>, ApiError> {
     };
     if let Some(e) = api.cache.lock().expect("poisoned").as_ref()
         && e.bundle_hash() == bundle.hash
+        && e.bundle_version() == bundle.version
     {
         return Ok(e.clone());
     }

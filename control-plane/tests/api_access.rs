@@ -128,7 +128,7 @@ async fn refused_everywhere(env: &Env, cp: &Running, token: &str, status: u16, s
     let store = env.store().await;
     let bundle = store.current_bundle().await.unwrap();
     assert!(
-        bundle.as_ref().is_none_or(|b| b.version != "permit-all"),
+        bundle.as_ref().is_none_or(|b| b.label != "permit-all"),
         "a refused caller pushed a bundle"
     );
     let someone = gatehouse_policystore::Revoked::Subject("someone-else".into());

@@ -40,7 +40,7 @@ impl Env {
     }
 
     /// The version of every bundle in the bundle stream, oldest first.
-    async fn bundle_history(&self) -> Vec<String> {
+    async fn bundle_history(&self) -> Vec<u64> {
         let mut stream = self
             .js
             .get_stream(&self.policy().bundle_stream)
@@ -59,7 +59,7 @@ impl Env {
         while (out.len() as u64) < total {
             let m = messages.next().await.unwrap().unwrap();
             let bundle: Value = serde_json::from_slice(&m.payload).unwrap();
-            out.push(bundle["version"].as_str().unwrap().to_string());
+            out.push(bundle["version"].as_u64().unwrap());
         }
         out
     }
@@ -97,13 +97,35 @@ impl Running {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    async fn push(&self, env: &Env, version: &str, files: Value) -> (u16, Value) {
+    async fn push(&self, env: &Env, label: &str, files: Value) -> (u16, Value) {
         self.post(
             env,
             "/api/v1/policies",
-            &json!({ "version": version, "files": files }),
+            &json!({ "label": label, "files": files }),
         )
         .await
+    }
+
+    async fn delete(&self, env: &Env, path: &str) -> (u16, Value) {
+        let resp = env
+            .http
+            .delete(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn readyz(&self, env: &Env) -> Value {
+        let resp = env
+            .http
+            .get(format!("{}/readyz", self.url))
+            .send()
+            .await
+            .unwrap();
+        resp.json().await.unwrap()
     }
 
     async fn current(&self, env: &Env) -> Value {
@@ -167,7 +189,8 @@ async fn oversized_bundle(env: &Env) {
     );
     // The current bundle is unchanged; the store's history holds v1 only.
     let current = cp.current(env).await;
-    assert_eq!(current["version"], "v1", "{current}");
+    assert_eq!(current["version"], 1, "{current}");
+    assert_eq!(current["label"], "v1", "{current}");
     assert_eq!(current["hash"], first["hash"]);
 
     // A later push is projected after anything the refused one could have
@@ -183,8 +206,8 @@ async fn oversized_bundle(env: &Env) {
     assert_eq!(
         rows,
         vec![
-            ("v1".into(), first["hash"].as_str().unwrap().into()),
-            ("v2".into(), second["hash"].as_str().unwrap().into()),
+            ("1".into(), first["hash"].as_str().unwrap().into()),
+            ("2".into(), second["hash"].as_str().unwrap().into()),
         ]
     );
     assert_eq!(env.events_of(EventType::PolicyBundlePublished).await, 2);
@@ -206,7 +229,7 @@ async fn store_refuses_bundle(env: &Env) {
     env.limit_stream(&env.policy().bundle_stream, 4096).await;
     let (status, body) = cp.push(env, "big", padded_files(8192)).await;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(cp.current(env).await["version"], "v1");
+    assert_eq!(cp.current(env).await["version"], 1);
 
     env.limit_stream(&env.policy().bundle_stream, -1).await;
     let (status, second) = cp.push(env, "v2", json!([["b.cedar", PERMIT_ALL]])).await;
@@ -217,7 +240,7 @@ async fn store_refuses_bundle(env: &Env) {
     .await;
     env.wait_projected().await;
     let versions: Vec<String> = bundle_rows(&db).await.into_iter().map(|r| r.0).collect();
-    assert_eq!(versions, ["v1", "v2"]);
+    assert_eq!(versions, ["1", "2"]);
     assert_eq!(env.events_of(EventType::PolicyBundlePublished).await, 2);
     cp.stop().await;
 }
@@ -237,8 +260,10 @@ async fn record_fails_bundle(env: &Env) {
     env.limit_stream(&env.events.stream, 128).await;
     let (status, body) = cp.push(env, "v0", json!([["all.cedar", PERMIT_ALL]])).await;
     assert_eq!(status, 503, "{body}");
+    // Version 1 was published and withdrawn: version 2 replaces it.
     let current = cp.current(env).await;
-    assert_eq!(current["version"], "withdrawn-v0", "{current}");
+    assert_eq!(current["version"], 2, "{current}");
+    assert_eq!(current["label"], "withdrawn-1", "{current}");
     assert_eq!(current["files"], json!([]), "{current}");
     let explained = cp
         .post(
@@ -263,15 +288,20 @@ async fn record_fails_bundle(env: &Env) {
     env.limit_stream(&env.events.stream, 128).await;
     let (status, body) = cp.push(env, "v2", json!([["b.cedar", PERMIT_ALL]])).await;
     assert_eq!(status, 503, "{body}");
+    // Versions never go back: v1's content (version 3) is published again
+    // as version 5, after the withdrawn version 4.
+    assert_eq!(first["version"], 3, "{first}");
     let current = cp.current(env).await;
-    assert_eq!(current["version"], "v1", "{current}");
+    assert_eq!(current["version"], 5, "{current}");
+    assert_eq!(current["rollback_of"], 3, "{current}");
     assert_eq!(current["hash"], first["hash"]);
     assert_eq!(
         store.current().await.unwrap().unwrap().value.hash,
         first["hash"].as_str().unwrap()
     );
-    // The history: the withdrawal, v1, and v1 again; v0 and v2 are gone.
-    assert_eq!(env.bundle_history().await, ["withdrawn-v0", "v1", "v1"]);
+    // The history: the withdrawal, v1, and v1 again; the withdrawn
+    // versions 1 and 4 are gone.
+    assert_eq!(env.bundle_history().await, [2, 3, 5]);
 
     env.limit_stream(&env.events.stream, -1).await;
     let (status, third) = cp.push(env, "v3", json!([["c.cedar", PERMIT_ALL]])).await;
@@ -282,8 +312,164 @@ async fn record_fails_bundle(env: &Env) {
     .await;
     env.wait_projected().await;
     let versions: Vec<String> = bundle_rows(&db).await.into_iter().map(|r| r.0).collect();
-    assert_eq!(versions, ["v1", "v3"]);
+    assert_eq!(versions, ["3", "6"]);
     assert_eq!(env.events_of(EventType::PolicyBundlePublished).await, 2);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn versions_only_go_forward_rollbacks_are_explicit_and_dry_runs_end() {
+    Env::new("cppol").await.scope(versions_and_dry_run).await;
+}
+
+/// The last `PolicyBundlePublished` recorded.
+async fn last_published(env: &Env) -> Value {
+    let subject = env
+        .events
+        .subjects()
+        .for_type(EventType::PolicyBundlePublished);
+    let stream = env.js.get_stream(&env.events.stream).await.unwrap();
+    let m = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    serde_json::from_slice::<Value>(&m.payload).unwrap()["data"]["payload"].clone()
+}
+
+async fn versions_and_dry_run(env: &Env) {
+    let cp = env.start().await;
+    let a = json!([["all.cedar", PERMIT_ALL]]);
+    let b = json!([["b.cedar", PERMIT_ALL]]);
+    // The client's "version" is only a label; the control plane numbers.
+    let (status, first) = cp
+        .post(
+            env,
+            "/api/v1/policies",
+            &json!({ "version": "defaults-abc", "files": a }),
+        )
+        .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(
+        (first["version"].clone(), first["label"].clone()),
+        (json!(1), json!("defaults-abc"))
+    );
+    let (status, second) = cp.push(env, "b", b.clone()).await;
+    assert_eq!(
+        (status, second["version"].clone()),
+        (201, json!(2)),
+        "{second}"
+    );
+
+    // An earlier version's content pushed again is refused, and says how
+    // to go back; the current content again changes nothing.
+    let (status, body) = cp.push(env, "a-again", a.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("version 1") && error.contains("rollback"),
+        "{error}"
+    );
+    let (status, body) = cp.push(env, "b-again", b.clone()).await;
+    assert_eq!(
+        (status, body["unchanged"].clone()),
+        (200, json!(true)),
+        "{body}"
+    );
+    assert_eq!(cp.current(env).await["version"], 2);
+
+    // A rollback publishes version 1's content as version 3, recorded so.
+    let (status, back) = cp
+        .post(env, "/api/v1/policies/rollback", &json!({ "version": 1 }))
+        .await;
+    assert_eq!(status, 201, "{back}");
+    assert_eq!(back["version"], 3, "{back}");
+    assert_eq!(back["rollback_of"], 1, "{back}");
+    assert_eq!(back["hash"], first["hash"]);
+    let event = last_published(env).await;
+    assert_eq!(event["version"], "3", "{event}");
+    assert_eq!(event["rollback_of"], 1, "{event}");
+    assert_eq!(event["published_by"], "admin-1", "{event}");
+    // Nothing to roll back to: the content in force, a version never seen.
+    let (status, body) = cp
+        .post(env, "/api/v1/policies/rollback", &json!({ "version": 1 }))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = cp
+        .post(env, "/api/v1/policies/rollback", &json!({ "version": 99 }))
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    // A bundle published on the stream without the key (a permit-all
+    // under a high version) is not in force and takes no version number.
+    let forged = json!({
+        "version": 100, "label": "forged", "hash": first["hash"], "files": a,
+        "schema": gatehouse_policies::SCHEMA,
+    });
+    env.js
+        .publish(
+            format!("gatehouse.{}.bundle", env.policy().bundle_stream),
+            serde_json::to_vec(&forged).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(cp.current(env).await["version"], 3);
+
+    // Dry-run: its own request, named targets or all, at most a day.
+    for bad in [
+        json!({ "targets": [], "expires_in_secs": 60 }),
+        json!({ "all_targets": true, "expires_in_secs": 90_000 }),
+        json!({ "targets": ["app"], "expires_in_secs": 0 }),
+    ] {
+        let (status, body) = cp.post(env, "/api/v1/policies/dry-run", &bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let (status, body) = cp
+        .post(
+            env,
+            "/api/v1/policies",
+            &json!({ "files": b, "dry_run": true }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("/api/v1/policies/dry-run"),
+        "{body}"
+    );
+    let (status, dry) = cp
+        .post(
+            env,
+            "/api/v1/policies/dry-run",
+            &json!({ "targets": ["app"], "expires_in_secs": 3 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{dry}");
+    assert_eq!(dry["version"], 4, "after the forged message too: {dry}");
+    assert_eq!(dry["hash"], first["hash"], "the same policies");
+    assert_eq!(dry["dry_run"]["targets"], json!(["app"]), "{dry}");
+    let event = last_published(env).await;
+    assert_eq!(event["dry_run"], true, "{event}");
+    assert_eq!(event["dry_run_scope"]["targets"], json!(["app"]), "{event}");
+    let ready = cp.readyz(env).await;
+    assert_eq!(ready["policy"]["version"], 4, "{ready}");
+    assert_eq!(ready["policy"]["dry_run"]["active"], true, "{ready}");
+    // A push keeps a dry-run that has not ended.
+    let (status, pushed) = cp.push(env, "c", json!([["c.cedar", PERMIT_ALL]])).await;
+    assert_eq!(status, 201, "{pushed}");
+    assert_eq!(pushed["dry_run"]["targets"], json!(["app"]), "{pushed}");
+    // It ends by itself.
+    eventually("the dry-run to end", || async {
+        cp.readyz(env).await["policy"]["dry_run"]["active"] == false
+    })
+    .await;
+    let (status, ended) = cp.delete(env, "/api/v1/policies/dry-run").await;
+    assert_eq!(status, 201, "{ended}");
+    assert_eq!(ended["dry_run"], Value::Null, "{ended}");
+    assert_eq!(cp.readyz(env).await["policy"]["dry_run"], Value::Null);
     cp.stop().await;
 }
 

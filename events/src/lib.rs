@@ -24,8 +24,8 @@ pub use cloudevent::{
 pub use envelope::{Actor, Event, Identity};
 pub use payload::{
     AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
-    ExecutedStatement, IdentityRevoked, Param, ParamFormat, Payload, PolicyBundlePublished,
-    Protocol, Redaction, SessionClosed, SessionOpened, ValueEncoding,
+    DryRunScope, ExecutedStatement, IdentityRevoked, Param, ParamFormat, Payload,
+    PolicyBundlePublished, Protocol, Redaction, SessionClosed, SessionOpened, ValueEncoding,
 };
 pub use subject::{EventType, Subjects};
 

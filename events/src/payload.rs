@@ -156,6 +156,11 @@ pub struct DecisionRecord {
     pub bundle_hash: String,
     /// Time spent classifying and deciding, in microseconds.
     pub eval_micros: u64,
+    /// When the decision was made under a dry-run (its target's, not
+    /// expired, in a session that is not read-only): the dry-run's end,
+    /// Unix seconds. Absent otherwise, and in events older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run_until: Option<i64>,
 }
 
 /// A policy bundle became the current one.
@@ -168,6 +173,28 @@ pub struct PolicyBundlePublished {
     pub dry_run: bool,
     /// Subject of the token that pushed it.
     pub published_by: String,
+    /// The pusher's free-form label (`version` is the control plane's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// A rollback: the version whose content this one publishes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u64>,
+    /// The dry-run this bundle carries, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run_scope: Option<DryRunScope>,
+}
+
+/// Where and until when a bundle's denials are recorded, not enforced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunScope {
+    /// Every target; otherwise those in `targets`.
+    pub all_targets: bool,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Subject of the token that set it.
+    pub set_by: String,
 }
 
 /// An identity or a token was revoked; its sessions are refused at their

@@ -95,39 +95,108 @@ pub const MAX_OPERATORS: usize = 1000;
 /// the schema.
 pub const MAX_SCHEMA_DECLARATIONS: usize = 512;
 
+/// Longest dry-run the control plane sets: a dry-run always ends by itself.
+pub const MAX_DRY_RUN_SECS: i64 = 24 * 3600;
+
 /// Policies, schema and metadata, as published by the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bundle {
-    /// Human-facing version. [`Bundle::from_dir`] sets `local-<hash prefix>`;
-    /// `gatehouse policy push` sets its own. Not part of the hash.
-    pub version: String,
-    /// SHA-256 (lowercase hex) of the canonical content: schema, files
-    /// (sorted by name) and `dry_run`. See [`Bundle::content_hash`].
+    /// Assigned by the control plane when it publishes the bundle, one more
+    /// than the highest before it, so a worker can refuse a bundle that
+    /// would take it back (going back is a rollback: the old content under
+    /// a new version). 0 for a bundle not published ([`Bundle::from_dir`],
+    /// [`Bundle::defaults`]). Not part of the hash.
+    pub version: u64,
+    /// A free-form name given by whoever pushed it (`local-<hash prefix>`
+    /// from [`Bundle::from_dir`]); metadata only, never compared.
+    #[serde(default)]
+    pub label: String,
+    /// SHA-256 (lowercase hex) of the canonical content: schema and files
+    /// (sorted by name). See [`Bundle::content_hash`].
     pub hash: String,
     /// `(file name, Cedar text)`, sorted by name. Names are paths relative to
     /// the bundle directory with `/` separators (`agents/policy.cedar`).
     pub files: Vec<(String, String)>,
     /// The Cedar schema text (`.cedarschema` syntax).
     pub schema: String,
-    /// Record would-be denials without enforcing them.
-    pub dry_run: bool,
+    /// Where denials are recorded but not enforced, until when. Set on its
+    /// own (`POST /api/v1/policies/dry-run`), never by a push; not part of
+    /// the hash (the policies are the same with or without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<DryRun>,
+    /// The version whose content this one published again (a rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u64>,
+}
+
+/// A dry-run: on these targets, until `expires_at`, denials are recorded
+/// and the commands run. It never applies to a read-only session (an
+/// agent's): those are enforced in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRun {
+    /// Every target. Otherwise only those in `targets`.
+    #[serde(default)]
+    pub all_targets: bool,
+    /// Target names (`worker.targets.<name>`); empty with `all_targets`.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Unix seconds; from then on everything is enforced again, whatever
+    /// else happens (each worker compares it with its own clock).
+    pub expires_at: i64,
+    /// Subject of the token that set it.
+    pub set_by: String,
+}
+
+impl DryRun {
+    /// Whether a decision on `target` at `now` (Unix seconds) is only
+    /// recorded.
+    pub fn applies(&self, target: &str, now: i64) -> bool {
+        now < self.expires_at && (self.all_targets || self.targets.iter().any(|t| t == target))
+    }
+
+    /// Refuses a scope that names nothing, or both everything and some
+    /// targets, and an expiry not in `(now, now + MAX_DRY_RUN_SECS]`.
+    pub fn check(&self, now: i64) -> Result<(), String> {
+        match (self.all_targets, self.targets.is_empty()) {
+            (false, true) => {
+                return Err("name the targets of the dry-run, or set all_targets".into());
+            }
+            (true, false) => return Err("give either targets or all_targets, not both".into()),
+            _ => {}
+        }
+        if let Some(t) = self.targets.iter().find(|t| t.is_empty()) {
+            return Err(format!("{t:?} is not a target name"));
+        }
+        if self.expires_at <= now {
+            return Err("a dry-run must end in the future".into());
+        }
+        if self.expires_at > now + MAX_DRY_RUN_SECS {
+            return Err(format!(
+                "a dry-run lasts at most {} hours",
+                MAX_DRY_RUN_SECS / 3600
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Bundle {
-    /// A bundle of `files` (sorted here) and `schema`, with its hash computed.
+    /// A bundle of `files` (sorted here) and `schema`, with its hash
+    /// computed; version 0 (unpublished), no dry-run.
     pub fn new(
-        version: impl Into<String>,
+        label: impl Into<String>,
         mut files: Vec<(String, String)>,
         schema: impl Into<String>,
-        dry_run: bool,
     ) -> Bundle {
         files.sort();
         let mut bundle = Bundle {
-            version: version.into(),
+            version: 0,
+            label: label.into(),
             hash: String::new(),
             files,
             schema: schema.into(),
-            dry_run,
+            dry_run: None,
+            rollback_of: None,
         };
         bundle.hash = bundle.content_hash();
         bundle
@@ -135,7 +204,7 @@ impl Bundle {
 
     /// Reads every `*.cedar` file under `dir` (recursively; hidden entries
     /// skipped) and the schema: `dir/schema.cedarschema` if present, else
-    /// [`SCHEMA`]. The version is `local-` and the first 12 hex digits of
+    /// [`SCHEMA`]. The label is `local-` and the first 12 hex digits of
     /// the hash. Only reads: parse and validation errors come from
     /// [`crate::Engine::new`].
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Bundle, BundleError> {
@@ -149,27 +218,26 @@ impl Bundle {
             });
         }
         let schema = schema.unwrap_or_else(|| SCHEMA.to_string());
-        let mut bundle = Bundle::new(String::new(), files, schema, false);
-        bundle.version = format!("local-{}", &bundle.hash[..12]);
+        let mut bundle = Bundle::new(String::new(), files, schema);
+        bundle.label = format!("local-{}", &bundle.hash[..12]);
         Ok(bundle)
     }
 
     /// The default set `gatehouse dev` loads (`policies/defaults/`, compiled
-    /// in) with the built-in schema. Version `defaults-<hash prefix>`.
+    /// in) with the built-in schema. Label `defaults-<hash prefix>`.
     pub fn defaults() -> Bundle {
         let files = DEFAULTS
             .iter()
             .map(|(name, text)| (name.to_string(), text.to_string()))
             .collect();
-        let mut bundle = Bundle::new(String::new(), files, SCHEMA, false);
-        bundle.version = format!("defaults-{}", &bundle.hash[..12]);
+        let mut bundle = Bundle::new(String::new(), files, SCHEMA);
+        bundle.label = format!("defaults-{}", &bundle.hash[..12]);
         bundle
     }
 
-    /// The same bundle with `dry_run` set, hash recomputed.
-    pub fn with_dry_run(mut self, dry_run: bool) -> Bundle {
+    /// The same bundle with `dry_run` set (the hash does not change).
+    pub fn with_dry_run(mut self, dry_run: Option<DryRun>) -> Bundle {
         self.dry_run = dry_run;
-        self.hash = self.content_hash();
         self
     }
 
@@ -249,9 +317,9 @@ impl Bundle {
     }
 
     /// SHA-256 over a length-prefixed encoding: the tag
-    /// `gatehouse-bundle/1`, the schema, each file's name and text in name
-    /// order, and the dry-run flag. Independent of `version` and of the
-    /// order of `files`.
+    /// `gatehouse-bundle/2`, the schema, and each file's name and text in
+    /// name order. Independent of `version`, `label`, `dry_run` and of the
+    /// order of `files`: two bundles of the same policies have one hash.
     pub fn content_hash(&self) -> String {
         let mut files: Vec<&(String, String)> = self.files.iter().collect();
         files.sort();
@@ -260,14 +328,13 @@ impl Bundle {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         };
-        put(b"gatehouse-bundle/1");
+        put(b"gatehouse-bundle/2");
         put(self.schema.as_bytes());
         put(&(files.len() as u64).to_le_bytes());
         for (name, text) in files {
             put(name.as_bytes());
             put(text.as_bytes());
         }
-        put(&[u8::from(self.dry_run)]);
         let digest = h.finalize();
         let mut hex = String::with_capacity(64);
         for b in digest {
@@ -607,7 +674,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hash_ignores_order_and_version_but_not_dry_run() {
+    fn hash_ignores_order_version_and_dry_run() {
         let a = Bundle::new(
             "1",
             vec![
@@ -615,7 +682,6 @@ mod tests {
                 ("a.cedar".into(), "y".into()),
             ],
             "s",
-            false,
         );
         let b = Bundle::new(
             "2",
@@ -624,15 +690,61 @@ mod tests {
                 ("b.cedar".into(), "x".into()),
             ],
             "s",
-            false,
         );
         assert_eq!(a.hash, b.hash);
         assert_eq!(a.files, b.files);
-        assert_ne!(a.hash, a.clone().with_dry_run(true).hash);
+        let dry = DryRun {
+            all_targets: true,
+            targets: vec![],
+            expires_at: 10,
+            set_by: "admin".into(),
+        };
+        assert_eq!(a.hash, a.clone().with_dry_run(Some(dry)).hash);
         // Moving bytes between name and text changes the hash.
-        let c = Bundle::new("1", vec![("a.cedary".into(), "".into())], "s", false);
-        let d = Bundle::new("1", vec![("a.cedar".into(), "y".into())], "s", false);
+        let c = Bundle::new("1", vec![("a.cedary".into(), "".into())], "s");
+        let d = Bundle::new("1", vec![("a.cedar".into(), "y".into())], "s");
         assert_ne!(c.hash, d.hash);
+    }
+
+    #[test]
+    fn dry_run_is_scoped_bounded_and_expires() {
+        let now = 1_000_000;
+        let d = DryRun {
+            all_targets: false,
+            targets: vec!["app".into()],
+            expires_at: now + 60,
+            set_by: "admin".into(),
+        };
+        d.check(now).unwrap();
+        assert!(d.applies("app", now));
+        assert!(!d.applies("billing", now));
+        assert!(!d.applies("app", now + 60), "expired");
+        let all = DryRun {
+            all_targets: true,
+            targets: vec![],
+            ..d.clone()
+        };
+        assert!(all.applies("billing", now + 59));
+        let nothing = DryRun {
+            targets: vec![],
+            ..d.clone()
+        };
+        assert!(nothing.check(now).is_err());
+        let both = DryRun {
+            all_targets: true,
+            ..d.clone()
+        };
+        assert!(both.check(now).is_err());
+        let forever = DryRun {
+            expires_at: now + MAX_DRY_RUN_SECS + 1,
+            ..d.clone()
+        };
+        assert!(forever.check(now).unwrap_err().contains("24 hours"));
+        let past = DryRun {
+            expires_at: now,
+            ..d
+        };
+        assert!(past.check(now).is_err());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use cedar_policy::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::bundle::{Bundle, BundleError, Problem};
+use crate::bundle::{Bundle, BundleError, DryRun, Problem};
 use crate::{Classification, StatementFacts, StatementKind};
 use compile::PolicyMeta;
 
@@ -287,9 +287,10 @@ pub struct Engine {
     authorizer: Authorizer,
     meta: HashMap<PolicyId, PolicyMeta>,
     warnings: Vec<Problem>,
-    version: String,
+    version: u64,
+    label: String,
     hash: String,
-    dry_run: bool,
+    dry_run: Option<DryRun>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -327,23 +328,31 @@ impl Engine {
             authorizer: Authorizer::new(),
             meta: compiled.meta,
             warnings: compiled.warnings,
-            version: bundle.version.clone(),
+            version: bundle.version,
+            label: bundle.label.clone(),
             hash: bundle.hash.clone(),
-            dry_run: bundle.dry_run,
+            dry_run: bundle.dry_run.clone(),
         })
     }
 
-    pub fn bundle_version(&self) -> &str {
-        &self.version
+    /// The version the control plane gave the bundle (0: unpublished).
+    pub fn bundle_version(&self) -> u64 {
+        self.version
+    }
+
+    /// The bundle's free-form label.
+    pub fn bundle_label(&self) -> &str {
+        &self.label
     }
 
     pub fn bundle_hash(&self) -> &str {
         &self.hash
     }
 
-    /// The bundle asks for would-be denials to be recorded, not enforced.
-    pub fn dry_run(&self) -> bool {
-        self.dry_run
+    /// The bundle's dry-run, if it has one (expired or not: see
+    /// [`DryRun::applies`]).
+    pub fn dry_run(&self) -> Option<&DryRun> {
+        self.dry_run.as_ref()
     }
 
     /// Validator and annotation warnings (the bundle is usable).

@@ -15,7 +15,9 @@ mod classify;
 mod engine;
 mod facts;
 
-pub use bundle::{Bundle, BundleError, Problem, SCHEMA, SCHEMA_FILE, Severity};
+pub use bundle::{
+    Bundle, BundleError, DryRun, MAX_DRY_RUN_SECS, Problem, SCHEMA, SCHEMA_FILE, Severity,
+};
 pub use classify::{Classifier, Reading, classify};
 pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,

@@ -17,7 +17,7 @@ fn bundle(files: &[(&str, &str)]) -> Bundle {
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
-    Bundle::new("test", files, SCHEMA, false)
+    Bundle::new("test", files, SCHEMA)
 }
 
 fn engine(files: &[(&str, &str)]) -> Engine {
@@ -100,7 +100,8 @@ fn defaults_are_the_examples_and_pass_their_corpora() {
 fn examples_bundle_shape() {
     let b = Bundle::from_dir(crate_dir().join("examples")).unwrap();
     assert_eq!(b.schema, SCHEMA);
-    assert!(b.version.starts_with("local-"));
+    assert!(b.label.starts_with("local-"));
+    assert_eq!(b.version, 0, "versions are given by the control plane");
     assert_eq!(b.hash.len(), 64);
     assert!(
         b.files
@@ -183,7 +184,6 @@ fn schema_errors_carry_line() {
         "t",
         vec![("a.cedar".into(), PERMIT_ALL.into())],
         "namespace Gatehouse {\n  entity User;\n  action connect appliesTo { principal: [Nobody], resource: [User] };\n}\n",
-        false,
     );
     let msg = Engine::new(&b).unwrap_err().to_string();
     assert!(msg.contains("schema.cedarschema:"), "{msg}");
@@ -673,7 +673,6 @@ fn sessions_survive_a_reload() {
                 .into(),
         )],
         schema,
-        false,
     );
     let newer = Engine::new(&b).unwrap();
     let d = newer.decide_statement(&s, &select, true, false);
@@ -771,14 +770,20 @@ fn engine_is_shareable() {
 
 #[test]
 fn bundle_round_trips_as_json() {
+    let dry = gatehouse_policies::DryRun {
+        all_targets: false,
+        targets: vec!["app".into()],
+        expires_at: 1_900_000_000,
+        set_by: "admin".into(),
+    };
     let b = Bundle::from_dir(crate_dir().join("examples"))
         .unwrap()
-        .with_dry_run(true);
+        .with_dry_run(Some(dry.clone()));
     let json = serde_json::to_string(&b).unwrap();
     let back: Bundle = serde_json::from_str(&json).unwrap();
     assert_eq!(back, b);
     let e = Engine::new(&back).unwrap();
-    assert!(e.dry_run());
+    assert_eq!(e.dry_run(), Some(&dry));
 }
 
 #[test]

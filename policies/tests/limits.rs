@@ -22,7 +22,7 @@ fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn bundle(files: Vec<(String, String)>, schema: &str) -> Bundle {
-    Bundle::new("test", files, schema, false)
+    Bundle::new("test", files, schema)
 }
 
 fn policy_bundle(text: String) -> Bundle {

@@ -56,8 +56,6 @@ pub struct Options {
     pub publish_timeout_ms: u64,
     /// The bundle published at start (the built-in defaults unless set).
     pub bundle: gatehouse_policies::Bundle,
-    /// Targets whose denials are only recorded.
-    pub dry_run_targets: Vec<String>,
 }
 
 impl Default for Options {
@@ -67,7 +65,6 @@ impl Default for Options {
             allow_plaintext: false,
             publish_timeout_ms: 5000,
             bundle: gatehouse_policies::Bundle::defaults(),
-            dry_run_targets: Vec::new(),
         }
     }
 }
@@ -101,7 +98,6 @@ impl Env {
         let policy = gatehouse_policystore::PolicyConfig {
             bundle_stream: format!("GHT_{suffix}_POLICIES"),
             revocation_stream: format!("GHT_{suffix}_REVOCATIONS"),
-            dry_run_targets: opts.dry_run_targets,
             ..Default::default()
         };
         let stack = dev::start(DevOptions {

@@ -26,10 +26,21 @@ pub(crate) struct PolicyState {
 
 pub(crate) type Policies = watch::Receiver<Arc<PolicyState>>;
 
-/// Loads the current bundle and revocations and keeps them fresh.
+/// Loads the current bundle and revocations and keeps them fresh. Only
+/// bundles signed by a key of `policy.bundle_public_keys` are applied, so
+/// a store that trusts no key is refused here.
 pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
-    // The newest bundle that validates: one that does not is logged and
-    // passed over, so a bad bundle cannot keep workers from starting.
+    if !store.verifies() {
+        return Err(
+            "policy.bundle_public_keys is empty: a worker applies only policy bundles \
+             signed by the control plane, so it needs the public key of the control plane's \
+             policy.signing_key_file"
+                .into(),
+        );
+    }
+    // The newest bundle that verifies and validates: one that does not is
+    // logged and passed over, so a bad bundle cannot keep workers from
+    // starting.
     let engine = match store.current_engine().await.map_err(|e| e.to_string())? {
         Some(engine) => Some(Arc::new(engine)),
         None => {
@@ -38,46 +49,26 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
         }
     };
     let revoked = store.revoked().await.map_err(|e| e.to_string())?;
+    let in_force = engine.as_ref().map_or(0, |e| e.bundle_version());
     let (tx, rx) = watch::channel(Arc::new(PolicyState { engine, revoked }));
     let tx = Arc::new(tx);
 
-    let bundles = store.watch_bundles().await.map_err(|e| e.to_string())?;
+    // Newer signed, valid bundles only; the rest is logged by the store.
+    let engines = store
+        .watch_engines(in_force)
+        .await
+        .map_err(|e| e.to_string())?;
     let t = tx.clone();
     tokio::spawn(async move {
-        futures::pin_mut!(bundles);
-        while let Some(bundle) = bundles.next().await {
-            let bundle = match bundle {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read a policy bundle update");
-                    continue;
-                }
-            };
-            let same = t
-                .borrow()
-                .engine
-                .as_ref()
-                .is_some_and(|e| e.bundle_hash() == bundle.hash);
-            if same {
-                continue;
-            }
-            match Engine::new(&bundle) {
-                Ok(engine) => {
-                    tracing::info!(version = %bundle.version, hash = %bundle.hash, "policy bundle loaded");
-                    let engine = Some(Arc::new(engine));
-                    t.send_modify(|s| {
-                        *s = Arc::new(PolicyState {
-                            engine: engine.clone(),
-                            revoked: s.revoked.clone(),
-                        })
-                    });
-                }
-                Err(e) => tracing::error!(
-                    version = %bundle.version,
-                    error = %e,
-                    "published policy bundle is not valid; keeping the previous one"
-                ),
-            }
+        futures::pin_mut!(engines);
+        while let Some(engine) = engines.next().await {
+            let engine = Some(Arc::new(engine));
+            t.send_modify(|s| {
+                *s = Arc::new(PolicyState {
+                    engine: engine.clone(),
+                    revoked: s.revoked.clone(),
+                })
+            });
         }
     });
     let revocations = store.watch_revocations().await.map_err(|e| e.to_string())?;
@@ -110,8 +101,6 @@ pub(crate) struct SessionPolicy {
     revoked_by: Vec<Revoked>,
     /// The `connect` decision made the session read-only.
     pub read_only: bool,
-    /// Record denials without enforcing them (dry-run target or bundle).
-    dry_run_target: bool,
     /// Cedar entities of this session, built for `engine_of`.
     entities: Option<(Arc<Engine>, Session)>,
 }
@@ -145,7 +134,6 @@ impl SessionPolicy {
             &config.agent_group,
         );
         Self {
-            dry_run_target: config.dry_run_targets.iter().any(|t| t == &target.name),
             principal,
             target,
             source_ip,
@@ -183,9 +171,9 @@ impl SessionPolicy {
         let d = engine.decide_connect_in(self.entities(&engine));
         match d.effect {
             Effect::Allow => {
-                // In dry-run nothing is enforced, the read-only session
-                // included: denials are only recorded.
-                self.read_only = d.read_only && !self.dry_run_target && !engine.dry_run();
+                // Whatever dry-run is in force: a read-only session stays
+                // read-only on the target, and is enforced in full.
+                self.read_only = d.read_only;
                 Ok(d)
             }
             _ => Err(ClientError::fatal(
@@ -242,8 +230,14 @@ impl SessionPolicy {
             effect = Effect::Deny;
             reason = Some("this session is read-only and cannot be made writable".into());
         }
-        let dry_run = self.dry_run_target || engine.dry_run();
-        let enforced = !dry_run || read_only_violation;
+        // A dry-run on this target that has not expired (by this worker's
+        // clock) records denials without enforcing them, except in a
+        // read-only session (an agent's): dry-run never relaxes one.
+        let dry_run_until = engine
+            .dry_run()
+            .filter(|d| !self.read_only && d.applies(&self.target.name, unix_now()))
+            .map(|d| d.expires_at);
+        let enforced = dry_run_until.is_none() || read_only_violation;
         let refusal = match (&effect, enforced) {
             (Effect::Allow, _) | (_, false) => None,
             (Effect::Deny, true) => Some(ClientError::error(
@@ -266,7 +260,14 @@ impl SessionPolicy {
         CommandDecision {
             denied: effect == Effect::Deny,
             record: Some(Self::record(
-                &engine, effect, enforced, policies, reason, c, started,
+                &engine,
+                effect,
+                enforced,
+                policies,
+                reason,
+                c,
+                started,
+                dry_run_until,
             )),
             refusal,
         }
@@ -290,6 +291,7 @@ impl SessionPolicy {
                 Some(reason.to_owned()),
                 c,
                 started,
+                None,
             ),
             None => DecisionRecord {
                 effect: DecisionEffect::Deny,
@@ -300,10 +302,12 @@ impl SessionPolicy {
                 bundle_version: String::new(),
                 bundle_hash: String::new(),
                 eval_micros: 0,
+                dry_run_until: None,
             },
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // one per field of the record
     fn record(
         engine: &Engine,
         effect: Effect,
@@ -312,6 +316,7 @@ impl SessionPolicy {
         reason: Option<String>,
         c: &Classification,
         started: Instant,
+        dry_run_until: Option<i64>,
     ) -> DecisionRecord {
         DecisionRecord {
             effect: match effect {
@@ -326,8 +331,15 @@ impl SessionPolicy {
             bundle_version: engine.bundle_version().to_string(),
             bundle_hash: engine.bundle_hash().to_string(),
             eval_micros: started.elapsed().as_micros() as u64,
+            dry_run_until,
         }
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn kinds(c: &Classification) -> Vec<String> {

@@ -21,18 +21,36 @@
 //! could not be recorded. [`PolicyStore::max_body`] is the largest body the
 //! server takes, so sizes can be checked before anything is written.
 //!
+//! # Trusting a bundle
+//!
+//! Whoever can publish on the bundle subject could otherwise replace the
+//! policies, so every bundle is signed by the control plane (Ed25519, over
+//! the exact bytes published, in the [`SIGNATURE_HEADER`] header; see
+//! [`signing`]) and readers apply only bundles that one of their trusted
+//! keys (`policy.bundle_public_keys`) verifies. Each bundle carries a
+//! version the control plane assigned, one more than the highest before
+//! it; the bundle in force is the verified one with the highest version
+//! ([`History::current`]), so a signed bundle published again later (a
+//! replay) cannot take readers back. Going back is a rollback: the old
+//! content published under a new version.
+//!
 //! A bundle that is not valid never stops a reader: [`PolicyStore::current_engine`]
-//! starts from the newest valid bundle of the history (logging each bad
-//! one with its version), and a follower of [`PolicyStore::watch_bundles`]
-//! keeps the engine it has when [`gatehouse_policies::Engine::new`]
-//! refuses a new one (which it does without parsing a bundle too large or
-//! too deeply nested for Cedar).
+//! starts from the highest version that verifies and validates (logging
+//! each refused message with its stream sequence), and a follower of
+//! [`PolicyStore::watch_bundles`] keeps the engine it has when a message
+//! is unsigned or wrongly signed ([`StoreError::Rejected`]), or
+//! [`gatehouse_policies::Engine::new`] refuses it (which it does without
+//! parsing a bundle too large or too deeply nested for Cedar).
 //!
 //! Depends on the `policies` bundle format and NATS only.
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+pub mod signing;
 
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer, stream};
@@ -40,6 +58,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gatehouse_policies::{Bundle, BundleError, Engine, Problem, Severity};
 use serde::{Deserialize, Serialize};
+
+pub use signing::{KeyError, PublicKey, SIGNATURE_HEADER, SignatureError, SigningKey, TrustedKeys};
 
 /// `[policy]`: where bundles and revocations live, and how identities map
 /// to principals.
@@ -55,8 +75,19 @@ pub struct PolicyConfig {
     pub agent_group: String,
     /// Token group allowed to push bundles and revoke identities.
     pub admin_group: String,
-    /// Targets where denials are recorded but not enforced.
-    pub dry_run_targets: Vec<String>,
+    /// Control plane: the Ed25519 private key (PKCS#8, PEM or DER; e.g.
+    /// `openssl genpkey -algorithm ed25519`) bundles are signed with.
+    /// Without one the control plane publishes nothing.
+    pub signing_key_file: Option<PathBuf>,
+    /// The public keys of the control plane's signing keys (base64 of the
+    /// 32 key bytes, or of the `SubjectPublicKeyInfo`): a bundle is applied
+    /// only if one of them verifies its signature. Workers refuse to start
+    /// without one. Two keys while rotating.
+    pub bundle_public_keys: Vec<String>,
+    /// A signing key handed over in memory (`gatehouse dev`, tests) rather
+    /// than read from `signing_key_file`; its public key is trusted too.
+    #[serde(skip)]
+    pub signing_key: Option<SigningKey>,
 }
 
 impl Default for PolicyConfig {
@@ -66,7 +97,9 @@ impl Default for PolicyConfig {
             revocation_stream: "GATEHOUSE_REVOCATIONS".into(),
             agent_group: "agents".into(),
             admin_group: "policy-admins".into(),
-            dry_run_targets: Vec::new(),
+            signing_key_file: None,
+            bundle_public_keys: Vec::new(),
+            signing_key: None,
         }
     }
 }
@@ -90,7 +123,36 @@ impl PolicyConfig {
         if self.bundle_stream == self.revocation_stream {
             return Err("policy.revocation_stream: must differ from policy.bundle_stream".into());
         }
+        self.trusted_keys()?;
         Ok(())
+    }
+
+    /// The keys of `bundle_public_keys`, and the public key of the signing
+    /// key if one is given in memory. Errors name the field.
+    pub fn trusted_keys(&self) -> Result<TrustedKeys, String> {
+        let mut trusted = TrustedKeys::default();
+        for (i, key) in self.bundle_public_keys.iter().enumerate() {
+            let key = key
+                .parse::<PublicKey>()
+                .map_err(|e| format!("policy.bundle_public_keys[{i}]: {e}"))?;
+            trusted.add(key);
+        }
+        if let Some(k) = &self.signing_key {
+            trusted.add(k.public_key());
+        }
+        Ok(trusted)
+    }
+
+    /// The signing key: the one in memory, else `signing_key_file`'s.
+    pub fn signer(&self) -> Result<Option<SigningKey>, String> {
+        if let Some(k) = &self.signing_key {
+            return Ok(Some(k.clone()));
+        }
+        self.signing_key_file
+            .as_deref()
+            .map(SigningKey::from_file)
+            .transpose()
+            .map_err(|e| format!("policy.signing_key_file: {e}"))
     }
 }
 
@@ -107,6 +169,17 @@ pub enum StoreError {
     /// Another write reached the subject between reading it and writing.
     #[error("the policy store changed meanwhile: {0}")]
     Conflict(String),
+    /// `policy.bundle_public_keys` or `policy.signing_key_file` is unusable.
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "this control plane has no policy signing key (policy.signing_key_file), so it cannot publish bundles"
+    )]
+    NoSigningKey,
+    /// A message on the bundle subject that is not applied: unsigned,
+    /// signed by a key not trusted, altered, or not a bundle.
+    #[error("the policy bundle at stream sequence {sequence} is rejected: {reason}")]
+    Rejected { sequence: u64, reason: String },
 }
 
 /// Room kept in every message for its headers, as the event publisher does.
@@ -160,11 +233,58 @@ pub struct Stored<T> {
     pub sequence: u64,
 }
 
+/// The bundle stream as a reader sees it: every message whose signature
+/// verifies, and the subject's last sequence (what the next write must
+/// expect to replace).
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// The subject's last sequence, verified or not (0: nothing published).
+    pub last_sequence: u64,
+    /// The verified bundles, oldest first.
+    pub bundles: Vec<Stored<Bundle>>,
+}
+
+impl History {
+    /// The bundle in force: the verified one with the highest version (of
+    /// two with the same, the later).
+    pub fn current(&self) -> Option<&Stored<Bundle>> {
+        self.bundles
+            .iter()
+            .max_by_key(|b| (b.value.version, b.sequence))
+    }
+
+    /// The version the next published bundle gets.
+    pub fn next_version(&self) -> u64 {
+        self.current().map_or(1, |c| c.value.version + 1)
+    }
+
+    /// The bundle published as `version`, if the history still holds it.
+    pub fn version(&self, version: u64) -> Option<&Stored<Bundle>> {
+        self.bundles
+            .iter()
+            .rev()
+            .find(|b| b.value.version == version)
+    }
+
+    /// The highest version before the current one with this content.
+    pub fn earlier_with_hash(&self, hash: &str) -> Option<&Stored<Bundle>> {
+        let current = self.current()?;
+        self.bundles
+            .iter()
+            .filter(|b| b.value.hash == hash && b.value.version < current.value.version)
+            .max_by_key(|b| b.value.version)
+    }
+}
+
 #[derive(Clone)]
 pub struct PolicyStore {
     js: jetstream::Context,
     bundles: stream::Stream,
     revocations: stream::Stream,
+    /// Keys a bundle's signature must verify with.
+    trusted: TrustedKeys,
+    /// The control plane's key; `None` in workers.
+    signer: Option<SigningKey>,
     /// The subject bundles are published on.
     bundle_subject: String,
     /// The prefix of revocation subjects (`<prefix>.<key>`).
@@ -192,11 +312,20 @@ async fn open_stream(
 }
 
 impl PolicyStore {
-    /// Opens (creating if missing) both streams.
+    /// Opens (creating if missing) both streams, with the keys of `config`:
+    /// the public keys bundles must be signed with and, for the control
+    /// plane, the signing key (whose public key is then trusted too).
     pub async fn open(js: &jetstream::Context, config: &PolicyConfig) -> Result<Self, StoreError> {
         let bundle_subject = format!("gatehouse.{}.bundle", config.bundle_stream);
         let revocation_prefix = format!("gatehouse.{}.revoked", config.revocation_stream);
+        let mut trusted = config.trusted_keys().map_err(StoreError::Config)?;
+        let signer = config.signer().map_err(StoreError::Config)?;
+        if let Some(k) = &signer {
+            trusted.add(k.public_key());
+        }
         Ok(Self {
+            trusted,
+            signer,
             js: js.clone(),
             bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64).await?,
             revocations: open_stream(
@@ -211,35 +340,45 @@ impl PolicyStore {
         })
     }
 
-    pub async fn current_bundle(&self) -> Result<Option<Bundle>, StoreError> {
-        match self
-            .bundles
-            .get_last_raw_message_by_subject(&self.bundle_subject)
-            .await
-        {
-            Ok(m) => Ok(Some(serde_json::from_slice(&m.payload)?)),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(kv_error(e)),
-        }
+    /// Whether any key is trusted: without one, every bundle is rejected.
+    pub fn verifies(&self) -> bool {
+        !self.trusted.is_empty()
     }
 
-    /// The engine to start deciding with: the current bundle's, or, when
-    /// the current bundle is not valid ([`Engine::new`]), the newest earlier
-    /// bundle of the history that is. Each refused bundle is logged as an
-    /// error naming its version. `None` when no bundle was published or
-    /// none in the history is valid: every command is then refused, as
-    /// with no bundle. So a process started while a bad bundle is current
-    /// keeps the last good one instead of exiting (and, restarted, exiting
-    /// again); a valid bundle published later replaces it as usual.
-    pub async fn current_engine(&self) -> Result<Option<Engine>, StoreError> {
-        let last = match self
+    /// Whether this store can publish bundles (it has a signing key).
+    pub fn signs(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    /// Checks a bundle message's signature, then reads it.
+    fn open_bundle(
+        &self,
+        sequence: u64,
+        headers: Option<&HeaderMap>,
+        payload: &[u8],
+    ) -> Result<Bundle, StoreError> {
+        let signature = headers
+            .and_then(|h| h.get(SIGNATURE_HEADER))
+            .map(|v| v.as_str());
+        let rejected = |reason: String| StoreError::Rejected { sequence, reason };
+        self.trusted
+            .verify(payload, signature)
+            .map_err(|e| rejected(e.to_string()))?;
+        serde_json::from_slice(payload).map_err(|e| rejected(format!("it is not a bundle: {e}")))
+    }
+
+    /// Every bundle of the history whose signature verifies (each message
+    /// that does not is logged as an error with its sequence), and the
+    /// subject's last sequence. The stream keeps at most 64 messages.
+    pub async fn history(&self) -> Result<History, StoreError> {
+        let last_sequence = match self
             .bundles
             .get_last_raw_message_by_subject(&self.bundle_subject)
             .await
         {
-            Ok(m) => m,
+            Ok(m) => m.sequence,
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(None);
+                return Ok(History::default());
             }
             Err(e) => return Err(kv_error(e)),
         };
@@ -247,63 +386,93 @@ impl PolicyStore {
             let mut stream = self.bundles.clone();
             stream.info().await.map_err(kv_error)?.state.first_sequence
         };
-        let (mut payload, mut sequence) = (last.payload, last.sequence);
-        loop {
-            match serde_json::from_slice::<Bundle>(&payload) {
-                Ok(bundle) => {
-                    let version = bundle.version.clone();
-                    let built = tokio::task::spawn_blocking(move || Engine::new(&bundle))
-                        .await
-                        .map_err(|e| BundleError::Invalid(vec![panicked(&e.to_string())]));
-                    match built.and_then(|r| r) {
-                        Ok(engine) => {
-                            if sequence != last.sequence {
-                                tracing::warn!(
-                                    version = %version,
-                                    sequence,
-                                    "deciding with an earlier policy bundle until a valid one is published"
-                                );
-                            }
-                            return Ok(Some(engine));
-                        }
-                        Err(e) => tracing::error!(
-                            version = %version,
-                            sequence,
-                            error = %e,
-                            "policy bundle is not valid; trying the one published before it"
-                        ),
-                    }
-                }
-                Err(e) => tracing::error!(
-                    sequence,
-                    error = %e,
-                    "a stored policy bundle is not valid JSON; trying the one published before it"
-                ),
-            }
-            // The message before it: the stream holds only the bundle
-            // subject, at most 64 messages, some maybe deleted.
-            let mut previous = None;
-            while previous.is_none() && sequence > first {
-                sequence -= 1;
-                match self.bundles.get_raw_message(sequence).await {
-                    Ok(m) if m.subject.as_str() == self.bundle_subject => {
-                        previous = Some(m.payload)
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
-                    Err(e) => return Err(kv_error(e)),
-                }
-            }
-            match previous {
-                Some(p) => payload = p,
-                None => {
-                    tracing::error!(
-                        "no valid policy bundle in the history: every command will be refused"
-                    );
-                    return Ok(None);
-                }
+        let mut bundles = Vec::new();
+        for sequence in first..=last_sequence {
+            let m = match self.bundles.get_raw_message(sequence).await {
+                Ok(m) if m.subject.as_str() == self.bundle_subject => m,
+                Ok(_) => continue,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => continue,
+                Err(e) => return Err(kv_error(e)),
+            };
+            match self.open_bundle(sequence, Some(&m.headers), &m.payload) {
+                Ok(value) => bundles.push(Stored { value, sequence }),
+                Err(e) => tracing::error!(error = %e, sequence, "policy bundle ignored"),
             }
         }
+        Ok(History {
+            last_sequence,
+            bundles,
+        })
+    }
+
+    /// The bundle subject's last sequence (0: nothing published), signed
+    /// or not: it changes with every message.
+    pub async fn last_sequence(&self) -> Result<u64, StoreError> {
+        match self
+            .bundles
+            .get_last_raw_message_by_subject(&self.bundle_subject)
+            .await
+        {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(kv_error(e)),
+        }
+    }
+
+    /// The bundle in force ([`History::current`]), if any.
+    pub async fn current_bundle(&self) -> Result<Option<Bundle>, StoreError> {
+        Ok(self.current().await?.map(|s| s.value))
+    }
+
+    /// The bundle in force with its stream sequence.
+    pub async fn current(&self) -> Result<Option<Stored<Bundle>>, StoreError> {
+        Ok(self.history().await?.current().cloned())
+    }
+
+    /// The engine to start deciding with: that of the bundle in force, or,
+    /// when it is not valid ([`Engine::new`]), of the highest earlier
+    /// version that is. Only signed bundles count ([`Self::history`]); each
+    /// refused one is logged as an error naming its version and sequence.
+    /// `None` when no bundle was published or none is valid: every command
+    /// is then refused, as with no bundle. So a process started while a
+    /// bad bundle is current keeps the last good one instead of exiting
+    /// (and, restarted, exiting again); a valid bundle published later
+    /// replaces it as usual.
+    pub async fn current_engine(&self) -> Result<Option<Engine>, StoreError> {
+        let history = self.history().await?;
+        let mut candidates = history.bundles;
+        candidates.sort_by_key(|b| std::cmp::Reverse((b.value.version, b.sequence)));
+        let highest = candidates.first().map(|b| b.value.version);
+        for Stored { value, sequence } in candidates {
+            let version = value.version;
+            let built = tokio::task::spawn_blocking(move || Engine::new(&value))
+                .await
+                .map_err(|e| BundleError::Invalid(vec![panicked(&e.to_string())]));
+            match built.and_then(|r| r) {
+                Ok(engine) => {
+                    if Some(version) != highest {
+                        tracing::warn!(
+                            version,
+                            sequence,
+                            "deciding with an earlier policy bundle until a valid one is published"
+                        );
+                    }
+                    return Ok(Some(engine));
+                }
+                Err(e) => tracing::error!(
+                    version,
+                    sequence,
+                    error = %e,
+                    "policy bundle is not valid; trying the one published before it"
+                ),
+            }
+        }
+        if history.last_sequence != 0 {
+            tracing::error!(
+                "no valid signed policy bundle in the history: every command will be refused"
+            );
+        }
+        Ok(None)
     }
 
     /// The largest body a bundle or revocation message may have: the
@@ -322,26 +491,11 @@ impl PolicyStore {
         Ok(serde_json::to_vec(revocation)?.len())
     }
 
-    /// The current bundle with its stream sequence.
-    pub async fn current(&self) -> Result<Option<Stored<Bundle>>, StoreError> {
-        match self
-            .bundles
-            .get_last_raw_message_by_subject(&self.bundle_subject)
-            .await
-        {
-            Ok(m) => Ok(Some(Stored {
-                value: serde_json::from_slice(&m.payload)?,
-                sequence: m.sequence,
-            })),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(kv_error(e)),
-        }
-    }
-
-    /// Makes `bundle` the current one, provided the current one is still
-    /// the one at `expected` (0: none), with `id` as its `Nats-Msg-Id`;
-    /// returns its stream sequence. A body over [`Self::max_body`] is
-    /// refused before anything is sent; another push in between is a
+    /// Makes `bundle` the current one, signed, provided the subject's last
+    /// message is still the one at `expected` (0: none), with `id` as its
+    /// `Nats-Msg-Id`; returns its stream sequence. The caller gives it its
+    /// version ([`History::next_version`]). A body over [`Self::max_body`]
+    /// is refused before anything is sent; another push in between is a
     /// [`StoreError::Conflict`].
     pub async fn replace_bundle(
         &self,
@@ -349,41 +503,63 @@ impl PolicyStore {
         id: &str,
         expected: u64,
     ) -> Result<u64, StoreError> {
-        let body = serde_json::to_vec(bundle)?;
+        let (body, signature) = self.signed(bundle)?;
         self.put(
             &self.bundles,
             &self.bundle_subject,
             body,
             Some(id),
             expected,
+            Some(signature),
         )
         .await
     }
 
-    /// Undoes [`Self::replace_bundle`] of `ours`, stored at `sequence`: the bundle
-    /// that was current before it (`previous`) is published again, so
-    /// workers, which follow the subject, go back to it; with no previous
-    /// bundle, a bundle without policies named `withdrawn-<version>`
-    /// replaces it (it refuses everything, as no bundle does). Then `ours`
-    /// is deleted from the history. Nothing happens if another bundle has
-    /// replaced `ours` meanwhile: `ours` is no longer in force.
+    /// `bundle` as published, and its signature.
+    fn signed(&self, bundle: &Bundle) -> Result<(Vec<u8>, String), StoreError> {
+        let signer = self.signer.as_ref().ok_or(StoreError::NoSigningKey)?;
+        let body = serde_json::to_vec(bundle)?;
+        let signature = signer.sign(&body);
+        Ok((body, signature))
+    }
+
+    /// Undoes [`Self::replace_bundle`] of `ours`, stored at `sequence`: the
+    /// content of the bundle that was current before it (`previous`, with
+    /// its dry-run) is published again under the next version (readers
+    /// never go back a version), so workers, which follow the subject, go
+    /// back to it; with no previous bundle, a bundle without policies
+    /// labelled `withdrawn-<version>` replaces it (it refuses everything,
+    /// as no bundle does). Then `ours` is deleted from the history. Nothing
+    /// happens if another bundle has replaced `ours` meanwhile: `ours` is
+    /// no longer in force.
     pub async fn restore_bundle(
         &self,
         previous: Option<&Bundle>,
         ours: &Bundle,
         sequence: u64,
     ) -> Result<(), StoreError> {
-        let body = match previous {
-            Some(b) => serde_json::to_vec(b)?,
-            None => serde_json::to_vec(&Bundle::new(
+        let mut restored = match previous {
+            Some(b) => Bundle {
+                rollback_of: Some(b.version),
+                ..b.clone()
+            },
+            None => Bundle::new(
                 format!("withdrawn-{}", ours.version),
                 Vec::new(),
                 ours.schema.clone(),
-                false,
-            ))?,
+            ),
         };
+        restored.version = ours.version + 1;
+        let (body, signature) = self.signed(&restored)?;
         match self
-            .put(&self.bundles, &self.bundle_subject, body, None, sequence)
+            .put(
+                &self.bundles,
+                &self.bundle_subject,
+                body,
+                None,
+                sequence,
+                Some(signature),
+            )
             .await
         {
             Ok(_) => {}
@@ -396,25 +572,120 @@ impl PolicyStore {
         Ok(())
     }
 
-    /// Makes `bundle` the current one; returns its stream sequence.
-    pub async fn publish_bundle(&self, bundle: &Bundle) -> Result<u64, StoreError> {
-        let body = serde_json::to_vec(bundle)?;
+    /// Publishes `bundle`, signed, under the next version whatever the
+    /// subject holds (`gatehouse dev` at start); returns it as published.
+    pub async fn publish_bundle(&self, bundle: &Bundle) -> Result<Stored<Bundle>, StoreError> {
+        let history = self.history().await?;
+        let bundle = Bundle {
+            version: history.next_version(),
+            ..bundle.clone()
+        };
+        let (body, signature) = self.signed(&bundle)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(SIGNATURE_HEADER, signature.as_str());
         let ack = self
             .js
-            .publish(self.bundle_subject.clone(), body.into())
+            .publish_with_headers(self.bundle_subject.clone(), headers, body.into())
             .await
             .map_err(kv_error)?
             .await
             .map_err(kv_error)?;
-        Ok(ack.sequence)
+        Ok(Stored {
+            value: bundle,
+            sequence: ack.sequence,
+        })
     }
 
-    /// The current bundle (if any) and every later one.
+    /// The current message of the bundle subject (if any) and every later
+    /// one, each signature checked: a message that is not signed by a
+    /// trusted key is a [`StoreError::Rejected`] naming its sequence. That
+    /// a verified bundle is newer than the one in force (its version) is
+    /// for the follower to check.
     pub async fn watch_bundles(
         &self,
-    ) -> Result<impl futures::Stream<Item = Result<Bundle, StoreError>> + use<>, StoreError> {
-        let messages = follow(&self.bundles, self.bundle_subject.clone()).await?;
-        Ok(messages.map(|m| m.and_then(|payload| Ok(serde_json::from_slice(&payload)?))))
+    ) -> Result<impl futures::Stream<Item = Result<Stored<Bundle>, StoreError>> + use<>, StoreError>
+    {
+        let consumer = self
+            .bundles
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.bundle_subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(kv_error)?;
+        let messages = consumer.messages().await.map_err(kv_error)?;
+        let store = self.clone();
+        Ok(messages.map(move |m| {
+            let m = m.map_err(kv_error)?;
+            let sequence = m.info().map_err(kv_error)?.stream_sequence;
+            let value = store.open_bundle(sequence, m.headers.as_ref(), &m.payload)?;
+            Ok(Stored { value, sequence })
+        }))
+    }
+
+    /// What a worker decides with as bundles are published: after the
+    /// version `current` (0: none), each engine to switch to, in order. A
+    /// message is passed over, with an error log naming its stream
+    /// sequence, when it is not signed by a trusted key, when its version
+    /// is not above the one in force (an older bundle published again; the
+    /// current one delivered again is passed over silently), or when it
+    /// does not validate. The engine in force then stays.
+    pub async fn watch_engines(
+        &self,
+        current: u64,
+    ) -> Result<impl futures::Stream<Item = Engine> + use<>, StoreError> {
+        let messages = Box::pin(self.watch_bundles().await?);
+        Ok(futures::stream::unfold(
+            (messages, current),
+            |(mut messages, mut current)| async move {
+                loop {
+                    let bundle = match messages.next().await? {
+                        Ok(b) => b,
+                        Err(e @ StoreError::Rejected { .. }) => {
+                            tracing::error!(error = %e, in_force = current, "policy bundle rejected; keeping the one in force");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read a policy bundle update");
+                            continue;
+                        }
+                    };
+                    let Stored {
+                        value: bundle,
+                        sequence,
+                    } = bundle;
+                    if bundle.version <= current {
+                        if bundle.version != current {
+                            tracing::error!(
+                                version = bundle.version,
+                                in_force = current,
+                                sequence,
+                                "an older policy bundle was published again; ignored (going back is a rollback, published under a new version)"
+                            );
+                        }
+                        continue;
+                    }
+                    let version = bundle.version;
+                    let built = tokio::task::spawn_blocking(move || Engine::new(&bundle))
+                        .await
+                        .map_err(|e| BundleError::Invalid(vec![panicked(&e.to_string())]));
+                    match built.and_then(|r| r) {
+                        Ok(engine) => {
+                            tracing::info!(version, sequence, hash = %engine.bundle_hash(), "policy bundle loaded");
+                            current = version;
+                            return Some((engine, (messages, current)));
+                        }
+                        Err(e) => tracing::error!(
+                            version,
+                            sequence,
+                            error = %e,
+                            "published policy bundle is not valid; keeping the one in force"
+                        ),
+                    }
+                }
+            },
+        ))
     }
 
     fn revocation_subject(&self, revoked: &Revoked) -> String {
@@ -452,7 +723,7 @@ impl PolicyStore {
     ) -> Result<u64, StoreError> {
         let body = serde_json::to_vec(revocation)?;
         let subject = self.revocation_subject(&revocation.revoked);
-        self.put(&self.revocations, &subject, body, Some(id), expected)
+        self.put(&self.revocations, &subject, body, Some(id), expected, None)
             .await
     }
 
@@ -472,7 +743,14 @@ impl PolicyStore {
             Some(body) => {
                 let subject = self.revocation_subject(revoked);
                 match self
-                    .put(&self.revocations, &subject, body.to_vec(), None, sequence)
+                    .put(
+                        &self.revocations,
+                        &subject,
+                        body.to_vec(),
+                        None,
+                        sequence,
+                        None,
+                    )
                     .await
                 {
                     Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
@@ -488,10 +766,11 @@ impl PolicyStore {
         }
     }
 
-    /// Publishes `body` on `subject` of `stream` if the subject's last
-    /// sequence is `expected`, and returns the new message's sequence. When
-    /// the ack is lost (timeout, connection), a message with `id` found
-    /// last on the subject counts as stored.
+    /// Publishes `body` (with `signature` in [`SIGNATURE_HEADER`]) on
+    /// `subject` of `stream` if the subject's last sequence is `expected`,
+    /// and returns the new message's sequence. When the ack is lost
+    /// (timeout, connection), a message with `id` found last on the subject
+    /// counts as stored.
     async fn put(
         &self,
         stream: &stream::Stream,
@@ -499,6 +778,7 @@ impl PolicyStore {
         body: Vec<u8>,
         id: Option<&str>,
         expected: u64,
+        signature: Option<String>,
     ) -> Result<u64, StoreError> {
         let max = self.max_body();
         if body.len() > max {
@@ -512,6 +792,9 @@ impl PolicyStore {
             .expected_last_subject_sequence(expected);
         if let Some(id) = id {
             message = message.message_id(id);
+        }
+        if let Some(signature) = signature {
+            message = message.header(SIGNATURE_HEADER, signature);
         }
         let ack = match self.js.send_publish(subject.to_string(), message).await {
             Ok(ack) => ack.await,
@@ -679,17 +962,80 @@ mod tests {
     }
 
     /// The attack: about 150 nested parentheses in one policy.
-    fn too_deep(version: &str) -> Bundle {
+    fn too_deep() -> Bundle {
         let text = format!(
             "permit (principal, action, resource) when {{ {}true{} }};",
             "(".repeat(150),
             ")".repeat(150)
         );
         Bundle::new(
-            version,
+            "deep",
             vec![("deep.cedar".into(), text)],
             gatehouse_policies::SCHEMA,
-            false,
+        )
+    }
+
+    fn versioned(mut bundle: Bundle, version: u64) -> Bundle {
+        bundle.version = version;
+        bundle
+    }
+
+    /// The control plane's store: signs with a key of its own.
+    async fn control_plane(js: &jetstream::Context, name: &str) -> (PolicyStore, SigningKey) {
+        let (key, _) = SigningKey::generate();
+        let config = PolicyConfig {
+            signing_key: Some(key.clone()),
+            ..config(name)
+        };
+        (PolicyStore::open(js, &config).await.unwrap(), key)
+    }
+
+    /// A worker's store: trusts `key`, cannot sign.
+    async fn worker(js: &jetstream::Context, name: &str, key: &SigningKey) -> PolicyStore {
+        let config = PolicyConfig {
+            bundle_public_keys: vec![key.public_key().to_string()],
+            ..config(name)
+        };
+        let store = PolicyStore::open(js, &config).await.unwrap();
+        assert!(store.verifies() && !store.signs());
+        store
+    }
+
+    /// Publishes `body` on the bundle subject as someone without the key
+    /// could, with `signature` as its signature header if given.
+    async fn forge(
+        js: &jetstream::Context,
+        store: &PolicyStore,
+        body: &[u8],
+        signature: Option<String>,
+    ) -> u64 {
+        let mut headers = HeaderMap::new();
+        if let Some(s) = signature {
+            headers.insert(SIGNATURE_HEADER, s.as_str());
+        }
+        js.publish_with_headers(
+            store.bundle_subject.clone(),
+            headers,
+            Bytes::copy_from_slice(body),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+    }
+
+    fn permit_all(version: u64) -> Bundle {
+        versioned(
+            Bundle::new(
+                "defaults",
+                vec![(
+                    "all.cedar".into(),
+                    "permit (principal, action, resource);".into(),
+                )],
+                gatehouse_policies::SCHEMA,
+            ),
+            version,
         )
     }
 
@@ -699,30 +1045,152 @@ mod tests {
         let client = async_nats::connect(&server.url).await.unwrap();
         let js = jetstream::new(client);
 
-        let store = PolicyStore::open(&js, &config("GOOD")).await.unwrap();
+        let (store, _) = control_plane(&js, "GOOD").await;
         assert!(store.current_engine().await.unwrap().is_none());
-        let mut good = Bundle::defaults();
-        good.version = "v1".into();
+        let good = versioned(Bundle::defaults(), 1);
         let seq = store.replace_bundle(&good, "event-1", 0).await.unwrap();
-        store
-            .replace_bundle(&too_deep("v2"), "event-2", seq)
+        let seq = store
+            .replace_bundle(&versioned(too_deep(), 2), "event-2", seq)
             .await
             .unwrap();
-        // Not even JSON.
+        // Not even JSON, and unsigned.
         js.publish(store.bundle_subject.clone(), Bytes::from_static(b"{"))
             .await
             .unwrap()
             .await
             .unwrap();
         let engine = store.current_engine().await.unwrap().expect("v1 in force");
-        assert_eq!(engine.bundle_version(), "v1");
+        assert_eq!(engine.bundle_version(), 1);
+        let history = store.history().await.unwrap();
+        assert_eq!(history.last_sequence, seq + 1);
+        assert_eq!(history.current().unwrap().value.version, 2);
+        assert_eq!(history.next_version(), 3);
 
         // With nothing valid in the history, no engine: everything refused.
-        let store = PolicyStore::open(&js, &config("BAD")).await.unwrap();
+        let (store, _) = control_plane(&js, "BAD").await;
         store
-            .replace_bundle(&too_deep("v1"), "event-3", 0)
+            .replace_bundle(&versioned(too_deep(), 1), "event-3", 0)
             .await
             .unwrap();
         assert!(store.current_engine().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn bundles_not_signed_by_the_control_plane_are_rejected_and_the_previous_stays() {
+        let server = nats().await;
+        let client = async_nats::connect(&server.url).await.unwrap();
+        let js = jetstream::new(client);
+        let (cp, key) = control_plane(&js, "SIGNED").await;
+        let seq = cp
+            .replace_bundle(&versioned(Bundle::defaults(), 1), "event-1", 0)
+            .await
+            .unwrap();
+
+        let follower = worker(&js, "SIGNED", &key).await;
+        let engine = follower.current_engine().await.unwrap().unwrap();
+        assert_eq!(engine.bundle_version(), 1);
+        let mut raw = Box::pin(follower.watch_bundles().await.unwrap());
+        let first = raw.next().await.unwrap().unwrap();
+        assert_eq!((first.value.version, first.sequence), (1, seq));
+        let engines = follower.watch_engines(1).await.unwrap();
+        futures::pin_mut!(engines);
+
+        // Unsigned; signed by another key; signed by the right key but
+        // altered; a signature that is not one.
+        let body = serde_json::to_vec(&permit_all(50)).unwrap();
+        let (other, _) = SigningKey::generate();
+        let genuine = serde_json::to_vec(&versioned(Bundle::defaults(), 51)).unwrap();
+        let tampered = serde_json::to_vec(&permit_all(51)).unwrap();
+        let forged = [
+            forge(&js, &cp, &body, None).await,
+            forge(&js, &cp, &body, Some(other.sign(&body))).await,
+            forge(&js, &cp, &tampered, Some(key.sign(&genuine))).await,
+            forge(&js, &cp, &body, Some("ed25519:AAAA".into())).await,
+        ];
+        for sequence in forged {
+            match raw.next().await.unwrap() {
+                Err(StoreError::Rejected { sequence: s, .. }) => assert_eq!(s, sequence),
+                other => panic!("{sequence}: {other:?}"),
+            }
+        }
+        // The control plane's own bundles, before and after, are all that
+        // count: the history, a fresh start and a follower agree.
+        let history = follower.history().await.unwrap();
+        assert_eq!(history.bundles.len(), 1);
+        assert_eq!(history.last_sequence, forged[3]);
+        assert_eq!(
+            follower
+                .current_engine()
+                .await
+                .unwrap()
+                .unwrap()
+                .bundle_version(),
+            1
+        );
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), engines.next())
+                .await
+                .is_err(),
+            "the follower switched to a forged bundle"
+        );
+
+        // A replay of the control plane's own version 1 (signature and
+        // all) is not newer than what is in force: ignored.
+        let replay = cp.bundles.get_raw_message(seq).await.unwrap();
+        forge(
+            &js,
+            &cp,
+            &replay.payload,
+            replay
+                .headers
+                .get(SIGNATURE_HEADER)
+                .map(|v| v.as_str().to_string()),
+        )
+        .await;
+        // The next genuine version is taken (the last sequence is the
+        // replay's, which the control plane expects to replace).
+        let last = follower.history().await.unwrap();
+        assert_eq!(last.current().unwrap().value.version, 1);
+        let published = cp
+            .replace_bundle(
+                &versioned(Bundle::defaults(), last.next_version()),
+                "event-2",
+                last.last_sequence,
+            )
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), engines.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.bundle_version(), 2, "published at {published}");
+
+        // A worker that trusts no key applies nothing, and a control plane
+        // without a key publishes nothing.
+        let blind = PolicyStore::open(&js, &config("SIGNED")).await.unwrap();
+        assert!(!blind.verifies());
+        assert!(blind.current_engine().await.unwrap().is_none());
+        assert!(matches!(
+            blind.replace_bundle(&permit_all(9), "event-3", 0).await,
+            Err(StoreError::NoSigningKey)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_bundle_is_replaced_by_the_previous_content_under_a_new_version() {
+        let server = nats().await;
+        let client = async_nats::connect(&server.url).await.unwrap();
+        let js = jetstream::new(client);
+        let (cp, _) = control_plane(&js, "UNDO").await;
+        let v1 = versioned(Bundle::defaults(), 1);
+        let seq = cp.replace_bundle(&v1, "event-1", 0).await.unwrap();
+        let v2 = permit_all(2);
+        let seq2 = cp.replace_bundle(&v2, "event-2", seq).await.unwrap();
+        cp.restore_bundle(Some(&v1), &v2, seq2).await.unwrap();
+        let history = cp.history().await.unwrap();
+        let current = &history.current().unwrap().value;
+        assert_eq!((current.version, current.rollback_of), (3, Some(1)));
+        assert_eq!(current.hash, v1.hash);
+        assert!(history.version(2).is_none(), "deleted from the history");
     }
 }
