@@ -21,8 +21,12 @@ use tokio::task::JoinHandle;
 use crate::config::LogConfig;
 use crate::run::{connect_nats, init_logging, shutdown_signal};
 
-/// The audience of development tokens.
+/// The audience of development tokens for database logins (the worker's
+/// default `oidc.worker_audiences`).
 pub const DEV_AUDIENCE: &str = "gatehouse";
+/// The audience of development tokens for the HTTP API (the default
+/// `oidc.api_audiences`).
+pub const DEV_API_AUDIENCE: &str = "gatehouse-api";
 const DEFAULT_TARGET: &str = "postgres=postgres://postgres@127.0.0.1:5432/postgres?sslmode=require";
 
 #[derive(clap::Args, Debug)]
@@ -65,12 +69,25 @@ pub struct TokenArgs {
     /// Lifetime, e.g. 90s, 15m, 1h, 2d.
     #[arg(long, default_value = "1h")]
     pub ttl: String,
-    #[arg(long, default_value = DEV_AUDIENCE)]
-    pub aud: String,
+    /// What the token is for: `worker` (a database password) or `api` (the
+    /// control plane's HTTP API). Each refuses the other's tokens.
+    #[arg(long = "for", value_enum, default_value = "worker")]
+    pub plane: TokenPlane,
+    /// The audience (`aud`). Default: `gatehouse` for the worker,
+    /// `gatehouse-api` for the API.
+    #[arg(long)]
+    pub aud: Option<String>,
     /// An actor in the delegation chain, current actor first (repeatable):
     /// `--sub alice --actor agent-7` is agent-7 acting for alice.
     #[arg(long = "actor")]
     pub actors: Vec<String>,
+}
+
+/// Where a token from `gatehouse token` is used.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenPlane {
+    Worker,
+    Api,
 }
 
 /// Everything `gatehouse dev` runs, with overridable names so that tests
@@ -179,6 +196,19 @@ impl DevStack {
         })
     }
 
+    /// A token for the HTTP API for `sub` with the given groups, valid for
+    /// an hour.
+    pub fn api_token(&self, sub: &str, groups: &[&str]) -> String {
+        self.issuer.mint(&TokenRequest {
+            subject: sub.into(),
+            username: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audience: DEV_API_AUDIENCE.into(),
+            ttl: Duration::from_secs(3600),
+            actors: Vec::new(),
+        })
+    }
+
     /// Starts one more worker on `listen` with the stack's configuration as
     /// changed by `configure`, as a fleet behind a load balancer would have;
     /// it stops with the stack.
@@ -250,7 +280,6 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
     let verifier = Arc::new(
         Verifier::new(VerifierConfig {
             issuer: issuer_url.clone(),
-            audiences: vec![DEV_AUDIENCE.into()],
             allow_http: true,
             jwks_refresh_min_interval_secs: 1,
             ..Default::default()
@@ -403,7 +432,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \n\nConnect with psql:\n\
          \n  PGPASSWORD=$({bin} token --data-dir {dir} --sub dev) psql \"host={host} port={port} user=dev dbname={first} sslmode=require\"\
          \n\nRead the audit trail:\n\
-         \n  curl -H \"Authorization: Bearer $({bin} token --data-dir {dir} --sub auditor --group auditors)\" http://{http}/api/v1/commands\
+         \n  curl -H \"Authorization: Bearer $({bin} token --data-dir {dir} --for api --sub auditor --group auditors)\" http://{http}/api/v1/commands\
          \n\nCtrl-C stops it.\n",
         pg = stack.pg_addr,
         http = stack.http_addr,
@@ -445,7 +474,13 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
             subject: args.sub,
             username: args.username,
             groups: args.groups,
-            audience: args.aud,
+            audience: args.aud.unwrap_or_else(|| {
+                match args.plane {
+                    TokenPlane::Worker => DEV_AUDIENCE,
+                    TokenPlane::Api => DEV_API_AUDIENCE,
+                }
+                .into()
+            }),
             ttl,
             actors: args.actors,
         })

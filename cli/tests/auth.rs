@@ -400,3 +400,69 @@ async fn tokens_of_a_rotated_key_are_accepted_after_a_jwks_refetch() {
     assert_eq!(count("authentication_failures", "claimed_user").await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_the_api_is_not_a_database_password() {
+    let env = Env::start().await;
+    let token = env.stack().api_token("api-user", &["policy-admins"]);
+    let r = refused(&env, "api-user", &token).await;
+    assert_eq!(r.code, "28000", "{}", r.message);
+    assert!(
+        r.message
+            .contains("for the Gatehouse API, not for database logins"),
+        "{}",
+        r.message
+    );
+    assert!(r.message.contains("--for worker"), "{}", r.message);
+    assert_recorded(&env, "api-user", "token_for_other_plane", true).await;
+    assert_no_session(&env, "api-user").await;
+    // The same person's worker token logs in.
+    env.connect("api-user").await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_name_belongs_to_one_subject() {
+    let env = Env::start().await;
+    let as_user = |sub: &str, user: &str| {
+        let mut claims = valid_claims(&env, sub);
+        claims["preferred_username"] = json!(user);
+        env.stack().issuer.sign_claims(&claims)
+    };
+    // The first subject to log in as "dana" owns the name...
+    env.try_connect("dana", &as_user("sub-dana", "dana"))
+        .await
+        .unwrap();
+    // ...another subject presenting the same name (or a case variant) is
+    // refused, and recorded.
+    for user in ["dana", "DANA"] {
+        let r = refused(&env, user, &as_user("sub-impostor", user)).await;
+        assert_eq!(r.code, "28000", "{}", r.message);
+        assert!(
+            r.message
+                .contains(&format!("user name \"{user}\" belongs to another identity")),
+            "{}",
+            r.message
+        );
+        assert_recorded(&env, user, "username_taken", true).await;
+    }
+    // The owner logs in again, also under another case of the name.
+    env.try_connect("dana", &as_user("sub-dana", "dana"))
+        .await
+        .unwrap();
+    env.try_connect("Dana", &as_user("sub-dana", "Dana"))
+        .await
+        .unwrap();
+
+    // A name that only looks like another: Cyrillic "а" in "аdmin".
+    env.try_connect("admin", &as_user("sub-admin", "admin"))
+        .await
+        .unwrap();
+    let lookalike = "\u{430}dmin";
+    let r = refused(&env, lookalike, &as_user("sub-mallory", lookalike)).await;
+    assert_eq!(r.code, "28000", "{}", r.message);
+    assert!(r.message.contains("printable ASCII"), "{}", r.message);
+    assert_recorded(&env, lookalike, "username_refused", true).await;
+    assert_no_session(&env, lookalike).await;
+    env.cleanup().await;
+}

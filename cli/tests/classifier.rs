@@ -179,7 +179,7 @@ async fn what_the_server_would_run_is_what_is_decided() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_explain_api_reads_what_other_parsers_could_not() {
     let env = Env::start().await;
-    let auditor = env.stack().token("auditor", &["auditors"]);
+    let auditor = env.stack().api_token("auditor", &["auditors"]);
     let http = reqwest::Client::new();
     let person = json!({ "subject": "bob", "groups": ["dev"] });
     for (sql, effect, policy) in [

@@ -136,7 +136,7 @@ async fn a_push_changes_decisions_for_an_open_session() {
     db.batch_execute("CREATE TABLE a (id int)").await.unwrap();
 
     // An admin pushes a bundle that forbids DDL for everyone.
-    let admin = env.stack().token("root", &["policy-admins"]);
+    let admin = env.stack().api_token("root", &["policy-admins"]);
     let files = json!([
         [
             "base.cedar",
@@ -202,7 +202,7 @@ async fn a_push_changes_decisions_for_an_open_session() {
     // Without the admin group, no push.
     let denied = http
         .post(env.api("/api/v1/policies"))
-        .bearer_auth(env.stack().token("carol", &[]))
+        .bearer_auth(env.stack().api_token("carol", &[]))
         .json(&json!({ "files": files }))
         .send()
         .await
@@ -235,7 +235,7 @@ async fn a_revoked_identity_is_cut_off_at_its_next_command() {
     let db = env.connect("dave").await;
     db.simple_query("SELECT 1").await.unwrap();
 
-    let admin = env.stack().token("root", &["policy-admins"]);
+    let admin = env.stack().api_token("root", &["policy-admins"]);
     let revoked = reqwest::Client::new()
         .post(env.api("/api/v1/revocations"))
         .bearer_auth(&admin)
@@ -274,7 +274,7 @@ async fn dry_run_records_would_be_denials_until_it_ends_and_never_relaxes_an_age
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    let admin = env.stack().token("root", &["policy-admins"]);
+    let admin = env.stack().api_token("root", &["policy-admins"]);
     let set = reqwest::Client::new()
         .post(env.api("/api/v1/policies/dry-run"))
         .bearer_auth(&admin)
@@ -335,7 +335,7 @@ async fn dry_run_records_would_be_denials_until_it_ends_and_never_relaxes_an_age
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_says_what_would_be_decided_and_why() {
     let env = Env::start().await;
-    let auditor = env.stack().token("auditor", &["auditors"]);
+    let auditor = env.stack().api_token("auditor", &["auditors"]);
     let explain = |identity: Value, sql: &str| {
         let body = json!({ "identity": identity, "target": { "name": "app", "tags": ["prod"] }, "sql": sql });
         let req = reqwest::Client::new()

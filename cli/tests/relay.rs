@@ -333,8 +333,8 @@ async fn a_stopping_worker_ends_open_sessions_and_records_why() {
     assert!(db.simple_query("SELECT 1").await.is_err());
 
     // The session's end is recorded with its reason.
-    let token = env.stack().token("auditor", &["auditors"]);
-    let url = env.api("/api/v1/sessions?identity=hank");
+    let token = env.stack().api_token("auditor", &["auditors"]);
+    let url = env.api("/api/v1/sessions?user=hank");
     let http = reqwest::Client::new();
     gatehouse_testkit::eventually("the session's end to be projected", async || {
         let page: serde_json::Value = http

@@ -1,8 +1,9 @@
 //! The HTTP API: health, readiness and audit search.
 //!
-//! `/api/v1/*` needs `Authorization: Bearer <OIDC token>` of a caller who
-//! is not revoked, acts for no one else, and whose own groups include the
-//! auditor group; every route is admitted by [`crate::auth`]. Lists are newest first and paged by an opaque
+//! `/api/v1/*` needs `Authorization: Bearer <OIDC token>` (an API token) of
+//! a caller who is not revoked and whom Cedar permits the route's action
+//! (`api:read-audit`, `api:read-quarantine`: by default the auditor
+//! group); every route is admitted by [`crate::auth`]. Lists are newest first and paged by an opaque
 //! cursor (keyset pagination on `(time, id)`), so a page is as cheap at the end
 //! of the log as at its start and stable while new events arrive.
 
@@ -25,7 +26,7 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::auth::{self, Access, Caller};
+use crate::auth::{self, ApiAction, Caller};
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -47,14 +48,15 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     let audit = Router::new()
         .route("/api/v1/sessions", get(list_sessions))
-        .route("/api/v1/commands", get(list_commands))
-        .route("/api/v1/quarantine", get(list_quarantine));
-    Router::new()
+        .route("/api/v1/commands", get(list_commands));
+    let quarantine = Router::new().route("/api/v1/quarantine", get(list_quarantine));
+    let routes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .merge(auth::require(audit, &state, Access::Audit))
-        .merge(crate::policy_api::routes(&state))
-        .with_state(state)
+        .merge(auth::require(audit, &state, ApiAction::ReadAudit))
+        .merge(auth::require(quarantine, &state, ApiAction::ReadQuarantine))
+        .merge(crate::policy_api::routes(&state));
+    auth::layer(routes, &state).with_state(state)
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
@@ -85,7 +87,8 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
-    identity: Option<String>,
+    subject: Option<String>,
+    user: Option<String>,
     target: Option<String>,
     since: Option<String>,
     until: Option<String>,
@@ -94,8 +97,10 @@ struct ListParams {
 }
 
 struct ListQuery {
-    /// Subject or username.
-    identity: Option<String>,
+    /// The token subject (`sub`).
+    subject: Option<String>,
+    /// The user name (the startup user, the token's user name claim).
+    user: Option<String>,
     target: Option<String>,
     /// Inclusive.
     since: Option<DateTime<Utc>>,
@@ -120,7 +125,8 @@ impl ListQuery {
         };
         let limit = parse_limit(params.limit, max_page)?;
         Ok(Self {
-            identity: params.identity,
+            subject: params.subject,
+            user: params.user,
             target: params.target,
             since: time("since", params.since)?,
             until: time("until", params.until)?,
@@ -132,11 +138,13 @@ impl ListQuery {
     /// Appends the filters, the keyset condition, the order and the limit
     /// (one more row than the page, to know whether another page follows).
     fn push_tail(&self, sql: &mut QueryBuilder<Postgres>, id: &str) {
-        if let Some(who) = &self.identity {
-            sql.push(" AND (identity_subject = ").push_bind(who.clone());
-            sql.push(" OR identity_username = ")
-                .push_bind(who.clone())
-                .push(")");
+        if let Some(subject) = &self.subject {
+            sql.push(" AND identity_subject = ")
+                .push_bind(subject.clone());
+        }
+        if let Some(user) = &self.user {
+            sql.push(" AND identity_username = ")
+                .push_bind(user.clone());
         }
         if let Some(target) = &self.target {
             sql.push(" AND target = ").push_bind(target.clone());
@@ -471,7 +479,8 @@ mod tests {
     #[test]
     fn list_parameters_are_checked_by_name() {
         let params = |limit: &str, since: &str| ListParams {
-            identity: None,
+            subject: None,
+            user: None,
             target: None,
             since: Some(since.into()),
             until: None,

@@ -1,61 +1,107 @@
 //! The one authorization path of `/api/v1/*`.
 //!
-//! Every route of the API sits behind [`require`]: a middleware that, before
+//! Every route of the API sits behind [`require`], which names the Cedar
+//! action the route performs ([`ApiAction`]): a middleware that, before
 //! the handler runs and before any body is read,
 //!
-//! 1. verifies the bearer token (401 if missing or not accepted; 503 if the
+//! 1. verifies the bearer token as an API token (401 if missing or not
+//!    accepted, a token meant for database logins included; 503 if the
 //!    identity provider cannot be reached);
 //! 2. checks the token's subject, its token id (`jti`) and every subject of
 //!    its delegation chain (`act`) against the revocations in the policy
 //!    store, read at that moment: a revoked one is 401, and if the store
 //!    cannot be read the answer is 503: the API never admits a caller it
 //!    cannot check;
-//! 3. refuses a delegated token (one whose identity carries an `act` chain:
-//!    an agent acting for someone) with 403: the groups of a delegated
-//!    token are those of the person delegating, and administering Gatehouse
-//!    (pushing policy, revoking, explaining, reading the audit log) is not
-//!    something a person can lend;
-//! 4. checks the principal's own groups against the route's [`Access`]
-//!    (403).
+//! 3. decides the action with Cedar ([`ApiAuthority`]): the principal is
+//!    built from the token as the worker builds it (a delegated token is
+//!    the agent acting, in none of the groups of the person it acts for),
+//!    the policies are the built-in ones for the admin and auditor groups
+//!    with the current bundle's (read at that moment, 503 if it cannot
+//!    be); a denial is 403 with the policy's reason.
 //!
 //! The verified caller is handed to the handler as [`Caller`]; a handler
 //! that asks for it on a route without this middleware fails closed (500).
 //! Request bodies are read by handlers only, through [`JsonBody`], whose
 //! 400 names what is wrong with the JSON but no internal type.
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use futures::future::try_join_all;
-use gatehouse_identity::{AuthError, VerifiedToken};
+use gatehouse_identity::{AuthError, Plane, VerifiedToken};
+pub(crate) use gatehouse_policies::ApiAction;
+use gatehouse_policies::{ApiAuthority, Effect, Engine, Principal};
 use gatehouse_policystore::Revoked;
 use serde::de::DeserializeOwned;
 
 use crate::api::{ApiError, ApiState};
 
-/// What a route requires of the caller's own groups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Access {
-    /// The auditor group: reading the audit log.
-    Audit,
-    /// The policy admin group: pushing bundles, revoking identities.
-    Administer,
-    /// Either: reading the current bundle, explaining decisions.
-    AuditOrAdminister,
+/// The API's decisions: the built-in policies and the engine of the
+/// current bundle, kept while its hash stays current. One per router,
+/// reached by the middleware as a request extension (see [`layer`]).
+pub(crate) struct Authority {
+    policies: ApiAuthority,
+    engine: Mutex<Option<Arc<Engine>>>,
 }
 
-impl Access {
-    fn groups(self, s: &ApiState) -> Vec<&str> {
-        match self {
-            Access::Audit => vec![&s.auditor_group],
-            Access::Administer => vec![&s.policy.config.admin_group],
-            Access::AuditOrAdminister => vec![&s.auditor_group, &s.policy.config.admin_group],
+impl Authority {
+    fn new(s: &ApiState) -> Self {
+        Self {
+            policies: ApiAuthority::new(&s.policy.config.admin_group, &s.auditor_group),
+            engine: Mutex::new(None),
         }
     }
+
+    /// The current bundle's engine, read from the policy store now (`None`:
+    /// no bundle). A store that cannot be read is 503. A current bundle
+    /// that does not validate (it cannot have come through the API) leaves
+    /// the built-in policies to decide replacing it, and refuses the rest.
+    async fn engine(
+        &self,
+        s: &ApiState,
+        action: ApiAction,
+    ) -> Result<Option<Arc<Engine>>, ApiError> {
+        let bundle = s.policy.store.current_bundle().await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot read the current bundle; refusing the API request");
+            ApiError::Unavailable("policy store")
+        })?;
+        let Some(bundle) = bundle else {
+            return Ok(None);
+        };
+        if let Some(e) = self.engine.lock().expect("poisoned").as_ref()
+            && e.bundle_hash() == bundle.hash
+        {
+            return Ok(Some(e.clone()));
+        }
+        match Engine::new(&bundle) {
+            Ok(engine) => {
+                let engine = Arc::new(engine);
+                *self.engine.lock().expect("poisoned") = Some(engine.clone());
+                Ok(Some(engine))
+            }
+            Err(e) if matches!(action, ApiAction::PushPolicy | ApiAction::RollbackPolicy) => {
+                tracing::error!(hash = %bundle.hash, error = %e, "the current bundle does not validate; the built-in API policies decide alone");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::error!(hash = %bundle.hash, error = %e, "the current bundle does not validate; refusing the API request");
+                Err(ApiError::Unavailable("a valid policy bundle"))
+            }
+        }
+    }
+}
+
+/// Makes the router's [`Authority`] available to [`require`]'s middleware;
+/// applied once, around every route.
+pub(crate) fn layer(router: Router<ApiState>, state: &ApiState) -> Router<ApiState> {
+    router.layer(axum::Extension(Arc::new(Authority::new(state))))
 }
 
 /// A caller admitted by [`require`].
@@ -82,19 +128,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 #[derive(Clone)]
 struct Gate {
     state: ApiState,
-    access: Access,
+    action: ApiAction,
 }
 
-/// Puts every route of `routes` behind the authorization middleware, for
-/// callers with `access`. Every `/api/v1` route is added through this.
+/// Puts every route of `routes` behind the authorization middleware, as
+/// `action`. Every `/api/v1` route is added through this.
 pub(crate) fn require(
     routes: Router<ApiState>,
     state: &ApiState,
-    access: Access,
+    action: ApiAction,
 ) -> Router<ApiState> {
     let gate = Gate {
         state: state.clone(),
-        access,
+        action,
     };
     routes.route_layer(middleware::from_fn_with_state(gate, authorize))
 }
@@ -104,23 +150,41 @@ async fn authorize(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let caller = admit(&gate.state, req.headers(), gate.access).await?;
+    let Some(authority) = req.extensions().get::<Arc<Authority>>().cloned() else {
+        tracing::error!(path = %req.uri().path(), "the API's authority is not layered around this route");
+        return Err(ApiError::Internal);
+    };
+    let source_ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "0.0.0.0".to_string(), |c| c.0.ip().to_string());
+    let caller = admit(
+        &gate.state,
+        &authority,
+        req.headers(),
+        gate.action,
+        &source_ip,
+    )
+    .await?;
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }
 
-/// Steps 1–4 of the module documentation. The token itself is never logged.
+/// Steps 1–3 of the module documentation. The token itself is never logged.
 async fn admit(
     s: &ApiState,
+    authority: &Authority,
     headers: &axum::http::HeaderMap,
-    access: Access,
+    action: ApiAction,
+    source_ip: &str,
 ) -> Result<Caller, ApiError> {
     let token = bearer(headers).ok_or(ApiError::Unauthorized("missing bearer token"))?;
-    let verified = s.verifier.verify(token).await.map_err(|e| {
+    let verified = s.verifier.verify(token, Plane::Api).await.map_err(|e| {
         tracing::info!(reason = e.reason(), "API token rejected");
         match e {
             AuthError::IssuerUnavailable(_) => ApiError::Unavailable("identity provider"),
             AuthError::Expired => ApiError::Unauthorized("the token has expired"),
+            AuthError::WrongPlane(_) => ApiError::Unauthorized(e.user_message()),
             _ => ApiError::Unauthorized("the token was not accepted"),
         }
     })?;
@@ -132,24 +196,40 @@ async fn admit(
             "the token or its identity has been revoked",
         ));
     }
-    if !identity.delegation.is_empty() {
-        tracing::info!(subject = %identity.subject, actors = identity.delegation.len(), "API refused: delegated token");
-        return Err(ApiError::Forbidden(
-            "delegated tokens cannot administer Gatehouse: the token carries a delegation \
-             chain (act); use a token of your own"
-                .into(),
-        ));
-    }
-    let groups = access.groups(s);
-    if !groups
-        .iter()
-        .any(|g| identity.groups.iter().any(|mine| mine == g))
-    {
-        tracing::info!(subject = %identity.subject, ?groups, "API refused: not in a required group");
-        return Err(ApiError::Forbidden(format!(
-            "the token's groups do not include {}",
-            groups.join(" or ")
-        )));
+
+    let principal = Principal::from_claims(
+        identity.subject.clone(),
+        Some(identity.username.clone()),
+        identity.groups.clone(),
+        identity
+            .delegation
+            .iter()
+            .map(|a| a.subject.clone())
+            .collect(),
+        &s.policy.config.agent_group,
+    );
+    let engine = authority.engine(s, action).await?;
+    let decision = authority
+        .policies
+        .decide(engine.as_deref(), &principal, action, source_ip);
+    if decision.effect != Effect::Allow {
+        tracing::info!(
+            subject = %identity.subject,
+            actors = identity.delegation.len(),
+            action = action.name(),
+            policies = ?decision.policies,
+            "API refused by policy"
+        );
+        let mut message = decision
+            .reason
+            .unwrap_or_else(|| format!("not permitted to {}", action.describe()));
+        if !identity.delegation.is_empty() {
+            message.push_str(
+                "; the token is delegated (act): an agent acting for someone does not \
+                 inherit their rights to administer Gatehouse unless a policy grants them",
+            );
+        }
+        return Err(ApiError::Forbidden(message));
     }
     Ok(Caller(verified))
 }

@@ -59,7 +59,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use gatehouse_eventlog::{PublishError, Publisher};
 use gatehouse_events::{DryRunScope, Event, IdentityRevoked, Payload, PolicyBundlePublished};
@@ -74,7 +74,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, ApiState};
-use crate::auth::{self, Access, Caller, JsonBody};
+use crate::auth::{self, ApiAction, Caller, JsonBody};
 
 /// What the policy endpoints share.
 #[derive(Clone)]
@@ -158,24 +158,39 @@ fn dry_run_json(d: &DryRun) -> Value {
     })
 }
 
-/// The policy routes, each behind the API's authorization middleware:
-/// pushing, rolling back, setting dry-run and revoking for policy admins,
-/// reading and explaining also for auditors.
+/// The policy routes, each behind the API's authorization middleware as
+/// the Cedar action it performs.
 pub(crate) fn routes(state: &ApiState) -> Router<ApiState> {
-    let administer = Router::new()
-        .route("/api/v1/policies", post(push))
-        .route("/api/v1/policies/rollback", post(rollback))
-        .route(
+    let route = |path: &str, method: MethodRouter<ApiState>, action| {
+        auth::require(Router::new().route(path, method), state, action)
+    };
+    Router::new()
+        .merge(route("/api/v1/policies", post(push), ApiAction::PushPolicy))
+        .merge(route(
+            "/api/v1/policies/rollback",
+            post(rollback),
+            ApiAction::RollbackPolicy,
+        ))
+        .merge(route(
             "/api/v1/policies/dry-run",
             post(set_dry_run).delete(end_dry_run),
-        )
-        .route("/api/v1/revocations", post(revoke));
-    let read = Router::new()
-        .route("/api/v1/policies/current", get(current))
-        .route("/api/v1/decisions/explain", post(explain));
-    Router::new()
-        .merge(auth::require(administer, state, Access::Administer))
-        .merge(auth::require(read, state, Access::AuditOrAdminister))
+            ApiAction::SetDryRun,
+        ))
+        .merge(route(
+            "/api/v1/revocations",
+            post(revoke),
+            ApiAction::Revoke,
+        ))
+        .merge(route(
+            "/api/v1/policies/current",
+            get(current),
+            ApiAction::ReadPolicy,
+        ))
+        .merge(route(
+            "/api/v1/decisions/explain",
+            post(explain),
+            ApiAction::Explain,
+        ))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {

@@ -228,16 +228,25 @@ async fn delegation_and_bodies_scenario(env: &Env) {
     let cp = env.start().await;
 
     // An agent acting for a policy admin (and auditor) is refused on every
-    // route, pushing a permit-all bundle included.
+    // route, pushing a permit-all bundle included: the agent is the
+    // principal, in none of the person's groups.
     let agent = env.token("admin-alice", &[ADMINS, AUDITORS], &["agent-x"]);
     refused_everywhere(
         env,
         &cp,
         &agent,
         403,
-        "delegated tokens cannot administer Gatehouse",
+        "no policy permits Gatehouse::Agent::\"agent-x\"",
     )
     .await;
+    let (_, body) = cp.call(env, Some(&agent), "/api/v1/sessions", None).await;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("the token is delegated (act)"),
+        "{body}"
+    );
     // The same person's own token may.
     let alice = env.admin("admin-alice");
     let (status, body) = cp.call(env, Some(&alice), "/api/v1/sessions", None).await;
@@ -324,5 +333,183 @@ async fn delegation_and_bodies_scenario(env: &Env) {
 
     // Nothing was pushed or revoked.
     assert!(env.store().await.current_bundle().await.unwrap().is_none());
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn api_permissions_are_cedar_decisions_on_the_current_bundle() {
+    Env::new("cpcedar").await.scope(cedar_scenario).await;
+}
+
+/// Lets an agent acting for an admin explain and read the current bundle,
+/// and nothing else; forbids revoking for everyone.
+const AGENT_EXPLAINS: &str = r#"
+@id("agents-for-admins-explain")
+permit (
+  principal is Gatehouse::Agent,
+  action in [Gatehouse::Action::"api:explain", Gatehouse::Action::"api:read-policy"],
+  resource
+)
+when { principal has acting_for && principal.acting_for in Gatehouse::Group::"policy-admins" };
+
+@id("no-revoking")
+@reason("revocations are frozen")
+forbid (principal, action == Gatehouse::Action::"api:revoke", resource);
+
+@id("base-connect")
+permit (principal, action == Gatehouse::Action::"connect", resource);
+"#;
+
+async fn cedar_scenario(env: &Env) {
+    let cp = env.start().await;
+    let alice = env.admin("admin-alice");
+    let agent = env.token("admin-alice", &[ADMINS, AUDITORS], &["agent-x"]);
+    let explain = json!({
+        "identity": { "subject": "bob", "groups": [] },
+        "target": { "name": "db" },
+        "sql": "SELECT 1",
+    });
+
+    // The admin pushes a bundle written for SQL that permits everything:
+    // it grants no API action, so the agent still cannot explain.
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&alice),
+            "/api/v1/policies",
+            Some(Body::Json(json!({ "files": [["all.cedar", PERMIT_ALL]] }))),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&agent),
+            "/api/v1/decisions/explain",
+            Some(Body::Json(explain.clone())),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let nobody = env.token("nobody", &[], &[]);
+    let (status, _) = cp
+        .call(env, Some(&nobody), "/api/v1/policies/current", None)
+        .await;
+    assert_eq!(status, 403);
+
+    // A bundle that names the actions grants them, to the agent only.
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&alice),
+            "/api/v1/policies",
+            Some(Body::Json(
+                json!({ "files": [["api.cedar", AGENT_EXPLAINS]] }),
+            )),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&agent),
+            "/api/v1/decisions/explain",
+            Some(Body::Json(explain.clone())),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = cp
+        .call(env, Some(&agent), "/api/v1/policies/current", None)
+        .await;
+    assert_eq!(status, 200);
+    for (path, body) in [
+        ("/api/v1/sessions", None),
+        (
+            "/api/v1/policies",
+            Some(Body::Json(json!({ "files": [["all.cedar", PERMIT_ALL]] }))),
+        ),
+    ] {
+        let (status, answer) = cp.call(env, Some(&agent), path, body).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+    }
+    // An agent acting for someone who is not an admin gets nothing.
+    let for_bob = env.token("bob", &[AUDITORS], &["agent-x"]);
+    let (status, _) = cp
+        .call(
+            env,
+            Some(&for_bob),
+            "/api/v1/decisions/explain",
+            Some(Body::Json(explain)),
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    // The bundle's forbid binds the admin too...
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&alice),
+            "/api/v1/revocations",
+            Some(Body::Json(json!({ "subject": "mallory" }))),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "revocations are frozen");
+    // ...but cannot keep the admins from replacing the bundle.
+    let replacement = format!("{PERMIT_ALL}\n// after the freeze");
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&alice),
+            "/api/v1/policies",
+            Some(Body::Json(json!({ "files": [["all.cedar", replacement]] }))),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&alice),
+            "/api/v1/revocations",
+            Some(Body::Json(json!({ "subject": "mallory" }))),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_for_database_logins_does_not_open_the_api() {
+    Env::new("cpaud").await.scope(audience_scenario).await;
+}
+
+async fn audience_scenario(env: &Env) {
+    let cp = env.start().await;
+    // The same admin, with a token minted for the worker.
+    let worker_token = env.issuer.mint(&gatehouse_identity::TokenRequest {
+        subject: "admin-alice".into(),
+        username: Some("admin-alice".into()),
+        groups: vec![ADMINS.into(), AUDITORS.into()],
+        audience: "gatehouse".into(),
+        ttl: std::time::Duration::from_secs(300),
+        actors: vec![],
+    });
+    refused_everywhere(env, &cp, &worker_token, 401, "not for the Gatehouse API").await;
+    let (_, body) = cp
+        .call(env, Some(&worker_token), "/api/v1/commands", None)
+        .await;
+    assert!(
+        body["error"].as_str().unwrap().contains("--for api"),
+        "{body}"
+    );
+    // The API token of the same person is accepted.
+    let (status, body) = cp
+        .call(
+            env,
+            Some(&env.admin("admin-alice")),
+            "/api/v1/commands",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     cp.stop().await;
 }

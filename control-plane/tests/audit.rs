@@ -181,7 +181,7 @@ impl Env {
             subject: subject.into(),
             username: Some(username.into()),
             groups: groups.iter().map(|g| g.to_string()).collect(),
-            audience: "gatehouse".into(),
+            audience: "gatehouse-api".into(),
             ttl: Duration::from_secs(300),
             actors: vec![],
         })
@@ -513,16 +513,41 @@ async fn audit_scenario(env: &Env) {
     assert_eq!(pages.len(), 3);
     assert_eq!(pages.concat(), all);
 
-    // Filters.
+    // Filters: subjects and user names apart, never one for the other.
+    assert_eq!(api.statements("/api/v1/commands?user=alice").await.len(), 5);
     assert_eq!(
-        api.statements("/api/v1/commands?identity=alice")
+        api.statements("/api/v1/commands?subject=u-alice")
             .await
             .len(),
         5
     );
     assert_eq!(
-        api.statements("/api/v1/commands?identity=u-bob").await,
+        api.statements("/api/v1/commands?subject=u-bob").await,
         ["select b"]
+    );
+    assert_eq!(
+        api.statements("/api/v1/commands?user=bob").await,
+        ["select b"]
+    );
+    assert!(
+        api.statements("/api/v1/commands?subject=alice")
+            .await
+            .is_empty()
+    );
+    assert!(
+        api.statements("/api/v1/commands?user=u-bob")
+            .await
+            .is_empty()
+    );
+    assert!(
+        api.statements("/api/v1/commands?subject=u-alice&user=bob")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        api.get("/api/v1/sessions?identity=alice").await.0,
+        400,
+        "identity= mixed subjects and user names; it is gone"
     );
     assert_eq!(
         api.statements("/api/v1/commands?target=billing").await,
@@ -535,7 +560,7 @@ async fn audit_scenario(env: &Env) {
     );
     assert_eq!(
         api.statements(
-            "/api/v1/commands?since=2026-01-01T00:00:02Z&until=2026-01-01T00:00:04Z&identity=alice"
+            "/api/v1/commands?since=2026-01-01T00:00:02Z&until=2026-01-01T00:00:04Z&user=alice"
         )
         .await,
         ["select 3", "select 2"]

@@ -207,16 +207,13 @@ impl Env {
     /// Every projected command of `identity`, oldest first, once `expect`
     /// of them have arrived (or after a timeout, with what there is).
     pub async fn audit_commands(&self, identity: &str, expect: usize) -> Vec<Value> {
-        let token = self.stack().token("test-auditor", &["auditors"]);
+        let token = self.stack().api_token("test-auditor", &["auditors"]);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             let mut items = Vec::new();
             let mut cursor: Option<String> = None;
             loop {
-                let mut url = format!(
-                    "{}?identity={identity}&limit=500",
-                    self.api("/api/v1/commands")
-                );
+                let mut url = format!("{}?user={identity}&limit=500", self.api("/api/v1/commands"));
                 if let Some(c) = &cursor {
                     url.push_str(&format!("&cursor={c}"));
                 }
@@ -264,6 +261,9 @@ impl Env {
             let _ = js.delete_stream(&self.events.stream).await;
             let _ = js.delete_stream(&self.policy.bundle_stream).await;
             let _ = js.delete_stream(&self.policy.revocation_stream).await;
+            let _ = js
+                .delete_stream(format!("{}_USERNAMES", self.policy.revocation_stream))
+                .await;
         }
         let admin = admin().await;
         // DROP DATABASE waits until every backend of the server has taken

@@ -134,7 +134,7 @@ impl Env {
             subject: "admin-1".into(),
             username: Some("admin".into()),
             groups: vec![ADMINS.into()],
-            audience: "gatehouse".into(),
+            audience: "gatehouse-api".into(),
             ttl: Duration::from_secs(300),
             actors: vec![],
         });
@@ -153,7 +153,7 @@ impl Env {
             subject: subject.into(),
             username: Some(subject.into()),
             groups: groups.iter().map(|g| g.to_string()).collect(),
-            audience: "gatehouse".into(),
+            audience: "gatehouse-api".into(),
             ttl: Duration::from_secs(300),
             actors: actors.iter().map(|a| a.to_string()).collect(),
         })

@@ -30,6 +30,7 @@ mod policy;
 mod relay;
 mod session;
 mod tls;
+mod usernames;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -84,6 +85,8 @@ pub(crate) struct Shared {
     pub policies: policy::Policies,
     /// Connection and login limits, and the worker's counters.
     pub admission: Arc<admission::Admission>,
+    /// Which subject each user name belongs to.
+    pub usernames: usernames::UserNames,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,12 @@ pub async fn run(
         .await
         .map_err(|e| WorkerError::Policies(e.to_string()))?;
     let policies = policy::start(store).await.map_err(WorkerError::Policies)?;
+    let usernames = usernames::UserNames::open(
+        &js,
+        &usernames::stream_for(&policy_config.revocation_stream),
+    )
+    .await
+    .map_err(WorkerError::Policies)?;
 
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
@@ -151,6 +160,7 @@ pub async fn run(
     };
     let shared = Arc::new(Shared {
         admission,
+        usernames,
         closing,
         policy_config,
         policies,

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use gatehouse_events::{
     AuthenticationFailed, CloseReason, Event, Identity, Payload, SessionClosed, SessionOpened,
 };
+use gatehouse_identity::{AuthError, Plane};
 use gatehouse_pgwire::{self as pg, FrontendMessage, StartupPacket};
 use gatehouse_policies::{Reading, classify};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,7 @@ use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
 use crate::error::ClientError;
 use crate::policy::{PolicyState, SessionPolicy};
+use crate::usernames::NameError;
 use crate::{Shared, relay};
 
 /// Largest startup packet accepted before authentication.
@@ -407,12 +409,22 @@ async fn authenticate(
             ));
         }
     };
-    let verified = shared.verifier.verify(token).await.map_err(|e| {
-        if let gatehouse_identity::AuthError::IssuerUnavailable(detail) = &e {
-            tracing::warn!(%detail, "identity provider unavailable");
-        }
-        Refusal::new(ClientError::fatal("28P01", e.user_message()), e.reason())
-    })?;
+    let verified = shared
+        .verifier
+        .verify(token, Plane::Worker)
+        .await
+        .map_err(|e| {
+            let code = match &e {
+                AuthError::IssuerUnavailable(detail) => {
+                    tracing::warn!(%detail, "identity provider unavailable");
+                    "28P01"
+                }
+                // A good token, for the API: not a password.
+                AuthError::WrongPlane(_) => "28000",
+                _ => "28P01",
+            };
+            Refusal::new(ClientError::fatal(code, e.user_message()), e.reason())
+        })?;
     if verified.identity.username != user {
         return Err(Refusal::new(
             ClientError::fatal(
@@ -421,6 +433,31 @@ async fn authenticate(
             ),
             "user_mismatch",
         ));
+    }
+    // One user name per subject, in a safe set of characters (usernames.rs).
+    if let Err(e) = shared
+        .usernames
+        .claim(&verified.identity.username, &verified.identity.subject)
+        .await
+    {
+        let client = match &e {
+            NameError::Unavailable(detail) => {
+                tracing::warn!(%detail, "cannot check the user name's owner; login refused");
+                ClientError::fatal(
+                    crate::error::EVENT_LOG_UNAVAILABLE,
+                    "Gatehouse could not check who owns this user name; try again shortly",
+                )
+            }
+            NameError::Taken(_) => ClientError::fatal(
+                "28000",
+                format!(
+                    "{e}: each user name belongs to the first subject that logged in with it \
+                     (names differing only in case are one name)"
+                ),
+            ),
+            NameError::Unsafe => ClientError::fatal("28000", e.to_string()),
+        };
+        return Err(Refusal::new(client, e.reason()));
     }
     let Some(target) = shared.targets.get(&database).cloned() else {
         return Err(Refusal::new(

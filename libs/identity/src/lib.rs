@@ -12,7 +12,7 @@ mod verifier;
 
 pub use dev_issuer::{DevIssuer, TokenRequest, parse_ttl};
 pub use gatehouse_events::{Actor, Identity};
-pub use verifier::{VerifiedToken, Verifier, VerifierConfig};
+pub use verifier::{Plane, VerifiedToken, Verifier, VerifierConfig};
 
 /// Why a token was refused. `Display` is for logs; clients see [`AuthError::user_message`].
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,10 @@ pub enum AuthError {
     WrongIssuer,
     #[error("token audience does not match")]
     WrongAudience,
+    /// The token's audience is the other plane's (an API token at a worker,
+    /// a database login token at the API); `Plane` is where it was used.
+    #[error("token is for the other plane (its audience is not the {}'s)", .0.as_str())]
+    WrongPlane(verifier::Plane),
     /// A required claim is absent, or a claim has the wrong shape.
     #[error("token claim `{0}` is missing or malformed")]
     MissingClaim(&'static str),
@@ -71,6 +75,7 @@ impl AuthError {
             Self::LifetimeTooLong => "token_lifetime_too_long",
             Self::WrongIssuer => "wrong_issuer",
             Self::WrongAudience => "wrong_audience",
+            Self::WrongPlane(_) => "token_for_other_plane",
             Self::MissingClaim(_) => "missing_claim",
             Self::IssuerUnavailable(_) => "issuer_unavailable",
         }
@@ -100,6 +105,14 @@ impl AuthError {
             }
             Self::IssuerUnavailable(_) => {
                 "the identity provider cannot be reached to check the token; try again"
+            }
+            Self::WrongPlane(verifier::Plane::Worker) => {
+                "this token is for the Gatehouse API, not for database logins; get a token \
+                 whose audience is one of oidc.worker_audiences (gatehouse token --for worker)"
+            }
+            Self::WrongPlane(verifier::Plane::Api) => {
+                "this token is for database logins, not for the Gatehouse API; get a token \
+                 whose audience is one of oidc.api_audiences (gatehouse token --for api)"
             }
             _ => "the token was not accepted",
         }

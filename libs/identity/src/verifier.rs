@@ -47,8 +47,17 @@ use crate::{Actor, AuthError, Identity};
 pub struct VerifierConfig {
     /// Expected `iss`; discovery is fetched from `{issuer}/.well-known/openid-configuration`.
     pub issuer: String,
-    /// The token's `aud` must contain at least one of these.
-    pub audiences: Vec<String>,
+    /// Audiences of tokens for database logins (the worker): a token's `aud`
+    /// must contain one of these, and none of `api_audiences`.
+    pub worker_audiences: Vec<String>,
+    /// Audiences of tokens for the control plane's HTTP API: a token's `aud`
+    /// must contain one of these, and none of `worker_audiences`. The two
+    /// lists must not share an audience, so a database password cannot
+    /// administer Gatehouse and an API token cannot log in to a database.
+    pub api_audiences: Vec<String>,
+    /// Replaced by `worker_audiences` and `api_audiences`; a config that
+    /// still sets it is refused, naming the fields to use.
+    pub audiences: Option<Vec<String>>,
     /// Claim holding the login name; falls back to `sub` when absent.
     pub username_claim: String,
     /// Claim holding the groups (array of strings; absent means none).
@@ -77,7 +86,9 @@ impl Default for VerifierConfig {
     fn default() -> Self {
         Self {
             issuer: String::new(),
-            audiences: vec!["gatehouse".into()],
+            worker_audiences: vec!["gatehouse".into()],
+            api_audiences: vec!["gatehouse-api".into()],
+            audiences: None,
             username_claim: "preferred_username".into(),
             groups_claim: "groups".into(),
             algorithms: ["RS256", "ES256", "PS256", "EdDSA"]
@@ -98,8 +109,34 @@ impl VerifierConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.parsed_algorithms().map(|_| ())?;
         check_url("oidc.issuer", &self.issuer, self.allow_http)?;
-        if self.audiences.is_empty() || self.audiences.iter().any(String::is_empty) {
-            return Err("oidc.audiences: must list at least one non-empty audience".into());
+        if self.audiences.is_some() {
+            return Err(
+                "oidc.audiences: replaced by oidc.worker_audiences (tokens for database \
+                 logins) and oidc.api_audiences (tokens for the HTTP API), which must not \
+                 share an audience; e.g. worker_audiences = [\"gatehouse\"], \
+                 api_audiences = [\"gatehouse-api\"]"
+                    .into(),
+            );
+        }
+        for (field, list) in [
+            ("worker_audiences", &self.worker_audiences),
+            ("api_audiences", &self.api_audiences),
+        ] {
+            if list.is_empty() || list.iter().any(String::is_empty) {
+                return Err(format!(
+                    "oidc.{field}: must list at least one non-empty audience"
+                ));
+            }
+        }
+        if let Some(both) = self
+            .worker_audiences
+            .iter()
+            .find(|a| self.api_audiences.contains(a))
+        {
+            return Err(format!(
+                "oidc.api_audiences: {both:?} is also in oidc.worker_audiences; a token for \
+                 database logins must not open the API, nor the reverse"
+            ));
         }
         if self.username_claim.is_empty() || self.groups_claim.is_empty() {
             return Err("oidc.username_claim / oidc.groups_claim: must not be empty".into());
@@ -142,6 +179,25 @@ fn check_url(field: &str, url: &str, allow_http: bool) -> Result<(), String> {
         ))
     } else {
         Err(format!("{field}: {url:?} must be an https:// URL"))
+    }
+}
+
+/// Where a token is used: each plane takes only tokens whose audience is
+/// its own (`oidc.worker_audiences`, `oidc.api_audiences`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// Database logins at a worker (the token is the password).
+    Worker,
+    /// The control plane's HTTP API (the token is a bearer token).
+    Api,
+}
+
+impl Plane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plane::Worker => "worker",
+            Plane::Api => "api",
+        }
     }
 }
 
@@ -234,7 +290,10 @@ impl Verifier {
         self.config.leeway_secs
     }
 
-    pub async fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+    /// Verifies `token` for use on `plane`: every check, and an audience of
+    /// that plane's and of no other. A token of the other plane is refused
+    /// as [`AuthError::WrongPlane`].
+    pub async fn verify(&self, token: &str, plane: Plane) -> Result<VerifiedToken, AuthError> {
         let header = parse_header(token)?;
         if header.crit.is_some() {
             return Err(AuthError::CriticalExtension);
@@ -252,14 +311,42 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.set_issuer(&[&self.config.issuer]);
-        validation.set_audience(&self.config.audiences);
+        let all: Vec<&String> = self
+            .config
+            .worker_audiences
+            .iter()
+            .chain(&self.config.api_audiences)
+            .collect();
+        validation.set_audience(&all);
         validation.validate_nbf = true;
         validation.leeway = self.config.leeway_secs;
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
             .map_err(|e| map_jwt_error(e.into_kind()))?
             .claims;
         self.check_times(&claims)?;
+        self.check_plane(&claims, plane)?;
         self.identity(&claims)
+    }
+
+    /// The token's `aud` names `plane`'s audiences only (the signature
+    /// check already found one of either plane's).
+    fn check_plane(&self, claims: &Map<String, Value>, plane: Plane) -> Result<(), AuthError> {
+        let audiences: Vec<&str> = match claims.get("aud") {
+            Some(Value::String(a)) => vec![a.as_str()],
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+            _ => return Err(AuthError::MissingClaim("aud")),
+        };
+        let (own, other) = match plane {
+            Plane::Worker => (&self.config.worker_audiences, &self.config.api_audiences),
+            Plane::Api => (&self.config.api_audiences, &self.config.worker_audiences),
+        };
+        if audiences.iter().any(|a| other.iter().any(|o| o == a)) {
+            return Err(AuthError::WrongPlane(plane));
+        }
+        if !audiences.iter().any(|a| own.iter().any(|o| o == a)) {
+            return Err(AuthError::WrongAudience);
+        }
+        Ok(())
     }
 
     /// `iat` not in the future, and a lifetime within the configured maximum.

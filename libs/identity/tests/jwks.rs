@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use gatehouse_identity::{AuthError, DevIssuer, TokenRequest, Verifier, VerifierConfig};
+use gatehouse_identity::{AuthError, DevIssuer, Plane, TokenRequest, Verifier, VerifierConfig};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -165,16 +165,16 @@ async fn removed_key_stops_verifying_within_max_age() {
     let old = issuer.mint(&request());
     issuer.rotate();
     let new = issuer.mint(&request());
-    verifier.verify(&old).await.unwrap();
-    verifier.verify(&new).await.unwrap();
+    verifier.verify(&old, Plane::Worker).await.unwrap();
+    verifier.verify(&new, Plane::Worker).await.unwrap();
 
     // The issuer stops publishing the old key; no token with an unknown kid arrives.
     issuer.drop_retired();
-    verifier.verify(&old).await.unwrap(); // still within the JWKS's age
+    verifier.verify(&old, Plane::Worker).await.unwrap(); // still within the JWKS's age
     sleep_secs(1.2).await;
-    let e = verifier.verify(&old).await.unwrap_err();
+    let e = verifier.verify(&old, Plane::Worker).await.unwrap_err();
     assert!(matches!(e, AuthError::UnknownKey), "{e:?}");
-    verifier.verify(&new).await.unwrap();
+    verifier.verify(&new, Plane::Worker).await.unwrap();
 }
 
 #[tokio::test]
@@ -189,12 +189,12 @@ async fn cache_control_max_age_is_honoured_within_bounds() {
 
     // max-age=1 is shorter than the 15 min default bound: it wins.
     let verifier = served.verifier(|_| {});
-    verifier.verify(&token).await.unwrap();
-    verifier.verify(&token).await.unwrap();
+    verifier.verify(&token, Plane::Worker).await.unwrap();
+    verifier.verify(&token, Plane::Worker).await.unwrap();
     assert_eq!(served.fetches(), 1);
     served.set(|s| s.keys.clear());
     sleep_secs(1.2).await;
-    let e = verifier.verify(&token).await.unwrap_err();
+    let e = verifier.verify(&token, Plane::Worker).await.unwrap_err();
     assert!(matches!(e, AuthError::UnknownKey), "{e:?}");
     assert_eq!(served.fetches(), 2);
 
@@ -204,12 +204,12 @@ async fn cache_control_max_age_is_honoured_within_bounds() {
         s.cache_control = Some("max-age=3600".into());
     });
     let verifier = served.verifier(|c| c.jwks_max_age_secs = 1);
-    verifier.verify(&token).await.unwrap();
+    verifier.verify(&token, Plane::Worker).await.unwrap();
     served.set(|s| s.keys.clear());
-    verifier.verify(&token).await.unwrap(); // cached
+    verifier.verify(&token, Plane::Worker).await.unwrap(); // cached
     sleep_secs(1.2).await;
     assert!(matches!(
-        verifier.verify(&token).await,
+        verifier.verify(&token, Plane::Worker).await,
         Err(AuthError::UnknownKey)
     ));
 
@@ -221,7 +221,7 @@ async fn cache_control_max_age_is_honoured_within_bounds() {
     let verifier = served.verifier(|c| c.jwks_refresh_min_interval_secs = 30);
     let before = served.fetches();
     for _ in 0..3 {
-        verifier.verify(&token).await.unwrap();
+        verifier.verify(&token, Plane::Worker).await.unwrap();
     }
     assert_eq!(served.fetches(), before + 1);
 }
@@ -236,19 +236,19 @@ async fn failed_refresh_keeps_last_good_set_until_the_stale_limit() {
         c.jwks_max_age_secs = 1;
         c.jwks_stale_limit_secs = 3;
     });
-    verifier.verify(&token).await.unwrap();
+    verifier.verify(&token, Plane::Worker).await.unwrap();
     served.set(|s| s.fail = true);
     sleep_secs(1.2).await;
     // Due for a refresh, which fails: the last good set is still used.
-    verifier.verify(&token).await.unwrap();
+    verifier.verify(&token, Plane::Worker).await.unwrap();
     assert_eq!(served.fetches(), 2);
     sleep_secs(2.0).await;
     // Past the stale limit: fail closed.
-    let e = verifier.verify(&token).await.unwrap_err();
+    let e = verifier.verify(&token, Plane::Worker).await.unwrap_err();
     assert!(matches!(e, AuthError::IssuerUnavailable(_)), "{e:?}");
     assert_eq!(e.reason(), "issuer_unavailable");
     served.set(|s| s.fail = false);
-    verifier.verify(&token).await.unwrap();
+    verifier.verify(&token, Plane::Worker).await.unwrap();
 }
 
 #[tokio::test]
@@ -262,7 +262,10 @@ async fn duplicate_kids_are_ambiguous() {
     served.set(|s| s.keys = vec![issuer.public_jwk(), clash, bystander.public_jwk()]);
     let verifier = served.verifier(|_| {});
 
-    let e = verifier.verify(&issuer.mint(&request())).await.unwrap_err();
+    let e = verifier
+        .verify(&issuer.mint(&request()), Plane::Worker)
+        .await
+        .unwrap_err();
     assert!(matches!(e, AuthError::AmbiguousKey), "{e:?}");
     assert_eq!(e.reason(), "ambiguous_key");
     assert_discreet(&e, &[&issuer.kid()]);
@@ -279,11 +282,14 @@ async fn duplicate_kids_are_ambiguous() {
         format!("{header}.{rest}")
     };
     assert!(matches!(
-        verifier.verify(&forged).await,
+        verifier.verify(&forged, Plane::Worker).await,
         Err(AuthError::AmbiguousKey)
     ));
     // Other keys of the same JWKS still verify.
-    verifier.verify(&bystander.mint(&request())).await.unwrap();
+    verifier
+        .verify(&bystander.mint(&request()), Plane::Worker)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -301,11 +307,14 @@ async fn weak_keys_are_not_loaded() {
     let claims = served.claims();
 
     verifier
-        .verify(&sign_rs256(&strong, "rsa-2048", &claims, None))
+        .verify(
+            &sign_rs256(&strong, "rsa-2048", &claims, None),
+            Plane::Worker,
+        )
         .await
         .unwrap();
     let e = verifier
-        .verify(&sign_rs256(&weak, "rsa-1024", &claims, None))
+        .verify(&sign_rs256(&weak, "rsa-1024", &claims, None), Plane::Worker)
         .await
         .unwrap_err();
     assert!(matches!(e, AuthError::RefusedKey), "{e:?}");
@@ -321,7 +330,7 @@ async fn weak_keys_are_not_loaded() {
         part(json!({"alg": "ES256", "kid": "ec-p521"})),
         part(claims)
     );
-    let e = verifier.verify(&on_p521).await.unwrap_err();
+    let e = verifier.verify(&on_p521, Plane::Worker).await.unwrap_err();
     assert!(matches!(e, AuthError::RefusedKey), "{e:?}");
 }
 
@@ -332,7 +341,7 @@ async fn crit_header_is_refused() {
     let verifier = served.verifier(|_| {});
     let claims = served.claims();
     verifier
-        .verify(&sign_rs256(&key, "rsa-2048", &claims, None))
+        .verify(&sign_rs256(&key, "rsa-2048", &claims, None), Plane::Worker)
         .await
         .unwrap();
     for crit in [
@@ -341,7 +350,7 @@ async fn crit_header_is_refused() {
         vec![],
     ] {
         let token = sign_rs256(&key, "rsa-2048", &claims, Some(crit));
-        let e = verifier.verify(&token).await.unwrap_err();
+        let e = verifier.verify(&token, Plane::Worker).await.unwrap_err();
         assert!(matches!(e, AuthError::CriticalExtension), "{e:?}");
         assert_eq!(e.reason(), "unsupported_critical_header");
         assert_discreet(&e, &["rsa-2048", &token]);
@@ -368,7 +377,7 @@ async fn issued_in_future_and_overlong_tokens_are_refused() {
     };
     let refused = |token: String| {
         let verifier = &verifier;
-        async move { verifier.verify(&token).await.unwrap_err() }
+        async move { verifier.verify(&token, Plane::Worker).await.unwrap_err() }
     };
 
     // iat in the future, beyond the 30 s leeway; within it is accepted.
@@ -377,7 +386,7 @@ async fn issued_in_future_and_overlong_tokens_are_refused() {
     assert_eq!(e.reason(), "token_issued_in_future");
     assert_discreet(&e, &[&issuer.kid()]);
     verifier
-        .verify(&with(json!({"iat": now + 10})))
+        .verify(&with(json!({"iat": now + 10})), Plane::Worker)
         .await
         .unwrap();
 
@@ -395,7 +404,7 @@ async fn issued_in_future_and_overlong_tokens_are_refused() {
     let e = refused(with(json!({"exp": now + 86_401}))).await;
     assert!(matches!(e, AuthError::LifetimeTooLong), "{e:?}");
     verifier
-        .verify(&with(json!({"exp": now + 86_399})))
+        .verify(&with(json!({"exp": now + 86_399})), Plane::Worker)
         .await
         .unwrap();
     // An old iat makes a long lifetime even when exp is near.
@@ -408,7 +417,7 @@ async fn issued_in_future_and_overlong_tokens_are_refused() {
     // The maximum comes from the config.
     let short = served.verifier(|c| c.max_token_lifetime_secs = 300);
     let e = short
-        .verify(&issuer.mint(&request())) // 600 s
+        .verify(&issuer.mint(&request()), Plane::Worker) // 600 s
         .await
         .unwrap_err();
     assert!(matches!(e, AuthError::LifetimeTooLong), "{e:?}");

@@ -10,7 +10,7 @@ use axum::middleware::{Next, from_fn};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use gatehouse_identity::{
-    Actor, AuthError, DevIssuer, TokenRequest, Verifier, VerifierConfig, parse_ttl,
+    Actor, AuthError, DevIssuer, Plane, TokenRequest, Verifier, VerifierConfig, parse_ttl,
 };
 use serde_json::{Value, json};
 
@@ -76,10 +76,11 @@ fn claims(issuer: &DevIssuer) -> Value {
 
 /// Verifies `token`, asserts it is refused with an error matching the pattern, returns the error.
 macro_rules! refused {
-    ($f:expr, $token:expr, $expected:pat) => {{
+    ($f:expr, $token:expr, $expected:pat) => {{ refused!($f, $token, Plane::Worker, $expected) }};
+    ($f:expr, $token:expr, $plane:expr, $expected:pat) => {{
         let e = $f
             .verifier
-            .verify(&$token)
+            .verify(&$token, $plane)
             .await
             .expect_err("must be refused");
         assert!(matches!(e, $expected), "{e:?}");
@@ -90,7 +91,11 @@ macro_rules! refused {
 #[tokio::test]
 async fn good_token_gives_identity() {
     let f = fixture(0).await;
-    let token = f.verifier.verify(&f.issuer.mint(&request())).await.unwrap();
+    let token = f
+        .verifier
+        .verify(&f.issuer.mint(&request()), Plane::Worker)
+        .await
+        .unwrap();
     let id = &token.identity;
     assert_eq!(
         [&id.issuer, &id.subject, &id.username],
@@ -110,7 +115,7 @@ async fn good_token_gives_identity() {
     c["aud"] = json!(["other", "gatehouse"]);
     let id = f
         .verifier
-        .verify(&f.issuer.sign_claims(&c))
+        .verify(&f.issuer.sign_claims(&c), Plane::Worker)
         .await
         .unwrap()
         .identity;
@@ -205,20 +210,20 @@ fn shareable_across_tasks() {
     let verifier = Verifier::new(config(issuer.issuer(), 0)).unwrap();
     send_sync(&issuer);
     send_sync(&verifier);
-    send(&verifier.verify("token")); // usable from tokio::spawn and axum handlers
+    send(&verifier.verify("token", Plane::Worker)); // usable from tokio::spawn and axum handlers
 }
 
 #[tokio::test]
 async fn rotation_refetches_and_keeps_old_keys() {
     let f = fixture(0).await;
     let old = f.issuer.mint(&request());
-    f.verifier.verify(&old).await.unwrap();
+    f.verifier.verify(&old, Plane::Worker).await.unwrap();
     let old_kid = f.issuer.kid();
     f.issuer.rotate();
     assert_ne!(f.issuer.kid(), old_kid);
     let new = f.issuer.mint(&request());
-    f.verifier.verify(&new).await.unwrap();
-    f.verifier.verify(&old).await.unwrap();
+    f.verifier.verify(&new, Plane::Worker).await.unwrap();
+    f.verifier.verify(&old, Plane::Worker).await.unwrap();
     assert_eq!(f.jwks_fetches.load(Ordering::SeqCst), 2);
 }
 
@@ -227,12 +232,18 @@ async fn unknown_kid_refetch_is_rate_limited() {
     let f = fixture(3600).await;
     let impostor = DevIssuer::generate(f.issuer.issuer());
     let (a, b) = (impostor.mint(&request()), impostor.mint(&request()));
-    let (ra, rb) = tokio::join!(f.verifier.verify(&a), f.verifier.verify(&b));
+    let (ra, rb) = tokio::join!(
+        f.verifier.verify(&a, Plane::Worker),
+        f.verifier.verify(&b, Plane::Worker)
+    );
     assert!(matches!(ra, Err(AuthError::UnknownKey)) && matches!(rb, Err(AuthError::UnknownKey)));
     refused!(f, a, AuthError::UnknownKey);
     assert_eq!(f.jwks_fetches.load(Ordering::SeqCst), 1);
     // Known keys still verify without another fetch.
-    f.verifier.verify(&f.issuer.mint(&request())).await.unwrap();
+    f.verifier
+        .verify(&f.issuer.mint(&request()), Plane::Worker)
+        .await
+        .unwrap();
     assert_eq!(f.jwks_fetches.load(Ordering::SeqCst), 1);
 }
 
@@ -243,7 +254,7 @@ async fn unreachable_issuer_is_reported() {
     drop(listener);
     let verifier = Verifier::new(config(&url, 0)).unwrap();
     let e = verifier
-        .verify(&DevIssuer::generate(&url).mint(&request()))
+        .verify(&DevIssuer::generate(&url).mint(&request()), Plane::Worker)
         .await
         .unwrap_err();
     assert!(matches!(e, AuthError::IssuerUnavailable(_)), "{e:?}");
@@ -276,9 +287,22 @@ fn config_validation_names_the_field() {
     );
     let parsed: VerifierConfig = serde_json::from_value(json!({"issuer": "https://x"})).unwrap();
     assert_eq!(
-        (parsed.audiences, parsed.leeway_secs),
-        (vec!["gatehouse".into()], 30)
+        (
+            parsed.worker_audiences,
+            parsed.api_audiences,
+            parsed.leeway_secs
+        ),
+        (vec!["gatehouse".into()], vec!["gatehouse-api".into()], 30)
     );
+    // The single list of audiences is gone: both planes took its tokens.
+    let legacy: VerifierConfig =
+        serde_json::from_value(json!({"issuer": "https://x", "audiences": ["gatehouse"]})).unwrap();
+    assert!(error(legacy).starts_with("oidc.audiences: replaced by oidc.worker_audiences"),);
+    let shared = VerifierConfig {
+        api_audiences: vec!["gatehouse".into(), "ops".into()],
+        ..config("https://idp.example", 30)
+    };
+    assert!(error(shared).starts_with("oidc.api_audiences: \"gatehouse\" is also in"));
     assert_eq!(
         (
             parsed.jwks_max_age_secs,
@@ -337,4 +361,55 @@ fn ttl_parsing() {
     ] {
         assert!(parse_ttl(bad).is_err(), "{bad}");
     }
+}
+
+#[tokio::test]
+async fn each_plane_takes_only_its_own_audience() {
+    let f = fixture(30).await;
+    let with_aud = |aud: Value| {
+        let mut c = claims(&f.issuer);
+        c["aud"] = aud;
+        f.issuer.sign_claims(&c)
+    };
+    let worker = with_aud(json!("gatehouse"));
+    let api = with_aud(json!("gatehouse-api"));
+    f.verifier.verify(&worker, Plane::Worker).await.unwrap();
+    f.verifier.verify(&api, Plane::Api).await.unwrap();
+
+    // The other plane's token: refused, saying which token to get.
+    let e = refused!(
+        f,
+        worker.clone(),
+        Plane::Api,
+        AuthError::WrongPlane(Plane::Api)
+    );
+    assert_eq!(e.reason(), "token_for_other_plane");
+    assert!(
+        e.user_message().contains("--for api"),
+        "{}",
+        e.user_message()
+    );
+    let e = refused!(
+        f,
+        api.clone(),
+        Plane::Worker,
+        AuthError::WrongPlane(Plane::Worker)
+    );
+    assert!(e.user_message().contains("not for database logins"));
+
+    // A token for both planes opens neither.
+    let both = with_aud(json!(["gatehouse", "gatehouse-api"]));
+    for plane in [Plane::Worker, Plane::Api] {
+        refused!(f, both.clone(), plane, AuthError::WrongPlane(_));
+    }
+    // An audience of neither plane is the wrong audience, as before.
+    refused!(
+        f,
+        with_aud(json!("elsewhere")),
+        Plane::Api,
+        AuthError::WrongAudience
+    );
+    // One of a plane's audiences among others of no plane is accepted.
+    let mixed = with_aud(json!(["elsewhere", "gatehouse-api"]));
+    f.verifier.verify(&mixed, Plane::Api).await.unwrap();
 }
