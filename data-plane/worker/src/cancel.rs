@@ -5,13 +5,30 @@
 //! the session sends it to the target with the target's own secret; one
 //! that reaches a worker which does not hold the session (behind a load
 //! balancer) is forwarded to all workers over NATS, and the holder acts.
+//!
+//! Forwarded requests are authenticated: each carries the time it was sent
+//! and an HMAC-SHA256 over it, the key and the subject, with the key all
+//! workers share (`worker.cancel_key_env`/`cancel_key_file`). A request
+//! without a valid tag, or sent more than [`MAX_AGE_MS`] away from the
+//! receiver's clock, is ignored, so whoever can publish on the subject
+//! cannot cancel anyone's commands without the key. A worker without a
+//! key neither forwards nor acts on forwarded requests.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 
-use crate::Target;
+use crate::config::CancelKey;
+use crate::{Shared, Target};
+
+/// How far a forwarded request's time may be from the receiver's: a
+/// captured request can be replayed only within this window (and then
+/// only cancels what that session is running again).
+pub(crate) const MAX_AGE_MS: i64 = 30_000;
+const TAG_LEN: usize = 32;
+const BODY_LEN: usize = 16;
+const CONTEXT: &[u8] = b"gatehouse-cancel-v1";
 
 /// A client's cancel key: the backend's process id and the worker's secret.
 pub(crate) type Key = (i32, i32);
@@ -83,23 +100,97 @@ impl CancelRegistry {
     }
 }
 
-pub(crate) fn encode(pid: i32, secret: i32) -> Vec<u8> {
-    let mut v = pid.to_be_bytes().to_vec();
+fn tag(key: &CancelKey, subject: &str, body: &[u8]) -> ring::hmac::Tag {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(CONTEXT);
+    ctx.update(&[0]);
+    ctx.update(subject.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(body);
+    ctx.sign()
+}
+
+/// A forwarded cancel request: the key, the time it is sent (unix ms) and
+/// its tag.
+pub(crate) fn encode(
+    key: &CancelKey,
+    subject: &str,
+    pid: i32,
+    secret: i32,
+    now_ms: i64,
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(BODY_LEN + TAG_LEN);
+    v.extend_from_slice(&pid.to_be_bytes());
     v.extend_from_slice(&secret.to_be_bytes());
+    v.extend_from_slice(&now_ms.to_be_bytes());
+    let tag = tag(key, subject, &v);
+    v.extend_from_slice(tag.as_ref());
     v
 }
 
-/// Serves cancel requests forwarded by other workers.
+/// The cancel key of an authentic, fresh request; `None` for anything else.
+pub(crate) fn decode(
+    key: &CancelKey,
+    subject: &str,
+    payload: &[u8],
+    now_ms: i64,
+) -> Option<(i32, i32)> {
+    if payload.len() != BODY_LEN + TAG_LEN {
+        return None;
+    }
+    let (body, tag) = payload.split_at(BODY_LEN);
+    let verify_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0);
+    let mut signed = Vec::with_capacity(CONTEXT.len() + subject.len() + 2 + BODY_LEN);
+    signed.extend_from_slice(CONTEXT);
+    signed.push(0);
+    signed.extend_from_slice(subject.as_bytes());
+    signed.push(0);
+    signed.extend_from_slice(body);
+    ring::hmac::verify(&verify_key, &signed, tag).ok()?;
+    let sent = i64::from_be_bytes(body[8..16].try_into().ok()?);
+    if (now_ms - sent).abs() > MAX_AGE_MS {
+        return None;
+    }
+    let pid = i32::from_be_bytes(body[0..4].try_into().ok()?);
+    let secret = i32::from_be_bytes(body[4..8].try_into().ok()?);
+    Some((pid, secret))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Forwards a cancel request for a session this worker does not hold to
+/// the other workers, when they share a key.
+pub(crate) async fn forward(shared: &Shared, pid: i32, secret: i32) {
+    let Some(key) = &shared.config.cancel_key else {
+        tracing::debug!("cancel request for a session not held here; no cancel key to forward it");
+        return;
+    };
+    let subject = &shared.config.cancel_subject;
+    let payload = encode(key, subject, pid, secret, now_ms());
+    if let Err(e) = shared.nats.publish(subject.clone(), payload.into()).await {
+        tracing::warn!(error = %e, "cannot forward a cancel request");
+    }
+}
+
+/// Serves cancel requests forwarded by other workers; without a key it
+/// only drains the subscription.
 pub(crate) async fn serve_forwarded(
     registry: Arc<CancelRegistry>,
+    key: Option<CancelKey>,
+    subject: String,
     mut sub: async_nats::Subscriber,
 ) {
     while let Some(msg) = sub.next().await {
-        let Ok(bytes) = <[u8; 8]>::try_from(msg.payload.as_ref()) else {
+        let Some(key) = &key else {
             continue;
         };
-        let pid = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let secret = i32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        let Some((pid, secret)) = decode(key, &subject, &msg.payload, now_ms()) else {
+            tracing::warn!("ignored a forwarded cancel request that is not authentic or too old");
+            continue;
+        };
         if registry.cancel_local(pid, secret).await {
             tracing::debug!("served a cancel request forwarded by another worker");
         }
@@ -122,6 +213,32 @@ mod tests {
             config,
             tls: None,
         })
+    }
+
+    #[test]
+    fn forwarded_requests_need_the_key_the_subject_and_a_fresh_time() {
+        let key = CancelKey(vec![7; 32]);
+        let now = 1_700_000_000_000;
+        let msg = encode(&key, "gh.cancel", 4242, -5, now);
+        assert_eq!(
+            decode(&key, "gh.cancel", &msg, now + 1_000),
+            Some((4242, -5))
+        );
+        // Another key, another subject, an old or future request.
+        assert_eq!(
+            decode(&CancelKey(vec![8; 32]), "gh.cancel", &msg, now),
+            None
+        );
+        assert_eq!(decode(&key, "gh.other", &msg, now), None);
+        assert_eq!(decode(&key, "gh.cancel", &msg, now + MAX_AGE_MS + 1), None);
+        assert_eq!(decode(&key, "gh.cancel", &msg, now - MAX_AGE_MS - 1), None);
+        // Any byte changed, or the old unauthenticated 8-byte form.
+        for i in 0..msg.len() {
+            let mut forged = msg.clone();
+            forged[i] ^= 1;
+            assert_eq!(decode(&key, "gh.cancel", &forged, now), None, "byte {i}");
+        }
+        assert_eq!(decode(&key, "gh.cancel", &msg[..8], now), None);
     }
 
     #[test]

@@ -36,8 +36,25 @@ pub struct WorkerConfig {
     /// (with `57P01` and a `SessionClosed` event saying `worker_shutdown`).
     pub drain_timeout_secs: u64,
     /// Let a session go on after its token expires. Off by default: the
-    /// first command after expiry ends the session (`FATAL 28000`).
+    /// first command after expiry ends the session (`FATAL 28000`). When
+    /// on, `max_session_lifetime_secs` bounds how long it may go on.
     pub sessions_outlive_tokens: bool,
+    /// With `sessions_outlive_tokens`, a session that outlives its token
+    /// ends (`FATAL 28000`) at its first command once this long has passed
+    /// since it opened. Production mode requires it with
+    /// `sessions_outlive_tokens` (or the `sessions-outlive-tokens` switch).
+    pub max_session_lifetime_secs: Option<u64>,
+    /// Environment variable holding the key (at least 32 bytes) that
+    /// authenticates cancel requests forwarded between workers; every
+    /// worker needs the same one. Without a key (here or in
+    /// `cancel_key_file`), a worker neither forwards cancel requests for
+    /// sessions it does not hold nor acts on forwarded ones.
+    pub cancel_key_env: Option<String>,
+    /// File holding that key (trailing newline ignored).
+    pub cancel_key_file: Option<PathBuf>,
+    /// The resolved cancel key; filled at start.
+    #[serde(skip)]
+    pub cancel_key: Option<CancelKey>,
     /// Bytes of prepared statements and portals one session may hold (their
     /// texts and bound parameters, as the worker keeps them to decide and
     /// record what runs). A `Parse`, `Bind` or `PREPARE` past it is refused
@@ -76,6 +93,10 @@ impl Default for WorkerConfig {
             max_statement_bytes: 1 << 20,
             drain_timeout_secs: 30,
             sessions_outlive_tokens: false,
+            max_session_lifetime_secs: None,
+            cancel_key_env: None,
+            cancel_key_file: None,
+            cancel_key: None,
             max_session_prepared_bytes: 64 << 20,
             startup_timeout_secs: 10,
             max_connections: 10_000,
@@ -84,6 +105,17 @@ impl Default for WorkerConfig {
             metrics_listen: None,
             targets: BTreeMap::new(),
         }
+    }
+}
+
+/// The shared key that authenticates forwarded cancel requests. Never
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CancelKey(pub Vec<u8>);
+
+impl std::fmt::Debug for CancelKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CancelKey(<redacted>)")
     }
 }
 
@@ -263,6 +295,44 @@ impl WorkerConfig {
                 return Err(format!("worker.{field}: must be at least 1"));
             }
         }
+        if self.max_session_lifetime_secs == Some(0) {
+            return Err("worker.max_session_lifetime_secs: must be at least 1".into());
+        }
+        if self.cancel_key.is_none() {
+            let key = match (&self.cancel_key_env, &self.cancel_key_file) {
+                (Some(_), Some(_)) => {
+                    return Err("worker.cancel_key_env / cancel_key_file: set one, not both".into());
+                }
+                (Some(var), None) => Some(std::env::var(var).map_err(|_| {
+                    format!("worker.cancel_key_env: environment variable {var} is not set")
+                })?),
+                (None, Some(path)) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| {
+                            format!(
+                                "worker.cancel_key_file: cannot read {}: {e}",
+                                path.display()
+                            )
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            if let Some(key) = key {
+                if key.len() < 32 {
+                    return Err(format!(
+                        "worker.{}: the cancel key must be at least 32 bytes",
+                        if self.cancel_key_env.is_some() {
+                            "cancel_key_env"
+                        } else {
+                            "cancel_key_file"
+                        }
+                    ));
+                }
+                self.cancel_key = Some(CancelKey(key.into_bytes()));
+            }
+        }
         for (name, target) in &mut self.targets {
             let field = format!("worker.targets.{name}");
             if target.host.is_empty() {
@@ -273,6 +343,18 @@ impl WorkerConfig {
         Ok(())
     }
 
+    /// When a session opened at `now` (unix seconds) must end, given the
+    /// end of its token's validity (leeway included): then, unless
+    /// `sessions_outlive_tokens`, in which case the later of then and
+    /// `max_session_lifetime_secs` after opening (never, without a cap).
+    pub fn session_deadline(&self, token_end: i64, now: i64) -> Option<i64> {
+        match (self.sessions_outlive_tokens, self.max_session_lifetime_secs) {
+            (false, _) => Some(token_end),
+            (true, Some(cap)) => Some(token_end.max(now.saturating_add(cap as i64))),
+            (true, None) => None,
+        }
+    }
+
     pub fn worker_id(&self) -> String {
         self.id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
@@ -280,5 +362,61 @@ impl WorkerConfig {
                 .unwrap_or_else(|_| "worker".into());
             format!("{host}-{:08x}", rand::random::<u32>())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_end_with_their_token_or_at_the_cap() {
+        let mut c = WorkerConfig::default();
+        assert_eq!(c.session_deadline(1_000, 500), Some(1_000));
+        c.max_session_lifetime_secs = Some(3_600);
+        assert_eq!(
+            c.session_deadline(1_000, 500),
+            Some(1_000),
+            "the cap alone extends nothing"
+        );
+        c.sessions_outlive_tokens = true;
+        assert_eq!(c.session_deadline(1_000, 500), Some(4_100));
+        assert_eq!(
+            c.session_deadline(9_000, 500),
+            Some(9_000),
+            "never before the token ends"
+        );
+        c.max_session_lifetime_secs = None;
+        assert_eq!(c.session_deadline(1_000, 500), None);
+    }
+
+    #[test]
+    fn the_cancel_key_is_read_and_must_be_long() {
+        let dir =
+            std::env::temp_dir().join(format!("gh-cancel-key-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        let oidc = VerifierConfig {
+            issuer: "https://issuer.example".into(),
+            ..Default::default()
+        };
+        let prepared = |contents: &str| {
+            std::fs::write(&file, contents).unwrap();
+            let mut c = WorkerConfig {
+                allow_plaintext: true,
+                cancel_key_file: Some(file.clone()),
+                ..Default::default()
+            };
+            c.prepare(&oidc).map(|()| c.cancel_key)
+        };
+        let key = prepared(&format!("{}\n", "k".repeat(32))).unwrap().unwrap();
+        assert_eq!(key.0, vec![b'k'; 32]);
+        assert!(
+            !format!("{key:?}").contains('k'),
+            "the key is never printed"
+        );
+        let e = prepared("short\n").unwrap_err();
+        assert!(e.starts_with("worker.cancel_key_file:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

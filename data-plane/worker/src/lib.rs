@@ -41,7 +41,7 @@ use gatehouse_identity::Verifier;
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
 use tokio::net::TcpListener;
 
-pub use config::{ChannelBinding, TargetAuth, TargetConfig, TargetTls, WorkerConfig};
+pub use config::{CancelKey, ChannelBinding, TargetAuth, TargetConfig, TargetTls, WorkerConfig};
 
 /// The session machine driven by arbitrary bytes, for the fuzz target.
 #[doc(hidden)]
@@ -149,7 +149,12 @@ pub async fn run(
         .subscribe(config.cancel_subject.clone())
         .await
         .map_err(|e| WorkerError::Subscribe(e.to_string()))?;
-    let cancel_task = tokio::spawn(cancel::serve_forwarded(cancels.clone(), sub));
+    let cancel_task = tokio::spawn(cancel::serve_forwarded(
+        cancels.clone(),
+        config.cancel_key.clone(),
+        config.cancel_subject.clone(),
+        sub,
+    ));
 
     let (close_sessions, closing) = tokio::sync::watch::channel(false);
     let drain = std::time::Duration::from_secs(config.drain_timeout_secs);

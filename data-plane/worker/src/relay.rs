@@ -58,8 +58,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
     let reason = if send(&mut client, &hello).await.is_err() {
         CloseReason::ClientDisconnected
     } else {
-        let token_deadline =
-            (!shared.config.sessions_outlive_tokens).then(|| ctx.expires_at + ctx.leeway_secs);
+        let token_deadline = shared.config.session_deadline(
+            ctx.expires_at + ctx.leeway_secs,
+            chrono::Utc::now().timestamp(),
+        );
         let machine = Machine::new(
             ctx.clone(),
             policy,

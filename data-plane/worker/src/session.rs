@@ -295,11 +295,7 @@ async fn negotiate(
                 secret_key,
             } => {
                 if !shared.cancels.cancel_local(process_id, secret_key).await {
-                    let payload = crate::cancel::encode(process_id, secret_key);
-                    let _ = shared
-                        .nats
-                        .publish(shared.config.cancel_subject.clone(), payload.into())
-                        .await;
+                    crate::cancel::forward(shared, process_id, secret_key).await;
                 }
                 return Some((conn, buf, Startup::Done));
             }
