@@ -137,6 +137,9 @@ pub(super) fn bundle_policies(all: &PolicySet) -> PolicySet {
     set
 }
 
+/// The built-in policies with a bundle's, or why they cannot be joined.
+type Joined = Arc<Result<PolicySet, String>>;
+
 /// Id prefix of the built-in API policies.
 pub const BUILTIN_PREFIX: &str = "gatehouse-builtin:";
 
@@ -149,8 +152,9 @@ pub struct ApiAuthority {
     schema: Schema,
     resource: EntityUid,
     authorizer: Authorizer,
-    /// The built-in set joined with the last engine's API policies.
-    joined: Mutex<Option<(u64, Arc<Result<PolicySet, String>>)>>,
+    /// The built-in set joined with the last engine's API policies, by
+    /// engine id.
+    joined: Mutex<Option<(u64, Joined)>>,
 }
 
 impl std::fmt::Debug for ApiAuthority {
@@ -326,7 +330,7 @@ impl ApiAuthority {
 
     /// The built-in policies with `engine`'s API policies, built once per
     /// engine.
-    fn joined(&self, engine: &Engine) -> Arc<Result<PolicySet, String>> {
+    fn joined(&self, engine: &Engine) -> Joined {
         let mut cached = self.joined.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((id, set)) = cached.as_ref()
             && *id == engine.id
