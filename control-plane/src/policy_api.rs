@@ -86,9 +86,6 @@ pub struct PolicyApi {
     pub source: String,
     /// The engine of the current bundle, kept for explanations.
     cache: Arc<Mutex<Option<Arc<Engine>>>>,
-    /// The bundle subject's last sequence and the bundle in force then,
-    /// for `/readyz`.
-    in_force: Arc<Mutex<Option<(u64, Option<Bundle>)>>>,
 }
 
 impl PolicyApi {
@@ -104,35 +101,18 @@ impl PolicyApi {
             config,
             source,
             cache: Arc::default(),
-            in_force: Arc::default(),
         }
     }
 
     /// What `/readyz` says about policies: the version in force and its
-    /// dry-run (`null` when none; `active` false once it has ended). Read
-    /// again only when the bundle subject has changed.
+    /// dry-run (`null` when none; `active` false once it has ended).
     pub(crate) async fn readiness(&self) -> Value {
-        let last = match self.store.last_sequence().await {
-            Ok(last) => last,
+        let bundle = match self.store.current().await {
+            Ok(current) => current.map(|c| c.value),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the policy store for /readyz");
                 return json!({ "store": "unavailable" });
             }
-        };
-        let cached = self.in_force.lock().expect("poisoned").clone();
-        let bundle = match cached {
-            Some((seq, bundle)) if seq == last => bundle,
-            _ => match self.store.history().await {
-                Ok(h) => {
-                    let bundle = h.current().map(|c| c.value.clone());
-                    *self.in_force.lock().expect("poisoned") = Some((last, bundle.clone()));
-                    bundle
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the policy store for /readyz");
-                    return json!({ "store": "unavailable" });
-                }
-            },
         };
         json!({
             "store": "ok",

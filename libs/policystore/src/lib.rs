@@ -285,6 +285,9 @@ pub struct PolicyStore {
     trusted: TrustedKeys,
     /// The control plane's key; `None` in workers.
     signer: Option<SigningKey>,
+    /// The bundle in force as of the subject's last sequence, so that
+    /// [`Self::current`] reads the history again only when it changed.
+    in_force: std::sync::Arc<std::sync::Mutex<Option<(u64, Option<Stored<Bundle>>)>>>,
     /// The subject bundles are published on.
     bundle_subject: String,
     /// The prefix of revocation subjects (`<prefix>.<key>`).
@@ -326,6 +329,7 @@ impl PolicyStore {
         Ok(Self {
             trusted,
             signer,
+            in_force: Default::default(),
             js: js.clone(),
             bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64).await?,
             revocations: open_stream(
@@ -424,9 +428,20 @@ impl PolicyStore {
         Ok(self.current().await?.map(|s| s.value))
     }
 
-    /// The bundle in force with its stream sequence.
+    /// The bundle in force with its stream sequence. One request when
+    /// the subject has not changed since the last call; otherwise the
+    /// history is read again ([`Self::history`]).
     pub async fn current(&self) -> Result<Option<Stored<Bundle>>, StoreError> {
-        Ok(self.history().await?.current().cloned())
+        let last = self.last_sequence().await?;
+        if let Some((seen, current)) = self.in_force.lock().expect("poisoned").as_ref()
+            && *seen == last
+        {
+            return Ok(current.clone());
+        }
+        let history = self.history().await?;
+        let current = history.current().cloned();
+        *self.in_force.lock().expect("poisoned") = Some((history.last_sequence, current.clone()));
+        Ok(current)
     }
 
     /// The engine to start deciding with: that of the bundle in force, or,
