@@ -1,6 +1,11 @@
 //! `gatehouse dev` and `gatehouse token`: a whole Gatehouse in one process
 //! for trying it out, with a development OIDC issuer and self-signed TLS
 //! kept in a data directory.
+//!
+//! This is the development mode: it turns on what production mode refuses
+//! (an `http://` issuer, a plain-HTTP API, NATS without TLS or credentials,
+//! an audit database and targets whose certificates are not verified, when
+//! asked) and logs each such setting at WARN at start.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,12 +18,12 @@ use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_policies::{Bundle, Engine};
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
-use gatehouse_worker::{ChannelBinding, TargetConfig, TargetTls, WorkerConfig};
+use gatehouse_worker::{CancelKey, ChannelBinding, TargetConfig, TargetTls, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::LogConfig;
+use crate::config::{Config, LogConfig, Role};
 use crate::run::{connect_nats, init_logging, shutdown_signal};
 
 /// The audience of development tokens for database logins (the worker's
@@ -27,7 +32,7 @@ pub const DEV_AUDIENCE: &str = "gatehouse";
 /// The audience of development tokens for the HTTP API (the default
 /// `oidc.api_audiences`).
 pub const DEV_API_AUDIENCE: &str = "gatehouse-api";
-const DEFAULT_TARGET: &str = "postgres=postgres://postgres@127.0.0.1:5432/postgres?sslmode=require";
+const DEFAULT_TARGET: &str = "postgres=postgres://postgres@127.0.0.1:5432/postgres";
 
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
@@ -36,11 +41,19 @@ pub struct DevArgs {
     pub data_dir: PathBuf,
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
-    /// Audit database (created if missing).
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/gatehouse")]
+    /// Audit database (created if missing). Without `sslmode` in the URL,
+    /// verify-full; the default says `require` (a warning at start), as a
+    /// local PostgreSQL rarely has a certificate its clients can verify.
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/gatehouse?sslmode=require"
+    )]
     pub audit_db: String,
-    /// A target as NAME=postgres://user:pass@host:port/db[?sslmode=disable|require|verify-full]
-    /// (repeatable). Default: postgres=postgres://postgres@127.0.0.1:5432/postgres?sslmode=require
+    /// A target as NAME=postgres://user:pass@host:port/db[?sslmode=verify-full|require|disable][&sslrootcert=CA.pem]
+    /// (repeatable). Without sslmode, verify-full: trust the target's CA
+    /// (sslrootcert, or the system roots) or say sslmode=require, which is
+    /// warned about at start. prefer and allow are refused.
+    /// Default: postgres=postgres://postgres@127.0.0.1:5432/postgres
     #[arg(long = "target", value_name = "NAME=URL")]
     pub targets: Vec<String>,
     #[arg(long, default_value = "127.0.0.1:15432")]
@@ -302,7 +315,7 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
             .bundle_public_keys
             .push(key.public_key().to_string());
     }
-    let nats = connect_nats(&opts.nats_url).await?;
+    let nats = connect_nats(&opts.events).await?;
     let bundle_version = publish_bundle(&nats, &opts).await?;
     let control = ControlPlaneConfig {
         audit_db_url: opts.audit_db.clone(),
@@ -322,6 +335,14 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         cancel_subject: opts.cancel_subject.clone(),
         // Ctrl-C on a dev stack should not wait long for open sessions.
         drain_timeout_secs: 2,
+        // Shared by the stack's workers (`spawn_worker` clones this), so
+        // they forward cancel requests to each other.
+        cancel_key: Some(CancelKey(
+            [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+                .iter()
+                .flat_map(|u| *u.as_bytes())
+                .collect(),
+        )),
         ..Default::default()
     };
     worker.targets = opts.targets.iter().cloned().collect();
@@ -331,6 +352,13 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         ..Default::default()
     };
     worker.prepare(&oidc).map_err(anyhow::Error::msg)?;
+    warn_development_mode(Config {
+        oidc,
+        events: opts.events.clone(),
+        worker: worker.clone(),
+        control_plane: control.clone(),
+        ..Default::default()
+    });
     let pg = TcpListener::bind(&opts.pg_listen)
         .await
         .with_context(|| format!("--pg-listen: cannot listen on {}", opts.pg_listen))?;
@@ -376,6 +404,21 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         worker: worker_task,
         control_plane: control_task,
     })
+}
+
+/// Logs, at WARN, each setting production mode would refuse.
+fn warn_development_mode(config: Config) {
+    let mut seen = std::collections::BTreeSet::new();
+    for role in [Role::Worker, Role::ControlPlane] {
+        for u in config.unsafe_settings(role) {
+            if seen.insert(u.field.clone()) {
+                tracing::warn!(
+                    switch = u.switch.name(),
+                    "development mode allows what production mode refuses: {u}"
+                );
+            }
+        }
+    }
 }
 
 /// Makes the dev stack's bundle the current one (signed, under the next

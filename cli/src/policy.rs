@@ -21,10 +21,12 @@ pub enum PolicyCommand {
         /// The control plane's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         api: String,
-        /// A token whose groups include the policy admin group
-        /// (`policy.admin_group`, default `policy-admins`).
-        #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
-        token: String,
+        /// A file holding a token whose groups include the policy admin
+        /// group (`policy.admin_group`, default `policy-admins`). Without
+        /// it, the token is read from the environment variable
+        /// GATEHOUSE_TOKEN. (Never from the command line, where `ps` shows it.)
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// A label kept with the bundle (the control plane assigns the
         /// version).
         #[arg(long)]
@@ -37,8 +39,9 @@ pub enum PolicyCommand {
         version: u64,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         api: String,
-        #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
-        token: String,
+        /// As for `push`: a token file, else GATEHOUSE_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Record would-be denials on some targets without enforcing them, for
     /// a while (at most 24h); `--off` ends it now. Read-only sessions
@@ -58,8 +61,9 @@ pub enum PolicyCommand {
         off: bool,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         api: String,
-        #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
-        token: String,
+        /// As for `push`: a token file, else GATEHOUSE_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Make an Ed25519 key for the control plane to sign bundles with
     /// (`policy.signing_key_file`) and print its public key, the value for
@@ -109,9 +113,10 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Push {
             dir,
             api,
-            token,
+            token_file,
             label,
         } => {
+            let token = push_token(token_file.as_deref(), std::env::var("GATEHOUSE_TOKEN").ok())?;
             let (bundle, _) = load(&dir)?;
             let body = serde_json::json!({
                 "label": label.unwrap_or(bundle.label),
@@ -137,8 +142,9 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Rollback {
             version,
             api,
-            token,
+            token_file,
         } => {
+            let token = push_token(token_file.as_deref(), std::env::var("GATEHOUSE_TOKEN").ok())?;
             let body = serde_json::json!({ "version": version });
             let (_, reply) = call(
                 &api,
@@ -160,8 +166,9 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             duration,
             off,
             api,
-            token,
+            token_file,
         } => {
+            let token = push_token(token_file.as_deref(), std::env::var("GATEHOUSE_TOKEN").ok())?;
             if off {
                 let (_, reply) =
                     call(&api, &token, "DELETE", "/api/v1/policies/dry-run", None).await?;
@@ -255,4 +262,61 @@ fn load(dir: &std::path::Path) -> anyhow::Result<(Bundle, Engine)> {
         }
     })?;
     Ok((bundle, engine))
+}
+
+/// The token for `policy push`: from `--token-file`, else `GATEHOUSE_TOKEN`.
+fn push_token(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("--token-file: cannot read {}", path.display()))?,
+        None => env.context(
+            "no token: set GATEHOUSE_TOKEN or pass --token-file FILE (a token whose groups \
+             include the policy admin group)",
+        )?,
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!(
+            "{}: the token is empty",
+            if file.is_some() {
+                "--token-file"
+            } else {
+                "GATEHOUSE_TOKEN"
+            }
+        );
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_push_token_comes_from_a_file_or_the_environment() {
+        let dir = std::env::temp_dir().join(format!("gh-token-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        assert_eq!(
+            push_token(Some(&file), Some("env".into())).unwrap(),
+            "from-file"
+        );
+        assert_eq!(
+            push_token(None, Some("from-env".into())).unwrap(),
+            "from-env"
+        );
+        let e = push_token(None, None).unwrap_err().to_string();
+        assert!(
+            e.contains("GATEHOUSE_TOKEN") && e.contains("--token-file"),
+            "{e}"
+        );
+        let e = push_token(Some(&dir.join("missing")), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--token-file:"), "{e}");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(push_token(Some(&file), None).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use gatehouse_identity::Verifier;
 
-use crate::config::{Config, LogConfig, LogFormat};
+use crate::config::{Config, LogConfig, LogFormat, Role};
 
 pub fn init_logging(log: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -34,22 +34,20 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name("gatehouse")
-        .connect(url)
-        .await
-        .with_context(|| {
-            format!("cannot reach NATS at {url}: is nats-server running with JetStream (-js)?")
-        })
+/// Connects to NATS with the `[events]` URL, credentials and TLS.
+pub async fn connect_nats(
+    events: &gatehouse_eventlog::EventLogConfig,
+) -> anyhow::Result<async_nats::Client> {
+    Ok(gatehouse_eventlog::connect(events, "gatehouse").await?)
 }
 
 pub async fn worker(path: &Path) -> anyhow::Result<()> {
     let mut config = Config::load(path)?;
     init_logging(&config.log);
     config.check_worker().context("invalid configuration")?;
+    config.log_insecure(Role::Worker);
     let verifier = Arc::new(Verifier::new(config.oidc.clone()).map_err(anyhow::Error::msg)?);
-    let nats = connect_nats(&config.events.nats_url).await?;
+    let nats = connect_nats(&config.events).await?;
     let listener = tokio::net::TcpListener::bind(&config.worker.listen)
         .await
         .with_context(|| format!("worker.listen: cannot listen on {}", config.worker.listen))?;
@@ -67,16 +65,21 @@ pub async fn worker(path: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn control_plane(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    let mut config = Config::load(path)?;
     init_logging(&config.log);
     config
         .check_control_plane()
         .context("invalid configuration")?;
+    config.log_insecure(Role::ControlPlane);
     let verifier = Arc::new(Verifier::new(config.oidc.clone()).map_err(anyhow::Error::msg)?);
-    let nats = connect_nats(&config.events.nats_url).await?;
-    let listener = tokio::net::TcpListener::bind(&config.api.listen)
+    let nats = connect_nats(&config.events).await?;
+    let tcp = tokio::net::TcpListener::bind(&config.api.listen)
         .await
         .with_context(|| format!("api.listen: cannot listen on {}", config.api.listen))?;
+    let listener = match (&config.api.tls_cert_file, &config.api.tls_key_file) {
+        (Some(cert), Some(key)) => gatehouse_control_plane::ApiListener::tls(tcp, cert, key)?,
+        _ => tcp.into(),
+    };
     gatehouse_control_plane::run(
         config.control_plane,
         config.policy,

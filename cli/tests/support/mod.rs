@@ -103,7 +103,7 @@ impl Env {
         let stack = dev::start(DevOptions {
             data_dir: data_dir.clone(),
             nats_url: opts.nats_url,
-            audit_db: format!("{PG}/{audit_db}"),
+            audit_db: format!("{PG}/{audit_db}?sslmode=disable"),
             targets: vec![("app".into(), target)],
             pg_listen: "127.0.0.1:0".into(),
             http_listen: "127.0.0.1:0".into(),
