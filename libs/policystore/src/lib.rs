@@ -276,6 +276,9 @@ impl History {
     }
 }
 
+/// The subject's last sequence and the bundle in force then.
+type InForce = (u64, Option<Stored<Bundle>>);
+
 #[derive(Clone)]
 pub struct PolicyStore {
     js: jetstream::Context,
@@ -287,7 +290,7 @@ pub struct PolicyStore {
     signer: Option<SigningKey>,
     /// The bundle in force as of the subject's last sequence, so that
     /// [`Self::current`] reads the history again only when it changed.
-    in_force: std::sync::Arc<std::sync::Mutex<Option<(u64, Option<Stored<Bundle>>)>>>,
+    in_force: std::sync::Arc<std::sync::Mutex<Option<InForce>>>,
     /// The subject bundles are published on.
     bundle_subject: String,
     /// The prefix of revocation subjects (`<prefix>.<key>`).
