@@ -76,10 +76,10 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     let body = json!({
         "nats": format!("{nats:?}").to_lowercase(),
         "audit_db": if db_ok { "ok" } else { "unavailable" },
-    });
-    (status, Json(body)).into_response()
         // The policy version in force and its dry-run, if any.
         "policy": s.policy.readiness().await,
+    });
+    (status, Json(body)).into_response()
 }
 
 /// The raw query string of a list; each value is parsed in [`ListQuery::parse`]
