@@ -281,7 +281,7 @@ gh_note "nats-server $NATS_VERSION (pid $NATS_PID) listens on 127.0.0.1:$NATS_PO
 gh_log "starting gatehouse dev (development issuer, TLS files; its worker and control plane use the private NATS)"
 DEV_CMD=("$BIN" dev --data-dir "$DEV_DIR" --nats "$NATS_URL"
     --pg-listen "127.0.0.1:$DEV_PG_PORT" --http-listen "127.0.0.1:$HTTP_PORT"
-    --audit-db "postgres://postgres@127.0.0.1:5432/$AUDIT_DB"
+    --audit-db "postgres://postgres@127.0.0.1:5432/$AUDIT_DB?sslmode=require"
     --target "bench=postgres://postgres@127.0.0.1:5432/$BENCH_DB?sslmode=require")
 show "${DEV_CMD[*]} >$DEV_LOG 2>&1 &"
 RUST_LOG=${RUST_LOG:-warn} "${DEV_CMD[@]}" >"$DEV_LOG" 2>&1 </dev/null &
@@ -303,6 +303,9 @@ start_worker() { # pidvar name binary port stream log
     tag=$(printf '%s' "$stream" | tr 'A-Z_' 'a-z.')
     gh_log "starting a standalone $name ($bin) on its own stream $stream (no control plane consumes it)"
     cat >"$conf" <<TOML
+# A benchmark on loopback: production mode's switches for what it uses.
+insecure = ["http-issuer", "nats-plaintext", "nats-anonymous", "target-tls-unverified"]
+
 [log]
 level = "warn"
 

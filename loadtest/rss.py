@@ -103,7 +103,7 @@ def main():
         pg_port, http_port = free_port(), free_port()
         dev = subprocess.Popen([BIN, "dev", "--data-dir", f"{work}/dev", "--nats",
                                 f"nats://127.0.0.1:{nport}", "--audit-db",
-                                f"{PG}/gh_rss_audit_{tag}", "--target",
+                                f"{PG}/gh_rss_audit_{tag}?sslmode=require", "--target",
                                 f"app={PG}/gh_rss_target_{tag}?sslmode=require",
                                 "--pg-listen", f"127.0.0.1:{pg_port}", "--http-listen",
                                 f"127.0.0.1:{http_port}"],
