@@ -177,3 +177,48 @@ impl EventLogConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_credentials_and_tls_are_checked_and_recognised() {
+        let base = EventLogConfig::default();
+        base.validate().unwrap();
+        assert!(!base.nats_tls() && !base.nats_authenticated());
+        let with = |f: fn(&mut EventLogConfig)| {
+            let mut c = EventLogConfig::default();
+            f(&mut c);
+            c
+        };
+        let e = with(|c| c.nats_user = Some("w".into()))
+            .validate()
+            .unwrap_err();
+        assert!(e.starts_with("events.nats_password_env:"), "{e}");
+        let e = with(|c| c.nats_password_env = Some("P".into()))
+            .validate()
+            .unwrap_err();
+        assert!(e.starts_with("events.nats_user:"), "{e}");
+        let e = with(|c| {
+            c.nats_creds_file = Some("a.creds".into());
+            c.nats_nkey_file = Some("a.nk".into());
+        })
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("choose one"), "{e}");
+        let e = with(|c| c.nats_tls_cert_file = Some("c.pem".into()))
+            .validate()
+            .unwrap_err();
+        assert!(e.starts_with("events.nats_tls_cert_file"), "{e}");
+        let c = with(|c| {
+            c.nats_user = Some("w".into());
+            c.nats_password_file = Some("p".into());
+        });
+        c.validate().unwrap();
+        assert!(c.nats_authenticated());
+        assert!(with(|c| c.nats_url = "tls://a:4222, tls://b:4222".into()).nats_tls());
+        assert!(!with(|c| c.nats_url = "tls://a:4222,nats://b:4222".into()).nats_tls());
+        assert!(with(|c| c.nats_tls_ca_file = Some("ca.pem".into())).nats_tls());
+    }
+}
