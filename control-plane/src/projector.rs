@@ -791,6 +791,20 @@ async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error
             .execute(&mut *db)
             .await?;
         }
+        (Payload::IdentityReinstated(p), _) => {
+            sqlx::query(
+                "INSERT INTO reinstatements (event_id, time, kind, value, reinstated_by, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(e.id)
+            .bind(e.time)
+            .bind(&p.kind)
+            .bind(&p.value)
+            .bind(&p.reinstated_by)
+            .bind(&p.reason)
+            .execute(&mut *db)
+            .await?;
+        }
         (Payload::AuthenticationFailed(p), _) => {
             sqlx::query(
                 "INSERT INTO authentication_failures (event_id, time, client_addr, client_tls,

@@ -124,6 +124,7 @@ impl Serialize for PayloadRef<'_> {
             Payload::SessionClosed(p) => p.serialize(s),
             Payload::PolicyBundlePublished(p) => p.serialize(s),
             Payload::IdentityRevoked(p) => p.serialize(s),
+            Payload::IdentityReinstated(p) => p.serialize(s),
         }
     }
 }
@@ -184,6 +185,7 @@ impl Event {
                 Payload::PolicyBundlePublished(serde_json::from_str(p)?)
             }
             EventType::IdentityRevoked => Payload::IdentityRevoked(serde_json::from_str(p)?),
+            EventType::IdentityReinstated => Payload::IdentityReinstated(serde_json::from_str(p)?),
         };
         Ok(Event {
             id: ce.id,

@@ -24,8 +24,9 @@ pub use cloudevent::{
 pub use envelope::{Actor, Event, Identity};
 pub use payload::{
     AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
-    DryRunScope, ExecutedStatement, IdentityRevoked, Param, ParamFormat, Payload,
-    PolicyBundlePublished, Protocol, Redaction, SessionClosed, SessionOpened, ValueEncoding,
+    DryRunScope, ExecutedStatement, IdentityReinstated, IdentityRevoked, Param, ParamFormat,
+    Payload, PolicyBundlePublished, Protocol, Redaction, SessionClosed, SessionOpened,
+    ValueEncoding,
 };
 pub use subject::{EventType, Subjects};
 

@@ -11,6 +11,7 @@ pub enum Payload {
     SessionClosed(SessionClosed),
     PolicyBundlePublished(PolicyBundlePublished),
     IdentityRevoked(IdentityRevoked),
+    IdentityReinstated(IdentityReinstated),
 }
 
 impl Payload {
@@ -22,6 +23,7 @@ impl Payload {
             Payload::SessionClosed(_) => EventType::SessionClosed,
             Payload::PolicyBundlePublished(_) => EventType::PolicyBundlePublished,
             Payload::IdentityRevoked(_) => EventType::IdentityRevoked,
+            Payload::IdentityReinstated(_) => EventType::IdentityReinstated,
         }
     }
 }
@@ -207,6 +209,18 @@ pub struct IdentityRevoked {
     pub revoked_by: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// A revoked identity or token was reinstated: its new logins and its
+/// open sessions' next messages are no longer refused for the revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityReinstated {
+    /// `subject` (every token of a `sub`) or `token` (one `jti`), as revoked.
+    pub kind: String,
+    pub value: String,
+    pub reinstated_by: String,
+    /// Why, as the administrator gave it: required.
+    pub reason: String,
 }
 
 /// Format of a bound parameter value.

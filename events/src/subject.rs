@@ -9,16 +9,18 @@ pub enum EventType {
     SessionClosed,
     PolicyBundlePublished,
     IdentityRevoked,
+    IdentityReinstated,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 7] = [
         EventType::SessionOpened,
         EventType::AuthenticationFailed,
         EventType::CommandReceived,
         EventType::SessionClosed,
         EventType::PolicyBundlePublished,
         EventType::IdentityRevoked,
+        EventType::IdentityReinstated,
     ];
 
     /// The PascalCase name used in documentation and code.
@@ -30,6 +32,7 @@ impl EventType {
             EventType::SessionClosed => "SessionClosed",
             EventType::PolicyBundlePublished => "PolicyBundlePublished",
             EventType::IdentityRevoked => "IdentityRevoked",
+            EventType::IdentityReinstated => "IdentityReinstated",
         }
     }
 
@@ -42,6 +45,7 @@ impl EventType {
             EventType::SessionClosed => "session_closed",
             EventType::PolicyBundlePublished => "policy_bundle_published",
             EventType::IdentityRevoked => "identity_revoked",
+            EventType::IdentityReinstated => "identity_reinstated",
         }
     }
 
