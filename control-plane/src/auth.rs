@@ -9,7 +9,8 @@
 //!    identity provider cannot be reached);
 //! 2. checks the token's subject, its token id (`jti`) and every subject of
 //!    its delegation chain (`act`) against the revocations in the policy
-//!    store, read at that moment: a revoked one is 401, and if the store
+//!    store, read at that moment: a revoked one (whose last record is a
+//!    revocation, not a reinstatement) is 401, and if the store
 //!    cannot be read the answer is 503: the API never admits a caller it
 //!    cannot check;
 //! 3. decides the action with Cedar ([`ApiAuthority`]): the principal is
@@ -38,7 +39,7 @@ use futures::future::try_join_all;
 use gatehouse_identity::{AuthError, Plane, VerifiedToken};
 pub(crate) use gatehouse_policies::ApiAction;
 use gatehouse_policies::{ApiAuthority, Effect, Engine, Principal};
-use gatehouse_policystore::Revoked;
+use gatehouse_policystore::{Revocation, Revoked};
 use serde::de::DeserializeOwned;
 
 use crate::api::{ApiError, ApiState};
@@ -260,10 +261,13 @@ async fn revoked(s: &ApiState, token: &VerifiedToken) -> Result<Option<Revoked>,
             tracing::warn!(error = %e, "cannot read revocations; refusing the API request");
             ApiError::Unavailable("revocation list")
         })?;
-    Ok(names
-        .into_iter()
-        .zip(found)
-        .find_map(|(name, stored)| stored.map(|_| name)))
+    // An identity's last record is its revocation or its reinstatement; one
+    // that cannot be read counts as a revocation.
+    Ok(names.into_iter().zip(found).find_map(|(name, stored)| {
+        stored
+            .filter(|s| Revocation::in_force(&s.value))
+            .map(|_| name)
+    }))
 }
 
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {

@@ -1,17 +1,18 @@
-//! The control plane as policy authority: pushing bundles, revoking
-//! identities, and explaining what a bundle would decide.
+//! The control plane as policy authority: pushing bundles, revoking and
+//! reinstating identities, and explaining what a bundle would decide.
 //!
 //! # Records and effects stay in step
 //!
 //! A push writes two things to NATS: the bundle on the bundle stream (the
 //! effect: workers follow it) and `PolicyBundlePublished` on the event log
 //! (the record: the audit trail). A revocation likewise writes the
-//! revocation and `IdentityRevoked`. JetStream cannot write both at once,
-//! so the order is chosen to keep this invariant:
+//! revocation and `IdentityRevoked`, and a reinstatement the record that
+//! replaces the revocation and `IdentityReinstated`. JetStream cannot
+//! write both at once, so the order is chosen to keep this invariant:
 //!
-//! **An event says a bundle was published, or an identity revoked, only if
-//! it was; and what was published or revoked stays in force only if its
-//! event was recorded.**
+//! **An event says a bundle was published, or an identity revoked or
+//! reinstated, only if it was; and what was published, revoked or
+//! reinstated stays in force only if its event was recorded.**
 //!
 //! 1. Sizes first. The bundle (or revocation) as stored, and its event as
 //!    recorded, must each fit the server's `max_payload` less room for
@@ -29,8 +30,10 @@
 //!    the client gets its 503: the previous bundle is published again
 //!    (workers follow the subject back to it), or, if there was none, a
 //!    bundle without policies that refuses everything as no bundle does; a
-//!    revocation is replaced by the one it replaced, or deleted. The undone
-//!    message is deleted from the stream's history.
+//!    revocation is replaced by the record it replaced (a reinstatement),
+//!    or deleted; a reinstatement by the revocation it replaced, which
+//!    workers follow back. The undone message is deleted from the
+//!    stream's history.
 //!
 //! # Versions, rollbacks and dry-run
 //!
@@ -46,10 +49,12 @@
 //! same content; a push or rollback keeps a dry-run that has not ended.
 //!
 //! What remains: between steps 2 and 4 workers may briefly decide with the
-//! new bundle (their `CommandReceived` decisions name its hash); a worker
-//! that saw an undone revocation keeps refusing that identity until it
-//! restarts (revocations only ever add to a running worker's set, which
-//! errs toward refusing); if NATS goes away after step 2, the undo may fail
+//! new bundle (their `CommandReceived` decisions name its hash), and
+//! between a reinstatement and its undo they may admit the identity; a
+//! worker that saw a revocation undone by deleting it (the identity had no
+//! record before) keeps refusing that identity until it restarts (a
+//! deletion reaches no follower, which errs toward refusing); if NATS goes
+//! away after step 2, the undo may fail
 //! too, which is logged as an error naming the bundle or identity; and an
 //! event the log stored but whose ack was lost both times is followed by an
 //! undo, leaving a record of a write that was withdrawn.
@@ -62,7 +67,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use gatehouse_eventlog::{PublishError, Publisher};
-use gatehouse_events::{DryRunScope, Event, IdentityRevoked, Payload, PolicyBundlePublished};
+use gatehouse_events::{
+    DryRunScope, Event, IdentityReinstated, IdentityRevoked, Payload, PolicyBundlePublished,
+};
 use gatehouse_policies::{
     Bundle, DryRun, Engine, MAX_DRY_RUN_SECS, Principal, Reading, StatementFacts, StatementKind,
     TargetInfo, classify,
@@ -162,6 +169,11 @@ pub(crate) fn routes(state: &ApiState) -> Router<ApiState> {
             ApiAction::Revoke,
         ))
         .merge(route(
+            "/api/v1/reinstatements",
+            post(reinstate),
+            ApiAction::Reinstate,
+        ))
+        .merge(route(
             "/api/v1/policies/current",
             get(current),
             ApiAction::ReadPolicy,
@@ -178,7 +190,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable("policy store or event log")
 }
 
-/// An error of the push and revoke endpoints: the API's own, or one of
+/// An error of the push, revoke and reinstate endpoints: the API's own, or one of
 /// the outcomes only they have.
 enum PolicyError {
     Api(ApiError),
@@ -192,7 +204,8 @@ enum PolicyError {
     Conflict(&'static str),
     /// 409: refused as it stands (an old bundle pushed again), with why.
     Refused(String),
-    /// 404: the named version is not in the bundle history.
+    /// 404: the named version is not in the bundle history, or the named
+    /// identity is not revoked.
     NotFound(String),
     /// 503: this control plane cannot sign bundles.
     NoSigningKey,
@@ -567,34 +580,118 @@ async fn current(State(s): State<ApiState>, _: Caller) -> Result<Json<Value>, Ap
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RevokeRequest {
-    /// Revoke every token of this subject (`sub`).
+struct IdentityRequest {
+    /// Every token of this subject (`sub`).
     subject: Option<String>,
-    /// Revoke one token by its `jti`.
+    /// One token, by its `jti`.
     token_id: Option<String>,
+    /// Why: optional for a revocation, required for a reinstatement.
     reason: Option<String>,
+}
+
+impl IdentityRequest {
+    /// The identity named, with its kind and value as events say them.
+    fn identity(&mut self) -> Result<(Revoked, &'static str, String), PolicyError> {
+        let revoked = match (self.subject.take(), self.token_id.take()) {
+            (Some(sub), None) if !sub.is_empty() => Revoked::Subject(sub),
+            (None, Some(jti)) if !jti.is_empty() => Revoked::Token(jti),
+            _ => {
+                return Err(
+                    ApiError::BadRequest("give exactly one of subject or token_id".into()).into(),
+                );
+            }
+        };
+        let (kind, value) = match &revoked {
+            Revoked::Subject(v) => ("subject", v.clone()),
+            Revoked::Token(v) => ("token", v.clone()),
+        };
+        Ok((revoked, kind, value))
+    }
+}
+
+/// How a change of an identity's record is named in answers and logs.
+struct Change {
+    /// The record as stored.
+    record: &'static str,
+    /// Its event.
+    event: &'static str,
+}
+
+const REVOCATION: Change = Change {
+    record: "the revocation",
+    event: "the revocation's IdentityRevoked event",
+};
+
+const REINSTATEMENT: Change = Change {
+    record: "the reinstatement",
+    event: "the reinstatement's IdentityReinstated event",
+};
+
+/// Stores `stored`, an identity's new last record, in place of `previous`
+/// (what was read as its last record), and records `event`, keeping the
+/// two in step (module docs, steps 1 to 4).
+async fn change_identity(
+    api: &PolicyApi,
+    stored: &Revocation,
+    event: &Event,
+    previous: Option<Stored<axum::body::Bytes>>,
+    change: &Change,
+    (kind, value): (&'static str, &str),
+) -> Result<(), PolicyError> {
+    // 1. Sizes, before anything is written.
+    let max = api.store.max_body();
+    let size = PolicyStore::revocation_size(stored).map_err(unavailable)?;
+    if size > max {
+        return Err(PolicyError::TooLarge {
+            what: change.record,
+            size,
+            max,
+        });
+    }
+    check_event(event, max, change.event)?;
+
+    // 2. The effect, provided the identity's record is still the one read.
+    let sequence = api
+        .store
+        .replace_revocation(
+            stored,
+            &event.id.to_string(),
+            previous.as_ref().map_or(0, |p| p.sequence),
+        )
+        .await
+        .map_err(store_error("the identity's revocation"))?;
+
+    // 3. The record; 4. or the undo.
+    if let Err(e) = record(api, event, change.event).await {
+        match api
+            .store
+            .restore_revocation(&stored.revoked, previous.map(|p| p.value), sequence)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(
+                    kind,
+                    change = change.record,
+                    "withdrawn: its event could not be recorded"
+                )
+            }
+            Err(undo) => {
+                tracing::error!(error = %undo, kind, value = %value, change = change.record, "in force without its event: recording failed and so did withdrawing it")
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// `POST /api/v1/revocations`
 async fn revoke(
     State(s): State<ApiState>,
     who: Caller,
-    JsonBody(req): JsonBody<RevokeRequest>,
+    JsonBody(mut req): JsonBody<IdentityRequest>,
 ) -> Result<(StatusCode, Json<Value>), PolicyError> {
     let api = &s.policy;
-    let revoked = match (req.subject, req.token_id) {
-        (Some(sub), None) if !sub.is_empty() => Revoked::Subject(sub),
-        (None, Some(jti)) if !jti.is_empty() => Revoked::Token(jti),
-        _ => {
-            return Err(
-                ApiError::BadRequest("give exactly one of subject or token_id".into()).into(),
-            );
-        }
-    };
-    let (kind, value) = match &revoked {
-        Revoked::Subject(v) => ("subject", v.clone()),
-        Revoked::Token(v) => ("token", v.clone()),
-    };
+    let (revoked, kind, value) = req.identity()?;
     let event = Event::new(
         api.source.clone(),
         Payload::IdentityRevoked(IdentityRevoked {
@@ -609,59 +706,87 @@ async fn revoke(
         by: who.subject().to_string(),
         reason: req.reason,
         at: chrono::Utc::now().timestamp(),
+        reinstated: false,
     };
-
-    // 1. Sizes, before anything is written.
-    let max = api.store.max_body();
-    let size = PolicyStore::revocation_size(&revocation).map_err(unavailable)?;
-    if size > max {
-        return Err(PolicyError::TooLarge {
-            what: "the revocation",
-            size,
-            max,
-        });
-    }
-    check_event(&event, max, "the revocation's IdentityRevoked event")?;
-
-    // 2. The effect, provided the identity's revocation is still the one read.
     let previous = api
         .store
         .revocation_of(&revocation.revoked)
         .await
         .map_err(unavailable)?;
-    let sequence = api
-        .store
-        .replace_revocation(
-            &revocation,
-            &event.id.to_string(),
-            previous.as_ref().map_or(0, |p| p.sequence),
-        )
-        .await
-        .map_err(store_error("the identity's revocation"))?;
-
-    // 3. The record; 4. or the undo.
-    if let Err(e) = record(api, &event, "the revocation's IdentityRevoked event").await {
-        match api
-            .store
-            .restore_revocation(&revocation.revoked, previous.map(|p| p.value), sequence)
-            .await
-        {
-            Ok(()) => {
-                tracing::warn!(
-                    kind,
-                    "revocation withdrawn: its event could not be recorded"
-                )
-            }
-            Err(undo) => {
-                tracing::error!(error = %undo, kind, value = %value, "revocation in force without its IdentityRevoked event: recording failed and so did withdrawing it")
-            }
-        }
-        return Err(e);
-    }
+    change_identity(
+        api,
+        &revocation,
+        &event,
+        previous,
+        &REVOCATION,
+        (kind, &value),
+    )
+    .await?;
     tracing::info!(kind, by = %who.subject(), "identity revoked");
     Ok((
         StatusCode::CREATED,
         Json(json!({ "revoked": { "kind": kind, "value": value } })),
+    ))
+}
+
+/// `POST /api/v1/reinstatements`: a revoked identity or token is no longer
+/// refused. The reason is required (it is recorded); an identity that is
+/// not revoked is 404.
+async fn reinstate(
+    State(s): State<ApiState>,
+    who: Caller,
+    JsonBody(mut req): JsonBody<IdentityRequest>,
+) -> Result<(StatusCode, Json<Value>), PolicyError> {
+    let api = &s.policy;
+    let (revoked, kind, value) = req.identity()?;
+    let Some(reason) = req.reason.filter(|r| !r.trim().is_empty()) else {
+        return Err(ApiError::BadRequest(
+            "a reason is required: say why the identity is reinstated (it is recorded)".into(),
+        )
+        .into());
+    };
+    let previous = api
+        .store
+        .revocation_of(&revoked)
+        .await
+        .map_err(unavailable)?;
+    if !previous
+        .as_ref()
+        .is_some_and(|p| Revocation::in_force(&p.value))
+    {
+        return Err(PolicyError::NotFound(format!(
+            "{kind} {value:?} is not revoked; nothing to reinstate"
+        )));
+    }
+    let event = Event::new(
+        api.source.clone(),
+        Payload::IdentityReinstated(IdentityReinstated {
+            kind: kind.into(),
+            value: value.clone(),
+            reinstated_by: who.subject().to_string(),
+            reason: reason.clone(),
+        }),
+    );
+    let reinstatement = Revocation {
+        revoked,
+        by: who.subject().to_string(),
+        reason: Some(reason),
+        at: chrono::Utc::now().timestamp(),
+        reinstated: true,
+    };
+    change_identity(
+        api,
+        &reinstatement,
+        &event,
+        previous,
+        &REINSTATEMENT,
+        (kind, &value),
+    )
+    .await?;
+    tracing::info!(kind, by = %who.subject(), "identity reinstated");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "reinstated": { "kind": kind, "value": value } })),
     ))
 }
 

@@ -76,14 +76,25 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
         futures::pin_mut!(revocations);
         while let Some(r) = revocations.next().await {
             match r {
-                Ok(r) => tx.send_modify(|s| {
-                    let mut revoked = s.revoked.clone();
-                    revoked.insert(r);
-                    *s = Arc::new(PolicyState {
-                        engine: s.engine.clone(),
-                        revoked,
-                    })
-                }),
+                // A reinstatement takes the identity out of the set: its
+                // new logins and its sessions' next messages are let through.
+                Ok(r) => {
+                    tx.send_if_modified(|s| {
+                        let mut revoked = s.revoked.clone();
+                        let changed = if r.reinstated {
+                            revoked.remove(&r.revoked)
+                        } else {
+                            revoked.insert(r.revoked)
+                        };
+                        if changed {
+                            *s = Arc::new(PolicyState {
+                                engine: s.engine.clone(),
+                                revoked,
+                            });
+                        }
+                        changed
+                    });
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot read a revocation"),
             }
         }

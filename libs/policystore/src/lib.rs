@@ -3,15 +3,17 @@
 //! The control plane is the only writer: it validates a bundle and
 //! publishes it to the bundle stream (the last message is the current
 //! bundle, earlier ones are its history), and records revocations in the
-//! revocation stream (one subject per revoked identity or token). Workers
-//! read both at start and follow them, so a push or a revocation reaches
-//! open sessions at their next command.
+//! revocation stream (one subject per revoked identity or token, whose last
+//! message is the last word: a [`Revocation`], or its reinstatement).
+//! Workers read both at start and follow them, so a push, a revocation or
+//! a reinstatement reaches open sessions at their next command.
 //!
 //! Plain streams rather than the KV abstraction: they work the same on
 //! every nats-server from 2.9 on.
 //!
 //! Writes that must stay in step with the event log (the control plane
-//! records `PolicyBundlePublished` and `IdentityRevoked` only after the
+//! records `PolicyBundlePublished`, `IdentityRevoked` and
+//! `IdentityReinstated` only after the
 //! write took effect) use [`PolicyStore::replace_bundle`] and
 //! [`PolicyStore::replace_revocation`]: each carries the event's id as its
 //! `Nats-Msg-Id` and the subject's sequence it expects to replace, so a
@@ -215,15 +217,31 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A revocation as stored.
+/// A revocation as stored, or its reinstatement: the last message on an
+/// identity's subject says whether it is revoked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Revocation {
     pub revoked: Revoked,
-    /// Who revoked (the admin's subject).
+    /// Who revoked, or reinstated (the admin's subject).
     pub by: String,
     pub reason: Option<String>,
     /// Unix seconds.
     pub at: i64,
+    /// The identity was reinstated: no longer revoked. (Absent in
+    /// revocations, and in every record of stores older than
+    /// reinstatement; a reader that does not know the field takes a
+    /// reinstatement for a revocation, which errs toward refusing.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reinstated: bool,
+}
+
+impl Revocation {
+    /// Whether `raw`, the last message stored for an identity, revokes it:
+    /// anything but a readable reinstatement does (a record that cannot
+    /// be read fails closed).
+    pub fn in_force(raw: &[u8]) -> bool {
+        serde_json::from_slice::<Revocation>(raw).map_or(true, |r| !r.reinstated)
+    }
 }
 
 /// What a subject currently holds, and its stream sequence.
@@ -748,9 +766,11 @@ impl PolicyStore {
     /// Undoes [`Self::replace_revocation`] of the revocation at `sequence`:
     /// the one it replaced (`previous`, as stored) is stored again, or,
     /// with none, `sequence` is deleted, so the store, workers that start
-    /// and [`Self::revoked`] no longer hold it. Workers that already saw it
-    /// keep refusing the identity until they restart: revocations are only
-    /// ever added to a running worker's set.
+    /// and [`Self::revoked`] no longer hold it. Workers follow a record
+    /// stored again (a reinstatement undone is a revocation again, a
+    /// revocation undone a reinstatement again); a deletion reaches no
+    /// follower, so workers that saw a revocation without a previous record
+    /// keep refusing that identity until they restart.
     pub async fn restore_revocation(
         &self,
         revoked: &Revoked,
@@ -852,7 +872,8 @@ impl PolicyStore {
         Ok(())
     }
 
-    /// Every revocation in force.
+    /// Every revocation in force: the identities whose last record is a
+    /// revocation, not a reinstatement.
     pub async fn revoked(&self) -> Result<HashSet<Revoked>, StoreError> {
         let mut info = self.revocations.clone();
         let total = info.info().await.map_err(kv_error)?.state.messages;
@@ -862,13 +883,18 @@ impl PolicyStore {
         }
         let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
         futures::pin_mut!(messages);
-        // One message per subject is kept, so the stream holds exactly the
-        // revocations in force.
-        while (out.len() as u64) < total {
+        // One message per subject is kept, so the stream holds exactly one
+        // record per identity ever revoked: all are read once `total`
+        // messages are (reinstatements are read but not kept).
+        let mut read = 0u64;
+        while read < total {
             match messages.next().await {
                 Some(m) => {
+                    read += 1;
                     let r: Revocation = serde_json::from_slice(&m?)?;
-                    out.insert(r.revoked);
+                    if !r.reinstated {
+                        out.insert(r.revoked);
+                    }
                 }
                 None => break,
             }
@@ -876,14 +902,15 @@ impl PolicyStore {
         Ok(out)
     }
 
-    /// Every revocation, those in force first, then new ones as they come.
+    /// Every identity's last record (those stored first, then new ones as
+    /// they come): a revocation, or a reinstatement (`reinstated`), which
+    /// a follower applies by removing the identity from its set.
     pub async fn watch_revocations(
         &self,
-    ) -> Result<impl futures::Stream<Item = Result<Revoked, StoreError>> + use<>, StoreError> {
+    ) -> Result<impl futures::Stream<Item = Result<Revocation, StoreError>> + use<>, StoreError>
+    {
         let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
-        Ok(messages.map(|m| {
-            m.and_then(|payload| Ok(serde_json::from_slice::<Revocation>(&payload)?.revoked))
-        }))
+        Ok(messages.map(|m| m.and_then(|payload| Ok(serde_json::from_slice(&payload)?))))
     }
 }
 
@@ -1192,6 +1219,106 @@ mod tests {
             blind.replace_bundle(&permit_all(9), "event-3", 0).await,
             Err(StoreError::NoSigningKey)
         ));
+    }
+
+    fn record(revoked: &Revoked, reinstated: bool) -> Revocation {
+        Revocation {
+            revoked: revoked.clone(),
+            by: "admin".into(),
+            reason: Some(if reinstated { "found" } else { "lost" }.into()),
+            at: 1,
+            reinstated,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reinstatement_replaces_the_revocation_for_readers_and_followers() {
+        let server = nats().await;
+        let client = async_nats::connect(&server.url).await.unwrap();
+        let js = jetstream::new(client);
+        let (cp, key) = control_plane(&js, "REINSTATE").await;
+        let follower = worker(&js, "REINSTATE", &key).await;
+        let alice = Revoked::Subject("alice".into());
+        let laptop = Revoked::Token("jti-1".into());
+
+        let revoked = cp
+            .replace_revocation(&record(&alice, false), "event-1", 0)
+            .await
+            .unwrap();
+        cp.replace_revocation(&record(&laptop, false), "event-2", 0)
+            .await
+            .unwrap();
+        let mut records = Box::pin(follower.watch_revocations().await.unwrap());
+        for _ in 0..2 {
+            assert!(!next(&mut records).await.reinstated);
+        }
+        assert_eq!(
+            follower.revoked().await.unwrap(),
+            HashSet::from([alice.clone(), laptop.clone()])
+        );
+
+        // Reinstated: the stored record says so, readers leave the identity
+        // out, and a follower gets the reinstatement.
+        let reinstated = cp
+            .replace_revocation(&record(&alice, true), "event-3", revoked)
+            .await
+            .unwrap();
+        let stored = cp.revocation_of(&alice).await.unwrap().unwrap();
+        assert_eq!(stored.sequence, reinstated);
+        assert!(!Revocation::in_force(&stored.value));
+        let seen = next(&mut records).await;
+        assert!(seen.reinstated && seen.revoked == alice, "{seen:?}");
+        assert_eq!(
+            follower.revoked().await.unwrap(),
+            HashSet::from([laptop.clone()])
+        );
+        cp.replace_revocation(
+            &record(&laptop, true),
+            "event-4",
+            cp.revocation_of(&laptop).await.unwrap().unwrap().sequence,
+        )
+        .await
+        .unwrap();
+        assert!(next(&mut records).await.reinstated);
+        assert!(follower.revoked().await.unwrap().is_empty());
+        // A fresh follower starts from the last word on each identity.
+        let mut fresh = Box::pin(follower.watch_revocations().await.unwrap());
+        for _ in 0..2 {
+            assert!(next(&mut fresh).await.reinstated);
+        }
+
+        // Undoing the reinstatement (its event could not be recorded)
+        // stores the revocation again, and followers take it back.
+        cp.restore_revocation(&alice, Some(stored_revocation(&alice)), reinstated)
+            .await
+            .unwrap();
+        let seen = next(&mut records).await;
+        assert!(!seen.reinstated && seen.revoked == alice, "{seen:?}");
+        assert_eq!(follower.revoked().await.unwrap(), HashSet::from([alice]));
+
+        // Records that cannot be read, and revocations written before the
+        // field existed, are in force.
+        assert!(Revocation::in_force(b"{"));
+        assert!(Revocation::in_force(
+            br#"{"revoked":{"kind":"subject","value":"x"},"by":"a","reason":null,"at":1}"#
+        ));
+        let body = serde_json::to_vec(&record(&laptop, false)).unwrap();
+        assert!(!String::from_utf8(body).unwrap().contains("reinstated"));
+    }
+
+    /// The next record a follower reads.
+    async fn next(
+        records: &mut (impl futures::Stream<Item = Result<Revocation, StoreError>> + Unpin),
+    ) -> Revocation {
+        tokio::time::timeout(std::time::Duration::from_secs(10), records.next())
+            .await
+            .expect("the follower to see the record")
+            .unwrap()
+            .unwrap()
+    }
+
+    fn stored_revocation(revoked: &Revoked) -> Bytes {
+        serde_json::to_vec(&record(revoked, false)).unwrap().into()
     }
 
     #[tokio::test]
