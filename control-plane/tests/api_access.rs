@@ -102,6 +102,13 @@ fn routes() -> Vec<(&'static str, Option<Body>)> {
                 json!({ "subject": "someone-else", "reason": "test" }),
             )),
         ),
+        // After the revocation above, for a caller admitted to both.
+        (
+            "/api/v1/reinstatements",
+            Some(Body::Json(
+                json!({ "subject": "someone-else", "reason": "test" }),
+            )),
+        ),
         (
             "/api/v1/decisions/explain",
             Some(Body::Json(json!({
@@ -259,6 +266,7 @@ async fn delegation_and_bodies_scenario(env: &Env) {
     for path in [
         "/api/v1/policies",
         "/api/v1/revocations",
+        "/api/v1/reinstatements",
         "/api/v1/decisions/explain",
     ] {
         for raw in ["{\"files\": nope", "42", "{}"] {
@@ -276,7 +284,11 @@ async fn delegation_and_bodies_scenario(env: &Env) {
             }
         }
     }
-    for path in ["/api/v1/policies", "/api/v1/revocations"] {
+    for path in [
+        "/api/v1/policies",
+        "/api/v1/revocations",
+        "/api/v1/reinstatements",
+    ] {
         let (got, body) = cp
             .call(
                 env,
@@ -302,6 +314,11 @@ async fn delegation_and_bodies_scenario(env: &Env) {
         ),
         ("/api/v1/revocations", "{\"subject\": 1}", "invalid type"),
         ("/api/v1/revocations", "[", "not valid JSON"),
+        (
+            "/api/v1/reinstatements",
+            "{\"token_id\": []}",
+            "invalid type",
+        ),
         ("/api/v1/decisions/explain", "{}", "missing field"),
         ("/api/v1/decisions/explain", "\"sql\"", "expected an object"),
     ];

@@ -1,6 +1,7 @@
-//! Pushes and revocations against the real NATS (127.0.0.1:4222, JetStream)
-//! and PostgreSQL (postgres://postgres@127.0.0.1:5432, trust auth): an
-//! event saying a bundle was published, or an identity revoked, exists only
+//! Pushes, revocations and reinstatements against the real NATS
+//! (127.0.0.1:4222, JetStream) and PostgreSQL
+//! (postgres://postgres@127.0.0.1:5432, trust auth): an event saying a
+//! bundle was published, or an identity revoked or reinstated, exists only
 //! if the store took it, and what the store took stays only if its event
 //! was recorded.
 //!
@@ -19,7 +20,7 @@ use gatehouse_policystore::Revoked;
 use gatehouse_testkit::eventually;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::{Env, PERMIT_ALL, Running};
+use support::{ADMINS, Env, PERMIT_ALL, Running};
 
 impl Env {
     async fn db(&self) -> PgPool {
@@ -85,11 +86,27 @@ impl Env {
 
 impl Running {
     async fn post(&self, env: &Env, path: &str, body: &Value) -> (u16, Value) {
+        self.post_as(env, &self.admin, path, body).await
+    }
+
+    async fn post_as(&self, env: &Env, token: &str, path: &str, body: &Value) -> (u16, Value) {
         let resp = env
             .http
             .post(format!("{}{path}", self.url))
-            .bearer_auth(&self.admin)
+            .bearer_auth(token)
             .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get_as(&self, env: &Env, token: &str, path: &str) -> (u16, Value) {
+        let resp = env
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
             .send()
             .await
             .unwrap();
@@ -565,5 +582,184 @@ async fn revocations(env: &Env) {
     assert_eq!(env.events_of(EventType::IdentityRevoked).await, 2);
     let revoked = store.revoked().await.unwrap();
     assert_eq!(revoked.len(), 2, "{revoked:?}");
+    cp.stop().await;
+}
+
+async fn reinstatement_rows(db: &PgPool) -> Vec<(String, String, String, String)> {
+    sqlx::query_as(
+        "SELECT kind, value, reinstated_by, reason FROM reinstatements ORDER BY time, event_id",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_reinstatement_is_recorded_with_its_reason_and_readmits_the_identity() {
+    Env::new("cprein").await.scope(reinstatements).await;
+}
+
+async fn reinstatements(env: &Env) {
+    let cp = env.start().await;
+    let db = env.db().await;
+    let store = env.store().await;
+    let admin_2 = env.token("admin-2", &[ADMINS], &[]);
+    let mallory = env.token("mallory", &[ADMINS, "auditors"], &[]);
+    let eve = Revoked::Subject("eve".into());
+
+    // Revoked: mallory's API calls are refused.
+    let (status, body) = cp
+        .post(
+            env,
+            "/api/v1/revocations",
+            &json!({ "subject": "mallory", "reason": "laptop stolen" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cp.get_as(env, &mallory, "/api/v1/sessions").await;
+    assert_eq!(status, 401, "{body}");
+
+    // A revoked admin cannot reinstate themselves: the revocation check
+    // comes first.
+    let (status, body) = cp
+        .post_as(
+            env,
+            &mallory,
+            "/api/v1/reinstatements",
+            &json!({ "subject": "mallory", "reason": "it was me all along" }),
+        )
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+
+    // A reason is required; only admins may reinstate; nothing changes.
+    for request in [
+        json!({ "subject": "mallory" }),
+        json!({ "subject": "mallory", "reason": " " }),
+    ] {
+        let (status, body) = cp
+            .post_as(env, &admin_2, "/api/v1/reinstatements", &request)
+            .await;
+        assert_eq!(status, 400, "{request}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("reason is required"),
+            "{body}"
+        );
+    }
+    let auditor = env.token("auditor-1", &["auditors"], &[]);
+    let (status, body) = cp
+        .post_as(
+            env,
+            &auditor,
+            "/api/v1/reinstatements",
+            &json!({ "subject": "mallory", "reason": "please" }),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = cp.get_as(env, &mallory, "/api/v1/sessions").await;
+    assert_eq!(status, 401);
+
+    // Reinstated by another admin: in force at once, recorded with the
+    // reason, and mallory's next call is admitted.
+    let (status, body) = cp
+        .post_as(
+            env,
+            &admin_2,
+            "/api/v1/reinstatements",
+            &json!({ "subject": "mallory", "reason": "laptop found, keys rotated" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["reinstated"],
+        json!({ "kind": "subject", "value": "mallory" })
+    );
+    assert!(store.revoked().await.unwrap().is_empty());
+    let (status, body) = cp.get_as(env, &mallory, "/api/v1/sessions").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = cp.get_as(env, &mallory, "/api/v1/policies/current").await;
+    assert_ne!(status, 401, "{body}");
+
+    // Not revoked (never, or no longer): 404, nothing recorded.
+    for request in [
+        json!({ "subject": "nobody", "reason": "why not" }),
+        json!({ "subject": "mallory", "reason": "again" }),
+        json!({ "token_id": "some-jti", "reason": "why not" }),
+    ] {
+        let (status, body) = cp
+            .post_as(env, &admin_2, "/api/v1/reinstatements", &request)
+            .await;
+        assert_eq!(status, 404, "{request}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("is not revoked"),
+            "{body}"
+        );
+    }
+
+    // Revoked again after a reinstatement: refused again.
+    let (status, body) = cp
+        .post(env, "/api/v1/revocations", &json!({ "subject": "mallory" }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = cp.get_as(env, &mallory, "/api/v1/sessions").await;
+    assert_eq!(status, 401);
+
+    // An oversized reason: refused before anything is written.
+    let (status, body) = cp
+        .post(env, "/api/v1/revocations", &json!({ "subject": "eve" }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cp
+        .post_as(
+            env,
+            &admin_2,
+            "/api/v1/reinstatements",
+            &json!({ "subject": "eve", "reason": "x".repeat(1_500_000) }),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(store.revoked().await.unwrap().contains(&eve));
+
+    // The event log refuses: the reinstatement is withdrawn, eve's
+    // revocation is in force again, and nothing is recorded.
+    env.limit_stream(&env.events.stream, 128).await;
+    let (status, body) = cp
+        .post_as(
+            env,
+            &admin_2,
+            "/api/v1/reinstatements",
+            &json!({ "subject": "eve", "reason": "back from leave" }),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    env.limit_stream(&env.events.stream, -1).await;
+    assert!(store.revoked().await.unwrap().contains(&eve));
+    let stored = store.revocation_of(&eve).await.unwrap().unwrap();
+    assert!(gatehouse_policystore::Revocation::in_force(&stored.value));
+    let eve_token = env.token("eve", &["auditors"], &[]);
+    let (status, _) = cp.get_as(env, &eve_token, "/api/v1/sessions").await;
+    assert_eq!(status, 401);
+
+    env.wait_projected().await;
+    assert_eq!(env.events_of(EventType::IdentityReinstated).await, 1);
+    eventually("the reinstatement to be projected", || async {
+        !reinstatement_rows(&db).await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        reinstatement_rows(&db).await,
+        vec![(
+            "subject".into(),
+            "mallory".into(),
+            "admin-2".into(),
+            "laptop found, keys rotated".into()
+        )]
+    );
     cp.stop().await;
 }
