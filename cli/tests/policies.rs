@@ -1,6 +1,7 @@
 //! Decisions on every command, through a worker with real clients: agents
 //! are read-only whatever the disguise, a push changes an open session's
-//! decisions, a revocation ends an open session, dry-run records without
+//! decisions, a revocation ends an open session and a reinstatement lets
+//! the identity back in without a restart, dry-run records without
 //! enforcing (on its targets, until it ends, never in an agent's
 //! read-only session), and the control plane explains what a bundle
 //! would decide.
@@ -263,6 +264,73 @@ async fn a_revoked_identity_is_cut_off_at_its_next_command() {
         .simple_query("SELECT 1")
         .await
         .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reinstated_identity_logs_in_again_without_restarting_the_worker() {
+    let env = Env::start().await;
+    // Two sessions of the same subject: one sends a command while revoked
+    // (and is ended), the other stays idle throughout.
+    let cut = env.connect("frank").await;
+    let idle = env.connect("frank").await;
+    idle.simple_query("SELECT 1").await.unwrap();
+
+    let admin = env.stack().api_token("root", &["policy-admins"]);
+    let post = async |path: &str, body: Value| {
+        let resp = reqwest::Client::new()
+            .post(env.api(path))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let (status, body) = post(
+        "/api/v1/revocations",
+        json!({ "subject": "frank", "reason": "badge lost" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    eventually("the revocation to reach the worker", async || {
+        cut.simple_query("SELECT 1").await.is_err()
+    })
+    .await;
+    let err = env
+        .try_connect("frank", &env.token("frank"))
+        .await
+        .err()
+        .expect("a revoked subject is refused at login");
+    assert_eq!(code(&err), "28000");
+
+    let (status, body) = post(
+        "/api/v1/reinstatements",
+        json!({ "subject": "frank", "reason": "badge found" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The same worker, never restarted, lets frank in again.
+    eventually("the reinstatement to reach the worker", async || match env
+        .try_connect("frank", &env.token("frank"))
+        .await
+    {
+        Ok(back) => back.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    })
+    .await;
+    // A session that sent nothing while frank was revoked goes on.
+    idle.simple_query("SELECT 2").await.unwrap();
+    assert!(cut.is_closed(), "the session cut off stays closed");
+
+    // Revoked again: refused again, by the same worker.
+    let (status, body) = post("/api/v1/revocations", json!({ "subject": "frank" })).await;
+    assert_eq!(status, 201, "{body}");
+    eventually("the second revocation to reach the worker", async || {
+        idle.simple_query("SELECT 3").await.is_err()
+    })
+    .await;
     env.cleanup().await;
 }
 
