@@ -298,11 +298,9 @@ async fn a_reinstated_identity_logs_in_again_without_restarting_the_worker() {
         cut.simple_query("SELECT 1").await.is_err()
     })
     .await;
-    let err = env
-        .try_connect("frank", &env.token("frank"))
-        .await
-        .err()
-        .expect("a revoked subject is refused at login");
+    let Err(err) = env.try_connect("frank", &env.token("frank")).await else {
+        panic!("a revoked subject is refused at login");
+    };
     assert_eq!(code(&err), "28000");
 
     let (status, body) = post(
