@@ -18,7 +18,10 @@ mod facts;
 pub use bundle::{
     Bundle, BundleError, DryRun, MAX_DRY_RUN_SECS, Problem, SCHEMA, SCHEMA_FILE, Severity,
 };
-pub use classify::{Classifier, Reading, classify};
+pub use classify::{
+    Classifier, REDACTED, Reading, SecretKind, Secrets, classify, find_secrets,
+    is_connection_secret,
+};
 pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,
 };
