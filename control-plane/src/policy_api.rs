@@ -54,10 +54,10 @@
 //! worker that saw a revocation undone by deleting it (the identity had no
 //! record before) keeps refusing that identity until it restarts (a
 //! deletion reaches no follower, which errs toward refusing); if NATS goes
-//! away after step 2, the undo may fail
-//! too, which is logged as an error naming the bundle or identity; and an
-//! event the log stored but whose ack was lost both times is followed by an
-//! undo, leaving a record of a write that was withdrawn.
+//! away after step 2, the undo may fail too, which is logged as an error
+//! naming the bundle or identity; and an event the log stored but whose
+//! ack was lost both times is followed by an undo, leaving a record of a
+//! write that was withdrawn.
 
 use std::sync::{Arc, Mutex};
 
