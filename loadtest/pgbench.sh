@@ -311,8 +311,11 @@ level = "warn"
 
 [oidc]
 issuer = "http://127.0.0.1:$HTTP_PORT/dev-issuer"
-audiences = ["gatehouse"]
+worker_audiences = ["gatehouse"]
 allow_http = true
+
+[policy]
+bundle_public_keys = ["$(cat "$DEV_DIR/bundle-public-key")"]
 
 [events]
 nats_url = "$NATS_URL"

@@ -311,9 +311,10 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         ..opts.policy.clone()
     };
     if let Some(key) = &opts.policy.signing_key {
-        worker_policy
-            .bundle_public_keys
-            .push(key.public_key().to_string());
+        let public = key.public_key().to_string();
+        // For workers started beside this stack (`policy.bundle_public_keys`).
+        std::fs::write(opts.data_dir.join("bundle-public-key"), &public)?;
+        worker_policy.bundle_public_keys.push(public);
     }
     let nats = connect_nats(&opts.events).await?;
     let bundle_version = publish_bundle(&nats, &opts).await?;

@@ -357,12 +357,23 @@ async fn dry_run_records_would_be_denials_until_it_ends_and_never_relaxes_an_age
         alice.batch_execute("DELETE FROM t").await.is_ok()
     })
     .await;
-    let audit = env.audit_commands("alice", 1).await;
-    let delete = audit
-        .iter()
-        .rev()
-        .find(|c| c["statement"] == "DELETE FROM t")
-        .unwrap();
+    // The attempts before the worker applied the dry-run were refused and
+    // are recorded too: wait for the one that ran.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let delete = loop {
+        let audit = env.audit_commands("alice", 1).await;
+        let ran = audit
+            .iter()
+            .find(|c| c["statement"] == "DELETE FROM t" && c["decision"]["enforced"] == false);
+        if let Some(c) = ran {
+            break c.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no unenforced DELETE projected: {audit:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(
         delete["decision"]["effect"], "approval_required",
         "{delete}"
