@@ -21,6 +21,13 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads that run sessions, the projector and the API. Default: one
+    /// per CPU core for `worker` and `control-plane`; one for `dev`, which
+    /// shares its machine with the PostgreSQL and NATS it uses (threads of
+    /// its own there only take turns with them, at the cost of a context
+    /// switch each).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Subcommand)]
@@ -56,10 +63,18 @@ pub fn main() -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         eprintln!("warning: cannot raise the limit on open files: {e}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let threads = cli
+        .threads
+        .map(std::num::NonZeroUsize::get)
+        .or(match cli.command {
+            Command::Dev(_) => Some(1),
+            _ => None,
+        });
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -166,24 +166,28 @@ fn find_ascii_ci<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = us
         .map(move |(i, _)| i + needle.len())
 }
 
-/// Words whose absence means the text holds no secret this module finds:
-/// every secret name contains one, and so does every connection secret.
-const NEEDLES: [&[u8]; 8] = [
-    b"pass",
-    b"pwd",
-    b"secret",
-    b"token",
-    b"credential",
-    b"conninfo",
-    b"key",
-    b"://",
-];
-
+/// Whether the text holds a word without which it holds no secret this
+/// module finds (every secret name contains one, and so does every
+/// connection secret): `pass`, `pwd`, `secret`, `token`, `credential`,
+/// `conninfo`, `key` or `://`, in any case. One pass over the bytes: this
+/// runs for every command recorded.
 fn may_hold_secrets(text: &str) -> bool {
     let bytes = text.as_bytes();
-    NEEDLES
-        .iter()
-        .any(|n| find_ascii_ci(bytes, n).next().is_some())
+    let at = |i: usize, word: &[u8]| {
+        bytes
+            .get(i..i + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    (0..bytes.len()).any(|i| match bytes[i] | 0x20 {
+        b'p' => at(i, b"pass") || at(i, b"pwd"),
+        b's' => at(i, b"secret"),
+        b't' => at(i, b"token"),
+        b'c' => at(i, b"credential") || at(i, b"conninfo"),
+        b'k' => at(i, b"key"),
+        // ':' | 0x20 is ':' itself.
+        b':' => at(i, b"://"),
+        _ => false,
+    })
 }
 
 /// The secrets in `text`, read as the server reads it with `reading`.
@@ -444,6 +448,32 @@ mod tests {
         );
         // Text that names nothing secret is never scanned or withheld.
         assert!(find_secrets("SELECT 'unterminated", Reading::default()).is_empty());
+    }
+
+    #[test]
+    fn the_words_that_open_a_scan() {
+        for text in [
+            "x PASSWORD",
+            "PGPASS",
+            "pwd",
+            "a.SeCrEt",
+            "TOKEN",
+            "credentials",
+            "primary_conninfo",
+            "KEY",
+            "postgres://h",
+        ] {
+            assert!(may_hold_secrets(text), "{text}");
+        }
+        for text in [
+            "",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "pas",
+            "ke",
+            ":/",
+        ] {
+            assert!(!may_hold_secrets(text), "{text}");
+        }
     }
 
     #[test]
