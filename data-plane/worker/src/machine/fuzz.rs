@@ -1407,7 +1407,8 @@ impl Model {
                     && let Some(event) = run.event
                 {
                     let recorded = event.command.executes.iter().find(|x| &x.name == name);
-                    let matches = recorded.is_some_and(|x| x.text.contains(&prep.text));
+                    let runs = event.as_recorded(&prep.text);
+                    let matches = recorded.is_some_and(|x| x.text.contains(&runs));
                     self.stats[2] += 1;
                     if !matches && !self.excused() {
                         panic!(
