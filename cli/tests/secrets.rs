@@ -51,21 +51,46 @@ impl Write for Logs {
     }
 }
 
+/// Everything the gateway logs, at every level, from here on: its own
+/// crates and the clients it uses (the test's own PostgreSQL client, which
+/// logs its parameters, is not the gateway). Installed once for the tests
+/// of this file, before any stack starts, so it is the one.
+fn capture_logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "gatehouse=trace,gatehouse_worker=trace,gatehouse_control_plane=trace,\
+                 gatehouse_eventlog=trace,gatehouse_policystore=trace,gatehouse_policies=trace,\
+                 gatehouse_identity=trace,sqlx=trace,async_nats=trace",
+            ))
+            .with_writer(move || sink.clone())
+            .init();
+        logs
+    })
+    .clone()
+}
+
+/// Every line logged so far, none with a secret.
+fn assert_no_secret_logged(logs: &Logs) {
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("gatehouse"),
+        "the gateway's logs were captured"
+    );
+    for line in logged.lines() {
+        assert!(
+            !line.contains("sekret"),
+            "a secret reached the logs: {line}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_in_commands_are_not_recorded() {
-    // The gateway's own crates and the clients it uses, at every level (the
-    // test's own PostgreSQL client, which logs its parameters, is not the
-    // gateway). Installed before the stack starts, so it is the one.
-    let logs = Logs::default();
-    let sink = logs.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            "gatehouse=trace,gatehouse_worker=trace,gatehouse_control_plane=trace,\
-             gatehouse_eventlog=trace,gatehouse_policystore=trace,gatehouse_policies=trace,\
-             gatehouse_identity=trace,sqlx=trace,async_nats=trace",
-        ))
-        .with_writer(move || sink.clone())
-        .init();
+    let logs = capture_logs();
     let env = Env::start().await;
     let client = env.connect("alice").await;
     let role = format!("gh_secret_{}", env.suffix);
@@ -174,15 +199,81 @@ async fn secrets_in_commands_are_not_recorded() {
     assert!(url_redacted, "{payloads:#?}");
     drop(client);
     env.cleanup().await;
-    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-    assert!(
-        logged.contains("gatehouse"),
-        "the gateway's logs were captured"
-    );
-    for line in logged.lines() {
-        assert!(
-            !line.contains("sekret"),
-            "a secret reached the logs: {line}"
-        );
+    assert_no_secret_logged(&logs);
+}
+
+/// Secrets that stand elsewhere than right after their name: in a `DO`
+/// body, as the argument of an `EXECUTE` whose prepared statement takes a
+/// secret there, as the inserted value of a secret column, inside a
+/// function call. Each command runs as sent (or is refused) and is
+/// recorded without the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
+    let logs = capture_logs();
+    let env = Env::start().await;
+    let client = env.connect("alice").await;
+    let role = format!("gh_body_{}", env.suffix);
+
+    // Refused for alice (dynamic code is for dba) and recorded either way.
+    let _ = client
+        .batch_execute(&format!(
+            "DO $$BEGIN CREATE ROLE {role} LOGIN PASSWORD 'sekret-body-1'; END$$"
+        ))
+        .await;
+    client
+        .batch_execute("PREPARE keep(text) AS SELECT set_config('app.secret', $1, false)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("EXECUTE keep('sekret-exec-2')")
+        .await
+        .unwrap();
+    let shown: String = client
+        .query_one("SELECT current_setting('app.secret')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, "sekret-exec-2", "the EXECUTE ran as sent");
+    client
+        .batch_execute("CREATE TEMP TABLE creds (name text, password text)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO creds (name, password) VALUES ('a', 'sekret-insert-3')")
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE creds SET password = md5('sekret-update-4') WHERE name = 'a'")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT 'the last command'")
+        .await
+        .unwrap();
+
+    let commands = env.audit_commands("alice", 8).await;
+    let texts: Vec<&str> = commands
+        .iter()
+        .map(|c| c["statement"].as_str().unwrap())
+        .collect();
+    for want in [
+        format!("DO $$BEGIN CREATE ROLE {role} LOGIN PASSWORD '[redacted]'; END$$"),
+        "EXECUTE keep('[redacted]')".to_string(),
+        "INSERT INTO creds (name, password) VALUES ('a', '[redacted]')".to_string(),
+        "UPDATE creds SET password = '[redacted]' WHERE name = 'a'".to_string(),
+    ] {
+        assert!(texts.contains(&want.as_str()), "{want}: {texts:#?}");
     }
+    assert_eq!(texts.last(), Some(&"SELECT 'the last command'"));
+    let bodies = stream_bodies(&env).await;
+    assert!(
+        bodies.iter().any(|b| b.contains("the last command")),
+        "stream read in full"
+    );
+    for body in &bodies {
+        assert!(!body.contains("sekret"), "a secret reached the log: {body}");
+    }
+    drop(client);
+    env.cleanup().await;
+    assert_no_secret_logged(&logs);
 }

@@ -72,7 +72,10 @@ mod settings;
 mod walk;
 
 pub use cache::Classifier;
-pub use secrets::{REDACTED, SecretKind, Secrets, find_secrets, is_connection_secret};
+pub use secrets::{
+    REDACTED, SecretArgs, SecretKind, Secrets, find_secrets, find_secrets_executing,
+    is_connection_secret,
+};
 
 /// How the server reads a session's text at the moment: the settings that
 /// change where a string literal ends. The text itself is UTF-8, already

@@ -16,11 +16,22 @@
 //! - given for a name that looks secret ([`is_secret_name`]: `password`,
 //!   `secret`, `token`, `api_key`, …), as `name 'value'` (role and option
 //!   syntax), `name = value` or `name TO value` (settings, also compared
-//!   or assigned columns of that name), or `'name', value` (`set_config`,
-//!   `json_build_object`);
+//!   or assigned columns of that name), `name := value` (PL/pgSQL, also
+//!   `name type := value`), `name => value` (a named argument), or
+//!   `'name', value` (`set_config`, `json_build_object`); a value that is
+//!   a function call (`crypt('…', gen_salt('bf'))`) or in parentheses is
+//!   withheld whole, a column reference (`excluded.password`) is none;
+//! - inserted into a column named like one (`INSERT INTO t (name,
+//!   password) VALUES (…, '…')`);
 //! - a string that is itself a connection string with a password
 //!   ([`is_connection_secret`]: `password=…`, `PGPASSWORD=…`,
-//!   `scheme://user:password@host`).
+//!   `scheme://user:password@host`);
+//! - any of these inside a string literal read as SQL in its turn (a `DO`
+//!   or function body, a string such a body executes): within a
+//!   dollar-quoted body the secret itself is withheld, a quoted string
+//!   holding one is withheld whole;
+//! - an argument of `EXECUTE name(…)` that the prepared statement takes in
+//!   a secret's place ([`find_secrets_executing`] with [`SecretArgs`]).
 //!
 //! Text the scanner cannot read as the server will (an unterminated
 //! literal; `standard_conforming_strings` off, where a backslash in `'…'`
@@ -28,6 +39,7 @@
 //! when it may hold a secret at all. Text that names nothing secret-looking
 //! is not scanned: [`find_secrets`] costs one pass over the bytes then.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use pg_query::protobuf::{KeywordKind, ScanToken, Token};
@@ -63,7 +75,8 @@ impl SecretKind {
 /// The secrets of one text: where they are, and which parameters take one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Secrets {
-    /// Byte ranges of the text, in order and apart, each a whole token.
+    /// Byte ranges of the text, in order and apart, each of whole tokens
+    /// (of the text, or of a body inside one of its literals).
     pub spans: Vec<(Range<usize>, SecretKind)>,
     /// Parameters (`$n`, numbered from 1) in a secret's place: their bound
     /// values are secrets.
@@ -190,26 +203,74 @@ fn may_hold_secrets(text: &str) -> bool {
     })
 }
 
+/// How deep string literals are read as SQL in their turn (a `DO` body, a
+/// string `EXECUTE`d in it, …).
+const MAX_LITERAL_DEPTH: usize = 4;
+
+/// A prepared statement that an `EXECUTE` in a text may run, and which of
+/// its arguments are secrets: those bound to its parameters in a secret's
+/// place (`PREPARE p(text) AS SELECT set_config('app.secret', $1, false)`
+/// makes the argument of `EXECUTE p('…')` one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretArgs {
+    /// The statement's name as the server knows it (`p`, `"P"` is `P`).
+    pub name: String,
+    /// Positions, from 1, of the arguments that are secrets.
+    pub params: Vec<u32>,
+    /// Every argument is: the statement's text is withheld whole.
+    pub all: bool,
+}
+
+impl SecretArgs {
+    /// What executing `text`, prepared as `name`, makes secret among the
+    /// arguments of an `EXECUTE`; `None` when nothing.
+    pub fn of(name: &str, text: &str, reading: Reading) -> Option<SecretArgs> {
+        let s = find_secrets(text, reading);
+        (s.whole || !s.params.is_empty()).then(|| SecretArgs {
+            name: name.to_owned(),
+            params: s.params.iter().map(|(n, _)| *n).collect(),
+            all: s.whole,
+        })
+    }
+
+    fn takes(&self, position: u32) -> bool {
+        self.all || self.params.contains(&position)
+    }
+}
+
 /// The secrets in `text`, read as the server reads it with `reading`.
 pub fn find_secrets(text: &str, reading: Reading) -> Secrets {
-    if !may_hold_secrets(text) {
-        return Secrets::default();
+    find_secrets_executing(text, reading, &[])
+}
+
+/// [`find_secrets`], and the arguments of each `EXECUTE name(…)` in the
+/// text that `executing` says are secrets (the prepared statements the
+/// text runs, as the server has them).
+pub fn find_secrets_executing(text: &str, reading: Reading, executing: &[SecretArgs]) -> Secrets {
+    scan(text, reading, executing, 0).unwrap_or_else(withheld)
+}
+
+/// The secrets of `text`; `None` when it may hold one and cannot be read
+/// token by token as the server reads it.
+fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) -> Option<Secrets> {
+    if executing.is_empty() && !may_hold_secrets(text) {
+        return Some(Secrets::default());
     }
     // With standard_conforming_strings off, a backslash escapes inside
     // '…' and the scanner (which reads with it on) could end a string
     // elsewhere than the server.
     if !reading.standard_conforming_strings && text.contains('\\') {
-        return withheld();
+        return None;
     }
-    let Ok(tokens) = pg_query::scan_tokens(text) else {
-        return withheld();
-    };
+    let tokens = pg_query::scan_tokens(text).ok()?;
     let tokens: Vec<&ScanToken> = tokens
         .iter()
         .filter(|t| !matches!(t.token(), Token::SqlComment | Token::CComment))
         .collect();
     let mut secrets = Secrets::default();
     let mut taken = vec![false; tokens.len()];
+    // Secrets that are not one whole token: a literal's inside, an argument.
+    let mut ranges: Vec<(Range<usize>, SecretKind)> = Vec::new();
     let source = |t: &ScanToken| text.get(t.start as usize..t.end as usize).unwrap_or("");
     for (i, t) in tokens.iter().enumerate() {
         if is_string(t) && is_connection_secret(source(t)) {
@@ -230,22 +291,78 @@ pub fn find_secrets(text: &str, reading: Reading) -> Secrets {
             // 'name', value
             (Token::Sconst, Some(comma)) if comma.token() == Token::Ascii44 => Some(i + 2),
             (Token::Sconst, _) => None,
-            // name = value, name TO value
-            (_, Some(op)) if matches!(op.token(), Token::Ascii61 | Token::To) => Some(i + 2),
+            // name = value, name TO value, name := value (PL/pgSQL),
+            // name => value (a named argument)
+            (_, Some(op))
+                if matches!(
+                    op.token(),
+                    Token::Ascii61 | Token::To | Token::ColonEquals | Token::EqualsGreater
+                ) =>
+            {
+                Some(i + 2)
+            }
             // name 'value'
             (_, Some(v)) if is_string(v) => Some(i + 1),
-            _ => None,
+            // A PL/pgSQL declaration: name [CONSTANT] type := value
+            _ => (i + 2..tokens.len().min(i + 5))
+                .find(|&k| tokens[k].token() == Token::ColonEquals)
+                .filter(|&k| tokens[i + 1..k].iter().all(|w| is_word(w)))
+                .map(|k| k + 1),
         };
         let Some(v) = value else { continue };
-        match next(v) {
-            Some(p) if p.token() == Token::Param => {
-                if let Some(n) = source(p).strip_prefix('$').and_then(|n| n.parse().ok()) {
-                    secrets.params.push((n, SecretKind::Value));
-                }
-            }
-            Some(p) if is_value(p) => taken[v] = true,
-            _ => {}
+        if let Some(extent) = value_extent(&tokens, v) {
+            withhold_argument(
+                &tokens,
+                text,
+                extent,
+                &mut taken,
+                &mut ranges,
+                &mut secrets.params,
+            );
         }
+    }
+    // A literal is often SQL in its turn: the body of a `DO` block or a
+    // function (`CREATE ROLE … PASSWORD '…'` inside), a string a body
+    // executes. Its secrets are withheld too: within a dollar-quoted body,
+    // where the text is as written; a quoted string with one, whole.
+    if depth < MAX_LITERAL_DEPTH {
+        for (i, t) in tokens.iter().enumerate() {
+            if taken[i] || !is_string(t) {
+                continue;
+            }
+            let literal = source(t);
+            let Some((inner, offset)) = literal_content(literal) else {
+                continue;
+            };
+            if !may_hold_secrets(&inner) {
+                continue;
+            }
+            // Text that is not SQL the scanner reads holds no statement.
+            let Some(found) = scan(&inner, reading, &[], depth + 1) else {
+                continue;
+            };
+            if found.spans.is_empty() {
+                continue;
+            }
+            match offset {
+                Some(offset) => ranges.extend(found.spans.into_iter().map(|(r, kind)| {
+                    let start = t.start as usize + offset;
+                    (start + r.start..start + r.end, kind)
+                })),
+                None => taken[i] = true,
+            }
+        }
+    }
+    insert_values(&tokens, text, &mut taken, &mut ranges, &mut secrets.params);
+    if !executing.is_empty() {
+        execute_args(
+            &tokens,
+            text,
+            executing,
+            &mut taken,
+            &mut ranges,
+            &mut secrets.params,
+        );
     }
     for (i, t) in tokens.iter().enumerate() {
         if !taken[i] {
@@ -256,11 +373,279 @@ pub fn find_secrets(text: &str, reading: Reading) -> Secrets {
         } else {
             SecretKind::Value
         };
-        secrets.spans.push((t.start as usize..t.end as usize, kind));
+        ranges.push((t.start as usize..t.end as usize, kind));
+    }
+    // In order and apart: a range within another is part of it.
+    ranges.sort_by_key(|(r, _)| (r.start, std::cmp::Reverse(r.end)));
+    for (r, kind) in ranges {
+        match secrets.spans.last_mut() {
+            Some((last, _)) if r.start < last.end => last.end = last.end.max(r.end),
+            _ => secrets.spans.push((r, kind)),
+        }
     }
     secrets.params.sort_unstable_by_key(|(n, _)| *n);
     secrets.params.dedup_by_key(|(n, _)| *n);
-    secrets
+    Some(secrets)
+}
+
+/// A token's text.
+fn token_source<'t>(text: &'t str, t: &ScanToken) -> &'t str {
+    text.get(t.start as usize..t.end as usize).unwrap_or("")
+}
+
+/// `$n` as `n`.
+fn param_number(source: &str) -> Option<u32> {
+    source.strip_prefix('$').and_then(|n| n.parse().ok())
+}
+
+/// A string literal's content, read as SQL in its turn, and where it starts
+/// in the literal when it is the literal's text as written (dollar quoting);
+/// `None` for the offset when quotes had to be undone.
+fn literal_content(literal: &str) -> Option<(Cow<'_, str>, Option<usize>)> {
+    if let Some(after) = literal.strip_prefix('$') {
+        let tag_end = after.find('$')? + 2;
+        let body = literal.get(tag_end..literal.len().checked_sub(tag_end)?)?;
+        return Some((Cow::Borrowed(body), Some(tag_end)));
+    }
+    let quoted = literal
+        .trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == '&')
+        .strip_prefix('\'')?
+        .strip_suffix('\'')?;
+    Some((Cow::Owned(quoted.replace("''", "'")), None))
+}
+
+/// The tokens of the value that starts at `tokens[v]`: a literal, a
+/// parameter or a bare word (`SET x TO word`), a function call with its
+/// arguments (`crypt('…', gen_salt('bf'))`), or a parenthesized expression;
+/// `None` for a column reference (`excluded.api_key`) or no value.
+fn value_extent(tokens: &[&ScanToken], v: usize) -> Option<Range<usize>> {
+    let first = tokens.get(v)?;
+    if first.token() == Token::Ascii40 {
+        let (_, close) = arguments(tokens, v)?;
+        return Some(v..close + 1);
+    }
+    if !is_word(first) {
+        return (first.token() == Token::Param || is_value(first)).then_some(v..v + 1);
+    }
+    let mut last = v;
+    while tokens
+        .get(last + 1)
+        .is_some_and(|t| t.token() == Token::Ascii46)
+        && tokens.get(last + 2).is_some_and(|t| is_word(t))
+    {
+        last += 2;
+    }
+    if tokens
+        .get(last + 1)
+        .is_some_and(|t| t.token() == Token::Ascii40)
+    {
+        let (_, close) = arguments(tokens, last + 1)?;
+        return Some(v..close + 1);
+    }
+    (last == v && is_value(first)).then_some(v..v + 1)
+}
+
+/// A name: an identifier or a keyword that is not reserved.
+fn is_word(t: &ScanToken) -> bool {
+    t.token() == Token::Ident
+        || (t.keyword_kind() != KeywordKind::NoKeyword
+            && t.keyword_kind() != KeywordKind::ReservedKeyword)
+}
+
+/// Each argument of the parenthesized list opening at `tokens[open]`, as a
+/// range of token indexes, and the index of its `)`; `None` if the list is
+/// not closed.
+fn arguments(tokens: &[&ScanToken], open: usize) -> Option<(Vec<Range<usize>>, usize)> {
+    let mut args = Vec::new();
+    let mut depth = 0usize;
+    let mut start = open + 1;
+    for (i, t) in tokens.iter().enumerate().skip(open) {
+        match t.token() {
+            Token::Ascii40 | Token::Ascii91 => depth += 1,
+            Token::Ascii41 | Token::Ascii93 => {
+                depth -= 1;
+                if depth == 0 {
+                    if i > start {
+                        args.push(start..i);
+                    }
+                    return Some((args, i));
+                }
+            }
+            Token::Ascii44 if depth == 1 => {
+                args.push(start..i);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Withholds the argument `arg` (token indexes): one value token, a
+/// parameter (its bound value), or an expression as a whole, with the
+/// parameters in it.
+fn withhold_argument(
+    tokens: &[&ScanToken],
+    text: &str,
+    arg: Range<usize>,
+    taken: &mut [bool],
+    ranges: &mut Vec<(Range<usize>, SecretKind)>,
+    params: &mut Vec<(u32, SecretKind)>,
+) {
+    let Some(first) = tokens.get(arg.start) else {
+        return;
+    };
+    for t in &tokens[arg.clone()] {
+        if t.token() == Token::Param
+            && let Some(n) = param_number(token_source(text, t))
+        {
+            params.push((n, SecretKind::Value));
+        }
+    }
+    if arg.len() == 1 {
+        if is_value(first) {
+            taken[arg.start] = true;
+        }
+        return;
+    }
+    let last = tokens[arg.end - 1];
+    let expression_has_values = tokens[arg.clone()].iter().any(|t| is_value(t));
+    if expression_has_values {
+        ranges.push((first.start as usize..last.end as usize, SecretKind::Value));
+    }
+}
+
+/// `INSERT INTO t (…, password, …) VALUES (…, '…', …), …`: the values of
+/// columns named like secrets.
+fn insert_values(
+    tokens: &[&ScanToken],
+    text: &str,
+    taken: &mut [bool],
+    ranges: &mut Vec<(Range<usize>, SecretKind)>,
+    params: &mut Vec<(u32, SecretKind)>,
+) {
+    let mut i = 0;
+    while i < tokens.len() {
+        if tokens[i].token() != Token::Insert {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        // The column list: the first `(` of the statement, unless its
+        // rows or query come first.
+        let open = tokens[i..].iter().position(|t| {
+            matches!(
+                t.token(),
+                Token::Ascii40 | Token::Values | Token::Select | Token::Default | Token::Ascii59
+            )
+        });
+        let Some(open) = open.map(|o| i + o) else {
+            return;
+        };
+        if tokens[open].token() != Token::Ascii40 {
+            i = open;
+            continue;
+        }
+        let Some((columns, close)) = arguments(tokens, open) else {
+            return;
+        };
+        let secret: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.len() == 1 && is_secret_name(token_source(text, tokens[c.start])))
+            .map(|(k, _)| k)
+            .collect();
+        i = close + 1;
+        if secret.is_empty() {
+            continue;
+        }
+        // OVERRIDING … VALUE may stand before VALUES.
+        let Some(values) = tokens[i..]
+            .iter()
+            .position(|t| matches!(t.token(), Token::Values | Token::Select | Token::Ascii59))
+            .map(|v| i + v)
+        else {
+            return;
+        };
+        if tokens[values].token() != Token::Values {
+            i = values;
+            continue;
+        }
+        let mut row = values + 1;
+        while tokens.get(row).is_some_and(|t| t.token() == Token::Ascii40) {
+            let Some((args, close)) = arguments(tokens, row) else {
+                return;
+            };
+            for &k in &secret {
+                if let Some(arg) = args.get(k) {
+                    withhold_argument(tokens, text, arg.clone(), taken, ranges, params);
+                }
+            }
+            row = close + 1;
+            if tokens.get(row).is_some_and(|t| t.token() == Token::Ascii44) {
+                row += 1;
+            } else {
+                break;
+            }
+        }
+        i = row;
+    }
+}
+
+/// `EXECUTE name(…)`: the arguments `executing` says are secrets.
+fn execute_args(
+    tokens: &[&ScanToken],
+    text: &str,
+    executing: &[SecretArgs],
+    taken: &mut [bool],
+    ranges: &mut Vec<(Range<usize>, SecretKind)>,
+    params: &mut Vec<(u32, SecretKind)>,
+) {
+    for i in 0..tokens.len() {
+        if tokens[i].token() != Token::Execute {
+            continue;
+        }
+        let (Some(name), Some(open)) = (tokens.get(i + 1), tokens.get(i + 2)) else {
+            continue;
+        };
+        if open.token() != Token::Ascii40 {
+            continue;
+        }
+        // A name written with Unicode escapes may be any of them.
+        let name = match name.token() {
+            Token::Ident => Some(identifier(token_source(text, name))),
+            Token::Uident => None,
+            _ if name.keyword_kind() != KeywordKind::NoKeyword => {
+                Some(token_source(text, name).to_ascii_lowercase())
+            }
+            _ => continue,
+        };
+        let runs: Vec<&SecretArgs> = executing
+            .iter()
+            .filter(|e| name.as_deref().is_none_or(|n| n == e.name))
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let Some((args, _)) = arguments(tokens, i + 2) else {
+            continue;
+        };
+        for (k, arg) in args.into_iter().enumerate() {
+            let position = u32::try_from(k + 1).unwrap_or(u32::MAX);
+            if runs.iter().any(|e| e.takes(position)) {
+                withhold_argument(tokens, text, arg, taken, ranges, params);
+            }
+        }
+    }
+}
+
+/// An identifier as the server names it: quoted as written, otherwise in
+/// lowercase.
+fn identifier(source: &str) -> String {
+    match source.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => source.to_ascii_lowercase(),
+    }
 }
 
 fn withheld() -> Secrets {
@@ -365,6 +750,15 @@ mod tests {
                 "UPDATE users SET password = 'x' WHERE id = 1",
                 "UPDATE users SET password = '[redacted]' WHERE id = 1",
             ),
+            // A function of the secret: the call is withheld whole.
+            (
+                "UPDATE users SET password = crypt('x', gen_salt('bf')) WHERE id = 1",
+                "UPDATE users SET password = '[redacted]' WHERE id = 1",
+            ),
+            (
+                "SELECT 1 FROM users WHERE api_key = pg_catalog.digest($1, 'sha256')",
+                "SELECT 1 FROM users WHERE api_key = '[redacted]'",
+            ),
         ] {
             assert_eq!(redacted(text), want, "{text}");
         }
@@ -375,6 +769,8 @@ mod tests {
             "CREATE TABLE users (id int, password text, api_key text)",
             "SELECT password FROM users WHERE id = 1",
             "SELECT 'password'",
+            "UPDATE users SET api_key = excluded.api_key",
+            "SELECT * FROM a JOIN b ON a.token = b.token",
         ] {
             assert_eq!(redacted(text), text);
         }
@@ -474,6 +870,132 @@ mod tests {
         ] {
             assert!(!may_hold_secrets(text), "{text}");
         }
+    }
+
+    #[test]
+    fn secrets_in_bodies_and_strings_of_sql_are_withheld() {
+        for (text, want) in [
+            // The usual idempotent role creation of a migration.
+            (
+                "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN \
+                 CREATE ROLE app LOGIN PASSWORD 'hunter2'; END IF; END$$",
+                "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN \
+                 CREATE ROLE app LOGIN PASSWORD '[redacted]'; END IF; END$$",
+            ),
+            (
+                "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $body$\
+                 DECLARE api_token text := 'tok-1'; BEGIN \
+                 PERFORM set_config('app.secret', 'abc', false); END $body$",
+                "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $body$\
+                 DECLARE api_token text := '[redacted]'; BEGIN \
+                 PERFORM set_config('app.secret', '[redacted]', false); END $body$",
+            ),
+            // A string the body executes: withheld whole.
+            (
+                "DO $$BEGIN EXECUTE 'ALTER ROLE app PASSWORD ''hunter2'''; END$$",
+                "DO $$BEGIN EXECUTE '[redacted]'; END$$",
+            ),
+            (
+                "DO 'BEGIN ALTER ROLE app PASSWORD ''hunter2''; END'",
+                "DO '[redacted]'",
+            ),
+            // PL/pgSQL assignment, a named argument.
+            (
+                "DO $$BEGIN pwd := 'x1'; END$$",
+                "DO $$BEGIN pwd := '[redacted]'; END$$",
+            ),
+            (
+                "SELECT make_user(name => 'a', password => 'x2')",
+                "SELECT make_user(name => 'a', password => '[redacted]')",
+            ),
+        ] {
+            assert_eq!(redacted(text), want, "{text}");
+        }
+        // Strings that only mention a secret word hold no statement.
+        for text in [
+            "SELECT 'forgot my password: ask the admin'",
+            "DO $$BEGIN RAISE NOTICE 'rotate the api key'; END$$",
+            "SELECT 'it''s the key'",
+        ] {
+            assert_eq!(redacted(text), text);
+        }
+    }
+
+    #[test]
+    fn inserted_values_of_secret_columns_are_withheld() {
+        for (text, want) in [
+            (
+                "INSERT INTO users (name, password) VALUES ('a', 'x1'), \
+                 ('b', crypt('x2', gen_salt('bf')))",
+                "INSERT INTO users (name, password) VALUES ('a', '[redacted]'), \
+                 ('b', '[redacted]')",
+            ),
+            (
+                "insert into app.creds as c (\"API_KEY\", id) overriding system value \
+                 values (E'k', 1) on conflict (id) do update set api_key = excluded.api_key",
+                "insert into app.creds as c (\"API_KEY\", id) overriding system value \
+                 values ('[redacted]', 1) on conflict (id) do update set api_key = excluded.api_key",
+            ),
+        ] {
+            assert_eq!(redacted(text), want, "{text}");
+        }
+        let s = find_secrets(
+            "INSERT INTO users (name, password) VALUES ($1, $2)",
+            Reading::default(),
+        );
+        assert_eq!(s.params, vec![(2, SecretKind::Value)]);
+        for text in [
+            "INSERT INTO users (name, password) SELECT name, password FROM old_users",
+            "INSERT INTO users (name, password) VALUES ('a', DEFAULT)",
+            "INSERT INTO users VALUES ('a', 'not known to be a password column')",
+        ] {
+            assert_eq!(redacted(text), text);
+        }
+    }
+
+    #[test]
+    fn arguments_of_an_execute_that_binds_a_secret_are_withheld() {
+        let prepared = SecretArgs::of(
+            "p",
+            "PREPARE p(text, int) AS SELECT set_config('app.secret', $1, false), $2",
+            Reading::default(),
+        )
+        .unwrap();
+        assert_eq!(prepared.params, vec![1]);
+        let executing = [prepared];
+        for (text, want) in [
+            ("EXECUTE p('hunter2', 1)", "EXECUTE p('[redacted]', 1)"),
+            (
+                "execute P ( 'a' || 'b' , 2 )",
+                "execute P ( '[redacted]' , 2 )",
+            ),
+            (
+                "CREATE TABLE t AS EXECUTE p(/* c */ $x$hunter2$x$, 3)",
+                "CREATE TABLE t AS EXECUTE p(/* c */ '[redacted]', 3)",
+            ),
+            // Another statement's arguments are its own.
+            ("EXECUTE q('visible', 1)", "EXECUTE q('visible', 1)"),
+            ("EXECUTE \"P\"('visible', 1)", "EXECUTE \"P\"('visible', 1)"),
+        ] {
+            let found = find_secrets_executing(text, Reading::default(), &executing);
+            assert_eq!(found.redact(text), want, "{text}");
+        }
+        let s = find_secrets_executing("EXECUTE p($2, $1)", Reading::default(), &executing);
+        assert_eq!(s.params, vec![(2, SecretKind::Value)]);
+        // A prepared text withheld whole withholds every argument.
+        let all = SecretArgs::of(
+            "w",
+            "PREPARE w AS SELECT 'unterminated password",
+            Reading::default(),
+        )
+        .unwrap();
+        assert!(all.all);
+        let text = "EXECUTE w(1, 'two')";
+        assert_eq!(
+            find_secrets_executing(text, Reading::default(), &[all]).redact(text),
+            "EXECUTE w('[redacted]', '[redacted]')"
+        );
+        assert!(SecretArgs::of("s", "PREPARE s AS SELECT 1", Reading::default()).is_none());
     }
 
     #[test]

@@ -57,8 +57,8 @@ use gatehouse_events::{
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, Frame, FrontendMessage, TransactionStatus};
 use gatehouse_policies::{
-    Classification, Classifier, Deallocates, REDACTED, SecretKind, StatementFacts, StatementKind,
-    find_secrets, is_connection_secret,
+    Classification, Classifier, Deallocates, REDACTED, SecretArgs, SecretKind, StatementFacts,
+    StatementKind, find_secrets_executing, is_connection_secret,
 };
 
 use crate::encoding::{self, Parsing};
@@ -1239,11 +1239,17 @@ impl Machine {
         // Secrets never reach the log: not the text's, not the bound
         // values', not those of the statements it executes.
         let reading = self.parsing.reading();
-        let (statement, params, redactions) = redacted(statement, params, reading);
+        // An `EXECUTE p('…')` passes values to what `p` prepared: those
+        // bound where `p` takes a secret are secrets here.
+        let executing: Vec<SecretArgs> = executes
+            .iter()
+            .filter_map(|e| SecretArgs::of(&e.name, &e.text, reading))
+            .collect();
+        let (statement, params, redactions) = redacted(statement, params, reading, &executing);
         let executes = executes
             .into_iter()
             .map(|e| {
-                let (text, _, redactions) = redacted(e.text, Vec::new(), reading);
+                let (text, _, redactions) = redacted(e.text, Vec::new(), reading, &[]);
                 ExecutedStatement {
                     text,
                     redactions,
@@ -1713,15 +1719,17 @@ fn lookup<'a>(resolved: &'a [(String, Arc<Prepared>)], name: &str) -> Option<&'a
 }
 
 /// A command's text and bound values as they are recorded: each secret
-/// [`find_secrets`] finds in the text replaced by [`REDACTED`], and so is
-/// the value of each parameter in a secret's place and each text value that
-/// is a connection string with a password.
+/// [`find_secrets_executing`] finds in the text replaced by [`REDACTED`]
+/// (with the arguments `executing` makes secrets, of an `EXECUTE`), and so
+/// is the value of each parameter in a secret's place and each text value
+/// that is a connection string with a password.
 fn redacted(
     text: String,
     mut params: Vec<Param>,
     reading: gatehouse_policies::Reading,
+    executing: &[SecretArgs],
 ) -> (String, Vec<Param>, Vec<Redaction>) {
-    let secrets = find_secrets(&text, reading);
+    let secrets = find_secrets_executing(&text, reading, executing);
     let mut redactions: Vec<Redaction> = secrets
         .kinds()
         .map(|(kind, param)| Redaction {
