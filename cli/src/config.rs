@@ -37,9 +37,10 @@ pub enum Insecure {
     /// `worker.allow_plaintext = true`: clients may connect without TLS,
     /// sending their tokens in the clear.
     PlaintextClients,
-    /// An `http://` `oidc.issuer`: discovery and keys fetched without TLS
-    /// can be replaced by anyone on the path, who can then mint tokens.
-    /// (Implies `oidc.allow_http`.)
+    /// An `http://` `oidc.issuer`, or `oidc.allow_http` (which also lets
+    /// an https issuer name an `http://` `jwks_uri`): discovery and keys
+    /// fetched without TLS can be replaced by anyone on the path, who can
+    /// then mint tokens. (Implies `oidc.allow_http`.)
     HttpIssuer,
     /// `oidc.leeway_secs` over five minutes: expired tokens stay good that
     /// much longer.
@@ -280,6 +281,14 @@ impl Config {
                 Insecure::HttpIssuer,
                 "oidc.issuer".into(),
                 "an http:// issuer: its signing keys are fetched without TLS",
+            );
+        } else if self.oidc.allow_http {
+            // An https issuer whose discovery document names an http://
+            // jwks_uri: the keys come without TLS all the same.
+            add(
+                Insecure::HttpIssuer,
+                "oidc.allow_http".into(),
+                "the issuer's signing keys may be fetched from an http:// jwks_uri, without TLS",
             );
         }
         if self.oidc.leeway_secs > MAX_SAFE_LEEWAY_SECS {
@@ -550,6 +559,44 @@ mod tests {
         );
         let c = Config::parse(&capped, std::iter::empty()).unwrap();
         assert_eq!(c.unsafe_settings(Role::Worker), []);
+    }
+
+    /// `oidc.allow_http` with an https issuer lets the issuer's discovery
+    /// document send the verifier to an `http://` jwks_uri: keys without
+    /// TLS, on both planes, with or without an environment override.
+    #[test]
+    fn allowing_http_for_the_issuer_is_the_http_issuer_switch() {
+        let direct = EXAMPLE.replace("allow_http = false", "allow_http = true");
+        assert_ne!(direct, EXAMPLE, "the example sets oidc.allow_http");
+        let by_env = || {
+            [(
+                "GATEHOUSE__OIDC__ALLOW_HTTP".to_string(),
+                "true".to_string(),
+            )]
+            .into_iter()
+        };
+        for (text, env) in [(direct.as_str(), false), (EXAMPLE, true)] {
+            for role in [Role::Worker, Role::ControlPlane] {
+                let mut c = if env {
+                    Config::parse(text, by_env()).unwrap()
+                } else {
+                    Config::parse(text, std::iter::empty()).unwrap()
+                };
+                assert!(c.oidc.allow_http);
+                let e = c.check_insecure(role).unwrap_err().to_string();
+                assert!(
+                    e.starts_with("oidc.allow_http:") && e.contains("\"http-issuer\""),
+                    "{role:?}: {e}"
+                );
+                assert_eq!(e.lines().count(), 1, "{e}");
+            }
+        }
+        let mut c = Config::parse(
+            &direct.replacen("insecure = []\n", "insecure = [\"http-issuer\"]\n", 1),
+            std::iter::empty(),
+        )
+        .unwrap();
+        c.check_insecure(Role::Worker).unwrap();
     }
 
     #[test]
