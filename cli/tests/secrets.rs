@@ -205,7 +205,7 @@ async fn secrets_in_commands_are_not_recorded() {
 /// Secrets that stand elsewhere than right after their name: in a `DO`
 /// body, as the argument of an `EXECUTE` whose prepared statement takes a
 /// secret there, as the inserted value of a secret column, inside a
-/// function call. Each command runs as sent (or is refused) and is
+/// function call, under a key of a JSON document. Each command runs as sent (or is refused) and is
 /// recorded without the secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
@@ -246,17 +246,30 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         .batch_execute("UPDATE creds SET password = md5('sekret-update-4') WHERE name = 'a'")
         .await
         .unwrap();
+    // JSON documents with a secret key, as a literal and as a value.
+    client
+        .batch_execute(r#"SELECT '{"auth": {"token": "sekret-json-5"}}'::jsonb"#)
+        .await
+        .unwrap();
+    let _ = client
+        .query_one(
+            "SELECT $1::text::jsonb",
+            &[&r#"{"api_key": "sekret-json-6"}"#],
+        )
+        .await
+        .unwrap();
     client
         .batch_execute("SELECT 'the last command'")
         .await
         .unwrap();
 
-    let commands = env.audit_commands("alice", 8).await;
+    let commands = env.audit_commands("alice", 10).await;
     let texts: Vec<&str> = commands
         .iter()
         .map(|c| c["statement"].as_str().unwrap())
         .collect();
     for want in [
+        "SELECT '[redacted]'::jsonb".to_string(),
         format!("DO $$BEGIN CREATE ROLE {role} LOGIN PASSWORD '[redacted]'; END$$"),
         "EXECUTE keep('[redacted]')".to_string(),
         "INSERT INTO creds (name, password) VALUES ('a', '[redacted]')".to_string(),
@@ -270,8 +283,14 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         bodies.iter().any(|b| b.contains("the last command")),
         "stream read in full"
     );
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(r#"{"api_key": "sekret-json-6"}"#);
     for body in &bodies {
         assert!(!body.contains("sekret"), "a secret reached the log: {body}");
+        assert!(
+            !body.contains(&encoded),
+            "a secret reached the log as base64: {body}"
+        );
     }
     drop(client);
     env.cleanup().await;

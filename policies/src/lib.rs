@@ -20,7 +20,7 @@ pub use bundle::{
 };
 pub use classify::{
     Classifier, REDACTED, Reading, SecretArgs, SecretKind, Secrets, classify, find_secrets,
-    find_secrets_executing, is_connection_secret,
+    find_secrets_executing, is_connection_secret, json_holds_secret,
 };
 pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,

@@ -23,6 +23,8 @@
 //!   withheld whole, a column reference (`excluded.password`) is none;
 //! - inserted into a column named like one (`INSERT INTO t (name,
 //!   password) VALUES (…, '…')`);
+//! - a JSON document with a key named like one, at any depth
+//!   ([`json_holds_secret`]: `'{"api_key": "…"}'::jsonb`), withheld whole;
 //! - a string that is itself a connection string with a password
 //!   ([`is_connection_secret`]: `password=…`, `PGPASSWORD=…`,
 //!   `scheme://user:password@host`);
@@ -337,6 +339,11 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
             if !may_hold_secrets(&inner) {
                 continue;
             }
+            // A JSON document (`'{"api_key": "…"}'::jsonb`).
+            if json_holds_secret(&inner) {
+                taken[i] = true;
+                continue;
+            }
             // Text that is not SQL the scanner reads holds no statement.
             let Some(found) = scan(&inner, reading, &[], depth + 1) else {
                 continue;
@@ -386,6 +393,24 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
     secrets.params.sort_unstable_by_key(|(n, _)| *n);
     secrets.params.dedup_by_key(|(n, _)| *n);
     Some(secrets)
+}
+
+/// Whether `value` is a JSON document with a key named like a secret
+/// ([`is_secret_name`]) whose value is not `null`, at any depth.
+pub fn json_holds_secret(value: &str) -> bool {
+    fn holds(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .any(|(k, v)| (is_secret_name(k) && !v.is_null()) || holds(v)),
+            serde_json::Value::Array(items) => items.iter().any(holds),
+            _ => false,
+        }
+    }
+    let trimmed = value.trim_start();
+    (trimmed.starts_with('{') || trimmed.starts_with('['))
+        && may_hold_secrets(value)
+        && serde_json::from_str::<serde_json::Value>(value).is_ok_and(|v| holds(&v))
 }
 
 /// A token's text.
@@ -919,6 +944,31 @@ mod tests {
         ] {
             assert_eq!(redacted(text), text);
         }
+    }
+
+    #[test]
+    fn json_documents_with_secret_keys_are_withheld() {
+        for (text, want) in [
+            (
+                r#"INSERT INTO settings (cfg) VALUES ('{"url": "https://x", "api_key": "k1"}')"#,
+                "INSERT INTO settings (cfg) VALUES ('[redacted]')",
+            ),
+            (
+                r#"SELECT '[{"auth": {"Password": "p2"}}]'::jsonb"#,
+                "SELECT '[redacted]'::jsonb",
+            ),
+        ] {
+            assert_eq!(redacted(text), want, "{text}");
+        }
+        for text in [
+            r#"SELECT '{"password": null, "user": "a"}'::jsonb"#,
+            r#"SELECT '{"keys": 3}'::jsonb"#,
+            r#"SELECT '{"api_key": '"#,
+        ] {
+            assert_eq!(redacted(text), text);
+        }
+        assert!(json_holds_secret(r#"{"token": 1}"#));
+        assert!(!json_holds_secret("token"));
     }
 
     #[test]

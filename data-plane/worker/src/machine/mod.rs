@@ -58,7 +58,7 @@ use gatehouse_events::{
 use gatehouse_pgwire::{self as pg, BackendMessage, Frame, FrontendMessage, TransactionStatus};
 use gatehouse_policies::{
     Classification, Classifier, Deallocates, REDACTED, SecretArgs, SecretKind, StatementFacts,
-    StatementKind, find_secrets_executing, is_connection_secret,
+    StatementKind, find_secrets_executing, is_connection_secret, json_holds_secret,
 };
 
 use crate::encoding::{self, Parsing};
@@ -1722,7 +1722,8 @@ fn lookup<'a>(resolved: &'a [(String, Arc<Prepared>)], name: &str) -> Option<&'a
 /// [`find_secrets_executing`] finds in the text replaced by [`REDACTED`]
 /// (with the arguments `executing` makes secrets, of an `EXECUTE`), and so
 /// is the value of each parameter in a secret's place and each text value
-/// that is a connection string with a password.
+/// that is a connection string with a password or a JSON document with a
+/// secret-looking key.
 fn redacted(
     text: String,
     mut params: Vec<Param>,
@@ -1745,11 +1746,20 @@ fn redacted(
     let mut withheld = secrets.params.iter().map(|(n, _)| *n).collect::<Vec<_>>();
     for (i, p) in params.iter().enumerate() {
         let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let connection = sent_text(p).is_some_and(|v| is_connection_secret(&v));
-        if connection && !withheld.contains(&n) {
+        if withheld.contains(&n) {
+            continue;
+        }
+        let kind = sent_text(p).and_then(|v| {
+            if is_connection_secret(&v) {
+                Some(SecretKind::ConnectionString)
+            } else {
+                json_holds_secret(&v).then_some(SecretKind::Value)
+            }
+        });
+        if let Some(kind) = kind {
             withheld.push(n);
             redactions.push(Redaction {
-                kind: SecretKind::ConnectionString.as_str().to_owned(),
+                kind: kind.as_str().to_owned(),
                 param: Some(n),
             });
         }
