@@ -205,7 +205,7 @@ async fn secrets_in_commands_are_not_recorded() {
 /// Secrets that stand elsewhere than right after their name: in a `DO`
 /// body, as the argument of an `EXECUTE` whose prepared statement takes a
 /// secret there, as the inserted value of a secret column, inside a
-/// function call, under a key of a JSON document. Each command runs as sent (or is refused) and is
+/// function call, under a key of a JSON document, given to pgcrypto. Each command runs as sent (or is refused) and is
 /// recorded without the secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
@@ -246,6 +246,11 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         .batch_execute("UPDATE creds SET password = md5('sekret-update-4') WHERE name = 'a'")
         .await
         .unwrap();
+    // A password given to pgcrypto (recorded whether or not the target
+    // has the extension).
+    let _ = client
+        .batch_execute("SELECT crypt('sekret-crypt-7', '$1$salt')")
+        .await;
     // JSON documents with a secret key, as a literal and as a value.
     client
         .batch_execute(r#"SELECT '{"auth": {"token": "sekret-json-5"}}'::jsonb"#)
@@ -263,12 +268,13 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         .await
         .unwrap();
 
-    let commands = env.audit_commands("alice", 10).await;
+    let commands = env.audit_commands("alice", 11).await;
     let texts: Vec<&str> = commands
         .iter()
         .map(|c| c["statement"].as_str().unwrap())
         .collect();
     for want in [
+        "SELECT crypt('[redacted]', '$1$salt')".to_string(),
         "SELECT '[redacted]'::jsonb".to_string(),
         format!("DO $$BEGIN CREATE ROLE {role} LOGIN PASSWORD '[redacted]'; END$$"),
         "EXECUTE keep('[redacted]')".to_string(),

@@ -32,6 +32,8 @@
 //!   or function body, a string such a body executes): within a
 //!   dollar-quoted body the secret itself is withheld, a quoted string
 //!   holding one is withheld whole;
+//! - a password or key given to a pgcrypto function (`crypt('…', …)`,
+//!   `pgp_sym_encrypt(data, '…')`, `hmac(data, '…', …)`, …);
 //! - an argument of `EXECUTE name(…)` that the prepared statement takes in
 //!   a secret's place ([`find_secrets_executing`] with [`SecretArgs`]).
 //!
@@ -183,8 +185,9 @@ fn find_ascii_ci<'a>(hay: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = us
 
 /// Whether the text holds a word without which it holds no secret this
 /// module finds (every secret name contains one, and so does every
-/// connection secret): `pass`, `pwd`, `secret`, `token`, `credential`,
-/// `conninfo`, `key` or `://`, in any case. One pass over the bytes: this
+/// connection secret, and every function of [`SECRET_ARGUMENTS`]): `pass`,
+/// `pwd`, `secret`, `token`, `credential`, `conninfo`, `key`, `://`,
+/// `crypt` or `hmac`, in any case. One pass over the bytes: this
 /// runs for every command recorded.
 fn may_hold_secrets(text: &str) -> bool {
     let bytes = text.as_bytes();
@@ -197,7 +200,8 @@ fn may_hold_secrets(text: &str) -> bool {
         b'p' => at(i, b"pass") || at(i, b"pwd"),
         b's' => at(i, b"secret"),
         b't' => at(i, b"token"),
-        b'c' => at(i, b"credential") || at(i, b"conninfo"),
+        b'c' => at(i, b"credential") || at(i, b"conninfo") || at(i, b"crypt"),
+        b'h' => at(i, b"hmac"),
         b'k' => at(i, b"key"),
         // ':' | 0x20 is ':' itself.
         b':' => at(i, b"://"),
@@ -361,6 +365,7 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
         }
     }
     insert_values(&tokens, text, &mut taken, &mut ranges, &mut secrets.params);
+    secret_arguments(&tokens, text, &mut taken, &mut ranges, &mut secrets.params);
     if !executing.is_empty() {
         execute_args(
             &tokens,
@@ -614,6 +619,55 @@ fn insert_values(
             }
         }
         i = row;
+    }
+}
+
+/// Functions that take a password or key by position (pgcrypto's): the
+/// name, and the positions (from 0) of those arguments.
+const SECRET_ARGUMENTS: [(&str, &[usize]); 12] = [
+    ("crypt", &[0]),
+    ("encrypt", &[1]),
+    ("decrypt", &[1]),
+    ("encrypt_iv", &[1]),
+    ("decrypt_iv", &[1]),
+    ("hmac", &[1]),
+    ("pgp_sym_encrypt", &[1]),
+    ("pgp_sym_decrypt", &[1]),
+    ("pgp_sym_encrypt_bytea", &[1]),
+    ("pgp_sym_decrypt_bytea", &[1]),
+    ("pgp_pub_decrypt", &[1, 2]),
+    ("pgp_pub_decrypt_bytea", &[1, 2]),
+];
+
+/// `crypt('…', gen_salt('bf'))`, `pgp_sym_encrypt(data, '…')`: the
+/// arguments of [`SECRET_ARGUMENTS`] that are passwords or keys.
+fn secret_arguments(
+    tokens: &[&ScanToken],
+    text: &str,
+    taken: &mut [bool],
+    ranges: &mut Vec<(Range<usize>, SecretKind)>,
+    params: &mut Vec<(u32, SecretKind)>,
+) {
+    for i in 0..tokens.len() {
+        if !is_word(tokens[i])
+            || tokens
+                .get(i + 1)
+                .is_none_or(|t| t.token() != Token::Ascii40)
+        {
+            continue;
+        }
+        let name = identifier(token_source(text, tokens[i]));
+        let Some((_, positions)) = SECRET_ARGUMENTS.iter().find(|(f, _)| *f == name) else {
+            continue;
+        };
+        let Some((args, _)) = arguments(tokens, i + 1) else {
+            continue;
+        };
+        for &k in *positions {
+            if let Some(arg) = args.get(k) {
+                withhold_argument(tokens, text, arg.clone(), taken, ranges, params);
+            }
+        }
     }
 }
 
@@ -883,6 +937,8 @@ mod tests {
             "primary_conninfo",
             "KEY",
             "postgres://h",
+            "pgp_sym_encrypt",
+            "HMAC",
         ] {
             assert!(may_hold_secrets(text), "{text}");
         }
@@ -942,6 +998,36 @@ mod tests {
             "DO $$BEGIN RAISE NOTICE 'rotate the api key'; END$$",
             "SELECT 'it''s the key'",
         ] {
+            assert_eq!(redacted(text), text);
+        }
+    }
+
+    #[test]
+    fn passwords_and_keys_given_to_pgcrypto_are_withheld() {
+        for (text, want) in [
+            (
+                "SELECT id FROM users WHERE hash = crypt('hunter2', hash)",
+                "SELECT id FROM users WHERE hash = crypt('[redacted]', hash)",
+            ),
+            (
+                "INSERT INTO t VALUES (pgp_sym_encrypt('123-45-6789', 'k3y-material', 'cipher-algo=aes256'))",
+                "INSERT INTO t VALUES (pgp_sym_encrypt('123-45-6789', '[redacted]', 'cipher-algo=aes256'))",
+            ),
+            (
+                "SELECT public.hmac(body, 'mac-secret'::bytea, 'sha256') FROM m",
+                "SELECT public.hmac(body, '[redacted]', 'sha256') FROM m",
+            ),
+            (
+                "SELECT pgp_pub_decrypt(data, dearmor('-----BEGIN PGP-----'), 'psw') FROM t",
+                "SELECT pgp_pub_decrypt(data, '[redacted]', '[redacted]') FROM t",
+            ),
+        ] {
+            assert_eq!(redacted(text), want, "{text}");
+        }
+        let s = find_secrets("SELECT decrypt(data, $1, 'aes') FROM t", Reading::default());
+        assert_eq!(s.params, vec![(1, SecretKind::Value)]);
+        // A column or a function of the same name is not a call.
+        for text in ["SELECT crypt FROM t", "SELECT encrypt_iv(data) FROM t"] {
             assert_eq!(redacted(text), text);
         }
     }
