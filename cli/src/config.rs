@@ -28,6 +28,20 @@ pub const ENV_PREFIX: &str = "GATEHOUSE__";
 /// `long-leeway` switch.
 pub const MAX_SAFE_LEEWAY_SECS: u64 = 300;
 
+/// Longest `oidc.max_token_lifetime_secs` production mode takes without the
+/// `long-token-lifetime` switch (the default: a day).
+pub const MAX_SAFE_TOKEN_LIFETIME_SECS: u64 = 86_400;
+
+/// Longest `oidc.jwks_max_age_secs` production mode takes without the
+/// `long-key-cache` switch: a key removed from the issuer stops verifying
+/// within this time.
+pub const MAX_SAFE_JWKS_AGE_SECS: u64 = 3_600;
+
+/// Longest `oidc.jwks_stale_limit_secs` production mode takes without the
+/// `long-key-cache` switch: while the issuer cannot be reached, its last
+/// keys (a removed one included) verify for this long.
+pub const MAX_SAFE_JWKS_STALE_SECS: u64 = 86_400;
+
 /// An unsafe setting, allowed only when the top-level `insecure` list names
 /// it (`insecure = ["nats-plaintext", …]`). Each gives up a protection on
 /// one hop; none is needed for a production deployment.
@@ -45,6 +59,13 @@ pub enum Insecure {
     /// `oidc.leeway_secs` over five minutes: expired tokens stay good that
     /// much longer.
     LongLeeway,
+    /// `oidc.max_token_lifetime_secs` over a day: tokens valid for longer
+    /// (up to a thousand years) are accepted.
+    LongTokenLifetime,
+    /// `oidc.jwks_max_age_secs` over an hour, or `oidc.jwks_stale_limit_secs`
+    /// over a day: a key the issuer removed (a leaked one) keeps verifying
+    /// tokens that long, the second while the issuer is kept out of reach.
+    LongKeyCache,
     /// `worker.sessions_outlive_tokens` without
     /// `worker.max_session_lifetime_secs`: a session may go on forever
     /// after its token expires.
@@ -79,6 +100,8 @@ impl Insecure {
             Self::PlaintextClients => "plaintext-clients",
             Self::HttpIssuer => "http-issuer",
             Self::LongLeeway => "long-leeway",
+            Self::LongTokenLifetime => "long-token-lifetime",
+            Self::LongKeyCache => "long-key-cache",
             Self::SessionsOutliveTokens => "sessions-outlive-tokens",
             Self::TargetTlsOff => "target-tls-off",
             Self::TargetTlsUnverified => "target-tls-unverified",
@@ -296,6 +319,29 @@ impl Config {
                 Insecure::LongLeeway,
                 "oidc.leeway_secs".into(),
                 "more than 300 seconds: expired tokens stay good that much longer",
+            );
+        }
+        if self.oidc.max_token_lifetime_secs > MAX_SAFE_TOKEN_LIFETIME_SECS {
+            add(
+                Insecure::LongTokenLifetime,
+                "oidc.max_token_lifetime_secs".into(),
+                "more than a day (86400 seconds): tokens that stay good longer are accepted",
+            );
+        }
+        if self.oidc.jwks_max_age_secs > MAX_SAFE_JWKS_AGE_SECS {
+            add(
+                Insecure::LongKeyCache,
+                "oidc.jwks_max_age_secs".into(),
+                "more than an hour (3600 seconds): a key removed from the issuer keeps \
+                 verifying tokens that long",
+            );
+        }
+        if self.oidc.jwks_stale_limit_secs > MAX_SAFE_JWKS_STALE_SECS {
+            add(
+                Insecure::LongKeyCache,
+                "oidc.jwks_stale_limit_secs".into(),
+                "more than a day (86400 seconds): while the issuer cannot be reached, its \
+                 last keys (a removed one included) keep verifying tokens that long",
             );
         }
         if !self.events.nats_tls() {
@@ -597,6 +643,49 @@ mod tests {
         )
         .unwrap();
         c.check_insecure(Role::Worker).unwrap();
+    }
+
+    /// The verifier's bounds on token and key lifetimes, stretched in the
+    /// file or from the environment: refused on both planes unless named.
+    #[test]
+    fn stretched_token_and_key_lifetimes_need_their_switches() {
+        for (field, value, switch) in [
+            (
+                "MAX_TOKEN_LIFETIME_SECS",
+                "31536000000",
+                "long-token-lifetime",
+            ),
+            ("JWKS_MAX_AGE_SECS", "86400", "long-key-cache"),
+            ("JWKS_STALE_LIMIT_SECS", "31536000", "long-key-cache"),
+        ] {
+            let env = || [(format!("GATEHOUSE__OIDC__{field}"), value.to_string())].into_iter();
+            for role in [Role::Worker, Role::ControlPlane] {
+                let mut c = Config::parse(EXAMPLE, env()).unwrap();
+                let e = c.check_insecure(role).unwrap_err().to_string();
+                let field = format!("oidc.{}:", field.to_ascii_lowercase());
+                assert!(
+                    e.starts_with(&field) && e.contains(&format!("\"{switch}\"")),
+                    "{role:?}: {e}"
+                );
+                assert_eq!(e.lines().count(), 1, "{e}");
+                let allowed = EXAMPLE.replacen(
+                    "insecure = []\n",
+                    &format!("insecure = [\"{switch}\"]\n"),
+                    1,
+                );
+                let mut c = Config::parse(&allowed, env()).unwrap();
+                c.check_insecure(role).unwrap();
+            }
+        }
+        // The defaults are within the bounds.
+        let c = Config::parse("", std::iter::empty()).unwrap();
+        assert!(
+            c.unsafe_settings(Role::Worker)
+                .iter()
+                .all(|u| !u.field.starts_with("oidc.")),
+            "{:?}",
+            c.unsafe_settings(Role::Worker)
+        );
     }
 
     #[test]
