@@ -2687,6 +2687,29 @@ mod tests {
 
     // ---- Cases the fuzzer's model found (fixed; kept as regressions) ----
 
+    /// A setting changed by a function the classifier cannot see (the
+    /// worker learns of it from the server's `ParameterStatus`) is undone
+    /// at the end of its transaction like one changed by `SET`: text behind
+    /// the `ROLLBACK` is read only once the server has answered it. (The
+    /// worker read the `Query` behind the `ROLLBACK` in `LATIN1` while the
+    /// server, the change undone, read it in `UTF8`.)
+    #[test]
+    fn a_rollback_undoes_a_setting_a_function_changed() {
+        scenario(
+            Who::User,
+            false,
+            &[
+                q("BEGIN; SELECT 1"),
+                q("SELECT f()"),
+                [
+                    q("ROLLBACK"),
+                    q("SET client_encoding = 'LATIN1'; SELECT 'é'"),
+                ]
+                .concat(),
+            ],
+        );
+    }
+
     /// A simple `Query` whose `EXECUTE` runs `COPY … FROM STDIN` is a
     /// barrier: the server takes the next message as COPY input (a `Parse`
     /// fails the COPY and is swallowed, and the rest of the `Query` does not

@@ -1413,7 +1413,12 @@ impl Machine {
             );
             return false;
         };
-        if self.parsing.apply(name, value) && self.misread() {
+        let changed = self.parsing.apply(name, value);
+        // However it changed (a function calling set_config, say), the end
+        // of a transaction may undo it: from now on transaction control is
+        // a barrier, as after a SET the worker saw.
+        self.settings_touched |= changed;
+        if changed && self.misread() {
             // Changed by something the worker could not foresee (a function
             // calling set_config, say), while text the worker read with the
             // old setting was already on its way: stop here.
