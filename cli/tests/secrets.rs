@@ -205,7 +205,8 @@ async fn secrets_in_commands_are_not_recorded() {
 /// Secrets that stand elsewhere than right after their name: in a `DO`
 /// body, as the argument of an `EXECUTE` whose prepared statement takes a
 /// secret there, as the inserted value of a secret column, inside a
-/// function call, under a key of a JSON document, given to pgcrypto. Each command runs as sent (or is refused) and is
+/// function call, under a key of a JSON document, given to pgcrypto, given
+/// to a setting whose name is bound too. Each command runs as sent (or is refused) and is
 /// recorded without the secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
@@ -246,6 +247,16 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         .batch_execute("UPDATE creds SET password = md5('sekret-update-4') WHERE name = 'a'")
         .await
         .unwrap();
+    // A setting whose name is bound too.
+    let named: String = client
+        .query_one(
+            "SELECT set_config($1, $2, false)",
+            &[&"app.api_token", &"sekret-named-8"],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(named, "sekret-named-8");
     // A password given to pgcrypto (recorded whether or not the target
     // has the extension).
     let _ = client
@@ -268,7 +279,7 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         .await
         .unwrap();
 
-    let commands = env.audit_commands("alice", 11).await;
+    let commands = env.audit_commands("alice", 12).await;
     let texts: Vec<&str> = commands
         .iter()
         .map(|c| c["statement"].as_str().unwrap())
@@ -289,14 +300,16 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         bodies.iter().any(|b| b.contains("the last command")),
         "stream read in full"
     );
-    let encoded =
-        base64::engine::general_purpose::STANDARD.encode(r#"{"api_key": "sekret-json-6"}"#);
+    let encoded = [r#"{"api_key": "sekret-json-6"}"#, "sekret-named-8"]
+        .map(|v| base64::engine::general_purpose::STANDARD.encode(v));
     for body in &bodies {
         assert!(!body.contains("sekret"), "a secret reached the log: {body}");
-        assert!(
-            !body.contains(&encoded),
-            "a secret reached the log as base64: {body}"
-        );
+        for e in &encoded {
+            assert!(
+                !body.contains(e.as_str()),
+                "a secret reached the log as base64: {body}"
+            );
+        }
     }
     drop(client);
     env.cleanup().await;

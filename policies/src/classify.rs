@@ -73,8 +73,8 @@ mod walk;
 
 pub use cache::Classifier;
 pub use secrets::{
-    REDACTED, SecretArgs, SecretKind, Secrets, find_secrets, find_secrets_executing,
-    is_connection_secret, json_holds_secret,
+    Known, REDACTED, SecretArgs, SecretKind, Secrets, find_secrets, find_secrets_with,
+    is_connection_secret, is_secret_name, json_holds_secret,
 };
 
 /// How the server reads a session's text at the moment: the settings that

@@ -19,8 +19,8 @@ pub use bundle::{
     Bundle, BundleError, DryRun, MAX_DRY_RUN_SECS, Problem, SCHEMA, SCHEMA_FILE, Severity,
 };
 pub use classify::{
-    Classifier, REDACTED, Reading, SecretArgs, SecretKind, Secrets, classify, find_secrets,
-    find_secrets_executing, is_connection_secret, json_holds_secret,
+    Classifier, Known, REDACTED, Reading, SecretArgs, SecretKind, Secrets, classify, find_secrets,
+    find_secrets_with, is_connection_secret, is_secret_name, json_holds_secret,
 };
 pub use engine::corpus::{
     CaseResult, TestError, TestReport, run_corpus, run_tests, run_tests_against,

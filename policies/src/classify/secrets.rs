@@ -35,7 +35,9 @@
 //! - a password or key given to a pgcrypto function (`crypt('…', …)`,
 //!   `pgp_sym_encrypt(data, '…')`, `hmac(data, '…', …)`, …);
 //! - an argument of `EXECUTE name(…)` that the prepared statement takes in
-//!   a secret's place ([`find_secrets_executing`] with [`SecretArgs`]).
+//!   a secret's place, and the value given to a parameter bound to a
+//!   secret's name (`set_config($1, $2, …)`): [`find_secrets_with`] and
+//!   what is [`Known`] of the text.
 //!
 //! Text the scanner cannot read as the server will (an unterminated
 //! literal; `standard_conforming_strings` off, where a backslash in `'…'`
@@ -244,22 +246,42 @@ impl SecretArgs {
     }
 }
 
-/// The secrets in `text`, read as the server reads it with `reading`.
-pub fn find_secrets(text: &str, reading: Reading) -> Secrets {
-    find_secrets_executing(text, reading, &[])
+/// What is known of a text beyond its tokens: the prepared statements its
+/// `EXECUTE`s run, and which of its parameters are bound to a name that
+/// looks secret (`set_config($1, $2, false)` with `$1` bound to
+/// `app.api_token`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Known<'a> {
+    /// The prepared statements the text runs, as the server has them.
+    pub executing: &'a [SecretArgs],
+    /// Parameters (`$n`, from 1) whose bound value is a secret-looking
+    /// name ([`is_secret_name`]).
+    pub secret_names: &'a [u32],
 }
 
-/// [`find_secrets`], and the arguments of each `EXECUTE name(…)` in the
-/// text that `executing` says are secrets (the prepared statements the
-/// text runs, as the server has them).
-pub fn find_secrets_executing(text: &str, reading: Reading, executing: &[SecretArgs]) -> Secrets {
-    scan(text, reading, executing, 0).unwrap_or_else(withheld)
+impl Known<'_> {
+    fn is_empty(&self) -> bool {
+        self.executing.is_empty() && self.secret_names.is_empty()
+    }
+}
+
+/// The secrets in `text`, read as the server reads it with `reading`.
+pub fn find_secrets(text: &str, reading: Reading) -> Secrets {
+    find_secrets_with(text, reading, Known::default())
+}
+
+/// [`find_secrets`], with what is [`Known`] of the text: the arguments of
+/// each `EXECUTE name(…)` that `known.executing` says are secrets, and the
+/// values given to a parameter that `known.secret_names` names as a
+/// secret's name.
+pub fn find_secrets_with(text: &str, reading: Reading, known: Known<'_>) -> Secrets {
+    scan(text, reading, known, 0).unwrap_or_else(withheld)
 }
 
 /// The secrets of `text`; `None` when it may hold one and cannot be read
 /// token by token as the server reads it.
-fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) -> Option<Secrets> {
-    if executing.is_empty() && !may_hold_secrets(text) {
+fn scan(text: &str, reading: Reading, known: Known<'_>, depth: usize) -> Option<Secrets> {
+    if known.is_empty() && !may_hold_secrets(text) {
         return Some(Secrets::default());
     }
     // With standard_conforming_strings off, a backslash escapes inside
@@ -285,6 +307,9 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
         }
         let names_secret = match t.token() {
             Token::Sconst => is_secret_name(unquote(source(t))),
+            Token::Param => {
+                param_number(source(t)).is_some_and(|n| known.secret_names.contains(&n))
+            }
             Token::Ident => is_secret_name(source(t)),
             _ if t.keyword_kind() != KeywordKind::NoKeyword => is_secret_name(source(t)),
             _ => false,
@@ -295,8 +320,10 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
         let next = |k: usize| tokens.get(k).copied();
         let value = match (t.token(), next(i + 1)) {
             // 'name', value
-            (Token::Sconst, Some(comma)) if comma.token() == Token::Ascii44 => Some(i + 2),
-            (Token::Sconst, _) => None,
+            (Token::Sconst | Token::Param, Some(comma)) if comma.token() == Token::Ascii44 => {
+                Some(i + 2)
+            }
+            (Token::Sconst | Token::Param, _) => None,
             // name = value, name TO value, name := value (PL/pgSQL),
             // name => value (a named argument)
             (_, Some(op))
@@ -349,7 +376,7 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
                 continue;
             }
             // Text that is not SQL the scanner reads holds no statement.
-            let Some(found) = scan(&inner, reading, &[], depth + 1) else {
+            let Some(found) = scan(&inner, reading, Known::default(), depth + 1) else {
                 continue;
             };
             if found.spans.is_empty() {
@@ -366,11 +393,11 @@ fn scan(text: &str, reading: Reading, executing: &[SecretArgs], depth: usize) ->
     }
     insert_values(&tokens, text, &mut taken, &mut ranges, &mut secrets.params);
     secret_arguments(&tokens, text, &mut taken, &mut ranges, &mut secrets.params);
-    if !executing.is_empty() {
+    if !known.executing.is_empty() {
         execute_args(
             &tokens,
             text,
-            executing,
+            known.executing,
             &mut taken,
             &mut ranges,
             &mut secrets.params,
@@ -1003,6 +1030,38 @@ mod tests {
     }
 
     #[test]
+    fn values_given_to_a_parameter_bound_to_a_secret_name_are_withheld() {
+        let known = Known {
+            secret_names: &[1, 3],
+            ..Known::default()
+        };
+        for (text, params, want) in [
+            (
+                "SELECT set_config($1, $2, false)",
+                vec![(2, SecretKind::Value)],
+                "SELECT set_config($1, $2, false)",
+            ),
+            (
+                "SELECT set_config($1, 'literal-secret', false), set_config($4, 'shown', false)",
+                vec![],
+                "SELECT set_config($1, '[redacted]', false), set_config($4, 'shown', false)",
+            ),
+            (
+                "SELECT jsonb_build_object($3, $4)",
+                vec![(4, SecretKind::Value)],
+                "SELECT jsonb_build_object($3, $4)",
+            ),
+        ] {
+            let s = find_secrets_with(text, Reading::default(), known);
+            assert_eq!(s.params, params, "{text}");
+            assert_eq!(s.redact(text), want, "{text}");
+        }
+        // Not known to be a secret's name: nothing withheld.
+        let s = find_secrets("SELECT set_config($1, $2, false)", Reading::default());
+        assert!(s.is_empty());
+    }
+
+    #[test]
     fn passwords_and_keys_given_to_pgcrypto_are_withheld() {
         for (text, want) in [
             (
@@ -1113,10 +1172,18 @@ mod tests {
             ("EXECUTE q('visible', 1)", "EXECUTE q('visible', 1)"),
             ("EXECUTE \"P\"('visible', 1)", "EXECUTE \"P\"('visible', 1)"),
         ] {
-            let found = find_secrets_executing(text, Reading::default(), &executing);
+            let known = Known {
+                executing: &executing,
+                ..Known::default()
+            };
+            let found = find_secrets_with(text, Reading::default(), known);
             assert_eq!(found.redact(text), want, "{text}");
         }
-        let s = find_secrets_executing("EXECUTE p($2, $1)", Reading::default(), &executing);
+        let known = Known {
+            executing: &executing,
+            ..Known::default()
+        };
+        let s = find_secrets_with("EXECUTE p($2, $1)", Reading::default(), known);
         assert_eq!(s.params, vec![(2, SecretKind::Value)]);
         // A prepared text withheld whole withholds every argument.
         let all = SecretArgs::of(
@@ -1128,7 +1195,15 @@ mod tests {
         assert!(all.all);
         let text = "EXECUTE w(1, 'two')";
         assert_eq!(
-            find_secrets_executing(text, Reading::default(), &[all]).redact(text),
+            find_secrets_with(
+                text,
+                Reading::default(),
+                Known {
+                    executing: &[all],
+                    ..Known::default()
+                }
+            )
+            .redact(text),
             "EXECUTE w('[redacted]', '[redacted]')"
         );
         assert!(SecretArgs::of("s", "PREPARE s AS SELECT 1", Reading::default()).is_none());

@@ -57,8 +57,9 @@ use gatehouse_events::{
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, Frame, FrontendMessage, TransactionStatus};
 use gatehouse_policies::{
-    Classification, Classifier, Deallocates, REDACTED, SecretArgs, SecretKind, StatementFacts,
-    StatementKind, find_secrets_executing, is_connection_secret, json_holds_secret,
+    Classification, Classifier, Deallocates, Known, REDACTED, SecretArgs, SecretKind,
+    StatementFacts, StatementKind, find_secrets_with, is_connection_secret, is_secret_name,
+    json_holds_secret,
 };
 
 use crate::encoding::{self, Parsing};
@@ -1724,8 +1725,9 @@ fn lookup<'a>(resolved: &'a [(String, Arc<Prepared>)], name: &str) -> Option<&'a
 }
 
 /// A command's text and bound values as they are recorded: each secret
-/// [`find_secrets_executing`] finds in the text replaced by [`REDACTED`]
-/// (with the arguments `executing` makes secrets, of an `EXECUTE`), and so
+/// [`find_secrets_with`] finds in the text replaced by [`REDACTED`] (with
+/// the arguments `executing` makes secrets, of an `EXECUTE`, and the values
+/// given under a bound secret-looking name), and so
 /// is the value of each parameter in a secret's place and each text value
 /// that is a connection string with a password or a JSON document with a
 /// secret-looking key.
@@ -1735,7 +1737,19 @@ fn redacted(
     reading: gatehouse_policies::Reading,
     executing: &[SecretArgs],
 ) -> (String, Vec<Param>, Vec<Redaction>) {
-    let secrets = find_secrets_executing(&text, reading, executing);
+    // A bound value may be the name a secret is given under
+    // (`set_config($1, $2, …)` with `$1` = `app.api_token`).
+    let secret_names: Vec<u32> = params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| sent_text(p).is_some_and(|v| names_a_secret(&v)))
+        .map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX))
+        .collect();
+    let known = Known {
+        executing,
+        secret_names: &secret_names,
+    };
+    let secrets = find_secrets_with(&text, reading, known);
     let mut redactions: Vec<Redaction> = secrets
         .kinds()
         .map(|(kind, param)| Redaction {
@@ -1783,6 +1797,15 @@ fn redacted(
         }
     }
     (text, params, redactions)
+}
+
+/// Whether a bound value is a name a secret goes by: a setting, option or
+/// key name ([`is_secret_name`]), one word of at most 128 bytes.
+fn names_a_secret(value: &str) -> bool {
+    value.len() <= 128
+        && !value.is_empty()
+        && !value.bytes().any(|b| b.is_ascii_whitespace())
+        && is_secret_name(value)
 }
 
 /// A bound value as text, to look for a connection secret in: text values
