@@ -549,7 +549,7 @@ fn withhold_argument(
     ranges: &mut Vec<(Range<usize>, SecretKind)>,
     params: &mut Vec<(u32, SecretKind)>,
 ) {
-    let Some(first) = tokens.get(arg.start) else {
+    let Some(first) = tokens.get(arg.start).filter(|_| !arg.is_empty()) else {
         return;
     };
     for t in &tokens[arg.clone()] {
@@ -1207,6 +1207,55 @@ mod tests {
             "EXECUTE w('[redacted]', '[redacted]')"
         );
         assert!(SecretArgs::of("s", "PREPARE s AS SELECT 1", Reading::default()).is_none());
+    }
+
+    /// Text the server would refuse (a list cut short, empty arguments,
+    /// unbalanced parentheses) is read without a panic, and its spans are
+    /// in order and apart, within the text.
+    #[test]
+    fn malformed_text_is_read_without_a_panic() {
+        let fragments = [
+            "INSERT INTO t (password",
+            ") VALUES (",
+            ", ",
+            "'x'",
+            "$1",
+            "crypt(",
+            "EXECUTE p(",
+            "(",
+            ")",
+            "]",
+            "password =",
+            "$$BEGIN pwd := 'y'; END$$",
+            "'{\"token\": 1}'",
+        ];
+        let prepared = SecretArgs::of(
+            "p",
+            "SELECT set_config('app.secret', $1, false)",
+            Reading::default(),
+        )
+        .unwrap();
+        let known = Known {
+            executing: std::slice::from_ref(&prepared),
+            secret_names: &[1],
+        };
+        for a in fragments {
+            for b in fragments {
+                for c in fragments {
+                    let text = format!("{a}{b} {c}");
+                    let s = find_secrets_with(&text, Reading::default(), known);
+                    let mut end = 0;
+                    for (r, _) in &s.spans {
+                        assert!(
+                            end <= r.start && r.start <= r.end && r.end <= text.len(),
+                            "{text}: {s:?}"
+                        );
+                        end = r.end;
+                    }
+                    let _ = s.redact(&text);
+                }
+            }
+        }
     }
 
     #[test]
