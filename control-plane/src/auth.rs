@@ -13,6 +13,9 @@
 //!    revocation, not a reinstatement) is 401, and if the store
 //!    cannot be read the answer is 503: the API never admits a caller it
 //!    cannot check;
+//!    The token's user name must be printable ASCII and not another
+//!    subject's in the user name registry (401; 503 if it cannot be read),
+//!    as at a worker's login;
 //! 3. decides the action with Cedar ([`ApiAuthority`]): the principal is
 //!    built from the token as the worker builds it (a delegated token is
 //!    the agent acting, in none of the groups of the person it acts for),
@@ -198,6 +201,8 @@ async fn admit(
         ));
     }
 
+    user_name(s, identity).await?;
+
     let principal = Principal::from_claims(
         identity.subject.clone(),
         Some(identity.username.clone()),
@@ -233,6 +238,39 @@ async fn admit(
         return Err(ApiError::Forbidden(message));
     }
     Ok(Caller(verified))
+}
+
+/// The caller's user name is one the workers would let it log in under,
+/// so that `principal.name` means on the API what it means in a session:
+/// printable ASCII (401 otherwise), and not bound to another subject in the
+/// user name registry, read now (401 if it is, 503 if the registry cannot
+/// be read). A name no worker has bound yet is admitted as it is; the API
+/// does not bind names.
+async fn user_name(s: &ApiState, identity: &gatehouse_identity::Identity) -> Result<(), ApiError> {
+    use gatehouse_policystore::usernames;
+    let Some(key) = usernames::key(&identity.username) else {
+        tracing::info!(subject = %identity.subject, "API refused: user name outside printable ASCII");
+        return Err(ApiError::Unauthorized(
+            "the token's user name contains characters outside printable ASCII; Gatehouse \
+             accepts user names of printable ASCII only",
+        ));
+    };
+    let js = async_nats::jetstream::new(s.nats.clone());
+    let stream = usernames::stream_for(&s.policy.config.revocation_stream);
+    match usernames::owner(&js, &stream, &key).await {
+        Ok(Some(owner)) if owner != identity.subject => {
+            tracing::info!(subject = %identity.subject, "API refused: user name belongs to another subject");
+            Err(ApiError::Unauthorized(
+                "the token's user name belongs to another identity (each user name belongs to \
+                 the first subject that logged in with it)",
+            ))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the user name registry; refusing the API request");
+            Err(ApiError::Unavailable("user name registry"))
+        }
+    }
 }
 
 /// What a verified token is checked against: its subject, its `jti`, and

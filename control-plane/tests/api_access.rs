@@ -9,7 +9,10 @@
 
 mod support;
 
+use std::panic::AssertUnwindSafe;
+
 use base64::Engine as _;
+use futures::FutureExt;
 use serde_json::{Value, json};
 use support::{ADMINS, Env, PERMIT_ALL, Running};
 
@@ -529,4 +532,94 @@ async fn audience_scenario(env: &Env) {
         .await;
     assert_eq!(status, 200, "{body}");
     cp.stop().await;
+}
+
+#[tokio::test]
+async fn api_callers_go_by_the_user_names_workers_accept() {
+    Env::new("cpacc").await.scope(user_names_scenario).await;
+}
+
+/// The API admits a caller only under a user name a worker would let it
+/// log in with: printable ASCII, and not bound to another subject in the
+/// user name registry. (Before, a token naming another subject's user
+/// name, or a confusable of it, was admitted, and `principal.name` in an
+/// API policy meant whatever the token said.)
+async fn user_names_scenario(env: &Env) {
+    use gatehouse_policystore::usernames;
+    let cp = env.start().await;
+    let token = |subject: &str, username: &str| {
+        env.issuer.mint(&gatehouse_identity::TokenRequest {
+            subject: subject.into(),
+            username: Some(username.into()),
+            groups: vec![AUDITORS.into()],
+            audience: "gatehouse-api".into(),
+            ttl: std::time::Duration::from_secs(300),
+            actors: Vec::new(),
+        })
+    };
+    let sessions = async |t: &str| cp.call(env, Some(t), "/api/v1/sessions", None).await;
+
+    // No worker has bound a name yet: admitted as it is.
+    let (status, body) = sessions(&token("sub-alice", "alice")).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A worker binds "alice" to sub-alice at its first login.
+    let stream = usernames::stream_for(&env.policy().revocation_stream);
+    let prefix = usernames::prefix(&stream);
+    env.js
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            max_messages_per_subject: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let binding = usernames::Binding {
+        user: "alice".into(),
+        subject: "sub-alice".into(),
+        at: 0,
+    };
+    env.js
+        .publish(
+            format!("{prefix}.{}", usernames::key("alice").unwrap()),
+            serde_json::to_vec(&binding).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let result = async {
+        // Its owner still is admitted; another subject under that name, or
+        // a case variant of it, is not.
+        let (status, body) = sessions(&token("sub-alice", "alice")).await;
+        assert_eq!(status, 200, "{body}");
+        for name in ["alice", "ALICE"] {
+            let (status, body) = sessions(&token("sub-mallory", name)).await;
+            assert_eq!(status, 401, "{name}: {body}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("belongs to another identity"),
+                "{body}"
+            );
+        }
+        // A confusable (Cyrillic а) or a control character: refused.
+        for name in ["\u{430}lice", "ali\u{200b}ce", "alice\n"] {
+            let (status, body) = sessions(&token("sub-mallory", name)).await;
+            assert_eq!(status, 401, "{name:?}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains("printable ASCII"),
+                "{body}"
+            );
+        }
+    };
+    let outcome = AssertUnwindSafe(result).catch_unwind().await;
+    let _ = env.js.delete_stream(&stream).await;
+    cp.stop().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use serde::{Deserialize, Serialize};
+use gatehouse_policystore::usernames::Binding;
 
 /// Why a user name was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -53,16 +53,6 @@ impl NameError {
     }
 }
 
-/// A binding as stored (the value of a key).
-#[derive(Debug, Serialize, Deserialize)]
-struct Binding {
-    /// The name as first used.
-    user: String,
-    subject: String,
-    /// Unix seconds.
-    at: i64,
-}
-
 /// The stream of bindings and the ones this worker has seen.
 pub(crate) struct UserNames {
     js: jetstream::Context,
@@ -75,24 +65,20 @@ pub(crate) struct UserNames {
 
 /// The stream's name for a revocation stream.
 pub(crate) fn stream_for(revocation_stream: &str) -> String {
-    format!("{revocation_stream}_USERNAMES")
+    gatehouse_policystore::usernames::stream_for(revocation_stream)
 }
 
 /// The registry key of `name`, or why it is refused: SHA-256 (hex) of the
-/// name, ASCII-lowercased, so that any name is a valid key of one length.
+/// name, ASCII-lowercased, so that any name is a valid key of one length
+/// (`gatehouse_policystore::usernames`, which the control plane reads too).
 pub(crate) fn key(name: &str) -> Result<String, NameError> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(NameError::Unsafe);
-    }
-    let folded = name.to_ascii_lowercase();
-    let digest = ring::digest::digest(&ring::digest::SHA256, folded.as_bytes());
-    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    gatehouse_policystore::usernames::key(name).ok_or(NameError::Unsafe)
 }
 
 impl UserNames {
     /// Opens the stream, creating it if no worker has yet.
     pub async fn open(js: &jetstream::Context, name: &str) -> Result<Self, String> {
-        let prefix = format!("gatehouse.{name}");
+        let prefix = gatehouse_policystore::usernames::prefix(name);
         let stream = js
             .get_or_create_stream(stream::Config {
                 name: name.to_string(),

@@ -48,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 pub mod signing;
+pub mod usernames;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
