@@ -288,16 +288,16 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
     // The server refused exactly those four; nothing the control plane or
     // the worker needed for their own work.
     let log = nats_log();
-    let refused: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
-    for subject in [
-        "User \"worker\", Subject \"gatehouse.GATEHOUSE_POLICIES.bundle\"",
-        "User \"worker\", Subject \"gatehouse.GATEHOUSE_REVOCATIONS.revoked.alice\"",
-        "User \"worker\", Subject \"gatehouse.events.policy_bundle_published\"",
-        "User \"control-plane\", Subject \"gatehouse.events.command_received\"",
+    let refused: Vec<(String, String)> = log.lines().filter_map(violation).collect();
+    for (user, subject) in [
+        ("worker", "gatehouse.GATEHOUSE_POLICIES.bundle"),
+        ("worker", "gatehouse.GATEHOUSE_REVOCATIONS.revoked.alice"),
+        ("worker", "gatehouse.events.policy_bundle_published"),
+        ("control-plane", "gatehouse.events.command_received"),
     ] {
         assert!(
-            refused.iter().any(|l| l.contains(subject)),
-            "{subject}:\n{log}"
+            refused.iter().any(|(u, s)| u == user && s == subject),
+            "{user} {subject}:\n{log}"
         );
     }
     assert_eq!(refused.len(), 4, "{log}");
@@ -374,4 +374,21 @@ fn chrono_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// The user and subject of a nats-server log line reporting a refused
+/// publish. Versions spell the user differently: `User "worker", Subject
+/// "…"` (2.10) or `"$G/user:worker" - Publish Violation - Subject "…"`
+/// (2.11 on).
+fn violation(line: &str) -> Option<(String, String)> {
+    if !line.contains("Violation") {
+        return None;
+    }
+    let quoted_after = |marker: &str| {
+        let rest = &line[line.find(marker)? + marker.len()..];
+        Some(rest[..rest.find('"')?].to_string())
+    };
+    let user = quoted_after("User \"").or_else(|| quoted_after("/user:"))?;
+    let subject = quoted_after("Subject \"")?;
+    Some((user, subject))
 }
