@@ -378,8 +378,8 @@ fn chrono_now_ms() -> i64 {
 
 /// The user and subject of a nats-server log line reporting a refused
 /// publish. Versions spell the user differently: `User "worker", Subject
-/// "…"` (2.10) or `"$G/user:worker" - Publish Violation - Subject "…"`
-/// (2.11 on).
+/// "…"` (2.9, Debian's) or `"$G/user:worker" - Publish Violation - Subject
+/// "…"` (2.15).
 fn violation(line: &str) -> Option<(String, String)> {
     if !line.contains("Violation") {
         return None;
