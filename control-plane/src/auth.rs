@@ -42,7 +42,7 @@ use futures::future::try_join_all;
 use gatehouse_identity::{AuthError, Plane, VerifiedToken};
 pub(crate) use gatehouse_policies::ApiAction;
 use gatehouse_policies::{ApiAuthority, Effect, Engine, Principal};
-use gatehouse_policystore::{Revocation, Revoked};
+use gatehouse_policystore::Revoked;
 use serde::de::DeserializeOwned;
 
 use crate::api::{ApiError, ApiState};
@@ -293,19 +293,18 @@ fn revocable(token: &VerifiedToken) -> Vec<Revoked> {
 async fn revoked(s: &ApiState, token: &VerifiedToken) -> Result<Option<Revoked>, ApiError> {
     let names = revocable(token);
     let store = &s.policy.store;
-    let found = try_join_all(names.iter().map(|r| store.revocation_of(r)))
+    let found = try_join_all(names.iter().map(|r| store.is_revoked(r)))
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "cannot read revocations; refusing the API request");
             ApiError::Unavailable("revocation list")
         })?;
     // An identity's last record is its revocation or its reinstatement; one
-    // that cannot be read counts as a revocation.
-    Ok(names.into_iter().zip(found).find_map(|(name, stored)| {
-        stored
-            .filter(|s| Revocation::in_force(&s.value))
-            .map(|_| name)
-    }))
+    // that cannot be read or checked counts as a revocation.
+    Ok(names
+        .into_iter()
+        .zip(found)
+        .find_map(|(name, revoked)| revoked.then_some(name)))
 }
 
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {

@@ -707,6 +707,7 @@ async fn revoke(
         reason: req.reason,
         at: chrono::Utc::now().timestamp(),
         reinstated: false,
+        replaces: None,
     };
     let previous = api
         .store
@@ -750,10 +751,8 @@ async fn reinstate(
         .revocation_of(&revoked)
         .await
         .map_err(unavailable)?;
-    if !previous
-        .as_ref()
-        .is_some_and(|p| Revocation::in_force(&p.value))
-    {
+    let revoked_now = api.store.is_revoked(&revoked).await.map_err(unavailable)?;
+    if previous.is_none() || !revoked_now {
         return Err(PolicyError::NotFound(format!(
             "{kind} {value:?} is not revoked; nothing to reinstate"
         )));
@@ -773,6 +772,7 @@ async fn reinstate(
         reason: Some(reason),
         at: chrono::Utc::now().timestamp(),
         reinstated: true,
+        replaces: None,
     };
     change_identity(
         api,

@@ -78,13 +78,13 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
             match r {
                 // A reinstatement takes the identity out of the set: its
                 // new logins and its sessions' next messages are let through.
-                Ok(r) => {
+                Ok((identity, in_force)) => {
                     tx.send_if_modified(|s| {
                         let mut revoked = s.revoked.clone();
-                        let changed = if r.reinstated {
-                            revoked.remove(&r.revoked)
+                        let changed = if in_force {
+                            revoked.insert(identity)
                         } else {
-                            revoked.insert(r.revoked)
+                            revoked.remove(&identity)
                         };
                         if changed {
                             *s = Arc::new(PolicyState {

@@ -5,6 +5,9 @@
 //! bundle, earlier ones are its history), and records revocations in the
 //! revocation stream (one subject per revoked identity or token, whose last
 //! message is the last word: a [`Revocation`], or its reinstatement).
+//! Revocation records are signed like bundles, and a reinstatement counts
+//! only if signed and replacing the record just before it on its subject
+//! ([`PolicyStore::is_revoked`]); the stream refuses deletions.
 //! Workers read both at start and follow them, so a push, a revocation or
 //! a reinstatement reaches open sessions at their next command.
 //!
@@ -185,6 +188,9 @@ pub enum StoreError {
     Rejected { sequence: u64, reason: String },
 }
 
+/// Records kept per identity on the revocation stream.
+const REVOCATION_HISTORY: i64 = 16;
+
 /// Room kept in every message for its headers, as the event publisher does.
 pub const HEADER_ROOM: usize = 1024;
 
@@ -214,6 +220,23 @@ impl Revoked {
     }
 }
 
+impl Revoked {
+    /// The identity a revocation subject's key names (see [`Revoked::key`]).
+    fn from_key(key: &str) -> Option<Revoked> {
+        let (prefix, hex) = key.split_once('.')?;
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        let value = String::from_utf8(bytes).ok()?;
+        match prefix {
+            "sub" => Some(Revoked::Subject(value)),
+            "jti" => Some(Revoked::Token(value)),
+            _ => None,
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -234,15 +257,11 @@ pub struct Revocation {
     /// reinstatement for a revocation, which errs toward refusing.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reinstated: bool,
-}
-
-impl Revocation {
-    /// Whether `raw`, the last message stored for an identity, revokes it:
-    /// anything but a readable reinstatement does (a record that cannot
-    /// be read fails closed).
-    pub fn in_force(raw: &[u8]) -> bool {
-        serde_json::from_slice::<Revocation>(raw).map_or(true, |r| !r.reinstated)
-    }
+    /// For a reinstatement: the stream sequence of the record it replaced,
+    /// under the signature, so that it cannot be published again later to
+    /// undo a newer revocation (set by [`PolicyStore::replace_revocation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
 }
 
 /// What a subject currently holds, and its stream sequence.
@@ -321,19 +340,43 @@ async fn open_stream(
     name: &str,
     subjects: String,
     per_subject: i64,
+    deny_delete: bool,
 ) -> Result<stream::Stream, StoreError> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: name.to_string(),
         subjects: vec![subjects],
         storage: stream::StorageType::File,
         max_messages_per_subject: per_subject,
+        deny_delete,
+        deny_purge: deny_delete,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| StoreError::Open {
+    };
+    let open_error = |e: &dyn std::fmt::Display| StoreError::Open {
         stream: name.to_string(),
         detail: e.to_string(),
-    })
+    };
+    let mut stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| open_error(&e))?;
+    // A stream made before these settings: bring it up to them (only a
+    // user allowed to update streams can; others go on as it is).
+    let info = stream.info().await.map_err(|e| open_error(&e))?;
+    let current = &info.config;
+    if current.max_messages_per_subject < per_subject
+        || (deny_delete && !(current.deny_delete && current.deny_purge))
+    {
+        let wanted = stream::Config {
+            max_messages_per_subject: per_subject.max(current.max_messages_per_subject),
+            deny_delete: deny_delete || current.deny_delete,
+            deny_purge: deny_delete || current.deny_purge,
+            ..current.clone()
+        };
+        if let Err(e) = js.update_stream(wanted).await {
+            tracing::warn!(stream = name, error = %e, "cannot bring the stream's settings up to date");
+        }
+    }
+    Ok(stream)
 }
 
 impl PolicyStore {
@@ -353,12 +396,17 @@ impl PolicyStore {
             signer,
             in_force: Default::default(),
             js: js.clone(),
-            bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64).await?,
+            bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64, false)
+                .await?,
+            // Records are never deleted (a deletion could undo a revocation
+            // unsigned), and each identity keeps its last few, so that a
+            // reinstatement can be checked against the record it replaced.
             revocations: open_stream(
                 js,
                 &config.revocation_stream,
                 format!("{revocation_prefix}.>"),
-                1,
+                REVOCATION_HISTORY,
+                true,
             )
             .await?,
             bundle_subject,
@@ -752,56 +800,80 @@ impl PolicyStore {
     /// Stores `revocation`, provided its subject still holds the message at
     /// `expected` (0: none), with `id` as its `Nats-Msg-Id`; returns its
     /// sequence. As [`Self::replace_bundle`].
+    ///
+    /// Every record is signed with the control plane's key (readers count
+    /// an identity as reinstated only on a signed reinstatement); a
+    /// reinstatement names `expected`, the record it replaces, under the
+    /// signature.
     pub async fn replace_revocation(
         &self,
         revocation: &Revocation,
         id: &str,
         expected: u64,
     ) -> Result<u64, StoreError> {
-        let body = serde_json::to_vec(revocation)?;
-        let subject = self.revocation_subject(&revocation.revoked);
-        self.put(&self.revocations, &subject, body, Some(id), expected, None)
-            .await
+        self.put_revocation(revocation, Some(id), expected).await
     }
 
-    /// Undoes [`Self::replace_revocation`] of the revocation at `sequence`:
-    /// the one it replaced (`previous`, as stored) is stored again, or,
-    /// with none, `sequence` is deleted, so the store, workers that start
-    /// and [`Self::revoked`] no longer hold it. Workers follow a record
-    /// stored again (a reinstatement undone is a revocation again, a
-    /// revocation undone a reinstatement again); a deletion reaches no
-    /// follower, so workers that saw a revocation without a previous record
-    /// keep refusing that identity until they restart.
+    async fn put_revocation(
+        &self,
+        revocation: &Revocation,
+        id: Option<&str>,
+        expected: u64,
+    ) -> Result<u64, StoreError> {
+        let signer = self.signer.as_ref().ok_or(StoreError::NoSigningKey)?;
+        let record = Revocation {
+            replaces: revocation.reinstated.then_some(expected),
+            ..revocation.clone()
+        };
+        let body = serde_json::to_vec(&record)?;
+        let signature = signer.sign(&body);
+        let subject = self.revocation_subject(&record.revoked);
+        self.put(
+            &self.revocations,
+            &subject,
+            body,
+            id,
+            expected,
+            Some(signature),
+        )
+        .await
+    }
+
+    /// Undoes [`Self::replace_revocation`] of the record at `sequence`: a
+    /// new signed record puts the identity back as it was before
+    /// (`previous`, as stored): revoked again if that was a revocation (or
+    /// could not be read), else reinstated, replacing `sequence`. Nothing
+    /// is ever deleted from the stream, and workers follow the new record.
+    /// A later record of the same identity wins (then nothing is stored).
     pub async fn restore_revocation(
         &self,
         revoked: &Revoked,
         previous: Option<Bytes>,
         sequence: u64,
     ) -> Result<(), StoreError> {
-        match previous {
-            Some(body) => {
-                let subject = self.revocation_subject(revoked);
-                match self
-                    .put(
-                        &self.revocations,
-                        &subject,
-                        body.to_vec(),
-                        None,
-                        sequence,
-                        None,
-                    )
-                    .await
-                {
-                    Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-            None => match self.revocations.delete_message(sequence).await {
-                Ok(_) => Ok(()),
-                // Already replaced by a later revocation of the same identity.
-                Err(e) if e.to_string().contains("no message found") => Ok(()),
-                Err(e) => Err(kv_error(e)),
+        let before = previous.map(|raw| serde_json::from_slice::<Revocation>(&raw));
+        let record = match before {
+            Some(Ok(r)) if !r.reinstated => r,
+            Some(Err(_)) => Revocation {
+                revoked: revoked.clone(),
+                by: "gatehouse".into(),
+                reason: Some("restored: the record before could not be read".into()),
+                at: unix_now(),
+                reinstated: false,
+                replaces: None,
             },
+            _ => Revocation {
+                revoked: revoked.clone(),
+                by: "gatehouse".into(),
+                reason: Some("withdrawn: its event could not be recorded".into()),
+                at: unix_now(),
+                reinstated: true,
+                replaces: None,
+            },
+        };
+        match self.put_revocation(&record, None, sequence).await {
+            Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -861,57 +933,127 @@ impl PolicyStore {
         }
     }
 
-    pub async fn revoke(&self, revocation: &Revocation) -> Result<(), StoreError> {
-        let body = serde_json::to_vec(revocation)?;
-        let subject = self.revocation_subject(&revocation.revoked);
-        self.js
-            .publish(subject, body.into())
+    /// Whether `revoked` is revoked now, by its last record.
+    pub async fn is_revoked(&self, revoked: &Revoked) -> Result<bool, StoreError> {
+        let subject = self.revocation_subject(revoked);
+        match self
+            .revocations
+            .get_last_raw_message_by_subject(&subject)
             .await
-            .map_err(kv_error)?
-            .await
-            .map_err(kv_error)?;
-        Ok(())
+        {
+            Ok(m) => {
+                let signature = m.headers.get(SIGNATURE_HEADER).map(|v| v.as_str());
+                Ok(self
+                    .record_in_force(&subject, m.sequence, signature, &m.payload)
+                    .await)
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(kv_error(e)),
+        }
     }
 
-    /// Every revocation in force: the identities whose last record is a
-    /// revocation, not a reinstatement.
+    /// Whether an identity's last record, as stored on `subject` at
+    /// `sequence`, keeps it revoked. Only a reinstatement does not: signed
+    /// with a trusted key, naming the identity of its subject, and replacing
+    /// the record just before it on the subject (so a reinstatement
+    /// published again later, after a newer revocation, does not count).
+    /// Anything else — a revocation, an unsigned or altered record, one
+    /// that cannot be read or checked — keeps it revoked: a record on an
+    /// identity's subject was written to revoke it, or to undo that.
+    async fn record_in_force(
+        &self,
+        subject: &str,
+        sequence: u64,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> bool {
+        if self.trusted.verify(body, signature).is_err() {
+            tracing::warn!(
+                subject,
+                sequence,
+                "revocation record not signed by a trusted key: the identity stays revoked"
+            );
+            return true;
+        }
+        let Ok(record) = serde_json::from_slice::<Revocation>(body) else {
+            return true;
+        };
+        let (true, Some(replaced)) = (record.reinstated, record.replaces) else {
+            return true;
+        };
+        if self.revocation_subject(&record.revoked) != subject {
+            return true;
+        }
+        let first_from = |from: u64| {
+            self.revocations
+                .get_first_raw_message_by_subject(subject, from)
+        };
+        match (first_from(replaced).await, first_from(replaced + 1).await) {
+            (Ok(before), Ok(this)) => before.sequence != replaced || this.sequence != sequence,
+            _ => true,
+        }
+    }
+
+    /// Each identity's state as it changes: its last record when the
+    /// watch starts, then each new one, as the identity and whether it is
+    /// revoked ([`Self::record_in_force`]).
+    pub async fn watch_revocations(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<(Revoked, bool), StoreError>> + use<>, StoreError>
+    {
+        let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
+        let store = self.clone();
+        Ok(messages.filter_map(move |m| {
+            let store = store.clone();
+            async move {
+                match m {
+                    Ok(m) => store.state_of(&m).await.map(Ok),
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }))
+    }
+
+    /// The identity a followed record is about, and whether it is revoked;
+    /// `None` for a message on a subject that names no identity.
+    async fn state_of(&self, m: &jetstream::Message) -> Option<(Revoked, bool)> {
+        let key = m
+            .subject
+            .strip_prefix(self.revocation_prefix.as_str())?
+            .strip_prefix('.')?;
+        let revoked = Revoked::from_key(key)?;
+        let sequence = m.info().ok()?.stream_sequence;
+        let signature = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SIGNATURE_HEADER))
+            .map(|v| v.as_str());
+        let in_force = self
+            .record_in_force(&m.subject, sequence, signature, &m.payload)
+            .await;
+        Some((revoked, in_force))
+    }
+
+    /// Every identity revoked now.
     pub async fn revoked(&self) -> Result<HashSet<Revoked>, StoreError> {
         let mut info = self.revocations.clone();
-        let total = info.info().await.map_err(kv_error)?.state.messages;
         let mut out = HashSet::new();
-        if total == 0 {
+        if info.info().await.map_err(kv_error)?.state.messages == 0 {
             return Ok(out);
         }
         let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
         futures::pin_mut!(messages);
-        // One message per subject is kept, so the stream holds exactly one
-        // record per identity ever revoked: all are read once `total`
-        // messages are (reinstatements are read but not kept).
-        let mut read = 0u64;
-        while read < total {
-            match messages.next().await {
-                Some(m) => {
-                    read += 1;
-                    let r: Revocation = serde_json::from_slice(&m?)?;
-                    if !r.reinstated {
-                        out.insert(r.revoked);
-                    }
-                }
-                None => break,
+        // The last record of each identity, until none is pending.
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            if let Some((revoked, true)) = self.state_of(&m).await {
+                out.insert(revoked);
+            }
+            if m.info().map_or(true, |i| i.pending == 0) {
+                break;
             }
         }
         Ok(out)
-    }
-
-    /// Every identity's last record (those stored first, then new ones as
-    /// they come): a revocation, or a reinstatement (`reinstated`), which
-    /// a follower applies by removing the identity from its set.
-    pub async fn watch_revocations(
-        &self,
-    ) -> Result<impl futures::Stream<Item = Result<Revocation, StoreError>> + use<>, StoreError>
-    {
-        let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
-        Ok(messages.map(|m| m.and_then(|payload| Ok(serde_json::from_slice(&payload)?))))
     }
 }
 
@@ -934,7 +1076,8 @@ fn panicked(detail: &str) -> Problem {
 async fn follow(
     stream: &stream::Stream,
     filter: String,
-) -> Result<impl futures::Stream<Item = Result<bytes::Bytes, StoreError>> + use<>, StoreError> {
+) -> Result<impl futures::Stream<Item = Result<jetstream::Message, StoreError>> + use<>, StoreError>
+{
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: filter,
@@ -944,7 +1087,13 @@ async fn follow(
         .await
         .map_err(kv_error)?;
     let messages = consumer.messages().await.map_err(kv_error)?;
-    Ok(messages.map(|m| m.map(|m| m.payload.clone()).map_err(kv_error)))
+    Ok(messages.map(|m| m.map_err(kv_error)))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
@@ -1229,6 +1378,7 @@ mod tests {
             reason: Some(if reinstated { "found" } else { "lost" }.into()),
             at: 1,
             reinstated,
+            replaces: None,
         }
     }
 
@@ -1251,7 +1401,7 @@ mod tests {
             .unwrap();
         let mut records = Box::pin(follower.watch_revocations().await.unwrap());
         for _ in 0..2 {
-            assert!(!next(&mut records).await.reinstated);
+            assert!(next(&mut records).await.1);
         }
         assert_eq!(
             follower.revoked().await.unwrap(),
@@ -1266,9 +1416,8 @@ mod tests {
             .unwrap();
         let stored = cp.revocation_of(&alice).await.unwrap().unwrap();
         assert_eq!(stored.sequence, reinstated);
-        assert!(!Revocation::in_force(&stored.value));
-        let seen = next(&mut records).await;
-        assert!(seen.reinstated && seen.revoked == alice, "{seen:?}");
+        assert!(!cp.is_revoked(&alice).await.unwrap());
+        assert_eq!(next(&mut records).await, (alice.clone(), false));
         assert_eq!(
             follower.revoked().await.unwrap(),
             HashSet::from([laptop.clone()])
@@ -1280,12 +1429,12 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(next(&mut records).await.reinstated);
+        assert!(!next(&mut records).await.1);
         assert!(follower.revoked().await.unwrap().is_empty());
         // A fresh follower starts from the last word on each identity.
         let mut fresh = Box::pin(follower.watch_revocations().await.unwrap());
         for _ in 0..2 {
-            assert!(next(&mut fresh).await.reinstated);
+            assert!(!next(&mut fresh).await.1);
         }
 
         // Undoing the reinstatement (its event could not be recorded)
@@ -1293,24 +1442,98 @@ mod tests {
         cp.restore_revocation(&alice, Some(stored_revocation(&alice)), reinstated)
             .await
             .unwrap();
-        let seen = next(&mut records).await;
-        assert!(!seen.reinstated && seen.revoked == alice, "{seen:?}");
+        assert_eq!(next(&mut records).await, (alice.clone(), true));
         assert_eq!(follower.revoked().await.unwrap(), HashSet::from([alice]));
-
-        // Records that cannot be read, and revocations written before the
-        // field existed, are in force.
-        assert!(Revocation::in_force(b"{"));
-        assert!(Revocation::in_force(
-            br#"{"revoked":{"kind":"subject","value":"x"},"by":"a","reason":null,"at":1}"#
-        ));
         let body = serde_json::to_vec(&record(&laptop, false)).unwrap();
         assert!(!String::from_utf8(body).unwrap().contains("reinstated"));
     }
 
-    /// The next record a follower reads.
+    /// Whoever can publish on the revocation stream, but holds no signing
+    /// key, cannot undo a revocation: not with a reinstatement of their own
+    /// (unsigned, or signed by another key), not by publishing an old
+    /// signed reinstatement again, not by deleting the revocation. Each
+    /// leaves the identity revoked for readers, followers and the API.
+    #[tokio::test]
+    async fn a_revocation_cannot_be_undone_without_the_key() {
+        let server = nats().await;
+        let client = async_nats::connect(&server.url).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let (cp, key) = control_plane(&js, "FORGE").await;
+        let follower = worker(&js, "FORGE", &key).await;
+        let mallory = Revoked::Subject("mallory".into());
+        let subject = cp.revocation_subject(&mallory);
+        let first = cp
+            .replace_revocation(&record(&mallory, false), "e-1", 0)
+            .await
+            .unwrap();
+        let old_reinstatement = cp
+            .replace_revocation(&record(&mallory, true), "e-2", first)
+            .await
+            .unwrap();
+        let old = cp
+            .revocations
+            .get_raw_message(old_reinstatement)
+            .await
+            .unwrap();
+        let revoked_again = cp
+            .replace_revocation(&record(&mallory, false), "e-3", old_reinstatement)
+            .await
+            .unwrap();
+        assert!(cp.is_revoked(&mallory).await.unwrap());
+        let mut records = Box::pin(follower.watch_revocations().await.unwrap());
+        assert_eq!(next(&mut records).await, (mallory.clone(), true));
+
+        let (other, _) = SigningKey::generate();
+        let forged = serde_json::to_vec(&Revocation {
+            replaces: Some(revoked_again),
+            ..record(&mallory, true)
+        })
+        .unwrap();
+        let publish = |body: Vec<u8>, signature: Option<String>| {
+            let js = js.clone();
+            let subject = subject.clone();
+            async move {
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(s) = signature {
+                    headers.insert(SIGNATURE_HEADER, s.as_str());
+                }
+                js.publish_with_headers(subject, headers, body.into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        };
+        // Unsigned; signed by another key; the old signed reinstatement
+        // published again, byte for byte.
+        publish(forged.clone(), None).await;
+        publish(forged.clone(), Some(other.sign(&forged))).await;
+        let old_signature = old.headers.get(SIGNATURE_HEADER).unwrap().to_string();
+        publish(old.payload.to_vec(), Some(old_signature)).await;
+        for _ in 0..3 {
+            assert_eq!(next(&mut records).await, (mallory.clone(), true));
+        }
+        assert!(cp.is_revoked(&mallory).await.unwrap());
+        assert_eq!(
+            follower.revoked().await.unwrap(),
+            HashSet::from([mallory.clone()])
+        );
+        // Nothing can be deleted from the stream.
+        assert!(cp.revocations.delete_message(revoked_again).await.is_err());
+        assert!(cp.is_revoked(&mallory).await.unwrap());
+        // The control plane's own reinstatement still works.
+        let last = cp.revocation_of(&mallory).await.unwrap().unwrap().sequence;
+        cp.replace_revocation(&record(&mallory, true), "e-4", last)
+            .await
+            .unwrap();
+        assert!(!cp.is_revoked(&mallory).await.unwrap());
+        assert!(follower.revoked().await.unwrap().is_empty());
+    }
+
+    /// The next identity and state a follower reads.
     async fn next(
-        records: &mut (impl futures::Stream<Item = Result<Revocation, StoreError>> + Unpin),
-    ) -> Revocation {
+        records: &mut (impl futures::Stream<Item = Result<(Revoked, bool), StoreError>> + Unpin),
+    ) -> (Revoked, bool) {
         tokio::time::timeout(std::time::Duration::from_secs(10), records.next())
             .await
             .expect("the follower to see the record")
