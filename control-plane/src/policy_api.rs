@@ -29,11 +29,12 @@
 //! 4. Undo. If the event cannot be recorded, the write is undone before
 //!    the client gets its 503: the previous bundle is published again
 //!    (workers follow the subject back to it), or, if there was none, a
-//!    bundle without policies that refuses everything as no bundle does; a
-//!    revocation is replaced by the record it replaced (a reinstatement),
-//!    or deleted; a reinstatement by the revocation it replaced, which
-//!    workers follow back. The undone message is deleted from the
-//!    stream's history.
+//!    bundle without policies that refuses everything as no bundle does,
+//!    and the withdrawn bundle is deleted from the stream's history; a
+//!    revocation by a signed record of the state before it, a reinstatement
+//!    by a signed revocation, which workers follow back (the revocation
+//!    stream refuses deletions, so that no one without the key can undo a
+//!    revocation through NATS).
 //!
 //! # Versions, rollbacks and dry-run
 //!
@@ -50,10 +51,7 @@
 //!
 //! What remains: between steps 2 and 4 workers may briefly decide with the
 //! new bundle (their `CommandReceived` decisions name its hash), and
-//! between a reinstatement and its undo they may admit the identity; a
-//! worker that saw a revocation undone by deleting it (the identity had no
-//! record before) keeps refusing that identity until it restarts (a
-//! deletion reaches no follower, which errs toward refusing); if NATS goes
+//! between a reinstatement and its undo they may admit the identity; if NATS goes
 //! away after step 2, the undo may fail too, which is logged as an error
 //! naming the bundle or identity; and an event the log stored but whose
 //! ack was lost both times is followed by an undo, leaving a record of a
