@@ -30,11 +30,12 @@
 //!    the client gets its 503: the previous bundle is published again
 //!    (workers follow the subject back to it), or, if there was none, a
 //!    bundle without policies that refuses everything as no bundle does,
-//!    and the withdrawn bundle is deleted from the stream's history; a
-//!    revocation by a signed record of the state before it, a reinstatement
-//!    by a signed revocation, which workers follow back (the revocation
-//!    stream refuses deletions, so that no one without the key can undo a
-//!    revocation through NATS).
+//!    naming the version it withdraws (which stays in the history,
+//!    superseded, and may be pushed again); a revocation by a signed record
+//!    of the state before it, a reinstatement by a signed revocation, which
+//!    workers follow back. Both streams refuse deletions, so that no one
+//!    without the key can undo a revocation, or take workers that start
+//!    later back a version, through NATS.
 //!
 //! # Versions, rollbacks and dry-run
 //!
@@ -392,6 +393,7 @@ async fn rollback(
     let bundle = Bundle {
         label: req.label.unwrap_or_else(|| target.value.label.clone()),
         rollback_of: Some(req.version),
+        withdraws: None,
         dry_run: ongoing_dry_run(Some(current)),
         ..target.value.clone()
     };
@@ -436,6 +438,7 @@ async fn set_dry_run(
     let bundle = Bundle {
         dry_run: Some(dry_run),
         rollback_of: None,
+        withdraws: None,
         ..current.value.clone()
     };
     publish(api, &who, bundle, &history).await
@@ -461,6 +464,7 @@ async fn end_dry_run(
     let bundle = Bundle {
         dry_run: None,
         rollback_of: None,
+        withdraws: None,
         ..current.value.clone()
     };
     publish(api, &who, bundle, &history).await

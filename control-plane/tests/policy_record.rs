@@ -300,8 +300,8 @@ async fn record_fails_bundle(env: &Env) {
     let (status, first) = cp.push(env, "v1", json!([["all.cedar", PERMIT_ALL]])).await;
     assert_eq!(status, 201, "{first}");
 
-    // With a bundle before, that one is current again, and the refused
-    // one is not in the store's history.
+    // With a bundle before, that one is current again; the refused one
+    // stays in the store's history, named as withdrawn.
     env.limit_stream(&env.events.stream, 128).await;
     let (status, body) = cp.push(env, "v2", json!([["b.cedar", PERMIT_ALL]])).await;
     assert_eq!(status, 503, "{body}");
@@ -316,9 +316,13 @@ async fn record_fails_bundle(env: &Env) {
         store.current().await.unwrap().unwrap().value.hash,
         first["hash"].as_str().unwrap()
     );
-    // The history: the withdrawal, v1, and v1 again; the withdrawn
-    // versions 1 and 4 are gone.
-    assert_eq!(env.bundle_history().await, [2, 3, 5]);
+    // The history keeps everything (the stream refuses deletions): the
+    // withdrawn versions 1 and 4 are superseded by the bundles that name
+    // them as withdrawn, 2 and 5.
+    assert_eq!(env.bundle_history().await, [1, 2, 3, 4, 5]);
+    let history = store.history().await.unwrap();
+    let withdraws: Vec<Option<u64>> = history.bundles.iter().map(|b| b.value.withdraws).collect();
+    assert_eq!(withdraws, [None, Some(1), None, None, Some(4)]);
 
     env.limit_stream(&env.events.stream, -1).await;
     let (status, third) = cp.push(env, "v3", json!([["c.cedar", PERMIT_ALL]])).await;

@@ -127,6 +127,11 @@ pub struct Bundle {
     /// The version whose content this one published again (a rollback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_of: Option<u64>,
+    /// The version this one withdraws: published by the control plane when
+    /// that version's event could not be recorded (it stays in the
+    /// history, superseded, never having been in force on record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdraws: Option<u64>,
 }
 
 /// A dry-run: on these targets, until `expires_at`, denials are recorded
@@ -197,6 +202,7 @@ impl Bundle {
             schema: schema.into(),
             dry_run: None,
             rollback_of: None,
+            withdraws: None,
         };
         bundle.hash = bundle.content_hash();
         bundle

@@ -304,12 +304,15 @@ impl History {
             .find(|b| b.value.version == version)
     }
 
-    /// The highest version before the current one with this content.
+    /// The highest version before the current one with this content, of
+    /// those not withdrawn.
     pub fn earlier_with_hash(&self, hash: &str) -> Option<&Stored<Bundle>> {
         let current = self.current()?;
+        let withdrawn = |v: u64| self.bundles.iter().any(|b| b.value.withdraws == Some(v));
         self.bundles
             .iter()
             .filter(|b| b.value.hash == hash && b.value.version < current.value.version)
+            .filter(|b| !withdrawn(b.value.version))
             .max_by_key(|b| b.value.version)
     }
 }
@@ -396,7 +399,9 @@ impl PolicyStore {
             signer,
             in_force: Default::default(),
             js: js.clone(),
-            bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64, false)
+            // Never deleted either: deleting the newest bundle would make
+            // workers that start later go back a version, unrecorded.
+            bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64, true)
                 .await?,
             // Records are never deleted (a deletion could undo a revocation
             // unsigned), and each identity keeps its last few, so that a
@@ -614,9 +619,10 @@ impl PolicyStore {
     /// never go back a version), so workers, which follow the subject, go
     /// back to it; with no previous bundle, a bundle without policies
     /// labelled `withdrawn-<version>` replaces it (it refuses everything,
-    /// as no bundle does). Then `ours` is deleted from the history. Nothing
-    /// happens if another bundle has replaced `ours` meanwhile: `ours` is
-    /// no longer in force.
+    /// as no bundle does). It names `ours` as the version it withdraws;
+    /// `ours` stays in the history, superseded (the stream refuses
+    /// deletions). Nothing happens if another bundle has replaced `ours`
+    /// meanwhile: `ours` is no longer in force.
     pub async fn restore_bundle(
         &self,
         previous: Option<&Bundle>,
@@ -626,6 +632,7 @@ impl PolicyStore {
         let mut restored = match previous {
             Some(b) => Bundle {
                 rollback_of: Some(b.version),
+                withdraws: None,
                 ..b.clone()
             },
             None => Bundle::new(
@@ -635,6 +642,7 @@ impl PolicyStore {
             ),
         };
         restored.version = ours.version + 1;
+        restored.withdraws = Some(ours.version);
         let (body, signature) = self.signed(&restored)?;
         match self
             .put(
@@ -647,14 +655,9 @@ impl PolicyStore {
             )
             .await
         {
-            Ok(_) => {}
-            Err(StoreError::Conflict(_)) => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
         }
-        if let Err(e) = self.bundles.delete_message(sequence).await {
-            tracing::warn!(error = %e, sequence, "cannot delete a withdrawn bundle from the history");
-        }
-        Ok(())
     }
 
     /// Publishes `bundle`, signed, under the next version whatever the
@@ -1560,6 +1563,19 @@ mod tests {
         let current = &history.current().unwrap().value;
         assert_eq!((current.version, current.rollback_of), (3, Some(1)));
         assert_eq!(current.hash, v1.hash);
-        assert!(history.version(2).is_none(), "deleted from the history");
+        assert_eq!(current.withdraws, Some(2));
+        assert!(
+            history.version(2).is_some(),
+            "kept in the history, superseded"
+        );
+        // Its content can be pushed again (it was never in force on
+        // record), unlike version 1's.
+        assert!(history.earlier_with_hash(&v2.hash).is_none());
+        // The history cannot be cut short: no bundle can be deleted.
+        assert!(cp.bundles.delete_message(seq2).await.is_err());
+        assert_eq!(
+            cp.history().await.unwrap().current().unwrap().value.version,
+            3
+        );
     }
 }
