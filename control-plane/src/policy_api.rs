@@ -753,8 +753,8 @@ async fn reinstate(
         .revocation_of(&revoked)
         .await
         .map_err(unavailable)?;
-    let revoked_now = api.store.is_revoked(&revoked).await.map_err(unavailable)?;
-    if previous.is_none() || !revoked_now {
+    // No record at all is not revoked either.
+    if !api.store.is_revoked(&revoked).await.map_err(unavailable)? {
         return Err(PolicyError::NotFound(format!(
             "{kind} {value:?} is not revoked; nothing to reinstate"
         )));

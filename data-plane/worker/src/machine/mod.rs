@@ -1737,12 +1737,14 @@ fn redacted(
     reading: gatehouse_policies::Reading,
     executing: &[SecretArgs],
 ) -> (String, Vec<Param>, Vec<Redaction>) {
+    // Each bound value as text, decoded once for both looks below.
+    let sent: Vec<Option<Cow<'_, str>>> = params.iter().map(sent_text).collect();
     // A bound value may be the name a secret is given under
     // (`set_config($1, $2, …)` with `$1` = `app.api_token`).
-    let secret_names: Vec<u32> = params
+    let secret_names: Vec<u32> = sent
         .iter()
         .enumerate()
-        .filter(|(_, p)| sent_text(p).is_some_and(|v| names_a_secret(&v)))
+        .filter(|(_, v)| v.as_deref().is_some_and(names_a_secret))
         .map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX))
         .collect();
     let known = Known {
@@ -1763,16 +1765,16 @@ fn redacted(
         secrets.redact(&text)
     };
     let mut withheld = secrets.params.iter().map(|(n, _)| *n).collect::<Vec<_>>();
-    for (i, p) in params.iter().enumerate() {
+    for (i, v) in sent.iter().enumerate() {
         let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
         if withheld.contains(&n) {
             continue;
         }
-        let kind = sent_text(p).and_then(|v| {
-            if is_connection_secret(&v) {
+        let kind = v.as_deref().and_then(|v| {
+            if is_connection_secret(v) {
                 Some(SecretKind::ConnectionString)
             } else {
-                json_holds_secret(&v).then_some(SecretKind::Value)
+                json_holds_secret(v).then_some(SecretKind::Value)
             }
         });
         if let Some(kind) = kind {
