@@ -1,8 +1,9 @@
 //! The projector: event log ──► audit tables.
 //!
 //! A durable pull consumer streams the event log: one long-lived pull
-//! subscription that the server keeps fed, not a request per batch. What has
-//! arrived (up to [`BATCH`] messages) is written in one transaction,
+//! subscription that the server keeps fed, not a request per batch. What
+//! arrives within [`GATHER`] of a batch's first message (up to [`BATCH`]
+//! messages) is written in one transaction,
 //! idempotently on its event id, and acknowledged only after COMMIT, so a
 //! crash between the two costs a redelivery, never a lost record. The
 //! consumer acknowledges cumulatively (`AckPolicy::All`): one ack, for the
@@ -39,6 +40,12 @@ use sqlx::{PgConnection, PgPool};
 
 /// Messages fetched (and committed together) at most per batch.
 const BATCH: usize = 256;
+/// How long a batch gathers messages after its first arrived. Every
+/// commit costs a transaction, a WAL flush and an ack whatever it holds; a
+/// commit per message as it arrives cost more CPU than the commands it
+/// recorded (pgbench -S, 1 client: 223 µs in PostgreSQL and 201 µs in
+/// nats-server per command). The audit tables lag the log by this much.
+const GATHER: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -166,8 +173,8 @@ impl Projector {
         }
     }
 
-    /// Waits for the next message, then takes those that have arrived
-    /// besides, up to [`BATCH`].
+    /// Waits for the next message, then takes those that arrive within
+    /// [`GATHER`] of it, up to [`BATCH`].
     async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
         if self.messages.is_none() {
             let consumer = match self.consumer.take() {
@@ -185,6 +192,7 @@ impl Projector {
         let stream = self.messages.as_mut().expect("just set");
         let mut messages = Vec::new();
         let first = stream.next().await;
+        let window = tokio::time::Instant::now() + GATHER;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -204,7 +212,12 @@ impl Projector {
                 None => return Err(ProjectorError::Fetch("the event stream ended".into())),
             }
             if messages.len() < BATCH {
-                next = stream.next().now_or_never();
+                next = match stream.next().now_or_never() {
+                    Some(item) => Some(item),
+                    // Nothing more has arrived: wait for more until the
+                    // window closes, then commit what there is.
+                    None => tokio::time::timeout_at(window, stream.next()).await.ok(),
+                };
             }
         }
         Ok(messages)
