@@ -2687,6 +2687,30 @@ mod tests {
 
     // ---- Cases the fuzzer's model found (fixed; kept as regressions) ----
 
+    /// A batch that fails is rolled back at its `Sync`, undoing what a
+    /// function changed in it: once a session's settings have changed,
+    /// `Sync` is a barrier like any end of a transaction, and text behind it
+    /// is read only once the server has answered it. (PostgreSQL 13
+    /// reported `f()`'s `client_encoding` as it changed; the worker read the
+    /// `Query` behind the `Sync` in `LATIN1` while the server, the batch
+    /// rolled back, read it in `UTF8`.)
+    #[test]
+    fn a_failed_batch_undoes_a_setting_a_function_changed() {
+        let mut flush = Vec::new();
+        msg(&mut flush, b'H', &[]);
+        let mut unknown = Vec::new();
+        bind(&mut unknown, "", "nope", &[], &[]);
+        scenario(
+            Who::User,
+            true,
+            &[
+                [ext("", "SELECT f()"), flush.clone()].concat(),
+                [unknown, flush].concat(),
+                [sync(), q("SELECT 'é'")].concat(),
+            ],
+        );
+    }
+
     /// A setting changed by a function the classifier cannot see (the
     /// worker learns of it from the server's `ParameterStatus`) is undone
     /// at the end of its transaction like one changed by `SET`: text behind

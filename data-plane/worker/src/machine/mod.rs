@@ -805,7 +805,11 @@ impl Machine {
         self.statements.end_batch();
         self.portals.end_batch();
         let batch = std::mem::take(&mut self.batch);
-        if batch.changes_parsing {
+        // A `Sync` ends the batch's implicit transaction, and a rollback
+        // there undoes what a function changed in it: once the session's
+        // settings have changed at all, it is a barrier like any other end
+        // of a transaction.
+        if batch.changes_parsing || self.settings_touched {
             self.barrier = true;
         }
         if self.client_copy {
