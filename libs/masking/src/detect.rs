@@ -761,14 +761,18 @@ fn ipv6(text: &[u8], i: usize) -> Option<Hit> {
     if i + candidate.len() < text.len() && text[i + candidate.len()].is_ascii_alphanumeric() {
         return None;
     }
-    let s = std::str::from_utf8(candidate).ok()?;
-    s.parse::<std::net::Ipv6Addr>().ok()?;
-    // "::" alone, or a time like 12:30:45, is not worth masking.
+    // "::" alone, or a time like 12:30:45, is not worth masking (nor
+    // worth parsing).
     if candidate.len() < 6
-        || !candidate.iter().any(|c| c.is_ascii_alphabetic()) && !s.contains("::")
+        || !candidate.iter().any(|c| c.is_ascii_alphabetic())
+            && !candidate.windows(2).any(|w| w == b"::")
     {
         return None;
     }
+    std::str::from_utf8(candidate)
+        .ok()?
+        .parse::<std::net::Ipv6Addr>()
+        .ok()?;
     Some(Hit {
         start: i,
         end: i + candidate.len(),
@@ -861,7 +865,7 @@ fn phone(text: &[u8], i: usize) -> Option<Hit> {
 fn pem(text: &[u8], hits: &mut Vec<Hit>) {
     const BEGIN: &[u8] = b"-----BEGIN ";
     let mut from = 0;
-    while let Some(k) = find_bytes(&text[from..], BEGIN) {
+    while let Some(k) = find_begin(&text[from..], BEGIN) {
         let start = from + k;
         let line_end =
             find_bytes(&text[start + BEGIN.len()..], b"-----").map(|e| start + BEGIN.len() + e);
@@ -884,6 +888,22 @@ fn pem(text: &[u8], hits: &mut Vec<Hit>) {
         });
         from = end;
     }
+}
+
+/// Where `needle`, which starts with five dashes, first occurs in `hay`:
+/// one byte in five is looked at where there are no dashes.
+fn find_begin(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + needle.len() <= hay.len() {
+        if hay[i + 4] != b'-' {
+            i += 5;
+        } else if hay[i..].starts_with(needle) {
+            return Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -1057,6 +1077,10 @@ mod tests {
         let key = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----";
         one(&format!("k: {key} done"), Detector::PemPrivateKey, key);
         nothing("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----");
+        // Wherever the marker starts, after dashes or not.
+        for prefix in ["", "a", "ab", "a-b", "a--c", "x----", "-", "key=", "\\n"] {
+            one(&format!("{prefix}{key}"), Detector::PemPrivateKey, key);
+        }
     }
 
     #[test]
