@@ -78,6 +78,10 @@ const DEFAULTS: &[(&str, &str)] = &[
         "dangerous-functions-dba-only.cedar",
         include_str!("../defaults/dangerous-functions-dba-only.cedar"),
     ),
+    (
+        "pii-readers.cedar",
+        include_str!("../defaults/pii-readers.cedar"),
+    ),
 ];
 
 /// Largest bundle: file names, policy texts and the schema together.

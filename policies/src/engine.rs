@@ -255,6 +255,7 @@ struct Names {
     target: EntityTypeName,
     connect: EntityUid,
     query: EntityUid,
+    unmask: EntityUid,
 }
 
 static NAMES: LazyLock<Names> = LazyLock::new(|| {
@@ -268,6 +269,7 @@ static NAMES: LazyLock<Names> = LazyLock::new(|| {
         target: ty("Gatehouse::Target"),
         connect: action("connect"),
         query: action("query"),
+        unmask: action("unmask"),
     }
 });
 
@@ -280,6 +282,9 @@ pub struct Engine {
     /// action scope allows it): Cedar evaluates every policy it is given.
     connect_policies: PolicySet,
     query_policies: PolicySet,
+    /// For `unmask`: only permits that name it (a permit for any action
+    /// shows no masked value), and every forbid that may apply.
+    unmask_policies: PolicySet,
     /// The policies that may take part in API decisions ([`ApiAuthority`]).
     api_policies: PolicySet,
     schema: Schema,
@@ -322,6 +327,7 @@ impl Engine {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             connect_policies: for_action(&compiled.policies, &NAMES.connect),
             query_policies: for_action(&compiled.policies, &NAMES.query),
+            unmask_policies: naming_action(&compiled.policies, &NAMES.unmask),
             api_policies: api::bundle_policies(&compiled.policies),
             schema: compiled.schema,
             schema_hash: hex_sha256(&bundle.schema).into(),
@@ -409,6 +415,37 @@ impl Engine {
             context,
             start,
             "connecting to this target",
+        )
+    }
+
+    /// `unmask`: whether the session's principal sees a column's values as
+    /// they are, rather than masked. `table` is the table the column comes
+    /// from when the worker knows it (else empty), `column` its name. Only
+    /// a permit that names `unmask` grants it.
+    pub fn decide_unmask(&self, session: &Session, table: &str, column: &str) -> Decision {
+        let start = Instant::now();
+        let context = Context::from_pairs([
+            (
+                "table".to_string(),
+                RestrictedExpression::new_string(table.to_string()),
+            ),
+            (
+                "column".to_string(),
+                RestrictedExpression::new_string(column.to_string()),
+            ),
+            ("source_ip".to_string(), session.source_ip_expr.clone()),
+            (
+                "hour".to_string(),
+                RestrictedExpression::new_long(hour(session)),
+            ),
+        ]);
+        self.decide(
+            session,
+            &NAMES.unmask,
+            &self.unmask_policies,
+            context,
+            start,
+            "seeing this column unmasked",
         )
     }
 
@@ -827,6 +864,24 @@ fn for_action(all: &PolicySet, action: &EntityUid) -> PolicySet {
     set
 }
 
+/// Like [`for_action`], but a permit takes part only if it names `action`:
+/// for actions no broad permit should grant.
+fn naming_action(all: &PolicySet, action: &EntityUid) -> PolicySet {
+    let mut set = PolicySet::new();
+    for p in all.policies() {
+        let forbid = p.effect() == cedar_policy::Effect::Forbid;
+        let applies = match p.action_constraint() {
+            ActionConstraint::Eq(a) => &a == action,
+            ActionConstraint::In(list) => list.contains(action) || forbid,
+            ActionConstraint::Any => forbid,
+        };
+        if applies {
+            set.add(p.clone()).expect("ids are unique in the bundle");
+        }
+    }
+    set
+}
+
 fn ids(metas: &[&PolicyMeta]) -> Vec<String> {
     metas.iter().map(|m| m.id.clone()).collect()
 }
@@ -998,5 +1053,48 @@ mod tests {
         assert_eq!(normalize_ip("[::1]"), "::1");
         assert_eq!(normalize_ip("/tmp/.s.PGSQL.5432"), "0.0.0.0");
         assert_eq!(normalize_ip(""), "0.0.0.0");
+    }
+
+    #[test]
+    fn only_a_permit_naming_unmask_unmasks() {
+        let bundle = |text: &str| {
+            Engine::new(&Bundle::new(
+                String::new(),
+                vec![("p.cedar".into(), text.into())],
+                crate::bundle::SCHEMA,
+            ))
+            .unwrap()
+        };
+        let alice = Principal::from_claims(
+            "alice".into(),
+            None,
+            vec!["pii-readers".into()],
+            Vec::new(),
+            "agents",
+        );
+        let target = TargetInfo {
+            name: "t".into(),
+            kind: "postgres".into(),
+            environment: String::new(),
+            tags: Vec::new(),
+        };
+        let effect = |engine: &Engine, table: &str| {
+            let s = engine.session(&alice, &target, "127.0.0.1");
+            engine.decide_unmask(&s, table, "email").effect
+        };
+        let broad = bundle("permit (principal, action, resource);");
+        assert_eq!(effect(&broad, "users"), Effect::Deny);
+        let listed = bundle(
+            "permit (principal, action in [Gatehouse::Action::\"query\", \
+             Gatehouse::Action::\"unmask\"], resource) \
+             when { context has table && context.table == \"users\" };",
+        );
+        assert_eq!(effect(&listed, "users"), Effect::Allow);
+        assert_eq!(effect(&listed, "orders"), Effect::Deny);
+        let forbidden = bundle(
+            "permit (principal, action == Gatehouse::Action::\"unmask\", resource);\n\
+             forbid (principal, action, resource == Gatehouse::Target::\"t\");",
+        );
+        assert_eq!(effect(&forbidden, "users"), Effect::Deny, "any forbid applies");
     }
 }

@@ -119,6 +119,7 @@ fn examples_bundle_shape() {
             "base-query",
             "unparsed-denied",
             "dangerous-functions-dba-only",
+            "pii-readers-unmask",
             "prod-no-ddl",
             "unbounded-write-needs-approval",
         ]

@@ -219,9 +219,19 @@ pub fn run_corpus(engine: &Engine, file: &str, text: &str) -> Result<Vec<CaseRes
             ("query", _, _) => {
                 return Err(err("a query case needs `facts` or `sql`, not both".into()));
             }
+            ("unmask", None, None) => engine.decide_unmask(
+                &session,
+                case.table.as_deref().unwrap_or(""),
+                case.column.as_deref().unwrap_or(""),
+            ),
+            ("unmask", _, _) => {
+                return Err(err(
+                    "unmask takes `table` and `column`, no facts or sql".into()
+                ));
+            }
             (other, _, _) => {
                 return Err(err(format!(
-                    "action `{other}`: corpora test `connect` and `query`"
+                    "action `{other}`: corpora test `connect`, `query` and `unmask`"
                 )));
             }
         };
@@ -326,6 +336,9 @@ struct Case {
     action: String,
     facts: Option<Facts>,
     sql: Option<String>,
+    /// For `unmask`: the column's table (empty when unknown) and name.
+    table: Option<String>,
+    column: Option<String>,
     source_ip: Option<String>,
     hour: Option<u8>,
     expect: Effect,
