@@ -18,6 +18,7 @@ use gatehouse_eventlog::EventLogConfig;
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_policies::{Bundle, Engine};
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
+use gatehouse_worker::masking::{ColumnRuleConfig, MaskingConfig, StyleName};
 use gatehouse_worker::{CancelKey, ChannelBinding, TargetConfig, TargetTls, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -64,6 +65,17 @@ pub struct DevArgs {
     /// defaults (e.g. `policies/examples/agents-read-only`).
     #[arg(long, value_name = "DIR")]
     pub policies: Option<PathBuf>,
+    /// Do not mask responses. By default every target's responses are
+    /// masked with every content detector (e-mail, card, key, …) for
+    /// those no `unmask` permit applies to (group `pii-readers` in the
+    /// built-in policies).
+    #[arg(long)]
+    pub no_masking: bool,
+    /// A column masked whole: `table.column` or `column` (`*` matches
+    /// any run of characters), with `=redact` (the default), `=partial`
+    /// (keep the last 4 characters) or `=pseudonym` (repeatable).
+    #[arg(long = "mask-column", value_name = "PATTERN[=STYLE]")]
+    pub mask_columns: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,10 +140,22 @@ impl DevOptions {
         } else {
             args.targets.clone()
         };
-        let targets = specs
+        let mut targets: Vec<(String, TargetConfig)> = specs
             .iter()
             .map(|s| parse_target(s))
             .collect::<anyhow::Result<_>>()?;
+        let columns = args
+            .mask_columns
+            .iter()
+            .map(|spec| parse_mask_column(spec))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (_, t) in &mut targets {
+            if args.no_masking {
+                t.masking = None;
+            } else if let Some(m) = &mut t.masking {
+                m.columns.extend(columns.iter().cloned());
+            }
+        }
         Ok(Self {
             data_dir: args.data_dir.clone(),
             nats_url: args.nats.clone(),
@@ -557,6 +581,24 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Parses `NAME=postgres://user[:password]@host[:port]/database[?sslmode=…]`.
+/// `--mask-column PATTERN[=STYLE]`.
+fn parse_mask_column(spec: &str) -> anyhow::Result<ColumnRuleConfig> {
+    let (pattern, style) = spec.split_once('=').unwrap_or((spec, "redact"));
+    let style = match style {
+        "redact" => StyleName::Redact,
+        "partial" => StyleName::Partial,
+        "pseudonym" => StyleName::Pseudonym,
+        other => anyhow::bail!(
+            "--mask-column {spec}: unknown style \"{other}\" (redact, partial or pseudonym)"
+        ),
+    };
+    Ok(ColumnRuleConfig {
+        pattern: pattern.to_string(),
+        style,
+        keep_last: 4,
+    })
+}
+
 pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
     let (name, url) = spec
         .split_once('=')
@@ -623,7 +665,9 @@ pub fn parse_target(spec: &str) -> anyhow::Result<(String, TargetConfig)> {
             channel_binding,
             environment: String::new(),
             tags: Vec::new(),
+            masking: Some(MaskingConfig::default()),
             password,
+            masker: None,
         },
     ))
 }

@@ -211,6 +211,8 @@ async fn attempt(
                     environment: String::new(),
                     tags: Vec::new(),
                     password: Some(PASSWORD.into()),
+                    masking: None,
+                    masker: None,
                 },
             );
         })

@@ -113,6 +113,8 @@ async fn worker_for(
                     environment: String::new(),
                     tags: Vec::new(),
                     password: Some("the-target-secret".into()),
+                    masking: None,
+                    masker: None,
                 },
             );
         })

@@ -1095,6 +1095,10 @@ mod tests {
             "permit (principal, action == Gatehouse::Action::\"unmask\", resource);\n\
              forbid (principal, action, resource == Gatehouse::Target::\"t\");",
         );
-        assert_eq!(effect(&forbidden, "users"), Effect::Deny, "any forbid applies");
+        assert_eq!(
+            effect(&forbidden, "users"),
+            Effect::Deny,
+            "any forbid applies"
+        );
     }
 }

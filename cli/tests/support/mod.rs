@@ -56,6 +56,8 @@ pub struct Options {
     pub publish_timeout_ms: u64,
     /// The bundle published at start (the built-in defaults unless set).
     pub bundle: gatehouse_policies::Bundle,
+    /// The target's masking (`gatehouse dev`'s default: every detector).
+    pub masking: Option<gatehouse_worker::masking::MaskingConfig>,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             allow_plaintext: false,
             publish_timeout_ms: 5000,
             bundle: gatehouse_policies::Bundle::defaults(),
+            masking: Some(Default::default()),
         }
     }
 }
@@ -93,8 +96,9 @@ impl Env {
             publish_timeout_ms: opts.publish_timeout_ms,
             ..Default::default()
         };
-        let (_, target) =
+        let (_, mut target) =
             dev::parse_target(&format!("app={PG}/{target_db}?sslmode=require")).unwrap();
+        target.masking = opts.masking;
         let policy = gatehouse_policystore::PolicyConfig {
             bundle_stream: format!("GHT_{suffix}_POLICIES"),
             revocation_stream: format!("GHT_{suffix}_REVOCATIONS"),

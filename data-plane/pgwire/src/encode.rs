@@ -115,6 +115,16 @@ pub fn query(buf: &mut BytesMut, text: impl AsRef<[u8]>) {
     });
 }
 
+/// `Describe` of a portal (`kind` `P`) or statement (`S`) by its name's
+/// bytes.
+pub fn describe(buf: &mut BytesMut, kind: u8, name: &[u8]) {
+    message(buf, Some(b'D'), |b| {
+        b.put_u8(kind);
+        b.put_slice(name);
+        b.put_u8(0);
+    });
+}
+
 pub fn terminate(buf: &mut BytesMut) {
     message(buf, Some(b'X'), |_| {});
 }

@@ -175,6 +175,74 @@ pub async fn login(login: Login<'_>) -> Result<Backend, BackendError> {
     }
 }
 
+/// Runs one statement of the worker's own on a logged-in target (before
+/// the client's session starts) and returns its rows' text values.
+pub async fn rows(
+    backend: &mut Backend,
+    sql: &str,
+    max_message: usize,
+) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+    let mut out = BytesMut::new();
+    pg::query(&mut out, sql);
+    send(&mut backend.conn, &out).await?;
+    let mut rows = Vec::new();
+    let mut failed = None;
+    loop {
+        let frame = read_frame(&mut backend.conn, &mut backend.leftover, max_message).await?;
+        match frame.tag {
+            b'D' => {
+                let body = frame.body();
+                let n = body
+                    .get(..2)
+                    .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]));
+                let mut at = 2;
+                let mut row = Vec::new();
+                for _ in 0..n.max(0) {
+                    let len = body
+                        .get(at..at + 4)
+                        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                        .ok_or(pg::ProtocolError::Malformed {
+                            message: "DataRow",
+                            why: "a value runs past the message",
+                        })?;
+                    at += 4;
+                    if len < 0 {
+                        row.push(None);
+                        continue;
+                    }
+                    let value =
+                        body.get(at..at + len as usize)
+                            .ok_or(pg::ProtocolError::Malformed {
+                                message: "DataRow",
+                                why: "a value runs past the message",
+                            })?;
+                    row.push(Some(String::from_utf8_lossy(value).into_owned()));
+                    at += len as usize;
+                }
+                rows.push(row);
+            }
+            b'E' => {
+                if let BackendMessage::ErrorResponse(fields) = BackendMessage::parse(&frame)? {
+                    failed = Some(BackendError::Refused {
+                        fields,
+                        frame: frame.clone(),
+                    });
+                }
+            }
+            b'Z' => {
+                if let BackendMessage::ReadyForQuery(status) = BackendMessage::parse(&frame)? {
+                    backend.status = status;
+                }
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok(rows),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The worker's side of the target's authentication exchange: it answers
 /// only what the target's configuration allows, sends a password (cleartext
 /// or MD5) only to a target whose certificate it verified, and takes the
@@ -524,6 +592,8 @@ mod tests {
             environment: String::new(),
             tags: Vec::new(),
             password: Some("pw".into()),
+            masking: None,
+            masker: None,
         }
     }
 

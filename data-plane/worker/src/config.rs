@@ -203,9 +203,16 @@ pub struct TargetConfig {
     /// Tags policies see (`resource.tags`), e.g. `["prod", "pii"]`.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// How responses are masked for those no `unmask` permit applies to;
+    /// not masked when absent (`gatehouse dev` masks with every detector).
+    #[serde(default)]
+    pub masking: Option<crate::masking::MaskingConfig>,
     /// Resolved password; filled at start from `password_env`/`password_file`.
     #[serde(skip)]
     pub password: Option<String>,
+    /// `masking`, checked and with its key; filled at start.
+    #[serde(skip)]
+    pub masker: Option<std::sync::Arc<crate::masking::TargetMasking>>,
 }
 
 impl std::fmt::Debug for TargetConfig {
@@ -216,6 +223,7 @@ impl std::fmt::Debug for TargetConfig {
             .field("database", &self.database)
             .field("user", &self.user)
             .field("tls", &self.tls)
+            .field("masking", &self.masking)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -339,6 +347,9 @@ impl WorkerConfig {
                 return Err(format!("{field}.host: must not be empty"));
             }
             target.resolve_password(&field)?;
+            if let (Some(m), None) = (&target.masking, &target.masker) {
+                target.masker = Some(std::sync::Arc::new(m.build(&format!("{field}.masking"))?));
+            }
         }
         Ok(())
     }

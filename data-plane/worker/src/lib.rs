@@ -25,6 +25,7 @@ mod conn;
 mod encoding;
 pub mod error;
 mod machine;
+pub mod masking;
 mod metrics;
 mod policy;
 mod relay;

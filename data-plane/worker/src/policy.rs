@@ -168,6 +168,21 @@ impl SessionPolicy {
         &self.entities.as_ref().expect("just set").1
     }
 
+    /// Cedar's `unmask` for a column, with the bundle of the session's last
+    /// decision (none yet: masked).
+    pub fn may_unmask(&self, table: &str, column: &str) -> bool {
+        self.entities.as_ref().is_some_and(|(engine, session)| {
+            engine.decide_unmask(session, table, column).effect == Effect::Allow
+        })
+    }
+
+    /// The bundle of the session's last decision, to tell when it changes.
+    pub fn engine_id(&self) -> usize {
+        self.entities
+            .as_ref()
+            .map_or(0, |(e, _)| Arc::as_ptr(e) as usize)
+    }
+
     /// Whether the identity or its token has been revoked.
     pub fn revoked(&self, state: &PolicyState) -> bool {
         !state.revoked.is_empty() && self.revoked_by.iter().any(|r| state.revoked.contains(r))

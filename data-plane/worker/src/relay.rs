@@ -42,6 +42,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
         client_leftover,
         policy,
         parsing,
+        mask,
     } = opened;
     let key = shared
         .cancels
@@ -69,6 +70,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
             backend.status,
             crate::machine::Limits::of(&shared.config),
             token_deadline,
+            mask,
         );
         pump(
             &shared,

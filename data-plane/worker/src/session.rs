@@ -23,6 +23,7 @@ use crate::backend::{self, Login};
 use crate::conn::{Conn, send};
 use crate::encoding::Parsing;
 use crate::error::ClientError;
+use crate::masking::{Catalogue, ResponseMask, TargetMasking};
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::usernames::NameError;
 use crate::{Shared, relay};
@@ -215,6 +216,8 @@ pub(crate) struct Opened {
     pub policy: SessionPolicy,
     /// How the target reads the session's text, as it reported at login.
     pub parsing: Parsing,
+    /// Masking of the target's responses, when it masks.
+    pub mask: Option<ResponseMask>,
 }
 
 async fn read_more(conn: &mut Conn, buf: &mut BytesMut) -> Result<(), Refusal> {
@@ -540,6 +543,28 @@ async fn authenticate(
         ));
     }
 
+    let mask = match &target.config.masker {
+        Some(masking) => Some(
+            response_mask(masking, &mut backend)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(target = %target.name, error = %e, "cannot read the target's catalogue for masking");
+                    Refusal::new(
+                        ClientError::fatal(
+                            "08001",
+                            format!(
+                                "cannot connect to target \"{}\": its masking rules could not be \
+                                 read against its catalogue",
+                                target.name
+                            ),
+                        ),
+                        "target_unavailable",
+                    )
+                })?,
+        ),
+        None => None,
+    };
+
     let ctx = Arc::new(SessionCtx {
         worker_id: shared.worker_id.clone(),
         session_id: Uuid::now_v7(),
@@ -584,7 +609,27 @@ async fn authenticate(
         client_leftover: buf,
         policy,
         parsing,
+        mask,
     })
+}
+
+/// The session's response masking: the columns the target's
+/// table-qualified rules name, read from its catalogue.
+async fn response_mask(
+    masking: &TargetMasking,
+    backend: &mut backend::Backend,
+) -> Result<ResponseMask, backend::BackendError> {
+    let mut catalogue = Catalogue::new();
+    if let Some(sql) = masking.catalogue_query() {
+        for row in backend::rows(backend, &sql, pg::DEFAULT_MAX_FRAME).await? {
+            if let [Some(oid), Some(attnum), Some(table), Some(column)] = &row[..] {
+                if let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse()) {
+                    catalogue.insert((oid, attnum), (table.clone(), column.clone()));
+                }
+            }
+        }
+    }
+    Ok(ResponseMask::new(masking, catalogue))
 }
 
 /// Startup parameters PostgreSQL reads itself rather than as settings

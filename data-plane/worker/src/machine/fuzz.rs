@@ -2026,6 +2026,7 @@ impl Fuzz {
                 max_held: 1 << 30,
             },
             None,
+            None,
         );
         let mut model = Model::new(who, legacy);
         model.legacy_copy = legacy && !tolerate.legacy_copy;

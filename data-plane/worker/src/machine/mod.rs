@@ -64,6 +64,7 @@ use gatehouse_policies::{
 
 use crate::encoding::{self, Parsing};
 use crate::error::ClientError;
+use crate::masking::ResponseMask;
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
 
@@ -133,6 +134,10 @@ enum Pending {
     /// Answered by `RowDescription` or `NoData` (after a
     /// `ParameterDescription` for a statement).
     Describe,
+    /// The worker's own `Describe` of the portal an `Execute` runs, sent
+    /// just before it when responses are masked: its answer (the rows'
+    /// columns and formats) is the masking plan, not forwarded.
+    Shape,
     /// Answered by `CommandComplete`, `EmptyQueryResponse` or
     /// `PortalSuspended` (after rows or a COPY). `changes`: what running it
     /// changes, once it completes.
@@ -300,6 +305,10 @@ pub(crate) struct Machine {
     /// The session is ending; with the reason.
     closing: Option<CloseReason>,
     ended: Option<CloseReason>,
+    /// Masking of the target's responses, when it masks.
+    mask: Option<ResponseMask>,
+    /// The bundle `mask`'s `unmask` decisions were taken with.
+    mask_engine: usize,
     /// Bytes for the client, ready to write.
     pub to_client: BytesMut,
     /// Bytes for the target, ready to write.
@@ -314,6 +323,7 @@ impl Machine {
         status: TransactionStatus,
         limits: Limits,
         token_deadline: Option<i64>,
+        mask: Option<ResponseMask>,
     ) -> Self {
         Self {
             ctx,
@@ -335,6 +345,8 @@ impl Machine {
             token_deadline,
             closing: None,
             ended: None,
+            mask,
+            mask_engine: 0,
             to_client: BytesMut::new(),
             to_target: BytesMut::new(),
         }
@@ -1074,6 +1086,12 @@ impl Machine {
         for c in &changes {
             self.statements.stage(c, true);
         }
+        if self.mask.is_some() {
+            // The rows' shape, for masking: the portal's name as sent.
+            let name = frame.raw[5..].split(|&b| b == 0).next().unwrap_or_default();
+            pg::describe(&mut chunk.bytes, b'P', name);
+            chunk.entries.push(Pending::Shape);
+        }
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Execute { changes, calls });
         self.batch.executed = true;
@@ -1299,7 +1317,7 @@ impl Machine {
             let frame = &buf[pos..pos + len];
             pos += len;
             if self.target_frame(frame[0], &frame[5..]) && self.ended.is_none() {
-                self.to_client.extend_from_slice(frame);
+                self.forward(frame);
             }
             self.answer_front();
         }
@@ -1336,11 +1354,22 @@ impl Machine {
             b't' => {}
             b'n' => match self.pending.pop_front() {
                 Some(Pending::Describe) => {}
+                Some(Pending::Shape) => {
+                    if let Some(mask) = &mut self.mask {
+                        mask.end_result();
+                    }
+                    return false;
+                }
                 other => return self.desync(tag, other),
             },
             b'T' => match self.pending.front() {
                 Some(Pending::Describe) => {
                     self.pending.pop_front();
+                }
+                Some(Pending::Shape) => {
+                    self.pending.pop_front();
+                    self.plan(body);
+                    return false;
                 }
                 Some(Pending::Execute { .. } | Pending::Query { .. }) => {}
                 _ => {
@@ -1399,6 +1428,69 @@ impl Machine {
             _ => {}
         }
         true
+    }
+
+    /// Appends a target frame to the client's output, masked where the
+    /// target masks responses.
+    fn forward(&mut self, frame: &[u8]) {
+        let Some(mask) = &mut self.mask else {
+            self.to_client.extend_from_slice(frame);
+            return;
+        };
+        let ok = match frame[0] {
+            b'D' if mask.masks_rows() => mask.data_row(frame, &mut self.to_client),
+            b'd' if mask.masks_copy() => mask.copy_data(frame, &mut self.to_client),
+            b'T' => {
+                self.plan(&frame[5..]);
+                self.to_client.extend_from_slice(frame);
+                true
+            }
+            b'H' => {
+                mask.copy_out(&frame[5..]);
+                self.to_client.extend_from_slice(frame);
+                true
+            }
+            b'E' | b'N' => {
+                if frame[0] == b'E' {
+                    mask.end_result();
+                }
+                let policy = &self.policy;
+                mask.error_or_notice(frame, &mut self.to_client, |t, c| policy.may_unmask(t, c));
+                true
+            }
+            tag => {
+                if matches!(tag, b'C' | b'I' | b's' | b'Z' | b'c') {
+                    mask.end_result();
+                }
+                self.to_client.extend_from_slice(frame);
+                true
+            }
+        };
+        if !ok {
+            tracing::warn!(session = %self.ctx.session_id, message = %(frame[0] as char), "a target row does not match its description");
+            self.fail(
+                ClientError::fatal("08P01", "the target sent a malformed message"),
+                CloseReason::Error,
+            );
+        }
+    }
+
+    /// A result's shape: the masking plan for its rows.
+    fn plan(&mut self, body: &[u8]) {
+        let Some(mask) = &mut self.mask else { return };
+        let engine = self.policy.engine_id();
+        if engine != self.mask_engine {
+            mask.forget_decisions();
+            self.mask_engine = engine;
+        }
+        let policy = &self.policy;
+        if !mask.row_description(body, |t, c| policy.may_unmask(t, c)) {
+            tracing::warn!(session = %self.ctx.session_id, "malformed RowDescription from the target");
+            self.fail(
+                ClientError::fatal("08P01", "the target sent a malformed message"),
+                CloseReason::Error,
+            );
+        }
     }
 
     /// Whether the target is answering a statement that runs (rows and
@@ -1604,8 +1696,11 @@ impl Machine {
             Pending::Sync { .. } | Pending::Refused { simple: true, .. } => self
                 .portals
                 .settle(Change::DropAll { always: false }, false),
-            Pending::Describe | Pending::CopyEnd | Pending::Refused { .. } | Pending::Fatal(..) => {
-            }
+            Pending::Describe
+            | Pending::Shape
+            | Pending::CopyEnd
+            | Pending::Refused { .. }
+            | Pending::Fatal(..) => {}
         }
     }
 

@@ -276,6 +276,7 @@ impl Harness {
                 max_held: 1 << 30,
             },
             None,
+            None,
         );
         Harness {
             machine,

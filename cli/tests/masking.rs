@@ -1,0 +1,282 @@
+//! Responses are masked in the stream for those no `unmask` permit applies
+//! to: in text rows (psql, simple queries), in binary rows (tokio-postgres),
+//! in COPY TO STDOUT and in the values PostgreSQL quotes in an error. A
+//! member of `pii-readers` sees the same rows as they are.
+
+mod support;
+
+use futures::StreamExt;
+use gatehouse_worker::masking::{ColumnRuleConfig, MaskingConfig, StyleName};
+use support::{Env, Options};
+use tokio::process::Command;
+
+const EMAIL: &str = "alice@example.com";
+const SSN: &str = "123-45-6789";
+const CARD: &str = "4111 1111 1111 1111";
+/// Fails the Luhn check: not a card number.
+const NOT_A_CARD: &str = "4111 1111 1111 1112";
+const NESTED_EMAIL: &str = "bob@example.org";
+
+async fn masked_env() -> Env {
+    let env = Env::start_with(Options {
+        masking: Some(MaskingConfig {
+            columns: vec![
+                ColumnRuleConfig {
+                    pattern: "users.ssn".into(),
+                    style: StyleName::Partial,
+                    keep_last: 4,
+                },
+                ColumnRuleConfig {
+                    pattern: "nickname".into(),
+                    style: StyleName::Redact,
+                    keep_last: 4,
+                },
+            ],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    env.target()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, ssn text, \
+             card text, profile jsonb, nickname text, age int);
+             INSERT INTO users VALUES
+               (1, '{EMAIL}', '{SSN}', '{CARD}',
+                '{{\"contact\": \"{NESTED_EMAIL}\", \"n\": 1}}', 'ally', 41),
+               (2, 'no e-mail', '987-65-4321', '{NOT_A_CARD}', '{{\"n\": 2}}', 'bo', 7);"
+        ))
+        .await
+        .unwrap();
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_masked_in_text_binary_copy_and_errors() {
+    let env = masked_env().await;
+    let client = env.connect("mallory").await;
+
+    // Binary rows (tokio-postgres asks for every column in binary).
+    let rows = client
+        .query(
+            "SELECT email, ssn, card, profile::text, nickname, age, profile \
+             FROM users ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let first = &rows[0];
+    assert_eq!(first.get::<_, String>(0), "[masked:email]");
+    assert_eq!(
+        first.get::<_, String>(1),
+        "***-**-6789",
+        "a column rule, partial"
+    );
+    assert_eq!(first.get::<_, String>(2), "[masked:payment_card]");
+    let profile: String = first.get(3);
+    assert!(
+        profile.contains("[masked:email]") && !profile.contains(NESTED_EMAIL),
+        "{profile}"
+    );
+    assert_eq!(
+        first.get::<_, String>(4),
+        "[masked]",
+        "a column with a rule is masked whole though it holds nothing a detector finds"
+    );
+    assert_eq!(first.get::<_, i32>(5), 41, "other types are left alone");
+    let jsonb = first.get::<_, Jsonb>(6).0;
+    assert_eq!(
+        jsonb["contact"], "[masked:email]",
+        "jsonb in binary: {jsonb}"
+    );
+    let second = &rows[1];
+    assert_eq!(second.get::<_, String>(0), "no e-mail");
+    assert_eq!(
+        second.get::<_, String>(2),
+        NOT_A_CARD,
+        "a number that fails the Luhn check is no card"
+    );
+
+    // The rule follows the column, not its name in the result.
+    let aliased: String = client
+        .query_one("SELECT ssn AS x FROM users WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(aliased, "***-**-6789");
+
+    // Text rows, through the simple protocol.
+    let text = client
+        .simple_query("SELECT email, ssn FROM users WHERE id = 1")
+        .await
+        .unwrap();
+    let row = text
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(row.get(0), Some("[masked:email]"));
+    assert_eq!(row.get(1), Some("***-**-6789"));
+
+    // COPY TO STDOUT, text and binary.
+    let copied = copy_out(&client, "COPY users (id, email, card) TO STDOUT").await;
+    assert!(
+        !copied.contains(EMAIL) && !copied.contains(CARD),
+        "COPY leaks: {copied}"
+    );
+    assert!(
+        copied.contains("1\t[masked:email]\t[masked:payment_card]\n"),
+        "{copied}"
+    );
+    let copied = copy_out(&client, "COPY users (email) TO STDOUT WITH (FORMAT binary)").await;
+    assert!(!copied.contains(EMAIL), "binary COPY leaks: {copied}");
+    assert!(copied.contains("[masked:email]"), "{copied:?}");
+
+    // A unique violation quotes the value it collided with.
+    let err = client
+        .execute(
+            "INSERT INTO users (id, email) SELECT 3, email FROM users WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "23505");
+    let detail = db.detail().unwrap_or_default();
+    assert!(
+        !detail.contains(EMAIL) && detail.contains("[masked:email]"),
+        "{detail}"
+    );
+    // A failing row quotes every value of the row.
+    let err = client
+        .execute(
+            "INSERT INTO users (id, email, ssn) SELECT NULL, email, ssn FROM users WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let detail = err.as_db_error().unwrap().detail().unwrap_or_default();
+    assert!(!detail.contains(SSN) && !detail.contains(EMAIL), "{detail}");
+
+    // What is in the target is what was there.
+    let direct: String = env
+        .target()
+        .await
+        .query_one("SELECT email FROM users WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(direct, EMAIL);
+
+    // No raw value in anything the session recorded.
+    let bodies = stream_bodies(&env).await;
+    assert!(!bodies.is_empty());
+    for raw in [EMAIL, SSN, CARD, NESTED_EMAIL] {
+        assert!(
+            !bodies.iter().any(|b| b.contains(raw)),
+            "{raw} is in the event log"
+        );
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_shows_masked_values_and_pii_readers_see_them_clear() {
+    let env = masked_env().await;
+    let sql = "SELECT email, ssn, nickname FROM users WHERE id = 1";
+    let masked = psql(&env, &env.token("mallory"), "mallory", sql).await;
+    assert_eq!(masked, "[masked:email]|***-**-6789|[masked]\n");
+    let token = env.stack().token("priya", &["pii-readers"]);
+    let clear = psql(&env, &token, "priya", sql).await;
+    assert_eq!(clear, format!("{EMAIL}|{SSN}|ally\n"));
+
+    let mut config: tokio_postgres::Config =
+        env.conninfo("priya", "app", "require").parse().unwrap();
+    config.password(token);
+    let (client, conn) = config.connect(env.tls()).await.unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT email, card, profile FROM users WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), EMAIL);
+    assert_eq!(row.get::<_, String>(1), CARD);
+    let profile = row.get::<_, Jsonb>(2).0;
+    assert_eq!(profile["contact"], NESTED_EMAIL);
+    env.cleanup().await;
+}
+
+/// A `jsonb` value in binary: a version byte, then JSON.
+struct Jsonb(serde_json::Value);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Jsonb {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let (version, json) = raw.split_first().ok_or("empty jsonb")?;
+        assert_eq!(*version, 1);
+        Ok(Jsonb(serde_json::from_slice(json)?))
+    }
+
+    fn accepts(t: &tokio_postgres::types::Type) -> bool {
+        *t == tokio_postgres::types::Type::JSONB
+    }
+}
+
+async fn psql(env: &Env, token: &str, user: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            &env.conninfo(user, "app", "require"),
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS")
+        .env("PSQLRC", "/dev/null")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> String {
+    let stream = client.copy_out(sql).await.unwrap();
+    let chunks: Vec<bytes::Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    String::from_utf8_lossy(&chunks.concat()).into_owned()
+}
+
+/// Every message body of the test's event stream, as published.
+async fn stream_bodies(env: &Env) -> Vec<String> {
+    let nats = async_nats::connect(&env.events.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let stream = js.get_stream(&env.events.stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut bodies = Vec::new();
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(1), messages.next()).await;
+        match next {
+            Ok(Some(Ok(m))) => bodies.push(String::from_utf8_lossy(&m.payload).into_owned()),
+            _ => return bodies,
+        }
+    }
+}

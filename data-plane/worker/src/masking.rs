@@ -1,0 +1,737 @@
+//! Masking of what a target sends back, for those Cedar does not let
+//! `unmask`: the target's rules ([`MaskingConfig`]), and a session's
+//! transform of its response stream ([`ResponseMask`]).
+//!
+//! Each result's shape (its `RowDescription`) becomes a plan, one step per
+//! column, decided once: Cedar's `unmask` for the column, then its column
+//! rule or the content detectors. Rows are then masked value by value as
+//! they pass, in one copy; a row nothing changes in is copied whole. So is
+//! every row of a result with nothing to do (integers, dates, …).
+//!
+//! - Text format: every value of a column with a rule is masked whole;
+//!   detectors run on the others, except types that cannot hold what they
+//!   find (`bool`, `int2`, `int4`, `oid`, floats, dates and times,
+//!   `uuid`, `interval`). `int8` and `numeric` are read: a card number
+//!   fits in them.
+//! - Binary format: text-like types (`text`, `varchar`, `bpchar`, `name`,
+//!   `json`, `jsonb`, `xml`, `unknown`) are masked as text, in place;
+//!   another type with a column rule becomes NULL (no typed placeholder
+//!   can be trusted to decode); other binary values are left as they are.
+//! - `COPY … TO STDOUT`: the detectors run on every text or CSV line (a
+//!   masked span is only letters, digits and `[]:*_`, so it never breaks a
+//!   line's structure); column rules do not apply, as COPY names no
+//!   columns. Binary COPY is read tuple by tuple, its values masked by
+//!   the detectors when they are UTF-8 text.
+//! - `ErrorResponse`/`NoticeResponse`: the message, detail, hint and
+//!   context go through the detectors, and a detail that quotes values —
+//!   `Key (email)=(…) already exists`, `Failing row contains (…)` — has
+//!   them masked when a column rule names one of its columns (or, for a
+//!   failing row, any column of its table).
+//!
+//! Column rules with a table (`users.email`) follow the column, not its
+//! name in the result: at login the worker reads from the target's
+//! catalogue which columns they name ([`TargetMasking::catalogue_query`]),
+//! and a result column is matched by its table and column number. A table
+//! created after the session opened is matched by column name only.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use bytes::{BufMut, BytesMut};
+use gatehouse_masking::{ColumnRule, Detector, Detectors, Masker, Pattern, Rules, Stats, Style};
+use serde::Deserialize;
+
+/// How masked values are shown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StyleName {
+    /// `[masked]`, or `[masked:<detector>]` for what a detector found.
+    #[default]
+    Redact,
+    /// Letters and digits as `*` but for the last `keep_last`.
+    Partial,
+    /// A keyed pseudonym, stable under one key (`pseu_…`).
+    Pseudonym,
+}
+
+fn default_keep_last() -> usize {
+    4
+}
+
+/// `[[worker.targets.NAME.masking.columns]]`: a column masked whole.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnRuleConfig {
+    /// `table.column` or `column`; `*` matches any run of characters;
+    /// compared case-insensitively.
+    pub pattern: String,
+    #[serde(default)]
+    pub style: StyleName,
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+}
+
+/// `[worker.targets.NAME.masking]`: how the target's responses are masked
+/// for principals no `unmask` permit applies to.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskingConfig {
+    /// Content detectors by name (`email`, `phone`, `payment_card`,
+    /// `us_ssn`, `iban`, `ip_address`, `jwt`, `api_key`, `high_entropy`,
+    /// `password_hash`, `pem_private_key`), or `all` (the default).
+    pub detectors: Vec<String>,
+    /// The style of what the detectors find.
+    pub style: StyleName,
+    pub keep_last: usize,
+    pub columns: Vec<ColumnRuleConfig>,
+    /// Environment variable holding the pseudonym key (at least 32 bytes).
+    /// Without one (here or in `key_file`) the worker draws a key at start:
+    /// pseudonyms are then stable only within one worker process.
+    pub key_env: Option<String>,
+    pub key_file: Option<PathBuf>,
+    /// Most bytes of masked rows a command's response records carry.
+    pub record_max_bytes: usize,
+}
+
+impl Default for MaskingConfig {
+    fn default() -> Self {
+        MaskingConfig {
+            detectors: vec!["all".into()],
+            style: StyleName::Redact,
+            keep_last: default_keep_last(),
+            columns: Vec::new(),
+            key_env: None,
+            key_file: None,
+            record_max_bytes: 1 << 20,
+        }
+    }
+}
+
+impl std::fmt::Debug for MaskingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskingConfig")
+            .field("detectors", &self.detectors)
+            .field("style", &self.style)
+            .field("columns", &self.columns)
+            .field("key_env", &self.key_env)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+fn style(name: StyleName, keep_last: usize) -> Style {
+    match name {
+        StyleName::Redact => Style::Redact,
+        StyleName::Partial => Style::Partial { keep_last },
+        StyleName::Pseudonym => Style::Pseudonym,
+    }
+}
+
+impl MaskingConfig {
+    /// Checks the config and reads the key. Errors name the field.
+    pub fn build(&self, field: &str) -> Result<TargetMasking, String> {
+        let mut detectors = Detectors::none();
+        for name in &self.detectors {
+            if name == "all" {
+                detectors = Detectors::all();
+            } else {
+                let d = Detector::from_name(name).ok_or_else(|| {
+                    format!(
+                        "{field}.detectors: unknown detector \"{name}\" (known: all, {})",
+                        Detector::ALL.map(|d| d.name()).join(", ")
+                    )
+                })?;
+                detectors = detectors.with(d);
+            }
+        }
+        let mut columns = Vec::new();
+        let mut tabled = Vec::new();
+        for (i, c) in self.columns.iter().enumerate() {
+            let p = c.pattern.trim();
+            let ok = !p.is_empty()
+                && p.split('.').count() <= 2
+                && p.split('.').all(|part| !part.is_empty());
+            if !ok {
+                return Err(format!(
+                    "{field}.columns[{i}].pattern: \"{}\" is not `table.column` or `column`",
+                    c.pattern
+                ));
+            }
+            if let Some((t, col)) = p.split_once('.') {
+                tabled.push((t.to_ascii_lowercase(), col.to_ascii_lowercase()));
+            }
+            columns.push(ColumnRule {
+                pattern: Pattern::new(p),
+                style: style(c.style, c.keep_last),
+            });
+        }
+        let key = match (&self.key_env, &self.key_file) {
+            (Some(_), Some(_)) => {
+                return Err(format!("{field}.key_env / key_file: set one, not both"));
+            }
+            (Some(var), None) => {
+                Some(std::env::var(var).map_err(|_| {
+                    format!("{field}.key_env: environment variable {var} is not set")
+                })?)
+            }
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("{field}.key_file: cannot read {}: {e}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let key = match key {
+            Some(k) if k.len() < 32 => {
+                return Err(format!(
+                    "{field}: the masking key must be at least 32 bytes"
+                ));
+            }
+            Some(k) => k.into_bytes(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        if self.record_max_bytes == 0 {
+            return Err(format!("{field}.record_max_bytes: must be at least 1"));
+        }
+        Ok(TargetMasking {
+            rules: Rules {
+                columns,
+                detectors,
+                content_style: style(self.style, self.keep_last),
+            },
+            key,
+            tabled,
+            record_max_bytes: self.record_max_bytes,
+        })
+    }
+}
+
+/// A target's masking, ready for sessions.
+pub struct TargetMasking {
+    rules: Rules,
+    key: Vec<u8>,
+    /// The `(table, column)` patterns of column rules that name a table.
+    tabled: Vec<(String, String)>,
+    pub record_max_bytes: usize,
+}
+
+impl std::fmt::Debug for TargetMasking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetMasking")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TargetMasking {
+    /// The query that finds the columns the table-qualified rules name:
+    /// rows of (table oid, column number, table, column). `None` when no
+    /// rule names a table.
+    pub fn catalogue_query(&self) -> Option<String> {
+        if self.tabled.is_empty() {
+            return None;
+        }
+        let like = |glob: &str| {
+            let mut s = String::from("'");
+            for c in glob.chars() {
+                match c {
+                    '*' => s.push('%'),
+                    '%' | '_' | '!' => {
+                        s.push('!');
+                        s.push(c);
+                    }
+                    '\'' => s.push_str("''"),
+                    c => s.push(c),
+                }
+            }
+            s.push_str("' ESCAPE '!'");
+            s
+        };
+        let terms: Vec<String> = self
+            .tabled
+            .iter()
+            .map(|(t, c)| {
+                format!(
+                    "(c.relname ILIKE {} AND a.attname ILIKE {})",
+                    like(t),
+                    like(c)
+                )
+            })
+            .collect();
+        Some(format!(
+            "SELECT c.oid, a.attnum, c.relname, a.attname \
+             FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             WHERE a.attnum > 0 AND NOT a.attisdropped \
+             AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND ({}) LIMIT 100000",
+            terms.join(" OR ")
+        ))
+    }
+}
+
+/// The columns table-qualified rules name, by (table oid, column number):
+/// their table and column names. From [`TargetMasking::catalogue_query`].
+pub type Catalogue = HashMap<(u32, i16), (String, String)>;
+
+/// What is done to one column of a result.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Keep,
+    /// Text: the detectors run on it.
+    Detect,
+    /// Masked whole (text, or a text-like binary value).
+    Whole(Style),
+    /// A binary value of a type that cannot be masked in place: NULL.
+    Null,
+}
+
+/// How each `CopyData` of a COPY out is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    Text,
+    /// Binary: the header is still to come.
+    BinaryHeader,
+    Binary,
+}
+
+/// Type OIDs whose text form holds nothing a detector looks for.
+fn opaque_text(type_oid: u32) -> bool {
+    matches!(
+        type_oid,
+        16 | 21 | 23 | 26 | 700 | 701 | 1082 | 1083 | 1114 | 1184 | 1186 | 1266 | 2950
+    )
+}
+
+/// Type OIDs whose binary form is their text (jsonb after a version byte).
+fn text_like(type_oid: u32) -> Option<usize> {
+    match type_oid {
+        25 | 1043 | 1042 | 19 | 114 | 142 | 705 | 18 => Some(0),
+        3802 => Some(1),
+        _ => None,
+    }
+}
+
+/// One session's masking of its response stream.
+pub(crate) struct ResponseMask {
+    masker: Masker,
+    catalogue: Catalogue,
+    /// One step per column of the current result (with its binary text
+    /// offset), and whether any does something.
+    plan: Vec<(Step, usize)>,
+    active: bool,
+    copy: Option<Copy>,
+    /// `unmask` decisions of this session: (table, column) → allowed.
+    unmasked: Vec<(String, String, bool)>,
+    scratch: Vec<u8>,
+    pub stats: Stats,
+}
+
+/// Most `unmask` decisions a session remembers.
+const UNMASK_MEMO: usize = 512;
+
+impl ResponseMask {
+    pub fn new(target: &TargetMasking, catalogue: Catalogue) -> Self {
+        ResponseMask {
+            masker: Masker::new(target.rules.clone(), &target.key),
+            catalogue,
+            plan: Vec::new(),
+            active: false,
+            copy: None,
+            unmasked: Vec::new(),
+            scratch: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The bundle changed: decisions are taken again.
+    pub fn forget_decisions(&mut self) {
+        self.unmasked.clear();
+    }
+
+    fn may_unmask(
+        &mut self,
+        table: &str,
+        column: &str,
+        decide: &mut impl FnMut(&str, &str) -> bool,
+    ) -> bool {
+        if let Some((_, _, ok)) = self
+            .unmasked
+            .iter()
+            .find(|(t, c, _)| t == table && c == column)
+        {
+            return *ok;
+        }
+        let ok = decide(table, column);
+        if self.unmasked.len() >= UNMASK_MEMO {
+            self.unmasked.clear();
+        }
+        self.unmasked.push((table.into(), column.into(), ok));
+        ok
+    }
+
+    /// A result's shape: the plan for its rows. `decide(table, column)` is
+    /// Cedar's `unmask`. False if the description is malformed.
+    pub fn row_description(
+        &mut self,
+        body: &[u8],
+        mut decide: impl FnMut(&str, &str) -> bool,
+    ) -> bool {
+        self.plan.clear();
+        self.active = false;
+        self.copy = None;
+        let mut r = Reader(body);
+        let Some(n) = r.i16() else { return false };
+        for _ in 0..n.max(0) {
+            let (Some(name), Some(table_oid), Some(attnum), Some(type_oid)) =
+                (r.cstr(), r.u32(), r.i16(), r.u32())
+            else {
+                return false;
+            };
+            let (Some(_), Some(_), Some(format)) = (r.i16(), r.i32(), r.i16()) else {
+                return false;
+            };
+            let name = String::from_utf8_lossy(name);
+            let known = self.catalogue.get(&(table_oid, attnum)).cloned();
+            let (table, column) = match &known {
+                Some((t, c)) => (t.as_str(), c.as_str()),
+                None => ("", &*name),
+            };
+            let step = if self.may_unmask(table, column, &mut decide) {
+                Step::Keep
+            } else {
+                let rule = known
+                    .as_ref()
+                    .and_then(|(t, c)| self.masker.column_style(Some(t), c))
+                    .or_else(|| self.masker.column_style(None, &name))
+                    .cloned();
+                let binary = format == 1;
+                match (rule, binary, text_like(type_oid)) {
+                    (Some(style), false, _) | (Some(style), true, Some(_)) => Step::Whole(style),
+                    (Some(_), true, None) => Step::Null,
+                    (None, _, _) if self.masker.rules().detectors.is_empty() => Step::Keep,
+                    (None, false, _) if opaque_text(type_oid) => Step::Keep,
+                    (None, false, _) | (None, true, Some(_)) => Step::Detect,
+                    (None, true, None) => Step::Keep,
+                }
+            };
+            self.active |= step != Step::Keep;
+            let skip = if format == 1 {
+                text_like(type_oid).unwrap_or(0)
+            } else {
+                0
+            };
+            self.plan.push((step, skip));
+        }
+        true
+    }
+
+    /// The result ended: rows that follow belong to another.
+    pub fn end_result(&mut self) {
+        self.plan.clear();
+        self.active = false;
+        self.copy = None;
+    }
+
+    /// Whether a `DataRow` of the current result needs [`Self::data_row`].
+    pub fn masks_rows(&self) -> bool {
+        self.active
+    }
+
+    /// Appends a `DataRow` frame to `out`, masked. False if it does not
+    /// match the result's description.
+    pub fn data_row(&mut self, frame: &[u8], out: &mut BytesMut) -> bool {
+        let start = out.len();
+        out.extend_from_slice(frame);
+        let body = &frame[5..];
+        let Some(n) = Reader(body).i16() else {
+            return false;
+        };
+        if n as usize != self.plan.len() {
+            return false;
+        }
+        let mut pos = 2;
+        // Where the rewritten part of `out` is, once something changed.
+        let mut rewriting = false;
+        for i in 0..self.plan.len() {
+            let Some(len) = Reader(&body[pos..]).i32() else {
+                return false;
+            };
+            let value_at = pos + 4;
+            let value = if len < 0 {
+                None
+            } else {
+                let end = value_at + len as usize;
+                if end > body.len() {
+                    return false;
+                }
+                Some(&body[value_at..end])
+            };
+            let next = value_at + value.map_or(0, <[u8]>::len);
+            let (step, skip) = &self.plan[i];
+            let masked = match (step, value) {
+                (Step::Keep, _) | (_, None) => None,
+                (Step::Null, Some(_)) => Some(None),
+                (Step::Detect | Step::Whole(_), Some(v)) if v.len() >= *skip => {
+                    let rule = match step {
+                        Step::Whole(s) => Some(s),
+                        _ => None,
+                    };
+                    let mut scratch = std::mem::take(&mut self.scratch);
+                    let changed =
+                        self.masker
+                            .mask(&v[*skip..], rule, &mut scratch, &mut self.stats);
+                    if changed {
+                        let mut whole = v[..*skip].to_vec();
+                        whole.extend_from_slice(&scratch);
+                        scratch = whole;
+                    }
+                    let r = changed.then(|| Some(std::mem::take(&mut scratch)));
+                    self.scratch = scratch;
+                    r
+                }
+                (_, Some(_)) => None,
+            };
+            match masked {
+                Some(new) => {
+                    if !rewriting {
+                        out.truncate(start + 5 + pos);
+                        rewriting = true;
+                    }
+                    match new {
+                        None => out.put_i32(-1),
+                        Some(v) => {
+                            out.put_i32(v.len() as i32);
+                            out.extend_from_slice(&v);
+                            self.scratch = v;
+                        }
+                    }
+                }
+                None if rewriting => out.extend_from_slice(&body[pos..next]),
+                None => {}
+            }
+            pos = next;
+        }
+        if pos != body.len() {
+            return false;
+        }
+        if rewriting {
+            let len = (out.len() - start - 1) as i32;
+            out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+        }
+        true
+    }
+
+    /// `CopyOutResponse`: its data is masked by [`Self::copy_data`].
+    pub fn copy_out(&mut self, body: &[u8]) {
+        self.plan.clear();
+        self.active = false;
+        self.copy = if self.masker.rules().detectors.is_empty() {
+            None
+        } else if body.first() == Some(&1) {
+            Some(Copy::BinaryHeader)
+        } else {
+            Some(Copy::Text)
+        };
+    }
+
+    /// Whether `CopyData` needs [`Self::copy_data`].
+    pub fn masks_copy(&self) -> bool {
+        self.copy.is_some()
+    }
+
+    /// Appends a `CopyData` frame of a COPY out to `out`, masked. False if
+    /// binary COPY data cannot be read.
+    pub fn copy_data(&mut self, frame: &[u8], out: &mut BytesMut) -> bool {
+        let data = &frame[5..];
+        let mut masked = BytesMut::new();
+        match self.copy {
+            None => {
+                out.extend_from_slice(frame);
+                return true;
+            }
+            Some(Copy::Text) => {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                if self.masker.mask(data, None, &mut scratch, &mut self.stats) {
+                    masked.extend_from_slice(&scratch);
+                } else {
+                    masked.extend_from_slice(data);
+                }
+                self.scratch = scratch;
+            }
+            Some(Copy::BinaryHeader | Copy::Binary) => {
+                if !self.binary_copy(data, &mut masked) {
+                    return false;
+                }
+            }
+        }
+        out.put_u8(b'd');
+        out.put_i32(masked.len() as i32 + 4);
+        out.extend_from_slice(&masked);
+        true
+    }
+
+    /// Binary COPY data: an optional header, then whole tuples (PostgreSQL
+    /// sends one per message) or the trailer.
+    fn binary_copy(&mut self, mut data: &[u8], out: &mut BytesMut) -> bool {
+        const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+        if self.copy == Some(Copy::BinaryHeader) {
+            let Some(rest) = data.strip_prefix(SIGNATURE) else {
+                return false;
+            };
+            let mut r = Reader(rest);
+            let (Some(_flags), Some(ext)) = (r.i32(), r.i32()) else {
+                return false;
+            };
+            let Some(header_len) = (SIGNATURE.len() + 8).checked_add(ext.max(0) as usize) else {
+                return false;
+            };
+            if data.len() < header_len {
+                return false;
+            }
+            out.extend_from_slice(&data[..header_len]);
+            data = &data[header_len..];
+            self.copy = Some(Copy::Binary);
+        }
+        while !data.is_empty() {
+            let Some(n) = Reader(data).i16() else {
+                return false;
+            };
+            out.put_i16(n);
+            data = &data[2..];
+            if n < 0 {
+                continue;
+            }
+            for _ in 0..n {
+                let Some(len) = Reader(data).i32() else {
+                    return false;
+                };
+                data = &data[4..];
+                if len < 0 {
+                    out.put_i32(len);
+                    continue;
+                }
+                let Some(v) = data.get(..len as usize) else {
+                    return false;
+                };
+                data = &data[len as usize..];
+                let mut scratch = std::mem::take(&mut self.scratch);
+                let changed = std::str::from_utf8(v).is_ok()
+                    && self.masker.mask(v, None, &mut scratch, &mut self.stats);
+                let v = if changed { &scratch[..] } else { v };
+                out.put_i32(v.len() as i32);
+                out.extend_from_slice(v);
+                self.scratch = scratch;
+            }
+        }
+        true
+    }
+
+    /// Appends an `ErrorResponse` or `NoticeResponse` frame to `out`, its
+    /// values masked. `decide` is Cedar's `unmask`.
+    pub fn error_or_notice(
+        &mut self,
+        frame: &[u8],
+        out: &mut BytesMut,
+        mut decide: impl FnMut(&str, &str) -> bool,
+    ) {
+        let body = &frame[5..];
+        let fields: Vec<(u8, &[u8])> = body
+            .split(|&b| b == 0)
+            .filter(|f| !f.is_empty())
+            .map(|f| (f[0], &f[1..]))
+            .collect();
+        let table = fields
+            .iter()
+            .find(|(t, _)| *t == b't')
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let start = out.len();
+        out.put_u8(frame[0]);
+        out.put_i32(0);
+        for (tag, value) in fields {
+            out.put_u8(tag);
+            let mut text = value.to_vec();
+            if tag == b'D' {
+                text = self.quoted_values(&text, table.as_deref(), &mut decide);
+            }
+            if matches!(tag, b'M' | b'D' | b'H' | b'W' | b'q' | b'P' | b'p') {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                if self.masker.mask(&text, None, &mut scratch, &mut self.stats) {
+                    std::mem::swap(&mut text, &mut scratch);
+                }
+                self.scratch = scratch;
+            }
+            // A field ends at its NUL: none may come from a masked value.
+            text.retain(|&b| b != 0);
+            out.extend_from_slice(&text);
+            out.put_u8(0);
+        }
+        out.put_u8(0);
+        let len = (out.len() - start - 1) as i32;
+        out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// A detail quoting values (`Key (a, b)=(x, y) …`, `Failing row
+    /// contains (…)`): its values as `[masked]` when a column rule names
+    /// one of its columns (for a failing row, whose columns it does not
+    /// name: when there are column rules at all) and `unmask` does not
+    /// apply (asked for the table and, for a failing row, column "").
+    fn quoted_values(
+        &mut self,
+        detail: &[u8],
+        table: Option<&str>,
+        decide: &mut impl FnMut(&str, &str) -> bool,
+    ) -> Vec<u8> {
+        const FAILING: &str = "Failing row contains (";
+        let text = String::from_utf8_lossy(detail);
+        let t = table.unwrap_or("");
+        let (head, values) = if let Some((cols, values)) = text
+            .strip_prefix("Key (")
+            .and_then(|rest| rest.split_once(")=("))
+        {
+            let masked = cols.split(", ").map(|c| c.trim_matches('"')).any(|c| {
+                self.masker.column_style(table, c).is_some() && !self.may_unmask(t, c, decide)
+            });
+            if !masked {
+                return detail.to_vec();
+            }
+            (format!("Key ({cols})=("), values)
+        } else if let Some(values) = text.strip_prefix(FAILING) {
+            if self.masker.rules().columns.is_empty() || self.may_unmask(t, "", decide) {
+                return detail.to_vec();
+            }
+            (FAILING.to_string(), values)
+        } else {
+            return detail.to_vec();
+        };
+        self.stats.values += 1;
+        self.stats.by_column += 1;
+        let tail = values.rfind(')').map_or("", |i| &values[i..]);
+        format!("{head}[masked]{tail}").into_bytes()
+    }
+}
+
+/// Big-endian reads from a message body.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn i16(&mut self) -> Option<i16> {
+        self.take().map(i16::from_be_bytes)
+    }
+    fn i32(&mut self) -> Option<i32> {
+        self.take().map(i32::from_be_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_be_bytes)
+    }
+    fn cstr(&mut self) -> Option<&'a [u8]> {
+        let end = self.0.iter().position(|&b| b == 0)?;
+        let s = &self.0[..end];
+        self.0 = &self.0[end + 1..];
+        Some(s)
+    }
+}
