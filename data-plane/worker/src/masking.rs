@@ -735,3 +735,364 @@ impl<'a> Reader<'a> {
         Some(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: u32 = 25;
+    const INT4: u32 = 23;
+    const JSONB: u32 = 3802;
+
+    /// `(name, table oid, column number, type, format)`.
+    fn row_description(cols: &[(&str, u32, i16, u32, i16)]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_i16(cols.len() as i16);
+        for (name, table, attnum, ty, format) in cols {
+            b.extend_from_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u32(*table);
+            b.put_i16(*attnum);
+            b.put_u32(*ty);
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(*format);
+        }
+        b.to_vec()
+    }
+
+    fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u8(b'D');
+        b.put_i32(0);
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                None => b.put_i32(-1),
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.extend_from_slice(v);
+                }
+            }
+        }
+        let len = (b.len() - 1) as i32;
+        b[1..5].copy_from_slice(&len.to_be_bytes());
+        b.to_vec()
+    }
+
+    fn values(frame: &[u8]) -> Vec<Option<Vec<u8>>> {
+        let declared = i32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
+        assert_eq!(declared, frame.len() - 1, "the length is the frame's");
+        let mut r = Reader(&frame[5..]);
+        let n = r.i16().unwrap();
+        (0..n)
+            .map(|_| {
+                let len = r.i32().unwrap();
+                (len >= 0).then(|| {
+                    let v = r.0[..len as usize].to_vec();
+                    r.0 = &r.0[len as usize..];
+                    v
+                })
+            })
+            .collect()
+    }
+
+    fn mask(columns: &[(&str, StyleName)]) -> ResponseMask {
+        let config = MaskingConfig {
+            columns: columns
+                .iter()
+                .map(|(p, s)| ColumnRuleConfig {
+                    pattern: (*p).into(),
+                    style: *s,
+                    keep_last: 4,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let target = config.build("t").unwrap();
+        let mut catalogue = Catalogue::new();
+        catalogue.insert((1000, 3), ("users".into(), "ssn".into()));
+        ResponseMask::new(&target, catalogue)
+    }
+
+    #[test]
+    fn text_rows_are_masked_value_by_value_and_clean_rows_copied_whole() {
+        let mut m = mask(&[("users.ssn", StyleName::Partial)]);
+        let desc = row_description(&[
+            ("id", 1000, 1, INT4, 0),
+            ("contact", 1000, 2, TEXT, 0),
+            // Aliased: the catalogue still says it is users.ssn.
+            ("x", 1000, 3, TEXT, 0),
+            ("note", 0, 0, TEXT, 0),
+        ]);
+        assert!(m.row_description(&desc, |_, _| false));
+        assert!(m.masks_rows());
+
+        let clean = data_row(&[Some(b"1"), Some(b"hello"), None, Some(b"fine")]);
+        let mut out = BytesMut::new();
+        assert!(m.data_row(&clean, &mut out));
+        assert_eq!(
+            &out[..],
+            &clean[..],
+            "a row nothing changes in is as it was"
+        );
+
+        let row = data_row(&[
+            Some(b"2"),
+            Some(b"write to alice@example.com"),
+            Some(b"123-45-6789"),
+            None,
+        ]);
+        out.clear();
+        out.extend_from_slice(b"before");
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(&out[..6], b"before", "appended after what was there");
+        assert_eq!(
+            values(&out[6..]),
+            vec![
+                Some(b"2".to_vec()),
+                Some(b"write to [masked:email]".to_vec()),
+                Some(b"***-**-6789".to_vec()),
+                None,
+            ]
+        );
+        assert_eq!(m.stats.values, 2);
+        assert_eq!(m.stats.by_column, 1);
+    }
+
+    #[test]
+    fn unmask_is_asked_once_per_column_and_keeps_it_clear() {
+        let mut m = mask(&[("users.ssn", StyleName::Redact)]);
+        let desc = row_description(&[("x", 1000, 3, TEXT, 0), ("email", 0, 0, TEXT, 0)]);
+        let mut asked = Vec::new();
+        for _ in 0..3 {
+            assert!(m.row_description(&desc, |t, c| {
+                asked.push(format!("{t}.{c}"));
+                c == "ssn"
+            }));
+        }
+        assert_eq!(asked, ["users.ssn", ".email"], "by real table and column");
+        let row = data_row(&[Some(b"123-45-6789"), Some(b"a@example.com")]);
+        let mut out = BytesMut::new();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(
+            values(&out),
+            vec![
+                Some(b"123-45-6789".to_vec()),
+                Some(b"[masked:email]".to_vec())
+            ]
+        );
+        m.forget_decisions();
+        assert!(m.row_description(&desc, |_, _| false));
+        out.clear();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(values(&out)[0], Some(b"[masked]".to_vec()));
+    }
+
+    #[test]
+    fn binary_text_is_masked_in_place_other_types_with_a_rule_become_null() {
+        let mut m = mask(&[("age", StyleName::Redact)]);
+        let desc = row_description(&[
+            ("email", 0, 0, TEXT, 1),
+            ("age", 0, 0, INT4, 1),
+            ("profile", 0, 0, JSONB, 1),
+            ("n", 0, 0, INT4, 1),
+        ]);
+        assert!(m.row_description(&desc, |_, _| false));
+        let row = data_row(&[
+            Some(b"a@example.com"),
+            Some(&41i32.to_be_bytes()),
+            Some(b"\x01{\"c\": \"b@example.org\"}"),
+            Some(&7i32.to_be_bytes()),
+        ]);
+        let mut out = BytesMut::new();
+        assert!(m.data_row(&row, &mut out));
+        let v = values(&out);
+        assert_eq!(v[0], Some(b"[masked:email]".to_vec()));
+        assert_eq!(v[1], None);
+        let jsonb = v[2].as_deref().unwrap();
+        assert_eq!(jsonb[0], 1, "the version byte stays");
+        let json: serde_json::Value = serde_json::from_slice(&jsonb[1..]).unwrap();
+        assert_eq!(json["c"], "[masked:email]");
+        assert_eq!(v[3], Some(7i32.to_be_bytes().to_vec()));
+    }
+
+    #[test]
+    fn a_result_of_opaque_types_is_not_looked_at_and_a_bad_row_is_refused() {
+        let mut m = mask(&[]);
+        let desc = row_description(&[("n", 0, 0, INT4, 0), ("b", 0, 0, 16, 0)]);
+        assert!(m.row_description(&desc, |_, _| false));
+        assert!(
+            !m.masks_rows(),
+            "nothing to do: rows are forwarded as they are"
+        );
+
+        let desc = row_description(&[("t", 0, 0, TEXT, 0)]);
+        assert!(m.row_description(&desc, |_, _| false));
+        let mut out = BytesMut::new();
+        let two = data_row(&[Some(b"a"), Some(b"b")]);
+        assert!(!m.data_row(&two, &mut out), "more values than columns");
+        let mut short = data_row(&[Some(b"abc")]);
+        short.truncate(short.len() - 1);
+        assert!(!m.data_row(&short, &mut out), "a value past the end");
+        assert!(!m.row_description(&desc[..desc.len() - 3], |_, _| false));
+    }
+
+    fn error(fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u8(b'E');
+        b.put_i32(0);
+        for (t, v) in fields {
+            b.put_u8(*t);
+            b.extend_from_slice(v.as_bytes());
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+        let len = (b.len() - 1) as i32;
+        b[1..5].copy_from_slice(&len.to_be_bytes());
+        b.to_vec()
+    }
+
+    fn field(frame: &[u8], tag: u8) -> String {
+        frame[5..]
+            .split(|&b| b == 0)
+            .find(|f| f.first() == Some(&tag))
+            .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn values_quoted_in_errors_are_masked() {
+        let mut m = mask(&[("users.nick", StyleName::Redact)]);
+        let frame = error(&[
+            (b'S', "ERROR"),
+            (b'C', "23505"),
+            (
+                b'M',
+                "duplicate key value violates unique constraint \"users_nick_key\"",
+            ),
+            (b'D', "Key (nick)=(ally) already exists."),
+            (b't', "users"),
+        ]);
+        let mut out = BytesMut::new();
+        m.error_or_notice(&frame, &mut out, |_, _| false);
+        assert_eq!(field(&out, b'D'), "Key (nick)=([masked]) already exists.");
+        assert_eq!(field(&out, b'C'), "23505");
+        assert_eq!(
+            i32::from_be_bytes(out[1..5].try_into().unwrap()) as usize,
+            out.len() - 1
+        );
+
+        out.clear();
+        m.forget_decisions();
+        m.error_or_notice(&frame, &mut out, |_, _| true);
+        assert_eq!(&out[..], &frame[..], "unmasked: as it was");
+
+        let frame = error(&[
+            (b'C', "23505"),
+            (b'D', "Key (email)=(a@example.com) already exists."),
+            (b't', "users"),
+        ]);
+        out.clear();
+        m.error_or_notice(&frame, &mut out, |_, _| false);
+        assert_eq!(
+            field(&out, b'D'),
+            "Key (email)=([masked:email]) already exists.",
+            "no rule for the column: the detectors"
+        );
+
+        let frame = error(&[
+            (b'C', "23502"),
+            (b'D', "Failing row contains (null, ally, 41)."),
+            (b't', "users"),
+        ]);
+        out.clear();
+        m.error_or_notice(&frame, &mut out, |_, _| false);
+        assert_eq!(field(&out, b'D'), "Failing row contains ([masked]).");
+    }
+
+    #[test]
+    fn binary_copy_is_read_tuple_by_tuple() {
+        let mut m = mask(&[]);
+        m.copy_out(&[1, 0, 1, 0, 1]);
+        assert!(m.masks_copy());
+        let frame = |data: &[u8]| {
+            let mut b = BytesMut::new();
+            b.put_u8(b'd');
+            b.put_i32(data.len() as i32 + 4);
+            b.extend_from_slice(data);
+            b.to_vec()
+        };
+        let mut first = b"PGCOPY\n\xff\r\n\0".to_vec();
+        first.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        first.extend_from_slice(&[0, 2, 0, 0, 0, 13]);
+        first.extend_from_slice(b"a@example.com");
+        first.extend_from_slice(&[255, 255, 255, 255]);
+        let mut out = BytesMut::new();
+        assert!(m.copy_data(&frame(&first), &mut out));
+        let data = &out[5..];
+        assert!(data.starts_with(b"PGCOPY\n\xff\r\n\0"));
+        assert_eq!(&data[19..21], &[0, 2]);
+        assert_eq!(&data[21..25], &14i32.to_be_bytes());
+        assert_eq!(&data[25..39], b"[masked:email]");
+        assert_eq!(&data[39..], &[255, 255, 255, 255]);
+
+        out.clear();
+        assert!(m.copy_data(&frame(&[255, 255]), &mut out), "the trailer");
+        assert!(!m.copy_data(&frame(&[0, 1, 0, 0, 0, 9, b'x']), &mut out));
+        m.copy = Some(Copy::BinaryHeader);
+        assert!(!m.copy_data(&frame(b"not a header"), &mut out));
+    }
+
+    #[test]
+    fn the_catalogue_query_quotes_patterns() {
+        let config = MaskingConfig {
+            columns: vec![
+                ColumnRuleConfig {
+                    pattern: "o'brien_*.e%".into(),
+                    style: StyleName::Redact,
+                    keep_last: 4,
+                },
+                ColumnRuleConfig {
+                    pattern: "bare".into(),
+                    style: StyleName::Redact,
+                    keep_last: 4,
+                },
+            ],
+            ..Default::default()
+        };
+        let q = config.build("t").unwrap().catalogue_query().unwrap();
+        assert!(
+            q.contains(
+                "c.relname ILIKE 'o''brien!_%' ESCAPE '!' AND a.attname ILIKE 'e!%' ESCAPE '!'"
+            ),
+            "{q}"
+        );
+        assert!(
+            !q.contains("bare"),
+            "a rule without a table needs no catalogue"
+        );
+        let none = MaskingConfig::default().build("t").unwrap();
+        assert_eq!(none.catalogue_query(), None);
+        for bad in ["", "a.b.c", ".x", "x."] {
+            let c = MaskingConfig {
+                columns: vec![ColumnRuleConfig {
+                    pattern: bad.into(),
+                    style: StyleName::Redact,
+                    keep_last: 4,
+                }],
+                ..Default::default()
+            };
+            assert!(c.build("t").is_err(), "{bad:?}");
+        }
+        let c = MaskingConfig {
+            detectors: vec!["email".into(), "nope".into()],
+            ..Default::default()
+        };
+        assert!(
+            c.build("t")
+                .unwrap_err()
+                .contains("unknown detector \"nope\"")
+        );
+    }
+}

@@ -622,10 +622,10 @@ async fn response_mask(
     let mut catalogue = Catalogue::new();
     if let Some(sql) = masking.catalogue_query() {
         for row in backend::rows(backend, &sql, pg::DEFAULT_MAX_FRAME).await? {
-            if let [Some(oid), Some(attnum), Some(table), Some(column)] = &row[..] {
-                if let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse()) {
-                    catalogue.insert((oid, attnum), (table.clone(), column.clone()));
-                }
+            if let [Some(oid), Some(attnum), Some(table), Some(column)] = &row[..]
+                && let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse())
+            {
+                catalogue.insert((oid, attnum), (table.clone(), column.clone()));
             }
         }
     }
