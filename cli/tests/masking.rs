@@ -171,8 +171,41 @@ async fn rows_are_masked_in_text_binary_copy_and_errors() {
         .get(0);
     assert_eq!(direct, EMAIL);
 
+    // The responses are recorded as the client got them.
+    drop(client);
+    let bodies = until_recorded(&env, "SELECT 2").await;
+    let selected = responses(&bodies)
+        .into_iter()
+        .find(|r| {
+            r["summary"]["tags"][0] == "SELECT 2" && cell(&r["rows"][0][0]) == "[masked:email]"
+        })
+        .expect("the first SELECT's response is recorded");
+    assert_eq!(selected["last"], true);
+    assert_eq!(cell(&selected["rows"][0][1]), "***-**-6789");
+    assert!(
+        selected["rows"][0][1]["base64"].is_string(),
+        "binary values are recorded as base64"
+    );
+    assert_eq!(cell(&selected["rows"][1][0]), "no e-mail");
+    let text = responses(&bodies)
+        .into_iter()
+        .find(|r| r["rows"][0][0] == "[masked:email]")
+        .expect("the simple query's text rows are recorded as text");
+    assert_eq!(text["rows"][0][1], "***-**-6789");
+    assert_eq!(selected["summary"]["rows"], 2);
+    assert_eq!(selected["summary"]["truncated"], false);
+    // The e-mail column, the profile as text and as jsonb; one card.
+    let masked = &selected["summary"]["masked"];
+    assert_eq!(masked["detectors"]["email"], 3, "{selected}");
+    assert_eq!(masked["detectors"]["payment_card"], 1, "{selected}");
+    assert!(
+        responses(&bodies)
+            .iter()
+            .any(|r| r["summary"]["error"] == "23505"),
+        "the failed INSERT's response says how it failed"
+    );
+
     // No raw value in anything the session recorded.
-    let bodies = stream_bodies(&env).await;
     assert!(!bodies.is_empty());
     for raw in [EMAIL, SSN, CARD, NESTED_EMAIL] {
         assert!(
@@ -206,6 +239,25 @@ async fn psql_shows_masked_values_and_pii_readers_see_them_clear() {
     assert_eq!(row.get::<_, String>(1), CARD);
     let profile = row.get::<_, Jsonb>(2).0;
     assert_eq!(profile["contact"], NESTED_EMAIL);
+
+    // What a pii-reader saw clear is recorded masked all the same.
+    drop(client);
+    let bodies = until_recorded(&env, "SELECT 1").await;
+    let recorded = responses(&bodies);
+    assert!(recorded.len() >= 3, "{recorded:?}");
+    for raw in [EMAIL, SSN, CARD, NESTED_EMAIL] {
+        assert!(
+            !bodies.iter().any(|b| b.contains(raw)),
+            "{raw} is in the event log"
+        );
+    }
+    assert!(
+        recorded
+            .iter()
+            .any(|r| cell(&r["rows"][0][0]) == "[masked:email]"
+                && cell(&r["rows"][0][1]) == "[masked:payment_card]"),
+        "{recorded:?}"
+    );
     env.cleanup().await;
 }
 
@@ -259,6 +311,60 @@ async fn copy_out(client: &tokio_postgres::Client, sql: &str) -> String {
     let stream = client.copy_out(sql).await.unwrap();
     let chunks: Vec<bytes::Bytes> = stream.map(|c| c.unwrap()).collect().await;
     String::from_utf8_lossy(&chunks.concat()).into_owned()
+}
+
+/// A recorded value as text: a string, or the bytes of `{"base64": …}`.
+fn cell(v: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    match v["base64"].as_str() {
+        Some(b) => {
+            String::from_utf8_lossy(&base64::engine::general_purpose::STANDARD.decode(b).unwrap())
+                .into_owned()
+        }
+        None => v.as_str().unwrap_or_default().to_string(),
+    }
+}
+
+/// The payloads of the `ResponseRecorded` events in `bodies`.
+fn responses(bodies: &[String]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for b in bodies {
+        let v: serde_json::Value = serde_json::from_str(b).unwrap();
+        let events = match v {
+            serde_json::Value::Array(a) => a,
+            one => vec![one],
+        };
+        for e in events {
+            if e["type"] == "dev.gatehouse.response_recorded.v1" {
+                out.push(e["data"]["payload"].clone());
+            }
+        }
+    }
+    out
+}
+
+/// The stream's bodies, once a response with `tag` and the last session's
+/// end are recorded.
+async fn until_recorded(env: &Env, tag: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let bodies = stream_bodies(env).await;
+        let tagged = responses(&bodies)
+            .iter()
+            .any(|r| r["summary"]["tags"][0] == tag);
+        let closed = bodies
+            .iter()
+            .filter(|b| b.contains("dev.gatehouse.session_closed.v1"))
+            .count();
+        if tagged && closed >= 1 {
+            return bodies;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no response tagged {tag}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Every message body of the test's event stream, as published.

@@ -774,6 +774,8 @@ async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error
         }
         // Stored in bulk by `store_commands`.
         (Payload::CommandReceived(_), _) => {}
+        // Kept in `events`, linked to its command by session and seq.
+        (Payload::ResponseRecorded(_), _) => {}
         (Payload::PolicyBundlePublished(p), _) => {
             sqlx::query(
                 "INSERT INTO policy_bundles (event_id, time, version, hash, files, dry_run,

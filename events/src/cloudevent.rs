@@ -125,6 +125,7 @@ impl Serialize for PayloadRef<'_> {
             Payload::PolicyBundlePublished(p) => p.serialize(s),
             Payload::IdentityRevoked(p) => p.serialize(s),
             Payload::IdentityReinstated(p) => p.serialize(s),
+            Payload::ResponseRecorded(p) => p.serialize(s),
         }
     }
 }
@@ -186,6 +187,7 @@ impl Event {
             }
             EventType::IdentityRevoked => Payload::IdentityRevoked(serde_json::from_str(p)?),
             EventType::IdentityReinstated => Payload::IdentityReinstated(serde_json::from_str(p)?),
+            EventType::ResponseRecorded => Payload::ResponseRecorded(serde_json::from_str(p)?),
         };
         Ok(Event {
             id: ce.id,

@@ -23,10 +23,10 @@ pub use cloudevent::{
 };
 pub use envelope::{Actor, Event, Identity};
 pub use payload::{
-    AuthenticationFailed, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
-    DryRunScope, ExecutedStatement, IdentityReinstated, IdentityRevoked, Param, ParamFormat,
-    Payload, PolicyBundlePublished, Protocol, Redaction, SessionClosed, SessionOpened,
-    ValueEncoding,
+    AuthenticationFailed, Cell, CloseReason, CommandReceived, DecisionEffect, DecisionRecord,
+    DryRunScope, ExecutedStatement, IdentityReinstated, IdentityRevoked, MaskingCounts, Param,
+    ParamFormat, Payload, PolicyBundlePublished, Protocol, Redaction, ResponseRecorded,
+    ResponseSummary, SessionClosed, SessionOpened, ValueEncoding,
 };
 pub use subject::{EventType, Subjects};
 

@@ -12,6 +12,7 @@ pub enum Payload {
     PolicyBundlePublished(PolicyBundlePublished),
     IdentityRevoked(IdentityRevoked),
     IdentityReinstated(IdentityReinstated),
+    ResponseRecorded(ResponseRecorded),
 }
 
 impl Payload {
@@ -24,6 +25,7 @@ impl Payload {
             Payload::PolicyBundlePublished(_) => EventType::PolicyBundlePublished,
             Payload::IdentityRevoked(_) => EventType::IdentityRevoked,
             Payload::IdentityReinstated(_) => EventType::IdentityReinstated,
+            Payload::ResponseRecorded(_) => EventType::ResponseRecorded,
         }
     }
 }
@@ -305,4 +307,71 @@ pub struct SessionClosed {
     /// Bytes sent to the client.
     pub bytes_to_client: u64,
     pub duration_ms: u64,
+}
+
+/// What the target answered to one command, as the client got it (masked
+/// where the target masks). A response is one or more events of its
+/// session, `part` 0, 1, …; the last (`last`) carries the totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseRecorded {
+    /// The `seq` of the command's `CommandReceived` in this session.
+    pub command_seq: u64,
+    pub part: u32,
+    pub last: bool,
+    /// Rows of this part, in order: each value `null`, a string (text
+    /// format) or `{"base64": …}` (binary format). COPY data is one value
+    /// per message. Rows are recorded only where the target masks
+    /// responses, and only up to the target's `record_max_bytes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rows: Vec<Vec<Option<Cell>>>,
+    /// With `last`: everything the response came to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<ResponseSummary>,
+}
+
+/// One recorded value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Cell {
+    Text(String),
+    Binary { base64: String },
+}
+
+/// The totals of a response, in its last event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseSummary {
+    /// Rows (`DataRow`s and COPY data messages) the client got.
+    pub rows: u64,
+    /// Bytes of those messages.
+    pub bytes: u64,
+    /// SHA-256 (hex) of those messages, as the client got them, in order.
+    pub sha256: String,
+    /// Rows were left out of the record (its size limit, or rows not
+    /// recorded for this target).
+    pub truncated: bool,
+    /// The command tags of what completed (`SELECT 3`, `INSERT 0 1`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The SQLSTATE of the error that ended it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: u64,
+    /// Values masked, in all and by column rules, and what each detector
+    /// found (detector name → count; only those that found something).
+    #[serde(default, skip_serializing_if = "MaskingCounts::is_empty")]
+    pub masked: MaskingCounts,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskingCounts {
+    pub values: u64,
+    pub by_column: u64,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub detectors: std::collections::BTreeMap<String, u64>,
+}
+
+impl MaskingCounts {
+    pub fn is_empty(&self) -> bool {
+        self.values == 0 && self.by_column == 0 && self.detectors.is_empty()
+    }
 }

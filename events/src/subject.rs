@@ -10,10 +10,11 @@ pub enum EventType {
     PolicyBundlePublished,
     IdentityRevoked,
     IdentityReinstated,
+    ResponseRecorded,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 8] = [
         EventType::SessionOpened,
         EventType::AuthenticationFailed,
         EventType::CommandReceived,
@@ -21,6 +22,7 @@ impl EventType {
         EventType::PolicyBundlePublished,
         EventType::IdentityRevoked,
         EventType::IdentityReinstated,
+        EventType::ResponseRecorded,
     ];
 
     /// The PascalCase name used in documentation and code.
@@ -33,6 +35,7 @@ impl EventType {
             EventType::PolicyBundlePublished => "PolicyBundlePublished",
             EventType::IdentityRevoked => "IdentityRevoked",
             EventType::IdentityReinstated => "IdentityReinstated",
+            EventType::ResponseRecorded => "ResponseRecorded",
         }
     }
 
@@ -46,6 +49,7 @@ impl EventType {
             EventType::PolicyBundlePublished => "policy_bundle_published",
             EventType::IdentityRevoked => "identity_revoked",
             EventType::IdentityReinstated => "identity_reinstated",
+            EventType::ResponseRecorded => "response_recorded",
         }
     }
 

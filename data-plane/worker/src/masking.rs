@@ -37,7 +37,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
+use gatehouse_events::Cell;
 use gatehouse_masking::{ColumnRule, Detector, Detectors, Masker, Pattern, Rules, Stats, Style};
 use serde::Deserialize;
 
@@ -311,36 +313,66 @@ fn text_like(type_oid: u32) -> Option<usize> {
     }
 }
 
+/// One column of the current result: what is done to its values for the
+/// client (after `unmask`) and for the record (always masked).
+#[derive(Debug, Clone)]
+struct Column {
+    client: Step,
+    log: Step,
+    /// Binary format.
+    binary: bool,
+    /// Bytes before a binary value's text (jsonb's version byte).
+    skip: usize,
+}
+
 /// One session's masking of its response stream.
 pub(crate) struct ResponseMask {
     masker: Masker,
+    record_max_bytes: usize,
     catalogue: Catalogue,
-    /// One step per column of the current result (with its binary text
-    /// offset), and whether any does something.
-    plan: Vec<(Step, usize)>,
+    /// The current result's columns, and whether any is masked for the
+    /// client.
+    plan: Vec<Column>,
     active: bool,
     copy: Option<Copy>,
+    /// The current COPY out is shown to the client as it is (`unmask`).
+    copy_unmasked: bool,
     /// `unmask` decisions of this session: (table, column) → allowed.
     unmasked: Vec<(String, String, bool)>,
     scratch: Vec<u8>,
+    /// What was masked for the client, since it was last taken.
     pub stats: Stats,
 }
 
 /// Most `unmask` decisions a session remembers.
 const UNMASK_MEMO: usize = 512;
 
+/// A value as masked: unchanged, NULL, or new bytes.
+enum Masked {
+    Same,
+    Null,
+    New(Vec<u8>),
+}
+
 impl ResponseMask {
     pub fn new(target: &TargetMasking, catalogue: Catalogue) -> Self {
         ResponseMask {
             masker: Masker::new(target.rules.clone(), &target.key),
+            record_max_bytes: target.record_max_bytes,
             catalogue,
             plan: Vec::new(),
             active: false,
             copy: None,
+            copy_unmasked: false,
             unmasked: Vec::new(),
             scratch: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Most bytes of rows a command's response record carries.
+    pub fn record_max_bytes(&self) -> usize {
+        self.record_max_bytes
     }
 
     /// The bundle changed: decisions are taken again.
@@ -376,9 +408,7 @@ impl ResponseMask {
         body: &[u8],
         mut decide: impl FnMut(&str, &str) -> bool,
     ) -> bool {
-        self.plan.clear();
-        self.active = false;
-        self.copy = None;
+        self.end_result();
         let mut r = Reader(body);
         let Some(n) = r.i16() else { return false };
         for _ in 0..n.max(0) {
@@ -392,35 +422,40 @@ impl ResponseMask {
             };
             let name = String::from_utf8_lossy(name);
             let known = self.catalogue.get(&(table_oid, attnum)).cloned();
+            let rule = known
+                .as_ref()
+                .and_then(|(t, c)| self.masker.column_style(Some(t), c))
+                .or_else(|| self.masker.column_style(None, &name))
+                .cloned();
+            let binary = format == 1;
+            let log = match (rule, binary, text_like(type_oid)) {
+                (Some(style), false, _) | (Some(style), true, Some(_)) => Step::Whole(style),
+                (Some(_), true, None) => Step::Null,
+                (None, _, _) if self.masker.rules().detectors.is_empty() => Step::Keep,
+                (None, false, _) if opaque_text(type_oid) => Step::Keep,
+                (None, false, _) | (None, true, Some(_)) => Step::Detect,
+                (None, true, None) => Step::Keep,
+            };
             let (table, column) = match &known {
                 Some((t, c)) => (t.as_str(), c.as_str()),
                 None => ("", &*name),
             };
-            let step = if self.may_unmask(table, column, &mut decide) {
+            let client = if log == Step::Keep || self.may_unmask(table, column, &mut decide) {
                 Step::Keep
             } else {
-                let rule = known
-                    .as_ref()
-                    .and_then(|(t, c)| self.masker.column_style(Some(t), c))
-                    .or_else(|| self.masker.column_style(None, &name))
-                    .cloned();
-                let binary = format == 1;
-                match (rule, binary, text_like(type_oid)) {
-                    (Some(style), false, _) | (Some(style), true, Some(_)) => Step::Whole(style),
-                    (Some(_), true, None) => Step::Null,
-                    (None, _, _) if self.masker.rules().detectors.is_empty() => Step::Keep,
-                    (None, false, _) if opaque_text(type_oid) => Step::Keep,
-                    (None, false, _) | (None, true, Some(_)) => Step::Detect,
-                    (None, true, None) => Step::Keep,
-                }
+                log.clone()
             };
-            self.active |= step != Step::Keep;
-            let skip = if format == 1 {
-                text_like(type_oid).unwrap_or(0)
-            } else {
-                0
-            };
-            self.plan.push((step, skip));
+            self.active |= client != Step::Keep;
+            self.plan.push(Column {
+                client,
+                log,
+                binary,
+                skip: if binary {
+                    text_like(type_oid).unwrap_or(0)
+                } else {
+                    0
+                },
+            });
         }
         true
     }
@@ -430,6 +465,7 @@ impl ResponseMask {
         self.plan.clear();
         self.active = false;
         self.copy = None;
+        self.copy_unmasked = false;
     }
 
     /// Whether a `DataRow` of the current result needs [`Self::data_row`].
@@ -437,83 +473,71 @@ impl ResponseMask {
         self.active
     }
 
+    fn mask_value(&mut self, step: &Step, skip: usize, v: &[u8], stats: &mut Stats) -> Masked {
+        match step {
+            Step::Keep => Masked::Same,
+            Step::Null => Masked::Null,
+            _ if v.len() < skip => Masked::Same,
+            Step::Detect | Step::Whole(_) => {
+                let rule = match step {
+                    Step::Whole(s) => Some(s),
+                    _ => None,
+                };
+                let mut scratch = std::mem::take(&mut self.scratch);
+                let masked = if self.masker.mask(&v[skip..], rule, &mut scratch, stats) {
+                    let mut whole = Vec::with_capacity(skip + scratch.len());
+                    whole.extend_from_slice(&v[..skip]);
+                    whole.extend_from_slice(&scratch);
+                    Masked::New(whole)
+                } else {
+                    Masked::Same
+                };
+                self.scratch = scratch;
+                masked
+            }
+        }
+    }
+
     /// Appends a `DataRow` frame to `out`, masked. False if it does not
     /// match the result's description.
     pub fn data_row(&mut self, frame: &[u8], out: &mut BytesMut) -> bool {
         let start = out.len();
         out.extend_from_slice(frame);
-        let body = &frame[5..];
-        let Some(n) = Reader(body).i16() else {
+        let Some(values) = Values::of(&frame[5..], self.plan.len()) else {
             return false;
         };
-        if n as usize != self.plan.len() {
-            return false;
-        }
-        let mut pos = 2;
-        // Where the rewritten part of `out` is, once something changed.
+        // Once a value changed, `out` is rewritten from there on.
         let mut rewriting = false;
-        for i in 0..self.plan.len() {
-            let Some(len) = Reader(&body[pos..]).i32() else {
-                return false;
-            };
-            let value_at = pos + 4;
-            let value = if len < 0 {
-                None
-            } else {
-                let end = value_at + len as usize;
-                if end > body.len() {
-                    return false;
+        let mut stats = std::mem::take(&mut self.stats);
+        for (i, (at, value)) in values.enumerate() {
+            let Some(value) = value else {
+                if rewriting {
+                    out.put_i32(-1);
                 }
-                Some(&body[value_at..end])
+                continue;
             };
-            let next = value_at + value.map_or(0, <[u8]>::len);
-            let (step, skip) = &self.plan[i];
-            let masked = match (step, value) {
-                (Step::Keep, _) | (_, None) => None,
-                (Step::Null, Some(_)) => Some(None),
-                (Step::Detect | Step::Whole(_), Some(v)) if v.len() >= *skip => {
-                    let rule = match step {
-                        Step::Whole(s) => Some(s),
-                        _ => None,
-                    };
-                    let mut scratch = std::mem::take(&mut self.scratch);
-                    let changed =
-                        self.masker
-                            .mask(&v[*skip..], rule, &mut scratch, &mut self.stats);
-                    if changed {
-                        let mut whole = v[..*skip].to_vec();
-                        whole.extend_from_slice(&scratch);
-                        scratch = whole;
-                    }
-                    let r = changed.then(|| Some(std::mem::take(&mut scratch)));
-                    self.scratch = scratch;
-                    r
-                }
-                (_, Some(_)) => None,
-            };
-            match masked {
-                Some(new) => {
-                    if !rewriting {
-                        out.truncate(start + 5 + pos);
-                        rewriting = true;
-                    }
-                    match new {
-                        None => out.put_i32(-1),
-                        Some(v) => {
-                            out.put_i32(v.len() as i32);
-                            out.extend_from_slice(&v);
-                            self.scratch = v;
-                        }
-                    }
-                }
-                None if rewriting => out.extend_from_slice(&body[pos..next]),
-                None => {}
+            let column = &self.plan[i];
+            let (step, skip) = (column.client.clone(), column.skip);
+            let masked = self.mask_value(&step, skip, value, &mut stats);
+            if !rewriting && !matches!(masked, Masked::Same) {
+                out.truncate(start + 5 + at);
+                rewriting = true;
             }
-            pos = next;
+            if rewriting {
+                match masked {
+                    Masked::Same => {
+                        out.put_i32(value.len() as i32);
+                        out.extend_from_slice(value);
+                    }
+                    Masked::Null => out.put_i32(-1),
+                    Masked::New(v) => {
+                        out.put_i32(v.len() as i32);
+                        out.extend_from_slice(&v);
+                    }
+                }
+            }
         }
-        if pos != body.len() {
-            return false;
-        }
+        self.stats = stats;
         if rewriting {
             let len = (out.len() - start - 1) as i32;
             out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
@@ -521,58 +545,115 @@ impl ResponseMask {
         true
     }
 
-    /// `CopyOutResponse`: its data is masked by [`Self::copy_data`].
-    pub fn copy_out(&mut self, body: &[u8]) {
-        self.plan.clear();
-        self.active = false;
-        self.copy = if self.masker.rules().detectors.is_empty() {
-            None
-        } else if body.first() == Some(&1) {
-            Some(Copy::BinaryHeader)
+    /// A `DataRow` as it is recorded: every value masked by the rules,
+    /// whatever `unmask` let the client see. `None` if it does not match
+    /// the result's description.
+    pub fn recorded_row(&mut self, frame: &[u8]) -> Option<Vec<Option<Cell>>> {
+        let values = Values::of(&frame[5..], self.plan.len())?;
+        let mut cells = Vec::with_capacity(self.plan.len());
+        let mut uncounted = Stats::default();
+        for (i, (_, value)) in values.enumerate() {
+            let Some(value) = value else {
+                cells.push(None);
+                continue;
+            };
+            let column = &self.plan[i];
+            let (step, skip, binary) = (column.log.clone(), column.skip, column.binary);
+            let cell = |v: &[u8]| {
+                if binary {
+                    Cell::Binary {
+                        base64: base64::engine::general_purpose::STANDARD.encode(v),
+                    }
+                } else {
+                    Cell::Text(String::from_utf8_lossy(v).into_owned())
+                }
+            };
+            cells.push(match self.mask_value(&step, skip, value, &mut uncounted) {
+                Masked::Same => Some(cell(value)),
+                Masked::Null => None,
+                Masked::New(v) => Some(cell(&v)),
+            });
+        }
+        Some(cells)
+    }
+
+    /// COPY data as it is recorded: masked by the detectors. `sent` is
+    /// what the client got of the `original` frame. `None` if binary COPY
+    /// data cannot be read.
+    pub fn recorded_copy(&mut self, original: &[u8], sent: &[u8]) -> Option<Cell> {
+        if self.copy.is_some() && self.copy_unmasked {
+            let mut out = BytesMut::new();
+            let binary = self.copy != Some(Copy::Text);
+            if !self.copy_body(&original[5..], &mut out, &mut Stats::default()) {
+                return None;
+            }
+            return Some(copy_cell(&out, binary));
+        }
+        Some(copy_cell(
+            &sent[5..],
+            self.copy.is_some_and(|c| c != Copy::Text),
+        ))
+    }
+
+    /// `CopyOutResponse`: its data is masked by [`Self::copy_data`] unless
+    /// `unmask` (asked with no table or column: COPY names none) lets the
+    /// client see it as it is; the record is masked either way.
+    pub fn copy_out(&mut self, body: &[u8], mut decide: impl FnMut(&str, &str) -> bool) {
+        self.end_result();
+        if self.masker.rules().detectors.is_empty() {
+            return;
+        }
+        self.copy = Some(if body.first() == Some(&1) {
+            Copy::BinaryHeader
         } else {
-            Some(Copy::Text)
-        };
+            Copy::Text
+        });
+        self.copy_unmasked = self.may_unmask("", "", &mut decide);
     }
 
     /// Whether `CopyData` needs [`Self::copy_data`].
     pub fn masks_copy(&self) -> bool {
-        self.copy.is_some()
+        self.copy.is_some() && !self.copy_unmasked
     }
 
     /// Appends a `CopyData` frame of a COPY out to `out`, masked. False if
     /// binary COPY data cannot be read.
     pub fn copy_data(&mut self, frame: &[u8], out: &mut BytesMut) -> bool {
-        let data = &frame[5..];
-        let mut masked = BytesMut::new();
+        let start = out.len();
+        out.put_u8(b'd');
+        out.put_i32(0);
+        let mut stats = std::mem::take(&mut self.stats);
+        let ok = self.copy_body(&frame[5..], out, &mut stats);
+        self.stats = stats;
+        let len = (out.len() - start - 1) as i32;
+        out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+        ok
+    }
+
+    /// COPY data masked by the detectors, appended to `out`.
+    fn copy_body(&mut self, data: &[u8], out: &mut BytesMut, stats: &mut Stats) -> bool {
         match self.copy {
             None => {
-                out.extend_from_slice(frame);
-                return true;
+                out.extend_from_slice(data);
+                true
             }
             Some(Copy::Text) => {
                 let mut scratch = std::mem::take(&mut self.scratch);
-                if self.masker.mask(data, None, &mut scratch, &mut self.stats) {
-                    masked.extend_from_slice(&scratch);
+                if self.masker.mask(data, None, &mut scratch, stats) {
+                    out.extend_from_slice(&scratch);
                 } else {
-                    masked.extend_from_slice(data);
+                    out.extend_from_slice(data);
                 }
                 self.scratch = scratch;
+                true
             }
-            Some(Copy::BinaryHeader | Copy::Binary) => {
-                if !self.binary_copy(data, &mut masked) {
-                    return false;
-                }
-            }
+            Some(Copy::BinaryHeader | Copy::Binary) => self.binary_copy(data, out, stats),
         }
-        out.put_u8(b'd');
-        out.put_i32(masked.len() as i32 + 4);
-        out.extend_from_slice(&masked);
-        true
     }
 
     /// Binary COPY data: an optional header, then whole tuples (PostgreSQL
     /// sends one per message) or the trailer.
-    fn binary_copy(&mut self, mut data: &[u8], out: &mut BytesMut) -> bool {
+    fn binary_copy(&mut self, mut data: &[u8], out: &mut BytesMut, stats: &mut Stats) -> bool {
         const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
         if self.copy == Some(Copy::BinaryHeader) {
             let Some(rest) = data.strip_prefix(SIGNATURE) else {
@@ -616,7 +697,7 @@ impl ResponseMask {
                 data = &data[len as usize..];
                 let mut scratch = std::mem::take(&mut self.scratch);
                 let changed = std::str::from_utf8(v).is_ok()
-                    && self.masker.mask(v, None, &mut scratch, &mut self.stats);
+                    && self.masker.mask(v, None, &mut scratch, stats);
                 let v = if changed { &scratch[..] } else { v };
                 out.put_i32(v.len() as i32);
                 out.extend_from_slice(v);
@@ -707,6 +788,63 @@ impl ResponseMask {
         self.stats.by_column += 1;
         let tail = values.rfind(')').map_or("", |i| &values[i..]);
         format!("{head}[masked]{tail}").into_bytes()
+    }
+}
+
+fn copy_cell(data: &[u8], binary: bool) -> Cell {
+    if binary {
+        Cell::Binary {
+            base64: base64::engine::general_purpose::STANDARD.encode(data),
+        }
+    } else {
+        Cell::Text(String::from_utf8_lossy(data).into_owned())
+    }
+}
+
+/// The values of a `DataRow` body: `(offset of the value's length, the
+/// value)`, checked whole first against the column count.
+struct Values<'a> {
+    body: &'a [u8],
+    pos: usize,
+    left: usize,
+}
+
+impl<'a> Values<'a> {
+    fn of(body: &'a [u8], columns: usize) -> Option<Self> {
+        let n = Reader(body).i16()?;
+        if n < 0 || n as usize != columns {
+            return None;
+        }
+        let mut pos = 2;
+        for _ in 0..n {
+            let len = Reader(body.get(pos..)?).i32()?;
+            pos += 4 + len.max(0) as usize;
+        }
+        (pos == body.len()).then_some(Values {
+            body,
+            pos: 2,
+            left: columns,
+        })
+    }
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = (usize, Option<&'a [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let at = self.pos;
+        let len = i32::from_be_bytes(self.body[at..at + 4].try_into().ok()?);
+        self.pos += 4;
+        if len < 0 {
+            return Some((at, None));
+        }
+        let value = &self.body[self.pos..self.pos + len as usize];
+        self.pos += len as usize;
+        Some((at, Some(value)))
     }
 }
 
@@ -1014,7 +1152,7 @@ mod tests {
     #[test]
     fn binary_copy_is_read_tuple_by_tuple() {
         let mut m = mask(&[]);
-        m.copy_out(&[1, 0, 1, 0, 1]);
+        m.copy_out(&[1, 0, 1, 0, 1], |_, _| false);
         assert!(m.masks_copy());
         let frame = |data: &[u8]| {
             let mut b = BytesMut::new();

@@ -56,8 +56,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
     }
     pg::backend_key_data(&mut hello, key.0, key.1);
     pg::ready_for_query(&mut hello, backend.status);
-    let reason = if send(&mut client, &hello).await.is_err() {
-        CloseReason::ClientDisconnected
+    let (reason, responses) = if send(&mut client, &hello).await.is_err() {
+        (CloseReason::ClientDisconnected, Vec::new())
     } else {
         let token_deadline = shared.config.session_deadline(
             ctx.expires_at + ctx.leeway_secs,
@@ -84,7 +84,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
         .await
     };
     shared.cancels.remove(key);
-    session::close(&shared, &ctx, reason).await;
+    session::close(&shared, &ctx, reason, responses).await;
 }
 
 async fn pump(
@@ -95,7 +95,7 @@ async fn pump(
     target: crate::conn::Conn,
     mut cbuf: BytesMut,
     mut tbuf: BytesMut,
-) -> CloseReason {
+) -> (CloseReason, Vec<gatehouse_events::Event>) {
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut trd, mut twr) = tokio::io::split(target);
     let max_message = shared.config.max_message_bytes;
@@ -119,15 +119,17 @@ async fn pump(
         if recording.is_none() && machine.has_client_work(&cbuf) {
             let state = shared.policies.borrow().clone();
             machine.client_input(&mut cbuf, &state, chrono::Utc::now().timestamp());
-            if let Some(events) = machine.take_events() {
-                let publisher = shared.publisher.clone();
-                recording = Some(Box::pin(async move {
-                    publisher.record(events).await.map_err(|e| match e {
-                        PublishError::TooLarge { size, max } => RecordError::TooLarge { size, max },
-                        e => RecordError::Unavailable(e.to_string()),
-                    })
-                }));
-            }
+        }
+        if recording.is_none()
+            && let Some(events) = machine.take_events()
+        {
+            let publisher = shared.publisher.clone();
+            recording = Some(Box::pin(async move {
+                publisher.record(events).await.map_err(|e| match e {
+                    PublishError::TooLarge { size, max } => RecordError::TooLarge { size, max },
+                    e => RecordError::Unavailable(e.to_string()),
+                })
+            }));
         }
         if let Some(reason) = machine.ended() {
             break reason;
@@ -140,7 +142,8 @@ async fn pump(
             && recording.is_none()
             && machine.to_target.len() < BACKLOG
             && (cbuf.len() < CLIENT_AHEAD || frame_incomplete(&cbuf, max_message));
-        let read_target = target_open && machine.to_client.len() < BACKLOG;
+        let read_target =
+            target_open && machine.to_client.len() < BACKLOG && machine.accepts_target();
         tokio::select! {
             r = write_and_flush(&mut cwr, &machine.to_client), if client_open && (client_unflushed || !machine.to_client.is_empty()) => match r {
                 Ok(w) => {
@@ -199,7 +202,7 @@ async fn pump(
         let _ = send(&mut twr, &bye).await;
         let _ = twr.shutdown().await;
     }
-    reason
+    (reason, machine.remaining_responses())
 }
 
 /// Whether `buf` starts with a frame whose bytes have not all arrived: its

@@ -785,9 +785,15 @@ fn decide_settings(
     Ok(())
 }
 
-/// Records the end of a session. Retries for a while: a session's last
-/// event must not be lost because NATS blinked.
-pub(crate) async fn close(shared: &Shared, ctx: &SessionCtx, reason: CloseReason) {
+/// Records the end of a session, after `responses` (the response events
+/// not recorded yet). Retries for a while: a session's last events must
+/// not be lost because NATS blinked.
+pub(crate) async fn close(
+    shared: &Shared,
+    ctx: &SessionCtx,
+    reason: CloseReason,
+    mut responses: Vec<gatehouse_events::Event>,
+) {
     let event = ctx.event(Payload::SessionClosed(SessionClosed {
         reason,
         commands: ctx.commands.load(Ordering::Relaxed),
@@ -795,9 +801,10 @@ pub(crate) async fn close(shared: &Shared, ctx: &SessionCtx, reason: CloseReason
         bytes_to_client: ctx.bytes_to_client.load(Ordering::Relaxed),
         duration_ms: ctx.started.elapsed().as_millis() as u64,
     }));
+    responses.push(event);
     let mut delay = std::time::Duration::from_millis(200);
     for attempt in 1..=8 {
-        match shared.publisher.record(vec![event.clone()]).await {
+        match shared.publisher.record(responses.clone()).await {
             Ok(()) => break,
             Err(e) if attempt == 8 => {
                 tracing::error!(session = %ctx.session_id, error = %e, "could not record session end");

@@ -41,6 +41,7 @@
 
 pub mod fuzz;
 mod names;
+mod response;
 #[cfg(test)]
 mod tests;
 
@@ -67,6 +68,7 @@ use crate::error::ClientError;
 use crate::masking::ResponseMask;
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
+use response::{PART_BYTES, ResponseLog};
 
 pub(crate) use names::{Change, Lookup, Names, Weighed};
 
@@ -142,6 +144,8 @@ enum Pending {
     /// `PortalSuspended` (after rows or a COPY). `changes`: what running it
     /// changes, once it completes.
     Execute {
+        /// The `seq` of its `CommandReceived`.
+        command: u64,
         changes: Vec<Change<Prepared>>,
         /// Calls functions, which may change settings in ways the worker
         /// cannot foresee (see [`Machine::unforeseeable`]).
@@ -150,6 +154,7 @@ enum Pending {
     /// Answered by `ReadyForQuery`. The n-th `CommandComplete` in between
     /// completes the n-th statement: `changes[n]`.
     Query {
+        command: u64,
         changes: VecDeque<Vec<Change<Prepared>>>,
         calls: bool,
     },
@@ -309,6 +314,19 @@ pub(crate) struct Machine {
     mask: Option<ResponseMask>,
     /// The bundle `mask`'s `unmask` decisions were taken with.
     mask_engine: usize,
+    /// What commands' responses are recorded as.
+    responses: ResponseLog,
+    /// Response parts to record: with the next read's events, or alone.
+    response_events: Vec<Event>,
+    response_bytes: usize,
+    /// Response events being recorded, kept until their outcome: put back
+    /// if it fails.
+    in_flight: Vec<Event>,
+    /// Response events are being recorded alone (no read is held).
+    flushing: bool,
+    /// Recording response events alone failed: they wait for the next
+    /// read (whose command fails too, while the log is unavailable).
+    flush_failed: bool,
     /// Bytes for the client, ready to write.
     pub to_client: BytesMut,
     /// Bytes for the target, ready to write.
@@ -345,6 +363,15 @@ impl Machine {
             token_deadline,
             closing: None,
             ended: None,
+            responses: ResponseLog::new(
+                mask.as_ref()
+                    .map_or(0, |m: &ResponseMask| m.record_max_bytes()),
+            ),
+            response_events: Vec::new(),
+            response_bytes: 0,
+            in_flight: Vec::new(),
+            flushing: false,
+            flush_failed: false,
             mask,
             mask_engine: 0,
             to_client: BytesMut::new(),
@@ -373,10 +400,50 @@ impl Machine {
 
     /// Events to record before the read they describe goes on; the pump
     /// calls [`Machine::recorded`] with the outcome.
+    ///
+    /// Response parts go with a read's events (before them: they answer
+    /// earlier commands), or alone once a part is full or the session has
+    /// nothing in flight.
     pub fn take_events(&mut self) -> Option<Vec<Event>> {
-        let held = self.held.as_mut()?;
-        held.recording += held.events.len() as u64;
-        (!held.events.is_empty()).then(|| std::mem::take(&mut held.events))
+        if let Some(held) = self.held.as_mut() {
+            held.recording += held.events.len() as u64;
+            if held.events.is_empty() {
+                return None;
+            }
+            let commands = std::mem::take(&mut held.events);
+            let mut events = self.take_responses();
+            events.extend(commands);
+            return Some(events);
+        }
+        let due = self.response_bytes >= PART_BYTES || self.pending.is_empty();
+        if self.response_events.is_empty() || !due || self.flush_failed {
+            return None;
+        }
+        self.flushing = true;
+        Some(self.take_responses())
+    }
+
+    /// The response events to record now, a copy kept until the outcome.
+    fn take_responses(&mut self) -> Vec<Event> {
+        let events = std::mem::take(&mut self.response_events);
+        self.response_bytes = 0;
+        self.in_flight = events.clone();
+        events
+    }
+
+    /// Whether the machine takes target input now: not while more response
+    /// events wait to be recorded than a session may hold.
+    pub fn accepts_target(&self) -> bool {
+        self.response_bytes < MAX_RESPONSE_BACKLOG
+    }
+
+    /// The session is over: every response event not yet recorded (the
+    /// one in progress, cut short, among them).
+    pub fn remaining_responses(&mut self) -> Vec<Event> {
+        self.finish_response();
+        let mut events = std::mem::take(&mut self.in_flight);
+        events.append(&mut self.response_events);
+        events
     }
 
     /// The worker is shutting down: the session ends once what was
@@ -523,9 +590,33 @@ impl Machine {
 
     /// The outcome of recording the held read's events.
     pub fn recorded(&mut self, result: Result<(), RecordError>) {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        if result.is_err() && !in_flight.is_empty() {
+            // Never dropped: they go again with the next read.
+            self.response_bytes += in_flight.iter().map(event_size).sum::<usize>();
+            let later = std::mem::replace(&mut self.response_events, in_flight);
+            self.response_events.extend(later);
+        }
+        if std::mem::take(&mut self.flushing) {
+            self.flush_failed = result.is_err();
+            if self.flush_failed && !self.accepts_target() {
+                self.fail(
+                    ClientError::fatal(
+                        "58000",
+                        "the responses of this session cannot be recorded: the event log \
+                         is unavailable; the session is closed",
+                    ),
+                    CloseReason::Error,
+                );
+            }
+            return;
+        }
         let Some(held) = self.held.take() else {
             return;
         };
+        if result.is_ok() {
+            self.flush_failed = false;
+        }
         match result {
             Ok(()) => {
                 self.ctx
@@ -920,8 +1011,13 @@ impl Machine {
         }
         self.portals
             .stage(&Change::DropAll { always: false }, false);
+        let command = chunk.events.last().map_or(0, |e| e.seq);
         chunk.bytes.extend_from_slice(&frame.raw);
-        chunk.entries.push(Pending::Query { changes, calls });
+        chunk.entries.push(Pending::Query {
+            command,
+            changes,
+            calls,
+        });
         // A COPY from the client takes whatever follows as its input, and
         // what the server then runs of the rest is not what was sent: read
         // on only once the server has answered (COPY mode is then known).
@@ -1092,8 +1188,13 @@ impl Machine {
             pg::describe(&mut chunk.bytes, b'P', name);
             chunk.entries.push(Pending::Shape);
         }
+        let command = chunk.events.last().map_or(0, |e| e.seq);
         chunk.bytes.extend_from_slice(&frame.raw);
-        chunk.entries.push(Pending::Execute { changes, calls });
+        chunk.entries.push(Pending::Execute {
+            command,
+            changes,
+            calls,
+        });
         self.batch.executed = true;
         if self.may_change_parsing(facts, &effective) {
             self.batch.changes_parsing = true;
@@ -1316,8 +1417,16 @@ impl Machine {
             };
             let frame = &buf[pos..pos + len];
             pos += len;
+            let command = self.front_command();
             if self.target_frame(frame[0], &frame[5..]) && self.ended.is_none() {
+                let from = self.to_client.len();
                 self.forward(frame);
+                if let Some(command) = command {
+                    self.record_answer(command, frame, from);
+                }
+            }
+            if command.is_some() && self.front_command() != command {
+                self.finish_response();
             }
             self.answer_front();
         }
@@ -1446,7 +1555,8 @@ impl Machine {
                 true
             }
             b'H' => {
-                mask.copy_out(&frame[5..]);
+                let policy = &self.policy;
+                mask.copy_out(&frame[5..], |t, c| policy.may_unmask(t, c));
                 self.to_client.extend_from_slice(frame);
                 true
             }
@@ -1472,6 +1582,65 @@ impl Machine {
                 ClientError::fatal("08P01", "the target sent a malformed message"),
                 CloseReason::Error,
             );
+        }
+    }
+
+    /// The command whose answers the target is sending.
+    fn front_command(&self) -> Option<u64> {
+        match self.pending.front() {
+            Some(Pending::Execute { command, .. } | Pending::Query { command, .. }) => {
+                Some(*command)
+            }
+            _ => None,
+        }
+    }
+
+    /// Follows a forwarded answer of `command` into its response record;
+    /// what the client got is `to_client` from `from` on.
+    fn record_answer(&mut self, command: u64, frame: &[u8], from: usize) {
+        let sent = &self.to_client[from..];
+        match frame[0] {
+            b'D' => {
+                let cells = match &mut self.mask {
+                    Some(mask) if self.responses.wants_row(command) => mask.recorded_row(frame),
+                    _ => None,
+                };
+                self.responses.row(command, sent, cells);
+            }
+            b'd' => {
+                let cell = match &mut self.mask {
+                    Some(mask) if self.responses.wants_row(command) => {
+                        mask.recorded_copy(frame, sent).map(|c| vec![Some(c)])
+                    }
+                    _ => None,
+                };
+                self.responses.row(command, sent, cell);
+            }
+            b'C' => self.responses.tag(command, &frame[5..]),
+            b'E' => {
+                let code = match BackendMessage::parse_body(b'E', &frame[5..]) {
+                    Ok(BackendMessage::ErrorResponse(f)) => f.code.to_string(),
+                    _ => String::new(),
+                };
+                self.responses.error(command, code);
+            }
+            _ => {}
+        }
+    }
+
+    /// The response in progress is complete: its parts become events.
+    fn finish_response(&mut self) {
+        let stats = self
+            .mask
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.stats))
+            .unwrap_or_default();
+        self.responses.finish(stats);
+        self.responses.ready_bytes = 0;
+        for part in std::mem::take(&mut self.responses.ready) {
+            let event = self.ctx.event(Payload::ResponseRecorded(part));
+            self.response_bytes += event_size(&event);
+            self.response_events.push(event);
         }
     }
 
@@ -1779,6 +1948,18 @@ enum Step {
 /// (every encoding the server offers clients keeps ASCII as it is) and
 /// `standard_conforming_strings` (which only changes what a backslash
 /// means).
+/// Most bytes of response events a session holds before it stops reading
+/// from the target until they are recorded.
+const MAX_RESPONSE_BACKLOG: usize = 4 << 20;
+
+/// About how large an event is, for the response backlog.
+fn event_size(e: &Event) -> usize {
+    match &e.payload {
+        Payload::ResponseRecorded(r) => response::size_of_part(r),
+        _ => 512,
+    }
+}
+
 fn settings_proof(text: &[u8]) -> bool {
     text.is_ascii() && !text.contains(&b'\\')
 }
