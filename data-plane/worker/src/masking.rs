@@ -428,7 +428,13 @@ impl ResponseMask {
                 .or_else(|| self.masker.column_style(None, &name))
                 .cloned();
             let binary = format == 1;
-            let log = match (rule, binary, text_like(type_oid)) {
+            // A column named like a secret (`password`, `api_key`, …) is
+            // never recorded as it is, whatever masking says.
+            let secret = gatehouse_policies::is_secret_name(&name)
+                || known
+                    .as_ref()
+                    .is_some_and(|(_, c)| gatehouse_policies::is_secret_name(c));
+            let mut log = match (rule, binary, text_like(type_oid)) {
                 (Some(style), false, _) | (Some(style), true, Some(_)) => Step::Whole(style),
                 (Some(_), true, None) => Step::Null,
                 (None, _, _) if self.masker.rules().detectors.is_empty() => Step::Keep,
@@ -445,6 +451,12 @@ impl ResponseMask {
             } else {
                 log.clone()
             };
+            if secret && !matches!(log, Step::Whole(_) | Step::Null) {
+                log = match (binary, text_like(type_oid)) {
+                    (true, None) => Step::Null,
+                    _ => Step::Whole(Style::Redact),
+                };
+            }
             self.active |= client != Step::Keep;
             self.plan.push(Column {
                 client,
@@ -1025,6 +1037,42 @@ mod tests {
         out.clear();
         assert!(m.data_row(&row, &mut out));
         assert_eq!(values(&out)[0], Some(b"[masked]".to_vec()));
+    }
+
+    #[test]
+    fn records_are_masked_whatever_unmask_and_secret_columns_are_never_recorded() {
+        let mut m = mask(&[]);
+        let desc = row_description(&[
+            ("email", 0, 0, TEXT, 0),
+            ("password", 0, 0, TEXT, 0),
+            ("api_key", 0, 0, INT4, 1),
+        ]);
+        assert!(
+            m.row_description(&desc, |_, _| true),
+            "unmask: the client sees all"
+        );
+        let row = data_row(&[
+            Some(b"a@example.com"),
+            Some(b"hunter2"),
+            Some(&[0, 0, 0, 9]),
+        ]);
+        let mut out = BytesMut::new();
+        assert!(!m.masks_rows());
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(&out[..], &row[..]);
+        let cells = m.recorded_row(&row).unwrap();
+        assert_eq!(
+            cells,
+            vec![
+                Some(Cell::Text("[masked:email]".into())),
+                Some(Cell::Text("[masked]".into())),
+                None,
+            ]
+        );
+        assert_eq!(
+            m.stats.values, 0,
+            "what the record masks is not counted as shown"
+        );
     }
 
     #[test]

@@ -146,6 +146,8 @@ enum Pending {
     Execute {
         /// The `seq` of its `CommandReceived`.
         command: u64,
+        /// Its response's rows are not recorded (see [`withholds_rows`]).
+        withhold: bool,
         changes: Vec<Change<Prepared>>,
         /// Calls functions, which may change settings in ways the worker
         /// cannot foresee (see [`Machine::unforeseeable`]).
@@ -155,6 +157,7 @@ enum Pending {
     /// completes the n-th statement: `changes[n]`.
     Query {
         command: u64,
+        withhold: bool,
         changes: VecDeque<Vec<Change<Prepared>>>,
         calls: bool,
     },
@@ -1012,9 +1015,11 @@ impl Machine {
         self.portals
             .stage(&Change::DropAll { always: false }, false);
         let command = chunk.events.last().map_or(0, |e| e.seq);
+        let withhold = withholds_rows(chunk.events.last(), facts.parsed, &effective);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Query {
             command,
+            withhold,
             changes,
             calls,
         });
@@ -1189,9 +1194,11 @@ impl Machine {
             chunk.entries.push(Pending::Shape);
         }
         let command = chunk.events.last().map_or(0, |e| e.seq);
+        let withhold = withholds_rows(chunk.events.last(), facts.parsed, &effective);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Execute {
             command,
+            withhold,
             changes,
             calls,
         });
@@ -1421,8 +1428,8 @@ impl Machine {
             if self.target_frame(frame[0], &frame[5..]) && self.ended.is_none() {
                 let from = self.to_client.len();
                 self.forward(frame);
-                if let Some(command) = command {
-                    self.record_answer(command, frame, from);
+                if let Some((command, withhold)) = command {
+                    self.record_answer(command, withhold, frame, from);
                 }
             }
             if command.is_some() && self.front_command() != command {
@@ -1586,32 +1593,36 @@ impl Machine {
     }
 
     /// The command whose answers the target is sending.
-    fn front_command(&self) -> Option<u64> {
+    fn front_command(&self) -> Option<(u64, bool)> {
         match self.pending.front() {
-            Some(Pending::Execute { command, .. } | Pending::Query { command, .. }) => {
-                Some(*command)
-            }
+            Some(
+                Pending::Execute {
+                    command, withhold, ..
+                }
+                | Pending::Query {
+                    command, withhold, ..
+                },
+            ) => Some((*command, *withhold)),
             _ => None,
         }
     }
 
     /// Follows a forwarded answer of `command` into its response record;
     /// what the client got is `to_client` from `from` on.
-    fn record_answer(&mut self, command: u64, frame: &[u8], from: usize) {
+    fn record_answer(&mut self, command: u64, withhold: bool, frame: &[u8], from: usize) {
         let sent = &self.to_client[from..];
+        let wanted = !withhold && self.responses.wants_row(command);
         match frame[0] {
             b'D' => {
                 let cells = match &mut self.mask {
-                    Some(mask) if self.responses.wants_row(command) => mask.recorded_row(frame),
+                    Some(mask) if wanted => mask.recorded_row(frame),
                     _ => None,
                 };
                 self.responses.row(command, sent, cells);
             }
             b'd' => {
                 let cell = match &mut self.mask {
-                    Some(mask) if self.responses.wants_row(command) => {
-                        mask.recorded_copy(frame, sent).map(|c| vec![Some(c)])
-                    }
+                    Some(mask) if wanted => mask.recorded_copy(frame, sent).map(|c| vec![Some(c)]),
                     _ => None,
                 };
                 self.responses.row(command, sent, cell);
@@ -1948,6 +1959,40 @@ enum Step {
 /// (every encoding the server offers clients keeps ASCII as it is) and
 /// `standard_conforming_strings` (which only changes what a backslash
 /// means).
+/// Whether a command's response rows are left out of its record: its own
+/// record withheld a secret (the server may echo it back: `SELECT
+/// set_config('app.token', $1, false)`), it reads settings (`SHOW`,
+/// `current_setting`, `pg_settings`: a setting may hold a secret), or
+/// what it runs cannot be known (dynamic code, text that did not parse).
+fn withholds_rows(
+    event: Option<&Event>,
+    parsed: bool,
+    effective: &[Cow<'_, StatementFacts>],
+) -> bool {
+    let redacted = match event.map(|e| &e.payload) {
+        Some(Payload::CommandReceived(c)) => {
+            !c.redactions.is_empty() || c.executes.iter().any(|e| !e.redactions.is_empty())
+        }
+        _ => true,
+    };
+    redacted
+        || !parsed
+        || effective.iter().any(|s| {
+            s.kind == StatementKind::Session
+                || s.dynamic
+                || s.functions.iter().any(|f| {
+                    matches!(
+                        f.as_str(),
+                        "current_setting" | "set_config" | "pg_show_all_settings"
+                    )
+                })
+                || s.tables_read.iter().any(|t| {
+                    let t = t.rsplit('.').next().unwrap_or(t);
+                    matches!(t, "pg_settings" | "pg_file_settings" | "pg_db_role_setting")
+                })
+        })
+}
+
 /// Most bytes of response events a session holds before it stops reading
 /// from the target until they are recorded.
 const MAX_RESPONSE_BACKLOG: usize = 4 << 20;
