@@ -16,6 +16,8 @@
 #      ("direct pgbouncer gatehouse"), THREADS (2), SCALE (10),
 #      PATH_UNDER_TEST data-path|all-in-one (data-path),
 #      GATEHOUSE_BIN (skip the build, use this binary),
+#      MASKING on|off (on: responses masked with every detector, as
+#      `gatehouse dev` does by default; off: --no-masking / no masking table),
 #      GATEHOUSE_BIN_B (data-path: add a column gatehouse-b, a second worker
 #      running this binary), RESULTS_TSV (keep every run's figures there).
 set -euo pipefail
@@ -31,6 +33,7 @@ PATH_UNDER_TEST=${PATH_UNDER_TEST:-data-path}
 GATEHOUSE_BIN=${GATEHOUSE_BIN:-}
 GATEHOUSE_BIN_B=${GATEHOUSE_BIN_B:-}
 RESULTS_TSV=${RESULTS_TSV:-}
+MASKING=${MASKING:-on}
 
 bad() { echo "ERROR: $*" >&2; exit 2; }
 for v in ROUNDS DURATION THREADS SCALE; do
@@ -51,6 +54,7 @@ done
 for t in "${TARGET_LIST[@]}"; do
     case $t in direct | pgbouncer | gatehouse) ;; *) bad "TARGETS: direct, pgbouncer or gatehouse, got '$t'" ;; esac
 done
+case $MASKING in on | off) ;; *) bad "MASKING must be on or off, got '$MASKING'" ;; esac
 case $PATH_UNDER_TEST in data-path | all-in-one) ;; *)
     bad "PATH_UNDER_TEST must be data-path or all-in-one, got '$PATH_UNDER_TEST'"
     ;;
@@ -283,6 +287,7 @@ DEV_CMD=("$BIN" dev --data-dir "$DEV_DIR" --nats "$NATS_URL"
     --pg-listen "127.0.0.1:$DEV_PG_PORT" --http-listen "127.0.0.1:$HTTP_PORT"
     --audit-db "postgres://postgres@127.0.0.1:5432/$AUDIT_DB?sslmode=require"
     --target "bench=postgres://postgres@127.0.0.1:5432/$BENCH_DB?sslmode=require")
+[ "$MASKING" = on ] || DEV_CMD+=(--no-masking)
 show "${DEV_CMD[*]} >$DEV_LOG 2>&1 &"
 RUST_LOG=${RUST_LOG:-warn} "${DEV_CMD[@]}" >"$DEV_LOG" 2>&1 </dev/null &
 DEV_PID=$!
@@ -335,6 +340,7 @@ port = $GH_PG_PORT
 database = "$BENCH_DB"
 user = "postgres"
 tls = "require"
+$([ "$MASKING" = on ] && printf '\n[worker.targets.bench.masking]\ndetectors = ["all"]\n')
 TOML
     gh_note "config $conf:"
     sed 's/^/      /' "$conf"
