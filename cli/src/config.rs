@@ -468,6 +468,8 @@ mod tests {
     fn the_shipped_example_parses() {
         let c = Config::parse(EXAMPLE, std::iter::empty()).unwrap();
         assert!(c.worker.targets.contains_key("app"));
+        let masking = c.worker.targets["app"].masking.as_ref().expect("masking");
+        assert_eq!(masking.columns.len(), 2);
         assert_eq!(c.events.stream, "GATEHOUSE_EVENTS");
         assert_eq!(c.policy.bundle_public_keys.len(), 1);
         c.policy

@@ -497,6 +497,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \n  Development issuer   http://{http}/dev-issuer\
          \n  Targets              {targets}\
          \n  Policies             {policies} (version {version})\
+         \n  Masking              {masking}\
          \n\nConnect with psql:\n\
          \n  PGPASSWORD=$({bin} token --data-dir {dir} --sub dev) psql \"host={host} port={port} user=dev dbname={first} sslmode=require\"\
          \n\nRead the audit trail:\n\
@@ -510,8 +511,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             Some(dir) => dir.display().to_string(),
             None => "built-in defaults (policies/defaults: everyone may connect and query; \
                      agents read-only; no DDL on targets tagged prod; UPDATE/DELETE without \
-                     WHERE needs approval; dangerous functions for dba only)"
+                     WHERE needs approval; dangerous functions for dba only; group pii-readers \
+                     sees values unmasked)"
                 .to_string(),
+        },
+        masking = if args.no_masking {
+            "off (--no-masking)".to_string()
+        } else {
+            format!(
+                "every detector (e-mail, card, keys, …){} on every target, for those \
+                 no `unmask` permit applies to (--no-masking turns it off)",
+                if args.mask_columns.is_empty() {
+                    String::new()
+                } else {
+                    format!(", and columns {}", args.mask_columns.join(", "))
+                }
+            )
         },
         version = stack.bundle_version,
         host = stack.pg_addr.ip(),

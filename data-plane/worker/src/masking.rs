@@ -20,13 +20,17 @@
 //! - `COPY … TO STDOUT`: the detectors run on every text or CSV line (a
 //!   masked span is only letters, digits and `[]:*_`, so it never breaks a
 //!   line's structure); column rules do not apply, as COPY names no
-//!   columns. Binary COPY is read tuple by tuple, its values masked by
+//!   columns (`unmask` is asked with table and column empty). Binary COPY is read tuple by tuple, its values masked by
 //!   the detectors when they are UTF-8 text.
 //! - `ErrorResponse`/`NoticeResponse`: the message, detail, hint and
 //!   context go through the detectors, and a detail that quotes values —
 //!   `Key (email)=(…) already exists`, `Failing row contains (…)` — has
 //!   them masked when a column rule names one of its columns (or, for a
 //!   failing row, any column of its table).
+//! - `NotificationResponse` payloads go through the detectors.
+//! - What is recorded (`ResponseRecorded`) is masked by the rules even
+//!   where `unmask` let the client see values clear, and a column named
+//!   like a secret is recorded masked whole.
 //!
 //! Column rules with a table (`users.email`) follow the column, not its
 //! name in the result: at login the worker reads from the target's
@@ -719,6 +723,44 @@ impl ResponseMask {
         true
     }
 
+    /// Appends a `NotificationResponse` frame to `out`, its payload masked
+    /// by the detectors unless `unmask` (asked with no table or column)
+    /// lets the client see it as it is.
+    pub fn notification(
+        &mut self,
+        frame: &[u8],
+        out: &mut BytesMut,
+        mut decide: impl FnMut(&str, &str) -> bool,
+    ) {
+        let body = &frame[5..];
+        let parts = body.get(4..).and_then(|rest| {
+            let channel_end = rest.iter().position(|&b| b == 0)?;
+            let payload = &rest[channel_end + 1..];
+            let payload_end = payload.iter().position(|&b| b == 0)?;
+            Some((&body[..4 + channel_end + 1], &payload[..payload_end]))
+        });
+        let Some((head, payload)) = parts else {
+            out.extend_from_slice(frame);
+            return;
+        };
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let masked = !self.masker.rules().detectors.is_empty()
+            && !self.may_unmask("", "", &mut decide)
+            && self
+                .masker
+                .mask(payload, None, &mut scratch, &mut self.stats);
+        if masked {
+            out.put_u8(b'A');
+            out.put_i32((4 + head.len() + scratch.len() + 1) as i32);
+            out.extend_from_slice(head);
+            out.extend_from_slice(&scratch);
+            out.put_u8(0);
+        } else {
+            out.extend_from_slice(frame);
+        }
+        self.scratch = scratch;
+    }
+
     /// Appends an `ErrorResponse` or `NoticeResponse` frame to `out`, its
     /// values masked. `decide` is Cedar's `unmask`.
     pub fn error_or_notice(
@@ -1195,6 +1237,33 @@ mod tests {
         out.clear();
         m.error_or_notice(&frame, &mut out, |_, _| false);
         assert_eq!(field(&out, b'D'), "Failing row contains ([masked]).");
+    }
+
+    #[test]
+    fn notification_payloads_are_masked() {
+        let mut m = mask(&[]);
+        let frame = |payload: &str| {
+            let mut b = BytesMut::new();
+            b.put_u8(b'A');
+            b.put_i32(0);
+            b.put_i32(4242);
+            b.extend_from_slice(b"events\0");
+            b.extend_from_slice(payload.as_bytes());
+            b.put_u8(0);
+            let len = (b.len() - 1) as i32;
+            b[1..5].copy_from_slice(&len.to_be_bytes());
+            b.to_vec()
+        };
+        let mut out = BytesMut::new();
+        m.notification(&frame("signup a@example.com"), &mut out, |_, _| false);
+        assert_eq!(&out[..], &frame("signup [masked:email]")[..]);
+        out.clear();
+        m.notification(&frame("plain"), &mut out, |_, _| false);
+        assert_eq!(&out[..], &frame("plain")[..]);
+        let mut m = mask(&[]);
+        out.clear();
+        m.notification(&frame("signup a@example.com"), &mut out, |_, _| true);
+        assert_eq!(&out[..], &frame("signup a@example.com")[..], "unmask");
     }
 
     #[test]

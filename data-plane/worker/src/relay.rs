@@ -28,6 +28,9 @@ use gatehouse_eventlog::PublishError;
 
 /// Output for one side beyond which reading the other side pauses.
 const BACKLOG: usize = 256 * 1024;
+/// How long a session is quiet before its response events are recorded
+/// on their own rather than with its next command's.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 /// Client input buffered beyond what the machine took (it waits on a
 /// barrier) before reading the client pauses.
 const CLIENT_AHEAD: usize = 256 * 1024;
@@ -105,6 +108,7 @@ async fn pump(
     let mut closing = std::pin::pin!(async move { closing.wait_for(|c| *c).await.is_ok() });
     let mut shutting_down = false;
     let mut recording: Option<Recording> = None;
+    let mut responding: Option<Recording> = None;
     let mut client_open = true;
     let mut target_open = true;
     // Written but maybe still in the TLS layer's buffer.
@@ -123,13 +127,15 @@ async fn pump(
         if recording.is_none()
             && let Some(events) = machine.take_events()
         {
-            let publisher = shared.publisher.clone();
-            recording = Some(Box::pin(async move {
-                publisher.record(events).await.map_err(|e| match e {
-                    PublishError::TooLarge { size, max } => RecordError::TooLarge { size, max },
-                    e => RecordError::Unavailable(e.to_string()),
-                })
-            }));
+            recording = Some(record(shared, events));
+        }
+        // Response events go with the next command's; a part's worth is
+        // recorded on its own at once, beside the commands.
+        if responding.is_none()
+            && machine.responses_due()
+            && let Some(events) = machine.flush_responses()
+        {
+            responding = Some(record(shared, events));
         }
         if let Some(reason) = machine.ended() {
             break reason;
@@ -184,6 +190,16 @@ async fn pump(
                     }
                 }
             },
+            r = async { responding.as_mut().expect("guarded").await }, if responding.is_some() => {
+                responding = None;
+                machine.responses_recorded(r);
+            }
+            // A quiet session records its response events on their own.
+            _ = tokio::time::sleep(QUIET), if responding.is_none() && recording.is_none() && machine.responses_waiting() => {
+                if let Some(events) = machine.flush_responses() {
+                    responding = Some(record(shared, events));
+                }
+            }
             _ = &mut closing, if !shutting_down => {
                 shutting_down = true;
                 machine.shutdown();
@@ -203,6 +219,17 @@ async fn pump(
         let _ = twr.shutdown().await;
     }
     (reason, machine.remaining_responses())
+}
+
+/// Records events through the shared publisher.
+fn record(shared: &Shared, events: Vec<gatehouse_events::Event>) -> Recording {
+    let publisher = shared.publisher.clone();
+    Box::pin(async move {
+        publisher.record(events).await.map_err(|e| match e {
+            PublishError::TooLarge { size, max } => RecordError::TooLarge { size, max },
+            e => RecordError::Unavailable(e.to_string()),
+        })
+    })
 }
 
 /// Whether `buf` starts with a frame whose bytes have not all arrived: its

@@ -68,7 +68,7 @@ use crate::error::ClientError;
 use crate::masking::ResponseMask;
 use crate::policy::{PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
-use response::{PART_BYTES, ResponseLog};
+use response::ResponseLog;
 
 pub(crate) use names::{Change, Lookup, Names, Weighed};
 
@@ -319,16 +319,18 @@ pub(crate) struct Machine {
     mask_engine: usize,
     /// What commands' responses are recorded as.
     responses: ResponseLog,
-    /// Response parts to record: with the next read's events, or alone.
+    /// Response parts to record: with the next read's events, or on their
+    /// own ([`Machine::flush_responses`]) when a part's worth waits or the
+    /// session is quiet.
     response_events: Vec<Event>,
     response_bytes: usize,
-    /// Response events being recorded, kept until their outcome: put back
-    /// if it fails.
-    in_flight: Vec<Event>,
-    /// Response events are being recorded alone (no read is held).
-    flushing: bool,
-    /// Recording response events alone failed: they wait for the next
-    /// read (whose command fails too, while the log is unavailable).
+    /// Response events being recorded on their own, kept until their
+    /// outcome: put back if it fails.
+    flushing: Option<Vec<Event>>,
+    /// Response events going with the held read's events.
+    with_read: Vec<Event>,
+    /// Recording response events on their own failed: they wait for the
+    /// next read (whose command fails too while the log is unavailable).
     flush_failed: bool,
     /// Bytes for the client, ready to write.
     pub to_client: BytesMut,
@@ -372,8 +374,8 @@ impl Machine {
             ),
             response_events: Vec::new(),
             response_bytes: 0,
-            in_flight: Vec::new(),
-            flushing: false,
+            flushing: None,
+            with_read: Vec::new(),
             flush_failed: false,
             mask,
             mask_engine: 0,
@@ -402,36 +404,78 @@ impl Machine {
     }
 
     /// Events to record before the read they describe goes on; the pump
-    /// calls [`Machine::recorded`] with the outcome.
-    ///
-    /// Response parts go with a read's events (before them: they answer
-    /// earlier commands), or alone once a part is full or the session has
-    /// nothing in flight.
+    /// calls [`Machine::recorded`] with the outcome. The response events
+    /// waiting go with them, first (they answer earlier commands): one
+    /// recording, and the read runs only once they are recorded too.
     pub fn take_events(&mut self) -> Option<Vec<Event>> {
-        if let Some(held) = self.held.as_mut() {
-            held.recording += held.events.len() as u64;
-            if held.events.is_empty() {
-                return None;
-            }
-            let commands = std::mem::take(&mut held.events);
-            let mut events = self.take_responses();
-            events.extend(commands);
-            return Some(events);
-        }
-        let due = self.response_bytes >= PART_BYTES || self.pending.is_empty();
-        if self.response_events.is_empty() || !due || self.flush_failed {
+        let held = self.held.as_mut()?;
+        held.recording += held.events.len() as u64;
+        if held.events.is_empty() {
             return None;
         }
-        self.flushing = true;
-        Some(self.take_responses())
+        let commands = std::mem::take(&mut held.events);
+        if self.response_events.is_empty() {
+            return Some(commands);
+        }
+        self.with_read = std::mem::take(&mut self.response_events);
+        self.response_bytes = 0;
+        let mut events = self.with_read.clone();
+        events.extend(commands);
+        Some(events)
     }
 
-    /// The response events to record now, a copy kept until the outcome.
-    fn take_responses(&mut self) -> Vec<Event> {
+    /// Whether response events wait that may be recorded on their own
+    /// (none is being recorded, and that has not failed).
+    pub fn responses_waiting(&self) -> bool {
+        self.flushing.is_none() && !self.flush_failed && !self.response_events.is_empty()
+    }
+
+    /// Whether a part's worth of response events waits: to be recorded on
+    /// its own now, not with the next read.
+    pub fn responses_due(&self) -> bool {
+        self.responses_waiting() && self.response_bytes >= response::PART_BYTES
+    }
+
+    /// Response events to record on their own, beside the commands: the
+    /// pump takes them when [`Machine::responses_due`], or once the
+    /// session has been quiet for a moment (none while some are being
+    /// recorded, or after that failed: they then go with the next read),
+    /// and calls [`Machine::responses_recorded`] with the outcome.
+    pub fn flush_responses(&mut self) -> Option<Vec<Event>> {
+        if self.flushing.is_some() || self.flush_failed || self.response_events.is_empty() {
+            if self.flush_failed && !self.accepts_target() && self.ended.is_none() {
+                // Recording them failed, and more wait than a session
+                // holds: the session cannot go on without losing them.
+                self.fail(responses_unrecorded(), CloseReason::Error);
+            }
+            return None;
+        }
         let events = std::mem::take(&mut self.response_events);
         self.response_bytes = 0;
-        self.in_flight = events.clone();
-        events
+        self.flushing = Some(events.clone());
+        Some(events)
+    }
+
+    /// The outcome of recording response events on their own.
+    pub fn responses_recorded(&mut self, result: Result<(), RecordError>) {
+        let Some(events) = self.flushing.take() else {
+            return;
+        };
+        if let Err(e) = result {
+            tracing::warn!(session = %self.ctx.session_id, error = ?e, "responses not recorded; they go with the next command");
+            self.flush_failed = true;
+            self.requeue(events);
+            if !self.accepts_target() {
+                self.fail(responses_unrecorded(), CloseReason::Error);
+            }
+        }
+    }
+
+    /// Response events whose recording failed: first in line again.
+    fn requeue(&mut self, events: Vec<Event>) {
+        self.response_bytes += events.iter().map(event_size).sum::<usize>();
+        let later = std::mem::replace(&mut self.response_events, events);
+        self.response_events.extend(later);
     }
 
     /// Whether the machine takes target input now: not while more response
@@ -444,7 +488,8 @@ impl Machine {
     /// one in progress, cut short, among them).
     pub fn remaining_responses(&mut self) -> Vec<Event> {
         self.finish_response();
-        let mut events = std::mem::take(&mut self.in_flight);
+        let mut events = self.flushing.take().unwrap_or_default();
+        events.append(&mut self.with_read);
         events.append(&mut self.response_events);
         events
     }
@@ -593,33 +638,16 @@ impl Machine {
 
     /// The outcome of recording the held read's events.
     pub fn recorded(&mut self, result: Result<(), RecordError>) {
-        let in_flight = std::mem::take(&mut self.in_flight);
-        if result.is_err() && !in_flight.is_empty() {
+        let with_read = std::mem::take(&mut self.with_read);
+        if result.is_ok() {
+            self.flush_failed = false;
+        } else if !with_read.is_empty() {
             // Never dropped: they go again with the next read.
-            self.response_bytes += in_flight.iter().map(event_size).sum::<usize>();
-            let later = std::mem::replace(&mut self.response_events, in_flight);
-            self.response_events.extend(later);
-        }
-        if std::mem::take(&mut self.flushing) {
-            self.flush_failed = result.is_err();
-            if self.flush_failed && !self.accepts_target() {
-                self.fail(
-                    ClientError::fatal(
-                        "58000",
-                        "the responses of this session cannot be recorded: the event log \
-                         is unavailable; the session is closed",
-                    ),
-                    CloseReason::Error,
-                );
-            }
-            return;
+            self.requeue(with_read);
         }
         let Some(held) = self.held.take() else {
             return;
         };
-        if result.is_ok() {
-            self.flush_failed = false;
-        }
         match result {
             Ok(()) => {
                 self.ctx
@@ -1567,6 +1595,11 @@ impl Machine {
                 self.to_client.extend_from_slice(frame);
                 true
             }
+            b'A' => {
+                let policy = &self.policy;
+                mask.notification(frame, &mut self.to_client, |t, c| policy.may_unmask(t, c));
+                true
+            }
             b'E' | b'N' => {
                 if frame[0] == b'E' {
                     mask.end_result();
@@ -1959,6 +1992,14 @@ enum Step {
 /// (every encoding the server offers clients keeps ASCII as it is) and
 /// `standard_conforming_strings` (which only changes what a backslash
 /// means).
+fn responses_unrecorded() -> ClientError {
+    ClientError::fatal(
+        "58000",
+        "the responses of this session cannot be recorded: the event log is unavailable; \
+         the session is closed",
+    )
+}
+
 /// Whether a command's response rows are left out of its record: its own
 /// record withheld a secret (the server may echo it back: `SELECT
 /// set_config('app.token', $1, false)`), it reads settings (`SHOW`,

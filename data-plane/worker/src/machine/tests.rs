@@ -132,6 +132,22 @@ pub(super) fn data_row(value: &str) -> Vec<u8> {
     msg(b'D', &b)
 }
 
+/// A `RowDescription` of text columns of no table.
+pub(super) fn row_description(names: &[&str]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(names.len() as i16).to_be_bytes());
+    for n in names {
+        cstr(&mut b, n);
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&25u32.to_be_bytes());
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+    }
+    msg(b'T', &b)
+}
+
 pub(super) fn ready(status: u8) -> Vec<u8> {
     msg(b'Z', &[status])
 }
@@ -245,6 +261,24 @@ pub(super) fn identity(name: &str, groups: &[&str]) -> Identity {
 
 impl Harness {
     pub fn new(identity: Identity) -> Self {
+        Self::with_mask(identity, None)
+    }
+
+    /// A session whose target masks responses with every detector.
+    pub fn masked() -> Self {
+        let masking = crate::masking::MaskingConfig::default()
+            .build("test")
+            .unwrap();
+        Self::with_mask(
+            identity("alice", &[]),
+            Some(crate::masking::ResponseMask::new(
+                &masking,
+                Default::default(),
+            )),
+        )
+    }
+
+    fn with_mask(identity: Identity, mask: Option<crate::masking::ResponseMask>) -> Self {
         let engine = Engine::new(&Bundle::defaults()).expect("defaults are valid");
         let state = PolicyState {
             engine: Some(Arc::new(engine)),
@@ -276,7 +310,7 @@ impl Harness {
                 max_held: 1 << 30,
             },
             None,
-            None,
+            mask,
         );
         Harness {
             machine,
@@ -511,7 +545,7 @@ fn sql_execute_of_a_protocol_statement_is_decided_by_its_text() {
     h.reply(&cat(&[parse_complete(), ready(b'I')]));
     h.answered();
     h.send(&query("EXECUTE px"));
-    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
     assert_eq!(h.answered(), vec![err("42501"), m('Z')]);
     assert_eq!(
@@ -556,7 +590,7 @@ fn sql_prepare_is_bound_on_completion_and_dropped_by_deallocate() {
     h.reply(&cat(&[command_complete("DEALLOCATE"), ready(b'I')]));
     h.sent();
     h.send(&query("EXECUTE p"));
-    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
     assert_eq!(h.answered().last(), Some(&m('Z')));
     let commands = h.commands();
@@ -788,7 +822,7 @@ fn the_function_call_protocol_is_refused() {
     body.put_i16(0);
     body.put_i16(0);
     h.send(&msg(b'F', &body));
-    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
     assert_eq!(h.answered(), vec![err("0A000"), m('Z')]);
 }
@@ -987,7 +1021,7 @@ fn statements_longer_than_the_worker_reads_are_refused_unparsed() {
     h.machine.limits.max_statement = 100;
     let long = format!("SELECT '{}'", "x".repeat(200));
     h.send(&query(&long));
-    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
     assert_eq!(h.answered(), vec![err("54000"), m('Z')]);
     h.send(&cat(&[parse("s1", &long), sync()]));
@@ -1075,4 +1109,156 @@ fn revoking_anyone_in_the_chain_ends_the_session_at_any_message() {
     let answered = h.answered();
     assert!(answered.contains(&err("28000")), "{answered:?}");
     assert!(h.machine.ended().is_some());
+}
+
+/// The values of the `DataRow`s in client output.
+fn row_values(bytes: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 5 <= bytes.len() {
+        let len = i32::from_be_bytes(bytes[pos + 1..pos + 5].try_into().unwrap()) as usize;
+        if bytes[pos] == b'D' {
+            let body = &bytes[pos + 5..pos + 1 + len];
+            let n = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
+            out.push(String::from_utf8_lossy(&body[6..6 + n]).into_owned());
+        }
+        pos += 1 + len;
+    }
+    out
+}
+
+fn responses(events: &[Event]) -> Vec<&gatehouse_events::ResponseRecorded> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Payload::ResponseRecorded(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_execute_is_described_first_and_its_rows_masked() {
+    let mut h = Harness::masked();
+    h.send(&cat(&[
+        parse("", "SELECT email FROM users"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ]));
+    assert_eq!(
+        h.sent(),
+        vec![
+            text('P', "SELECT email FROM users"),
+            m('B'),
+            m('D'),
+            m('E'),
+            m('S')
+        ],
+        "the portal is described just before it runs"
+    );
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        row_description(&["email"]),
+        data_row("write to a@example.com"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    let out = h.machine.to_client.split();
+    assert_eq!(
+        frames(&out, false),
+        vec![m('1'), m('2'), m('D'), m('C'), m('Z')],
+        "the worker's own description is not forwarded"
+    );
+    assert_eq!(row_values(&out), ["write to [masked:email]"]);
+    assert!(h.machine.pending.is_empty());
+}
+
+#[test]
+fn responses_are_recorded_with_the_next_command_or_alone_and_never_dropped() {
+    let mut h = Harness::masked();
+    h.send(&query("SELECT email FROM users"));
+    let first = h.recorded[0].seq;
+    h.reply(&cat(&[
+        row_description(&["email"]),
+        data_row("a@example.com"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(row_values(&h.machine.to_client.split()), ["[masked:email]"]);
+    assert!(responses(&h.recorded).is_empty());
+    assert!(h.machine.responses_waiting() && !h.machine.responses_due());
+
+    // A quiet session's are recorded alone; that fails: they are kept.
+    let alone = h.machine.flush_responses().expect("a response to record");
+    assert!(
+        h.machine.flush_responses().is_none(),
+        "one recording at a time"
+    );
+    let [r] = responses(&alone)[..] else {
+        panic!("one response")
+    };
+    assert_eq!(r.command_seq, first);
+    assert!(r.last);
+    assert_eq!(
+        r.rows,
+        vec![vec![Some(gatehouse_events::Cell::Text(
+            "[masked:email]".into()
+        ))]]
+    );
+    let summary = r.summary.as_ref().unwrap();
+    assert_eq!(summary.tags, ["SELECT 1"]);
+    assert_eq!(summary.masked.detectors.get("email"), Some(&1));
+    h.machine
+        .responses_recorded(Err(RecordError::Unavailable("nats is down".into())));
+    assert!(!h.machine.responses_waiting(), "not alone again");
+
+    // The next command carries them; its recording fails too: both kept.
+    h.send_unrecorded(&query("SELECT 2"));
+    assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("58000"), m('Z')]);
+
+    // The one after that carries them, before its own event.
+    h.send(&query("SELECT 3"));
+    let kinds: Vec<_> = h.recorded.iter().map(|e| e.event_type()).collect();
+    assert_eq!(
+        kinds[1..],
+        [
+            gatehouse_events::EventType::ResponseRecorded,
+            gatehouse_events::EventType::CommandReceived
+        ]
+    );
+    assert_eq!(responses(&h.recorded)[0].command_seq, first);
+
+    // Recorded once: they may go alone again.
+    h.reply(&cat(&[command_complete("SELECT 1"), ready(b'I')]));
+    assert!(h.machine.responses_waiting());
+    h.send(&query("SELECT 4"));
+    assert_eq!(
+        responses(&h.recorded).len(),
+        2,
+        "the third's went with the fourth"
+    );
+    assert!(h.machine.remaining_responses().is_empty());
+}
+
+#[test]
+fn rows_of_a_command_that_reads_settings_are_not_recorded() {
+    let mut h = Harness::masked();
+    h.send(&query("SELECT current_setting('app.token')"));
+    h.reply(&cat(&[
+        row_description(&["current_setting"]),
+        data_row("s3cr3t-value"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    let events = h.machine.flush_responses().unwrap();
+    let [r] = responses(&events)[..] else {
+        panic!("one response")
+    };
+    assert!(r.rows.is_empty());
+    let s = r.summary.as_ref().unwrap();
+    assert_eq!((s.rows, s.truncated), (1, true));
 }
