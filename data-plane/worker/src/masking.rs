@@ -19,8 +19,10 @@
 //!   can be trusted to decode); other binary values are left as they are.
 //! - `COPY … TO STDOUT`: the detectors run on every text or CSV line (a
 //!   masked span is only letters, digits and `[]:*_`, so it never breaks a
-//!   line's structure); column rules do not apply, as COPY names no
-//!   columns (`unmask` is asked with table and column empty). Binary COPY is read tuple by tuple, its values masked by
+//!   line's structure). Column rules cannot apply, as COPY data names no
+//!   columns: where the target has any, a `COPY … TO` is refused (`42501`)
+//!   for a principal `unmask` (asked with table and column empty) does not
+//!   apply to. Binary COPY is read tuple by tuple, its values masked by
 //!   the detectors when they are UTF-8 text.
 //! - `ErrorResponse`/`NoticeResponse`: the message, detail, hint and
 //!   context go through the detectors, and a detail that quotes values —
@@ -625,6 +627,13 @@ impl ResponseMask {
             Copy::Text
         });
         self.copy_unmasked = self.may_unmask("", "", &mut decide);
+    }
+
+    /// Whether a `COPY … TO` must be refused: the target has column rules
+    /// (which COPY data, naming no columns, cannot be masked by) and
+    /// `unmask` (asked with table and column empty) does not apply.
+    pub fn copy_out_refused(&mut self, mut decide: impl FnMut(&str, &str) -> bool) -> bool {
+        !self.masker.rules().columns.is_empty() && !self.may_unmask("", "", &mut decide)
     }
 
     /// Whether `CopyData` needs [`Self::copy_data`].

@@ -1007,8 +1007,14 @@ impl Machine {
             .policy
             .decide_with(state, &facts, |name| lookup(&resolved, name));
         let executes = executed(&resolved);
-        let refusal = decision.refusal;
         let effective = effective_facts(&facts, &resolved);
+        let (record, refusal) = match (decision.refusal, self.copy_refusal(&effective)) {
+            (None, Some(error)) => (
+                Some(self.policy.refused_record(state, &facts, &error.message)),
+                Some(error),
+            ),
+            (refusal, _) => (decision.record, refusal),
+        };
         let changes: VecDeque<Vec<Change<Prepared>>> = match refusal {
             Some(_) => VecDeque::new(),
             None => effective
@@ -1030,7 +1036,7 @@ impl Machine {
             None,
             Vec::new(),
             executes,
-            decision.record,
+            record,
         ));
         if let Some(refusal) = refusal {
             self.refuse_simple(chunk, refusal);
@@ -1188,6 +1194,14 @@ impl Machine {
         let decision = self
             .policy
             .decide_with(state, facts, |name| lookup(&resolved, name));
+        let effective = effective_facts(facts, &resolved);
+        let (record, refusal) = match (decision.refusal, self.copy_refusal(&effective)) {
+            (None, Some(error)) => (
+                Some(self.policy.refused_record(state, facts, &error.message)),
+                Some(error),
+            ),
+            (refusal, _) => (decision.record, refusal),
+        };
         chunk.events.push(self.command(
             Protocol::Extended,
             statement.text.to_string(),
@@ -1195,13 +1209,12 @@ impl Machine {
             Some(portal_name.to_owned()),
             portal.params.clone(),
             executed(&resolved),
-            decision.record,
+            record,
         ));
-        if let Some(refusal) = decision.refusal {
+        if let Some(refusal) = refusal {
             self.refuse_extended(chunk, refusal);
             return Step::Next;
         }
-        let effective = effective_facts(facts, &resolved);
         let calls = calls_functions(facts, &effective);
         self.batch.calls |= calls;
         let mut changes: Vec<Change<Prepared>> = effective
@@ -1623,6 +1636,25 @@ impl Machine {
                 CloseReason::Error,
             );
         }
+    }
+
+    /// A `COPY … TO` where the target has column rules, for a principal
+    /// `unmask` does not apply to: COPY names no columns, so its data could
+    /// not be masked by them; refused (`42501`) rather than let through.
+    fn copy_refusal(&mut self, effective: &[Cow<'_, StatementFacts>]) -> Option<ClientError> {
+        let mask = self.mask.as_mut()?;
+        if !effective.iter().any(|s| s.kind == StatementKind::CopyOut) {
+            return None;
+        }
+        let policy = &self.policy;
+        mask.copy_out_refused(|t, c| policy.may_unmask(t, c))
+            .then(|| {
+                ClientError::error(
+                    "42501",
+                    "COPY … TO is refused here: this target masks columns by name, which COPY \
+                     data does not carry; use SELECT, or ask for the unmask permission",
+                )
+            })
     }
 
     /// The command whose answers the target is sending.
