@@ -27,8 +27,8 @@
 //! - `ErrorResponse`/`NoticeResponse`: the message, detail, hint and
 //!   context go through the detectors, and a detail that quotes values —
 //!   `Key (email)=(…) already exists`, `Failing row contains (…)` — has
-//!   them masked when a column rule names one of its columns (or, for a
-//!   failing row, any column of its table).
+//!   them masked when a column rule names one of its columns (a failing
+//!   row names none: whenever the target has column rules).
 //! - `NotificationResponse` payloads go through the detectors.
 //! - What is recorded (`ResponseRecorded`) is masked by the rules even
 //!   where `unmask` let the client see values clear, and a column named
@@ -39,6 +39,10 @@
 //! catalogue which columns they name ([`TargetMasking::catalogue_query`]),
 //! and a result column is matched by its table and column number. A table
 //! created after the session opened is matched by column name only.
+//!
+//! Not covered yet: a value *computed* from a column with a rule
+//! (`upper(ssn)`, `nickname || ''`) has no table in the description, so
+//! only the detectors see it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
