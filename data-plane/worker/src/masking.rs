@@ -581,19 +581,10 @@ impl ResponseMask {
             };
             let column = &self.plan[i];
             let (step, skip, binary) = (column.log.clone(), column.skip, column.binary);
-            let cell = |v: &[u8]| {
-                if binary {
-                    Cell::Binary {
-                        base64: base64::engine::general_purpose::STANDARD.encode(v),
-                    }
-                } else {
-                    Cell::Text(String::from_utf8_lossy(v).into_owned())
-                }
-            };
             cells.push(match self.mask_value(&step, skip, value, &mut uncounted) {
-                Masked::Same => Some(cell(value)),
+                Masked::Same => Some(cell(value, binary)),
                 Masked::Null => None,
-                Masked::New(v) => Some(cell(&v)),
+                Masked::New(v) => Some(cell(&v, binary)),
             });
         }
         Some(cells)
@@ -609,12 +600,9 @@ impl ResponseMask {
             if !self.copy_body(&original[5..], &mut out, &mut Stats::default()) {
                 return None;
             }
-            return Some(copy_cell(&out, binary));
+            return Some(cell(&out, binary));
         }
-        Some(copy_cell(
-            &sent[5..],
-            self.copy.is_some_and(|c| c != Copy::Text),
-        ))
+        Some(cell(&sent[5..], self.copy.is_some_and(|c| c != Copy::Text)))
     }
 
     /// `CopyOutResponse`: its data is masked by [`Self::copy_data`] unless
@@ -858,7 +846,8 @@ impl ResponseMask {
     }
 }
 
-fn copy_cell(data: &[u8], binary: bool) -> Cell {
+/// A recorded value: text as it is, binary as base64.
+fn cell(data: &[u8], binary: bool) -> Cell {
     if binary {
         Cell::Binary {
             base64: base64::engine::general_purpose::STANDARD.encode(data),

@@ -1712,7 +1712,6 @@ impl Machine {
             .map(|m| std::mem::take(&mut m.stats))
             .unwrap_or_default();
         self.responses.finish(stats);
-        self.responses.ready_bytes = 0;
         for part in std::mem::take(&mut self.responses.ready) {
             let event = self.ctx.event(Payload::ResponseRecorded(part));
             self.response_bytes += event_size(&event);

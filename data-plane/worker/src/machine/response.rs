@@ -17,9 +17,8 @@ pub(crate) struct ResponseLog {
     /// Most bytes of rows one command's record carries; 0: none.
     max_bytes: usize,
     open: Option<Open>,
-    /// Parts ready to record, and about how large they are.
+    /// Parts ready to record.
     pub ready: Vec<ResponseRecorded>,
-    pub ready_bytes: usize,
 }
 
 struct Open {
@@ -45,7 +44,6 @@ impl ResponseLog {
             max_bytes,
             open: None,
             ready: Vec::new(),
-            ready_bytes: 0,
         }
     }
 
@@ -114,7 +112,6 @@ impl ResponseLog {
             };
             open.part += 1;
             open.part_bytes = 0;
-            self.ready_bytes += size_of_part(&part);
             self.ready.push(part);
         }
     }
@@ -160,7 +157,6 @@ impl ResponseLog {
             rows: open.rows,
             summary: Some(summary),
         };
-        self.ready_bytes += size_of_part(&part);
         self.ready.push(part);
     }
 }
