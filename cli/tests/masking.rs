@@ -384,7 +384,7 @@ fn responses(bodies: &[String]) -> Vec<serde_json::Value> {
 async fn until_recorded(env: &Env, tag: &str) -> Vec<String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let bodies = stream_bodies(env).await;
+        let bodies = env.stream_bodies().await;
         let tagged = responses(&bodies)
             .iter()
             .any(|r| r["summary"]["tags"][0] == tag);
@@ -400,25 +400,5 @@ async fn until_recorded(env: &Env, tag: &str) -> Vec<String> {
             "no response tagged {tag}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
-/// Every message body of the test's event stream, as published.
-async fn stream_bodies(env: &Env) -> Vec<String> {
-    let nats = async_nats::connect(&env.events.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(nats);
-    let stream = js.get_stream(&env.events.stream).await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut bodies = Vec::new();
-    loop {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(1), messages.next()).await;
-        match next {
-            Ok(Some(Ok(m))) => bodies.push(String::from_utf8_lossy(&m.payload).into_owned()),
-            _ => return bodies,
-        }
     }
 }

@@ -12,29 +12,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use futures::StreamExt;
 use serde_json::Value;
 use support::Env;
-
-/// Every message body of the stream, as published.
-async fn stream_bodies(env: &Env) -> Vec<String> {
-    let nats = async_nats::connect(&env.events.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(nats);
-    let stream = js.get_stream(&env.events.stream).await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut bodies = Vec::new();
-    loop {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(1), messages.next()).await;
-        match next {
-            Ok(Some(Ok(m))) => bodies.push(String::from_utf8_lossy(&m.payload).into_owned()),
-            _ => return bodies,
-        }
-    }
-}
 
 /// Everything logged, kept in memory.
 #[derive(Clone, Default)]
@@ -158,7 +137,7 @@ async fn secrets_in_commands_are_not_recorded() {
 
     // The raw log: every event the test's session produced, none with a
     // secret; the redactions say what was withheld, and where a parameter.
-    let bodies = stream_bodies(&env).await;
+    let bodies = env.stream_bodies().await;
     assert!(
         bodies.iter().any(|b| b.contains("the last command")),
         "stream read in full"
@@ -295,7 +274,7 @@ async fn secrets_in_bodies_executes_and_inserts_are_not_recorded() {
         assert!(texts.contains(&want.as_str()), "{want}: {texts:#?}");
     }
     assert_eq!(texts.last(), Some(&"SELECT 'the last command'"));
-    let bodies = stream_bodies(&env).await;
+    let bodies = env.stream_bodies().await;
     assert!(
         bodies.iter().any(|b| b.contains("the last command")),
         "stream read in full"

@@ -136,6 +136,27 @@ impl Env {
         }
     }
 
+    /// Every message body of the test's event stream, as published.
+    pub async fn stream_bodies(&self) -> Vec<String> {
+        use futures::StreamExt;
+        let nats = async_nats::connect(&self.events.nats_url).await.unwrap();
+        let js = async_nats::jetstream::new(nats);
+        let stream = js.get_stream(&self.events.stream).await.unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut bodies = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
+            match next {
+                Ok(Some(Ok(m))) => bodies.push(String::from_utf8_lossy(&m.payload).into_owned()),
+                _ => return bodies,
+            }
+        }
+    }
+
     pub fn stack(&self) -> &DevStack {
         self.stack.as_ref().expect("running")
     }
