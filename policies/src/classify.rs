@@ -67,8 +67,10 @@ use crate::Classification;
 
 mod cache;
 mod functions;
+mod lineage;
 mod secrets;
 mod settings;
+mod tree;
 mod walk;
 
 pub use cache::Classifier;

@@ -1,4 +1,5 @@
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// What a statement does, coarsely, as policies see it (`context.kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +137,9 @@ pub struct StatementFacts {
     /// literal). The worker reads later text only once the server has
     /// confirmed the settings in force (its `ParameterStatus`).
     pub changes_parsing: bool,
+    /// Where the values of the rows it returns come from, as far as its
+    /// text tells: what masking follows to values computed from a column.
+    pub outputs: Outputs,
 }
 
 impl StatementFacts {
@@ -157,6 +161,7 @@ impl StatementFacts {
             deallocates: None,
             disables_read_only: false,
             changes_parsing: false,
+            outputs: Outputs::none(),
         }
     }
 }
@@ -179,6 +184,69 @@ impl StatementFacts {
         facts.changes_parsing |= execute.changes_parsing;
         facts
     }
+}
+
+/// Where the values of a statement's result columns come from (see
+/// `classify::lineage`): one [`Output`] per entry of its select list or
+/// `RETURNING`, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outputs {
+    /// As far as the text tells. Empty for a statement that returns no rows
+    /// of its own (or only what no table holds: `SHOW`, `EXPLAIN`).
+    Known(Arc<[Output]>),
+    /// Rows the text does not tell the origin of: `FETCH` from a cursor,
+    /// a procedure's output arguments, `EXECUTE` of a statement the worker
+    /// could not read.
+    Unknown,
+}
+
+impl Outputs {
+    pub fn none() -> Self {
+        Outputs::Known(Arc::from([]))
+    }
+
+    /// The entries result column `i` of `n` may come from: its own entry
+    /// when the entries line up with the columns (a `*` spans as many
+    /// columns as the others leave), else every entry.
+    pub fn column(&self, i: usize, n: usize) -> &[Output] {
+        let Outputs::Known(all) = self else {
+            return &[];
+        };
+        let stars: Vec<usize> = (0..all.len()).filter(|&j| all[j].star).collect();
+        let entry = match stars[..] {
+            [] if all.len() == n => Some(i),
+            [s] if n + 1 >= all.len() => {
+                let span = n + 1 - all.len();
+                if i < s {
+                    Some(i)
+                } else if i < s + span {
+                    Some(s)
+                } else {
+                    Some(i + 1 - span)
+                }
+            }
+            _ => None,
+        };
+        match entry {
+            Some(j) => &all[j..=j],
+            None => all,
+        }
+    }
+}
+
+/// Where the values of one result column (or of each column a `*` spans)
+/// come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// A `*`: as many columns as the relations it names have.
+    pub star: bool,
+    /// The columns its values are computed from, as `(table, column)`:
+    /// the table's name without schema. A column written without its table
+    /// is listed once per table it may belong to.
+    pub columns: Vec<(String, String)>,
+    /// Tables whose whole rows it is computed from (`row_to_json(u)`,
+    /// `u.*`, `*`).
+    pub rows: Vec<String>,
 }
 
 /// Prepared statements a statement drops.

@@ -28,4 +28,4 @@ pub use engine::corpus::{
 pub use engine::{
     ApiAction, ApiAuthority, Decision, Effect, Engine, Principal, Session, TargetInfo,
 };
-pub use facts::{Classification, Deallocates, StatementFacts, StatementKind};
+pub use facts::{Classification, Deallocates, Output, Outputs, StatementFacts, StatementKind};

@@ -18,13 +18,13 @@
 //! the statement pass gave them; every other one is read, unless it names
 //! a CTE in scope.
 
-use serde::ser::{self, Impossible, Serialize};
-
 use pg_query::NodeEnum;
 use pg_query::protobuf::{self as pb, DiscardMode, ObjectType};
 
 use super::functions::{self, Call};
+use super::lineage;
 use super::settings::{self, Effect, Setting};
+use super::tree::{self, Visitor};
 use crate::{Deallocates, StatementFacts, StatementKind};
 
 /// The facts of one top-level statement.
@@ -44,7 +44,11 @@ pub(super) fn facts(statement: &NodeEnum) -> StatementFacts {
                 .map(facts)
                 .unwrap_or_else(|| StatementFacts::new(StatementKind::Other));
             if explain_runs(&explain.options) {
-                inner
+                // Its rows are the plan, not the statement's.
+                StatementFacts {
+                    outputs: crate::Outputs::none(),
+                    ..inner
+                }
             } else {
                 planned_only(inner)
             }
@@ -62,10 +66,11 @@ pub(super) fn facts(statement: &NodeEnum) -> StatementFacts {
         _ => {
             let mut walker = Walker::new();
             walker.statement(statement);
-            // The tree pass never fails: every method of the serializer
-            // returns Ok.
-            let _ = statement.serialize(&mut walker);
-            walker.finish(statement)
+            tree::visit(statement, &mut walker);
+            StatementFacts {
+                outputs: lineage::outputs(statement),
+                ..walker.finish(statement)
+            }
         }
     }
 }
@@ -462,64 +467,8 @@ impl Walker {
         })
     }
 
-    // ---- the tree pass ----
-
     fn top(&self) -> Option<&Frame> {
         self.stack.last()
-    }
-
-    fn begin_struct(&mut self, name: &'static str) {
-        use StatementKind as K;
-        match name {
-            "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-                self.queries.push(Query::default());
-                self.scope.push((self.queries.len() - 1, Place::Body));
-                match name {
-                    "InsertStmt" => self.raise_writing(K::Insert),
-                    "UpdateStmt" => self.raise_writing(K::Update),
-                    "DeleteStmt" => self.raise_writing(K::Delete),
-                    "MergeStmt" => self.raise_writing(K::Merge),
-                    _ => {}
-                }
-            }
-            "CommonTableExpr" => {
-                if let Some(&(q, _)) = self.scope.last() {
-                    let i = self.queries[q].ctes.len();
-                    self.queries[q].ctes.push(String::new());
-                    self.scope.last_mut().expect("checked").1 = Place::Cte(i);
-                }
-            }
-            // `SELECT … INTO t` creates `t`.
-            "IntoClause" => self.raise_writing(K::Ddl),
-            _ => {}
-        }
-        self.stack.push(Frame {
-            name,
-            field: "",
-            parts: Default::default(),
-        });
-    }
-
-    fn end_struct(&mut self) {
-        let Some(frame) = self.stack.pop() else {
-            return;
-        };
-        match frame.name {
-            "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-                self.scope.pop();
-            }
-            "CommonTableExpr" => {
-                if let Some(last) = self.scope.last_mut() {
-                    last.1 = Place::Body;
-                }
-            }
-            "RangeVar" => self.relation(frame.parts),
-            "FuncCall" => {
-                let [name, ..] = frame.parts;
-                self.function(name);
-            }
-            _ => {}
-        }
     }
 
     fn function(&mut self, name: String) {
@@ -582,6 +531,69 @@ impl Walker {
         };
         OWN_RELATION_FIELDS.contains(&statement.field)
             && between.iter().all(|f| RELATION_WRAPPERS.contains(&f.name))
+    }
+}
+
+/// The tree pass.
+impl Visitor for Walker {
+    fn begin_struct(&mut self, name: &'static str) {
+        use StatementKind as K;
+        match name {
+            "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                self.queries.push(Query::default());
+                self.scope.push((self.queries.len() - 1, Place::Body));
+                match name {
+                    "InsertStmt" => self.raise_writing(K::Insert),
+                    "UpdateStmt" => self.raise_writing(K::Update),
+                    "DeleteStmt" => self.raise_writing(K::Delete),
+                    "MergeStmt" => self.raise_writing(K::Merge),
+                    _ => {}
+                }
+            }
+            "CommonTableExpr" => {
+                if let Some(&(q, _)) = self.scope.last() {
+                    let i = self.queries[q].ctes.len();
+                    self.queries[q].ctes.push(String::new());
+                    self.scope.last_mut().expect("checked").1 = Place::Cte(i);
+                }
+            }
+            // `SELECT … INTO t` creates `t`.
+            "IntoClause" => self.raise_writing(K::Ddl),
+            _ => {}
+        }
+        self.stack.push(Frame {
+            name,
+            field: "",
+            parts: Default::default(),
+        });
+    }
+
+    fn end_struct(&mut self) {
+        let Some(frame) = self.stack.pop() else {
+            return;
+        };
+        match frame.name {
+            "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                self.scope.pop();
+            }
+            "CommonTableExpr" => {
+                if let Some(last) = self.scope.last_mut() {
+                    last.1 = Place::Body;
+                }
+            }
+            "RangeVar" => self.relation(frame.parts),
+            "FuncCall" => {
+                let [name, ..] = frame.parts;
+                self.function(name);
+            }
+            _ => {}
+        }
+    }
+
+    fn field(&mut self, key: &'static str) {
+        if let Some(top) = self.stack.last_mut() {
+            top.field = key;
+        }
     }
 
     fn string(&mut self, value: &str) {
@@ -692,195 +704,3 @@ fn function_name(funcname: &[pb::Node]) -> Option<String> {
         _ => None,
     }
 }
-
-// The tree pass is a serde `Serializer` that serializes nothing: it only
-// follows the structs, fields, sequences and options of the tree.
-
-/// Never produced: every method succeeds.
-#[derive(Debug)]
-pub(super) struct Never;
-
-impl std::fmt::Display for Never {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("never")
-    }
-}
-
-impl std::error::Error for Never {}
-
-impl ser::Error for Never {
-    fn custom<T: std::fmt::Display>(_: T) -> Self {
-        Never
-    }
-}
-
-macro_rules! ignore {
-    ($($method:ident($ty:ty)),* $(,)?) => {
-        $(fn $method(self, _: $ty) -> Result<(), Never> { Ok(()) })*
-    };
-}
-
-impl ser::Serializer for &mut Walker {
-    type Ok = ();
-    type Error = Never;
-    type SerializeSeq = Self;
-    type SerializeTuple = Self;
-    type SerializeTupleStruct = Self;
-    type SerializeTupleVariant = Self;
-    type SerializeMap = Impossible<(), Never>;
-    type SerializeStruct = Self;
-    type SerializeStructVariant = Self;
-
-    ignore!(
-        serialize_i8(i8),
-        serialize_i16(i16),
-        serialize_i32(i32),
-        serialize_i64(i64),
-        serialize_u8(u8),
-        serialize_u16(u16),
-        serialize_u32(u32),
-        serialize_u64(u64),
-        serialize_f32(f32),
-        serialize_f64(f64),
-        serialize_char(char),
-        serialize_bytes(&[u8]),
-        serialize_unit_struct(&'static str),
-    );
-
-    fn serialize_bool(self, v: bool) -> Result<(), Never> {
-        self.boolean(v);
-        Ok(())
-    }
-
-    fn serialize_str(self, v: &str) -> Result<(), Never> {
-        self.string(v);
-        Ok(())
-    }
-
-    fn serialize_none(self) -> Result<(), Never> {
-        self.none();
-        Ok(())
-    }
-
-    fn serialize_some<T: ?Sized + Serialize>(self, value: &T) -> Result<(), Never> {
-        value.serialize(self)
-    }
-
-    fn serialize_unit(self) -> Result<(), Never> {
-        Ok(())
-    }
-
-    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<(), Never> {
-        Ok(())
-    }
-
-    fn serialize_newtype_struct<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Never> {
-        value.serialize(self)
-    }
-
-    fn serialize_newtype_variant<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        value: &T,
-    ) -> Result<(), Never> {
-        value.serialize(self)
-    }
-
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self, Never> {
-        Ok(self)
-    }
-
-    fn serialize_tuple(self, _: usize) -> Result<Self, Never> {
-        Ok(self)
-    }
-
-    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self, Never> {
-        Ok(self)
-    }
-
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self, Never> {
-        Ok(self)
-    }
-
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Never> {
-        // The parse tree has no maps.
-        Err(Never)
-    }
-
-    fn serialize_struct(self, name: &'static str, _: usize) -> Result<Self, Never> {
-        self.begin_struct(name);
-        Ok(self)
-    }
-
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        variant: &'static str,
-        _: usize,
-    ) -> Result<Self, Never> {
-        self.begin_struct(variant);
-        Ok(self)
-    }
-}
-
-/// The compound parts of the tree: each element or field is visited in
-/// turn; a struct's fields are named first (see [`Walker::string`]).
-macro_rules! compound {
-    ($($trait:ident :: $method:ident),* $(,)?) => {$(
-        impl ser::$trait for &mut Walker {
-            type Ok = ();
-            type Error = Never;
-            fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Never> {
-                value.serialize(&mut **self)
-            }
-            fn end(self) -> Result<(), Never> {
-                Ok(())
-            }
-        }
-    )*};
-}
-
-compound!(
-    SerializeSeq::serialize_element,
-    SerializeTuple::serialize_element,
-    SerializeTupleStruct::serialize_field,
-    SerializeTupleVariant::serialize_field,
-);
-
-macro_rules! structure {
-    ($($trait:ident),* $(,)?) => {$(
-        impl ser::$trait for &mut Walker {
-            type Ok = ();
-            type Error = Never;
-            fn serialize_field<T: ?Sized + Serialize>(
-                &mut self,
-                key: &'static str,
-                value: &T,
-            ) -> Result<(), Never> {
-                if let Some(top) = self.stack.last_mut() {
-                    top.field = key;
-                }
-                value.serialize(&mut **self)
-            }
-            fn end(self) -> Result<(), Never> {
-                self.end_struct();
-                Ok(())
-            }
-        }
-    )*};
-}
-
-structure!(SerializeStruct, SerializeStructVariant);
