@@ -211,6 +211,106 @@ async fn rows_are_masked_in_text_binary_copy_and_errors() {
     env.cleanup().await;
 }
 
+/// A value computed from a rule column, or read through a view of one, is
+/// masked as the column is: the rule follows the column into expressions,
+/// subqueries, CTEs, set operations, whole rows, cursors and views (over
+/// views). A pii-reader sees them clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_values_and_views_are_masked_like_their_columns() {
+    let env = masked_env().await;
+    env.target()
+        .await
+        .batch_execute(
+            "CREATE VIEW contacts AS SELECT id, ssn AS tax_id, upper(nickname) AS nick FROM users;
+             CREATE VIEW contacts_again AS SELECT tax_id AS t, id FROM contacts;",
+        )
+        .await
+        .unwrap();
+    let client = env.connect("mallory").await;
+    let one = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let row = client.query_one(sql, &[]).await.unwrap();
+            row.get::<_, Option<String>>(0).unwrap_or_default()
+        }
+    };
+    for sql in [
+        "SELECT upper(ssn) FROM users WHERE id = 1",
+        "SELECT ssn || '' FROM users WHERE id = 1",
+        "SELECT (SELECT max(ssn) FROM users WHERE id = 1)",
+        "SELECT x FROM (SELECT upper(ssn) AS x, id FROM users) q WHERE id = 1",
+        "WITH c AS (SELECT ssn, id FROM users) SELECT c.ssn || '' FROM c WHERE id = 1",
+        "SELECT ssn FROM users WHERE id = 1 UNION ALL SELECT 'x' LIMIT 1",
+        "SELECT tax_id FROM contacts WHERE id = 1",
+        "SELECT lower(tax_id) FROM contacts WHERE id = 1",
+        "SELECT t FROM contacts_again WHERE id = 1",
+    ] {
+        assert_eq!(one(sql).await, "***-**-6789", "{sql}");
+    }
+    for sql in [
+        "SELECT coalesce(nickname, '') FROM users WHERE id = 1",
+        "SELECT nick FROM contacts WHERE id = 1",
+        "SELECT format('%s!', nickname) FROM users WHERE id = 1",
+    ] {
+        assert_eq!(one(sql).await, "[masked]", "{sql}");
+    }
+    for sql in [
+        "SELECT row_to_json(u)::text FROM users u WHERE id = 1",
+        "SELECT u::text FROM users u WHERE id = 1",
+        "SELECT to_jsonb(c.*)::text FROM contacts c WHERE id = 1",
+    ] {
+        let v = one(sql).await;
+        assert!(!v.contains("45-67") && !v.contains("ally"), "{sql}: {v}");
+    }
+    // A binary value of another type computed from a rule column: NULL.
+    let row = client
+        .query_one("SELECT length(nickname), id FROM users WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<i32>>(0), None);
+    assert_eq!(row.get::<_, i32>(1), 1);
+    // Columns computed from others stay as they are.
+    assert_eq!(
+        one("SELECT upper(email) || id FROM users WHERE id = 2").await,
+        "NO E-MAIL2"
+    );
+    // A cursor's rows: their text is not at hand, so what is computed in
+    // them is masked wherever there are column rules.
+    let text = client
+        .simple_query(
+            "BEGIN; DECLARE c CURSOR FOR SELECT upper(nickname), id FROM users ORDER BY id; \
+             FETCH 1 FROM c; COMMIT",
+        )
+        .await
+        .unwrap();
+    let fetched: Vec<_> = text
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((r.get(0), r.get(1))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetched, [(Some("[masked]"), Some("1"))]);
+
+    // A pii-reader sees them clear.
+    let token = env.stack().token("priya", &["pii-readers"]);
+    let mut config: tokio_postgres::Config =
+        env.conninfo("priya", "app", "require").parse().unwrap();
+    config.password(token);
+    let (reader, conn) = config.connect(env.tls()).await.unwrap();
+    tokio::spawn(conn);
+    for (sql, want) in [
+        ("SELECT upper(ssn) FROM users WHERE id = 1", SSN),
+        ("SELECT t FROM contacts_again WHERE id = 1", SSN),
+        ("SELECT nick FROM contacts WHERE id = 1", "ALLY"),
+    ] {
+        let row = reader.query_one(sql, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), want, "{sql}");
+    }
+    drop((client, reader));
+    env.cleanup().await;
+}
+
 /// Without column rules, COPY data goes through the detectors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_out_is_masked_by_the_detectors() {

@@ -613,8 +613,8 @@ async fn authenticate(
     })
 }
 
-/// The session's response masking: the columns the target's
-/// table-qualified rules name, read from its catalogue.
+/// The session's response masking: the columns the target's rules name,
+/// and the view columns computed from them, read from its catalogue.
 async fn response_mask(
     masking: &TargetMasking,
     backend: &mut backend::Backend,
@@ -625,9 +625,32 @@ async fn response_mask(
             if let [Some(oid), Some(attnum), Some(table), Some(column)] = &row[..]
                 && let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse())
             {
-                catalogue.insert((oid, attnum), (table.clone(), column.clone()));
+                catalogue.column(oid, attnum, table, column);
             }
         }
+    }
+    if let Some(sql) = catalogue.views_query() {
+        let mut views = Vec::new();
+        for row in backend::rows(backend, &sql, pg::DEFAULT_MAX_FRAME).await? {
+            if let [
+                Some(oid),
+                Some(view),
+                Some(attnum),
+                Some(column),
+                Some(definition),
+            ] = &row[..]
+                && let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse())
+            {
+                views.push((
+                    oid,
+                    view.clone(),
+                    attnum,
+                    column.clone(),
+                    definition.clone(),
+                ));
+            }
+        }
+        catalogue.views(&views);
     }
     Ok(ResponseMask::new(masking, catalogue))
 }

@@ -45,6 +45,16 @@ impl Pattern {
         Pattern(p.to_ascii_lowercase())
     }
 
+    /// Whether the pattern has a table part that `table` matches.
+    pub fn names_table(&self, table: &str) -> bool {
+        self.0.split_once('.').is_some_and(|(t, _)| glob(t, table))
+    }
+
+    /// The column part.
+    pub fn column(&self) -> &str {
+        self.0.split_once('.').map_or(&self.0, |(_, c)| c)
+    }
+
     /// Whether the pattern names this column. A pattern with a table part
     /// matches only when the table is known.
     pub fn matches(&self, table: Option<&str>, column: &str) -> bool {

@@ -58,7 +58,7 @@ use gatehouse_events::{
 };
 use gatehouse_pgwire::{self as pg, BackendMessage, Frame, FrontendMessage, TransactionStatus};
 use gatehouse_policies::{
-    Classification, Classifier, Deallocates, Known, REDACTED, SecretArgs, SecretKind,
+    Classification, Classifier, Deallocates, Known, Outputs, REDACTED, SecretArgs, SecretKind,
     StatementFacts, StatementKind, find_secrets_with, is_connection_secret, is_secret_name,
     json_holds_secret,
 };
@@ -152,6 +152,8 @@ enum Pending {
         /// Calls functions, which may change settings in ways the worker
         /// cannot foresee (see [`Machine::unforeseeable`]).
         calls: bool,
+        /// What its rows are computed from, for masking.
+        outputs: Outputs,
     },
     /// Answered by `ReadyForQuery`. The n-th `CommandComplete` in between
     /// completes the n-th statement: `changes[n]`.
@@ -160,6 +162,8 @@ enum Pending {
         withhold: bool,
         changes: VecDeque<Vec<Change<Prepared>>>,
         calls: bool,
+        /// What each statement's rows are computed from (when masking).
+        outputs: VecDeque<Outputs>,
     },
     /// Answered by `ReadyForQuery`. `text_after_execute`: text of this batch
     /// came after an `Execute`, so it may have been read by the server with
@@ -1050,12 +1054,17 @@ impl Machine {
             .stage(&Change::DropAll { always: false }, false);
         let command = chunk.events.last().map_or(0, |e| e.seq);
         let withhold = withholds_rows(chunk.events.last(), facts.parsed, &effective);
+        let outputs = match &self.mask {
+            Some(_) => effective.iter().map(|e| e.outputs.clone()).collect(),
+            None => VecDeque::new(),
+        };
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Query {
             command,
             withhold,
             changes,
             calls,
+            outputs,
         });
         // A COPY from the client takes whatever follows as its input, and
         // what the server then runs of the rest is not what was sent: read
@@ -1236,12 +1245,19 @@ impl Machine {
         }
         let command = chunk.events.last().map_or(0, |e| e.seq);
         let withhold = withholds_rows(chunk.events.last(), facts.parsed, &effective);
+        let outputs = match &self.mask {
+            Some(_) => effective
+                .first()
+                .map_or_else(Outputs::none, |e| e.outputs.clone()),
+            None => Outputs::none(),
+        };
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Execute {
             command,
             withhold,
             changes,
             calls,
+            outputs,
         });
         self.batch.executed = true;
         if self.may_change_parsing(facts, &effective) {
@@ -1550,8 +1566,11 @@ impl Machine {
                         self.settle_prepared(changes, true);
                     }
                 }
-                Some(Pending::Query { changes, .. }) => {
+                Some(Pending::Query {
+                    changes, outputs, ..
+                }) => {
                     let done = changes.pop_front().unwrap_or_default();
+                    outputs.pop_front();
                     self.settle_prepared(done, true);
                 }
                 _ => {
@@ -1727,8 +1746,16 @@ impl Machine {
             mask.forget_decisions();
             self.mask_engine = engine;
         }
+        // The statement the rows are of: the `Execute` the worker's own
+        // `Describe` was for, or the `Query`'s next one.
+        let unknown = Outputs::Unknown;
+        let outputs = match self.pending.front() {
+            Some(Pending::Execute { outputs, .. }) => outputs,
+            Some(Pending::Query { outputs, .. }) => outputs.front().unwrap_or(&unknown),
+            _ => &unknown,
+        };
         let policy = &self.policy;
-        if !mask.row_description(body, |t, c| policy.may_unmask(t, c)) {
+        if !mask.row_description(body, outputs, |t, c| policy.may_unmask(t, c)) {
             tracing::warn!(session = %self.ctx.session_id, "malformed RowDescription from the target");
             self.fail(
                 ClientError::fatal("08P01", "the target sent a malformed message"),
@@ -2253,6 +2280,7 @@ fn effective_facts<'a>(
                     // statement: anything may happen.
                     let mut unknown = StatementFacts::new(StatementKind::Other);
                     unknown.dynamic = true;
+                    unknown.outputs = Outputs::Unknown;
                     unknown
                 }
             }),

@@ -266,9 +266,24 @@ impl Harness {
 
     /// A session whose target masks responses with every detector.
     pub fn masked() -> Self {
-        let masking = crate::masking::MaskingConfig::default()
-            .build("test")
-            .unwrap();
+        Self::masked_with(&[])
+    }
+
+    /// … and masks whole the columns these patterns name.
+    pub fn masked_with(patterns: &[&str]) -> Self {
+        let masking = crate::masking::MaskingConfig {
+            columns: patterns
+                .iter()
+                .map(|p| crate::masking::ColumnRuleConfig {
+                    pattern: (*p).into(),
+                    style: crate::masking::StyleName::Redact,
+                    keep_last: 4,
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .build("test")
+        .unwrap();
         Self::with_mask(
             identity("alice", &[]),
             Some(crate::masking::ResponseMask::new(
@@ -1261,4 +1276,56 @@ fn rows_of_a_command_that_reads_settings_are_not_recorded() {
     assert!(r.rows.is_empty());
     let s = r.summary.as_ref().unwrap();
     assert_eq!((s.rows, s.truncated), (1, true));
+}
+
+/// Values computed from a rule column are masked, statement by statement
+/// of a `Query`, in an `Execute`, and in a SQL `EXECUTE` of a statement
+/// prepared before.
+#[test]
+fn computed_values_follow_the_statement_they_come_from() {
+    let mut h = Harness::masked_with(&["users.nickname"]);
+    h.send(&query(
+        "SELECT upper(title) FROM books; SELECT upper(nickname) FROM users",
+    ));
+    h.reply(&cat(&[
+        row_description(&["upper"]),
+        data_row("WAR AND PEACE"),
+        command_complete("SELECT 1"),
+        row_description(&["upper"]),
+        data_row("BUNNY"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(
+        row_values(&h.machine.to_client.split()),
+        ["WAR AND PEACE", "[masked]"]
+    );
+
+    h.send(&cat(&[
+        parse("", "SELECT nickname || '!' FROM users"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ]));
+    h.reply(&cat(&[
+        parse_complete(),
+        bind_complete(),
+        row_description(&["?column?"]),
+        data_row("bunny!"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(row_values(&h.machine.to_client.split()), ["[masked]"]);
+
+    h.send(&query("PREPARE p AS SELECT lower(nickname) FROM users"));
+    h.reply(&cat(&[command_complete("PREPARE"), ready(b'I')]));
+    h.machine.to_client.clear();
+    h.send(&query("EXECUTE p"));
+    h.reply(&cat(&[
+        row_description(&["lower"]),
+        data_row("bunny"),
+        command_complete("SELECT 1"),
+        ready(b'I'),
+    ]));
+    assert_eq!(row_values(&h.machine.to_client.split()), ["[masked]"]);
 }

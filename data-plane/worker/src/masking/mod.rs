@@ -44,14 +44,16 @@
 //! (`upper(ssn)`, `nickname || ''`) has no table in the description, so
 //! only the detectors see it.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 use gatehouse_events::Cell;
 use gatehouse_masking::{ColumnRule, Detector, Detectors, Masker, Pattern, Rules, Stats, Style};
+use gatehouse_policies::Outputs;
 use serde::Deserialize;
+
+mod catalogue;
 
 /// How masked values are shown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -157,7 +159,7 @@ impl MaskingConfig {
             }
         }
         let mut columns = Vec::new();
-        let mut tabled = Vec::new();
+        let mut patterns = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
             let p = c.pattern.trim();
             let ok = !p.is_empty()
@@ -169,9 +171,10 @@ impl MaskingConfig {
                     c.pattern
                 ));
             }
-            if let Some((t, col)) = p.split_once('.') {
-                tabled.push((t.to_ascii_lowercase(), col.to_ascii_lowercase()));
-            }
+            patterns.push(match p.split_once('.') {
+                Some((t, col)) => (Some(t.to_ascii_lowercase()), col.to_ascii_lowercase()),
+                None => (None, p.to_ascii_lowercase()),
+            });
             columns.push(ColumnRule {
                 pattern: Pattern::new(p),
                 style: style(c.style, c.keep_last),
@@ -213,7 +216,7 @@ impl MaskingConfig {
                 content_style: style(self.style, self.keep_last),
             },
             key,
-            tabled,
+            patterns,
             record_max_bytes: self.record_max_bytes,
         })
     }
@@ -223,8 +226,8 @@ impl MaskingConfig {
 pub struct TargetMasking {
     rules: Rules,
     key: Vec<u8>,
-    /// The `(table, column)` patterns of column rules that name a table.
-    tabled: Vec<(String, String)>,
+    /// The `(table, column)` patterns of the column rules, lowercase.
+    patterns: Vec<(Option<String>, String)>,
     pub record_max_bytes: usize,
 }
 
@@ -237,11 +240,11 @@ impl std::fmt::Debug for TargetMasking {
 }
 
 impl TargetMasking {
-    /// The query that finds the columns the table-qualified rules name:
-    /// rows of (table oid, column number, table, column). `None` when no
-    /// rule names a table.
+    /// The query that finds the columns the column rules name: rows of
+    /// (table oid, column number, table, column). `None` when there are no
+    /// column rules.
     pub fn catalogue_query(&self) -> Option<String> {
-        if self.tabled.is_empty() {
+        if self.patterns.is_empty() {
             return None;
         }
         let like = |glob: &str| {
@@ -261,14 +264,15 @@ impl TargetMasking {
             s
         };
         let terms: Vec<String> = self
-            .tabled
+            .patterns
             .iter()
-            .map(|(t, c)| {
-                format!(
+            .map(|(t, c)| match t {
+                Some(t) => format!(
                     "(c.relname ILIKE {} AND a.attname ILIKE {})",
                     like(t),
                     like(c)
-                )
+                ),
+                None => format!("a.attname ILIKE {}", like(c)),
             })
             .collect();
         Some(format!(
@@ -281,9 +285,7 @@ impl TargetMasking {
     }
 }
 
-/// The columns table-qualified rules name, by (table oid, column number):
-/// their table and column names. From [`TargetMasking::catalogue_query`].
-pub type Catalogue = HashMap<(u32, i16), (String, String)>;
+pub use catalogue::Catalogue;
 
 /// What is done to one column of a result.
 #[derive(Debug, Clone, PartialEq)]
@@ -411,17 +413,60 @@ impl ResponseMask {
         ok
     }
 
-    /// A result's shape: the plan for its rows. `decide(table, column)` is
-    /// Cedar's `unmask`. False if the description is malformed.
+    /// The rule columns result column `i` of `n` is computed from, as its
+    /// statement's text tells; a result of unknown origin may come from
+    /// any (`("", "")` asks Cedar about all).
+    fn computed_from(&self, outputs: &Outputs, i: usize, n: usize) -> Vec<(String, String)> {
+        let rules = &self.masker.rules().columns;
+        let Outputs::Known(_) = outputs else {
+            return match rules.first() {
+                Some(_) => vec![(String::new(), String::new())],
+                None => Vec::new(),
+            };
+        };
+        let mut sources = Vec::new();
+        for o in outputs.column(i, n) {
+            for (t, c) in &o.columns {
+                match self.catalogue.named(t, c) {
+                    Some(source) => sources.push(source.clone()),
+                    // A table the session's catalogue does not know (made
+                    // since): by the rules' patterns.
+                    None if self.masker.column_style(Some(t), c).is_some() => {
+                        sources.push((t.clone(), c.clone()));
+                    }
+                    None => {}
+                }
+            }
+            for t in &o.rows {
+                match self.catalogue.table(t) {
+                    Some(source) => sources.push(source.clone()),
+                    None => {
+                        if let Some(rule) = rules.iter().find(|r| r.pattern.names_table(t)) {
+                            sources.push((t.clone(), rule.pattern.column().to_owned()));
+                        }
+                    }
+                }
+            }
+        }
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+
+    /// A result's shape: the plan for its rows. `outputs`: what the
+    /// statement's text says its columns are computed from. `decide(table,
+    /// column)` is Cedar's `unmask`. False if the description is malformed.
     pub fn row_description(
         &mut self,
         body: &[u8],
+        outputs: &Outputs,
         mut decide: impl FnMut(&str, &str) -> bool,
     ) -> bool {
         self.end_result();
         let mut r = Reader(body);
         let Some(n) = r.i16() else { return false };
-        for _ in 0..n.max(0) {
+        let n = n.max(0) as usize;
+        for i in 0..n {
             let (Some(name), Some(table_oid), Some(attnum), Some(type_oid)) =
                 (r.cstr(), r.u32(), r.i16(), r.u32())
             else {
@@ -431,12 +476,22 @@ impl ResponseMask {
                 return false;
             };
             let name = String::from_utf8_lossy(name);
-            let known = self.catalogue.get(&(table_oid, attnum)).cloned();
-            let rule = known
-                .as_ref()
-                .and_then(|(t, c)| self.masker.column_style(Some(t), c))
-                .or_else(|| self.masker.column_style(None, &name))
-                .cloned();
+            let known = self.catalogue.origin(table_oid, attnum).cloned();
+            // The rule columns its values come from: by its origin, else
+            // (a computed value) by what the text computes it from.
+            let sources = match &known {
+                Some(source) => vec![source.clone()],
+                None if table_oid == 0 => self.computed_from(outputs, i, n),
+                None => Vec::new(),
+            };
+            let rule = sources
+                .iter()
+                .find_map(|(t, c)| match (t.is_empty(), c.is_empty()) {
+                    // Of unknown origin: no rule's style says more.
+                    (true, true) => Some(Style::Redact),
+                    _ => self.masker.column_style(Some(t), c).cloned(),
+                })
+                .or_else(|| self.masker.column_style(None, &name).cloned());
             let binary = format == 1;
             // A column named like a secret (`password`, `api_key`, …) is
             // never recorded as it is, whatever masking says.
@@ -444,19 +499,25 @@ impl ResponseMask {
                 || known
                     .as_ref()
                     .is_some_and(|(_, c)| gatehouse_policies::is_secret_name(c));
-            let mut log = match (rule, binary, text_like(type_oid)) {
-                (Some(style), false, _) | (Some(style), true, Some(_)) => Step::Whole(style),
+            let mut log = match (&rule, binary, text_like(type_oid)) {
+                (Some(style), false, _) | (Some(style), true, Some(_)) => {
+                    Step::Whole(style.clone())
+                }
                 (Some(_), true, None) => Step::Null,
                 (None, _, _) if self.masker.rules().detectors.is_empty() => Step::Keep,
                 (None, false, _) if opaque_text(type_oid) => Step::Keep,
                 (None, false, _) | (None, true, Some(_)) => Step::Detect,
                 (None, true, None) => Step::Keep,
             };
-            let (table, column) = match &known {
-                Some((t, c)) => (t.as_str(), c.as_str()),
-                None => ("", &*name),
+            // Cedar is asked about each column the values come from.
+            let asks = match (&rule, &known) {
+                (Some(_), _) if !sources.is_empty() => sources,
+                (_, Some(source)) => vec![source.clone()],
+                _ => vec![(String::new(), name.to_string())],
             };
-            let client = if log == Step::Keep || self.may_unmask(table, column, &mut decide) {
+            let client = if log == Step::Keep
+                || asks.iter().all(|(t, c)| self.may_unmask(t, c, &mut decide))
+            {
                 Step::Keep
             } else {
                 log.clone()
@@ -1005,7 +1066,7 @@ mod tests {
         };
         let target = config.build("t").unwrap();
         let mut catalogue = Catalogue::new();
-        catalogue.insert((1000, 3), ("users".into(), "ssn".into()));
+        catalogue.column(1000, 3, "users", "ssn");
         ResponseMask::new(&target, catalogue)
     }
 
@@ -1019,7 +1080,7 @@ mod tests {
             ("x", 1000, 3, TEXT, 0),
             ("note", 0, 0, TEXT, 0),
         ]);
-        assert!(m.row_description(&desc, |_, _| false));
+        assert!(m.row_description(&desc, &Outputs::none(), |_, _| false));
         assert!(m.masks_rows());
 
         let clean = data_row(&[Some(b"1"), Some(b"hello"), None, Some(b"fine")]);
@@ -1054,13 +1115,110 @@ mod tests {
         assert_eq!(m.stats.by_column, 1);
     }
 
+    fn outputs(sql: &str) -> Outputs {
+        let c = gatehouse_policies::classify(sql, gatehouse_policies::Reading::default());
+        c.statements[0].outputs.clone()
+    }
+
+    /// A value computed from a rule column has no origin in its
+    /// description: the statement's text says where it comes from.
+    #[test]
+    fn values_computed_from_rule_columns_are_masked_as_the_column() {
+        let mut m = mask(&[("users.ssn", StyleName::Partial)]);
+        let o = outputs("SELECT id, upper(ssn) AS u, lower(note), row_to_json(x) FROM users x");
+        let desc = row_description(&[
+            ("id", 1000, 1, INT4, 0),
+            ("u", 0, 0, TEXT, 0),
+            ("lower", 0, 0, TEXT, 0),
+            ("row_to_json", 0, 0, 114, 0),
+        ]);
+        let mut asked = Vec::new();
+        assert!(m.row_description(&desc, &o, |t, c| {
+            asked.push(format!("{t}.{c}"));
+            false
+        }));
+        assert_eq!(asked, ["users.ssn", ".lower"]);
+        let row = data_row(&[
+            Some(b"1"),
+            Some(b"123-45-6789"),
+            Some(b"plain"),
+            Some(br#"{"id":1,"ssn":"123456789"}"#),
+        ]);
+        let mut out = BytesMut::new();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(
+            values(&out),
+            vec![
+                Some(b"1".to_vec()),
+                Some(b"***-**-6789".to_vec()),
+                Some(b"plain".to_vec()),
+                // A whole row of users, masked whole.
+                Some(br#"{"**":*,"***":"*****6789"}"#.to_vec()),
+            ]
+        );
+        // Those `unmask` lets see users.ssn see what is computed from it.
+        let mut m = mask(&[("users.ssn", StyleName::Partial)]);
+        assert!(m.row_description(&desc, &o, |t, c| t == "users" && c == "ssn"));
+        out.clear();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(values(&out)[1], Some(b"123-45-6789".to_vec()));
+
+        // Binary: a text value in place, another type NULL.
+        let mut m = mask(&[("users.ssn", StyleName::Partial)]);
+        let o = outputs("SELECT upper(ssn), length(ssn) FROM users");
+        let desc = row_description(&[("upper", 0, 0, TEXT, 1), ("length", 0, 0, INT4, 1)]);
+        assert!(m.row_description(&desc, &o, |_, _| false));
+        let row = data_row(&[Some(b"123-45-6789"), Some(&[0, 0, 0, 11])]);
+        out.clear();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(values(&out), vec![Some(b"***-**-6789".to_vec()), None]);
+    }
+
+    /// Rows whose origin the text does not tell (a cursor's) have their
+    /// computed values masked wherever there are column rules; the whole
+    /// row of a table with a rule column is masked.
+    #[test]
+    fn values_of_unknown_origin_and_whole_rows_are_masked() {
+        let mut m = mask(&[("users.ssn", StyleName::Redact)]);
+        let desc = row_description(&[
+            ("ssn", 1000, 3, TEXT, 0),
+            ("upper", 0, 0, TEXT, 0),
+            ("users", 1000, 0, 16400, 0),
+            ("other", 1001, 0, 16401, 0),
+        ]);
+        let mut asked = Vec::new();
+        assert!(m.row_description(&desc, &Outputs::Unknown, |t, c| {
+            asked.push(format!("{t}.{c}"));
+            false
+        }));
+        assert_eq!(asked, ["users.ssn", ".", ".other"]);
+        let row = data_row(&[Some(b"1"), Some(b"2"), Some(b"(1,2)"), Some(b"(3)")]);
+        let mut out = BytesMut::new();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(
+            values(&out),
+            vec![
+                Some(b"[masked]".to_vec()),
+                Some(b"[masked]".to_vec()),
+                Some(b"[masked]".to_vec()),
+                Some(b"(3)".to_vec()),
+            ]
+        );
+        // Without column rules, nothing is of a rule column.
+        let mut m = mask(&[]);
+        assert!(m.row_description(&desc, &Outputs::Unknown, |_, _| false));
+        out.clear();
+        assert!(m.data_row(&row, &mut out));
+        assert_eq!(values(&out)[1], Some(b"2".to_vec()));
+    }
+
     #[test]
     fn unmask_is_asked_once_per_column_and_keeps_it_clear() {
         let mut m = mask(&[("users.ssn", StyleName::Redact)]);
         let desc = row_description(&[("x", 1000, 3, TEXT, 0), ("email", 0, 0, TEXT, 0)]);
         let mut asked = Vec::new();
         for _ in 0..3 {
-            assert!(m.row_description(&desc, |t, c| {
+            assert!(m.row_description(&desc, &Outputs::none(), |t, c| {
                 asked.push(format!("{t}.{c}"));
                 c == "ssn"
             }));
@@ -1077,7 +1235,7 @@ mod tests {
             ]
         );
         m.forget_decisions();
-        assert!(m.row_description(&desc, |_, _| false));
+        assert!(m.row_description(&desc, &Outputs::none(), |_, _| false));
         out.clear();
         assert!(m.data_row(&row, &mut out));
         assert_eq!(values(&out)[0], Some(b"[masked]".to_vec()));
@@ -1092,7 +1250,7 @@ mod tests {
             ("api_key", 0, 0, INT4, 1),
         ]);
         assert!(
-            m.row_description(&desc, |_, _| true),
+            m.row_description(&desc, &Outputs::none(), |_, _| true),
             "unmask: the client sees all"
         );
         let row = data_row(&[
@@ -1128,7 +1286,7 @@ mod tests {
             ("profile", 0, 0, JSONB, 1),
             ("n", 0, 0, INT4, 1),
         ]);
-        assert!(m.row_description(&desc, |_, _| false));
+        assert!(m.row_description(&desc, &Outputs::none(), |_, _| false));
         let row = data_row(&[
             Some(b"a@example.com"),
             Some(&41i32.to_be_bytes()),
@@ -1151,21 +1309,21 @@ mod tests {
     fn a_result_of_opaque_types_is_not_looked_at_and_a_bad_row_is_refused() {
         let mut m = mask(&[]);
         let desc = row_description(&[("n", 0, 0, INT4, 0), ("b", 0, 0, 16, 0)]);
-        assert!(m.row_description(&desc, |_, _| false));
+        assert!(m.row_description(&desc, &Outputs::none(), |_, _| false));
         assert!(
             !m.masks_rows(),
             "nothing to do: rows are forwarded as they are"
         );
 
         let desc = row_description(&[("t", 0, 0, TEXT, 0)]);
-        assert!(m.row_description(&desc, |_, _| false));
+        assert!(m.row_description(&desc, &Outputs::none(), |_, _| false));
         let mut out = BytesMut::new();
         let two = data_row(&[Some(b"a"), Some(b"b")]);
         assert!(!m.data_row(&two, &mut out), "more values than columns");
         let mut short = data_row(&[Some(b"abc")]);
         short.truncate(short.len() - 1);
         assert!(!m.data_row(&short, &mut out), "a value past the end");
-        assert!(!m.row_description(&desc[..desc.len() - 3], |_, _| false));
+        assert!(!m.row_description(&desc[..desc.len() - 3], &Outputs::none(), |_, _| false));
     }
 
     fn error(fields: &[(u8, &str)]) -> Vec<u8> {
@@ -1325,10 +1483,9 @@ mod tests {
             ),
             "{q}"
         );
-        assert!(
-            !q.contains("bare"),
-            "a rule without a table needs no catalogue"
-        );
+        // A rule without a table names a column of any: an alias
+        // (`SELECT bare AS x`) is still followed to it.
+        assert!(q.contains(" OR a.attname ILIKE 'bare' ESCAPE '!'"), "{q}");
         let none = MaskingConfig::default().build("t").unwrap();
         assert_eq!(none.catalogue_query(), None);
         for bad in ["", "a.b.c", ".x", "x."] {
