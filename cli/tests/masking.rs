@@ -222,7 +222,9 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         .await
         .batch_execute(
             "CREATE VIEW contacts AS SELECT id, ssn AS tax_id, upper(nickname) AS nick FROM users;
-             CREATE VIEW contacts_again AS SELECT tax_id AS t, id FROM contacts;",
+             CREATE VIEW contacts_again AS SELECT tax_id AS t, id FROM contacts;
+             CREATE FUNCTION ssn_of(i int) RETURNS text LANGUAGE sql
+               AS 'SELECT ssn FROM users WHERE id = i';",
         )
         .await
         .unwrap();
@@ -261,6 +263,23 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
     ] {
         let v = one(sql).await;
         assert!(!v.contains("45-67") && !v.contains("ally"), "{sql}: {v}");
+    }
+    // A function defined in the database reads what the text does not
+    // name; one that runs SQL given as text, too.
+    assert_eq!(one("SELECT ssn_of(1)").await, "[masked]");
+    assert_eq!(
+        one("SELECT x FROM (SELECT ssn_of(id) AS x FROM users WHERE id = 1) q").await,
+        "[masked]"
+    );
+    match client
+        .query_one(
+            "SELECT query_to_xml('SELECT ssn FROM users', true, true, '')::text",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => assert!(!row.get::<_, String>(0).contains("45-67")),
+        Err(e) => assert_eq!(e.as_db_error().unwrap().code().code(), "42501", "{e}"),
     }
     // A binary value of another type computed from a rule column: NULL.
     let row = client

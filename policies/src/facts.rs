@@ -247,6 +247,12 @@ pub struct Output {
     /// Tables whose whole rows it is computed from (`row_to_json(u)`,
     /// `u.*`, `*`).
     pub rows: Vec<String>,
+    /// The functions it calls (lowercase, without schema): one defined in
+    /// the database may read what the text does not name.
+    pub functions: Vec<String>,
+    /// It calls a function that runs SQL given as text (`query_to_xml`,
+    /// `dblink`, …): what it reads cannot be known from the text.
+    pub opaque: bool,
 }
 
 /// Prepared statements a statement drops.

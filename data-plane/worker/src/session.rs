@@ -614,7 +614,8 @@ async fn authenticate(
 }
 
 /// The session's response masking: the columns the target's rules name,
-/// and the view columns computed from them, read from its catalogue.
+/// the functions defined in it, and the view columns computed from either,
+/// read from its catalogue.
 async fn response_mask(
     masking: &TargetMasking,
     backend: &mut backend::Backend,
@@ -626,6 +627,12 @@ async fn response_mask(
                 && let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse())
             {
                 catalogue.column(oid, attnum, table, column);
+            }
+        }
+        let sql = Catalogue::functions_query();
+        for row in backend::rows(backend, sql, pg::DEFAULT_MAX_FRAME).await? {
+            if let [Some(name)] = &row[..] {
+                catalogue.function(name);
             }
         }
     }

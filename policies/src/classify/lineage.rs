@@ -18,12 +18,14 @@
 //! - Set operations and `VALUES` join their branches column by column; a
 //!   recursive CTE is followed until its sources stop growing.
 //!
-//! What a function defined in the database reads by itself is not in the
-//! text, and is not followed.
+//! What a function reads by itself is not in the text: an entry names the
+//! functions it calls, for the worker to tell those defined in the
+//! database, and is `opaque` when one runs SQL given as text.
 
 use pg_query::NodeEnum;
 use pg_query::protobuf as pb;
 
+use super::functions::{self, Call};
 use super::tree::{self, Visitor};
 use crate::{Output, Outputs};
 
@@ -417,6 +419,11 @@ fn expression(node: &impl serde::Serialize, scope: &Scope) -> Output {
     for fields in &found.refs {
         resolve(fields, scope, &inner, &mut out);
     }
+    out.opaque |= found
+        .functions
+        .iter()
+        .any(|f| functions::call(f) == Some(Call::Dynamic));
+    out.functions.extend(found.functions);
     dedup(&mut out);
     out
 }
@@ -510,7 +517,18 @@ fn whole(item: &Item, out: &mut Output) {
 
 /// Adds `from`'s sources to `into`; whether any was new.
 fn merge(into: &mut Output, from: &Output) -> bool {
-    let before = (into.columns.len(), into.rows.len());
+    let before = (
+        into.columns.len(),
+        into.rows.len(),
+        into.functions.len(),
+        into.opaque,
+    );
+    for f in &from.functions {
+        if !into.functions.contains(f) {
+            into.functions.push(f.clone());
+        }
+    }
+    into.opaque |= from.opaque;
     for c in &from.columns {
         if !into.columns.contains(c) {
             into.columns.push(c.clone());
@@ -521,7 +539,13 @@ fn merge(into: &mut Output, from: &Output) -> bool {
             into.rows.push(r.clone());
         }
     }
-    before != (into.columns.len(), into.rows.len())
+    before
+        != (
+            into.columns.len(),
+            into.rows.len(),
+            into.functions.len(),
+            into.opaque,
+        )
 }
 
 fn dedup(out: &mut Output) {
@@ -529,6 +553,9 @@ fn dedup(out: &mut Output) {
     out.columns.dedup();
     out.rows.sort();
     out.rows.dedup();
+    out.functions.retain(|f| !f.is_empty());
+    out.functions.sort();
+    out.functions.dedup();
 }
 
 /// Column names given in an alias (`q(a, b)`) or a CTE's header.
@@ -600,6 +627,8 @@ struct Found {
     stack: Vec<(&'static str, &'static str)>,
     refs: Vec<Vec<Field>>,
     relations: Vec<pb::RangeVar>,
+    /// Functions called, lowercase.
+    functions: Vec<String>,
 }
 
 impl Found {
@@ -616,6 +645,7 @@ impl Visitor for Found {
         match name {
             "ColumnRef" => self.refs.push(Vec::new()),
             "RangeVar" => self.relations.push(pb::RangeVar::default()),
+            "FuncCall" => self.functions.push(String::new()),
             "AStar" if self.at(1) == Some(("ColumnRef", "fields")) => {
                 if let Some(r) = self.refs.last_mut() {
                     r.push(Field::Star);
@@ -642,6 +672,17 @@ impl Visitor for Found {
                 if let Some(r) = self.refs.last_mut() {
                     r.push(Field::Name(value.to_owned()));
                 }
+            }
+            // A function's name: its last part stands.
+            (Some(("String", "sval")), _, Some(("FuncCall", "funcname"))) => {
+                if let Some(f) = self.functions.last_mut() {
+                    *f = value.to_lowercase();
+                }
+            }
+            // `(x).name`: a field, or PostgreSQL's attribute notation for
+            // `name(x)`.
+            (Some(("String", "sval")), _, Some(("AIndirection", "indirection"))) => {
+                self.functions.push(value.to_lowercase());
             }
             (Some(("RangeVar", field)), _, _) => {
                 if let Some(rv) = self.relations.last_mut() {
@@ -731,6 +772,21 @@ mod tests {
         // Functions in FROM have the sources of their arguments.
         let e = entries("SELECT upper(v) FROM users u, jsonb_each_text(u.profile) AS j(k, v)");
         assert!(cols(&e[0]).contains(&"users.profile".to_owned()), "{e:?}");
+    }
+
+    #[test]
+    fn entries_name_the_functions_they_call() {
+        let e = entries(
+            "SELECT get_ssn(id), upper(lower(name)), (u).nick, \
+             query_to_xml('SELECT ssn FROM users', true, true, '') FROM users u",
+        );
+        assert_eq!(e[0].functions, ["get_ssn"]);
+        assert!(!e[0].opaque);
+        assert_eq!(e[1].functions, ["lower", "upper"]);
+        assert_eq!(e[2].functions, ["nick"]);
+        assert!(e[3].opaque, "runs SQL given as text");
+        let e = entries("SELECT x FROM (SELECT public.get_ssn(id) AS x FROM users) q");
+        assert_eq!(e[0].functions, ["get_ssn"], "followed through a subquery");
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //! rule column, follows each view column to what it is computed from (the
 //! classifier's lineage), and maps it to the rule column it comes from.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use gatehouse_policies::{Outputs, Reading, classify};
+use gatehouse_policies::{Output, Outputs, Reading, classify};
 
 /// The columns the rules reach, as (table, column) of the rule column they
 /// come from.
@@ -25,6 +25,9 @@ pub struct Catalogue {
     /// Relations (oid, and lowercase name) with such a column: one of them.
     relations: HashMap<u32, (String, String)>,
     tables: HashMap<String, (String, String)>,
+    /// Functions defined in the database (not built in, nor an
+    /// extension's), lowercase: what they read is not in a statement.
+    functions: HashSet<String>,
 }
 
 /// Most rounds of views over views followed.
@@ -73,6 +76,31 @@ impl Catalogue {
     /// A rule column of a relation, if it has one.
     pub fn table(&self, table: &str) -> Option<&(String, String)> {
         self.tables.get(&table.to_lowercase())
+    }
+
+    /// The query that finds the functions defined in the database: rows of
+    /// (name).
+    pub fn functions_query() -> &'static str {
+        "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
+         WHERE p.pronamespace NOT IN ('pg_catalog'::pg_catalog.regnamespace, \
+           'information_schema'::pg_catalog.regnamespace) \
+         AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+           WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid \
+           AND d.deptype = 'e') \
+         LIMIT 100000"
+    }
+
+    /// A function defined in the database (a row of
+    /// [`Catalogue::functions_query`]).
+    pub fn function(&mut self, name: &str) {
+        self.functions.insert(name.to_lowercase());
+    }
+
+    /// Whether an entry's values may come from anywhere: it calls a
+    /// function that runs SQL given as text, or one defined in the
+    /// database.
+    pub fn opaque(&self, output: &Output) -> bool {
+        output.opaque || output.functions.iter().any(|f| self.functions.contains(f))
     }
 
     /// The query that finds the views depending, directly or through
@@ -161,6 +189,9 @@ impl Catalogue {
             return self.relations.values().next().cloned();
         };
         outputs.column(i, n).iter().find_map(|o| {
+            if self.opaque(o) {
+                return self.relations.values().next().cloned();
+            }
             o.columns
                 .iter()
                 .find_map(|(t, c)| self.named(t, c))
@@ -188,6 +219,8 @@ mod tests {
         let v = " SELECT u.id,\n    u.ssn AS s,\n    upper(u.email) AS e,\n    1 AS one\n   FROM users u;";
         let w = " SELECT v.s AS again,\n    v.id\n   FROM v;";
         let j = " SELECT row_to_json(u.*) AS j\n   FROM users u;";
+        let f = " SELECT secret_of(t.id) AS s, t.id\n   FROM things t;";
+        c.function("secret_of");
         let rows = [
             // Listed before the view it reads: followed in a later round.
             (3000, "w".into(), 1, "again".into(), w.into()),
@@ -197,6 +230,8 @@ mod tests {
             (2000, "v".into(), 3, "e".into(), v.into()),
             (2000, "v".into(), 4, "one".into(), v.into()),
             (4000, "j".into(), 1, "j".into(), j.into()),
+            (5000, "f".into(), 1, "s".into(), f.into()),
+            (5000, "f".into(), 2, "id".into(), f.into()),
         ];
         c.views(&rows);
         let ssn = ("users".to_owned(), "ssn".to_owned());
@@ -208,6 +243,11 @@ mod tests {
         assert_eq!(c.origin(3000, 1), Some(&ssn));
         assert_eq!(c.origin(3000, 2), None);
         assert!(c.origin(4000, 1).is_some());
+        assert!(
+            c.origin(5000, 1).is_some(),
+            "a function defined in the database"
+        );
+        assert_eq!(c.origin(5000, 2), None);
         assert_eq!(c.named("V", "S"), Some(&ssn));
         assert_eq!(c.table("w"), Some(&ssn));
         assert_eq!(c.origin(1000, 0), Some(&ssn), "a whole row of users");

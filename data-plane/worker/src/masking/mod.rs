@@ -414,8 +414,9 @@ impl ResponseMask {
     }
 
     /// The rule columns result column `i` of `n` is computed from, as its
-    /// statement's text tells; a result of unknown origin may come from
-    /// any (`("", "")` asks Cedar about all).
+    /// statement's text tells; a result of unknown origin, or computed by a
+    /// function that reads what the text does not name, may come from any
+    /// (`("", "")` asks Cedar about all).
     fn computed_from(&self, outputs: &Outputs, i: usize, n: usize) -> Vec<(String, String)> {
         let rules = &self.masker.rules().columns;
         let Outputs::Known(_) = outputs else {
@@ -426,6 +427,9 @@ impl ResponseMask {
         };
         let mut sources = Vec::new();
         for o in outputs.column(i, n) {
+            if self.catalogue.opaque(o) && !rules.is_empty() {
+                sources.push((String::new(), String::new()));
+            }
             for (t, c) in &o.columns {
                 match self.catalogue.named(t, c) {
                     Some(source) => sources.push(source.clone()),
