@@ -281,6 +281,18 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         Ok(row) => assert!(!row.get::<_, String>(0).contains("45-67")),
         Err(e) => assert_eq!(e.as_db_error().unwrap().code().code(), "42501", "{e}"),
     }
+    // A failed cast quotes the value it failed on.
+    let err = client
+        .query_one("SELECT nickname::int FROM users WHERE id = 1", &[])
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "22P02");
+    assert!(
+        !db.message().contains("ally") && db.message().contains("[masked]"),
+        "{}",
+        db.message()
+    );
     // A binary value of another type computed from a rule column: NULL.
     let row = client
         .query_one("SELECT length(nickname), id FROM users WHERE id = 1", &[])

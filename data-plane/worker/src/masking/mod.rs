@@ -308,6 +308,41 @@ enum Copy {
     Binary,
 }
 
+/// A data exception's message with the value it quotes masked: every
+/// quoted span (`"…"`, `»…«`, `«…»`, `„…“`, `“…”`), or, when it quotes none,
+/// all after its first `: `.
+fn failed_value(message: &[u8]) -> Vec<u8> {
+    const QUOTES: [(&str, &str); 5] =
+        [("\"", "\""), ("»", "«"), ("«", "»"), ("„", "“"), ("“", "”")];
+    let text = String::from_utf8_lossy(message);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = &*text;
+    let mut quoted = false;
+    while let Some((at, open, close)) = QUOTES
+        .iter()
+        .filter_map(|(o, c)| rest.find(o).map(|i| (i, *o, *c)))
+        .min_by_key(|(i, ..)| *i)
+    {
+        let inner = &rest[at + open.len()..];
+        out.push_str(&rest[..at + open.len()]);
+        out.push_str("[masked]");
+        quoted = true;
+        let Some(end) = inner.find(close) else {
+            // Never closed: all of the rest.
+            rest = "";
+            break;
+        };
+        out.push_str(close);
+        rest = &inner[end + close.len()..];
+    }
+    out.push_str(rest);
+    if !quoted && let Some(i) = out.find(": ") {
+        out.truncate(i + 2);
+        out.push_str("[masked]");
+    }
+    out.into_bytes()
+}
+
 /// Type OIDs whose text form holds nothing a detector looks for.
 fn opaque_text(type_oid: u32) -> bool {
     matches!(
@@ -845,6 +880,14 @@ impl ResponseMask {
             .iter()
             .find(|(t, _)| *t == b't')
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        // A data exception quotes the value it failed on (`invalid input
+        // syntax for type integer: "ally"`), which may be of a rule column
+        // (`SELECT nickname::int`): only `unmask` shows it.
+        let data_exception = fields
+            .iter()
+            .any(|(t, v)| *t == b'C' && v.starts_with(b"22"))
+            && !self.masker.rules().columns.is_empty()
+            && !self.may_unmask("", "", &mut decide);
         let start = out.len();
         out.put_u8(frame[0]);
         out.put_i32(0);
@@ -853,6 +896,13 @@ impl ResponseMask {
             let mut text = value.to_vec();
             if tag == b'D' {
                 text = self.quoted_values(&text, table.as_deref(), &mut decide);
+            }
+            if data_exception {
+                text = match tag {
+                    b'M' => failed_value(&text),
+                    b'D' | b'W' | b'H' if !text.is_empty() => b"[masked]".to_vec(),
+                    _ => text,
+                };
             }
             if matches!(tag, b'M' | b'D' | b'H' | b'W' | b'q' | b'P' | b'p') {
                 let mut scratch = std::mem::take(&mut self.scratch);
@@ -1351,6 +1401,45 @@ mod tests {
             .find(|f| f.first() == Some(&tag))
             .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
             .unwrap_or_default()
+    }
+
+    /// `SELECT nickname::int` fails quoting the nickname.
+    #[test]
+    fn values_quoted_by_data_exceptions_are_masked() {
+        let mut m = mask(&[("users.nick", StyleName::Redact)]);
+        let frame = error(&[
+            (b'C', "22P02"),
+            (b'M', "invalid input syntax for type integer: \"ally\""),
+            (b'W', "JSON data, line 1: ally"),
+            (b'p', "8"),
+        ]);
+        let mut out = BytesMut::new();
+        m.error_or_notice(&frame, &mut out, |_, _| false);
+        assert_eq!(
+            field(&out, b'M'),
+            "invalid input syntax for type integer: \"[masked]\""
+        );
+        assert_eq!(field(&out, b'W'), "[masked]");
+        assert_eq!(field(&out, b'p'), "8");
+        out.clear();
+        m.forget_decisions();
+        m.error_or_notice(&frame, &mut out, |_, _| true);
+        assert_eq!(&out[..], &frame[..], "unmask: as it was");
+        // Another server language, or no quotes at all.
+        assert_eq!(
+            failed_value("ungültige Eingabesyntax für Typ integer: »ally«".as_bytes()),
+            "ungültige Eingabesyntax für Typ integer: »[masked]«".as_bytes()
+        );
+        assert_eq!(failed_value(b"bad value: ally"), b"bad value: [masked]");
+        assert_eq!(
+            failed_value(b"unterminated \"ally"),
+            b"unterminated \"[masked]"
+        );
+        // Not a data exception, or no column rules: the detectors only.
+        let mut m = mask(&[]);
+        out.clear();
+        m.error_or_notice(&frame, &mut out, |_, _| false);
+        assert_eq!(&out[..], &frame[..]);
     }
 
     #[test]
