@@ -147,14 +147,18 @@ async fn rows_are_masked_in_text_binary_copy_and_errors() {
     );
     // A failing row quotes every value of the row.
     let err = client
-        .execute(
-            "INSERT INTO users (id, email, ssn) SELECT NULL, email, ssn FROM users WHERE id = 1",
-            &[],
-        )
+        .execute("UPDATE users SET id = NULL WHERE id = 1", &[])
         .await
         .unwrap_err();
-    let detail = err.as_db_error().unwrap().detail().unwrap_or_default();
-    assert!(!detail.contains(SSN) && !detail.contains(EMAIL), "{detail}");
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "23502");
+    let detail = db.detail().unwrap_or_default();
+    assert!(
+        detail.starts_with("Failing row contains")
+            && !detail.contains(SSN)
+            && !detail.contains(EMAIL),
+        "{detail}"
+    );
 
     // What is in the target is what was there.
     let direct: String = env
@@ -323,6 +327,23 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         .collect();
     assert_eq!(fetched, [(Some("[masked]"), Some("1"))]);
 
+    // A copy would not be masked: storing one is refused, and so is code
+    // run from text, which could make one.
+    for sql in [
+        "CREATE TEMP TABLE copied AS SELECT ssn AS x FROM users",
+        "SELECT upper(nickname) AS n INTO TEMP copied FROM users",
+        "CREATE TEMP VIEW copied AS SELECT ssn AS x FROM users",
+        "DO $$ BEGIN CREATE TEMP TABLE copied AS SELECT ssn FROM users; END $$",
+    ] {
+        let err = client.batch_execute(sql).await.unwrap_err();
+        let db = err.as_db_error().expect("a database error");
+        assert_eq!(db.code().code(), "42501", "{sql}: {}", db.message());
+    }
+    client
+        .batch_execute("CREATE TEMP TABLE kept AS SELECT id, age FROM users")
+        .await
+        .expect("what stores nothing masked goes on");
+
     // A pii-reader sees them clear.
     let token = env.stack().token("priya", &["pii-readers"]);
     let mut config: tokio_postgres::Config =
@@ -330,7 +351,15 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
     config.password(token);
     let (reader, conn) = config.connect(env.tls()).await.unwrap();
     tokio::spawn(conn);
+    reader
+        .batch_execute("CREATE TEMP TABLE copied AS SELECT ssn AS x FROM users")
+        .await
+        .expect("a pii-reader may copy");
     for (sql, want) in [
+        (
+            "SELECT x FROM copied ORDER BY x DESC LIMIT 1",
+            "987-65-4321",
+        ),
         ("SELECT upper(ssn) FROM users WHERE id = 1", SSN),
         ("SELECT t FROM contacts_again WHERE id = 1", SSN),
         ("SELECT nick FROM contacts WHERE id = 1", "ALLY"),

@@ -140,6 +140,11 @@ pub struct StatementFacts {
     /// Where the values of the rows it returns come from, as far as its
     /// text tells: what masking follows to values computed from a column.
     pub outputs: Outputs,
+    /// Where the values it stores come from: the rows an INSERT inserts,
+    /// the values an UPDATE or MERGE sets, what `CREATE TABLE … AS`,
+    /// `SELECT … INTO` and `CREATE [MATERIALIZED] VIEW` keep (also in
+    /// data-modifying CTEs). A copy of a masked column would not be masked.
+    pub stores: Output,
 }
 
 impl StatementFacts {
@@ -162,6 +167,7 @@ impl StatementFacts {
             disables_read_only: false,
             changes_parsing: false,
             outputs: Outputs::none(),
+            stores: Output::default(),
         }
     }
 }

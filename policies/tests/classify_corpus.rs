@@ -175,13 +175,15 @@ fn describe_all(c: &Classification) -> String {
 fn mismatch(case: &Case, got: &Classification) -> Option<String> {
     let ok = match &case.expected {
         Expected::Unparsed => !got.parsed && got.statements.is_empty(),
-        // Outputs (what masking follows) are tested with the lineage.
+        // Outputs and stores (what masking follows) are tested with the
+        // lineage.
         Expected::Statements(want) => {
             got.parsed
                 && got.statements.len() == want.len()
                 && got.statements.iter().zip(want).all(|(g, w)| {
                     StatementFacts {
                         outputs: w.outputs.clone(),
+                        stores: w.stores.clone(),
                         ..g.clone()
                     } == *w
                 })

@@ -629,10 +629,10 @@ async fn response_mask(
                 catalogue.column(oid, attnum, table, column);
             }
         }
-        let sql = Catalogue::functions_query();
+        let sql = Catalogue::builtins_query();
         for row in backend::rows(backend, sql, pg::DEFAULT_MAX_FRAME).await? {
             if let [Some(name)] = &row[..] {
-                catalogue.function(name);
+                catalogue.builtin(name);
             }
         }
     }

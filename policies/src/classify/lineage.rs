@@ -48,6 +48,88 @@ pub(super) fn outputs(statement: &NodeEnum) -> Outputs {
     }
 }
 
+/// Where the values a top-level statement stores come from.
+pub(super) fn stores(statement: &NodeEnum) -> Output {
+    let mut out = Output::default();
+    stored(statement, None, &mut out);
+    dedup(&mut out);
+    out
+}
+
+fn stored(node: &NodeEnum, parent: Option<&Scope>, out: &mut Output) {
+    let all = |outs: Vec<Out>, out: &mut Output| {
+        for o in outs {
+            merge(out, &o.output);
+        }
+    };
+    match node {
+        NodeEnum::InsertStmt(s) => {
+            let mut scope = with_stored(s.with_clause.as_ref(), parent, out);
+            if let Some(q) = s.select_stmt.as_deref().and_then(|q| q.node.as_ref()) {
+                all(query(q, Some(&scope)), out);
+            }
+            target(s.relation.as_ref(), &mut scope, &["excluded"]);
+            if let Some(c) = &s.on_conflict_clause {
+                merge(out, &expression(&c.target_list, &scope));
+            }
+        }
+        NodeEnum::UpdateStmt(s) => {
+            let mut scope = with_stored(s.with_clause.as_ref(), parent, out);
+            target(s.relation.as_ref(), &mut scope, &[]);
+            for item in &s.from_clause {
+                from(item, &mut scope);
+            }
+            merge(out, &expression(&s.target_list, &scope));
+        }
+        NodeEnum::MergeStmt(s) => {
+            let mut scope = with_stored(s.with_clause.as_ref(), parent, out);
+            target(s.relation.as_ref(), &mut scope, &[]);
+            if let Some(source) = &s.source_relation {
+                from(source, &mut scope);
+            }
+            merge(out, &expression(&s.merge_when_clauses, &scope));
+        }
+        NodeEnum::DeleteStmt(s) => {
+            with_stored(s.with_clause.as_ref(), parent, out);
+        }
+        NodeEnum::SelectStmt(s) => {
+            with_stored(s.with_clause.as_ref(), parent, out);
+            if s.into_clause.is_some() {
+                all(select(s, parent), out);
+            }
+        }
+        NodeEnum::CreateTableAsStmt(c) => match c.query.as_deref().and_then(|q| q.node.as_ref()) {
+            // `CREATE TABLE t AS EXECUTE p`: what `p` returns.
+            Some(NodeEnum::ExecuteStmt(_)) => out.opaque = true,
+            Some(q) => all(query(q, parent), out),
+            None => {}
+        },
+        NodeEnum::ViewStmt(v) => {
+            if let Some(q) = v.query.as_deref().and_then(|q| q.node.as_ref()) {
+                all(query(q, parent), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// [`with`], and what its data-modifying CTEs store.
+fn with_stored<'p>(
+    clause: Option<&pb::WithClause>,
+    parent: Option<&'p Scope<'p>>,
+    out: &mut Output,
+) -> Scope<'p> {
+    let scope = with(clause, parent);
+    for cte in clause.map(|c| &c.ctes[..]).unwrap_or_default() {
+        if let Some(NodeEnum::CommonTableExpr(cte)) = cte.node.as_ref()
+            && let Some(q) = cte.ctequery.as_deref().and_then(|q| q.node.as_ref())
+        {
+            stored(q, Some(&scope), out);
+        }
+    }
+    scope
+}
+
 /// One entry of a query's result.
 #[derive(Debug, Clone, Default)]
 struct Out {
@@ -787,6 +869,72 @@ mod tests {
         assert!(e[3].opaque, "runs SQL given as text");
         let e = entries("SELECT x FROM (SELECT public.get_ssn(id) AS x FROM users) q");
         assert_eq!(e[0].functions, ["get_ssn"], "followed through a subquery");
+    }
+
+    #[test]
+    fn what_a_statement_stores_names_where_it_comes_from() {
+        let stores = |sql: &str| {
+            let c = classify(sql, Reading::default());
+            assert!(c.parsed, "{sql}");
+            let s = &c.statements[0].stores;
+            let mut v = cols(s);
+            v.extend(s.rows.iter().map(|r| format!("{r}.*")));
+            if s.opaque {
+                v.push("?".into());
+            }
+            v
+        };
+        for (sql, want) in [
+            (
+                "INSERT INTO t SELECT upper(ssn) FROM users",
+                &["users.ssn"][..],
+            ),
+            (
+                "INSERT INTO t (a) VALUES ((SELECT ssn FROM users LIMIT 1))",
+                &["users.ssn"],
+            ),
+            ("INSERT INTO t VALUES (1, 'x')", &[]),
+            (
+                "UPDATE t SET a = u.ssn FROM users u WHERE u.id = t.id",
+                &["users.ssn"],
+            ),
+            ("UPDATE t SET a = 1 WHERE b = 2", &[]),
+            (
+                "CREATE TABLE t AS SELECT ssn AS x FROM users",
+                &["users.ssn"],
+            ),
+            ("CREATE TEMP TABLE t AS EXECUTE p", &["?"]),
+            ("SELECT ssn INTO TEMP t FROM users", &["users.ssn"]),
+            (
+                "CREATE VIEW v AS SELECT lower(ssn) FROM users",
+                &["users.ssn"],
+            ),
+            (
+                "CREATE MATERIALIZED VIEW v AS SELECT u FROM users u",
+                &["users.*"],
+            ),
+            (
+                "WITH a AS (SELECT ssn FROM users), b AS (INSERT INTO t SELECT ssn FROM a) SELECT 1",
+                &["users.ssn"],
+            ),
+            (
+                "MERGE INTO t USING users u ON t.id = u.id WHEN MATCHED THEN UPDATE SET a = u.ssn",
+                &["users.ssn"],
+            ),
+            (
+                "PREPARE p AS INSERT INTO t SELECT ssn FROM users",
+                &["users.ssn"],
+            ),
+            ("SELECT ssn FROM users", &[]),
+            ("EXPLAIN INSERT INTO t SELECT ssn FROM users", &[]),
+        ] {
+            let got = stores(sql);
+            let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+            assert!(
+                want.iter().all(|w| got.contains(w)) && (want.is_empty() == got.is_empty()),
+                "{sql}: {got:?}"
+            );
+        }
     }
 
     #[test]

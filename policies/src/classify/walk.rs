@@ -69,6 +69,7 @@ pub(super) fn facts(statement: &NodeEnum) -> StatementFacts {
             tree::visit(statement, &mut walker);
             StatementFacts {
                 outputs: lineage::outputs(statement),
+                stores: lineage::stores(statement),
                 ..walker.finish(statement)
             }
         }

@@ -1012,7 +1012,7 @@ impl Machine {
             .decide_with(state, &facts, |name| lookup(&resolved, name));
         let executes = executed(&resolved);
         let effective = effective_facts(&facts, &resolved);
-        let (record, refusal) = match (decision.refusal, self.copy_refusal(&effective)) {
+        let (record, refusal) = match (decision.refusal, self.mask_refusal(&effective)) {
             (None, Some(error)) => (
                 Some(self.policy.refused_record(state, &facts, &error.message)),
                 Some(error),
@@ -1204,7 +1204,7 @@ impl Machine {
             .policy
             .decide_with(state, facts, |name| lookup(&resolved, name));
         let effective = effective_facts(facts, &resolved);
-        let (record, refusal) = match (decision.refusal, self.copy_refusal(&effective)) {
+        let (record, refusal) = match (decision.refusal, self.mask_refusal(&effective)) {
             (None, Some(error)) => (
                 Some(self.policy.refused_record(state, facts, &error.message)),
                 Some(error),
@@ -1657,23 +1657,27 @@ impl Machine {
         }
     }
 
-    /// A `COPY … TO` where the target has column rules, for a principal
-    /// `unmask` does not apply to: COPY names no columns, so its data could
-    /// not be masked by them; refused (`42501`) rather than let through.
-    fn copy_refusal(&mut self, effective: &[Cow<'_, StatementFacts>]) -> Option<ClientError> {
+    /// A statement masking cannot follow, refused to a principal `unmask`
+    /// does not apply to where the target has column rules: `COPY … TO`
+    /// (its data names no columns), and one that stores values of a masked
+    /// column or runs code given as text (see
+    /// [`ResponseMask::store_refusal`]).
+    fn mask_refusal(&mut self, effective: &[Cow<'_, StatementFacts>]) -> Option<ClientError> {
         let mask = self.mask.as_mut()?;
-        if !effective.iter().any(|s| s.kind == StatementKind::CopyOut) {
-            return None;
-        }
         let policy = &self.policy;
-        mask.copy_out_refused(|t, c| policy.may_unmask(t, c))
-            .then(|| {
-                ClientError::error(
-                    "42501",
-                    "COPY … TO is refused here: this target masks columns by name, which COPY \
-                     data does not carry; use SELECT, or ask for the unmask permission",
-                )
-            })
+        if effective.iter().any(|s| s.kind == StatementKind::CopyOut)
+            && mask.copy_out_refused(|t, c| policy.may_unmask(t, c))
+        {
+            return Some(ClientError::error(
+                "42501",
+                "COPY … TO is refused here: this target masks columns by name, which COPY \
+                 data does not carry; use SELECT, or ask for the unmask permission",
+            ));
+        }
+        effective.iter().find_map(|s| {
+            mask.store_refusal(s, |t, c| policy.may_unmask(t, c))
+                .map(|why| ClientError::error("42501", why))
+        })
     }
 
     /// The command whose answers the target is sending.

@@ -1329,3 +1329,35 @@ fn computed_values_follow_the_statement_they_come_from() {
     ]));
     assert_eq!(row_values(&h.machine.to_client.split()), ["[masked]"]);
 }
+
+/// A copy of a masked column would not be masked: storing one, or running
+/// code from text that could, is refused to those without `unmask`; what
+/// stores nothing masked goes on.
+#[test]
+fn storing_values_of_a_masked_column_is_refused() {
+    let mut h = Harness::masked_with(&["users.nickname"]);
+    for sql in [
+        "CREATE TEMP TABLE t AS SELECT upper(nickname) AS n FROM users",
+        "INSERT INTO notes (body) SELECT nickname FROM users",
+        "UPDATE notes SET body = u.nickname FROM users u WHERE u.id = notes.id",
+        "CREATE VIEW v AS SELECT nickname AS n FROM users",
+        "DO $$ BEGIN INSERT INTO notes SELECT nickname FROM users; END $$",
+    ] {
+        h.send(&query(sql));
+        assert_eq!(
+            h.sent().last(),
+            Some(&text('Q', super::REFUSED_TEXT)),
+            "{sql}"
+        );
+        h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+        assert_eq!(h.answered(), vec![err("42501"), m('Z')], "{sql}");
+    }
+    h.send(&query("INSERT INTO notes (body) SELECT title FROM books"));
+    assert_eq!(
+        h.sent().last(),
+        Some(&text(
+            'Q',
+            "INSERT INTO notes (body) SELECT title FROM books"
+        ))
+    );
+}

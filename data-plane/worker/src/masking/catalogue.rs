@@ -25,9 +25,9 @@ pub struct Catalogue {
     /// Relations (oid, and lowercase name) with such a column: one of them.
     relations: HashMap<u32, (String, String)>,
     tables: HashMap<String, (String, String)>,
-    /// Functions defined in the database (not built in, nor an
-    /// extension's), lowercase: what they read is not in a statement.
-    functions: HashSet<String>,
+    /// Functions that come with the server or an extension, lowercase:
+    /// what another reads is not in a statement.
+    builtins: HashSet<String>,
 }
 
 /// Most rounds of views over views followed.
@@ -78,29 +78,31 @@ impl Catalogue {
         self.tables.get(&table.to_lowercase())
     }
 
-    /// The query that finds the functions defined in the database: rows of
-    /// (name).
-    pub fn functions_query() -> &'static str {
+    /// The query that finds the functions that come with the server or an
+    /// extension: rows of (name). Any other was defined in the database.
+    pub fn builtins_query() -> &'static str {
         "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
-         WHERE p.pronamespace NOT IN ('pg_catalog'::pg_catalog.regnamespace, \
-           'information_schema'::pg_catalog.regnamespace) \
-         AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+         WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace \
+         OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
            WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid \
            AND d.deptype = 'e') \
          LIMIT 100000"
     }
 
-    /// A function defined in the database (a row of
-    /// [`Catalogue::functions_query`]).
-    pub fn function(&mut self, name: &str) {
-        self.functions.insert(name.to_lowercase());
+    /// A function that comes with the server or an extension (a row of
+    /// [`Catalogue::builtins_query`]).
+    pub fn builtin(&mut self, name: &str) {
+        self.builtins.insert(name.to_lowercase());
     }
 
     /// Whether an entry's values may come from anywhere: it calls a
     /// function that runs SQL given as text, or one defined in the
-    /// database.
+    /// database (any but the server's and extensions', once those are
+    /// known: also one defined since the session began).
     pub fn opaque(&self, output: &Output) -> bool {
-        output.opaque || output.functions.iter().any(|f| self.functions.contains(f))
+        output.opaque
+            || (!self.builtins.is_empty()
+                && output.functions.iter().any(|f| !self.builtins.contains(f)))
     }
 
     /// The query that finds the views depending, directly or through
@@ -220,7 +222,9 @@ mod tests {
         let w = " SELECT v.s AS again,\n    v.id\n   FROM v;";
         let j = " SELECT row_to_json(u.*) AS j\n   FROM users u;";
         let f = " SELECT secret_of(t.id) AS s, t.id\n   FROM things t;";
-        c.function("secret_of");
+        for f in ["upper", "row_to_json"] {
+            c.builtin(f);
+        }
         let rows = [
             // Listed before the view it reads: followed in a later round.
             (3000, "w".into(), 1, "again".into(), w.into()),

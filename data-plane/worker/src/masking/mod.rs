@@ -50,7 +50,7 @@ use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 use gatehouse_events::Cell;
 use gatehouse_masking::{ColumnRule, Detector, Detectors, Masker, Pattern, Rules, Stats, Style};
-use gatehouse_policies::Outputs;
+use gatehouse_policies::{Output, Outputs, StatementFacts, StatementKind};
 use serde::Deserialize;
 
 mod catalogue;
@@ -462,34 +462,41 @@ impl ResponseMask {
         };
         let mut sources = Vec::new();
         for o in outputs.column(i, n) {
-            if self.catalogue.opaque(o) && !rules.is_empty() {
-                sources.push((String::new(), String::new()));
-            }
-            for (t, c) in &o.columns {
-                match self.catalogue.named(t, c) {
-                    Some(source) => sources.push(source.clone()),
-                    // A table the session's catalogue does not know (made
-                    // since): by the rules' patterns.
-                    None if self.masker.column_style(Some(t), c).is_some() => {
-                        sources.push((t.clone(), c.clone()));
-                    }
-                    None => {}
-                }
-            }
-            for t in &o.rows {
-                match self.catalogue.table(t) {
-                    Some(source) => sources.push(source.clone()),
-                    None => {
-                        if let Some(rule) = rules.iter().find(|r| r.pattern.names_table(t)) {
-                            sources.push((t.clone(), rule.pattern.column().to_owned()));
-                        }
-                    }
-                }
-            }
+            self.ruled_sources(o, &mut sources);
         }
         sources.sort();
         sources.dedup();
         sources
+    }
+
+    /// The rule columns an entry's values come from, added to `sources`
+    /// (`("", "")`: any).
+    fn ruled_sources(&self, o: &Output, sources: &mut Vec<(String, String)>) {
+        let rules = &self.masker.rules().columns;
+        if self.catalogue.opaque(o) && !rules.is_empty() {
+            sources.push((String::new(), String::new()));
+        }
+        for (t, c) in &o.columns {
+            match self.catalogue.named(t, c) {
+                Some(source) => sources.push(source.clone()),
+                // A table the session's catalogue does not know (made
+                // since): by the rules' patterns.
+                None if self.masker.column_style(Some(t), c).is_some() => {
+                    sources.push((t.clone(), c.clone()));
+                }
+                None => {}
+            }
+        }
+        for t in &o.rows {
+            match self.catalogue.table(t) {
+                Some(source) => sources.push(source.clone()),
+                None => {
+                    if let Some(rule) = rules.iter().find(|r| r.pattern.names_table(t)) {
+                        sources.push((t.clone(), rule.pattern.column().to_owned()));
+                    }
+                }
+            }
+        }
     }
 
     /// A result's shape: the plan for its rows. `outputs`: what the
@@ -726,6 +733,44 @@ impl ResponseMask {
     /// `unmask` (asked with table and column empty) does not apply.
     pub fn copy_out_refused(&mut self, mut decide: impl FnMut(&str, &str) -> bool) -> bool {
         !self.masker.rules().columns.is_empty() && !self.may_unmask("", "", &mut decide)
+    }
+
+    /// Why a statement must be refused to a principal `unmask` does not
+    /// apply to, where the target has column rules: it stores values of a
+    /// masked column (into a table or a view, where no rule follows them),
+    /// or runs code given as text (`DO`, `CREATE FUNCTION`, `query_to_xml`,
+    /// …), which may. Procedures and functions already defined are the
+    /// database's own code: what they return is masked, what they store is
+    /// theirs.
+    pub fn store_refusal(
+        &mut self,
+        facts: &StatementFacts,
+        mut decide: impl FnMut(&str, &str) -> bool,
+    ) -> Option<String> {
+        if self.masker.rules().columns.is_empty() {
+            return None;
+        }
+        if facts.dynamic && facts.kind != StatementKind::Call {
+            return (!self.may_unmask("", "", &mut decide)).then(|| {
+                "code run from text is refused here: this target masks columns, and such code \
+                 could copy their values where masking does not follow them"
+                    .to_owned()
+            });
+        }
+        let mut sources = Vec::new();
+        self.ruled_sources(&facts.stores, &mut sources);
+        let (t, c) = sources
+            .into_iter()
+            .find(|(t, c)| !self.may_unmask(t, c, &mut decide))?;
+        let column = if t.is_empty() {
+            "a masked column".to_owned()
+        } else {
+            format!("the masked column {t}.{c}")
+        };
+        Some(format!(
+            "this statement would store values of {column} where masking does not follow them; \
+             only those allowed to unmask it may copy it"
+        ))
     }
 
     /// Whether `CopyData` needs [`Self::copy_data`].
