@@ -34,15 +34,37 @@
 //!   where `unmask` let the client see values clear, and a column named
 //!   like a secret is recorded masked whole.
 //!
-//! Column rules with a table (`users.email`) follow the column, not its
-//! name in the result: at login the worker reads from the target's
-//! catalogue which columns they name ([`TargetMasking::catalogue_query`]),
-//! and a result column is matched by its table and column number. A table
-//! created after the session opened is matched by column name only.
+//! Column rules follow the column, not its name in the result: at login
+//! the worker reads from the target's catalogue which columns the rules
+//! name ([`TargetMasking::catalogue_query`]), which view columns are
+//! computed from those (views over views too), and which functions come
+//! with the server or an extension (see `catalogue`). A result column is
+//! then matched by its origin (table and column number); a value with no
+//! origin — computed (`upper(ssn)`, `ssn || ''`, a scalar subquery, a
+//! `UNION`, `row_to_json(u)`) — by what its statement's text computes it
+//! from (the classifier's `outputs`), and masked whole as the column it
+//! comes from unless `unmask` applies to that column. A value computed by a
+//! function that runs SQL from text, or by one defined in the database,
+//! may come from anywhere; so may a cursor's computed values (`FETCH`):
+//! where the target has column rules, they are masked for those `unmask`
+//! (asked with table and column empty) does not apply to. So is the value a
+//! data exception quotes (`invalid input syntax for type integer:
+//! "ally"`, from `SELECT nickname::int`).
 //!
-//! Not covered yet: a value *computed* from a column with a rule
-//! (`upper(ssn)`, `nickname || ''`) has no table in the description, so
-//! only the detectors see it.
+//! A copy of a masked column in a table or view would not be masked: to
+//! those without `unmask` of the column, a statement that stores one
+//! (`INSERT … SELECT`, `UPDATE … SET`, `MERGE`, `CREATE TABLE … AS`,
+//! `SELECT … INTO`, `CREATE VIEW`) is refused (`42501`), and so is code run
+//! from text (`DO`, `CREATE FUNCTION`, `query_to_xml`, …), which could make
+//! one ([`ResponseMask::store_refusal`]).
+//!
+//! Not covered: what a filter tells (`WHERE ssn LIKE '1%'` counts rows);
+//! what functions and procedures already defined in the database store
+//! (theirs is the database's own code); tables and views another session
+//! creates after this one began, which are matched by name only; a value
+//! a function raises in an error (`P0001`), which only the detectors see.
+//! Values computed from a rule column are masked whole even where little
+//! of it shows (`length(ssn)`, `count(ssn)`).
 
 use std::path::PathBuf;
 
