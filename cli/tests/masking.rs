@@ -228,7 +228,9 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
             "CREATE VIEW contacts AS SELECT id, ssn AS tax_id, upper(nickname) AS nick FROM users;
              CREATE VIEW contacts_again AS SELECT tax_id AS t, id FROM contacts;
              CREATE FUNCTION ssn_of(i int) RETURNS text LANGUAGE sql
-               AS 'SELECT ssn FROM users WHERE id = i';",
+               AS 'SELECT ssn FROM users WHERE id = i';
+             CREATE TABLE users_archive () INHERITS (users);
+             INSERT INTO users_archive (id, ssn) VALUES (3, '555-12-3456');",
         )
         .await
         .unwrap();
@@ -253,6 +255,12 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
     ] {
         assert_eq!(one(sql).await, "***-**-6789", "{sql}");
     }
+    // The rule on users.ssn covers its children (and partitions).
+    assert_eq!(
+        one("SELECT ssn FROM users_archive").await,
+        "***-**-3456",
+        "an inheritance child"
+    );
     for sql in [
         "SELECT coalesce(nickname, '') FROM users WHERE id = 1",
         "SELECT nick FROM contacts WHERE id = 1",
@@ -327,17 +335,22 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         .collect();
     assert_eq!(fetched, [(Some("[masked]"), Some("1"))]);
 
-    // A copy would not be masked: storing one is refused, and so is code
-    // run from text, which could make one.
+    // A copy would not be masked: storing one is refused (also through a
+    // function that keeps its argument).
     for sql in [
         "CREATE TEMP TABLE copied AS SELECT ssn AS x FROM users",
         "SELECT upper(nickname) AS n INTO TEMP copied FROM users",
         "CREATE TEMP VIEW copied AS SELECT ssn AS x FROM users",
-        "DO $$ BEGIN CREATE TEMP TABLE copied AS SELECT ssn FROM users; END $$",
+        "SELECT set_config('app.copied', nickname, false) FROM users",
     ] {
         let err = client.batch_execute(sql).await.unwrap_err();
         let db = err.as_db_error().expect("a database error");
         assert_eq!(db.code().code(), "42501", "{sql}: {}", db.message());
+        assert!(
+            db.message().contains("masks columns") || db.message().contains("masked column"),
+            "{sql}: {}",
+            db.message()
+        );
     }
     client
         .batch_execute("CREATE TEMP TABLE kept AS SELECT id, age FROM users")

@@ -623,10 +623,17 @@ async fn response_mask(
     let mut catalogue = Catalogue::new();
     if let Some(sql) = masking.catalogue_query() {
         for row in backend::rows(backend, &sql, pg::DEFAULT_MAX_FRAME).await? {
-            if let [Some(oid), Some(attnum), Some(table), Some(column)] = &row[..]
+            if let [
+                Some(oid),
+                Some(attnum),
+                Some(table),
+                Some(column),
+                Some(rule_table),
+                Some(rule_column),
+            ] = &row[..]
                 && let (Ok(oid), Ok(attnum)) = (oid.parse(), attnum.parse())
             {
-                catalogue.column(oid, attnum, table, column);
+                catalogue.column(oid, attnum, (table, column), (rule_table, rule_column));
             }
         }
         let sql = Catalogue::builtins_query();

@@ -48,10 +48,29 @@ pub(super) fn outputs(statement: &NodeEnum) -> Outputs {
     }
 }
 
-/// Where the values a top-level statement stores come from.
-pub(super) fn stores(statement: &NodeEnum) -> Output {
+/// Where the values a top-level statement stores come from. A statement
+/// that calls a function storing its arguments elsewhere (`set_config`,
+/// `pg_notify`, large objects, sequences, advisory locks, …) may store any
+/// column it names; one that runs code from text (`DO`, `query_to_xml`) or
+/// defines code that runs later (functions, rules, triggers, extensions)
+/// may store anything (`opaque`).
+/// `called`: the functions the statement calls.
+pub(super) fn stores<'a>(
+    statement: &NodeEnum,
+    mut called: impl Iterator<Item = &'a String>,
+) -> Output {
     let mut out = Output::default();
     stored(statement, None, &mut out);
+    let calls: Vec<Option<Call>> = called.by_ref().map(|f| functions::call(f)).collect();
+    if calls.contains(&Some(Call::Dynamic)) {
+        out.opaque = true;
+    }
+    if calls
+        .iter()
+        .any(|c| matches!(c, Some(Call::Writes | Call::Outside)))
+    {
+        merge(&mut out, &expression(statement, &Scope::default()));
+    }
     dedup(&mut out);
     out
 }
@@ -104,6 +123,17 @@ fn stored(node: &NodeEnum, parent: Option<&Scope>, out: &mut Output) {
             Some(q) => all(query(q, parent), out),
             None => {}
         },
+        // Code that runs now or later, with what it reads: what it stores
+        // cannot be known.
+        NodeEnum::DoStmt(_)
+        | NodeEnum::CreateFunctionStmt(_)
+        | NodeEnum::RuleStmt(_)
+        | NodeEnum::CreateTrigStmt(_)
+        | NodeEnum::CreateEventTrigStmt(_)
+        | NodeEnum::CreatePlangStmt(_)
+        | NodeEnum::CreateExtensionStmt(_)
+        | NodeEnum::AlterExtensionStmt(_)
+        | NodeEnum::AlterExtensionContentsStmt(_) => out.opaque = true,
         NodeEnum::ViewStmt(v) => {
             if let Some(q) = v.query.as_deref().and_then(|q| q.node.as_ref()) {
                 all(query(q, parent), out);
@@ -926,6 +956,23 @@ mod tests {
                 &["users.ssn"],
             ),
             ("SELECT ssn FROM users", &[]),
+            (
+                "SELECT pg_notify('c', nickname) FROM users",
+                &["users.nickname"],
+            ),
+            (
+                "WITH c AS (SELECT nickname AS n FROM users) SELECT 1 FROM c WHERE set_config('x', n, false) = ''",
+                &["users.nickname"],
+            ),
+            ("SELECT nextval('s')", &[]),
+            ("DO $$ BEGIN NULL; END $$", &["?"]),
+            (
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                &["?"],
+            ),
+            ("CREATE RULE r AS ON UPDATE TO t DO ALSO NOTIFY c", &["?"]),
+            ("SELECT query_to_xml('SELECT 1', true, true, '')", &["?"]),
+            ("CALL p(1)", &[]),
             ("EXPLAIN INSERT INTO t SELECT ssn FROM users", &[]),
         ] {
             let got = stores(sql);

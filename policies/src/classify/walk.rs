@@ -67,10 +67,11 @@ pub(super) fn facts(statement: &NodeEnum) -> StatementFacts {
             let mut walker = Walker::new();
             walker.statement(statement);
             tree::visit(statement, &mut walker);
+            let facts = walker.finish(statement);
             StatementFacts {
                 outputs: lineage::outputs(statement),
-                stores: lineage::stores(statement),
-                ..walker.finish(statement)
+                stores: lineage::stores(statement, facts.functions.iter()),
+                ..facts
             }
         }
     }

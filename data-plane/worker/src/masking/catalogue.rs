@@ -38,10 +38,12 @@ impl Catalogue {
         Self::default()
     }
 
-    /// A column a rule names (a row of the rules' catalogue query).
-    pub fn column(&mut self, oid: u32, attnum: i16, table: &str, column: &str) {
-        let source = (table.to_owned(), column.to_owned());
-        self.add(oid, attnum, table, column, source);
+    /// A column a rule names, or the same column of a partition or child
+    /// of its table (a row of the rules' catalogue query): `name` is its
+    /// own (relation, column), `rule` the ones the rule names.
+    pub fn column(&mut self, oid: u32, attnum: i16, name: (&str, &str), rule: (&str, &str)) {
+        let source = (rule.0.to_owned(), rule.1.to_owned());
+        self.add(oid, attnum, name.0, name.1, source);
     }
 
     fn add(&mut self, oid: u32, attnum: i16, table: &str, column: &str, source: (String, String)) {
@@ -209,15 +211,17 @@ mod tests {
 
     fn catalogue() -> Catalogue {
         let mut c = Catalogue::new();
-        c.column(1000, 3, "users", "ssn");
-        c.column(1000, 4, "users", "email");
+        c.column(1000, 3, ("users", "ssn"), ("users", "ssn"));
+        c.column(1000, 4, ("users", "email"), ("users", "email"));
+        // A partition of users.
+        c.column(1100, 2, ("users_2026", "ssn"), ("users", "ssn"));
         c
     }
 
     #[test]
     fn view_columns_computed_from_rule_columns_are_followed() {
         let mut c = catalogue();
-        assert!(c.views_query().unwrap().contains("'{1000}'"));
+        assert!(c.views_query().unwrap().contains("'{1000,1100}'"));
         let v = " SELECT u.id,\n    u.ssn AS s,\n    upper(u.email) AS e,\n    1 AS one\n   FROM users u;";
         let w = " SELECT v.s AS again,\n    v.id\n   FROM v;";
         let j = " SELECT row_to_json(u.*) AS j\n   FROM users u;";
@@ -255,6 +259,8 @@ mod tests {
         assert_eq!(c.named("V", "S"), Some(&ssn));
         assert_eq!(c.table("w"), Some(&ssn));
         assert_eq!(c.origin(1000, 0), Some(&ssn), "a whole row of users");
+        assert_eq!(c.origin(1100, 2), Some(&ssn), "a partition's column");
+        assert_eq!(c.named("users_2026", "ssn"), Some(&ssn));
         assert_eq!(c.origin(2000, 0), Some(&ssn), "a whole row of v");
     }
 

@@ -72,7 +72,7 @@ use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 use gatehouse_events::Cell;
 use gatehouse_masking::{ColumnRule, Detector, Detectors, Masker, Pattern, Rules, Stats, Style};
-use gatehouse_policies::{Output, Outputs, StatementFacts, StatementKind};
+use gatehouse_policies::{Output, Outputs, StatementFacts};
 use serde::Deserialize;
 
 mod catalogue;
@@ -262,9 +262,10 @@ impl std::fmt::Debug for TargetMasking {
 }
 
 impl TargetMasking {
-    /// The query that finds the columns the column rules name: rows of
-    /// (table oid, column number, table, column). `None` when there are no
-    /// column rules.
+    /// The query that finds the columns the column rules name, and the
+    /// same columns of their partitions and inheritance children: rows of
+    /// (relation oid, column number, relation, column, the table and column
+    /// the rule names). `None` when there are no column rules.
     pub fn catalogue_query(&self) -> Option<String> {
         if self.patterns.is_empty() {
             return None;
@@ -298,10 +299,19 @@ impl TargetMasking {
             })
             .collect();
         Some(format!(
-            "SELECT c.oid, a.attnum, c.relname, a.attname \
-             FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-             WHERE a.attnum > 0 AND NOT a.attisdropped \
-             AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND ({}) LIMIT 100000",
+            "WITH RECURSIVE ruled(oid, attname, rtable, rcolumn) AS ( \
+               SELECT c.oid, a.attname, c.relname, a.attname \
+               FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+               WHERE a.attnum > 0 AND NOT a.attisdropped \
+               AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND ({}) \
+               UNION \
+               SELECT i.inhrelid, r.attname, r.rtable, r.rcolumn \
+               FROM pg_catalog.pg_inherits i JOIN ruled r ON i.inhparent = r.oid) \
+             SELECT r.oid, a.attnum, c.relname, a.attname, r.rtable, r.rcolumn \
+             FROM ruled r JOIN pg_catalog.pg_class c ON c.oid = r.oid \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = r.oid AND a.attname = r.attname \
+               AND NOT a.attisdropped \
+             LIMIT 100000",
             terms.join(" OR ")
         ))
     }
@@ -760,10 +770,10 @@ impl ResponseMask {
     /// Why a statement must be refused to a principal `unmask` does not
     /// apply to, where the target has column rules: it stores values of a
     /// masked column (into a table or a view, where no rule follows them),
-    /// or runs code given as text (`DO`, `CREATE FUNCTION`, `query_to_xml`,
-    /// …), which may. Procedures and functions already defined are the
-    /// database's own code: what they return is masked, what they store is
-    /// theirs.
+    /// or runs code from text or defines code to run later (`DO`,
+    /// `query_to_xml`, `CREATE FUNCTION`, `CREATE RULE`, …), which may.
+    /// Procedures and functions already defined are the database's own
+    /// code: what they return is masked, what they store is theirs.
     pub fn store_refusal(
         &mut self,
         facts: &StatementFacts,
@@ -772,10 +782,11 @@ impl ResponseMask {
         if self.masker.rules().columns.is_empty() {
             return None;
         }
-        if facts.dynamic && facts.kind != StatementKind::Call {
+        if facts.stores.opaque {
             return (!self.may_unmask("", "", &mut decide)).then(|| {
-                "code run from text is refused here: this target masks columns, and such code \
-                 could copy their values where masking does not follow them"
+                "code run from text or defined to run later is refused here: this target masks \
+                 columns, and such code could copy their values where masking does not follow \
+                 them"
                     .to_owned()
             });
         }
@@ -1187,7 +1198,7 @@ mod tests {
         };
         let target = config.build("t").unwrap();
         let mut catalogue = Catalogue::new();
-        catalogue.column(1000, 3, "users", "ssn");
+        catalogue.column(1000, 3, ("users", "ssn"), ("users", "ssn"));
         ResponseMask::new(&target, catalogue)
     }
 
