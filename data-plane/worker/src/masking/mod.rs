@@ -51,12 +51,16 @@
 //! data exception quotes (`invalid input syntax for type integer:
 //! "ally"`, from `SELECT nickname::int`).
 //!
+//! A rule on a table covers its partitions and inheritance children.
+//!
 //! A copy of a masked column in a table or view would not be masked: to
 //! those without `unmask` of the column, a statement that stores one
 //! (`INSERT … SELECT`, `UPDATE … SET`, `MERGE`, `CREATE TABLE … AS`,
-//! `SELECT … INTO`, `CREATE VIEW`) is refused (`42501`), and so is code run
-//! from text (`DO`, `CREATE FUNCTION`, `query_to_xml`, …), which could make
-//! one ([`ResponseMask::store_refusal`]).
+//! `SELECT … INTO`, `CREATE VIEW`, or a function that keeps its argument:
+//! `set_config`, `pg_notify`, …) is refused (`42501`), and so is code run
+//! from text or defined to run later (`DO`, `query_to_xml`, `CREATE
+//! FUNCTION`, `CREATE RULE`, `CREATE TRIGGER`, …), which could make one
+//! ([`ResponseMask::store_refusal`]).
 //!
 //! Not covered: what a filter tells (`WHERE ssn LIKE '1%'` counts rows);
 //! what functions and procedures already defined in the database store
