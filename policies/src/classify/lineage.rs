@@ -134,6 +134,19 @@ fn stored(node: &NodeEnum, parent: Option<&Scope>, out: &mut Output) {
         | NodeEnum::CreateExtensionStmt(_)
         | NodeEnum::AlterExtensionStmt(_)
         | NodeEnum::AlterExtensionContentsStmt(_) => out.opaque = true,
+        // Renaming a table or its columns, detaching a partition or child:
+        // what the rules name would no longer be found. As if the table's
+        // rows were stored.
+        NodeEnum::AlterTableStmt(a) => {
+            if let Some(r) = &a.relation {
+                out.rows.push(r.relname.clone());
+            }
+        }
+        NodeEnum::RenameStmt(r) => {
+            if let Some(r) = &r.relation {
+                out.rows.push(r.relname.clone());
+            }
+        }
         NodeEnum::ViewStmt(v) => {
             if let Some(q) = v.query.as_deref().and_then(|q| q.node.as_ref()) {
                 all(query(q, parent), out);
@@ -973,6 +986,12 @@ mod tests {
             ("CREATE RULE r AS ON UPDATE TO t DO ALSO NOTIFY c", &["?"]),
             ("SELECT query_to_xml('SELECT 1', true, true, '')", &["?"]),
             ("CALL p(1)", &[]),
+            ("ALTER TABLE users RENAME COLUMN ssn TO x", &["users.*"]),
+            ("ALTER TABLE public.users RENAME TO people", &["users.*"]),
+            (
+                "ALTER TABLE users DETACH PARTITION users_2026",
+                &["users.*"],
+            ),
             ("EXPLAIN INSERT INTO t SELECT ssn FROM users", &[]),
         ] {
             let got = stores(sql);

@@ -1345,6 +1345,7 @@ fn storing_values_of_a_masked_column_is_refused() {
     for sql in [
         "CREATE TEMP TABLE t AS SELECT upper(nickname) AS n FROM users",
         "SELECT pg_notify('c', nickname) FROM users",
+        "ALTER TABLE users RENAME COLUMN nickname TO nick",
         "INSERT INTO notes (body) SELECT nickname FROM users",
         "UPDATE notes SET body = u.nickname FROM users u WHERE u.id = notes.id",
         "CREATE VIEW v AS SELECT nickname AS n FROM users",

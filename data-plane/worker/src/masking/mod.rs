@@ -60,7 +60,8 @@
 //! `set_config`, `pg_notify`, …) is refused (`42501`), and so is code run
 //! from text or defined to run later (`DO`, `query_to_xml`, `CREATE
 //! FUNCTION`, `CREATE RULE`, `CREATE TRIGGER`, …), which could make one
-//! ([`ResponseMask::store_refusal`]).
+//! ([`ResponseMask::store_refusal`]). So is altering or renaming a table
+//! with a masked column: what the rules name would no longer be found.
 //!
 //! Not covered: what a filter tells (`WHERE ssn LIKE '1%'` counts rows);
 //! what functions and procedures already defined in the database store
