@@ -305,6 +305,20 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         "{}",
         db.message()
     );
+    // So does a lookup by name (in a filter, too), and the failed cast of
+    // a value computed from a masked column.
+    for sql in [
+        "SELECT 1 FROM users WHERE id = 1 AND nickname::regclass IS NOT NULL",
+        "SELECT ('x' || nickname)::regrole FROM users WHERE id = 1",
+    ] {
+        let err = client.query_one(sql, &[]).await.unwrap_err();
+        let db = err.as_db_error().expect("a database error");
+        assert!(
+            !db.message().contains("ally") && db.message().contains("[masked]"),
+            "{sql}: {}",
+            db.message()
+        );
+    }
     // A binary value of another type computed from a rule column: NULL.
     let row = client
         .query_one("SELECT length(nickname), id FROM users WHERE id = 1", &[])

@@ -145,6 +145,9 @@ pub struct StatementFacts {
     /// `SELECT … INTO` and `CREATE [MATERIALIZED] VIEW` keep (also in
     /// data-modifying CTEs). A copy of a masked column would not be masked.
     pub stores: Output,
+    /// Every column, whole row and function the statement names, anywhere
+    /// (filters too): what an error it raises may quote a value of.
+    pub mentions: Output,
 }
 
 impl StatementFacts {
@@ -168,6 +171,7 @@ impl StatementFacts {
             changes_parsing: false,
             outputs: Outputs::none(),
             stores: Output::default(),
+            mentions: Output::default(),
         }
     }
 }

@@ -184,6 +184,7 @@ fn mismatch(case: &Case, got: &Classification) -> Option<String> {
                     StatementFacts {
                         outputs: w.outputs.clone(),
                         stores: w.stores.clone(),
+                        mentions: w.mentions.clone(),
                         ..g.clone()
                     } == *w
                 })

@@ -54,25 +54,27 @@ pub(super) fn outputs(statement: &NodeEnum) -> Outputs {
 /// column it names; one that runs code from text (`DO`, `query_to_xml`) or
 /// defines code that runs later (functions, rules, triggers, extensions)
 /// may store anything (`opaque`).
-/// `called`: the functions the statement calls.
-pub(super) fn stores<'a>(
-    statement: &NodeEnum,
-    mut called: impl Iterator<Item = &'a String>,
-) -> Output {
+/// `mentions`: what the statement names ([`mentions`]).
+pub(super) fn stores(statement: &NodeEnum, mentions: &Output) -> Output {
     let mut out = Output::default();
     stored(statement, None, &mut out);
-    let calls: Vec<Option<Call>> = called.by_ref().map(|f| functions::call(f)).collect();
-    if calls.contains(&Some(Call::Dynamic)) {
-        out.opaque = true;
-    }
-    if calls
+    out.opaque |= mentions.opaque;
+    if mentions
+        .functions
         .iter()
-        .any(|c| matches!(c, Some(Call::Writes | Call::Outside)))
+        .any(|f| matches!(functions::call(f), Some(Call::Writes | Call::Outside)))
     {
-        merge(&mut out, &expression(statement, &Scope::default()));
+        merge(&mut out, mentions);
     }
     dedup(&mut out);
     out
+}
+
+/// Every column, whole row and function a statement names, anywhere: a
+/// column written without its table as one of every relation the statement
+/// names.
+pub(super) fn mentions(statement: &NodeEnum) -> Output {
+    expression(statement, &Scope::default())
 }
 
 fn stored(node: &NodeEnum, parent: Option<&Scope>, out: &mut Output) {

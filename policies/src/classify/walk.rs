@@ -67,11 +67,12 @@ pub(super) fn facts(statement: &NodeEnum) -> StatementFacts {
             let mut walker = Walker::new();
             walker.statement(statement);
             tree::visit(statement, &mut walker);
-            let facts = walker.finish(statement);
+            let mentions = lineage::mentions(statement);
             StatementFacts {
                 outputs: lineage::outputs(statement),
-                stores: lineage::stores(statement, facts.functions.iter()),
-                ..facts
+                stores: lineage::stores(statement, &mentions),
+                mentions,
+                ..walker.finish(statement)
             }
         }
     }

@@ -154,6 +154,9 @@ enum Pending {
         calls: bool,
         /// What its rows are computed from, for masking.
         outputs: Outputs,
+        /// Its errors and notices may quote masked values
+        /// ([`ResponseMask::masks_quotes`]).
+        quotes: bool,
     },
     /// Answered by `ReadyForQuery`. The n-th `CommandComplete` in between
     /// completes the n-th statement: `changes[n]`.
@@ -164,6 +167,7 @@ enum Pending {
         calls: bool,
         /// What each statement's rows are computed from (when masking).
         outputs: VecDeque<Outputs>,
+        quotes: bool,
     },
     /// Answered by `ReadyForQuery`. `text_after_execute`: text of this batch
     /// came after an `Execute`, so it may have been read by the server with
@@ -1058,6 +1062,7 @@ impl Machine {
             Some(_) => effective.iter().map(|e| e.outputs.clone()).collect(),
             None => VecDeque::new(),
         };
+        let quotes = self.masks_quotes(&effective);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Query {
             command,
@@ -1065,6 +1070,7 @@ impl Machine {
             changes,
             calls,
             outputs,
+            quotes,
         });
         // A COPY from the client takes whatever follows as its input, and
         // what the server then runs of the rest is not what was sent: read
@@ -1251,6 +1257,7 @@ impl Machine {
                 .map_or_else(Outputs::none, |e| e.outputs.clone()),
             None => Outputs::none(),
         };
+        let quotes = self.masks_quotes(&effective);
         chunk.bytes.extend_from_slice(&frame.raw);
         chunk.entries.push(Pending::Execute {
             command,
@@ -1258,6 +1265,7 @@ impl Machine {
             changes,
             calls,
             outputs,
+            quotes,
         });
         self.batch.executed = true;
         if self.may_change_parsing(facts, &effective) {
@@ -1482,9 +1490,10 @@ impl Machine {
             let frame = &buf[pos..pos + len];
             pos += len;
             let command = self.front_command();
+            let quotes = self.front_quotes();
             if self.target_frame(frame[0], &frame[5..]) && self.ended.is_none() {
                 let from = self.to_client.len();
-                self.forward(frame);
+                self.forward(frame, quotes);
                 if let Some((command, withhold)) = command {
                     self.record_answer(command, withhold, frame, from);
                 }
@@ -1607,8 +1616,9 @@ impl Machine {
     }
 
     /// Appends a target frame to the client's output, masked where the
-    /// target masks responses.
-    fn forward(&mut self, frame: &[u8]) {
+    /// target masks responses. `quotes`: an error or notice of it may quote
+    /// masked values.
+    fn forward(&mut self, frame: &[u8], quotes: bool) {
         let Some(mask) = &mut self.mask else {
             self.to_client.extend_from_slice(frame);
             return;
@@ -1637,7 +1647,9 @@ impl Machine {
                     mask.end_result();
                 }
                 let policy = &self.policy;
-                mask.error_or_notice(frame, &mut self.to_client, |t, c| policy.may_unmask(t, c));
+                mask.error_or_notice(frame, &mut self.to_client, quotes, |t, c| {
+                    policy.may_unmask(t, c)
+                });
                 true
             }
             tag => {
@@ -1678,6 +1690,27 @@ impl Machine {
             mask.store_refusal(s, |t, c| policy.may_unmask(t, c))
                 .map(|why| ClientError::error("42501", why))
         })
+    }
+
+    /// Whether the errors of a command quote values masked for this
+    /// principal (see [`ResponseMask::masks_quotes`]).
+    fn masks_quotes(&mut self, effective: &[Cow<'_, StatementFacts>]) -> bool {
+        let Some(mask) = self.mask.as_mut() else {
+            return false;
+        };
+        let policy = &self.policy;
+        mask.masks_quotes(effective.iter().map(|s| &**s), |t, c| {
+            policy.may_unmask(t, c)
+        })
+    }
+
+    /// Whether the errors of the command whose answers the target is
+    /// sending quote masked values.
+    fn front_quotes(&self) -> bool {
+        matches!(
+            self.pending.front(),
+            Some(Pending::Execute { quotes: true, .. } | Pending::Query { quotes: true, .. })
+        )
     }
 
     /// The command whose answers the target is sending.

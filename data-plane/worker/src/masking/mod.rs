@@ -811,6 +811,30 @@ impl ResponseMask {
         ))
     }
 
+    /// Whether the errors and notices of a command quote values masked
+    /// for this principal: a statement of it names a column with a rule
+    /// (anywhere, a filter too: `WHERE nickname::regclass IS NULL` fails
+    /// quoting the value) that `unmask` does not apply to. Their quoted
+    /// values are then masked ([`Self::error_or_notice`]).
+    pub fn masks_quotes<'a>(
+        &mut self,
+        statements: impl IntoIterator<Item = &'a StatementFacts>,
+        mut decide: impl FnMut(&str, &str) -> bool,
+    ) -> bool {
+        if self.masker.rules().columns.is_empty() {
+            return false;
+        }
+        let mut sources = Vec::new();
+        for s in statements {
+            self.ruled_sources(&s.mentions, &mut sources);
+        }
+        sources.sort();
+        sources.dedup();
+        sources
+            .iter()
+            .any(|(t, c)| !self.may_unmask(t, c, &mut decide))
+    }
+
     /// Whether `CopyData` needs [`Self::copy_data`].
     pub fn masks_copy(&self) -> bool {
         self.copy.is_some() && !self.copy_unmasked
@@ -951,6 +975,7 @@ impl ResponseMask {
         &mut self,
         frame: &[u8],
         out: &mut BytesMut,
+        quotes: bool,
         mut decide: impl FnMut(&str, &str) -> bool,
     ) {
         let body = &frame[5..];
@@ -965,7 +990,9 @@ impl ResponseMask {
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
         // A data exception quotes the value it failed on (`invalid input
         // syntax for type integer: "ally"`), which may be of a rule column
-        // (`SELECT nickname::int`): only `unmask` shows it.
+        // (`SELECT nickname::int`), and so may another error of a command
+        // naming one (`relation "ally" does not exist`, of
+        // `nickname::regclass`): only `unmask` shows it.
         let data_exception = fields
             .iter()
             .any(|(t, v)| *t == b'C' && v.starts_with(b"22"))
@@ -986,6 +1013,8 @@ impl ResponseMask {
                     b'D' | b'W' | b'H' if !text.is_empty() => b"[masked]".to_vec(),
                     _ => text,
                 };
+            } else if quotes && matches!(tag, b'M' | b'D' | b'W' | b'H') {
+                text = failed_value(&text);
             }
             if matches!(tag, b'M' | b'D' | b'H' | b'W' | b'q' | b'P' | b'p') {
                 let mut scratch = std::mem::take(&mut self.scratch);
@@ -1497,7 +1526,7 @@ mod tests {
             (b'p', "8"),
         ]);
         let mut out = BytesMut::new();
-        m.error_or_notice(&frame, &mut out, |_, _| false);
+        m.error_or_notice(&frame, &mut out, false, |_, _| false);
         assert_eq!(
             field(&out, b'M'),
             "invalid input syntax for type integer: \"[masked]\""
@@ -1506,7 +1535,7 @@ mod tests {
         assert_eq!(field(&out, b'p'), "8");
         out.clear();
         m.forget_decisions();
-        m.error_or_notice(&frame, &mut out, |_, _| true);
+        m.error_or_notice(&frame, &mut out, false, |_, _| true);
         assert_eq!(&out[..], &frame[..], "unmask: as it was");
         // Another server language, or no quotes at all.
         assert_eq!(
@@ -1521,8 +1550,40 @@ mod tests {
         // Not a data exception, or no column rules: the detectors only.
         let mut m = mask(&[]);
         out.clear();
-        m.error_or_notice(&frame, &mut out, |_, _| false);
+        m.error_or_notice(&frame, &mut out, false, |_, _| false);
         assert_eq!(&out[..], &frame[..]);
+    }
+
+    /// `SELECT nickname::regclass` fails quoting the nickname, as a
+    /// relation that does not exist: a command naming a masked column has
+    /// the values its errors quote masked.
+    #[test]
+    fn errors_of_a_command_naming_a_masked_column_have_their_quotes_masked() {
+        let mut m = mask(&[("users.nick", StyleName::Redact)]);
+        let c = gatehouse_policies::classify(
+            "SELECT 1 FROM users WHERE nick::regclass IS NULL",
+            gatehouse_policies::Reading::default(),
+        );
+        assert!(m.masks_quotes(&c.statements, |_, _| false));
+        m.forget_decisions();
+        assert!(!m.masks_quotes(&c.statements, |t, c| t == "users" && c == "nick"));
+        let other = gatehouse_policies::classify(
+            "SELECT 1 FROM users WHERE email::regclass IS NULL",
+            gatehouse_policies::Reading::default(),
+        );
+        m.forget_decisions();
+        assert!(!m.masks_quotes(&other.statements, |_, _| false));
+        let frame = error(&[
+            (b'C', "42P01"),
+            (b'M', "relation \"ally\" does not exist"),
+            (b'P', "12"),
+        ]);
+        let mut out = BytesMut::new();
+        m.error_or_notice(&frame, &mut out, true, |_, _| false);
+        assert_eq!(field(&out, b'M'), "relation \"[masked]\" does not exist");
+        out.clear();
+        m.error_or_notice(&frame, &mut out, false, |_, _| false);
+        assert_eq!(&out[..], &frame[..], "a command naming no masked column");
     }
 
     #[test]
@@ -1539,7 +1600,7 @@ mod tests {
             (b't', "users"),
         ]);
         let mut out = BytesMut::new();
-        m.error_or_notice(&frame, &mut out, |_, _| false);
+        m.error_or_notice(&frame, &mut out, false, |_, _| false);
         assert_eq!(field(&out, b'D'), "Key (nick)=([masked]) already exists.");
         assert_eq!(field(&out, b'C'), "23505");
         assert_eq!(
@@ -1549,7 +1610,7 @@ mod tests {
 
         out.clear();
         m.forget_decisions();
-        m.error_or_notice(&frame, &mut out, |_, _| true);
+        m.error_or_notice(&frame, &mut out, false, |_, _| true);
         assert_eq!(&out[..], &frame[..], "unmasked: as it was");
 
         let frame = error(&[
@@ -1558,7 +1619,7 @@ mod tests {
             (b't', "users"),
         ]);
         out.clear();
-        m.error_or_notice(&frame, &mut out, |_, _| false);
+        m.error_or_notice(&frame, &mut out, false, |_, _| false);
         assert_eq!(
             field(&out, b'D'),
             "Key (email)=([masked:email]) already exists.",
@@ -1571,7 +1632,7 @@ mod tests {
             (b't', "users"),
         ]);
         out.clear();
-        m.error_or_notice(&frame, &mut out, |_, _| false);
+        m.error_or_notice(&frame, &mut out, false, |_, _| false);
         assert_eq!(field(&out, b'D'), "Failing row contains ([masked]).");
     }
 
