@@ -49,7 +49,9 @@
 //! where the target has column rules, they are masked for those `unmask`
 //! (asked with table and column empty) does not apply to. So is the value a
 //! data exception quotes (`invalid input syntax for type integer:
-//! "ally"`, from `SELECT nickname::int`).
+//! "ally"`, from `SELECT nickname::int`), and what the errors of a command
+//! naming a masked column anywhere quote (`relation "ally" does not
+//! exist`, from `WHERE nickname::regclass IS NULL`).
 //!
 //! A rule on a table covers its partitions and inheritance children.
 //!
