@@ -829,6 +829,10 @@ impl ResponseMask {
         let mut sources = Vec::new();
         for s in statements {
             self.ruled_sources(&s.mentions, &mut sources);
+            // A cursor's rows are computed by text not at hand.
+            if s.outputs == Outputs::Unknown {
+                sources.push((String::new(), String::new()));
+            }
         }
         sources.sort();
         sources.dedup();
@@ -1575,6 +1579,11 @@ mod tests {
         );
         m.forget_decisions();
         assert!(!m.masks_quotes(&other.statements, |_, _| false));
+        let fetch = gatehouse_policies::classify("FETCH c", gatehouse_policies::Reading::default());
+        assert!(
+            m.masks_quotes(&fetch.statements, |_, _| false),
+            "a cursor's"
+        );
         let frame = error(&[
             (b'C', "42P01"),
             (b'M', "relation \"ally\" does not exist"),
