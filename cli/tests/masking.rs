@@ -394,7 +394,17 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         let row = reader.query_one(sql, &[]).await.unwrap();
         assert_eq!(row.get::<_, String>(0), want, "{sql}");
     }
+    // What mallory was answered is recorded masked too (the pii-reader's
+    // responses are recorded masked as well).
     drop((client, reader));
+    let bodies = until_recorded(&env, "SELECT 1").await;
+    assert!(responses(&bodies).len() >= 10, "the responses are recorded");
+    for raw in [SSN, "987-65-4321", "555-12-3456", "\"ALLY\"", "\"ally\""] {
+        assert!(
+            !bodies.iter().any(|b| b.contains(raw)),
+            "{raw} is in the event log"
+        );
+    }
     env.cleanup().await;
 }
 
