@@ -230,7 +230,8 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
              CREATE FUNCTION ssn_of(i int) RETURNS text LANGUAGE sql
                AS 'SELECT ssn FROM users WHERE id = i';
              CREATE TABLE users_archive () INHERITS (users);
-             INSERT INTO users_archive (id, ssn) VALUES (3, '555-12-3456');",
+             INSERT INTO users_archive (id, ssn) VALUES (3, '555-12-3456');
+             ANALYZE users;",
         )
         .await
         .unwrap();
@@ -293,6 +294,24 @@ async fn computed_values_and_views_are_masked_like_their_columns() {
         Ok(row) => assert!(!row.get::<_, String>(0).contains("45-67")),
         Err(e) => assert_eq!(e.as_db_error().unwrap().code().code(), "42501", "{e}"),
     }
+    // The planner's statistics hold sample values of every column.
+    let mut sampled = false;
+    for row in client
+        .simple_query(
+            "SELECT most_common_vals, histogram_bounds::text FROM pg_stats \
+             WHERE tablename = 'users' AND attname IN ('nickname', 'ssn')",
+        )
+        .await
+        .unwrap()
+    {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = row {
+            for v in [r.get(0), r.get(1)].into_iter().flatten() {
+                sampled = true;
+                assert_eq!(v, "[masked]");
+            }
+        }
+    }
+    assert!(sampled, "ANALYZE gathered statistics");
     // A failed cast quotes the value it failed on.
     let err = client
         .query_one("SELECT nickname::int FROM users WHERE id = 1", &[])

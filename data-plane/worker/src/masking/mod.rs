@@ -53,7 +53,10 @@
 //! naming a masked column anywhere quote (`relation "ally" does not
 //! exist`, from `WHERE nickname::regclass IS NULL`).
 //!
-//! A rule on a table covers its partitions and inheritance children.
+//! A rule on a table covers its partitions and inheritance children. The
+//! statistics views' sample values (`pg_stats.most_common_vals`,
+//! `histogram_bounds`, …), which may be any column's, are masked as of
+//! unknown origin.
 //!
 //! A copy of a masked column in a table or view would not be masked: to
 //! those without `unmask` of the column, a statement that stores one
@@ -272,7 +275,10 @@ impl TargetMasking {
     /// The query that finds the columns the column rules name, and the
     /// same columns of their partitions and inheritance children: rows of
     /// (relation oid, column number, relation, column, the table and column
-    /// the rule names). `None` when there are no column rules.
+    /// the rule names). And the columns of the statistics views that hold
+    /// sample values of any column (`pg_stats.most_common_vals`, …), as of
+    /// unknown origin (rule table and column empty). `None` when there are
+    /// no column rules.
     pub fn catalogue_query(&self) -> Option<String> {
         if self.patterns.is_empty() {
             return None;
@@ -312,6 +318,11 @@ impl TargetMasking {
                WHERE a.attnum > 0 AND NOT a.attisdropped \
                AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND ({}) \
                UNION \
+               SELECT c.oid, a.attname, '', '' \
+               FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+               WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace \
+               AND c.relname IN ({STATISTICS_VIEWS}) AND a.attname IN ({STATISTICS_VALUES}) \
+               UNION \
                SELECT i.inhrelid, r.attname, r.rtable, r.rcolumn \
                FROM pg_catalog.pg_inherits i JOIN ruled r ON i.inhparent = r.oid) \
              SELECT r.oid, a.attnum, c.relname, a.attname, r.rtable, r.rcolumn \
@@ -323,6 +334,13 @@ impl TargetMasking {
         ))
     }
 }
+
+/// The statistics views and catalogues of PostgreSQL, and their columns
+/// that hold sample values of the columns they describe.
+const STATISTICS_VIEWS: &str =
+    "'pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_statistic', 'pg_statistic_ext_data'";
+const STATISTICS_VALUES: &str = "'most_common_vals', 'histogram_bounds', 'most_common_elems', \
+     'stavalues1', 'stavalues2', 'stavalues3', 'stavalues4', 'stavalues5', 'stxdmcv', 'stxdexpr'";
 
 pub use catalogue::Catalogue;
 
