@@ -1120,7 +1120,12 @@ impl Model {
         self.flush();
         self.copy = None;
         match self.tx {
-            Tx::Block => self.tx = Tx::Failed,
+            Tx::Block => {
+                // The block stays, failed, but its work is undone at once,
+                // settings too (PostgreSQL's `AbortTransaction`).
+                self.undo_settings();
+                self.tx = Tx::Failed;
+            }
             Tx::Failed => {}
             Tx::Idle | Tx::Implicit => self.end_transaction(false),
         }
@@ -1139,13 +1144,23 @@ impl Model {
     fn end_transaction(&mut self, commit: bool) {
         if commit {
             self.session = self.pending_session.clone();
+            self.current = self.session.clone();
+            if self.legacy {
+                self.report();
+            }
         } else {
-            self.pending_session = self.session.clone();
+            self.undo_settings();
         }
-        self.current = self.session.clone();
         let active = self.active.clone();
         self.portals.retain(|name, _| Some(name) == active.as_ref());
         self.tx = Tx::Idle;
+    }
+
+    /// The transaction's settings are undone; PostgreSQL 13 reports what
+    /// that changes at once.
+    fn undo_settings(&mut self) {
+        self.pending_session = self.session.clone();
+        self.current = self.session.clone();
         if self.legacy {
             self.report();
         }
@@ -2972,6 +2987,44 @@ mod tests {
             }
         }
         eprintln!("statements run, texts matched, SQL EXECUTEs matched: {total:?}");
+    }
+
+    /// An error undoes what its transaction changed, a function's setting
+    /// too, and the server reads on: text behind a `Query` is read only
+    /// once it is answered, after the session's settings have changed.
+    /// (PostgreSQL 13 reported `f()`'s `client_encoding` after its
+    /// `Execute`; the `Query` behind it, in the same transaction, failed and
+    /// undid it; the worker read the next `Query` in `LATIN1`, the server in
+    /// `UTF8`.)
+    #[test]
+    fn an_error_undoes_a_setting_a_function_changed() {
+        let mut flush = Vec::new();
+        msg(&mut flush, b'H', &[]);
+        scenario(
+            Who::User,
+            true,
+            &[
+                [ext("", "SELECT f()"), flush].concat(),
+                [q("SELEC 1"), q("SELECT 'é'"), sync()].concat(),
+            ],
+        );
+    }
+
+    /// An error in a transaction block undoes its settings at once (the
+    /// block stays, failed, until `ROLLBACK`). (The worker read the `Query`
+    /// behind the failing one with `standard_conforming_strings` off, as one
+    /// `SELECT`; the server read it with it on.)
+    #[test]
+    fn an_error_in_a_block_undoes_its_settings_at_once() {
+        scenario(
+            Who::User,
+            false,
+            &[
+                q("BEGIN"),
+                q("SET standard_conforming_strings = off"),
+                [q("SELEC 1"), q("SELECT 'a\\' ; DELETE FROM t; --'")].concat(),
+            ],
+        );
     }
 
     #[test]

@@ -1387,18 +1387,27 @@ impl Machine {
         Resolution::Ready(found)
     }
 
-    /// Whether a command that calls functions is forwarded (or about to
-    /// be) and not yet answered: a function may change the settings text is
-    /// read with (`set_config` inside a function the worker cannot see), and
-    /// the server reports it only at the end of the command's batch.
+    /// Whether the settings text is read with may change before the
+    /// server reads text sent now, in ways the worker cannot foresee:
+    /// - a command that calls functions is forwarded (or about to be) and
+    ///   not yet answered: a function may change them (`set_config` inside
+    ///   a function the worker cannot see), and the server reports it only
+    ///   at the end of the command's batch;
+    /// - once the session's settings have changed at all, a `Query` is
+    ///   forwarded and not yet answered: if it fails, its transaction's
+    ///   changes are undone at once (an explicit block's too, failed but
+    ///   not yet ended), and the server reads on. (Within an
+    ///   extended-protocol batch an error skips the rest of it, and a
+    ///   `Sync` is a barrier then.)
     fn unforeseeable(&self, chunk: &Chunk) -> bool {
-        let calls = |e: &Pending| {
-            matches!(
-                e,
-                Pending::Query { calls: true, .. } | Pending::Execute { calls: true, .. }
-            )
+        let touched = self.settings_touched;
+        let may_change = |e: &Pending| match e {
+            Pending::Query { calls, .. } => *calls || touched,
+            Pending::Execute { calls, .. } => *calls,
+            Pending::Refused { simple, .. } => *simple && touched,
+            _ => false,
         };
-        self.pending.iter().any(calls) || chunk.entries.iter().any(calls)
+        self.pending.iter().any(may_change) || chunk.entries.iter().any(may_change)
     }
 
     /// Whether running a command may change how the server reads later
@@ -2083,10 +2092,6 @@ enum Step {
     Stop,
 }
 
-/// Whether `text` reads the same whatever the session's `client_encoding`
-/// (every encoding the server offers clients keeps ASCII as it is) and
-/// `standard_conforming_strings` (which only changes what a backslash
-/// means).
 fn responses_unrecorded() -> ClientError {
     ClientError::fatal(
         "58000",
@@ -2141,6 +2146,10 @@ fn event_size(e: &Event) -> usize {
     }
 }
 
+/// Whether `text` reads the same whatever the session's `client_encoding`
+/// (every encoding the server offers clients keeps ASCII as it is) and
+/// `standard_conforming_strings` (which only changes what a backslash
+/// means).
 fn settings_proof(text: &[u8]) -> bool {
     text.is_ascii() && !text.contains(&b'\\')
 }
