@@ -928,10 +928,7 @@ fn normalize_ip(s: &str) -> String {
 }
 
 fn hex_sha256(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(s.as_bytes()))
 }
 
 type Built = (EntityUid, EntityUid, Result<Entities, String>);

@@ -273,9 +273,10 @@ impl Masker {
             Style::Pseudonym => {
                 let tag = hmac::sign(&self.key, value);
                 out.extend_from_slice(b"pseu_");
-                for b in &tag.as_ref()[..8] {
-                    out.extend_from_slice(format!("{b:02x}").as_bytes());
-                }
+                let mut digits = [0u8; 16];
+                hex::encode_to_slice(&tag.as_ref()[..8], &mut digits)
+                    .expect("16 digits for 8 bytes");
+                out.extend_from_slice(&digits);
             }
         }
     }

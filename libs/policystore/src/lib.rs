@@ -216,7 +216,7 @@ impl Revoked {
             Revoked::Subject(s) => ("sub", s),
             Revoked::Token(t) => ("jti", t),
         };
-        format!("{prefix}.{}", hex(value.as_bytes()))
+        format!("{prefix}.{}", hex::encode(value))
     }
 }
 
@@ -235,10 +235,6 @@ impl Revoked {
             _ => None,
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A revocation as stored, or its reinstatement: the last message on an

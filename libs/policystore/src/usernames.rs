@@ -40,7 +40,7 @@ pub fn key(name: &str) -> Option<String> {
     }
     let folded = name.to_ascii_lowercase();
     let digest = ring::digest::digest(&ring::digest::SHA256, folded.as_bytes());
-    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Some(hex::encode(digest))
 }
 
 /// The subject `key` is bound to in the registry `stream`, read now

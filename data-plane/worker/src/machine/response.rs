@@ -136,7 +136,7 @@ impl ResponseLog {
         let summary = ResponseSummary {
             rows: open.count,
             bytes: open.bytes,
-            sha256: hex(open.sha.finish().as_ref()),
+            sha256: hex::encode(open.sha.finish()),
             truncated: open.truncated,
             tags: std::mem::take(&mut open.tags),
             error: open.error.take(),
@@ -182,10 +182,6 @@ fn cell_size(c: &Option<Cell>) -> usize {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +210,7 @@ mod tests {
         let mut sha = digest::Context::new(&digest::SHA256);
         sha.update(b"D-frame-1");
         sha.update(b"D-frame-2");
-        assert_eq!(s.sha256, hex(sha.finish().as_ref()));
+        assert_eq!(s.sha256, hex::encode(sha.finish()));
     }
 
     #[test]
