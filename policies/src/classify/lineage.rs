@@ -85,29 +85,22 @@ fn stored(node: &NodeEnum, parent: Option<&Scope>, out: &mut Output) {
     };
     match node {
         NodeEnum::InsertStmt(s) => {
-            let mut scope = with_stored(s.with_clause.as_ref(), parent, out);
+            let scope = with_stored(s.with_clause.as_ref(), parent, out);
+            // Its query does not see the target.
             if let Some(q) = s.select_stmt.as_deref().and_then(|q| q.node.as_ref()) {
                 all(query(q, Some(&scope)), out);
             }
-            target(s.relation.as_ref(), &mut scope, &["excluded"]);
             if let Some(c) = &s.on_conflict_clause {
+                let scope = modifying(node, scope);
                 merge(out, &expression(&c.target_list, &scope));
             }
         }
         NodeEnum::UpdateStmt(s) => {
-            let mut scope = with_stored(s.with_clause.as_ref(), parent, out);
-            target(s.relation.as_ref(), &mut scope, &[]);
-            for item in &s.from_clause {
-                from(item, &mut scope);
-            }
+            let scope = modifying(node, with_stored(s.with_clause.as_ref(), parent, out));
             merge(out, &expression(&s.target_list, &scope));
         }
         NodeEnum::MergeStmt(s) => {
-            let mut scope = with_stored(s.with_clause.as_ref(), parent, out);
-            target(s.relation.as_ref(), &mut scope, &[]);
-            if let Some(source) = &s.source_relation {
-                from(source, &mut scope);
-            }
+            let scope = modifying(node, with_stored(s.with_clause.as_ref(), parent, out));
             merge(out, &expression(&s.merge_when_clauses, &scope));
         }
         NodeEnum::DeleteStmt(s) => {
@@ -261,39 +254,43 @@ impl<'p> Scope<'p> {
 }
 
 fn query(node: &NodeEnum, parent: Option<&Scope>) -> Vec<Out> {
-    match node {
-        NodeEnum::SelectStmt(s) => select(s, parent),
-        NodeEnum::InsertStmt(s) => {
-            let mut scope = with(s.with_clause.as_ref(), parent);
-            target(s.relation.as_ref(), &mut scope, &["excluded"]);
-            returning(s.returning_clause.as_ref(), &scope)
-        }
-        NodeEnum::UpdateStmt(s) => {
-            let mut scope = with(s.with_clause.as_ref(), parent);
-            target(s.relation.as_ref(), &mut scope, &[]);
-            for item in &s.from_clause {
-                from(item, &mut scope);
-            }
-            returning(s.returning_clause.as_ref(), &scope)
-        }
-        NodeEnum::DeleteStmt(s) => {
-            let mut scope = with(s.with_clause.as_ref(), parent);
-            target(s.relation.as_ref(), &mut scope, &[]);
-            for item in &s.using_clause {
-                from(item, &mut scope);
-            }
-            returning(s.returning_clause.as_ref(), &scope)
-        }
-        NodeEnum::MergeStmt(s) => {
-            let mut scope = with(s.with_clause.as_ref(), parent);
-            target(s.relation.as_ref(), &mut scope, &[]);
-            if let Some(source) = &s.source_relation {
-                from(source, &mut scope);
-            }
-            returning(s.returning_clause.as_ref(), &scope)
-        }
-        _ => Vec::new(),
+    let (with_clause, returning) = match node {
+        NodeEnum::SelectStmt(s) => return select(s, parent),
+        NodeEnum::InsertStmt(s) => (&s.with_clause, &s.returning_clause),
+        NodeEnum::UpdateStmt(s) => (&s.with_clause, &s.returning_clause),
+        NodeEnum::DeleteStmt(s) => (&s.with_clause, &s.returning_clause),
+        NodeEnum::MergeStmt(s) => (&s.with_clause, &s.returning_clause),
+        _ => return Vec::new(),
+    };
+    let scope = modifying(node, with(with_clause.as_ref(), parent));
+    returning
+        .as_ref()
+        .map_or_else(Vec::new, |c| targets(&c.exprs, &scope))
+}
+
+/// What the expressions of a data-modifying statement see besides its
+/// `WITH` (in `scope`): the table it changes, under its names, and its
+/// `FROM`, `USING` or source.
+fn modifying<'p>(node: &NodeEnum, mut scope: Scope<'p>) -> Scope<'p> {
+    let (relation, extra, sources): (_, &[&str], &[pb::Node]) = match node {
+        NodeEnum::InsertStmt(s) => (&s.relation, &["excluded"], &[]),
+        NodeEnum::UpdateStmt(s) => (&s.relation, &[], &s.from_clause),
+        NodeEnum::DeleteStmt(s) => (&s.relation, &[], &s.using_clause),
+        NodeEnum::MergeStmt(s) => (
+            &s.relation,
+            &[],
+            s.source_relation
+                .as_deref()
+                .map(std::slice::from_ref)
+                .unwrap_or_default(),
+        ),
+        _ => return scope,
+    };
+    target(relation.as_ref(), &mut scope, extra);
+    for item in sources {
+        from(item, &mut scope);
     }
+    scope
 }
 
 /// The table a data-modifying statement changes, under its own name or
@@ -308,10 +305,6 @@ fn target(relation: Option<&pb::RangeVar>, scope: &mut Scope, extra: &[&str]) {
             alias: (*alias).to_owned(),
         });
     }
-}
-
-fn returning(clause: Option<&pb::ReturningClause>, scope: &Scope) -> Vec<Out> {
-    clause.map_or_else(Vec::new, |c| targets(&c.exprs, scope))
 }
 
 /// A query level with the CTEs of its `WITH`, each seeing the ones before
