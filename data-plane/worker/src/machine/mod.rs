@@ -66,7 +66,7 @@ use gatehouse_policies::{
 use crate::encoding::{self, Parsing};
 use crate::error::ClientError;
 use crate::masking::ResponseMask;
-use crate::policy::{PolicyState, SessionPolicy};
+use crate::policy::{CommandDecision, PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
 use response::ResponseLog;
 
@@ -1016,13 +1016,7 @@ impl Machine {
             .decide_with(state, &facts, |name| lookup(&resolved, name));
         let executes = executed(&resolved);
         let effective = effective_facts(&facts, &resolved);
-        let (record, refusal) = match (decision.refusal, self.mask_refusal(&effective)) {
-            (None, Some(error)) => (
-                Some(self.policy.refused_record(state, &facts, &error.message)),
-                Some(error),
-            ),
-            (refusal, _) => (decision.record, refusal),
-        };
+        let (record, refusal) = self.with_mask_refusal(state, &facts, decision, &effective);
         let changes: VecDeque<Vec<Change<Prepared>>> = match refusal {
             Some(_) => VecDeque::new(),
             None => effective
@@ -1210,13 +1204,7 @@ impl Machine {
             .policy
             .decide_with(state, facts, |name| lookup(&resolved, name));
         let effective = effective_facts(facts, &resolved);
-        let (record, refusal) = match (decision.refusal, self.mask_refusal(&effective)) {
-            (None, Some(error)) => (
-                Some(self.policy.refused_record(state, facts, &error.message)),
-                Some(error),
-            ),
-            (refusal, _) => (decision.record, refusal),
-        };
+        let (record, refusal) = self.with_mask_refusal(state, facts, decision, &effective);
         chunk.events.push(self.command(
             Protocol::Extended,
             statement.text.to_string(),
@@ -1683,6 +1671,27 @@ impl Machine {
     /// (its data names no columns), and one that stores values of a masked
     /// column or runs code given as text (see
     /// [`ResponseMask::store_refusal`]).
+    /// A command's decision, or, where the policy lets it run, its
+    /// refusal by masking ([`Machine::mask_refusal`]), recorded as such.
+    fn with_mask_refusal(
+        &mut self,
+        state: &PolicyState,
+        facts: &Classification,
+        decision: CommandDecision,
+        effective: &[Cow<'_, StatementFacts>],
+    ) -> (Option<DecisionRecord>, Option<ClientError>) {
+        if decision.refusal.is_some() {
+            return (decision.record, decision.refusal);
+        }
+        match self.mask_refusal(effective) {
+            Some(error) => (
+                Some(self.policy.refused_record(state, facts, &error.message)),
+                Some(error),
+            ),
+            None => (decision.record, None),
+        }
+    }
+
     fn mask_refusal(&mut self, effective: &[Cow<'_, StatementFacts>]) -> Option<ClientError> {
         let mask = self.mask.as_mut()?;
         let policy = &self.policy;
