@@ -168,7 +168,10 @@ impl Env {
     async fn wait_projected(&self, db: &PgPool, events: i64) {
         eventually("the projector to catch up", || async {
             let stream = self.js.get_stream(&self.events.stream).await.unwrap();
-            let info = stream.consumer_info(&self.config.consumer).await.unwrap();
+            // The projector creates its consumer once it has started.
+            let Ok(info) = stream.consumer_info(&self.config.consumer).await else {
+                return false;
+            };
             info.num_pending == 0
                 && info.num_ack_pending == 0
                 && count(db, "events").await == events
