@@ -1666,11 +1666,6 @@ impl Machine {
         }
     }
 
-    /// A statement masking cannot follow, refused to a principal `unmask`
-    /// does not apply to where the target has column rules: `COPY … TO`
-    /// (its data names no columns), and one that stores values of a masked
-    /// column or runs code given as text (see
-    /// [`ResponseMask::store_refusal`]).
     /// A command's decision, or, where the policy lets it run, its
     /// refusal by masking ([`Machine::mask_refusal`]), recorded as such.
     fn with_mask_refusal(
@@ -1692,6 +1687,11 @@ impl Machine {
         }
     }
 
+    /// A statement masking cannot follow, refused to a principal `unmask`
+    /// does not apply to where the target has column rules: `COPY … TO`
+    /// (its data names no columns), and one that stores values of a masked
+    /// column or runs code given as text (see
+    /// [`ResponseMask::store_refusal`]).
     fn mask_refusal(&mut self, effective: &[Cow<'_, StatementFacts>]) -> Option<ClientError> {
         let mask = self.mask.as_mut()?;
         let policy = &self.policy;
