@@ -9,9 +9,11 @@
 #![forbid(unsafe_code)]
 
 mod config;
+pub mod embedded;
 mod publisher;
 
 pub use config::EventLogConfig;
+pub use embedded::{EmbeddedError, EmbeddedLog, StoredEvent};
 pub use publisher::{PublishError, Publisher};
 
 use async_nats::jetstream::{self, stream};

@@ -33,7 +33,7 @@ const MAX_EVENTS_PER_MESSAGE: usize = 256;
 /// than this goes alone, up to the server's `max_payload`.
 const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 /// Room kept in every message for its headers.
-const HEADER_ROOM: usize = 1024;
+pub(crate) const HEADER_ROOM: usize = 1024;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
@@ -51,9 +51,9 @@ pub enum PublishError {
     TooLarge { size: usize, max: usize },
 }
 
-struct Request {
-    events: Vec<Event>,
-    done: oneshot::Sender<Result<(), PublishError>>,
+pub(crate) struct Request {
+    pub events: Vec<Event>,
+    pub done: oneshot::Sender<Result<(), PublishError>>,
 }
 
 /// Records events durably. Cheap to clone; all clones share one writer.
@@ -74,6 +74,15 @@ impl Publisher {
             max_in_flight: config.max_in_flight.max(1),
         };
         tokio::spawn(writer.run(rx));
+        Self { tx }
+    }
+
+    /// Starts the writer task of an embedded log ([`crate::embedded`]) on
+    /// the current runtime. Events go under the subjects they would have on
+    /// JetStream.
+    pub fn embedded(log: crate::EmbeddedLog, subjects: Subjects) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(crate::embedded::write(log, subjects, rx));
         Self { tx }
     }
 
