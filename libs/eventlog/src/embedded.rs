@@ -28,6 +28,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, watch};
 
 use crate::publisher::{self, PublishError, Request};
+use crate::records::{RecordError, StreamSettings};
 
 /// Most events in one commit; more queued wait for the next.
 const MAX_EVENTS_PER_COMMIT: usize = 1024;
@@ -75,6 +76,9 @@ pub struct EmbeddedLog {
     readers: SqlitePool,
     /// The sequence of the last event committed.
     last: std::sync::Arc<watch::Sender<u64>>,
+    /// The sequence of the last record of any stream of records
+    /// ([`crate::records`]) published.
+    records: std::sync::Arc<watch::Sender<u64>>,
     /// Commits made since opening.
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -113,6 +117,22 @@ impl EmbeddedLog {
         .execute(&writer)
         .await
         .map_err(open_err)?;
+        for ddl in [
+            "CREATE TABLE IF NOT EXISTS records (
+                stream  TEXT NOT NULL,
+                seq     INTEGER NOT NULL,
+                subject TEXT NOT NULL,
+                headers TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                msg_id  TEXT,
+                PRIMARY KEY (stream, seq)
+            )",
+            "CREATE INDEX IF NOT EXISTS records_by_subject ON records (stream, subject, seq)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS records_by_id ON records (stream, msg_id)
+                WHERE msg_id IS NOT NULL",
+        ] {
+            sqlx::query(ddl).execute(&writer).await.map_err(open_err)?;
+        }
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -127,6 +147,7 @@ impl EmbeddedLog {
             writer,
             readers,
             last: std::sync::Arc::new(watch::channel(seq_of(last)).0),
+            records: std::sync::Arc::new(watch::channel(0).0),
             commits: Default::default(),
         })
     }
@@ -197,6 +218,86 @@ impl EmbeddedLog {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.last.send_replace(seq_of(last));
         Ok(())
+    }
+
+    pub(crate) fn readers(&self) -> &SqlitePool {
+        &self.readers
+    }
+
+    /// Changes whenever a record is published on any stream of records.
+    pub(crate) fn records_appended(&self) -> watch::Receiver<u64> {
+        self.records.subscribe()
+    }
+
+    /// Stores a record of a stream of records ([`crate::records`]) on the
+    /// conditions of [`RecordStream::publish`](crate::records::RecordStream::publish),
+    /// keeping the subject's last `per_subject`; committed and fsync'd
+    /// when this returns.
+    pub(crate) async fn put_record(
+        &self,
+        settings: &StreamSettings,
+        subject: &str,
+        headers: &str,
+        payload: &[u8],
+        id: Option<&str>,
+        expected: u64,
+    ) -> Result<u64, RecordError> {
+        let failed = |e: sqlx::Error| RecordError::Unavailable(self.io(e).to_string());
+        let mut tx = self.writer.begin().await.map_err(failed)?;
+        if let Some(id) = id {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM records WHERE stream = ? AND msg_id = ?")
+                    .bind(&settings.name)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            if let Some(seq) = stored {
+                return Ok(seq_of(seq));
+            }
+        }
+        let last: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(seq), 0) FROM records WHERE stream = ? AND subject = ?",
+        )
+        .bind(&settings.name)
+        .bind(subject)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(failed)?;
+        if seq_of(last) != expected {
+            return Err(RecordError::Conflict(format!(
+                "wrong last sequence: {last} (expected {expected})"
+            )));
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO records (stream, seq, subject, headers, payload, msg_id)
+             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5 FROM records WHERE stream = ?1
+             RETURNING seq",
+        )
+        .bind(&settings.name)
+        .bind(subject)
+        .bind(headers)
+        .bind(payload)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(failed)?;
+        sqlx::query(
+            "DELETE FROM records WHERE stream = ?1 AND subject = ?2 AND seq NOT IN
+                (SELECT seq FROM records WHERE stream = ?1 AND subject = ?2
+                 ORDER BY seq DESC LIMIT ?3)",
+        )
+        .bind(&settings.name)
+        .bind(subject)
+        .bind(settings.per_subject.max(1))
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.records.send_replace(seq_of(seq));
+        Ok(seq_of(seq))
     }
 
     fn io(&self, source: sqlx::Error) -> EmbeddedError {

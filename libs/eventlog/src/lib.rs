@@ -11,10 +11,12 @@
 mod config;
 pub mod embedded;
 mod publisher;
+pub mod records;
 
 pub use config::EventLogConfig;
 pub use embedded::{EmbeddedError, EmbeddedLog, StoredEvent};
 pub use publisher::{PublishError, Publisher};
+pub use records::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
 
 use async_nats::jetstream::{self, stream};
 
