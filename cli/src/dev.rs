@@ -451,7 +451,11 @@ fn warn_development_mode(config: Config) {
 async fn publish_bundle(nats: &async_nats::Client, opts: &DevOptions) -> anyhow::Result<u64> {
     let js = async_nats::jetstream::new(nats.clone());
     gatehouse_eventlog::ensure_stream(&js, &opts.events).await?;
-    let store = PolicyStore::open(&js, &opts.policy).await?;
+    let store = PolicyStore::open(
+        &gatehouse_eventlog::RecordStore::JetStream(js),
+        &opts.policy,
+    )
+    .await?;
     let bundle = store.publish_bundle(&opts.bundle).await?.value;
     let event = gatehouse_events::Event::new(
         "gatehouse-dev",

@@ -255,9 +255,10 @@ async fn user_name(s: &ApiState, identity: &gatehouse_identity::Identity) -> Res
              accepts user names of printable ASCII only",
         ));
     };
-    let js = async_nats::jetstream::new(s.nats.clone());
+    let records =
+        gatehouse_eventlog::RecordStore::JetStream(async_nats::jetstream::new(s.nats.clone()));
     let stream = usernames::stream_for(&s.policy.config.revocation_stream);
-    match usernames::owner(&js, &stream, &key).await {
+    match usernames::owner(&records, &stream, &key).await {
         Ok(Some(owner)) if owner != identity.subject => {
             tracing::info!(subject = %identity.subject, "API refused: user name belongs to another subject");
             Err(ApiError::Unauthorized(

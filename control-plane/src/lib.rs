@@ -60,7 +60,8 @@ pub async fn run(
     let pool = connect_audit_db(&config).await?;
     let js = async_nats::jetstream::new(nats.clone());
     gatehouse_eventlog::ensure_stream(&js, &events).await?;
-    let store = gatehouse_policystore::PolicyStore::open(&js, &policy).await?;
+    let records = gatehouse_eventlog::RecordStore::JetStream(js.clone());
+    let store = gatehouse_policystore::PolicyStore::open(&records, &policy).await?;
     let publisher = gatehouse_eventlog::Publisher::start(nats.clone(), &events);
     let source = format!("control-plane-{}", std::process::id());
     let policy = PolicyApi::new(store, publisher, policy, source);

@@ -189,7 +189,12 @@ impl Env {
     }
 
     pub async fn store(&self) -> PolicyStore {
-        PolicyStore::open(&self.js, &self.policy()).await.unwrap()
+        PolicyStore::open(
+            &gatehouse_eventlog::RecordStore::JetStream(self.js.clone()),
+            &self.policy(),
+        )
+        .await
+        .unwrap()
     }
 }
 

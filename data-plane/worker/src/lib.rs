@@ -116,12 +116,13 @@ pub async fn run(
     let js = async_nats::jetstream::new(nats.clone());
     gatehouse_eventlog::ensure_stream(&js, &events).await?;
     let publisher = Publisher::start(nats.clone(), &events);
-    let store = PolicyStore::open(&js, &policy_config)
+    let records = gatehouse_eventlog::RecordStore::JetStream(js);
+    let store = PolicyStore::open(&records, &policy_config)
         .await
         .map_err(|e| WorkerError::Policies(e.to_string()))?;
     let policies = policy::start(store).await.map_err(WorkerError::Policies)?;
     let usernames = usernames::UserNames::open(
-        &js,
+        &records,
         &usernames::stream_for(&policy_config.revocation_stream),
     )
     .await

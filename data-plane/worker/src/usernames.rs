@@ -9,10 +9,11 @@
 //!   refused rather than shown next to `admin`.
 //! - **Case does not make a new name.** Names are compared ASCII
 //!   case-insensitively: `Admin` and `admin` are one name.
-//! - **The first subject keeps it.** The binding name → subject is a message
-//!   on a JetStream stream (`<policy.revocation_stream>_USERNAMES`, one
-//!   subject per name, one message per subject) written create-only (the
-//!   publish expects the subject to be empty): the first subject to log in
+//! - **The first subject keeps it.** The binding name → subject is a record
+//!   on a stream of records (`<policy.revocation_stream>_USERNAMES`, one
+//!   subject per name, one record per subject; JetStream or the embedded
+//!   store) written create-only (the publish expects the subject to be
+//!   empty): the first subject to log in
 //!   under a name owns it, and a later login by another subject under that
 //!   name (or a case variant) is refused. The check is made at login only,
 //!   never per command, and a worker keeps the bindings it has seen (they
@@ -22,9 +23,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, stream};
+use gatehouse_eventlog::{RecordError, RecordStore, RecordStream};
 use gatehouse_policystore::usernames::Binding;
 
 /// Why a user name was not accepted.
@@ -55,8 +54,7 @@ impl NameError {
 
 /// The stream of bindings and the ones this worker has seen.
 pub(crate) struct UserNames {
-    js: jetstream::Context,
-    stream: stream::Stream,
+    stream: RecordStream,
     /// Subjects are `<prefix>.<key>`.
     prefix: String,
     /// Registry key → owning subject.
@@ -77,20 +75,13 @@ pub(crate) fn key(name: &str) -> Result<String, NameError> {
 
 impl UserNames {
     /// Opens the stream, creating it if no worker has yet.
-    pub async fn open(js: &jetstream::Context, name: &str) -> Result<Self, String> {
+    pub async fn open(records: &RecordStore, name: &str) -> Result<Self, String> {
         let prefix = gatehouse_policystore::usernames::prefix(name);
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: name.to_string(),
-                description: Some("Gatehouse: the subject each user name belongs to".into()),
-                subjects: vec![format!("{prefix}.>")],
-                max_messages_per_subject: 1,
-                ..Default::default()
-            })
+        let stream = records
+            .open(gatehouse_policystore::usernames::settings(name))
             .await
-            .map_err(|e| format!("cannot open JetStream stream {name:?}: {e}"))?;
+            .map_err(|e| format!("cannot open stream {name:?}: {e}"))?;
         Ok(Self {
-            js: js.clone(),
             stream,
             prefix,
             seen: Mutex::new(HashMap::new()),
@@ -117,18 +108,17 @@ impl UserNames {
 
     /// The subject bound to `key`, if any.
     async fn stored(&self, key: &str) -> Result<Option<String>, NameError> {
-        let unavailable = |e: String| NameError::Unavailable(e);
-        match self
+        let last = self
             .stream
-            .get_last_raw_message_by_subject(&format!("{}.{key}", self.prefix))
+            .last(&format!("{}.{key}", self.prefix))
             .await
-        {
-            Ok(m) => serde_json::from_slice::<Binding>(&m.payload)
-                .map(|b| Some(b.subject))
-                .map_err(|e| unavailable(format!("unreadable binding: {e}"))),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(unavailable(e.to_string())),
-        }
+            .map_err(|e| NameError::Unavailable(e.to_string()))?;
+        last.map(|m| {
+            serde_json::from_slice::<Binding>(&m.payload)
+                .map(|b| b.subject)
+                .map_err(|e| NameError::Unavailable(format!("unreadable binding: {e}")))
+        })
+        .transpose()
     }
 
     /// Binds `key` to `subject` unless it is bound already; returns the
@@ -140,24 +130,23 @@ impl UserNames {
             at: chrono::Utc::now().timestamp(),
         };
         let body = serde_json::to_vec(&binding).expect("a binding serializes");
-        let message = PublishMessage::build()
-            .payload(body.into())
-            .expected_last_subject_sequence(0);
-        let ack = match self
-            .js
-            .send_publish(format!("{}.{key}", self.prefix), message)
-            .await
-        {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match ack {
+        let created = self
+            .stream
+            .publish(
+                &format!("{}.{key}", self.prefix),
+                &[],
+                body.into(),
+                None,
+                Some(0),
+            )
+            .await;
+        match created {
             Ok(_) => {
                 tracing::info!(user = %name, subject, "user name bound to its first subject");
                 Ok(subject.to_string())
             }
             // Another login bound it first (here or at another worker).
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => self
+            Err(RecordError::Conflict(_)) => self
                 .stored(key)
                 .await?
                 .ok_or_else(|| NameError::Unavailable("binding vanished".into())),

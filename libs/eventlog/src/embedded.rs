@@ -240,7 +240,7 @@ impl EmbeddedLog {
         headers: &str,
         payload: &[u8],
         id: Option<&str>,
-        expected: u64,
+        expected: Option<u64>,
     ) -> Result<u64, RecordError> {
         let failed = |e: sqlx::Error| RecordError::Unavailable(self.io(e).to_string());
         let mut tx = self.writer.begin().await.map_err(failed)?;
@@ -264,7 +264,9 @@ impl EmbeddedLog {
         .fetch_one(&mut *tx)
         .await
         .map_err(failed)?;
-        if seq_of(last) != expected {
+        if let Some(expected) = expected
+            && seq_of(last) != expected
+        {
             return Err(RecordError::Conflict(format!(
                 "wrong last sequence: {last} (expected {expected})"
             )));

@@ -54,6 +54,8 @@ pub enum RecordError {
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
     pub name: String,
+    /// What it is for, shown to operators (JetStream).
+    pub description: Option<String>,
     /// The subjects it holds: one subject, or a prefix followed by `.>`.
     pub subjects: String,
     /// Records kept per subject; older ones are dropped.
@@ -125,6 +127,34 @@ impl RecordStore {
         }
     }
 
+    /// The stream with `settings` if it exists; on JetStream, `None`
+    /// rather than creating it (a process that only reads may not be
+    /// allowed to create streams). The embedded store always has it.
+    pub async fn existing(
+        &self,
+        settings: StreamSettings,
+    ) -> Result<Option<RecordStream>, RecordError> {
+        match self {
+            RecordStore::JetStream(js) => match js.get_stream(&settings.name).await {
+                Ok(stream) => Ok(Some(RecordStream {
+                    inner: Inner::JetStream {
+                        js: js.clone(),
+                        stream: Box::new(stream),
+                    },
+                })),
+                Err(e) => match e.kind() {
+                    jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        Ok(None)
+                    }
+                    _ => Err(unavailable(e)),
+                },
+            },
+            RecordStore::Embedded(_) => self.open(settings).await.map(Some),
+        }
+    }
+
     /// The largest payload a record may have.
     pub fn max_payload(&self) -> usize {
         match self {
@@ -143,6 +173,7 @@ async fn open_jetstream(
     let config = stream::Config {
         name: settings.name.clone(),
         subjects: vec![settings.subjects.clone()],
+        description: settings.description.clone(),
         storage: stream::StorageType::File,
         max_messages_per_subject: settings.per_subject,
         deny_delete: settings.deny_delete,
@@ -301,8 +332,9 @@ impl RecordStream {
         }
     }
 
-    /// Publishes a record on `subject` if the subject's last sequence is
-    /// `expected` (0: it has none), and returns its sequence. With `id`,
+    /// Publishes a record on `subject`, with `expected`, only if the
+    /// subject's last sequence is that (0: it has none), and returns its
+    /// sequence. With `id`,
     /// a record published again under the same id is stored once (its
     /// sequence returned), and on JetStream a lost acknowledgement is
     /// resolved by finding the id last on the subject.
@@ -312,13 +344,14 @@ impl RecordStream {
         headers: &[(&str, &str)],
         payload: Bytes,
         id: Option<&str>,
-        expected: u64,
+        expected: Option<u64>,
     ) -> Result<u64, RecordError> {
         match &self.inner {
             Inner::JetStream { js, stream } => {
-                let mut message = PublishMessage::build()
-                    .payload(payload)
-                    .expected_last_subject_sequence(expected);
+                let mut message = PublishMessage::build().payload(payload);
+                if let Some(expected) = expected {
+                    message = message.expected_last_subject_sequence(expected);
+                }
                 if let Some(id) = id {
                     message = message.message_id(id);
                 }

@@ -49,6 +49,7 @@ impl Stores {
             let stream = store
                 .open(StreamSettings {
                     name: name.clone(),
+                    description: None,
                     subjects: format!("{prefix}.>"),
                     per_subject,
                     deny_delete: false,
@@ -79,23 +80,26 @@ async fn publication_on_condition_of_the_subjects_last_sequence() {
         let a = format!("{prefix}.a");
         let b = format!("{prefix}.b");
         let first = stream
-            .publish(&a, &[("Sig", "s1")], body("1"), None, 0)
+            .publish(&a, &[("Sig", "s1")], body("1"), None, Some(0))
             .await
             .unwrap();
         // Another writer that also read "nothing there" loses.
-        let lost = stream.publish(&a, &[], body("x"), None, 0).await;
+        let lost = stream.publish(&a, &[], body("x"), None, Some(0)).await;
         assert!(
             matches!(lost, Err(RecordError::Conflict(_))),
             "{kind}: {lost:?}"
         );
-        let other = stream.publish(&b, &[], body("b"), None, 0).await.unwrap();
+        let other = stream
+            .publish(&b, &[], body("b"), None, Some(0))
+            .await
+            .unwrap();
         assert!(other > first, "{kind}");
         // Expecting the subject's last, not the stream's.
         let second = stream
-            .publish(&a, &[], body("2"), None, first)
+            .publish(&a, &[], body("2"), None, Some(first))
             .await
             .unwrap();
-        let stale = stream.publish(&a, &[], body("y"), None, first).await;
+        let stale = stream.publish(&a, &[], body("y"), None, Some(first)).await;
         assert!(
             matches!(stale, Err(RecordError::Conflict(_))),
             "{kind}: {stale:?}"
@@ -143,7 +147,7 @@ async fn a_subject_keeps_its_last_records_and_an_id_is_stored_once() {
         let mut seqs = Vec::new();
         for i in 0..3 {
             last = stream
-                .publish(&a, &[], body(&i.to_string()), None, last)
+                .publish(&a, &[], body(&i.to_string()), None, Some(last))
                 .await
                 .unwrap();
             seqs.push(last);
@@ -154,11 +158,11 @@ async fn a_subject_keeps_its_last_records_and_an_id_is_stored_once() {
 
         let b = format!("{prefix}.b");
         let once = stream
-            .publish(&b, &[], body("b"), Some("id-1"), 0)
+            .publish(&b, &[], body("b"), Some("id-1"), Some(0))
             .await
             .unwrap();
         let again = stream
-            .publish(&b, &[], body("b"), Some("id-1"), 0)
+            .publish(&b, &[], body("b"), Some("id-1"), Some(0))
             .await
             .unwrap();
         assert_eq!(once, again, "{kind}");
@@ -173,9 +177,18 @@ async fn followers_get_each_subjects_last_record_then_every_new_one() {
     let mut stores = Stores::new().await;
     for (kind, stream, prefix) in stores.open(16).await {
         let (a, b) = (format!("{prefix}.a"), format!("{prefix}.b"));
-        let a1 = stream.publish(&a, &[], body("a1"), None, 0).await.unwrap();
-        let b1 = stream.publish(&b, &[], body("b1"), None, 0).await.unwrap();
-        let a2 = stream.publish(&a, &[], body("a2"), None, a1).await.unwrap();
+        let a1 = stream
+            .publish(&a, &[], body("a1"), None, Some(0))
+            .await
+            .unwrap();
+        let b1 = stream
+            .publish(&b, &[], body("b1"), None, Some(0))
+            .await
+            .unwrap();
+        let a2 = stream
+            .publish(&a, &[], body("a2"), None, Some(a1))
+            .await
+            .unwrap();
 
         let filter = format!("{prefix}.>");
         let snapshot = stream.last_per_subject(&filter).await.unwrap();
@@ -195,7 +208,10 @@ async fn followers_get_each_subjects_last_record_then_every_new_one() {
         };
         assert_eq!(next().await.sequence, b1, "{kind}");
         assert_eq!(next().await.sequence, a2, "{kind}");
-        let b2 = stream.publish(&b, &[], body("b2"), None, b1).await.unwrap();
+        let b2 = stream
+            .publish(&b, &[], body("b2"), None, Some(b1))
+            .await
+            .unwrap();
         let r = next().await;
         assert_eq!((r.sequence, r.subject.as_str()), (b2, b.as_str()), "{kind}");
 

@@ -56,12 +56,9 @@ pub mod usernames;
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
+use gatehouse_eventlog::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
 use gatehouse_policies::{Bundle, BundleError, Engine, Problem, Severity};
 use serde::{Deserialize, Serialize};
 
@@ -164,7 +161,7 @@ impl PolicyConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open JetStream stream {stream:?}: {detail}")]
+    #[error("cannot open stream {stream:?}: {detail}")]
     Open { stream: String, detail: String },
     #[error("cannot read or write the policy store: {0}")]
     Kv(String),
@@ -194,8 +191,13 @@ const REVOCATION_HISTORY: i64 = 16;
 /// Room kept in every message for its headers, as the event publisher does.
 pub const HEADER_ROOM: usize = 1024;
 
-fn kv_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Kv(e.to_string())
+impl From<RecordError> for StoreError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::Conflict(detail) => StoreError::Conflict(detail),
+            RecordError::Unavailable(detail) => StoreError::Kv(detail),
+        }
+    }
 }
 
 /// What a revocation names.
@@ -318,9 +320,10 @@ type InForce = (u64, Option<Stored<Bundle>>);
 
 #[derive(Clone)]
 pub struct PolicyStore {
-    js: jetstream::Context,
-    bundles: stream::Stream,
-    revocations: stream::Stream,
+    /// The largest payload the store takes.
+    max_payload: usize,
+    bundles: RecordStream,
+    revocations: RecordStream,
     /// Keys a bundle's signature must verify with.
     trusted: TrustedKeys,
     /// The control plane's key; `None` in workers.
@@ -335,54 +338,32 @@ pub struct PolicyStore {
 }
 
 async fn open_stream(
-    js: &jetstream::Context,
+    store: &RecordStore,
     name: &str,
     subjects: String,
     per_subject: i64,
     deny_delete: bool,
-) -> Result<stream::Stream, StoreError> {
-    let config = stream::Config {
-        name: name.to_string(),
-        subjects: vec![subjects],
-        storage: stream::StorageType::File,
-        max_messages_per_subject: per_subject,
-        deny_delete,
-        deny_purge: deny_delete,
-        ..Default::default()
-    };
-    let open_error = |e: &dyn std::fmt::Display| StoreError::Open {
-        stream: name.to_string(),
-        detail: e.to_string(),
-    };
-    let mut stream = js
-        .get_or_create_stream(config.clone())
+) -> Result<RecordStream, StoreError> {
+    store
+        .open(StreamSettings {
+            name: name.to_string(),
+            description: None,
+            subjects,
+            per_subject,
+            deny_delete,
+        })
         .await
-        .map_err(|e| open_error(&e))?;
-    // A stream made before these settings: bring it up to them (only a
-    // user allowed to update streams can; others go on as it is).
-    let info = stream.info().await.map_err(|e| open_error(&e))?;
-    let current = &info.config;
-    if current.max_messages_per_subject < per_subject
-        || (deny_delete && !(current.deny_delete && current.deny_purge))
-    {
-        let wanted = stream::Config {
-            max_messages_per_subject: per_subject.max(current.max_messages_per_subject),
-            deny_delete: deny_delete || current.deny_delete,
-            deny_purge: deny_delete || current.deny_purge,
-            ..current.clone()
-        };
-        if let Err(e) = js.update_stream(wanted).await {
-            tracing::warn!(stream = name, error = %e, "cannot bring the stream's settings up to date");
-        }
-    }
-    Ok(stream)
+        .map_err(|e| StoreError::Open {
+            stream: name.to_string(),
+            detail: e.to_string(),
+        })
 }
 
 impl PolicyStore {
     /// Opens (creating if missing) both streams, with the keys of `config`:
     /// the public keys bundles must be signed with and, for the control
     /// plane, the signing key (whose public key is then trusted too).
-    pub async fn open(js: &jetstream::Context, config: &PolicyConfig) -> Result<Self, StoreError> {
+    pub async fn open(store: &RecordStore, config: &PolicyConfig) -> Result<Self, StoreError> {
         let bundle_subject = format!("gatehouse.{}.bundle", config.bundle_stream);
         let revocation_prefix = format!("gatehouse.{}.revoked", config.revocation_stream);
         let mut trusted = config.trusted_keys().map_err(StoreError::Config)?;
@@ -394,16 +375,22 @@ impl PolicyStore {
             trusted,
             signer,
             in_force: Default::default(),
-            js: js.clone(),
+            max_payload: store.max_payload(),
             // Never deleted either: deleting the newest bundle would make
             // workers that start later go back a version, unrecorded.
-            bundles: open_stream(js, &config.bundle_stream, bundle_subject.clone(), 64, true)
-                .await?,
+            bundles: open_stream(
+                store,
+                &config.bundle_stream,
+                bundle_subject.clone(),
+                64,
+                true,
+            )
+            .await?,
             // Records are never deleted (a deletion could undo a revocation
             // unsigned), and each identity keeps its last few, so that a
             // reinstatement can be checked against the record it replaced.
             revocations: open_stream(
-                js,
+                store,
                 &config.revocation_stream,
                 format!("{revocation_prefix}.>"),
                 REVOCATION_HISTORY,
@@ -429,12 +416,9 @@ impl PolicyStore {
     fn open_bundle(
         &self,
         sequence: u64,
-        headers: Option<&HeaderMap>,
+        signature: Option<&str>,
         payload: &[u8],
     ) -> Result<Bundle, StoreError> {
-        let signature = headers
-            .and_then(|h| h.get(SIGNATURE_HEADER))
-            .map(|v| v.as_str());
         let rejected = |reason: String| StoreError::Rejected { sequence, reason };
         self.trusted
             .verify(payload, signature)
@@ -446,30 +430,18 @@ impl PolicyStore {
     /// that does not is logged as an error with its sequence), and the
     /// subject's last sequence. The stream keeps at most 64 messages.
     pub async fn history(&self) -> Result<History, StoreError> {
-        let last_sequence = match self
-            .bundles
-            .get_last_raw_message_by_subject(&self.bundle_subject)
-            .await
-        {
-            Ok(m) => m.sequence,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(History::default());
-            }
-            Err(e) => return Err(kv_error(e)),
+        let Some(last) = self.bundles.last(&self.bundle_subject).await? else {
+            return Ok(History::default());
         };
-        let first = {
-            let mut stream = self.bundles.clone();
-            stream.info().await.map_err(kv_error)?.state.first_sequence
-        };
+        let last_sequence = last.sequence;
+        let (first, _) = self.bundles.state().await?;
         let mut bundles = Vec::new();
         for sequence in first..=last_sequence {
-            let m = match self.bundles.get_raw_message(sequence).await {
-                Ok(m) if m.subject.as_str() == self.bundle_subject => m,
-                Ok(_) => continue,
-                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => continue,
-                Err(e) => return Err(kv_error(e)),
+            let m = match self.bundles.get(sequence).await? {
+                Some(m) if m.subject == self.bundle_subject => m,
+                _ => continue,
             };
-            match self.open_bundle(sequence, Some(&m.headers), &m.payload) {
+            match self.open_bundle(sequence, m.header(SIGNATURE_HEADER), &m.payload) {
                 Ok(value) => bundles.push(Stored { value, sequence }),
                 Err(e) => tracing::error!(error = %e, sequence, "policy bundle ignored"),
             }
@@ -483,15 +455,8 @@ impl PolicyStore {
     /// The bundle subject's last sequence (0: nothing published), signed
     /// or not: it changes with every message.
     pub async fn last_sequence(&self) -> Result<u64, StoreError> {
-        match self
-            .bundles
-            .get_last_raw_message_by_subject(&self.bundle_subject)
-            .await
-        {
-            Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
-            Err(e) => Err(kv_error(e)),
-        }
+        let last = self.bundles.last(&self.bundle_subject).await?;
+        Ok(last.map_or(0, |m| m.sequence))
     }
 
     /// The bundle in force ([`History::current`]), if any.
@@ -564,7 +529,7 @@ impl PolicyStore {
     /// The largest body a bundle or revocation message may have: the
     /// server's `max_payload` less [`HEADER_ROOM`].
     pub fn max_body(&self) -> usize {
-        self.js.client().max_payload().saturating_sub(HEADER_ROOM)
+        self.max_payload.saturating_sub(HEADER_ROOM)
     }
 
     /// Encoded size of `bundle` as [`Self::replace_bundle`] would store it.
@@ -665,18 +630,19 @@ impl PolicyStore {
             ..bundle.clone()
         };
         let (body, signature) = self.signed(&bundle)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(SIGNATURE_HEADER, signature.as_str());
-        let ack = self
-            .js
-            .publish_with_headers(self.bundle_subject.clone(), headers, body.into())
-            .await
-            .map_err(kv_error)?
-            .await
-            .map_err(kv_error)?;
+        let sequence = self
+            .bundles
+            .publish(
+                &self.bundle_subject,
+                &[(SIGNATURE_HEADER, &signature)],
+                body.into(),
+                None,
+                None,
+            )
+            .await?;
         Ok(Stored {
             value: bundle,
-            sequence: ack.sequence,
+            sequence,
         })
     }
 
@@ -689,22 +655,15 @@ impl PolicyStore {
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Stored<Bundle>, StoreError>> + use<>, StoreError>
     {
-        let consumer = self
-            .bundles
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.bundle_subject.clone(),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(kv_error)?;
-        let messages = consumer.messages().await.map_err(kv_error)?;
+        let records = self.bundles.follow(&self.bundle_subject).await?;
         let store = self.clone();
-        Ok(messages.map(move |m| {
-            let m = m.map_err(kv_error)?;
-            let sequence = m.info().map_err(kv_error)?.stream_sequence;
-            let value = store.open_bundle(sequence, m.headers.as_ref(), &m.payload)?;
-            Ok(Stored { value, sequence })
+        Ok(records.map(move |m| {
+            let m = m?;
+            let value = store.open_bundle(m.sequence, m.header(SIGNATURE_HEADER), &m.payload)?;
+            Ok(Stored {
+                value,
+                sequence: m.sequence,
+            })
         }))
     }
 
@@ -782,18 +741,14 @@ impl PolicyStore {
         &self,
         revoked: &Revoked,
     ) -> Result<Option<Stored<Bytes>>, StoreError> {
-        match self
+        let last = self
             .revocations
-            .get_last_raw_message_by_subject(&self.revocation_subject(revoked))
-            .await
-        {
-            Ok(m) => Ok(Some(Stored {
-                value: m.payload,
-                sequence: m.sequence,
-            })),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(kv_error(e)),
-        }
+            .last(&self.revocation_subject(revoked))
+            .await?;
+        Ok(last.map(|m| Stored {
+            value: m.payload,
+            sequence: m.sequence,
+        }))
     }
 
     /// Stores `revocation`, provided its subject still holds the message at
@@ -883,7 +838,7 @@ impl PolicyStore {
     /// counts as stored.
     async fn put(
         &self,
-        stream: &stream::Stream,
+        stream: &RecordStream,
         subject: &str,
         body: Vec<u8>,
         id: Option<&str>,
@@ -897,58 +852,26 @@ impl PolicyStore {
                 max,
             });
         }
-        let mut message = PublishMessage::build()
-            .payload(Bytes::from(body))
-            .expected_last_subject_sequence(expected);
-        if let Some(id) = id {
-            message = message.message_id(id);
-        }
-        if let Some(signature) = signature {
-            message = message.header(SIGNATURE_HEADER, signature);
-        }
-        let ack = match self.js.send_publish(subject.to_string(), message).await {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(StoreError::Conflict(e.to_string()))
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
-                ) && id.is_some() =>
-            {
-                match stream.get_last_raw_message_by_subject(subject).await {
-                    Ok(m) if m.headers.get("Nats-Msg-Id").map(|v| v.as_str()) == id => {
-                        Ok(m.sequence)
-                    }
-                    _ => Err(kv_error(e)),
-                }
-            }
-            Err(e) => Err(kv_error(e)),
-        }
+        let headers: Vec<(&str, &str)> = signature
+            .as_deref()
+            .map(|s| (SIGNATURE_HEADER, s))
+            .into_iter()
+            .collect();
+        Ok(stream
+            .publish(subject, &headers, Bytes::from(body), id, Some(expected))
+            .await?)
     }
 
     /// Whether `revoked` is revoked now, by its last record.
     pub async fn is_revoked(&self, revoked: &Revoked) -> Result<bool, StoreError> {
         let subject = self.revocation_subject(revoked);
-        match self
-            .revocations
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(m) => {
-                let signature = m.headers.get(SIGNATURE_HEADER).map(|v| v.as_str());
-                Ok(self
-                    .record_in_force(&subject, m.sequence, signature, &m.payload)
-                    .await)
+        Ok(match self.revocations.last(&subject).await? {
+            Some(m) => {
+                self.record_in_force(&subject, m.sequence, m.header(SIGNATURE_HEADER), &m.payload)
+                    .await
             }
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(e) => Err(kv_error(e)),
-        }
+            None => false,
+        })
     }
 
     /// Whether an identity's last record, as stored on `subject` at
@@ -983,12 +906,11 @@ impl PolicyStore {
         if self.revocation_subject(&record.revoked) != subject {
             return true;
         }
-        let first_from = |from: u64| {
-            self.revocations
-                .get_first_raw_message_by_subject(subject, from)
-        };
+        let first_from = |from: u64| self.revocations.first_from(subject, from);
         match (first_from(replaced).await, first_from(replaced + 1).await) {
-            (Ok(before), Ok(this)) => before.sequence != replaced || this.sequence != sequence,
+            (Ok(Some(before)), Ok(Some(this))) => {
+                before.sequence != replaced || this.sequence != sequence
+            }
             _ => true,
         }
     }
@@ -1000,14 +922,17 @@ impl PolicyStore {
         &self,
     ) -> Result<impl futures::Stream<Item = Result<(Revoked, bool), StoreError>> + use<>, StoreError>
     {
-        let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
+        let messages = self
+            .revocations
+            .follow(&format!("{}.>", self.revocation_prefix))
+            .await?;
         let store = self.clone();
         Ok(messages.filter_map(move |m| {
             let store = store.clone();
             async move {
                 match m {
                     Ok(m) => store.state_of(&m).await.map(Ok),
-                    Err(e) => Some(Err(e)),
+                    Err(e) => Some(Err(e.into())),
                 }
             }
         }))
@@ -1015,41 +940,34 @@ impl PolicyStore {
 
     /// The identity a followed record is about, and whether it is revoked;
     /// `None` for a message on a subject that names no identity.
-    async fn state_of(&self, m: &jetstream::Message) -> Option<(Revoked, bool)> {
+    async fn state_of(&self, m: &Record) -> Option<(Revoked, bool)> {
         let key = m
             .subject
             .strip_prefix(self.revocation_prefix.as_str())?
             .strip_prefix('.')?;
         let revoked = Revoked::from_key(key)?;
-        let sequence = m.info().ok()?.stream_sequence;
-        let signature = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(SIGNATURE_HEADER))
-            .map(|v| v.as_str());
         let in_force = self
-            .record_in_force(&m.subject, sequence, signature, &m.payload)
+            .record_in_force(
+                &m.subject,
+                m.sequence,
+                m.header(SIGNATURE_HEADER),
+                &m.payload,
+            )
             .await;
         Some((revoked, in_force))
     }
 
     /// Every identity revoked now.
     pub async fn revoked(&self) -> Result<HashSet<Revoked>, StoreError> {
-        let mut info = self.revocations.clone();
         let mut out = HashSet::new();
-        if info.info().await.map_err(kv_error)?.state.messages == 0 {
-            return Ok(out);
-        }
-        let messages = follow(&self.revocations, format!("{}.>", self.revocation_prefix)).await?;
-        futures::pin_mut!(messages);
-        // The last record of each identity, until none is pending.
-        while let Some(m) = messages.next().await {
-            let m = m?;
-            if let Some((revoked, true)) = self.state_of(&m).await {
+        let last = self
+            .revocations
+            .last_per_subject(&format!("{}.>", self.revocation_prefix))
+            .await?;
+        // The last record of each identity.
+        for m in &last {
+            if let Some((revoked, true)) = self.state_of(m).await {
                 out.insert(revoked);
-            }
-            if m.info().map_or(true, |i| i.pending == 0) {
-                break;
             }
         }
         Ok(out)
@@ -1067,26 +985,6 @@ fn panicked(detail: &str) -> Problem {
         help: None,
         policy: None,
     }
-}
-
-/// The last message of each subject matching `filter`, then every new one,
-/// through an ordered consumer (recreated by the client if it falls behind
-/// or the connection drops).
-async fn follow(
-    stream: &stream::Stream,
-    filter: String,
-) -> Result<impl futures::Stream<Item = Result<jetstream::Message, StoreError>> + use<>, StoreError>
-{
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .map_err(kv_error)?;
-    let messages = consumer.messages().await.map_err(kv_error)?;
-    Ok(messages.map(|m| m.map_err(kv_error)))
 }
 
 fn unix_now() -> i64 {
@@ -1147,6 +1045,73 @@ mod tests {
         }
     }
 
+    /// Where one test keeps its records: a nats-server of its own, or an
+    /// embedded file of its own (removed when dropped). Every test runs on
+    /// each ([`both`]).
+    struct Backend {
+        records: RecordStore,
+        /// The JetStream context, for what only JetStream has (an API
+        /// that could delete messages).
+        js: Option<async_nats::jetstream::Context>,
+        _nats: Option<Nats>,
+        dir: Option<std::path::PathBuf>,
+    }
+
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            if let Some(dir) = &self.dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    async fn jetstream() -> Backend {
+        let server = nats().await;
+        let client = async_nats::connect(&server.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        Backend {
+            records: RecordStore::JetStream(js.clone()),
+            js: Some(js),
+            _nats: Some(server),
+            dir: None,
+        }
+    }
+
+    async fn embedded() -> Backend {
+        let dir = std::env::temp_dir().join(format!(
+            "gatehouse-policystore-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = gatehouse_eventlog::EmbeddedLog::open(&dir.join("gatehouse.db"))
+            .await
+            .unwrap();
+        Backend {
+            records: RecordStore::Embedded(log),
+            js: None,
+            _nats: None,
+            dir: Some(dir),
+        }
+    }
+
+    /// Runs the test `$name(backend)` on JetStream and on the embedded
+    /// store, as `$name::jetstream` and `$name::embedded`.
+    macro_rules! both {
+        ($name:ident) => {
+            mod $name {
+                #[tokio::test]
+                async fn jetstream() {
+                    super::$name(super::jetstream().await).await
+                }
+
+                #[tokio::test]
+                async fn embedded() {
+                    super::$name(super::embedded().await).await
+                }
+            }
+        };
+    }
+
     fn config(name: &str) -> PolicyConfig {
         PolicyConfig {
             bundle_stream: format!("{name}_BUNDLES"),
@@ -1175,48 +1140,45 @@ mod tests {
     }
 
     /// The control plane's store: signs with a key of its own.
-    async fn control_plane(js: &jetstream::Context, name: &str) -> (PolicyStore, SigningKey) {
+    async fn control_plane(records: &RecordStore, name: &str) -> (PolicyStore, SigningKey) {
         let (key, _) = SigningKey::generate();
         let config = PolicyConfig {
             signing_key: Some(key.clone()),
             ..config(name)
         };
-        (PolicyStore::open(js, &config).await.unwrap(), key)
+        (PolicyStore::open(records, &config).await.unwrap(), key)
     }
 
     /// A worker's store: trusts `key`, cannot sign.
-    async fn worker(js: &jetstream::Context, name: &str, key: &SigningKey) -> PolicyStore {
+    async fn worker(records: &RecordStore, name: &str, key: &SigningKey) -> PolicyStore {
         let config = PolicyConfig {
             bundle_public_keys: vec![key.public_key().to_string()],
             ..config(name)
         };
-        let store = PolicyStore::open(js, &config).await.unwrap();
+        let store = PolicyStore::open(records, &config).await.unwrap();
         assert!(store.verifies() && !store.signs());
         store
     }
 
     /// Publishes `body` on the bundle subject as someone without the key
     /// could, with `signature` as its signature header if given.
-    async fn forge(
-        js: &jetstream::Context,
-        store: &PolicyStore,
-        body: &[u8],
-        signature: Option<String>,
-    ) -> u64 {
-        let mut headers = HeaderMap::new();
-        if let Some(s) = signature {
-            headers.insert(SIGNATURE_HEADER, s.as_str());
-        }
-        js.publish_with_headers(
-            store.bundle_subject.clone(),
-            headers,
-            Bytes::copy_from_slice(body),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence
+    async fn forge(store: &PolicyStore, body: &[u8], signature: Option<String>) -> u64 {
+        let headers: Vec<(&str, &str)> = signature
+            .as_deref()
+            .map(|s| (SIGNATURE_HEADER, s))
+            .into_iter()
+            .collect();
+        store
+            .bundles
+            .publish(
+                &store.bundle_subject,
+                &headers,
+                Bytes::copy_from_slice(body),
+                None,
+                None,
+            )
+            .await
+            .unwrap()
     }
 
     fn permit_all(version: u64) -> Bundle {
@@ -1233,13 +1195,11 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_bad_current_bundle_leaves_the_last_good_one_in_force() {
-        let server = nats().await;
-        let client = async_nats::connect(&server.url).await.unwrap();
-        let js = jetstream::new(client);
+    both!(a_bad_current_bundle_leaves_the_last_good_one_in_force);
+    async fn a_bad_current_bundle_leaves_the_last_good_one_in_force(b: Backend) {
+        let records = &b.records;
 
-        let (store, _) = control_plane(&js, "GOOD").await;
+        let (store, _) = control_plane(records, "GOOD").await;
         assert!(store.current_engine().await.unwrap().is_none());
         let good = versioned(Bundle::defaults(), 1);
         let seq = store.replace_bundle(&good, "event-1", 0).await.unwrap();
@@ -1248,11 +1208,7 @@ mod tests {
             .await
             .unwrap();
         // Not even JSON, and unsigned.
-        js.publish(store.bundle_subject.clone(), Bytes::from_static(b"{"))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        forge(&store, b"{", None).await;
         let engine = store.current_engine().await.unwrap().expect("v1 in force");
         assert_eq!(engine.bundle_version(), 1);
         let history = store.history().await.unwrap();
@@ -1261,7 +1217,7 @@ mod tests {
         assert_eq!(history.next_version(), 3);
 
         // With nothing valid in the history, no engine: everything refused.
-        let (store, _) = control_plane(&js, "BAD").await;
+        let (store, _) = control_plane(records, "BAD").await;
         store
             .replace_bundle(&versioned(too_deep(), 1), "event-3", 0)
             .await
@@ -1269,18 +1225,18 @@ mod tests {
         assert!(store.current_engine().await.unwrap().is_none());
     }
 
-    #[tokio::test]
-    async fn bundles_not_signed_by_the_control_plane_are_rejected_and_the_previous_stays() {
-        let server = nats().await;
-        let client = async_nats::connect(&server.url).await.unwrap();
-        let js = jetstream::new(client);
-        let (cp, key) = control_plane(&js, "SIGNED").await;
+    both!(bundles_not_signed_by_the_control_plane_are_rejected_and_the_previous_stays);
+    async fn bundles_not_signed_by_the_control_plane_are_rejected_and_the_previous_stays(
+        b: Backend,
+    ) {
+        let records = &b.records;
+        let (cp, key) = control_plane(records, "SIGNED").await;
         let seq = cp
             .replace_bundle(&versioned(Bundle::defaults(), 1), "event-1", 0)
             .await
             .unwrap();
 
-        let follower = worker(&js, "SIGNED", &key).await;
+        let follower = worker(records, "SIGNED", &key).await;
         let engine = follower.current_engine().await.unwrap().unwrap();
         assert_eq!(engine.bundle_version(), 1);
         let mut raw = Box::pin(follower.watch_bundles().await.unwrap());
@@ -1296,10 +1252,10 @@ mod tests {
         let genuine = serde_json::to_vec(&versioned(Bundle::defaults(), 51)).unwrap();
         let tampered = serde_json::to_vec(&permit_all(51)).unwrap();
         let forged = [
-            forge(&js, &cp, &body, None).await,
-            forge(&js, &cp, &body, Some(other.sign(&body))).await,
-            forge(&js, &cp, &tampered, Some(key.sign(&genuine))).await,
-            forge(&js, &cp, &body, Some("ed25519:AAAA".into())).await,
+            forge(&cp, &body, None).await,
+            forge(&cp, &body, Some(other.sign(&body))).await,
+            forge(&cp, &tampered, Some(key.sign(&genuine))).await,
+            forge(&cp, &body, Some("ed25519:AAAA".into())).await,
         ];
         for sequence in forged {
             match raw.next().await.unwrap() {
@@ -1330,15 +1286,11 @@ mod tests {
 
         // A replay of the control plane's own version 1 (signature and
         // all) is not newer than what is in force: ignored.
-        let replay = cp.bundles.get_raw_message(seq).await.unwrap();
+        let replay = cp.bundles.get(seq).await.unwrap().unwrap();
         forge(
-            &js,
             &cp,
             &replay.payload,
-            replay
-                .headers
-                .get(SIGNATURE_HEADER)
-                .map(|v| v.as_str().to_string()),
+            replay.header(SIGNATURE_HEADER).map(str::to_string),
         )
         .await;
         // The next genuine version is taken (the last sequence is the
@@ -1361,7 +1313,7 @@ mod tests {
 
         // A worker that trusts no key applies nothing, and a control plane
         // without a key publishes nothing.
-        let blind = PolicyStore::open(&js, &config("SIGNED")).await.unwrap();
+        let blind = PolicyStore::open(records, &config("SIGNED")).await.unwrap();
         assert!(!blind.verifies());
         assert!(blind.current_engine().await.unwrap().is_none());
         assert!(matches!(
@@ -1381,13 +1333,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_reinstatement_replaces_the_revocation_for_readers_and_followers() {
-        let server = nats().await;
-        let client = async_nats::connect(&server.url).await.unwrap();
-        let js = jetstream::new(client);
-        let (cp, key) = control_plane(&js, "REINSTATE").await;
-        let follower = worker(&js, "REINSTATE", &key).await;
+    both!(a_reinstatement_replaces_the_revocation_for_readers_and_followers);
+    async fn a_reinstatement_replaces_the_revocation_for_readers_and_followers(b: Backend) {
+        let records = &b.records;
+        let (cp, key) = control_plane(records, "REINSTATE").await;
+        let follower = worker(records, "REINSTATE", &key).await;
         let alice = Revoked::Subject("alice".into());
         let laptop = Revoked::Token("jti-1".into());
 
@@ -1447,18 +1397,16 @@ mod tests {
         assert!(!String::from_utf8(body).unwrap().contains("reinstated"));
     }
 
+    both!(a_revocation_cannot_be_undone_without_the_key);
     /// Whoever can publish on the revocation stream, but holds no signing
     /// key, cannot undo a revocation: not with a reinstatement of their own
     /// (unsigned, or signed by another key), not by publishing an old
     /// signed reinstatement again, not by deleting the revocation. Each
     /// leaves the identity revoked for readers, followers and the API.
-    #[tokio::test]
-    async fn a_revocation_cannot_be_undone_without_the_key() {
-        let server = nats().await;
-        let client = async_nats::connect(&server.url).await.unwrap();
-        let js = jetstream::new(client.clone());
-        let (cp, key) = control_plane(&js, "FORGE").await;
-        let follower = worker(&js, "FORGE", &key).await;
+    async fn a_revocation_cannot_be_undone_without_the_key(b: Backend) {
+        let records = &b.records;
+        let (cp, key) = control_plane(records, "FORGE").await;
+        let follower = worker(records, "FORGE", &key).await;
         let mallory = Revoked::Subject("mallory".into());
         let subject = cp.revocation_subject(&mallory);
         let first = cp
@@ -1471,8 +1419,9 @@ mod tests {
             .unwrap();
         let old = cp
             .revocations
-            .get_raw_message(old_reinstatement)
+            .get(old_reinstatement)
             .await
+            .unwrap()
             .unwrap();
         let revoked_again = cp
             .replace_revocation(&record(&mallory, false), "e-3", old_reinstatement)
@@ -1488,26 +1437,22 @@ mod tests {
             ..record(&mallory, true)
         })
         .unwrap();
-        let publish = |body: Vec<u8>, signature: Option<String>| {
-            let js = js.clone();
-            let subject = subject.clone();
-            async move {
-                let mut headers = async_nats::HeaderMap::new();
-                if let Some(s) = signature {
-                    headers.insert(SIGNATURE_HEADER, s.as_str());
-                }
-                js.publish_with_headers(subject, headers, body.into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
+        let publish = async |body: Vec<u8>, signature: Option<String>| {
+            let headers: Vec<(&str, &str)> = signature
+                .as_deref()
+                .map(|s| (SIGNATURE_HEADER, s))
+                .into_iter()
+                .collect();
+            cp.revocations
+                .publish(&subject, &headers, body.into(), None, None)
+                .await
+                .unwrap();
         };
         // Unsigned; signed by another key; the old signed reinstatement
         // published again, byte for byte.
         publish(forged.clone(), None).await;
         publish(forged.clone(), Some(other.sign(&forged))).await;
-        let old_signature = old.headers.get(SIGNATURE_HEADER).unwrap().to_string();
+        let old_signature = old.header(SIGNATURE_HEADER).unwrap().to_string();
         publish(old.payload.to_vec(), Some(old_signature)).await;
         for _ in 0..3 {
             assert_eq!(next(&mut records).await, (mallory.clone(), true));
@@ -1517,8 +1462,12 @@ mod tests {
             follower.revoked().await.unwrap(),
             HashSet::from([mallory.clone()])
         );
-        // Nothing can be deleted from the stream.
-        assert!(cp.revocations.delete_message(revoked_again).await.is_err());
+        // Nothing can be deleted from the stream (the embedded store has
+        // no API that deletes).
+        if let Some(js) = &b.js {
+            let stream = js.get_stream("FORGE_REVOCATIONS").await.unwrap();
+            assert!(stream.delete_message(revoked_again).await.is_err());
+        }
         assert!(cp.is_revoked(&mallory).await.unwrap());
         // The control plane's own reinstatement still works.
         let last = cp.revocation_of(&mallory).await.unwrap().unwrap().sequence;
@@ -1544,12 +1493,12 @@ mod tests {
         serde_json::to_vec(&record(revoked, false)).unwrap().into()
     }
 
-    #[tokio::test]
-    async fn a_withdrawn_bundle_is_replaced_by_the_previous_content_under_a_new_version() {
-        let server = nats().await;
-        let client = async_nats::connect(&server.url).await.unwrap();
-        let js = jetstream::new(client);
-        let (cp, _) = control_plane(&js, "UNDO").await;
+    both!(a_withdrawn_bundle_is_replaced_by_the_previous_content_under_a_new_version);
+    async fn a_withdrawn_bundle_is_replaced_by_the_previous_content_under_a_new_version(
+        b: Backend,
+    ) {
+        let records = &b.records;
+        let (cp, _) = control_plane(records, "UNDO").await;
         let v1 = versioned(Bundle::defaults(), 1);
         let seq = cp.replace_bundle(&v1, "event-1", 0).await.unwrap();
         let v2 = permit_all(2);
@@ -1568,7 +1517,10 @@ mod tests {
         // record), unlike version 1's.
         assert!(history.earlier_with_hash(&v2.hash).is_none());
         // The history cannot be cut short: no bundle can be deleted.
-        assert!(cp.bundles.delete_message(seq2).await.is_err());
+        if let Some(js) = &b.js {
+            let stream = js.get_stream("UNDO_BUNDLES").await.unwrap();
+            assert!(stream.delete_message(seq2).await.is_err());
+        }
         assert_eq!(
             cp.history().await.unwrap().current().unwrap().value.version,
             3

@@ -3,12 +3,13 @@
 //! (whose API admits a caller only under a name that is not another
 //! subject's).
 //!
-//! The registry is a JetStream stream, `<policy.revocation_stream>_USERNAMES`,
+//! The registry is a stream of records ([`gatehouse_eventlog::records`]),
+//! `<policy.revocation_stream>_USERNAMES`,
 //! with one subject per name (`gatehouse.<stream>.<key>`, the key being
 //! the SHA-256 of the name in ASCII lowercase) holding one message: the
 //! binding, `{"user", "subject", "at"}`.
 
-use async_nats::jetstream::{self, stream};
+use gatehouse_eventlog::{RecordStore, StreamSettings};
 use serde::{Deserialize, Serialize};
 
 /// A binding as stored.
@@ -43,34 +44,39 @@ pub fn key(name: &str) -> Option<String> {
     Some(hex::encode(digest))
 }
 
+/// How the registry's stream `stream` is kept: one binding per name.
+pub fn settings(stream: &str) -> StreamSettings {
+    StreamSettings {
+        name: stream.to_string(),
+        description: Some("Gatehouse: the subject each user name belongs to".into()),
+        subjects: format!("{}.>", prefix(stream)),
+        per_subject: 1,
+        deny_delete: false,
+    }
+}
+
 /// The subject `key` is bound to in the registry `stream`, read now
 /// (`None`: unbound, or no worker has opened the registry yet).
 pub async fn owner(
-    js: &jetstream::Context,
+    records: &RecordStore,
     stream: &str,
     key: &str,
 ) -> Result<Option<String>, String> {
-    let registry = match js.get_stream(stream).await {
-        Ok(s) => s,
-        Err(e) => {
-            return match e.kind() {
-                jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    Ok(None)
-                }
-                _ => Err(e.to_string()),
-            };
-        }
-    };
-    match registry
-        .get_last_raw_message_by_subject(&format!("{}.{key}", prefix(stream)))
+    let Some(registry) = records
+        .existing(settings(stream))
         .await
-    {
-        Ok(m) => serde_json::from_slice::<Binding>(&m.payload)
-            .map(|b| Some(b.subject))
-            .map_err(|e| format!("unreadable binding: {e}")),
-        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let last = registry
+        .last(&format!("{}.{key}", prefix(stream)))
+        .await
+        .map_err(|e| e.to_string())?;
+    last.map(|m| {
+        serde_json::from_slice::<Binding>(&m.payload)
+            .map(|b| b.subject)
+            .map_err(|e| format!("unreadable binding: {e}"))
+    })
+    .transpose()
 }
