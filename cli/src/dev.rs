@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gatehouse_control_plane::ControlPlaneConfig;
-use gatehouse_eventlog::EventLogConfig;
+use gatehouse_eventlog::{EmbeddedLog, EventLogConfig, LogBackend};
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_policies::{Bundle, Engine};
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
@@ -40,8 +40,11 @@ pub struct DevArgs {
     /// Where the development issuer key, TLS certificate and key are kept.
     #[arg(long, default_value = ".gatehouse")]
     pub data_dir: PathBuf,
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    /// NATS server with JetStream for the event log, policies and
+    /// revocations (e.g. nats://127.0.0.1:4222). Without it, the embedded
+    /// log: one SQLite file, `<data-dir>/gatehouse.db`.
+    #[arg(long)]
+    pub nats: Option<String>,
     /// Audit database (created if missing). Without `sslmode` in the URL,
     /// verify-full; the default says `require` (a warning at start), as a
     /// local PostgreSQL rarely has a certificate its clients can verify.
@@ -119,7 +122,9 @@ pub enum TokenPlane {
 /// can run many stacks side by side.
 pub struct DevOptions {
     pub data_dir: PathBuf,
-    pub nats_url: String,
+    /// The event log on NATS JetStream at this URL; `None`: the embedded
+    /// log in `data_dir`.
+    pub nats_url: Option<String>,
     pub audit_db: String,
     pub targets: Vec<(String, TargetConfig)>,
     pub pg_listen: String,
@@ -164,7 +169,7 @@ impl DevOptions {
             pg_listen: args.pg_listen.clone(),
             http_listen: args.http_listen.clone(),
             events: EventLogConfig {
-                nats_url: args.nats.clone(),
+                nats_url: args.nats.clone().unwrap_or_default(),
                 ..Default::default()
             },
             consumer: ControlPlaneConfig::default().consumer,
@@ -212,8 +217,8 @@ pub struct DevStack {
     pub bundle_version: u64,
     worker_config: WorkerConfig,
     policy_config: PolicyConfig,
-    events: EventLogConfig,
-    nats: async_nats::Client,
+    /// The event log and streams of records the stack runs on.
+    pub log: LogBackend,
     verifier: Arc<Verifier>,
     stop: watch::Sender<bool>,
     worker: JoinHandle<anyhow::Result<()>>,
@@ -263,8 +268,7 @@ impl DevStack {
         let task = tokio::spawn(gatehouse_worker::run(
             config,
             self.policy_config.clone(),
-            self.events.clone(),
-            self.nats.clone(),
+            self.log.clone(),
             self.verifier.clone(),
             listener,
             async move {
@@ -340,8 +344,23 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         std::fs::write(opts.data_dir.join("bundle-public-key"), &public)?;
         worker_policy.bundle_public_keys.push(public);
     }
-    let nats = connect_nats(&opts.events).await?;
-    let bundle_version = publish_bundle(&nats, &opts).await?;
+    let log = match &opts.nats_url {
+        Some(url) => LogBackend::Nats {
+            client: connect_nats(&EventLogConfig {
+                nats_url: url.clone(),
+                ..opts.events.clone()
+            })
+            .await?,
+            config: opts.events.clone(),
+        },
+        None => LogBackend::Embedded {
+            log: EmbeddedLog::open(&opts.data_dir.join("gatehouse.db"))
+                .await
+                .context("cannot open the embedded event log")?,
+            config: opts.events.clone(),
+        },
+    };
+    let bundle_version = publish_bundle(&log, &opts).await?;
     let control = ControlPlaneConfig {
         audit_db_url: opts.audit_db.clone(),
         consumer: opts.consumer.clone(),
@@ -392,23 +411,21 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
     let (stop, rx) = watch::channel(false);
     let worker_config = worker.clone();
     let worker_task = tokio::spawn({
-        let (policy, events, nats, verifier, rx) = (
+        let (policy, log, verifier, rx) = (
             worker_policy.clone(),
-            opts.events.clone(),
-            nats.clone(),
+            log.clone(),
             verifier.clone(),
             rx.clone(),
         );
         async move {
-            gatehouse_worker::run(worker, policy, events, nats, verifier, pg, stopped(rx)).await?;
+            gatehouse_worker::run(worker, policy, log, verifier, pg, stopped(rx)).await?;
             Ok(())
         }
     });
     let control_task = tokio::spawn(gatehouse_control_plane::run(
         control,
         opts.policy.clone(),
-        opts.events.clone(),
-        nats.clone(),
+        log.clone(),
         http,
         verifier.clone(),
         axum::Router::new().nest("/dev-issuer", issuer.router()),
@@ -422,8 +439,7 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         worker_config,
         policy_config: worker_policy,
         bundle_version,
-        events: opts.events,
-        nats,
+        log,
         verifier,
         stop,
         worker: worker_task,
@@ -448,14 +464,9 @@ fn warn_development_mode(config: Config) {
 
 /// Makes the dev stack's bundle the current one (signed, under the next
 /// version), then records who did it; returns its version.
-async fn publish_bundle(nats: &async_nats::Client, opts: &DevOptions) -> anyhow::Result<u64> {
-    let js = async_nats::jetstream::new(nats.clone());
-    gatehouse_eventlog::ensure_stream(&js, &opts.events).await?;
-    let store = PolicyStore::open(
-        &gatehouse_eventlog::RecordStore::JetStream(js),
-        &opts.policy,
-    )
-    .await?;
+async fn publish_bundle(log: &LogBackend, opts: &DevOptions) -> anyhow::Result<u64> {
+    let publisher = log.publisher().await?;
+    let store = PolicyStore::open(&log.records(), &opts.policy).await?;
     let bundle = store.publish_bundle(&opts.bundle).await?.value;
     let event = gatehouse_events::Event::new(
         "gatehouse-dev",
@@ -478,7 +489,7 @@ async fn publish_bundle(nats: &async_nats::Client, opts: &DevOptions) -> anyhow:
                 }),
         }),
     );
-    gatehouse_eventlog::Publisher::start(nats.clone(), &opts.events)
+    publisher
         .record(vec![event])
         .await
         .context("cannot record the policy bundle publication")?;
@@ -497,6 +508,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!(
         "\nGatehouse is running (development mode).\n\
          \n  Postgres front end   {pg} (TLS, self-signed certificate in {dir})\
+         \n  Event log            {log}\
          \n  Audit API            http://{http}/api/v1/commands\
          \n  Development issuer   http://{http}/dev-issuer\
          \n  Targets              {targets}\
@@ -508,6 +520,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \n  curl -H \"Authorization: Bearer $({bin} token --data-dir {dir} --for api --sub auditor --group auditors)\" http://{http}/api/v1/commands\
          \n\nCtrl-C stops it.\n",
         pg = stack.pg_addr,
+        log = match &stack.log {
+            LogBackend::Embedded { log, .. } => format!(
+                "embedded, {} (--nats nats://… puts it on NATS JetStream)",
+                log.path().display()
+            ),
+            LogBackend::Nats { config, .. } => format!("NATS JetStream at {}", config.nats_url),
+        },
         http = stack.http_addr,
         dir = args.data_dir.display(),
         targets = stack.targets.join(", "),

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use gatehouse_eventlog::LogBackend;
 use gatehouse_identity::Verifier;
 
 use crate::config::{Config, LogConfig, LogFormat, Role};
@@ -54,8 +55,10 @@ pub async fn worker(path: &Path) -> anyhow::Result<()> {
     gatehouse_worker::run(
         config.worker,
         config.policy,
-        config.events,
-        nats,
+        LogBackend::Nats {
+            client: nats,
+            config: config.events,
+        },
         verifier,
         listener,
         shutdown_signal(),
@@ -83,8 +86,10 @@ pub async fn control_plane(path: &Path) -> anyhow::Result<()> {
     gatehouse_control_plane::run(
         config.control_plane,
         config.policy,
-        config.events,
-        nats,
+        LogBackend::Nats {
+            client: nats,
+            config: config.events,
+        },
         listener,
         verifier,
         axum::Router::new(),

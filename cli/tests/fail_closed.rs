@@ -12,6 +12,8 @@ async fn commands_do_not_run_while_the_event_log_is_down() {
     let mut nats = PrivateNats::start().await;
     let env = Env::start_with(Options {
         nats_url: nats.url(),
+        // This test is about NATS going away.
+        embedded: false,
         publish_timeout_ms: 1500,
         ..Default::default()
     })

@@ -170,8 +170,10 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
             ..Default::default()
         },
         policy.clone(),
-        cp_events.clone(),
-        cp_nats.clone(),
+        gatehouse_eventlog::LogBackend::Nats {
+            client: cp_nats.clone(),
+            config: cp_events.clone(),
+        },
         listener,
         verifier.clone(),
         axum::Router::new(),
@@ -221,8 +223,10 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
     let worker = tokio::spawn(gatehouse_worker::run(
         worker_config,
         policy,
-        worker_events.clone(),
-        worker_nats.clone(),
+        gatehouse_eventlog::LogBackend::Nats {
+            client: worker_nats.clone(),
+            config: worker_events.clone(),
+        },
         verifier,
         pg_listener,
         wait(stopped),

@@ -32,7 +32,8 @@ use crate::auth::{self, ApiAction, Caller};
 #[derive(Clone)]
 pub struct ApiState {
     pub pool: PgPool,
-    pub nats: async_nats::Client,
+    /// The event log and its streams of records.
+    pub log: gatehouse_eventlog::LogBackend,
     pub verifier: Arc<Verifier>,
     /// Group a token must carry to read the audit API.
     pub auditor_group: String,
@@ -60,8 +61,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let nats = s.nats.connection_state();
-    let nats_ok = nats == async_nats::connection::State::Connected;
+    let nats_ok = s.log.connected();
     let db = tokio::time::timeout(
         Duration::from_secs(2),
         sqlx::query("SELECT 1").execute(&s.pool),
@@ -74,7 +74,9 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "nats": format!("{nats:?}").to_lowercase(),
+        // Where events go; with NATS, its connection state under "nats".
+        "event_log": if s.log.nats().is_some() { "nats" } else { "embedded" },
+        "nats": s.log.nats().map(|n| format!("{:?}", n.connection_state()).to_lowercase()),
         "audit_db": if db_ok { "ok" } else { "unavailable" },
         // The policy version in force and its dry-run, if any.
         "policy": s.policy.readiness().await,

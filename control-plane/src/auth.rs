@@ -255,8 +255,7 @@ async fn user_name(s: &ApiState, identity: &gatehouse_identity::Identity) -> Res
              accepts user names of printable ASCII only",
         ));
     };
-    let records =
-        gatehouse_eventlog::RecordStore::JetStream(async_nats::jetstream::new(s.nats.clone()));
+    let records = s.log.records();
     let stream = usernames::stream_for(&s.policy.config.revocation_stream);
     match usernames::owner(&records, &stream, &key).await {
         Ok(Some(owner)) if owner != identity.subject => {

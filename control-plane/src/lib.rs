@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::FutureExt;
-use gatehouse_eventlog::EventLogConfig;
+use gatehouse_eventlog::LogBackend;
 use gatehouse_identity::Verifier;
 
 pub use api::{ApiState, router};
@@ -48,31 +48,27 @@ pub use projector::{Projector, ProjectorError, ProjectorStats};
 pub async fn run(
     config: ControlPlaneConfig,
     policy: gatehouse_policystore::PolicyConfig,
-    events: EventLogConfig,
-    nats: async_nats::Client,
+    log: LogBackend,
     listener: impl Into<ApiListener>,
     verifier: Arc<Verifier>,
     extra_routes: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    events.validate().map_err(anyhow::Error::msg)?;
+    log.config().validate().map_err(anyhow::Error::msg)?;
     let pool = connect_audit_db(&config).await?;
-    let js = async_nats::jetstream::new(nats.clone());
-    gatehouse_eventlog::ensure_stream(&js, &events).await?;
-    let records = gatehouse_eventlog::RecordStore::JetStream(js.clone());
-    let store = gatehouse_policystore::PolicyStore::open(&records, &policy).await?;
-    let publisher = gatehouse_eventlog::Publisher::start(nats.clone(), &events);
+    let publisher = log.publisher().await?;
+    let store = gatehouse_policystore::PolicyStore::open(&log.records(), &policy).await?;
     let source = format!("control-plane-{}", std::process::id());
     let policy = PolicyApi::new(store, publisher, policy, source);
-    let projector = Projector::new(pool.clone(), js, events, config.consumer.clone()).await?;
+    let projector = Projector::new(pool.clone(), &log, config.consumer.clone()).await?;
 
     let projector_stats = projector.stats();
     let shutdown = shutdown.shared();
     let projector = tokio::spawn(projector.run(shutdown.clone()));
     let app = router(ApiState {
         pool,
-        nats,
+        log,
         verifier,
         auditor_group: config.auditor_group,
         max_page: config.max_page,

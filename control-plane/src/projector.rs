@@ -1,13 +1,17 @@
 //! The projector: event log ──► audit tables.
 //!
-//! A durable pull consumer streams the event log: one long-lived pull
-//! subscription that the server keeps fed, not a request per batch. What
+//! On JetStream, a durable pull consumer streams the event log: one
+//! long-lived pull subscription that the server keeps fed, not a request
+//! per batch. On the embedded log, the projector reads rows after its
+//! position, kept in the log's file under the consumer's name, and waits
+//! for the next commit when it has read everything. What
 //! arrives within [`GATHER`] of a batch's first message (up to [`BATCH`]
 //! messages) is written in one transaction,
 //! idempotently on its event id, and acknowledged only after COMMIT, so a
 //! crash between the two costs a redelivery, never a lost record. The
 //! consumer acknowledges cumulatively (`AckPolicy::All`): one ack, for the
-//! last message of a batch, settles the batch.
+//! last message of a batch, settles the batch; on the embedded log the
+//! position moves past the batch after COMMIT, to the same effect.
 //!
 //! Nothing is dropped. A message that does not decode is stored raw in
 //! `quarantine` with the decode error. When the database refuses a batch
@@ -30,8 +34,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::Stream as MessageStream;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, Message};
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use gatehouse_eventlog::{EventLogConfig, StreamError, ensure_stream};
+use gatehouse_eventlog::{EmbeddedLog, EventLogConfig, LogBackend, StreamError, ensure_stream};
 use gatehouse_events::{DecodeError, Event, Payload, decode};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -79,18 +84,44 @@ impl ProjectorStats {
     }
 }
 
-/// Reads the event stream with a durable consumer and writes the audit tables.
+/// Reads the event log from its position and writes the audit tables.
 pub struct Projector {
     pool: PgPool,
-    js: jetstream::Context,
-    events: EventLogConfig,
+    source: Source,
     consumer_name: String,
-    consumer: Option<PullConsumer>,
-    messages: Option<MessageStream>,
-    /// The consumer acknowledges cumulatively; consumers created before
-    /// this was the default acknowledge message by message.
-    ack_all: bool,
     stats: Arc<ProjectorStats>,
+}
+
+/// Where the projector reads the event log.
+#[allow(clippy::large_enum_variant)] // one per projector
+enum Source {
+    /// A durable consumer of the JetStream stream.
+    JetStream {
+        js: jetstream::Context,
+        events: EventLogConfig,
+        consumer: Option<PullConsumer>,
+        messages: Option<MessageStream>,
+        /// The consumer acknowledges cumulatively; consumers created
+        /// before this was the default acknowledge message by message.
+        ack_all: bool,
+    },
+    /// The embedded log, from the position kept under the consumer's name
+    /// (`None`: to be read from the log).
+    Embedded {
+        log: EmbeddedLog,
+        position: Option<u64>,
+        appended: tokio::sync::watch::Receiver<u64>,
+    },
+}
+
+/// A message of the event log as the projector reads it.
+struct Delivered {
+    /// Its sequence in the log.
+    seq: u64,
+    subject: String,
+    payload: Bytes,
+    /// JetStream's message, to acknowledge; none from the embedded log.
+    message: Option<Message>,
 }
 
 impl Projector {
@@ -98,46 +129,39 @@ impl Projector {
     /// setting fails at start rather than in the loop.
     pub async fn new(
         pool: PgPool,
-        js: jetstream::Context,
-        events: EventLogConfig,
+        log: &LogBackend,
         consumer: impl Into<String>,
     ) -> Result<Self, ProjectorError> {
-        let mut projector = Self {
-            pool,
-            js,
-            events,
-            consumer_name: consumer.into(),
-            consumer: None,
-            messages: None,
-            ack_all: false,
-            stats: Arc::default(),
+        let consumer_name = consumer.into();
+        let source = match log {
+            LogBackend::Nats { client, config } => {
+                let js = jetstream::new(client.clone());
+                let consumer = Some(connect(&js, config, &consumer_name).await?);
+                Source::JetStream {
+                    js,
+                    events: config.clone(),
+                    consumer,
+                    messages: None,
+                    ack_all: false,
+                }
+            }
+            LogBackend::Embedded { log, .. } => Source::Embedded {
+                appended: log.appended(),
+                log: log.clone(),
+                position: None,
+            },
         };
-        projector.consumer = Some(projector.connect().await?);
-        Ok(projector)
+        Ok(Self {
+            pool,
+            source,
+            consumer_name,
+            stats: Arc::default(),
+        })
     }
 
     /// The projector's counters, for the API.
     pub fn stats(&self) -> Arc<ProjectorStats> {
         self.stats.clone()
-    }
-
-    async fn connect(&self) -> Result<PullConsumer, ProjectorError> {
-        let stream = ensure_stream(&self.js, &self.events).await?;
-        let config = pull::Config {
-            durable_name: Some(self.consumer_name.clone()),
-            description: Some("Gatehouse audit projector".into()),
-            ack_policy: AckPolicy::All,
-            deliver_policy: DeliverPolicy::All,
-            filter_subject: self.events.subjects().all(),
-            ..Default::default()
-        };
-        stream
-            .get_or_create_consumer(&self.consumer_name, config)
-            .await
-            .map_err(|source| ProjectorError::Consumer {
-                consumer: self.consumer_name.clone(),
-                source,
-            })
     }
 
     /// Projects until `shutdown` completes. Errors from NATS or the database
@@ -161,9 +185,16 @@ impl Projector {
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the event stream");
                     // Find or re-create the consumer on the next round, in
-                    // case it was deleted.
-                    self.consumer = None;
-                    self.messages = None;
+                    // case it was deleted; read the position again.
+                    match &mut self.source {
+                        Source::JetStream {
+                            consumer, messages, ..
+                        } => {
+                            *consumer = None;
+                            *messages = None;
+                        }
+                        Source::Embedded { position, .. } => *position = None,
+                    }
                     if !sleep(backoff, &mut shutdown).await {
                         return;
                     }
@@ -175,62 +206,84 @@ impl Projector {
 
     /// Waits for the next message, then takes those that arrive within
     /// [`GATHER`] of it, up to [`BATCH`].
-    async fn fetch(&mut self) -> Result<Vec<Message>, ProjectorError> {
-        if self.messages.is_none() {
-            let consumer = match self.consumer.take() {
-                Some(consumer) => consumer,
-                None => self.connect().await?,
-            };
-            self.ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
-            let messages = consumer
-                .messages()
-                .await
-                .map_err(|e| ProjectorError::Fetch(e.into()))?;
-            self.consumer = Some(consumer);
-            self.messages = Some(messages);
-        }
-        let stream = self.messages.as_mut().expect("just set");
-        let mut messages = Vec::new();
-        let first = stream.next().await;
-        let window = tokio::time::Instant::now() + GATHER;
-        let mut next = Some(first);
-        while let Some(item) = next.take() {
-            match item {
-                Some(Ok(message)) => messages.push(message),
-                // Keep what arrived and subscribe again next round; the
-                // rest is redelivered.
-                Some(Err(e)) if !messages.is_empty() => {
-                    tracing::warn!(error = %e, "event stream interrupted");
-                    self.messages = None;
-                    break;
-                }
-                None if !messages.is_empty() => {
-                    self.messages = None;
-                    break;
-                }
-                Some(Err(e)) => return Err(ProjectorError::Fetch(e.into())),
-                None => return Err(ProjectorError::Fetch("the event stream ended".into())),
+    async fn fetch(&mut self) -> Result<Vec<Delivered>, ProjectorError> {
+        match &mut self.source {
+            Source::JetStream {
+                js,
+                events,
+                consumer,
+                messages,
+                ack_all,
+            } => {
+                let fetched =
+                    fetch_jetstream(js, events, &self.consumer_name, consumer, messages, ack_all)
+                        .await?;
+                Ok(fetched
+                    .into_iter()
+                    .map(|m| Delivered {
+                        seq: stream_seq(&m),
+                        subject: m.subject.to_string(),
+                        payload: m.payload.clone(),
+                        message: Some(m),
+                    })
+                    .collect())
             }
-            if messages.len() < BATCH {
-                next = match stream.next().now_or_never() {
-                    Some(item) => Some(item),
-                    // Nothing more has arrived: wait for more until the
-                    // window closes, then commit what there is.
-                    None => tokio::time::timeout_at(window, stream.next()).await.ok(),
+            Source::Embedded {
+                log,
+                position,
+                appended,
+            } => {
+                let fetch_err =
+                    |e: gatehouse_eventlog::EmbeddedError| ProjectorError::Fetch(e.into());
+                let after = match *position {
+                    Some(p) => p,
+                    None => {
+                        let p = log.position(&self.consumer_name).await.map_err(fetch_err)?;
+                        *position = Some(p);
+                        p
+                    }
                 };
+                let mut rows = loop {
+                    appended.borrow_and_update();
+                    let rows = log.read(after, BATCH).await.map_err(fetch_err)?;
+                    if !rows.is_empty() {
+                        break rows;
+                    }
+                    if appended.changed().await.is_err() {
+                        return Err(ProjectorError::Fetch("the embedded log closed".into()));
+                    }
+                };
+                if rows.len() < BATCH {
+                    // What commits within the window joins this batch.
+                    tokio::time::sleep(GATHER).await;
+                    let last = rows.last().map_or(after, |r| r.seq);
+                    rows.extend(
+                        log.read(last, BATCH - rows.len())
+                            .await
+                            .map_err(fetch_err)?,
+                    );
+                }
+                Ok(rows
+                    .into_iter()
+                    .map(|r| Delivered {
+                        seq: r.seq,
+                        subject: r.subject,
+                        payload: r.body.into(),
+                        message: None,
+                    })
+                    .collect())
             }
         }
-        Ok(messages)
     }
 
     /// Decodes and stores one batch, then acknowledges it. Returns false if
     /// shutdown came while waiting to retry.
     async fn project(
-        &self,
-        messages: Vec<Message>,
+        &mut self,
+        messages: Vec<Delivered>,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
-        let decoded: Vec<(Message, Result<Vec<Event>, DecodeError>)> = messages
+        let decoded: Vec<(Delivered, Result<Vec<Event>, DecodeError>)> = messages
             .into_iter()
             .map(|message| {
                 let events = decode(&message.payload);
@@ -269,10 +322,12 @@ impl Projector {
                         Settled::Shutdown => return false,
                     }
                 }
+                self.advance(&decoded).await;
                 return true;
             }
         }
-        if self.ack_all {
+        let ack_all = matches!(self.source, Source::JetStream { ack_all: true, .. });
+        if ack_all {
             if let Some((last, _)) = decoded.last() {
                 settle(last, AckKind::Ack).await;
             }
@@ -281,14 +336,32 @@ impl Projector {
                 settle(message, AckKind::Ack).await;
             }
         }
+        self.advance(&decoded).await;
         true
+    }
+
+    /// On the embedded log, moves the position past a batch that is
+    /// settled (JetStream's acknowledgements do that there). A position
+    /// not saved means the batch is read again, which the projection
+    /// absorbs.
+    async fn advance(&mut self, batch: &[(Delivered, Result<Vec<Event>, DecodeError>)]) {
+        let Source::Embedded { log, position, .. } = &mut self.source else {
+            return;
+        };
+        let Some((last, _)) = batch.last() else {
+            return;
+        };
+        *position = Some(last.seq);
+        if let Err(e) = log.set_position(&self.consumer_name, last.seq).await {
+            tracing::warn!(error = %e, seq = last.seq, "cannot save the projector's position");
+        }
     }
 
     /// Stores the events of one message in one transaction; if the database
     /// refuses it, event by event, quarantining those it refuses.
     async fn store_message(
         &self,
-        message: &Message,
+        message: &Delivered,
         events: &[Event],
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> Settled {
@@ -299,7 +372,7 @@ impl Projector {
             Stored::Rejected(e) => e,
         };
         tracing::warn!(
-            stream_seq = stream_seq(message),
+            stream_seq = message.seq,
             sqlstate = refused.code().as_deref().unwrap_or(""),
             events = events.len(),
             "audit database refuses an event message; storing its events one by one"
@@ -315,7 +388,7 @@ impl Projector {
                 Stored::Rejected(e) => e,
             };
             let q = Quarantine {
-                stream_seq: stream_seq(message),
+                stream_seq: message.seq,
                 subject: &message.subject,
                 index: Some(index),
                 event: Some(event),
@@ -435,9 +508,9 @@ struct Quarantine<'a> {
 
 impl<'a> Quarantine<'a> {
     /// A whole message that did not decode.
-    fn message(message: &'a Message, reason: String) -> Self {
+    fn message(message: &'a Delivered, reason: String) -> Self {
         Self {
-            stream_seq: stream_seq(message),
+            stream_seq: message.seq,
             subject: &message.subject,
             index: None,
             event: None,
@@ -497,11 +570,95 @@ async fn sleep(d: Duration, shutdown: &mut (impl Future<Output = ()> + Unpin)) -
     }
 }
 
-async fn settle(message: &Message, kind: AckKind) {
+/// Finds or creates the durable consumer (and the stream).
+async fn connect(
+    js: &jetstream::Context,
+    events: &EventLogConfig,
+    name: &str,
+) -> Result<PullConsumer, ProjectorError> {
+    let stream = ensure_stream(js, events).await?;
+    let config = pull::Config {
+        durable_name: Some(name.to_string()),
+        description: Some("Gatehouse audit projector".into()),
+        ack_policy: AckPolicy::All,
+        deliver_policy: DeliverPolicy::All,
+        filter_subject: events.subjects().all(),
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(name, config)
+        .await
+        .map_err(|source| ProjectorError::Consumer {
+            consumer: name.to_string(),
+            source,
+        })
+}
+
+/// The JetStream side of [`Projector::fetch`]: subscribes (again) when
+/// needed, waits for a message, then takes what arrives within [`GATHER`].
+async fn fetch_jetstream(
+    js: &jetstream::Context,
+    events: &EventLogConfig,
+    name: &str,
+    consumer: &mut Option<PullConsumer>,
+    messages: &mut Option<MessageStream>,
+    ack_all: &mut bool,
+) -> Result<Vec<Message>, ProjectorError> {
+    if messages.is_none() {
+        let c = match consumer.take() {
+            Some(c) => c,
+            None => connect(js, events, name).await?,
+        };
+        *ack_all = c.cached_info().config.ack_policy == AckPolicy::All;
+        let stream = c
+            .messages()
+            .await
+            .map_err(|e| ProjectorError::Fetch(e.into()))?;
+        *consumer = Some(c);
+        *messages = Some(stream);
+    }
+    let stream = messages.as_mut().expect("just set");
+    let mut fetched = Vec::new();
+    let first = stream.next().await;
+    let window = tokio::time::Instant::now() + GATHER;
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Some(Ok(message)) => fetched.push(message),
+            // Keep what arrived and subscribe again next round; the rest
+            // is redelivered.
+            Some(Err(e)) if !fetched.is_empty() => {
+                tracing::warn!(error = %e, "event stream interrupted");
+                *messages = None;
+                break;
+            }
+            None if !fetched.is_empty() => {
+                *messages = None;
+                break;
+            }
+            Some(Err(e)) => return Err(ProjectorError::Fetch(e.into())),
+            None => return Err(ProjectorError::Fetch("the event stream ended".into())),
+        }
+        if fetched.len() < BATCH {
+            next = match stream.next().now_or_never() {
+                Some(item) => Some(item),
+                // Nothing more has arrived: wait for more until the window
+                // closes, then commit what there is.
+                None => tokio::time::timeout_at(window, stream.next()).await.ok(),
+            };
+        }
+    }
+    Ok(fetched)
+}
+
+async fn settle(delivered: &Delivered, kind: AckKind) {
+    let Some(message) = &delivered.message else {
+        return;
+    };
     // A lost ack means a redelivery, which the projection absorbs.
     if let Err(e) = message.ack_with(kind).await {
         tracing::warn!(
-            stream_seq = stream_seq(message),
+            stream_seq = delivered.seq,
             error = %e,
             "cannot acknowledge event message"
         );

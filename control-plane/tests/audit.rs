@@ -120,8 +120,10 @@ impl Env {
         let task = tokio::spawn(run(
             self.config.clone(),
             self.policy(),
-            self.events.clone(),
-            self.nats.clone(),
+            gatehouse_eventlog::LogBackend::Nats {
+                client: self.nats.clone(),
+                config: self.events.clone(),
+            },
             listener,
             self.verifier.clone(),
             axum::Router::new(),

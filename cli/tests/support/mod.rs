@@ -52,6 +52,10 @@ pub async fn direct_db(db: &str) -> tokio_postgres::Client {
 
 pub struct Options {
     pub nats_url: String,
+    /// The embedded event log instead of NATS (`nats_url` unused). The
+    /// default comes from `GATEHOUSE_TEST_EVENT_LOG=embedded`, so that the
+    /// same tests run on either log.
+    pub embedded: bool,
     pub allow_plaintext: bool,
     pub publish_timeout_ms: u64,
     /// The bundle published at start (the built-in defaults unless set).
@@ -64,6 +68,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             nats_url: NATS.into(),
+            embedded: std::env::var("GATEHOUSE_TEST_EVENT_LOG").is_ok_and(|v| v == "embedded"),
             allow_plaintext: false,
             publish_timeout_ms: 5000,
             bundle: gatehouse_policies::Bundle::defaults(),
@@ -106,7 +111,7 @@ impl Env {
         };
         let stack = dev::start(DevOptions {
             data_dir: data_dir.clone(),
-            nats_url: opts.nats_url,
+            nats_url: (!opts.embedded).then_some(opts.nats_url),
             audit_db: format!("{PG}/{audit_db}?sslmode=disable"),
             targets: vec![("app".into(), target)],
             pg_listen: "127.0.0.1:0".into(),
@@ -139,6 +144,13 @@ impl Env {
     /// Every message body of the test's event stream, as published.
     pub async fn stream_bodies(&self) -> Vec<String> {
         use futures::StreamExt;
+        if let gatehouse_eventlog::LogBackend::Embedded { log, .. } = &self.stack().log {
+            let events = log.read(0, usize::MAX).await.unwrap();
+            return events
+                .into_iter()
+                .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+                .collect();
+        }
         let nats = async_nats::connect(&self.events.nats_url).await.unwrap();
         let js = async_nats::jetstream::new(nats);
         let stream = js.get_stream(&self.events.stream).await.unwrap();

@@ -170,7 +170,7 @@ pub(crate) async fn forward(shared: &Shared, pid: i32, secret: i32) {
     };
     let subject = &shared.config.cancel_subject;
     let payload = encode(key, subject, pid, secret, now_ms());
-    if let Err(e) = shared.nats.publish(subject.clone(), payload.into()).await {
+    if let Err(e) = shared.log.signal(subject, payload.into()).await {
         tracing::warn!(error = %e, "cannot forward a cancel request");
     }
 }
@@ -181,13 +181,13 @@ pub(crate) async fn serve_forwarded(
     registry: Arc<CancelRegistry>,
     key: Option<CancelKey>,
     subject: String,
-    mut sub: async_nats::Subscriber,
+    mut sub: futures::stream::BoxStream<'static, bytes::Bytes>,
 ) {
-    while let Some(msg) = sub.next().await {
+    while let Some(payload) = sub.next().await {
         let Some(key) = &key else {
             continue;
         };
-        let Some((pid, secret)) = decode(key, &subject, &msg.payload, now_ms()) else {
+        let Some((pid, secret)) = decode(key, &subject, &payload, now_ms()) else {
             tracing::warn!("ignored a forwarded cancel request that is not authentic or too old");
             continue;
         };

@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use gatehouse_eventlog::{EventLogConfig, Publisher};
+use gatehouse_eventlog::{LogBackend, Publisher};
 use gatehouse_identity::Verifier;
 use gatehouse_policystore::{PolicyConfig, PolicyStore};
 use tokio::net::TcpListener;
@@ -78,7 +78,9 @@ pub(crate) struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub targets: HashMap<String, Arc<Target>>,
     pub cancels: Arc<cancel::CancelRegistry>,
-    pub nats: async_nats::Client,
+    /// The event log; cancel requests reach other workers through its
+    /// signals.
+    pub log: LogBackend,
     /// Becomes `true` when open sessions must end (after the drain period).
     pub closing: tokio::sync::watch::Receiver<bool>,
     pub policy_config: PolicyConfig,
@@ -107,16 +109,13 @@ pub enum WorkerError {
 pub async fn run(
     config: WorkerConfig,
     policy_config: PolicyConfig,
-    events: EventLogConfig,
-    nats: async_nats::Client,
+    log: LogBackend,
     verifier: Arc<Verifier>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let js = async_nats::jetstream::new(nats.clone());
-    gatehouse_eventlog::ensure_stream(&js, &events).await?;
-    let publisher = Publisher::start(nats.clone(), &events);
-    let records = gatehouse_eventlog::RecordStore::JetStream(js);
+    let publisher = log.publisher().await?;
+    let records = log.records();
     let store = PolicyStore::open(&records, &policy_config)
         .await
         .map_err(|e| WorkerError::Policies(e.to_string()))?;
@@ -147,10 +146,10 @@ pub async fn run(
         );
     }
     let cancels = Arc::new(cancel::CancelRegistry::default());
-    let sub = nats
-        .subscribe(config.cancel_subject.clone())
+    let sub = log
+        .signals(&config.cancel_subject)
         .await
-        .map_err(|e| WorkerError::Subscribe(e.to_string()))?;
+        .map_err(WorkerError::Subscribe)?;
     let cancel_task = tokio::spawn(cancel::serve_forwarded(
         cancels.clone(),
         config.cancel_key.clone(),
@@ -178,7 +177,7 @@ pub async fn run(
         tls,
         targets,
         cancels,
-        nats,
+        log,
     });
     tracing::info!(
         worker = %shared.worker_id,

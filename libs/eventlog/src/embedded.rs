@@ -79,6 +79,9 @@ pub struct EmbeddedLog {
     /// The sequence of the last record of any stream of records
     /// ([`crate::records`]) published.
     records: std::sync::Arc<watch::Sender<u64>>,
+    /// Signals between the processes' parts that share this store
+    /// ([`crate::LogBackend::signal`]): subject and payload.
+    signals: tokio::sync::broadcast::Sender<(String, bytes::Bytes)>,
     /// Commits made since opening.
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -128,6 +131,12 @@ impl EmbeddedLog {
                 PRIMARY KEY (stream, seq)
             )",
             "CREATE INDEX IF NOT EXISTS records_by_subject ON records (stream, subject, seq)",
+            // Where each reader of the event log is, as a durable consumer
+            // of JetStream keeps it.
+            "CREATE TABLE IF NOT EXISTS positions (
+                consumer TEXT PRIMARY KEY,
+                seq      INTEGER NOT NULL
+            )",
             "CREATE UNIQUE INDEX IF NOT EXISTS records_by_id ON records (stream, msg_id)
                 WHERE msg_id IS NOT NULL",
         ] {
@@ -148,6 +157,7 @@ impl EmbeddedLog {
             readers,
             last: std::sync::Arc::new(watch::channel(seq_of(last)).0),
             records: std::sync::Arc::new(watch::channel(0).0),
+            signals: tokio::sync::broadcast::channel(1024).0,
             commits: Default::default(),
         })
     }
@@ -218,6 +228,35 @@ impl EmbeddedLog {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.last.send_replace(seq_of(last));
         Ok(())
+    }
+
+    /// The position of the reader `consumer`: the last sequence it has
+    /// finished with (0: none yet).
+    pub async fn position(&self, consumer: &str) -> Result<u64, EmbeddedError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM positions WHERE consumer = ?")
+            .bind(consumer)
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(|e| self.io(e))?;
+        Ok(seq.map_or(0, seq_of))
+    }
+
+    /// Records that `consumer` has finished with every event up to `seq`.
+    pub async fn set_position(&self, consumer: &str, seq: u64) -> Result<(), EmbeddedError> {
+        sqlx::query(
+            "INSERT INTO positions (consumer, seq) VALUES (?, ?)
+             ON CONFLICT (consumer) DO UPDATE SET seq = excluded.seq",
+        )
+        .bind(consumer)
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(&self.writer)
+        .await
+        .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    pub(crate) fn signals(&self) -> &tokio::sync::broadcast::Sender<(String, bytes::Bytes)> {
+        &self.signals
     }
 
     pub(crate) fn readers(&self) -> &SqlitePool {

@@ -19,6 +19,7 @@ pub use publisher::{PublishError, Publisher};
 pub use records::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
 
 use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
 
 /// Why the process could not connect to NATS. Messages name the setting
 /// and the file or variable, never a secret.
@@ -42,6 +43,140 @@ pub enum ConnectError {
         #[source]
         source: async_nats::ConnectError,
     },
+}
+
+/// Where a process records events and keeps its records: NATS JetStream,
+/// with the `[events]` settings, or the embedded store of a single node.
+/// The worker and the control plane take one and do not look further.
+#[derive(Clone)]
+pub enum LogBackend {
+    Nats {
+        client: async_nats::Client,
+        config: EventLogConfig,
+    },
+    Embedded {
+        log: EmbeddedLog,
+        /// Its subjects (`subject_prefix`); the NATS settings are unused.
+        config: EventLogConfig,
+    },
+}
+
+impl LogBackend {
+    pub fn config(&self) -> &EventLogConfig {
+        match self {
+            LogBackend::Nats { config, .. } | LogBackend::Embedded { config, .. } => config,
+        }
+    }
+
+    /// The NATS connection, when the log is on JetStream.
+    pub fn nats(&self) -> Option<&async_nats::Client> {
+        match self {
+            LogBackend::Nats { client, .. } => Some(client),
+            LogBackend::Embedded { .. } => None,
+        }
+    }
+
+    /// Creates the event stream if it is missing (JetStream) and starts
+    /// the group-commit publisher on the current runtime.
+    pub async fn publisher(&self) -> Result<Publisher, StreamError> {
+        match self {
+            LogBackend::Nats { client, config } => {
+                ensure_stream(&jetstream::new(client.clone()), config).await?;
+                Ok(Publisher::start(client.clone(), config))
+            }
+            LogBackend::Embedded { log, config } => {
+                Ok(Publisher::embedded(log.clone(), config.subjects()))
+            }
+        }
+    }
+
+    /// Where streams of records (policy bundles, revocations, user names)
+    /// are kept.
+    pub fn records(&self) -> RecordStore {
+        match self {
+            LogBackend::Nats { client, .. } => {
+                RecordStore::JetStream(jetstream::new(client.clone()))
+            }
+            LogBackend::Embedded { log, .. } => RecordStore::Embedded(log.clone()),
+        }
+    }
+
+    /// Sends a signal on `subject` to every [`Self::signals`] subscriber:
+    /// a NATS core message (not stored), or, on the embedded store, a
+    /// message to the other parts of this process (a single node has no
+    /// other). A signal nobody listens to is dropped.
+    pub async fn signal(&self, subject: &str, payload: Bytes) -> Result<(), String> {
+        match self {
+            LogBackend::Nats { client, .. } => client
+                .publish(subject.to_string(), payload)
+                .await
+                .map_err(|e| e.to_string()),
+            LogBackend::Embedded { log, .. } => {
+                let _ = log.signals().send((subject.to_string(), payload));
+                Ok(())
+            }
+        }
+    }
+
+    /// The signals sent on `subject` from now on.
+    pub async fn signals(
+        &self,
+        subject: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Bytes>, String> {
+        use futures::StreamExt;
+        match self {
+            LogBackend::Nats { client, .. } => {
+                let sub = client
+                    .subscribe(subject.to_string())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(sub.map(|m| m.payload).boxed())
+            }
+            LogBackend::Embedded { log, .. } => {
+                let subject = subject.to_string();
+                let rx = log.signals().subscribe();
+                Ok(futures::stream::unfold(rx, move |mut rx| {
+                    let subject = subject.clone();
+                    async move {
+                        loop {
+                            match rx.recv().await {
+                                Ok((s, payload)) if s == subject => return Some((payload, rx)),
+                                Ok(_) => continue,
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                    tracing::warn!(
+                                        missed = n,
+                                        "signals dropped: the reader fell behind"
+                                    );
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                    return None;
+                                }
+                            }
+                        }
+                    }
+                })
+                .boxed())
+            }
+        }
+    }
+
+    /// Whether the log can be written now: NATS connected, or embedded.
+    pub fn connected(&self) -> bool {
+        match self {
+            LogBackend::Nats { client, .. } => {
+                client.connection_state() == async_nats::connection::State::Connected
+            }
+            LogBackend::Embedded { .. } => true,
+        }
+    }
+
+    /// What the log is, for readiness and start-up messages.
+    pub fn describe(&self) -> String {
+        match self {
+            LogBackend::Nats { config, .. } => format!("NATS JetStream at {}", config.nats_url),
+            LogBackend::Embedded { log, .. } => format!("embedded, {}", log.path().display()),
+        }
+    }
 }
 
 /// Connects to NATS as `[events]` says: its URLs, credentials and TLS. Every
