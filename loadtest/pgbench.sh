@@ -8,13 +8,14 @@
 #
 #   loadtest/pgbench.sh                                  # the data path (default)
 #   PATH_UNDER_TEST=all-in-one loadtest/pgbench.sh       # worker + control plane in one process
+#   PATH_UNDER_TEST=embedded loadtest/pgbench.sh         # the same on the embedded log (no NATS)
 #   ROUNDS=3 DURATION=5 loadtest/pgbench.sh
 #   CLIENTS=16 MODES=simple TARGETS="direct gatehouse" loadtest/pgbench.sh
 #
 # Env: ROUNDS (5), DURATION seconds per run (10), CLIENTS list ("1 16"),
 #      MODES list ("simple extended"; also prepared), TARGETS list
 #      ("direct pgbouncer gatehouse"), THREADS (2), SCALE (10),
-#      PATH_UNDER_TEST data-path|all-in-one (data-path),
+#      PATH_UNDER_TEST data-path|all-in-one|embedded (data-path),
 #      GATEHOUSE_BIN (skip the build, use this binary),
 #      MASKING on|off (on: responses masked with every detector, as
 #      `gatehouse dev` does by default; off: --no-masking / no masking table),
@@ -55,8 +56,8 @@ for t in "${TARGET_LIST[@]}"; do
     case $t in direct | pgbouncer | gatehouse) ;; *) bad "TARGETS: direct, pgbouncer or gatehouse, got '$t'" ;; esac
 done
 case $MASKING in on | off) ;; *) bad "MASKING must be on or off, got '$MASKING'" ;; esac
-case $PATH_UNDER_TEST in data-path | all-in-one) ;; *)
-    bad "PATH_UNDER_TEST must be data-path or all-in-one, got '$PATH_UNDER_TEST'"
+case $PATH_UNDER_TEST in data-path | all-in-one | embedded) ;; *)
+    bad "PATH_UNDER_TEST must be data-path, all-in-one or embedded, got '$PATH_UNDER_TEST'"
     ;;
 esac
 if [ -n "$GATEHOUSE_BIN_B" ]; then
@@ -283,11 +284,13 @@ wait_listen "$NATS_PID" "$NATS_PORT" "nats-server"
 gh_note "nats-server $NATS_VERSION (pid $NATS_PID) listens on 127.0.0.1:$NATS_PORT, store $NATS_DIR"
 
 gh_log "starting gatehouse dev (development issuer, TLS files; its worker and control plane use the private NATS)"
-DEV_CMD=("$BIN" dev --data-dir "$DEV_DIR" --nats "$NATS_URL"
+DEV_CMD=("$BIN" dev --data-dir "$DEV_DIR"
     --pg-listen "127.0.0.1:$DEV_PG_PORT" --http-listen "127.0.0.1:$HTTP_PORT"
     --audit-db "postgres://postgres@127.0.0.1:5432/$AUDIT_DB?sslmode=require"
     --target "bench=postgres://postgres@127.0.0.1:5432/$BENCH_DB?sslmode=require")
 [ "$MASKING" = on ] || DEV_CMD+=(--no-masking)
+# embedded: the event log in $DEV_DIR/gatehouse.db (the nats-server idles).
+[ "$PATH_UNDER_TEST" = embedded ] || DEV_CMD+=(--nats "$NATS_URL")
 show "${DEV_CMD[*]} >$DEV_LOG 2>&1 &"
 RUST_LOG=${RUST_LOG:-warn} "${DEV_CMD[@]}" >"$DEV_LOG" 2>&1 </dev/null &
 DEV_PID=$!
@@ -359,7 +362,7 @@ if [ "$PATH_UNDER_TEST" = data-path ]; then
     GW_NAME=worker
     GW_STREAM=$STREAM
 else
-    gh_note "PATH_UNDER_TEST=all-in-one: measuring the worker of gatehouse dev, whose control plane projects every event into $AUDIT_DB during the rounds"
+    gh_note "PATH_UNDER_TEST=$PATH_UNDER_TEST: measuring the worker of gatehouse dev, whose control plane projects every event into $AUDIT_DB during the rounds$([ "$PATH_UNDER_TEST" = embedded ] && echo '; events in the embedded log, not NATS')"
     GW_PORT=$DEV_PG_PORT
     GW_PID=$DEV_PID
     GW_NAME=dev

@@ -8,7 +8,8 @@
 #    start private servers). Services already answering are left alone; as
 #    root on Debian, what is missing is installed (apt-get) and started.
 # 2. Runs the gates: cargo fmt --check, cargo clippy -D warnings, no aws-lc-sys
-#    in the dependency tree (ring only), then cargo test --workspace.
+#    in the dependency tree (ring only), then cargo test --workspace, then
+#    the dev-stack suites (cli/tests) again on the embedded event log.
 #
 # GATEHOUSE_SKIP_LINT=1 skips fmt and clippy for a quick local run (CI never
 # sets it).
@@ -86,6 +87,15 @@ set +e
 cargo test --workspace 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+if [ "$status" -eq 0 ]; then
+    # The dev-stack suites again, on the embedded event log (no NATS), so
+    # that neither implementation of the ports drifts.
+    step "GATEHOUSE_TEST_EVENT_LOG=embedded cargo test -p gatehouse (the dev-stack suites on the embedded log)"
+    set +e
+    GATEHOUSE_TEST_EVENT_LOG=embedded cargo test -p gatehouse 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"
