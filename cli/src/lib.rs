@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dev;
+mod export;
 mod policy;
 mod run;
 
@@ -47,6 +48,10 @@ enum Command {
     Dev(dev::DevArgs),
     /// Print a token signed by the development issuer of `gatehouse dev`.
     Token(dev::TokenArgs),
+    /// Copy the embedded event log of `gatehouse dev` into a NATS
+    /// JetStream stream, so that a single node growing into a fleet keeps
+    /// its history.
+    ExportLog(export::ExportArgs),
     /// Validate, test and publish Cedar policy bundles.
     Policy {
         #[command(subcommand)]
@@ -88,6 +93,7 @@ pub fn main() -> ExitCode {
             Command::ControlPlane { config } => run::control_plane(&config).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Token(args) => dev::token(args),
+            Command::ExportLog(args) => export::run(args).await,
             Command::Policy { command } => policy::run(command).await,
         }
     });

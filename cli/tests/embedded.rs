@@ -1,6 +1,7 @@
 //! `gatehouse dev` on its embedded log, as a process: killed with SIGKILL
 //! in the middle of a load, every command the target ran has its event in
-//! the log, and once restarted, the audit tables match the log.
+//! the log, once restarted, the audit tables match the log, and
+//! `gatehouse export-log` moves the log into JetStream.
 
 mod support;
 
@@ -222,6 +223,49 @@ async fn killed_mid_load_nothing_ran_unrecorded_and_projections_match_after_rest
 
     dev.child.start_kill().unwrap();
     dev.child.wait().await.unwrap();
+
+    // The log moves into JetStream with `gatehouse export-log`: every
+    // event, once, even when run twice.
+    let stream = format!("GHT_{suffix}_EXPORT");
+    let config = data_dir.join("export.toml");
+    std::fs::write(
+        &config,
+        format!("[events]\nstream = \"{stream}\"\nsubject_prefix = \"ght.{suffix}.export\"\n"),
+    )
+    .unwrap();
+    let all = EmbeddedLog::open(&log_path)
+        .await
+        .unwrap()
+        .read(0, usize::MAX)
+        .await
+        .unwrap()
+        .len();
+    for expected in [all, 0] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .arg("export-log")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--config")
+            .arg(&config)
+            .args(["--to", support::NATS])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.starts_with(&format!("exported {expected} events")),
+            "{said}"
+        );
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(support::NATS).await.unwrap());
+    let mut exported = js.get_stream(&stream).await.unwrap();
+    assert_eq!(exported.info().await.unwrap().state.messages, all as u64);
+    js.delete_stream(&stream).await.unwrap();
+
     let admin = admin().await;
     for db in [&target_db, &audit_db] {
         let _ = admin

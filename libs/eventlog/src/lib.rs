@@ -10,6 +10,7 @@
 
 mod config;
 pub mod embedded;
+pub mod export;
 mod publisher;
 pub mod records;
 

@@ -285,3 +285,64 @@ fn acknowledged_events_survive_kill_9() {
     let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=stored.len() as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn an_export_moves_the_log_into_jetstream_once_and_goes_on_later() {
+    use futures::StreamExt;
+    let dir = Dir::new();
+    let log = EmbeddedLog::open(&dir.log()).await.unwrap();
+    let publisher = Publisher::embedded(log.clone(), Subjects::new("local.events"));
+    let first: Vec<Event> = (0..10).map(|i| command(format!("select {i}"))).collect();
+    publisher.record(first.clone()).await.unwrap();
+
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let config = gatehouse_eventlog::EventLogConfig {
+        stream: format!("EXPORTTEST_{suffix}"),
+        subject_prefix: format!("exporttest.{suffix}"),
+        ..Default::default()
+    };
+    let nats = async_nats::connect(&config.nats_url).await.unwrap();
+    let done = gatehouse_eventlog::export::export(&log, &nats, &config)
+        .await
+        .unwrap();
+    assert_eq!((done.events, done.through), (10, 10));
+    // Nothing new: nothing sent again.
+    let again = gatehouse_eventlog::export::export(&log, &nats, &config)
+        .await
+        .unwrap();
+    assert_eq!((again.events, again.through), (0, 10));
+    // Later events follow.
+    let later = command("select 'later'".into());
+    publisher.record(vec![later.clone()]).await.unwrap();
+    let more = gatehouse_eventlog::export::export(&log, &nats, &config)
+        .await
+        .unwrap();
+    assert_eq!((more.events, more.through), (1, 11));
+
+    // The stream holds each event once, in order, under its type's subject
+    // of the target prefix, body as recorded.
+    let js = async_nats::jetstream::new(nats);
+    let stream = js.get_stream(&config.stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 11 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), messages.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m.subject.as_str(),
+            format!("exporttest.{suffix}.command_received")
+        );
+        got.push(decode(&m.payload).unwrap().remove(0));
+    }
+    let expected: Vec<_> = first.iter().chain([&later]).map(|e| e.id).collect();
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), expected);
+    assert_eq!(stream.clone().info().await.unwrap().state.messages, 11);
+    js.delete_stream(&config.stream).await.unwrap();
+}
