@@ -205,28 +205,44 @@ impl EmbeddedLog {
     /// Stores events (subject, id, body) in one transaction, committed and
     /// fsync'd when this returns. An id already in the log is skipped.
     async fn append(&self, events: &[(String, String, Vec<u8>)]) -> Result<(), EmbeddedError> {
-        let mut tx = self.writer.begin().await.map_err(|e| self.io(e))?;
-        for chunk in events.chunks(ROWS_PER_INSERT) {
+        let insert = |chunk: &[(String, String, Vec<u8>)]| {
             let mut insert: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO events (subject, event_id, body) ");
             insert.push_values(chunk, |mut row, (subject, id, body)| {
-                row.push_bind(subject).push_bind(id).push_bind(body);
+                row.push_bind(subject.as_str())
+                    .push_bind(id.as_str())
+                    .push_bind(body.as_slice());
             });
-            insert.push(" ON CONFLICT (event_id) DO NOTHING");
+            insert.push(" ON CONFLICT (event_id) DO NOTHING RETURNING seq");
             insert
-                .build()
-                .execute(&mut *tx)
+        };
+        let mut stored: Vec<i64> = Vec::with_capacity(events.len());
+        if events.len() <= ROWS_PER_INSERT {
+            // One statement is its own transaction: one round trip to
+            // SQLite's thread, one commit.
+            stored = insert(events)
+                .build_query_scalar()
+                .fetch_all(&self.writer)
                 .await
                 .map_err(|e| self.io(e))?;
+        } else {
+            let mut tx = self.writer.begin().await.map_err(|e| self.io(e))?;
+            for chunk in events.chunks(ROWS_PER_INSERT) {
+                let seqs: Vec<i64> = insert(chunk)
+                    .build_query_scalar()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| self.io(e))?;
+                stored.extend(seqs);
+            }
+            tx.commit().await.map_err(|e| self.io(e))?;
         }
-        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.io(e))?;
-        tx.commit().await.map_err(|e| self.io(e))?;
         self.commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.last.send_replace(seq_of(last));
+        // Events already stored (recorded again) return no sequence.
+        if let Some(last) = stored.into_iter().max() {
+            self.last.send_replace(seq_of(last));
+        }
         Ok(())
     }
 
