@@ -94,6 +94,19 @@ impl EmbeddedLog {
             path: path.to_owned(),
             source,
         };
+        // The log holds statements and (masked) responses: readable by
+        // its owner only. SQLite gives its -wal and -shm files the
+        // database file's mode.
+        #[cfg(unix)]
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| open_err(sqlx::Error::Io(e)))?;
+        }
         let options = SqliteConnectOptions::from_str("sqlite://")
             .map_err(open_err)?
             .filename(path)

@@ -120,6 +120,16 @@ async fn events_survive_reopening_and_sequences_go_on() {
     let later = command("select 'later'".into());
     publisher.record(vec![later.clone()]).await.unwrap();
 
+    // Only its owner may read it (statements, masked responses).
+    #[cfg(unix)]
+    for file in ["events.db", "events.db-wal"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.0.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
     let stored = all(&log).await;
     let ids: Vec<_> = stored
         .iter()
