@@ -407,33 +407,12 @@ impl RecordStream {
         filter: &str,
     ) -> Result<BoxStream<'static, Result<Record, RecordError>>, RecordError> {
         match &self.inner {
-            Inner::JetStream { stream, .. } => {
-                let consumer = stream
-                    .create_consumer(consumer::pull::OrderedConfig {
-                        filter_subject: filter.to_string(),
-                        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(unavailable)?;
-                let messages = consumer.messages().await.map_err(unavailable)?;
-                Ok(messages
-                    .map(|m| {
-                        let m = m.map_err(unavailable)?;
-                        let sequence = m.info().map_err(unavailable)?.stream_sequence;
-                        Ok(Record {
-                            sequence,
-                            subject: m.subject.to_string(),
-                            headers: m.headers.as_ref().map(headers_of).unwrap_or_default(),
-                            payload: m.payload.clone(),
-                        })
-                    })
-                    .boxed())
-            }
+            Inner::JetStream { stream, .. } => Ok(ordered(stream, filter)
+                .await?
+                .map(|r| r.map(|(record, _pending)| record))
+                .boxed()),
             Inner::Embedded { log, settings } => {
-                let (filter, prefix) = subject_filter(filter).ok_or_else(|| {
-                    RecordError::Unavailable(format!("unsupported subject filter {filter:?}"))
-                })?;
+                let (filter, prefix) = embedded_filter(filter)?;
                 let state = Follow {
                     log: log.clone(),
                     stream: settings.name.clone(),
@@ -460,15 +439,7 @@ impl RecordStream {
                 if info.info().await.map_err(unavailable)?.state.messages == 0 {
                     return Ok(Vec::new());
                 }
-                let consumer = stream
-                    .create_consumer(consumer::pull::OrderedConfig {
-                        filter_subject: filter.to_string(),
-                        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(unavailable)?;
-                let mut messages = consumer.messages().await.map_err(unavailable)?;
+                let mut messages = Box::pin(ordered(stream, filter).await?);
                 let mut out = Vec::new();
                 // Until none is pending. A selection that delivers nothing
                 // for long is an error, never a short answer.
@@ -481,16 +452,9 @@ impl RecordStream {
                                     "timed out reading the records of {filter}"
                                 ))
                             })?;
-                    let Some(m) = next else { break };
-                    let m = m.map_err(unavailable)?;
-                    let info = m.info().map_err(unavailable)?;
-                    let (sequence, pending) = (info.stream_sequence, info.pending);
-                    out.push(Record {
-                        sequence,
-                        subject: m.subject.to_string(),
-                        headers: m.headers.as_ref().map(headers_of).unwrap_or_default(),
-                        payload: m.payload.clone(),
-                    });
+                    let Some(next) = next else { break };
+                    let (record, pending) = next?;
+                    out.push(record);
                     if pending == 0 {
                         break;
                     }
@@ -498,13 +462,47 @@ impl RecordStream {
                 Ok(out)
             }
             Inner::Embedded { log, settings } => {
-                let (filter, prefix) = subject_filter(filter).ok_or_else(|| {
-                    RecordError::Unavailable(format!("unsupported subject filter {filter:?}"))
-                })?;
+                let (filter, prefix) = embedded_filter(filter)?;
                 snapshot(log, &settings.name, filter, prefix).await
             }
         }
     }
+}
+
+/// Each subject's last record that `filter` selects, then every new one,
+/// through an ordered consumer (recreated by the client if it falls behind
+/// or the connection drops), each with the count still pending after it.
+async fn ordered(
+    stream: &stream::Stream,
+    filter: &str,
+) -> Result<impl futures::Stream<Item = Result<(Record, u64), RecordError>> + use<>, RecordError> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    let messages = consumer.messages().await.map_err(unavailable)?;
+    Ok(messages.map(|m| {
+        let m = m.map_err(unavailable)?;
+        let info = m.info().map_err(unavailable)?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        let record = Record {
+            sequence,
+            subject: m.subject.to_string(),
+            headers: m.headers.as_ref().map(headers_of).unwrap_or_default(),
+            payload: m.payload.clone(),
+        };
+        Ok((record, pending))
+    }))
+}
+
+/// [`subject_filter`], or why the embedded store cannot follow `filter`.
+fn embedded_filter(filter: &str) -> Result<(&str, bool), RecordError> {
+    subject_filter(filter)
+        .ok_or_else(|| RecordError::Unavailable(format!("unsupported subject filter {filter:?}")))
 }
 
 /// An embedded follower: its position and what it read but has not given.
