@@ -345,14 +345,17 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         worker_policy.bundle_public_keys.push(public);
     }
     let log = match &opts.nats_url {
-        Some(url) => LogBackend::Nats {
-            client: connect_nats(&EventLogConfig {
+        Some(url) => {
+            // The URL chosen is the one connected to, recorded and shown.
+            let config = EventLogConfig {
                 nats_url: url.clone(),
                 ..opts.events.clone()
-            })
-            .await?,
-            config: opts.events.clone(),
-        },
+            };
+            LogBackend::Nats {
+                client: connect_nats(&config).await?,
+                config,
+            }
+        }
         None => LogBackend::Embedded {
             log: EmbeddedLog::open(&opts.data_dir.join("gatehouse.db"))
                 .await
@@ -508,7 +511,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!(
         "\nGatehouse is running (development mode).\n\
          \n  Postgres front end   {pg} (TLS, self-signed certificate in {dir})\
-         \n  Event log            {log}\
+         \n  Event log            {log}{log_hint}\
          \n  Audit API            http://{http}/api/v1/commands\
          \n  Development issuer   http://{http}/dev-issuer\
          \n  Targets              {targets}\
@@ -520,12 +523,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \n  curl -H \"Authorization: Bearer $({bin} token --data-dir {dir} --for api --sub auditor --group auditors)\" http://{http}/api/v1/commands\
          \n\nCtrl-C stops it.\n",
         pg = stack.pg_addr,
-        log = match &stack.log {
-            LogBackend::Embedded { log, .. } => format!(
-                "embedded, {} (--nats nats://… puts it on NATS JetStream)",
-                log.path().display()
-            ),
-            LogBackend::Nats { config, .. } => format!("NATS JetStream at {}", config.nats_url),
+        log = stack.log.describe(),
+        log_hint = if stack.log.nats().is_none() {
+            " (--nats nats://… puts it on NATS JetStream)"
+        } else {
+            ""
         },
         http = stack.http_addr,
         dir = args.data_dir.display(),
