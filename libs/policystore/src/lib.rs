@@ -852,11 +852,7 @@ impl PolicyStore {
                 max,
             });
         }
-        let headers: Vec<(&str, &str)> = signature
-            .as_deref()
-            .map(|s| (SIGNATURE_HEADER, s))
-            .into_iter()
-            .collect();
+        let headers = signature_headers(signature.as_deref());
         Ok(stream
             .publish(subject, &headers, Bytes::from(body), id, Some(expected))
             .await?)
@@ -985,6 +981,14 @@ fn panicked(detail: &str) -> Problem {
         help: None,
         policy: None,
     }
+}
+
+/// The headers of a record signed with `signature`, if any.
+fn signature_headers(signature: Option<&str>) -> Vec<(&'static str, &str)> {
+    signature
+        .map(|s| (SIGNATURE_HEADER, s))
+        .into_iter()
+        .collect()
 }
 
 fn unix_now() -> i64 {
@@ -1163,11 +1167,7 @@ mod tests {
     /// Publishes `body` on the bundle subject as someone without the key
     /// could, with `signature` as its signature header if given.
     async fn forge(store: &PolicyStore, body: &[u8], signature: Option<String>) -> u64 {
-        let headers: Vec<(&str, &str)> = signature
-            .as_deref()
-            .map(|s| (SIGNATURE_HEADER, s))
-            .into_iter()
-            .collect();
+        let headers = signature_headers(signature.as_deref());
         store
             .bundles
             .publish(
@@ -1438,11 +1438,7 @@ mod tests {
         })
         .unwrap();
         let publish = async |body: Vec<u8>, signature: Option<String>| {
-            let headers: Vec<(&str, &str)> = signature
-                .as_deref()
-                .map(|s| (SIGNATURE_HEADER, s))
-                .into_iter()
-                .collect();
+            let headers = signature_headers(signature.as_deref());
             cp.revocations
                 .publish(&subject, &headers, body.into(), None, None)
                 .await
