@@ -401,10 +401,15 @@ async fn issued_in_future_and_overlong_tokens_are_refused() {
         assert_eq!(e.reason(), "token_lifetime_too_long");
     }
     // Just over the 24 h default; just under it is fine.
-    let e = refused(with(json!({"exp": now + 86_401}))).await;
+    // iat is pinned to `now`: claims() reads the clock again, and a second
+    // boundary between the two reads would shorten the lifetime to 86 400 s.
+    let e = refused(with(json!({"iat": now, "exp": now + 86_401}))).await;
     assert!(matches!(e, AuthError::LifetimeTooLong), "{e:?}");
     verifier
-        .verify(&with(json!({"exp": now + 86_399})), Plane::Worker)
+        .verify(
+            &with(json!({"iat": now, "exp": now + 86_399})),
+            Plane::Worker,
+        )
         .await
         .unwrap();
     // An old iat makes a long lifetime even when exp is near.
