@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gatehouse_control_plane::ControlPlaneConfig;
+use gatehouse_control_plane::{AuditStore, ControlPlaneConfig};
 use gatehouse_eventlog::{EmbeddedLog, EventLogConfig, LogBackend};
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_policies::{Bundle, Engine};
@@ -45,14 +45,13 @@ pub struct DevArgs {
     /// log: one SQLite file, `<data-dir>/gatehouse.db`.
     #[arg(long)]
     pub nats: Option<String>,
-    /// Audit database (created if missing). Without `sslmode` in the URL,
-    /// verify-full; the default says `require` (a warning at start), as a
-    /// local PostgreSQL rarely has a certificate its clients can verify.
-    #[arg(
-        long,
-        default_value = "postgres://postgres@127.0.0.1:5432/gatehouse?sslmode=require"
-    )]
-    pub audit_db: String,
+    /// Audit database, PostgreSQL (created if missing), e.g.
+    /// postgres://postgres@127.0.0.1:5432/gatehouse?sslmode=require.
+    /// Without `sslmode` in the URL, verify-full; `require` is warned about
+    /// at start. Without this option, the audit tables are one SQLite file,
+    /// `<data-dir>/audit.db`.
+    #[arg(long)]
+    pub audit_db: Option<String>,
     /// A target as NAME=postgres://user:pass@host:port/db[?sslmode=verify-full|require|disable][&sslrootcert=CA.pem]
     /// (repeatable). Without sslmode, verify-full: trust the target's CA
     /// (sslrootcert, or the system roots) or say sslmode=require, which is
@@ -125,7 +124,9 @@ pub struct DevOptions {
     /// The event log on NATS JetStream at this URL; `None`: the embedded
     /// log in `data_dir`.
     pub nats_url: Option<String>,
-    pub audit_db: String,
+    /// The audit database's URL; `None`: the SQLite file `audit.db` in
+    /// `data_dir`.
+    pub audit_db: Option<String>,
     pub targets: Vec<(String, TargetConfig)>,
     pub pg_listen: String,
     pub http_listen: String,
@@ -219,6 +220,8 @@ pub struct DevStack {
     policy_config: PolicyConfig,
     /// The event log and streams of records the stack runs on.
     pub log: LogBackend,
+    /// The audit tables.
+    pub audit: AuditStore,
     verifier: Arc<Verifier>,
     stop: watch::Sender<bool>,
     worker: JoinHandle<anyhow::Result<()>>,
@@ -365,12 +368,15 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
     };
     let bundle_version = publish_bundle(&log, &opts).await?;
     let control = ControlPlaneConfig {
-        audit_db_url: opts.audit_db.clone(),
+        audit_db_url: opts
+            .audit_db
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", opts.data_dir.join("audit.db").display())),
         consumer: opts.consumer.clone(),
         ..Default::default()
     };
     // Fail early, with a clear message, when the audit database is unreachable.
-    gatehouse_control_plane::connect_audit_db(&control)
+    let audit = gatehouse_control_plane::connect_audit_db(&control)
         .await
         .context("--audit-db: cannot prepare the audit database")?;
 
@@ -443,6 +449,7 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         policy_config: worker_policy,
         bundle_version,
         log,
+        audit,
         verifier,
         stop,
         worker: worker_task,
@@ -512,6 +519,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "\nGatehouse is running (development mode).\n\
          \n  Postgres front end   {pg} (TLS, self-signed certificate in {dir})\
          \n  Event log            {log}{log_hint}\
+         \n  Audit tables         {audit}\
          \n  Audit API            http://{http}/api/v1/commands\
          \n  Development issuer   http://{http}/dev-issuer\
          \n  Targets              {targets}\
@@ -528,6 +536,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             " (--nats nats://… puts it on NATS JetStream)"
         } else {
             ""
+        },
+        audit = match stack.audit.kind() {
+            "sqlite" => format!(
+                "embedded: {} (--audit-db postgres://… puts them in PostgreSQL)",
+                args.data_dir.join("audit.db").display()
+            ),
+            _ => "PostgreSQL (--audit-db)".to_string(),
         },
         http = stack.http_addr,
         dir = args.data_dir.display(),

@@ -110,24 +110,22 @@ struct Failure {
 /// The projected `authentication_failures` rows of `user`, once there is at
 /// least one (or after ~10 s, with none).
 async fn failures(env: &Env, user: &str) -> Vec<Failure> {
-    let audit = support::direct_db(&env.audit_db).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let rows = audit
-            .query(
+        let rows: Vec<(String, bool, Option<String>)> = env
+            .audit_query(
                 "SELECT reason, client_tls, requested_target FROM authentication_failures
                  WHERE claimed_user = $1 ORDER BY time",
-                &[&user],
+                &[user],
             )
-            .await
-            .unwrap();
+            .await;
         if !rows.is_empty() || tokio::time::Instant::now() > deadline {
             return rows
-                .iter()
-                .map(|r| Failure {
-                    reason: r.get(0),
-                    client_tls: r.get(1),
-                    requested_target: r.get(2),
+                .into_iter()
+                .map(|(reason, client_tls, requested_target)| Failure {
+                    reason,
+                    client_tls,
+                    requested_target,
                 })
                 .collect();
         }
@@ -146,15 +144,12 @@ async fn assert_recorded(env: &Env, user: &str, reason: &str, tls: bool) {
 
 /// No session was opened for `user`.
 async fn assert_no_session(env: &Env, user: &str) {
-    let audit = support::direct_db(&env.audit_db).await;
-    let n: i64 = audit
-        .query_one(
+    let n = env
+        .audit_count(
             "SELECT count(*) FROM sessions WHERE identity_username = $1",
-            &[&user],
+            &[user],
         )
-        .await
-        .unwrap()
-        .get(0);
+        .await;
     assert_eq!(n, 0, "a session was opened for {user}");
 }
 
@@ -378,16 +373,12 @@ async fn tokens_of_a_rotated_key_are_accepted_after_a_jwks_refetch() {
 
     // Three sessions opened; once they are projected, so is anything
     // recorded before them, and no attempt was refused.
-    let audit = support::direct_db(&env.audit_db).await;
     let count = async |table: &str, column: &str| -> i64 {
-        audit
-            .query_one(
-                &format!("SELECT count(*) FROM {table} WHERE {column} = 'rot-user'"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
+        env.audit_count(
+            &format!("SELECT count(*) FROM {table} WHERE {column} = 'rot-user'"),
+            &[],
+        )
+        .await
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while count("sessions", "identity_username").await < 3 {

@@ -1,6 +1,7 @@
-//! `gatehouse dev` on its embedded log, as a process: killed with SIGKILL
-//! in the middle of a load, every command the target ran has its event in
-//! the log, once restarted, the audit tables match the log, and
+//! `gatehouse dev` on its embedded log and audit store (no NATS, no audit
+//! database), as a process: killed with SIGKILL in the middle of a load,
+//! every command the target ran has its event in the log, once restarted,
+//! the audit tables match the log, and
 //! `gatehouse export-log` moves the log into JetStream.
 
 mod support;
@@ -11,6 +12,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gatehouse_control_plane::ControlPlaneConfig;
 use gatehouse_eventlog::EmbeddedLog;
 use gatehouse_events::{Payload, decode};
 use support::{PG, admin};
@@ -23,14 +25,12 @@ struct Dev {
 }
 
 impl Dev {
-    async fn start(data_dir: &Path, audit_db: &str, target_db: &str) -> Dev {
+    async fn start(data_dir: &Path, target_db: &str) -> Dev {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
             .arg("dev")
             .arg("--data-dir")
             .arg(data_dir)
             .args([
-                "--audit-db",
-                &format!("{PG}/{audit_db}?sslmode=disable"),
                 "--target",
                 &format!("app={PG}/{target_db}?sslmode=require"),
                 "--pg-listen",
@@ -47,7 +47,7 @@ impl Dev {
             .expect("the gatehouse binary runs");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut pg_port = None;
-        let mut embedded = false;
+        let (mut embedded, mut audit_embedded) = (false, false);
         let read = async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 let line = line.trim();
@@ -57,6 +57,9 @@ impl Dev {
                 }
                 if line.starts_with("Event log") && line.contains("embedded") {
                     embedded = true;
+                }
+                if line.starts_with("Audit tables") && line.contains("audit.db") {
+                    audit_embedded = true;
                 }
                 if line.starts_with("Ctrl-C") {
                     break;
@@ -69,6 +72,10 @@ impl Dev {
         assert!(
             embedded,
             "gatehouse dev without --nats says it runs on the embedded log"
+        );
+        assert!(
+            audit_embedded,
+            "gatehouse dev without --audit-db says its audit tables are embedded"
         );
         // Keep reading so that the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -140,7 +147,7 @@ async fn killed_mid_load_nothing_ran_unrecorded_and_projections_match_after_rest
     support::init();
     let _watchdog = gatehouse_testkit::Watchdog::for_test();
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let (target_db, audit_db) = (format!("gh_target_{suffix}"), format!("gh_audit_{suffix}"));
+    let target_db = format!("gh_target_{suffix}");
     admin()
         .await
         .batch_execute(&format!("CREATE DATABASE {target_db}"))
@@ -149,7 +156,7 @@ async fn killed_mid_load_nothing_ran_unrecorded_and_projections_match_after_rest
     let data_dir: PathBuf = std::env::temp_dir().join(format!("gatehouse-embedded-{suffix}"));
     let log_path = data_dir.join("gatehouse.db");
 
-    let mut dev = Dev::start(&data_dir, &audit_db, &target_db).await;
+    let mut dev = Dev::start(&data_dir, &target_db).await;
     let setup = dev.connect(&data_dir, "loader").await;
     setup
         .batch_execute("CREATE TABLE t (id int)")
@@ -203,17 +210,21 @@ async fn killed_mid_load_nothing_ran_unrecorded_and_projections_match_after_rest
 
     // Restarted on the same data directory, the projector catches up from
     // its position: the audit tables hold exactly the log's commands.
-    let mut dev = Dev::start(&data_dir, &audit_db, &target_db).await;
-    let audit = support::direct_db(&audit_db).await;
+    let mut dev = Dev::start(&data_dir, &target_db).await;
+    let audit = gatehouse_control_plane::connect_audit_db(&ControlPlaneConfig {
+        audit_db_url: format!("sqlite:{}", data_dir.join("audit.db").display()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut projected = HashSet::new();
     for _ in 0..300 {
-        projected = audit
-            .query("SELECT event_id::text FROM commands", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, &str>(0).parse::<uuid::Uuid>().unwrap())
-            .collect();
+        projected =
+            support::audit_query::<(uuid::Uuid,)>(&audit, "SELECT event_id FROM commands", &[])
+                .await
+                .into_iter()
+                .map(|(id,)| id)
+                .collect();
         if projected.len() >= commands.len() {
             break;
         }
@@ -266,11 +277,9 @@ async fn killed_mid_load_nothing_ran_unrecorded_and_projections_match_after_rest
     assert_eq!(exported.info().await.unwrap().state.messages, all as u64);
     js.delete_stream(&stream).await.unwrap();
 
-    let admin = admin().await;
-    for db in [&target_db, &audit_db] {
-        let _ = admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await;
-    }
+    let _ = admin()
+        .await
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {target_db} WITH (FORCE)"))
+        .await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -196,27 +196,24 @@ async fn a_flood_of_failed_logins_is_cut_short_and_recorded_within_bounds() {
 
     // Recorded: the three failures and the refusal that closed the gate,
     // names cut to PostgreSQL's 63 bytes; not the rest of the flood.
-    let audit = support::direct_db(&env.audit_db).await;
     let count = "SELECT count(*) FROM authentication_failures WHERE client_addr LIKE '127.0.0.3:%'";
     gatehouse_testkit::eventually("the refusals are projected", async || {
-        audit.query_one(count, &[]).await.unwrap().get::<_, i64>(0) >= 4
+        env.audit_count(count, &[]).await >= 4
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rows = audit
-        .query(
+    let rows: Vec<(String, String)> = env
+        .audit_query(
             "SELECT reason, claimed_user FROM authentication_failures
              WHERE client_addr LIKE '127.0.0.3:%' ORDER BY time",
             &[],
         )
-        .await
-        .unwrap();
-    let reasons: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        .await;
+    let reasons: Vec<&str> = rows.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert_eq!(reasons[3], "rate_limited", "{reasons:?}");
-    for r in &rows {
-        let user: String = r.get(1);
-        assert_eq!(user, claimed[..63], "recorded names are cut");
+    for (_, user) in &rows {
+        assert_eq!(user, &claimed[..63], "recorded names are cut");
     }
 
     assert_eq!(

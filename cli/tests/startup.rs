@@ -42,18 +42,16 @@ async fn show(client: &tokio_postgres::Client, name: &str) -> String {
 /// The reasons of the projected `authentication_failures` of `user`, once
 /// there are `expect` (or after ~10 s, with what there is).
 async fn failures(env: &Env, user: &str, expect: usize) -> Vec<String> {
-    let audit = support::direct_db(&env.audit_db).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let reasons: Vec<String> = audit
-            .query(
+        let reasons: Vec<String> = env
+            .audit_query::<(String,)>(
                 "SELECT reason FROM authentication_failures WHERE claimed_user = $1 ORDER BY time",
-                &[&user],
+                &[user],
             )
             .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
+            .into_iter()
+            .map(|(r,)| r)
             .collect();
         if reasons.len() >= expect || tokio::time::Instant::now() > deadline {
             return reasons;
@@ -305,12 +303,9 @@ async fn a_first_packet_that_is_no_startup_is_closed_without_a_word() {
         .expect("plaintext refused");
     assert_eq!(err.errors[0].code, "28000");
     assert_eq!(failures(&env, "probe", 1).await, ["tls_required"]);
-    let audit = support::direct_db(&env.audit_db).await;
-    let all: i64 = audit
-        .query_one("SELECT count(*) FROM authentication_failures", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let all = env
+        .audit_count("SELECT count(*) FROM authentication_failures", &[])
+        .await;
     assert_eq!(all, 1, "a packet that was no startup was recorded");
     // The worker is unharmed.
     let client = env.connect("alice").await;

@@ -23,15 +23,17 @@ use gatehouse_events::ExecutedStatement;
 use gatehouse_identity::Verifier;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::QueryBuilder;
 use uuid::Uuid;
 
+use crate::audit::{AuditStore, Bind, Dialect, Filter};
 use crate::auth::{self, ApiAction, Caller};
 
 /// What the API handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    pub pool: PgPool,
+    /// The audit tables.
+    pub audit: AuditStore,
     /// The event log and its streams of records.
     pub log: gatehouse_eventlog::LogBackend,
     pub verifier: Arc<Verifier>,
@@ -62,12 +64,9 @@ pub fn router(state: ApiState) -> Router {
 
 async fn readyz(State(s): State<ApiState>) -> Response {
     let nats_ok = s.log.connected();
-    let db = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&s.pool),
-    )
-    .await;
-    let db_ok = matches!(db, Ok(Ok(_)));
+    let db_ok = tokio::time::timeout(Duration::from_secs(2), s.audit.ping())
+        .await
+        .unwrap_or(false);
     let status = if nats_ok && db_ok {
         StatusCode::OK
     } else {
@@ -78,6 +77,8 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         "event_log": if s.log.nats().is_some() { "nats" } else { "embedded" },
         "nats": s.log.nats().map(|n| format!("{:?}", n.connection_state()).to_lowercase()),
         "audit_db": if db_ok { "ok" } else { "unavailable" },
+        // Where the audit tables are: postgres or sqlite.
+        "audit_store": s.audit.kind(),
         // The policy version in force and its dry-run, if any.
         "policy": s.policy.readiness().await,
     });
@@ -136,35 +137,67 @@ impl ListQuery {
             after: params.cursor.as_deref().map(decode_cursor).transpose()?,
         })
     }
+}
 
+/// A list query and the column that breaks ties of `time`.
+struct Keyset<'a>(&'a ListQuery, &'static str);
+
+impl Filter for Keyset<'_> {
     /// Appends the filters, the keyset condition, the order and the limit
     /// (one more row than the page, to know whether another page follows).
-    fn push_tail(&self, sql: &mut QueryBuilder<Postgres>, id: &str) {
-        if let Some(subject) = &self.subject {
+    fn push<DB: Dialect>(&self, sql: &mut QueryBuilder<DB>)
+    where
+        String: Bind<DB>,
+        i64: Bind<DB>,
+        Uuid: Bind<DB>,
+    {
+        let Keyset(q, id) = self;
+        if let Some(subject) = &q.subject {
             sql.push(" AND identity_subject = ")
                 .push_bind(subject.clone());
         }
-        if let Some(user) = &self.user {
+        if let Some(user) = &q.user {
             sql.push(" AND identity_username = ")
                 .push_bind(user.clone());
         }
-        if let Some(target) = &self.target {
+        if let Some(target) = &q.target {
             sql.push(" AND target = ").push_bind(target.clone());
         }
-        if let Some(since) = self.since {
-            sql.push(" AND time >= ").push_bind(since);
+        if let Some(since) = q.since {
+            sql.push(" AND time >= ");
+            DB::push_time(sql, since);
         }
-        if let Some(until) = self.until {
-            sql.push(" AND time < ").push_bind(until);
+        if let Some(until) = q.until {
+            sql.push(" AND time < ");
+            DB::push_time(sql, until);
         }
-        if let Some((time, after)) = self.after {
-            sql.push(format_args!(" AND (time, {id}) < ("))
-                .push_bind(time)
-                .push(", ")
-                .push_bind(after)
-                .push(")");
+        if let Some((time, after)) = q.after {
+            sql.push(format_args!(" AND (time, {id}) < ("));
+            DB::push_time(sql, time);
+            sql.push(", ").push_bind(after).push(")");
         }
         sql.push(format_args!(" ORDER BY time DESC, {id} DESC LIMIT "))
+            .push_bind(i64::from(q.limit) + 1);
+    }
+}
+
+/// Quarantine rows before an id, newest first.
+struct Before {
+    id: Option<i64>,
+    limit: u32,
+}
+
+impl Filter for Before {
+    fn push<DB: Dialect>(&self, sql: &mut QueryBuilder<DB>)
+    where
+        String: Bind<DB>,
+        i64: Bind<DB>,
+        Uuid: Bind<DB>,
+    {
+        if let Some(id) = self.id {
+            sql.push(" AND id < ").push_bind(id);
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::from(self.limit) + 1);
     }
 }
@@ -228,6 +261,7 @@ struct SessionItem {
     identity_subject: Option<String>,
     identity_username: Option<String>,
     identity_issuer: Option<String>,
+    #[sqlx(json)]
     groups: Vec<String>,
     delegation: Option<Value>,
     target: Option<String>,
@@ -249,15 +283,20 @@ async fn list_sessions(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<SessionItem>>, ApiError> {
     let q = ListQuery::parse(params?.0, s.max_page)?;
-    let mut sql = QueryBuilder::new(
+    // groups as JSON: a text[] in PostgreSQL, JSON text in SQLite.
+    let sessions = if matches!(s.audit, AuditStore::Postgres(_)) {
+        "to_jsonb(groups)"
+    } else {
+        "groups"
+    };
+    let sessions = format!(
         "SELECT session_id, time, worker_id, identity_subject, identity_username,
-            identity_issuer, groups, delegation, target, client_addr, client_tls, target_tls,
+            identity_issuer, {sessions} AS groups, delegation, target, client_addr, client_tls, target_tls,
             application_name, opened_at, closed_at, close_reason, commands,
             bytes_from_client, bytes_to_client
-         FROM sessions WHERE true",
+         FROM sessions WHERE true"
     );
-    q.push_tail(&mut sql, "session_id");
-    let rows = sql.build_query_as().fetch_all(&s.pool).await?;
+    let rows = s.audit.fetch(&sessions, &Keyset(&q, "session_id")).await?;
     Ok(Json(Page::new(rows, q.limit, |r: &SessionItem| {
         (r.time, r.session_id)
     })))
@@ -293,14 +332,11 @@ async fn list_commands(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<CommandItem>>, ApiError> {
     let q = ListQuery::parse(params?.0, s.max_page)?;
-    let mut sql = QueryBuilder::new(
-        "SELECT event_id, session_id, seq, time, identity_subject, identity_username,
+    let commands = "SELECT event_id, session_id, seq, time, identity_subject, identity_username,
             delegation, target, protocol, statement, statement_name, portal, params,
             coalesce(executes, '[]') AS executes, decision
-         FROM commands WHERE true",
-    );
-    q.push_tail(&mut sql, "event_id");
-    let rows = sql.build_query_as().fetch_all(&s.pool).await?;
+         FROM commands WHERE true";
+    let rows = s.audit.fetch(commands, &Keyset(&q, "event_id")).await?;
     Ok(Json(Page::new(rows, q.limit, |r: &CommandItem| {
         (r.time, r.event_id)
     })))
@@ -356,16 +392,11 @@ async fn list_quarantine(
     let params = params?.0;
     let limit = parse_limit(params.limit, s.max_page)?;
     let before = params.cursor.as_deref().map(decode_id_cursor).transpose()?;
-    let mut rows: Vec<QuarantineItem> = sqlx::query_as(
-        "SELECT id, received_at, stream_seq, subject, event_index, event_id, event_type,
+    let select = "SELECT id, received_at, stream_seq, subject, event_index, event_id, event_type,
             session_id, reason, raw
-         FROM quarantine WHERE $1::bigint IS NULL OR id < $1
-         ORDER BY id DESC LIMIT $2",
-    )
-    .bind(before)
-    .bind(i64::from(limit) + 1)
-    .fetch_all(&s.pool)
-    .await?;
+         FROM quarantine WHERE true";
+    let before = Before { id: before, limit };
+    let mut rows: Vec<QuarantineItem> = s.audit.fetch(select, &before).await?;
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor = more

@@ -8,11 +8,13 @@ use sqlx::postgres::PgConnectOptions;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
-    /// PostgreSQL URL of the audit database that holds the projections.
-    /// Without `sslmode` the connection is `verify-full` (TLS, certificate
-    /// chain and host name checked; `sslrootcert=PATH` names the CA,
-    /// otherwise the system roots); `prefer` and `allow`, which fall back to
-    /// plaintext, are refused.
+    /// Where the audit tables are: a PostgreSQL URL (`postgres://…`), or
+    /// `sqlite:PATH` for one SQLite file on a single node (created if
+    /// missing; one control plane only). For PostgreSQL, without `sslmode`
+    /// the connection is `verify-full` (TLS, certificate chain and host name
+    /// checked; `sslrootcert=PATH` names the CA, otherwise the system
+    /// roots); `prefer` and `allow`, which fall back to plaintext, are
+    /// refused.
     pub audit_db_url: String,
     /// Create the audit database if it is missing, by connecting to the
     /// `postgres` database of the same server.
@@ -73,6 +75,15 @@ impl AuditDbTls {
 }
 
 impl ControlPlaneConfig {
+    /// The SQLite file of `audit_db_url = "sqlite:PATH"` (`sqlite://PATH`
+    /// too); `None` for PostgreSQL.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        let path = self.audit_db_url.strip_prefix("sqlite:")?;
+        Some(std::path::Path::new(
+            path.strip_prefix("//").unwrap_or(path),
+        ))
+    }
+
     /// The audit database's TLS mode: `sslmode` of the URL, `verify-full`
     /// when it has none. `prefer` and `allow` are refused: they would fall
     /// back to plaintext without a word.
@@ -112,18 +123,23 @@ impl ControlPlaneConfig {
 
     /// Checks the values; the error names the field and why.
     pub fn validate(&self) -> Result<(), String> {
-        // The URL may hold a password: report why it is wrong, never the URL.
-        if !["postgres://", "postgresql://"]
+        if let Some(path) = self.sqlite_path() {
+            if path.as_os_str().is_empty() {
+                return Err("control_plane.audit_db_url: sqlite: needs a file path".into());
+            }
+        } else if !["postgres://", "postgresql://"]
             .iter()
             .any(|scheme| self.audit_db_url.starts_with(scheme))
         {
-            return Err(
-                "control_plane.audit_db_url: must start with postgres:// or postgresql://".into(),
-            );
+            // The URL may hold a password: report why it is wrong, never the URL.
+            return Err("control_plane.audit_db_url: must start with postgres://, \
+                 postgresql:// or sqlite:"
+                .into());
+        } else {
+            PgConnectOptions::from_str(&self.audit_db_url)
+                .map_err(|e| format!("control_plane.audit_db_url: not a PostgreSQL URL ({e})"))?;
+            self.audit_db_tls()?;
         }
-        PgConnectOptions::from_str(&self.audit_db_url)
-            .map_err(|e| format!("control_plane.audit_db_url: not a PostgreSQL URL ({e})"))?;
-        self.audit_db_tls()?;
         if self.consumer.is_empty()
             || self
                 .consumer
@@ -166,6 +182,29 @@ mod tests {
         assert!(bad(|c| c.consumer = "a.b".into()).starts_with("control_plane.consumer:"));
         assert!(bad(|c| c.auditor_group.clear()).starts_with("control_plane.auditor_group:"));
         assert!(bad(|c| c.max_page = 0).starts_with("control_plane.max_page:"));
+        assert!(
+            bad(|c| c.audit_db_url = "sqlite:".into()).starts_with("control_plane.audit_db_url:")
+        );
+    }
+
+    #[test]
+    fn sqlite_urls_name_a_file() {
+        let with = |url: &str| ControlPlaneConfig {
+            audit_db_url: url.into(),
+            ..Default::default()
+        };
+        for (url, path) in [
+            (
+                "sqlite:/var/lib/gatehouse/audit.db",
+                "/var/lib/gatehouse/audit.db",
+            ),
+            ("sqlite:///abs/audit.db", "/abs/audit.db"),
+            ("sqlite:rel/audit.db", "rel/audit.db"),
+        ] {
+            assert_eq!(with(url).sqlite_path(), Some(std::path::Path::new(path)));
+            with(url).validate().unwrap();
+        }
+        assert_eq!(with("postgres://db/audit").sqlite_path(), None);
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! The Gatehouse control plane: projects the event log into PostgreSQL audit
-//! tables and serves the audit HTTP API.
+//! The Gatehouse control plane: projects the event log into the audit
+//! tables (PostgreSQL, or a SQLite file on a single node) and serves the
+//! audit HTTP API.
 //!
 //! - [`Projector`] reads the JetStream event stream with a durable pull
 //!   consumer and writes `events`, `sessions`, `commands` and
-//!   `authentication_failures` (schema in `migrations/`); what it cannot
+//!   `authentication_failures` of the [`AuditStore`]; what it cannot
 //!   project goes raw into `quarantine`, never dropped. Projections are
 //!   idempotent and rebuildable: the event log stays the source of truth.
 //! - [`router`] serves `/healthz`, `/readyz` and the audit search under
@@ -17,9 +18,9 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod audit;
 mod auth;
 mod config;
-mod db;
 mod listener;
 mod policy_api;
 mod projector;
@@ -33,8 +34,8 @@ use gatehouse_eventlog::LogBackend;
 use gatehouse_identity::Verifier;
 
 pub use api::{ApiState, router};
+pub use audit::{AuditStore, DbError, connect_audit_db};
 pub use config::{AuditDbTls, ControlPlaneConfig};
-pub use db::{DbError, connect_audit_db};
 pub use listener::{ApiListener, ApiTlsError};
 pub use policy_api::PolicyApi;
 pub use projector::{Projector, ProjectorError, ProjectorStats};
@@ -56,18 +57,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     log.config().validate().map_err(anyhow::Error::msg)?;
-    let pool = connect_audit_db(&config).await?;
+    let audit = connect_audit_db(&config).await?;
     let publisher = log.publisher().await?;
     let store = gatehouse_policystore::PolicyStore::open(&log.records(), &policy).await?;
     let source = format!("control-plane-{}", std::process::id());
     let policy = PolicyApi::new(store, publisher, policy, source);
-    let projector = Projector::new(pool.clone(), &log, config.consumer.clone()).await?;
+    let projector = Projector::new(audit.clone(), &log, config.consumer.clone()).await?;
 
     let projector_stats = projector.stats();
     let shutdown = shutdown.shared();
     let projector = tokio::spawn(projector.run(shutdown.clone()));
     let app = router(ApiState {
-        pool,
+        audit,
         log,
         verifier,
         auditor_group: config.auditor_group,

@@ -1,4 +1,4 @@
-//! The projector: event log ──► audit tables.
+//! The projector: event log ──► audit tables (the [`AuditStore`]).
 //!
 //! On JetStream, a durable pull consumer streams the event log: one
 //! long-lived pull subscription that the server keeps fed, not a request
@@ -15,7 +15,8 @@
 //!
 //! Nothing is dropped. A message that does not decode is stored raw in
 //! `quarantine` with the decode error. When the database refuses a batch
-//! (a data error: SQLSTATE class 22, 23 or 54), its messages are stored one
+//! (a data error: SQLSTATE class 22, 23 or 54 in PostgreSQL; a constraint,
+//! size or type refused in SQLite), its messages are stored one
 //! by one, and within a refused message its events one by one: an event
 //! the database refuses goes raw (its own JSON) into `quarantine` with the
 //! SQLSTATE and message, the other events of the message, often other
@@ -37,11 +38,10 @@ use async_nats::jetstream::{self, AckKind, Message};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use gatehouse_eventlog::{EmbeddedLog, EventLogConfig, LogBackend, StreamError, ensure_stream};
-use gatehouse_events::{DecodeError, Event, Payload, decode};
-use serde::Serialize;
+use gatehouse_events::{DecodeError, Event, decode};
 use serde_json::value::RawValue;
-use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool};
+
+use crate::audit::{AuditStore, Quarantine};
 
 /// Messages fetched (and committed together) at most per batch.
 const BATCH: usize = 256;
@@ -86,7 +86,7 @@ impl ProjectorStats {
 
 /// Reads the event log from its position and writes the audit tables.
 pub struct Projector {
-    pool: PgPool,
+    store: AuditStore,
     source: Source,
     consumer_name: String,
     stats: Arc<ProjectorStats>,
@@ -128,7 +128,7 @@ impl Projector {
     /// Ensures the stream and the durable consumer exist, so that a wrong
     /// setting fails at start rather than in the loop.
     pub async fn new(
-        pool: PgPool,
+        store: AuditStore,
         log: &LogBackend,
         consumer: impl Into<String>,
     ) -> Result<Self, ProjectorError> {
@@ -152,7 +152,7 @@ impl Projector {
             },
         };
         Ok(Self {
-            pool,
+            store,
             source,
             consumer_name,
             stats: Arc::default(),
@@ -471,9 +471,9 @@ impl Projector {
     ) -> Stored {
         let mut backoff = BACKOFF_MIN;
         loop {
-            match store(&self.pool, events, quarantine).await {
+            match self.store.store(events, quarantine).await {
                 Ok(inserted) => return Stored::Yes(inserted),
-                Err(sqlx::Error::Database(e)) if is_data_error(e.code().as_deref()) => {
+                Err(sqlx::Error::Database(e)) if self.store.is_data_error(&*e) => {
                     return Stored::Rejected(e);
                 }
                 Err(e) => {
@@ -490,20 +490,6 @@ impl Projector {
             }
         }
     }
-}
-
-/// A quarantine row to write.
-struct Quarantine<'a> {
-    stream_seq: u64,
-    subject: &'a str,
-    /// The event's position in its message; `None` for a whole message that
-    /// did not decode.
-    index: Option<usize>,
-    event: Option<&'a Event>,
-    /// The decode error, or the database's SQLSTATE and message; never the
-    /// content.
-    reason: String,
-    raw: &'a [u8],
 }
 
 impl<'a> Quarantine<'a> {
@@ -554,12 +540,6 @@ fn split_events(body: &[u8]) -> Option<Vec<&[u8]>> {
     } else {
         Some(vec![body])
     }
-}
-
-/// SQLSTATE classes that retrying cannot fix: data exceptions (22), integrity
-/// violations (23), program limits (54).
-fn is_data_error(code: Option<&str>) -> bool {
-    code.is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class)))
 }
 
 /// Sleeps for `d`; false if shutdown came first.
@@ -683,345 +663,9 @@ fn describe(e: &DecodeError) -> String {
     }
 }
 
-/// Writes `events` and their projections, and `quarantine` rows, in one
-/// transaction; says for each quarantine row whether it is new. The raw
-/// events and the commands (nearly all of the volume) go in one statement
-/// each; session and authentication rows, which are rare, one by one.
-async fn store(
-    pool: &PgPool,
-    events: &[&Event],
-    quarantine: &[Quarantine<'_>],
-) -> Result<Vec<bool>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if !events.is_empty() {
-        store_raw(&mut tx, events).await?;
-        store_commands(&mut tx, events).await?;
-    }
-    for event in events {
-        store_event(&mut tx, event).await?;
-    }
-    let mut inserted = Vec::with_capacity(quarantine.len());
-    for q in quarantine {
-        inserted.push(store_quarantine(&mut tx, q).await?);
-    }
-    tx.commit().await?;
-    Ok(inserted)
-}
-
-/// True if the row is new; a redelivered message or event is already there.
-async fn store_quarantine(db: &mut PgConnection, q: &Quarantine<'_>) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO quarantine (stream_seq, subject, event_index, event_id, event_type,
-            session_id, reason, raw)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(int(q.stream_seq))
-    .bind(q.subject)
-    .bind(q.index.map(|i| i32::try_from(i).unwrap_or(i32::MAX)))
-    .bind(q.event.map(|e| e.id))
-    .bind(q.event.map(|e| e.event_type().token()))
-    .bind(q.event.and_then(|e| e.session_id))
-    // text cannot hold NUL; a reason never needs one.
-    .bind(q.reason.replace('\0', ""))
-    .bind(q.raw)
-    .execute(&mut *db)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-async fn store_raw(db: &mut PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut times = Vec::with_capacity(events.len());
-    let mut sessions = Vec::with_capacity(events.len());
-    let mut seqs = Vec::with_capacity(events.len());
-    let mut bodies = Vec::with_capacity(events.len());
-    for e in events {
-        ids.push(e.id);
-        types.push(e.event_type().token());
-        times.push(e.time);
-        sessions.push(e.session_id);
-        seqs.push(int(e.seq));
-        bodies.push(String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8"));
-    }
-    sqlx::query(
-        "INSERT INTO events (event_id, type, time, session_id, seq, body)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[],
-                              $5::bigint[], $6::text[]::jsonb[])
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(ids)
-    .bind(types)
-    .bind(times)
-    .bind(sessions)
-    .bind(seqs)
-    .bind(bodies)
-    .execute(&mut *db)
-    .await?;
-    Ok(())
-}
-
-async fn store_commands(db: &mut PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
-    #[derive(Default)]
-    struct Columns<'a> {
-        ids: Vec<uuid::Uuid>,
-        sessions: Vec<Option<uuid::Uuid>>,
-        seqs: Vec<i64>,
-        times: Vec<chrono::DateTime<chrono::Utc>>,
-        subjects: Vec<Option<&'a str>>,
-        usernames: Vec<Option<&'a str>>,
-        delegations: Vec<Option<String>>,
-        targets: Vec<Option<&'a str>>,
-        protocols: Vec<String>,
-        statements: Vec<&'a str>,
-        names: Vec<Option<&'a str>>,
-        portals: Vec<Option<&'a str>>,
-        params: Vec<String>,
-        executes: Vec<Option<String>>,
-        effects: Vec<Option<String>>,
-        enforced: Vec<Option<bool>>,
-        decisions: Vec<Option<String>>,
-    }
-    let mut c = Columns::default();
-    for e in events {
-        let Payload::CommandReceived(p) = &e.payload else {
-            continue;
-        };
-        let who = e.identity.as_ref();
-        c.ids.push(e.id);
-        c.sessions.push(e.session_id);
-        c.seqs.push(int(e.seq));
-        c.times.push(e.time);
-        c.subjects.push(who.map(|i| i.subject.as_str()));
-        c.usernames.push(who.map(|i| i.username.as_str()));
-        c.delegations.push(who.map(|i| json(&i.delegation)));
-        c.targets.push(e.target.as_deref());
-        c.protocols.push(snake_case(&p.protocol));
-        c.statements.push(&p.statement);
-        c.names.push(p.statement_name.as_deref());
-        c.portals.push(p.portal.as_deref());
-        c.params.push(json(&p.params));
-        c.executes
-            .push((!p.executes.is_empty()).then(|| json(&p.executes)));
-        c.effects
-            .push(p.decision.as_ref().map(|d| snake_case(&d.effect)));
-        c.enforced.push(p.decision.as_ref().map(|d| d.enforced));
-        c.decisions.push(p.decision.as_ref().map(json));
-    }
-    if c.ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
-            identity_username, delegation, target, protocol, statement, statement_name,
-            portal, params, executes, effect, enforced, decision)
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[],
-            $5::text[], $6::text[], $7::text[]::jsonb[], $8::text[], $9::text[], $10::text[],
-            $11::text[], $12::text[], $13::text[]::jsonb[], $14::text[]::jsonb[], $15::text[],
-            $16::bool[], $17::text[]::jsonb[])
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(c.ids)
-    .bind(c.sessions)
-    .bind(c.seqs)
-    .bind(c.times)
-    .bind(c.subjects)
-    .bind(c.usernames)
-    .bind(c.delegations)
-    .bind(c.targets)
-    .bind(c.protocols)
-    .bind(c.statements)
-    .bind(c.names)
-    .bind(c.portals)
-    .bind(c.params)
-    .bind(c.executes)
-    .bind(c.effects)
-    .bind(c.enforced)
-    .bind(c.decisions)
-    .execute(&mut *db)
-    .await?;
-    Ok(())
-}
-
-fn json(v: &impl Serialize) -> String {
-    serde_json::to_string(v).expect("serializes to JSON")
-}
-
-/// Session and authentication rows. Each statement is idempotent on its own,
-/// so redelivered events and SessionOpened / SessionClosed in either order
-/// give the same rows.
-async fn store_event(db: &mut PgConnection, e: &Event) -> Result<(), sqlx::Error> {
-    let who = e.identity.as_ref();
-    let delegation = who.map(|i| Json(&i.delegation));
-    let groups: &[String] = who.map_or(&[], |i| &i.groups);
-    match (&e.payload, e.session_id) {
-        (Payload::SessionOpened(p), Some(session_id)) => {
-            sqlx::query(
-                "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
-                    identity_issuer, groups, delegation, target, client_addr, client_tls,
-                    target_tls, application_name, opened_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                 ON CONFLICT (session_id) DO UPDATE SET
-                    worker_id = EXCLUDED.worker_id,
-                    identity_subject = EXCLUDED.identity_subject,
-                    identity_username = EXCLUDED.identity_username,
-                    identity_issuer = EXCLUDED.identity_issuer,
-                    groups = EXCLUDED.groups,
-                    delegation = EXCLUDED.delegation,
-                    target = EXCLUDED.target,
-                    client_addr = EXCLUDED.client_addr,
-                    client_tls = EXCLUDED.client_tls,
-                    target_tls = EXCLUDED.target_tls,
-                    application_name = EXCLUDED.application_name,
-                    opened_at = EXCLUDED.opened_at",
-            )
-            .bind(session_id)
-            .bind(&e.worker_id)
-            .bind(who.map(|i| &i.subject))
-            .bind(who.map(|i| &i.username))
-            .bind(who.map(|i| &i.issuer))
-            .bind(groups)
-            .bind(delegation)
-            .bind(&e.target)
-            .bind(&p.client_addr)
-            .bind(p.client_tls)
-            .bind(p.target_tls)
-            .bind(&p.application_name)
-            .bind(e.time)
-            .execute(&mut *db)
-            .await?;
-        }
-        (Payload::SessionClosed(p), Some(session_id)) => {
-            // If SessionOpened has not been projected yet, the row starts
-            // from the envelope of this event and is completed later.
-            sqlx::query(
-                "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
-                    identity_issuer, groups, delegation, target, closed_at, close_reason,
-                    commands, bytes_from_client, bytes_to_client)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                 ON CONFLICT (session_id) DO UPDATE SET
-                    closed_at = EXCLUDED.closed_at,
-                    close_reason = EXCLUDED.close_reason,
-                    commands = EXCLUDED.commands,
-                    bytes_from_client = EXCLUDED.bytes_from_client,
-                    bytes_to_client = EXCLUDED.bytes_to_client",
-            )
-            .bind(session_id)
-            .bind(&e.worker_id)
-            .bind(who.map(|i| &i.subject))
-            .bind(who.map(|i| &i.username))
-            .bind(who.map(|i| &i.issuer))
-            .bind(groups)
-            .bind(delegation)
-            .bind(&e.target)
-            .bind(e.time)
-            .bind(snake_case(&p.reason))
-            .bind(int(p.commands))
-            .bind(int(p.bytes_from_client))
-            .bind(int(p.bytes_to_client))
-            .execute(&mut *db)
-            .await?;
-        }
-        (Payload::SessionOpened(_) | Payload::SessionClosed(_), None) => {
-            tracing::warn!(
-                event_id = %e.id,
-                "session event without a session id; kept in events only"
-            );
-        }
-        // Stored in bulk by `store_commands`.
-        (Payload::CommandReceived(_), _) => {}
-        // Kept in `events`, linked to its command by session and seq.
-        (Payload::ResponseRecorded(_), _) => {}
-        (Payload::PolicyBundlePublished(p), _) => {
-            sqlx::query(
-                "INSERT INTO policy_bundles (event_id, time, version, hash, files, dry_run,
-                    published_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(e.id)
-            .bind(e.time)
-            .bind(&p.version)
-            .bind(&p.hash)
-            .bind(&p.files)
-            .bind(p.dry_run)
-            .bind(&p.published_by)
-            .execute(&mut *db)
-            .await?;
-        }
-        (Payload::IdentityRevoked(p), _) => {
-            sqlx::query(
-                "INSERT INTO revocations (event_id, time, kind, value, revoked_by, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(e.id)
-            .bind(e.time)
-            .bind(&p.kind)
-            .bind(&p.value)
-            .bind(&p.revoked_by)
-            .bind(&p.reason)
-            .execute(&mut *db)
-            .await?;
-        }
-        (Payload::IdentityReinstated(p), _) => {
-            sqlx::query(
-                "INSERT INTO reinstatements (event_id, time, kind, value, reinstated_by, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(e.id)
-            .bind(e.time)
-            .bind(&p.kind)
-            .bind(&p.value)
-            .bind(&p.reinstated_by)
-            .bind(&p.reason)
-            .execute(&mut *db)
-            .await?;
-        }
-        (Payload::AuthenticationFailed(p), _) => {
-            sqlx::query(
-                "INSERT INTO authentication_failures (event_id, time, client_addr, client_tls,
-                    claimed_user, requested_target, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(e.id)
-            .bind(e.time)
-            .bind(&p.client_addr)
-            .bind(p.client_tls)
-            .bind(&p.claimed_user)
-            .bind(&p.requested_target)
-            .bind(&p.reason)
-            .execute(&mut *db)
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// Counters are u64 in events and bigint in SQL; nothing real reaches 2^63.
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// The serde name of a unit enum variant (`client_terminated`, `simple`).
-fn snake_case(v: &impl Serialize) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_data_errors_are_final() {
-        assert!(is_data_error(Some("22P05"))); // untranslatable character
-        assert!(is_data_error(Some("23505")));
-        assert!(!is_data_error(Some("57P01"))); // admin shutdown
-        assert!(!is_data_error(Some("08006")));
-        assert!(!is_data_error(None));
-    }
 
     #[test]
     fn batches_split_into_each_events_own_json() {

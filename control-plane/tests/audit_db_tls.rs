@@ -29,7 +29,11 @@ async fn without_sslmode_the_audit_db_certificate_must_verify() {
     assert!(e.contains("sslmode=prefer"), "{e}");
 
     // Said explicitly, an unverified connection is made (and is TLS).
-    let pool = connect_audit_db(&config("?sslmode=require")).await.unwrap();
+    let gatehouse_control_plane::AuditStore::Postgres(pool) =
+        connect_audit_db(&config("?sslmode=require")).await.unwrap()
+    else {
+        panic!("a postgres:// URL connects to PostgreSQL");
+    };
     let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
         .fetch_one(&pool)
         .await

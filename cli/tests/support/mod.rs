@@ -50,11 +50,56 @@ pub async fn direct_db(db: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Rows of `sql` on an audit store, PostgreSQL or SQLite: the SQL must
+/// mean the same on both (`$1`… bound to `params` in order).
+pub async fn audit_query<T>(
+    store: &gatehouse_control_plane::AuditStore,
+    sql: &str,
+    params: &[&str],
+) -> Vec<T>
+where
+    T: Send
+        + Unpin
+        + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+{
+    use gatehouse_control_plane::AuditStore;
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match store {
+        AuditStore::Postgres(pool) => {
+            let mut q = sqlx::query_as(sql);
+            for p in params {
+                q = q.bind(p.to_string());
+            }
+            q.fetch_all(pool).await
+        }
+        AuditStore::Sqlite(pool) => {
+            let mut q = sqlx::query_as(sql);
+            for p in params {
+                q = q.bind(p.to_string());
+            }
+            q.fetch_all(pool).await
+        }
+    }
+    .expect("the audit query runs")
+}
+
+/// `SELECT count(*) …` on an audit store.
+pub async fn audit_count(
+    store: &gatehouse_control_plane::AuditStore,
+    sql: &str,
+    params: &[&str],
+) -> i64 {
+    let rows: Vec<(i64,)> = audit_query(store, sql, params).await;
+    rows[0].0
+}
+
 pub struct Options {
     pub nats_url: String,
-    /// The embedded event log instead of NATS (`nats_url` unused). The
-    /// default comes from `GATEHOUSE_TEST_EVENT_LOG=embedded`, so that the
-    /// same tests run on either log.
+    /// The embedded event log and audit store (a SQLite file each in the
+    /// data directory) instead of NATS and PostgreSQL (`nats_url` unused).
+    /// The default comes from `GATEHOUSE_TEST_EVENT_LOG=embedded`, so that
+    /// the same tests run on either.
     pub embedded: bool,
     pub allow_plaintext: bool,
     pub publish_timeout_ms: u64,
@@ -112,7 +157,7 @@ impl Env {
         let stack = dev::start(DevOptions {
             data_dir: data_dir.clone(),
             nats_url: (!opts.embedded).then_some(opts.nats_url),
-            audit_db: format!("{PG}/{audit_db}?sslmode=disable"),
+            audit_db: (!opts.embedded).then(|| format!("{PG}/{audit_db}?sslmode=disable")),
             targets: vec![("app".into(), target)],
             pg_listen: "127.0.0.1:0".into(),
             http_listen: "127.0.0.1:0".into(),
@@ -139,6 +184,22 @@ impl Env {
                 .unwrap(),
             _watchdog: watchdog,
         }
+    }
+
+    /// Rows of `sql` on the stack's audit store ([`audit_query`]).
+    pub async fn audit_query<T>(&self, sql: &str, params: &[&str]) -> Vec<T>
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        audit_query(&self.stack().audit, sql, params).await
+    }
+
+    /// `SELECT count(*) …` on the stack's audit store.
+    pub async fn audit_count(&self, sql: &str, params: &[&str]) -> i64 {
+        audit_count(&self.stack().audit, sql, params).await
     }
 
     /// Every message body of the test's event stream, as published.

@@ -86,6 +86,34 @@ pub struct EmbeddedLog {
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Connection options for a SQLite file of a single node (the event log, the
+/// audit store): write-ahead log, every commit fsync'd, a writer waits for
+/// another rather than failing. The file is created if missing (not its
+/// directory), readable by its owner only: it holds statements and (masked)
+/// responses. SQLite gives its -wal and -shm files the database file's mode.
+pub fn private_file(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
+    #[cfg(unix)]
+    if !path.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(sqlx::Error::Io(e)),
+        }
+    }
+    Ok(SqliteConnectOptions::from_str("sqlite://")?
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(30)))
+}
+
 impl EmbeddedLog {
     /// Opens the log at `path`, creating the file (not its directory) if it
     /// is missing.
@@ -94,26 +122,7 @@ impl EmbeddedLog {
             path: path.to_owned(),
             source,
         };
-        // The log holds statements and (masked) responses: readable by
-        // its owner only. SQLite gives its -wal and -shm files the
-        // database file's mode.
-        #[cfg(unix)]
-        if !path.exists() {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| open_err(sqlx::Error::Io(e)))?;
-        }
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(open_err)?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(30));
+        let options = private_file(path).map_err(open_err)?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)

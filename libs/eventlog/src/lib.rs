@@ -15,7 +15,7 @@ mod publisher;
 pub mod records;
 
 pub use config::EventLogConfig;
-pub use embedded::{EmbeddedError, EmbeddedLog, StoredEvent};
+pub use embedded::{EmbeddedError, EmbeddedLog, StoredEvent, private_file};
 pub use publisher::{PublishError, Publisher};
 pub use records::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
 

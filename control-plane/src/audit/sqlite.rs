@@ -1,0 +1,161 @@
+//! The audit store in one SQLite file: a single node's projections
+//! (`migrations-sqlite/`). The projector is its only writer; the API reads
+//! beside it (write-ahead log). Every commit is fsync'd: the projector
+//! moves its position in the event log after the commit, so a commit lost
+//! to a power cut would leave a hole the log would not fill again.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use gatehouse_events::Event;
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::{SqliteConnection, SqlitePool};
+
+use super::{CommandRow, DbError, Dialect, QUARANTINE, Quarantine, int, store_event};
+
+impl Dialect for sqlx::Sqlite {
+    type Time = String;
+    type List = String;
+    /// RFC 3339 UTC with six fraction digits: one width, so that text
+    /// order is time order, and PostgreSQL's precision.
+    fn time(t: DateTime<Utc>) -> Self::Time {
+        t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    }
+    fn list(items: &[String]) -> Self::List {
+        super::json(&items)
+    }
+}
+
+pub(super) async fn open(path: &Path) -> Result<SqlitePool, DbError> {
+    let open_err = |source| DbError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_err(sqlx::Error::Io(e)))?;
+    }
+    let options = gatehouse_eventlog::private_file(path).map_err(open_err)?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(open_err)?;
+    sqlx::migrate!("./migrations-sqlite").run(&pool).await?;
+    Ok(pool)
+}
+
+pub(super) async fn store(
+    pool: &SqlitePool,
+    events: &[&Event],
+    quarantine: &[Quarantine<'_>],
+) -> Result<Vec<bool>, sqlx::Error> {
+    // IMMEDIATE: take the write lock at the start, so that a reader's
+    // snapshot never has to be upgraded (which SQLite refuses with BUSY).
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    for e in events {
+        store_raw(&mut tx, e).await?;
+        if let Some(row) = CommandRow::of(e) {
+            store_command(&mut tx, row).await?;
+        }
+        store_event::<sqlx::Sqlite>(&mut tx, e).await?;
+    }
+    let mut inserted = Vec::with_capacity(quarantine.len());
+    for q in quarantine {
+        let done = sqlx::query(QUARANTINE)
+            .bind(int(q.stream_seq))
+            .bind(q.subject)
+            .bind(q.index.map(|i| i32::try_from(i).unwrap_or(i32::MAX)))
+            .bind(q.event.map(|e| e.id))
+            .bind(q.event.map(|e| e.event_type().token()))
+            .bind(q.event.and_then(|e| e.session_id))
+            .bind(q.reason.as_str())
+            .bind(q.raw)
+            .execute(&mut *tx)
+            .await?;
+        inserted.push(done.rows_affected() == 1);
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+async fn store_raw(db: &mut SqliteConnection, e: &Event) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (event_id, type, time, session_id, seq, body)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(e.id)
+    .bind(e.event_type().token())
+    .bind(sqlx::Sqlite::time(e.time))
+    .bind(e.session_id)
+    .bind(int(e.seq))
+    .bind(String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8"))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+async fn store_command(db: &mut SqliteConnection, c: CommandRow<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
+            identity_username, delegation, target, protocol, statement, statement_name,
+            portal, params, executes, effect, enforced, decision)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(c.id)
+    .bind(c.session)
+    .bind(c.seq)
+    .bind(sqlx::Sqlite::time(c.time))
+    .bind(c.subject)
+    .bind(c.username)
+    .bind(c.delegation)
+    .bind(c.target)
+    .bind(c.protocol)
+    .bind(c.statement)
+    .bind(c.name)
+    .bind(c.portal)
+    .bind(c.params)
+    .bind(c.executes)
+    .bind(c.effect)
+    .bind(c.enforced)
+    .bind(c.decision)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// SQLite's result codes (the extended code, as sqlx reports it) that
+/// retrying cannot fix: a constraint refused the row (19), a value too big
+/// (18), a type mismatch (20).
+pub(super) fn is_data_error(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 18..=20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_sort_as_text() {
+        let at = |micros| DateTime::from_timestamp_micros(micros).unwrap();
+        let a = sqlx::Sqlite::time(at(1_795_660_800_000_000));
+        let b = sqlx::Sqlite::time(at(1_795_660_800_000_001));
+        let c = sqlx::Sqlite::time(at(1_795_660_801_000_000));
+        assert_eq!(a, "2026-11-26T00:00:00.000000Z");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(a.len(), c.len());
+    }
+
+    #[test]
+    fn only_constraint_and_size_errors_are_final() {
+        assert!(is_data_error(Some("2067"))); // SQLITE_CONSTRAINT_UNIQUE
+        assert!(is_data_error(Some("275"))); // SQLITE_CONSTRAINT_CHECK
+        assert!(is_data_error(Some("18"))); // SQLITE_TOOBIG
+        assert!(!is_data_error(Some("5"))); // SQLITE_BUSY
+        assert!(!is_data_error(Some("10"))); // SQLITE_IOERR
+        assert!(!is_data_error(None));
+    }
+}
