@@ -1,9 +1,13 @@
 //! End to end against the real NATS (127.0.0.1:4222, JetStream) and the real
 //! PostgreSQL (postgres://postgres@127.0.0.1:5432, trust auth): events go into
 //! JetStream, the control plane projects them and serves them over HTTP.
+//! The scenarios that are not about NATS or PostgreSQL themselves run a
+//! second time on a single node's stores: the embedded log and the SQLite
+//! audit store.
 //!
 //! Each test has its own stream, subject prefix, consumer and audit database
-//! (created by the code under test), removed at the end even on failure.
+//! (created by the code under test), or its own directory, removed at the
+//! end even on failure.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -12,8 +16,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::FutureExt;
-use gatehouse_control_plane::{ControlPlaneConfig, connect_audit_db, run};
-use gatehouse_eventlog::EventLogConfig;
+use gatehouse_control_plane::{AuditStore, ControlPlaneConfig, connect_audit_db, run};
+use gatehouse_eventlog::{EmbeddedLog, EventLogConfig};
 use gatehouse_events::{AuthenticationFailed, ExecutedStatement, Param, ParamFormat};
 use gatehouse_events::{
     CloseReason, CommandReceived, Event, EventType, Identity, Payload, Protocol, SessionClosed,
@@ -22,7 +26,7 @@ use gatehouse_events::{
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_testkit::{PrivateNats, eventually};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, SqlitePool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -32,6 +36,10 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 struct Env {
     js: jetstream::Context,
     nats: async_nats::Client,
+    /// The embedded log the events go to, instead of JetStream; then the
+    /// audit store is a SQLite file in `dir`.
+    embedded: Option<EmbeddedLog>,
+    dir: std::path::PathBuf,
     events: EventLogConfig,
     config: ControlPlaneConfig,
     database: String,
@@ -95,12 +103,40 @@ impl Env {
         Self {
             js: jetstream::new(nats.clone()),
             nats,
+            embedded: None,
+            dir: std::env::temp_dir().join(format!("gatehouse-cptest-{id}")),
             events,
             config,
             database,
             issuer,
             verifier: Arc::new(verifier),
             _watchdog: watchdog,
+        }
+    }
+
+    /// On a single node's stores: the embedded log and a SQLite audit
+    /// store, in a directory of the test's own.
+    async fn embedded() -> Self {
+        let mut env = Self::new().await;
+        std::fs::create_dir_all(&env.dir).unwrap();
+        let log = EmbeddedLog::open(&env.dir.join("gatehouse.db"))
+            .await
+            .unwrap();
+        env.embedded = Some(log);
+        env.config.audit_db_url = format!("sqlite:{}", env.dir.join("audit.db").display());
+        env
+    }
+
+    fn log(&self) -> gatehouse_eventlog::LogBackend {
+        match &self.embedded {
+            Some(log) => gatehouse_eventlog::LogBackend::Embedded {
+                log: log.clone(),
+                config: self.events.clone(),
+            },
+            None => gatehouse_eventlog::LogBackend::Nats {
+                client: self.nats.clone(),
+                config: self.events.clone(),
+            },
         }
     }
 
@@ -120,10 +156,7 @@ impl Env {
         let task = tokio::spawn(run(
             self.config.clone(),
             self.policy(),
-            gatehouse_eventlog::LogBackend::Nats {
-                client: self.nats.clone(),
-                config: self.events.clone(),
-            },
+            self.log(),
             listener,
             self.verifier.clone(),
             axum::Router::new(),
@@ -131,16 +164,24 @@ impl Env {
                 let _ = stopped.await;
             },
         ));
-        // The stream exists once the projector is up.
-        eventually("the projector to start", || async {
-            self.js.get_stream(&self.events.stream).await.is_ok()
-        })
-        .await;
+        if self.embedded.is_none() {
+            // The stream exists once the projector is up.
+            eventually("the projector to start", || async {
+                self.js.get_stream(&self.events.stream).await.is_ok()
+            })
+            .await;
+        }
         Running { url, stop, task }
     }
 
     async fn publish(&self, ty: EventType, body: Vec<u8>) {
         let subject = self.events.subjects().for_type(ty);
+        if let Some(log) = &self.embedded {
+            // Every message is new, as on JetStream without a message id.
+            let id = Uuid::now_v7().to_string();
+            log.append(&[(subject, id, body)]).await.unwrap();
+            return;
+        }
         self.js
             .publish(subject, body.into())
             .await
@@ -161,14 +202,25 @@ impl Env {
             .await;
     }
 
-    async fn db(&self) -> PgPool {
-        PgPool::connect(&self.config.audit_db_url).await.unwrap()
+    async fn db(&self) -> Db {
+        match connect_audit_db(&self.config).await.unwrap() {
+            AuditStore::Postgres(pool) => Db::Postgres(pool),
+            AuditStore::Sqlite(pool) => Db::Sqlite(pool),
+        }
+    }
+
+    fn is_postgres(&self) -> bool {
+        self.embedded.is_none()
     }
 
     /// Waits until the consumer has nothing pending or unacknowledged and the
     /// events table holds `events` rows.
-    async fn wait_projected(&self, db: &PgPool, events: i64) {
+    async fn wait_projected(&self, db: &Db, events: i64) {
         eventually("the projector to catch up", || async {
+            if let Some(log) = &self.embedded {
+                let position = log.position(&self.config.consumer).await.unwrap();
+                return position == log.last_seq() && count(db, "events").await == events;
+            }
             let stream = self.js.get_stream(&self.events.stream).await.unwrap();
             // The projector creates its consumer once it has started.
             let Ok(info) = stream.consumer_info(&self.config.consumer).await else {
@@ -195,6 +247,13 @@ impl Env {
     /// Runs `body`, then removes the stream and the database whatever happened.
     async fn scope(self, body: impl AsyncFnOnce(&Env)) {
         let result = AssertUnwindSafe(body(&self)).catch_unwind().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.embedded.is_some() {
+            if let Err(panic) = result {
+                std::panic::resume_unwind(panic);
+            }
+            return;
+        }
         let _ = self.js.delete_stream(&self.events.stream).await;
         let policy = self.policy();
         let _ = self.js.delete_stream(&policy.bundle_stream).await;
@@ -223,12 +282,42 @@ impl Env {
     }
 }
 
-async fn count(db: &PgPool, table: &str) -> i64 {
+/// The audit store, read directly.
+enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Db {
+    /// The rows of `sql`, which must mean the same on both stores.
+    async fn rows<T>(&self, sql: &str) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Self::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await,
+            Self::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await,
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+async fn count(db: &Db, table: &str) -> i64 {
     let sql = format!("SELECT count(*) FROM {table}");
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .fetch_one(db)
-        .await
-        .unwrap_or(-1)
+    match db.rows::<(i64,)>(&sql).await {
+        Ok(rows) => rows[0].0,
+        Err(_) => -1,
+    }
 }
 
 fn at(secs_after_base: f64) -> DateTime<Utc> {
@@ -327,6 +416,11 @@ async fn projects_events_once_and_serves_audit_api() {
     Env::new().await.scope(audit_scenario).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_events_once_and_serves_audit_api_on_a_single_node() {
+    Env::embedded().await.scope(audit_scenario).await;
+}
+
 async fn audit_scenario(env: &Env) {
     let cp = env.start().await;
     let alice = who("u-alice", "alice");
@@ -379,7 +473,9 @@ async fn audit_scenario(env: &Env) {
     env.send_batch(&batch).await;
     let garbage = b"{ not an event".to_vec();
     env.publish(EventType::CommandReceived, garbage).await;
-    env.send(&nul).await;
+    if env.is_postgres() {
+        env.send(&nul).await;
+    }
     // bob's session is closed before it is opened.
     env.send(&b_closed).await;
     env.send(&b1).await;
@@ -394,38 +490,38 @@ async fn audit_scenario(env: &Env) {
     let db = env.db().await;
     env.wait_projected(&db, 11).await;
     assert_eq!(count(&db, "commands").await, 6);
-    // The garbage message and the NUL event: kept, not dropped.
-    let quarantined: Vec<(Option<Uuid>, Vec<u8>)> =
-        sqlx::query_as("SELECT event_id, raw FROM quarantine ORDER BY stream_seq")
-            .fetch_all(&db)
-            .await
-            .unwrap();
-    assert_eq!(
-        quarantined,
-        [
-            (None, b"{ not an event".to_vec()),
-            (Some(nul.id), nul.to_cloudevent())
-        ]
-    );
-    assert_eq!(count(&db, "sessions").await, 2);
-    assert_eq!(count(&db, "authentication_failures").await, 1);
-    let bob_row = sqlx::query("SELECT * FROM sessions WHERE session_id = $1")
-        .bind(b)
-        .fetch_one(&db)
+    // The garbage message and the NUL event (which only PostgreSQL
+    // refuses): kept, not dropped.
+    let quarantined: Vec<(Option<Uuid>, Vec<u8>)> = db
+        .rows("SELECT event_id, raw FROM quarantine ORDER BY stream_seq")
         .await
         .unwrap();
-    let ts = |col: &str| bob_row.get::<Option<DateTime<Utc>>, _>(col);
+    let mut expected = vec![(None, b"{ not an event".to_vec())];
+    if env.is_postgres() {
+        expected.push((Some(nul.id), nul.to_cloudevent()));
+    }
+    assert_eq!(quarantined, expected);
+    assert_eq!(count(&db, "sessions").await, 2);
+    assert_eq!(count(&db, "authentication_failures").await, 1);
+    type Row = (Uuid, Time, Time, Text, Text);
+    type Time = Option<DateTime<Utc>>;
+    type Text = Option<String>;
+    let bob_row: Vec<Row> = db
+        .rows(
+            "SELECT session_id, opened_at, closed_at, close_reason, client_addr FROM sessions
+             WHERE identity_username = 'bob'",
+        )
+        .await
+        .unwrap();
     assert_eq!(
-        (ts("opened_at"), ts("closed_at")),
-        (Some(at(2.0)), Some(at(6.0)))
-    );
-    assert_eq!(
-        bob_row.get::<Option<String>, _>("close_reason").as_deref(),
-        Some("client_terminated")
-    );
-    assert_eq!(
-        bob_row.get::<Option<String>, _>("client_addr").as_deref(),
-        Some("127.0.0.1:50000")
+        bob_row,
+        [(
+            b,
+            Some(at(2.0)),
+            Some(at(6.0)),
+            Some("client_terminated".into()),
+            Some("127.0.0.1:50000".into())
+        )]
     );
 
     let auditor = env.token("u-carol", "carol", &["auditors"]);
@@ -452,7 +548,13 @@ async fn audit_scenario(env: &Env) {
     );
     let (status, _, body) = anon.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["nats"], "connected");
+    if env.is_postgres() {
+        assert_eq!(body["nats"], "connected");
+        assert_eq!(body["audit_store"], "postgres");
+    } else {
+        assert_eq!(body["event_log"], "embedded");
+        assert_eq!(body["audit_store"], "sqlite");
+    }
 
     // Authentication and authorization.
     let (status, headers, body) = anon.get("/api/v1/commands").await;
@@ -612,6 +714,11 @@ async fn resumes_from_the_durable_consumer_after_restart() {
     Env::new().await.scope(restart_scenario).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_from_its_position_after_restart_on_a_single_node() {
+    Env::embedded().await.scope(restart_scenario).await;
+}
+
 async fn restart_scenario(env: &Env) {
     let alice = who("u-alice", "alice");
     let s = Uuid::now_v7();
@@ -630,11 +737,11 @@ async fn restart_scenario(env: &Env) {
     env.send_batch(&[cmd(3), cmd(4)]).await;
     let cp = env.start().await;
     env.wait_projected(&db, 4).await;
-    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM commands ORDER BY seq")
-        .fetch_all(&db)
+    let seqs: Vec<(i64,)> = db
+        .rows("SELECT seq FROM commands ORDER BY seq")
         .await
         .unwrap();
-    assert_eq!(seqs, [1, 2, 3, 4]);
+    assert_eq!(seqs, [(1,), (2,), (3,), (4,)]);
     db.close().await;
     cp.stop().await;
 }
@@ -642,6 +749,11 @@ async fn restart_scenario(env: &Env) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projects_and_serves_the_texts_of_executed_statements() {
     Env::new().await.scope(executes_scenario).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_and_serves_the_texts_of_executed_statements_on_a_single_node() {
+    Env::embedded().await.scope(executes_scenario).await;
 }
 
 async fn executes_scenario(env: &Env) {
@@ -689,11 +801,10 @@ async fn executes_scenario(env: &Env) {
 
     let db = env.db().await;
     env.wait_projected(&db, 3).await;
-    let stored: Vec<(i64, Option<Value>)> =
-        sqlx::query_as("SELECT seq, executes FROM commands ORDER BY seq")
-            .fetch_all(&db)
-            .await
-            .unwrap();
+    let stored: Vec<(i64, Option<Value>)> = db
+        .rows("SELECT seq, executes FROM commands ORDER BY seq")
+        .await
+        .unwrap();
     let wipe = serde_json::json!({"name": "wipe", "text": "delete from accounts"});
     let one = serde_json::json!({"name": "one", "text": "select * from accounts where id = $1"});
     assert_eq!(
@@ -804,12 +915,11 @@ struct QuarantineRow {
     raw: Vec<u8>,
 }
 
-async fn quarantine_rows(db: &PgPool) -> Vec<QuarantineRow> {
-    sqlx::query_as(
+async fn quarantine_rows(db: &Db) -> Vec<QuarantineRow> {
+    db.rows(
         "SELECT stream_seq, subject, event_index, event_id, event_type, session_id, reason, raw
          FROM quarantine ORDER BY id",
     )
-    .fetch_all(db)
     .await
     .unwrap()
 }
@@ -818,6 +928,10 @@ impl Env {
     /// Deletes the durable consumer, so that the next start reads the whole
     /// stream again: every message is delivered a second time.
     async fn forget_consumer(&self) {
+        if let Some(log) = &self.embedded {
+            log.set_position(&self.config.consumer, 0).await.unwrap();
+            return;
+        }
         let stream = self.js.get_stream(&self.events.stream).await.unwrap();
         stream.delete_consumer(&self.config.consumer).await.unwrap();
     }
@@ -825,6 +939,9 @@ impl Env {
     /// [`Env::start`], then waits until the durable consumer exists.
     async fn start_consumer(&self) -> Running {
         let cp = self.start().await;
+        if self.embedded.is_some() {
+            return cp;
+        }
         eventually("the consumer to exist", || async {
             let stream = self.js.get_stream(&self.events.stream).await.unwrap();
             stream.consumer_info(&self.config.consumer).await.is_ok()
@@ -872,11 +989,10 @@ async fn refused_event_scenario(env: &Env) {
 
     let db = env.db().await;
     env.wait_projected(&db, 2).await;
-    let commands: Vec<(Uuid, Option<Uuid>, String)> =
-        sqlx::query_as("SELECT event_id, session_id, statement FROM commands ORDER BY time")
-            .fetch_all(&db)
-            .await
-            .unwrap();
+    let commands: Vec<(Uuid, Option<Uuid>, String)> = db
+        .rows("SELECT event_id, session_id, statement FROM commands ORDER BY time")
+        .await
+        .unwrap();
     assert_eq!(
         commands,
         [
@@ -968,6 +1084,11 @@ async fn refused_event_scenario(env: &Env) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantines_an_undecodable_message_raw() {
     Env::new().await.scope(undecodable_scenario).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantines_an_undecodable_message_raw_on_a_single_node() {
+    Env::embedded().await.scope(undecodable_scenario).await;
 }
 
 async fn undecodable_scenario(env: &Env) {

@@ -42,8 +42,21 @@ pub(super) async fn open(path: &Path) -> Result<SqlitePool, DbError> {
         .connect_with(options)
         .await
         .map_err(open_err)?;
-    sqlx::migrate!("./migrations-sqlite").run(&pool).await?;
-    Ok(pool)
+    // SQLite has no advisory lock for migrations: when another process
+    // (or pool) applies one first, ours fails inside its transaction and is
+    // rolled back; run again, it finds the migration applied.
+    let mut attempts = 0;
+    loop {
+        match sqlx::migrate!("./migrations-sqlite").run(&pool).await {
+            Ok(()) => return Ok(pool),
+            Err(e) if attempts < 3 => {
+                tracing::debug!(error = %e, "audit store migration raced; trying again");
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 pub(super) async fn store(
@@ -144,7 +157,7 @@ mod tests {
         let a = sqlx::Sqlite::time(at(1_795_660_800_000_000));
         let b = sqlx::Sqlite::time(at(1_795_660_800_000_001));
         let c = sqlx::Sqlite::time(at(1_795_660_801_000_000));
-        assert_eq!(a, "2026-11-26T00:00:00.000000Z");
+        assert_eq!(a, "2026-11-26T02:40:00.000000Z");
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(a.len(), c.len());
     }

@@ -224,9 +224,11 @@ impl EmbeddedLog {
             .collect())
     }
 
-    /// Stores events (subject, id, body) in one transaction, committed and
-    /// fsync'd when this returns. An id already in the log is skipped.
-    async fn append(&self, events: &[(String, String, Vec<u8>)]) -> Result<(), EmbeddedError> {
+    /// Stores messages (subject, id, body) as they are, in one
+    /// transaction, committed and fsync'd when this returns. An id already
+    /// in the log is skipped. Sessions publish through
+    /// [`crate::Publisher::embedded`], which groups their commits.
+    pub async fn append(&self, events: &[(String, String, Vec<u8>)]) -> Result<(), EmbeddedError> {
         let insert = |chunk: &[(String, String, Vec<u8>)]| {
             let mut insert: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO events (subject, event_id, body) ");
