@@ -405,13 +405,16 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
         ..Default::default()
     };
     worker.prepare(&oidc).map_err(anyhow::Error::msg)?;
-    warn_development_mode(Config {
-        oidc,
-        events: opts.events.clone(),
-        worker: worker.clone(),
-        control_plane: control.clone(),
-        ..Default::default()
-    });
+    warn_development_mode(
+        Config {
+            oidc,
+            events: opts.events.clone(),
+            worker: worker.clone(),
+            control_plane: control.clone(),
+            ..Default::default()
+        },
+        log.nats().is_some(),
+    );
     let pg = TcpListener::bind(&opts.pg_listen)
         .await
         .with_context(|| format!("--pg-listen: cannot listen on {}", opts.pg_listen))?;
@@ -458,10 +461,15 @@ pub async fn start(mut opts: DevOptions) -> anyhow::Result<DevStack> {
 }
 
 /// Logs, at WARN, each setting production mode would refuse.
-fn warn_development_mode(config: Config) {
+/// On the embedded log, the `events.*` NATS settings are not used and not
+/// warned about.
+fn warn_development_mode(config: Config, nats: bool) {
     let mut seen = std::collections::BTreeSet::new();
     for role in [Role::Worker, Role::ControlPlane] {
         for u in config.unsafe_settings(role) {
+            if !nats && u.field.starts_with("events.") {
+                continue;
+            }
             if seen.insert(u.field.clone()) {
                 tracing::warn!(
                     switch = u.switch.name(),
