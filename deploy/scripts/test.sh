@@ -88,9 +88,10 @@ cargo test --workspace 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -eq 0 ]; then
-    # The dev-stack suites again, on the embedded event log (no NATS), so
-    # that neither implementation of the ports drifts.
-    step "GATEHOUSE_TEST_EVENT_LOG=embedded cargo test -p gatehouse (the dev-stack suites on the embedded log)"
+    # The dev-stack suites again, on the embedded event log and SQLite
+    # audit store (no NATS, no audit database), so that neither
+    # implementation of the ports drifts.
+    step "GATEHOUSE_TEST_EVENT_LOG=embedded cargo test -p gatehouse (the dev-stack suites on the embedded stores)"
     set +e
     GATEHOUSE_TEST_EVENT_LOG=embedded cargo test -p gatehouse 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
