@@ -8,7 +8,7 @@
 #
 #   loadtest/pgbench.sh                                  # the data path (default)
 #   PATH_UNDER_TEST=all-in-one loadtest/pgbench.sh       # worker + control plane in one process
-#   PATH_UNDER_TEST=embedded loadtest/pgbench.sh         # the same on the embedded log (no NATS)
+#   PATH_UNDER_TEST=embedded loadtest/pgbench.sh         # the same on the embedded stores (no NATS, SQLite audit)
 #   ROUNDS=3 DURATION=5 loadtest/pgbench.sh
 #   CLIENTS=16 MODES=simple TARGETS="direct gatehouse" loadtest/pgbench.sh
 #
@@ -286,11 +286,12 @@ gh_note "nats-server $NATS_VERSION (pid $NATS_PID) listens on 127.0.0.1:$NATS_PO
 gh_log "starting gatehouse dev (development issuer, TLS files; its worker and control plane use the private NATS)"
 DEV_CMD=("$BIN" dev --data-dir "$DEV_DIR"
     --pg-listen "127.0.0.1:$DEV_PG_PORT" --http-listen "127.0.0.1:$HTTP_PORT"
-    --audit-db "postgres://postgres@127.0.0.1:5432/$AUDIT_DB?sslmode=require"
     --target "bench=postgres://postgres@127.0.0.1:5432/$BENCH_DB?sslmode=require")
 [ "$MASKING" = on ] || DEV_CMD+=(--no-masking)
-# embedded: the event log in $DEV_DIR/gatehouse.db (the nats-server idles).
-[ "$PATH_UNDER_TEST" = embedded ] || DEV_CMD+=(--nats "$NATS_URL")
+# embedded: the event log in $DEV_DIR/gatehouse.db and the audit tables in
+# $DEV_DIR/audit.db (the nats-server idles).
+[ "$PATH_UNDER_TEST" = embedded ] ||
+    DEV_CMD+=(--nats "$NATS_URL" --audit-db "postgres://postgres@127.0.0.1:5432/$AUDIT_DB?sslmode=require")
 show "${DEV_CMD[*]} >$DEV_LOG 2>&1 &"
 RUST_LOG=${RUST_LOG:-warn} "${DEV_CMD[@]}" >"$DEV_LOG" 2>&1 </dev/null &
 DEV_PID=$!
@@ -362,7 +363,7 @@ if [ "$PATH_UNDER_TEST" = data-path ]; then
     GW_NAME=worker
     GW_STREAM=$STREAM
 else
-    gh_note "PATH_UNDER_TEST=$PATH_UNDER_TEST: measuring the worker of gatehouse dev, whose control plane projects every event into $AUDIT_DB during the rounds$([ "$PATH_UNDER_TEST" = embedded ] && echo '; events in the embedded log, not NATS')"
+    gh_note "PATH_UNDER_TEST=$PATH_UNDER_TEST: measuring the worker of gatehouse dev, whose control plane projects every event during the rounds, $([ "$PATH_UNDER_TEST" = embedded ] && echo 'from the embedded log into the SQLite audit store' || echo "from NATS into $AUDIT_DB")"
     GW_PORT=$DEV_PG_PORT
     GW_PID=$DEV_PID
     GW_NAME=dev
