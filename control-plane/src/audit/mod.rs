@@ -252,7 +252,6 @@ where
     let who = e.identity.as_ref();
     let delegation = who.map(|i| Json(i.delegation.clone()));
     let groups = DB::list(who.map_or(&[], |i| &i.groups));
-    let text = |s: &String| s.clone();
     let query = match (&e.payload, e.session_id) {
         (Payload::SessionOpened(p), Some(session_id)) => sqlx::query::<DB>(
             "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
@@ -275,9 +274,9 @@ where
         )
         .bind(session_id)
         .bind(e.worker_id.clone())
-        .bind(who.map(|i| text(&i.subject)))
-        .bind(who.map(|i| text(&i.username)))
-        .bind(who.map(|i| text(&i.issuer)))
+        .bind(who.map(|i| i.subject.clone()))
+        .bind(who.map(|i| i.username.clone()))
+        .bind(who.map(|i| i.issuer.clone()))
         .bind(groups)
         .bind(delegation)
         .bind(e.target.clone())
@@ -302,9 +301,9 @@ where
         )
         .bind(session_id)
         .bind(e.worker_id.clone())
-        .bind(who.map(|i| text(&i.subject)))
-        .bind(who.map(|i| text(&i.username)))
-        .bind(who.map(|i| text(&i.issuer)))
+        .bind(who.map(|i| i.subject.clone()))
+        .bind(who.map(|i| i.username.clone()))
+        .bind(who.map(|i| i.issuer.clone()))
         .bind(groups)
         .bind(delegation)
         .bind(e.target.clone())
