@@ -10,11 +10,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use gatehouse_events::Event;
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{CommandRow, DbError, Dialect, QUARANTINE, Quarantine, int, store_event};
 
-impl Dialect for sqlx::Sqlite {
+impl Dialect for Sqlite {
     type Time = String;
     type List = String;
     /// RFC 3339 UTC with six fraction digits: one width, so that text
@@ -59,6 +59,10 @@ pub(super) async fn open(path: &Path) -> Result<SqlitePool, DbError> {
     }
 }
 
+/// Rows per multi-row INSERT: 17 columns × 500 stays far below SQLite's
+/// 32,766 parameters.
+const ROWS_PER_INSERT: usize = 500;
+
 pub(super) async fn store(
     pool: &SqlitePool,
     events: &[&Event],
@@ -67,12 +71,17 @@ pub(super) async fn store(
     // IMMEDIATE: take the write lock at the start, so that a reader's
     // snapshot never has to be upgraded (which SQLite refuses with BUSY).
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    for e in events {
-        store_raw(&mut tx, e).await?;
-        if let Some(row) = CommandRow::of(e) {
-            store_command(&mut tx, row).await?;
+    // Raw events and commands, nearly all of the volume, in multi-row
+    // statements: each statement is a round trip to SQLite's thread.
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        store_raw(&mut tx, chunk).await?;
+        let commands: Vec<CommandRow> = chunk.iter().filter_map(|e| CommandRow::of(e)).collect();
+        if !commands.is_empty() {
+            store_commands(&mut tx, commands).await?;
         }
-        store_event::<sqlx::Sqlite>(&mut tx, e).await?;
+    }
+    for e in events {
+        store_event::<Sqlite>(&mut tx, e).await?;
     }
     let mut inserted = Vec::with_capacity(quarantine.len());
     for q in quarantine {
@@ -93,49 +102,52 @@ pub(super) async fn store(
     Ok(inserted)
 }
 
-async fn store_raw(db: &mut SqliteConnection, e: &Event) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (event_id, type, time, session_id, seq, body)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(e.id)
-    .bind(e.event_type().token())
-    .bind(sqlx::Sqlite::time(e.time))
-    .bind(e.session_id)
-    .bind(int(e.seq))
-    .bind(String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8"))
-    .execute(db)
-    .await?;
+async fn store_raw(db: &mut SqliteConnection, events: &[&Event]) -> Result<(), sqlx::Error> {
+    let mut sql: QueryBuilder<Sqlite> =
+        QueryBuilder::new("INSERT INTO events (event_id, type, time, session_id, seq, body) ");
+    sql.push_values(events, |mut row, e| {
+        row.push_bind(e.id)
+            .push_bind(e.event_type().token())
+            .push_bind(Sqlite::time(e.time))
+            .push_bind(e.session_id)
+            .push_bind(int(e.seq))
+            .push_bind(String::from_utf8(e.to_cloudevent()).expect("serde_json writes UTF-8"));
+    });
+    sql.push(" ON CONFLICT (event_id) DO NOTHING");
+    sql.build().execute(db).await?;
     Ok(())
 }
 
-async fn store_command(db: &mut SqliteConnection, c: CommandRow<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn store_commands(
+    db: &mut SqliteConnection,
+    commands: Vec<CommandRow<'_>>,
+) -> Result<(), sqlx::Error> {
+    let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(
         "INSERT INTO commands (event_id, session_id, seq, time, identity_subject,
             identity_username, delegation, target, protocol, statement, statement_name,
-            portal, params, executes, effect, enforced, decision)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(c.id)
-    .bind(c.session)
-    .bind(c.seq)
-    .bind(sqlx::Sqlite::time(c.time))
-    .bind(c.subject)
-    .bind(c.username)
-    .bind(c.delegation)
-    .bind(c.target)
-    .bind(c.protocol)
-    .bind(c.statement)
-    .bind(c.name)
-    .bind(c.portal)
-    .bind(c.params)
-    .bind(c.executes)
-    .bind(c.effect)
-    .bind(c.enforced)
-    .bind(c.decision)
-    .execute(db)
-    .await?;
+            portal, params, executes, effect, enforced, decision) ",
+    );
+    sql.push_values(commands, |mut row, c| {
+        row.push_bind(c.id)
+            .push_bind(c.session)
+            .push_bind(c.seq)
+            .push_bind(Sqlite::time(c.time))
+            .push_bind(c.subject)
+            .push_bind(c.username)
+            .push_bind(c.delegation)
+            .push_bind(c.target)
+            .push_bind(c.protocol)
+            .push_bind(c.statement)
+            .push_bind(c.name)
+            .push_bind(c.portal)
+            .push_bind(c.params)
+            .push_bind(c.executes)
+            .push_bind(c.effect)
+            .push_bind(c.enforced)
+            .push_bind(c.decision);
+    });
+    sql.push(" ON CONFLICT (event_id) DO NOTHING");
+    sql.build().execute(db).await?;
     Ok(())
 }
 
@@ -154,9 +166,9 @@ mod tests {
     #[test]
     fn times_sort_as_text() {
         let at = |micros| DateTime::from_timestamp_micros(micros).unwrap();
-        let a = sqlx::Sqlite::time(at(1_795_660_800_000_000));
-        let b = sqlx::Sqlite::time(at(1_795_660_800_000_001));
-        let c = sqlx::Sqlite::time(at(1_795_660_801_000_000));
+        let a = Sqlite::time(at(1_795_660_800_000_000));
+        let b = Sqlite::time(at(1_795_660_800_000_001));
+        let c = Sqlite::time(at(1_795_660_801_000_000));
         assert_eq!(a, "2026-11-26T02:40:00.000000Z");
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(a.len(), c.len());
