@@ -59,6 +59,12 @@ pub struct DevArgs {
     /// Default: postgres=postgres://postgres@127.0.0.1:5432/postgres
     #[arg(long = "target", value_name = "NAME=URL")]
     pub targets: Vec<String>,
+    /// A Gatehouse config file whose targets (`[worker.targets.NAME]`) to
+    /// serve, beside those of --target (which wins on a name both give).
+    /// Its other sections are not used: the development stack keeps its
+    /// own issuer, TLS and stores.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:15432")]
     pub pg_listen: String,
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -141,24 +147,32 @@ pub struct DevOptions {
 
 impl DevOptions {
     pub fn from_args(args: &DevArgs) -> anyhow::Result<Self> {
-        let specs = if args.targets.is_empty() {
+        let mut from_file = match &args.config {
+            Some(path) => Config::load(path)?.worker.targets,
+            None => Default::default(),
+        };
+        let specs = if args.targets.is_empty() && from_file.is_empty() {
             vec![DEFAULT_TARGET.to_string()]
         } else {
             args.targets.clone()
         };
-        let mut targets: Vec<(String, TargetConfig)> = specs
-            .iter()
-            .map(|s| parse_target(s))
-            .collect::<anyhow::Result<_>>()?;
+        for spec in &specs {
+            let (name, target) = parse_target(spec)?;
+            from_file.insert(name, target);
+        }
+        let mut targets: Vec<(String, TargetConfig)> = from_file.into_iter().collect();
         let columns = args
             .mask_columns
             .iter()
             .map(|spec| parse_mask_column(spec))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Every target masked with every detector (a file's too), unless
+        // --no-masking.
         for (_, t) in &mut targets {
             if args.no_masking {
                 t.masking = None;
-            } else if let Some(m) = &mut t.masking {
+            } else {
+                let m = t.masking.get_or_insert_with(Default::default);
                 m.columns.extend(columns.iter().cloned());
             }
         }
@@ -757,6 +771,50 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_come_from_a_config_file_and_the_command_line() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            dev: DevArgs,
+        }
+        let dir = std::env::temp_dir().join(format!("gatehouse-devcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("gatehouse.toml");
+        std::fs::write(
+            &file,
+            "[worker.targets.billing]\nhost = \"db.internal\"\nport = 6432\n\
+             database = \"billing\"\nuser = \"svc\"\n",
+        )
+        .unwrap();
+        let parse = |args: &[&str]| {
+            let cli =
+                <Cli as clap::Parser>::try_parse_from(["dev"].iter().chain(args).copied()).unwrap();
+            DevOptions::from_args(&cli.dev).unwrap()
+        };
+        let config = file.to_str().unwrap();
+        let opts = parse(&["--config", config]);
+        let names: Vec<&str> = opts.targets.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["billing"], "the file's target, not the default");
+        let billing = &opts.targets[0].1;
+        assert_eq!((billing.host.as_str(), billing.port), ("db.internal", 6432));
+        assert!(billing.masking.is_some(), "masked like every dev target");
+
+        let opts = parse(&["--config", config, "--target", "app=postgres://u@h/app"]);
+        let names: Vec<&str> = opts.targets.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["app", "billing"]);
+        let opts = parse(&["--config", config, "--no-masking"]);
+        assert!(opts.targets[0].1.masking.is_none());
+        std::fs::write(&file, "[worker.targets.x]\nnope = 1\n").unwrap();
+        let cli = <Cli as clap::Parser>::try_parse_from(["dev", "--config", config]).unwrap();
+        let Err(e) = DevOptions::from_args(&cli.dev) else {
+            panic!("an unknown key in a target is refused");
+        };
+        let e = format!("{e:#}");
+        assert!(e.contains("gatehouse.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn target_urls_parse() {
