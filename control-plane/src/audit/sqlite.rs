@@ -36,25 +36,31 @@ pub(super) async fn open(path: &Path) -> Result<SqlitePool, DbError> {
         std::fs::create_dir_all(dir).map_err(|e| open_err(sqlx::Error::Io(e)))?;
     }
     let options = gatehouse_eventlog::private_file(path).map_err(open_err)?;
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await
-        .map_err(open_err)?;
-    // SQLite has no advisory lock for migrations: when another process
-    // (or pool) applies one first, ours fails inside its transaction and is
-    // rolled back; run again, it finds the migration applied.
-    let mut attempts = 0;
+    // Two processes (or pools) opening a new file at once race: one's
+    // switch to the write-ahead log, or its migration, finds the other's
+    // lock or tables ("database is locked", "table already exists") and
+    // fails inside its transaction, rolled back. SQLite has no advisory lock
+    // to wait on: try again; the second time finds the work done.
+    let mut attempt = 1;
     loop {
-        match sqlx::migrate!("./migrations-sqlite").run(&pool).await {
-            Ok(()) => return Ok(pool),
-            Err(e) if attempts < 3 => {
-                tracing::debug!(error = %e, "audit store migration raced; trying again");
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let opened = async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.clone())
+                .await
+                .map_err(open_err)?;
+            sqlx::migrate!("./migrations-sqlite").run(&pool).await?;
+            Ok::<_, DbError>(pool)
+        };
+        match opened.await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if attempt < 5 => {
+                tracing::debug!(error = %e, attempt, "cannot open the audit store yet; trying again");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                attempt += 1;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
