@@ -20,7 +20,10 @@
 #      MASKING on|off (on: responses masked with every detector, as
 #      `gatehouse dev` does by default; off: --no-masking / no masking table),
 #      GATEHOUSE_BIN_B (data-path: add a column gatehouse-b, a second worker
-#      running this binary), RESULTS_TSV (keep every run's figures there).
+#      running this binary), RESULTS_TSV (keep every run's figures there),
+#      NATS_SYNC (JetStream's sync_interval, e.g. "always": an fsync per
+#      message, the durability the embedded log gives; default: the
+#      server's, which fsyncs every 2 minutes).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
@@ -35,6 +38,7 @@ GATEHOUSE_BIN=${GATEHOUSE_BIN:-}
 GATEHOUSE_BIN_B=${GATEHOUSE_BIN_B:-}
 RESULTS_TSV=${RESULTS_TSV:-}
 MASKING=${MASKING:-on}
+NATS_SYNC=${NATS_SYNC:-}
 
 bad() { echo "ERROR: $*" >&2; exit 2; }
 for v in ROUNDS DURATION THREADS SCALE; do
@@ -277,6 +281,13 @@ wait_listen() { # pid port what
 
 gh_log "starting a private nats-server $NATS_VERSION for the benchmark"
 NATS_CMD=("$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$NATS_DIR" -l "$NATS_LOG")
+if [ -n "$NATS_SYNC" ]; then
+    [[ $NATS_SYNC =~ ^[a-z0-9]+$ ]] || bad "NATS_SYNC must be like always or 10s, got '$NATS_SYNC'"
+    printf 'jetstream { store_dir: "%s", sync_interval: %s }\n' "$NATS_DIR" "$NATS_SYNC" >"$WORK_DIR/nats.conf"
+    # The file holds the JetStream settings; -js -sd beside it is refused.
+    NATS_CMD=("$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -c "$WORK_DIR/nats.conf" -l "$NATS_LOG")
+    gh_note "JetStream sync_interval: $NATS_SYNC"
+fi
 show "${NATS_CMD[*]} &"
 "${NATS_CMD[@]}" </dev/null >/dev/null 2>&1 &
 NATS_PID=$!
