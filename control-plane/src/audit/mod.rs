@@ -252,8 +252,20 @@ where
     let who = e.identity.as_ref();
     let delegation = who.map(|i| Json(i.delegation.clone()));
     let groups = DB::list(who.map_or(&[], |i| &i.groups));
+    // A session row's first eight columns: the event's envelope.
+    let session = |sql: &'static str, session_id: Uuid| {
+        sqlx::query::<DB>(sql)
+            .bind(session_id)
+            .bind(e.worker_id.clone())
+            .bind(who.map(|i| i.subject.clone()))
+            .bind(who.map(|i| i.username.clone()))
+            .bind(who.map(|i| i.issuer.clone()))
+            .bind(groups)
+            .bind(delegation)
+            .bind(e.target.clone())
+    };
     let query = match (&e.payload, e.session_id) {
-        (Payload::SessionOpened(p), Some(session_id)) => sqlx::query::<DB>(
+        (Payload::SessionOpened(p), Some(session_id)) => session(
             "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
                 identity_issuer, groups, delegation, target, client_addr, client_tls,
                 target_tls, application_name, opened_at)
@@ -271,15 +283,8 @@ where
                 target_tls = EXCLUDED.target_tls,
                 application_name = EXCLUDED.application_name,
                 opened_at = EXCLUDED.opened_at",
+            session_id,
         )
-        .bind(session_id)
-        .bind(e.worker_id.clone())
-        .bind(who.map(|i| i.subject.clone()))
-        .bind(who.map(|i| i.username.clone()))
-        .bind(who.map(|i| i.issuer.clone()))
-        .bind(groups)
-        .bind(delegation)
-        .bind(e.target.clone())
         .bind(p.client_addr.clone())
         .bind(p.client_tls)
         .bind(p.target_tls)
@@ -287,7 +292,7 @@ where
         .bind(DB::time(e.time)),
         // If SessionOpened has not been projected yet, the row starts from
         // the envelope of this event and is completed later.
-        (Payload::SessionClosed(p), Some(session_id)) => sqlx::query::<DB>(
+        (Payload::SessionClosed(p), Some(session_id)) => session(
             "INSERT INTO sessions (session_id, worker_id, identity_subject, identity_username,
                 identity_issuer, groups, delegation, target, closed_at, close_reason,
                 commands, bytes_from_client, bytes_to_client)
@@ -298,15 +303,8 @@ where
                 commands = EXCLUDED.commands,
                 bytes_from_client = EXCLUDED.bytes_from_client,
                 bytes_to_client = EXCLUDED.bytes_to_client",
+            session_id,
         )
-        .bind(session_id)
-        .bind(e.worker_id.clone())
-        .bind(who.map(|i| i.subject.clone()))
-        .bind(who.map(|i| i.username.clone()))
-        .bind(who.map(|i| i.issuer.clone()))
-        .bind(groups)
-        .bind(delegation)
-        .bind(e.target.clone())
         .bind(DB::time(e.time))
         .bind(snake_case(&p.reason))
         .bind(int(p.commands))
