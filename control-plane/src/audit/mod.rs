@@ -178,10 +178,43 @@ pub(crate) struct Quarantine<'a> {
     pub raw: &'a [u8],
 }
 
-const QUARANTINE: &str = "INSERT INTO quarantine (stream_seq, subject, event_index, event_id,
-        event_type, session_id, reason, raw)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-     ON CONFLICT DO NOTHING";
+/// Writes a quarantine row; true if it is new (a redelivered message or
+/// event is already there). The same SQL on both stores.
+async fn store_quarantine<DB>(
+    db: &mut DB::Connection,
+    q: &Quarantine<'_>,
+) -> Result<bool, sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    String: Bind<DB>,
+    Option<String>: Bind<DB>,
+    i64: Bind<DB>,
+    Option<i32>: Bind<DB>,
+    Option<Uuid>: Bind<DB>,
+    Vec<u8>: Bind<DB>,
+{
+    let inserted = sqlx::query::<DB>(
+        "INSERT INTO quarantine (stream_seq, subject, event_index, event_id,
+            event_type, session_id, reason, raw)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT DO NOTHING
+         RETURNING id",
+    )
+    .bind(int(q.stream_seq))
+    .bind(q.subject.to_owned())
+    .bind(q.index.map(|i| i32::try_from(i).unwrap_or(i32::MAX)))
+    .bind(q.event.map(|e| e.id))
+    .bind(q.event.map(|e| e.event_type().token().to_owned()))
+    .bind(q.event.and_then(|e| e.session_id))
+    // PostgreSQL's text cannot hold NUL; a reason never needs one.
+    .bind(q.reason.replace('\0', ""))
+    .bind(q.raw.to_vec())
+    .fetch_optional(&mut *db)
+    .await?;
+    Ok(inserted.is_some())
+}
 
 /// The `commands` row of a CommandReceived event.
 struct CommandRow<'a> {

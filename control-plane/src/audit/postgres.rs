@@ -9,7 +9,7 @@ use gatehouse_events::Event;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres};
 
-use super::{CommandRow, DbError, Dialect, QUARANTINE, Quarantine, int, store_event};
+use super::{CommandRow, DbError, Dialect, Quarantine, int, store_event, store_quarantine};
 use crate::ControlPlaneConfig;
 
 impl Dialect for Postgres {
@@ -99,27 +99,10 @@ pub(super) async fn store(
     }
     let mut inserted = Vec::with_capacity(quarantine.len());
     for q in quarantine {
-        inserted.push(store_quarantine(&mut tx, q).await?);
+        inserted.push(store_quarantine::<Postgres>(&mut tx, q).await?);
     }
     tx.commit().await?;
     Ok(inserted)
-}
-
-/// True if the row is new; a redelivered message or event is already there.
-async fn store_quarantine(db: &mut PgConnection, q: &Quarantine<'_>) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(QUARANTINE)
-        .bind(int(q.stream_seq))
-        .bind(q.subject)
-        .bind(q.index.map(|i| i32::try_from(i).unwrap_or(i32::MAX)))
-        .bind(q.event.map(|e| e.id))
-        .bind(q.event.map(|e| e.event_type().token()))
-        .bind(q.event.and_then(|e| e.session_id))
-        // text cannot hold NUL; a reason never needs one.
-        .bind(q.reason.replace('\0', ""))
-        .bind(q.raw)
-        .execute(&mut *db)
-        .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 async fn store_raw(db: &mut PgConnection, events: &[&Event]) -> Result<(), sqlx::Error> {

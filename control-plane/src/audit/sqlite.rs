@@ -12,7 +12,7 @@ use gatehouse_events::Event;
 use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
-use super::{CommandRow, DbError, Dialect, QUARANTINE, Quarantine, int, store_event};
+use super::{CommandRow, DbError, Dialect, Quarantine, int, store_event, store_quarantine};
 
 impl Dialect for Sqlite {
     type Time = String;
@@ -91,18 +91,7 @@ pub(super) async fn store(
     }
     let mut inserted = Vec::with_capacity(quarantine.len());
     for q in quarantine {
-        let done = sqlx::query(QUARANTINE)
-            .bind(int(q.stream_seq))
-            .bind(q.subject)
-            .bind(q.index.map(|i| i32::try_from(i).unwrap_or(i32::MAX)))
-            .bind(q.event.map(|e| e.id))
-            .bind(q.event.map(|e| e.event_type().token()))
-            .bind(q.event.and_then(|e| e.session_id))
-            .bind(q.reason.as_str())
-            .bind(q.raw)
-            .execute(&mut *tx)
-            .await?;
-        inserted.push(done.rows_affected() == 1);
+        inserted.push(store_quarantine::<Sqlite>(&mut tx, q).await?);
     }
     tx.commit().await?;
     Ok(inserted)
