@@ -26,7 +26,7 @@ use gatehouse_events::{
 use gatehouse_identity::{DevIssuer, TokenRequest, Verifier, VerifierConfig};
 use gatehouse_testkit::{PrivateNats, eventually};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool, SqlitePool};
+use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -202,11 +202,8 @@ impl Env {
             .await;
     }
 
-    async fn db(&self) -> Db {
-        match connect_audit_db(&self.config).await.unwrap() {
-            AuditStore::Postgres(pool) => Db::Postgres(pool),
-            AuditStore::Sqlite(pool) => Db::Sqlite(pool),
-        }
+    async fn db(&self) -> AuditStore {
+        connect_audit_db(&self.config).await.unwrap()
     }
 
     fn is_postgres(&self) -> bool {
@@ -215,7 +212,7 @@ impl Env {
 
     /// Waits until the consumer has nothing pending or unacknowledged and the
     /// events table holds `events` rows.
-    async fn wait_projected(&self, db: &Db, events: i64) {
+    async fn wait_projected(&self, db: &AuditStore, events: i64) {
         eventually("the projector to catch up", || async {
             if let Some(log) = &self.embedded {
                 let position = log.position(&self.config.consumer).await.unwrap();
@@ -282,39 +279,9 @@ impl Env {
     }
 }
 
-/// The audit store, read directly.
-enum Db {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
-}
-
-impl Db {
-    /// The rows of `sql`, which must mean the same on both stores.
-    async fn rows<T>(&self, sql: &str) -> Result<Vec<T>, sqlx::Error>
-    where
-        T: Send
-            + Unpin
-            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
-            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
-    {
-        let sql = sqlx::AssertSqlSafe(sql.to_owned());
-        match self {
-            Self::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await,
-            Self::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await,
-        }
-    }
-
-    async fn close(&self) {
-        match self {
-            Self::Postgres(pool) => pool.close().await,
-            Self::Sqlite(pool) => pool.close().await,
-        }
-    }
-}
-
-async fn count(db: &Db, table: &str) -> i64 {
+async fn count(db: &AuditStore, table: &str) -> i64 {
     let sql = format!("SELECT count(*) FROM {table}");
-    match db.rows::<(i64,)>(&sql).await {
+    match db.query::<(i64,)>(&sql, &[]).await {
         Ok(rows) => rows[0].0,
         Err(_) => -1,
     }
@@ -493,7 +460,10 @@ async fn audit_scenario(env: &Env) {
     // The garbage message and the NUL event (which only PostgreSQL
     // refuses): kept, not dropped.
     let quarantined: Vec<(Option<Uuid>, Vec<u8>)> = db
-        .rows("SELECT event_id, raw FROM quarantine ORDER BY stream_seq")
+        .query(
+            "SELECT event_id, raw FROM quarantine ORDER BY stream_seq",
+            &[],
+        )
         .await
         .unwrap();
     let mut expected = vec![(None, b"{ not an event".to_vec())];
@@ -507,9 +477,10 @@ async fn audit_scenario(env: &Env) {
     type Time = Option<DateTime<Utc>>;
     type Text = Option<String>;
     let bob_row: Vec<Row> = db
-        .rows(
+        .query(
             "SELECT session_id, opened_at, closed_at, close_reason, client_addr FROM sessions
              WHERE identity_username = 'bob'",
+            &[],
         )
         .await
         .unwrap();
@@ -738,7 +709,7 @@ async fn restart_scenario(env: &Env) {
     let cp = env.start().await;
     env.wait_projected(&db, 4).await;
     let seqs: Vec<(i64,)> = db
-        .rows("SELECT seq FROM commands ORDER BY seq")
+        .query("SELECT seq FROM commands ORDER BY seq", &[])
         .await
         .unwrap();
     assert_eq!(seqs, [(1,), (2,), (3,), (4,)]);
@@ -802,7 +773,7 @@ async fn executes_scenario(env: &Env) {
     let db = env.db().await;
     env.wait_projected(&db, 3).await;
     let stored: Vec<(i64, Option<Value>)> = db
-        .rows("SELECT seq, executes FROM commands ORDER BY seq")
+        .query("SELECT seq, executes FROM commands ORDER BY seq", &[])
         .await
         .unwrap();
     let wipe = serde_json::json!({"name": "wipe", "text": "delete from accounts"});
@@ -915,10 +886,11 @@ struct QuarantineRow {
     raw: Vec<u8>,
 }
 
-async fn quarantine_rows(db: &Db) -> Vec<QuarantineRow> {
-    db.rows(
+async fn quarantine_rows(db: &AuditStore) -> Vec<QuarantineRow> {
+    db.query(
         "SELECT stream_seq, subject, event_index, event_id, event_type, session_id, reason, raw
          FROM quarantine ORDER BY id",
+        &[],
     )
     .await
     .unwrap()
@@ -990,7 +962,10 @@ async fn refused_event_scenario(env: &Env) {
     let db = env.db().await;
     env.wait_projected(&db, 2).await;
     let commands: Vec<(Uuid, Option<Uuid>, String)> = db
-        .rows("SELECT event_id, session_id, statement FROM commands ORDER BY time")
+        .query(
+            "SELECT event_id, session_id, statement FROM commands ORDER BY time",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(

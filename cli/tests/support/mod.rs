@@ -63,25 +63,10 @@ where
         + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
         + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
 {
-    use gatehouse_control_plane::AuditStore;
-    let sql = sqlx::AssertSqlSafe(sql.to_owned());
-    match store {
-        AuditStore::Postgres(pool) => {
-            let mut q = sqlx::query_as(sql);
-            for p in params {
-                q = q.bind(p.to_string());
-            }
-            q.fetch_all(pool).await
-        }
-        AuditStore::Sqlite(pool) => {
-            let mut q = sqlx::query_as(sql);
-            for p in params {
-                q = q.bind(p.to_string());
-            }
-            q.fetch_all(pool).await
-        }
-    }
-    .expect("the audit query runs")
+    store
+        .query(sql, params)
+        .await
+        .expect("the audit query runs")
 }
 
 /// `SELECT count(*) …` on an audit store.

@@ -112,6 +112,40 @@ impl AuditStore {
         }
     }
 
+    /// The rows of a read in SQL that means the same on both stores
+    /// (`$1`… bound to `params`, as text): for tools and tests that look
+    /// at the tables themselves.
+    pub async fn query<T>(&self, sql: &str, params: &[&str]) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send + Unpin + for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, SqliteRow>,
+    {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Self::Postgres(pool) => {
+                let mut q = sqlx::query_as(sql);
+                for p in params {
+                    q = q.bind(p.to_string());
+                }
+                q.fetch_all(pool).await
+            }
+            Self::Sqlite(pool) => {
+                let mut q = sqlx::query_as(sql);
+                for p in params {
+                    q = q.bind(p.to_string());
+                }
+                q.fetch_all(pool).await
+            }
+        }
+    }
+
+    /// Closes the store's connections.
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+
     /// Runs `select` (ending in a `WHERE` clause) with `filter`'s
     /// conditions, order and limit appended.
     pub(crate) async fn fetch<T>(
