@@ -84,7 +84,7 @@ step "cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -eq 0 ]; then
@@ -99,4 +99,16 @@ if [ "$status" -eq 0 ]; then
 fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+if [ "$status" -ne 0 ]; then
+    # Some failures of the shared services are told to their clients only
+    # as a fixed sentence (JetStream: "error creating store for stream");
+    # their cause is in the server's own log, or in the disk.
+    step "after the failure: free disk and the shared services' recent warnings"
+    df -h . "${TMPDIR:-/tmp}" 2>&1 || true
+    for f in /var/log/nats-server.log /var/log/postgresql/postgresql-*-main.log; do
+        [ -r "$f" ] || continue
+        printf '%s (warnings and errors, last 20):\n' "$f"
+        grep -E '\[(ERR|WRN)\]|ERROR|FATAL|PANIC' "$f" | tail -20 || true
+    done
+fi
 exit "$status"

@@ -259,10 +259,44 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &EventLogConfig,
 ) -> Result<stream::Stream, StreamError> {
-    js.get_or_create_stream(config.stream_config())
+    get_or_create_stream(js, config.stream_config())
         .await
         .map_err(|e| StreamError::Create {
             stream: config.stream.clone(),
             source: Box::new(e),
         })
+}
+
+/// Opens a stream, creating it when missing, riding over the server's
+/// transient failure to create a stream's files.
+///
+/// nats-server answers any failure of its file store while creating a
+/// stream with one generic error (code 500, 10049, "error creating store for
+/// stream") and writes the cause only to its own log; on a busy server that
+/// is creating and deleting other streams the same request succeeds a moment
+/// later. Five tries over about 1.5 s: a lasting cause (a full disk) still
+/// reaches the caller, with the server's words.
+pub(crate) async fn get_or_create_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    use jetstream::context::CreateStreamErrorKind;
+    const TRIES: u32 = 5;
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Err(e)
+                if attempt < TRIES
+                    && matches!(e.kind(), CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_CREATE) =>
+            {
+                tracing::warn!(stream = config.name, attempt, error = %e, "JetStream could not create the stream's store; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }

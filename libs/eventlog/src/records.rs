@@ -183,8 +183,7 @@ async fn open_jetstream(
     let open_error = |e: &dyn std::fmt::Display| {
         RecordError::Unavailable(format!("cannot open stream {}: {e}", settings.name))
     };
-    let mut stream = js
-        .get_or_create_stream(config.clone())
+    let mut stream = crate::get_or_create_stream(js, config.clone())
         .await
         .map_err(|e| open_error(&e))?;
     let info = stream.info().await.map_err(|e| open_error(&e))?;
