@@ -343,6 +343,7 @@ fn command(statement: &str) -> Payload {
         executes: vec![],
         decision: None,
         redactions: vec![],
+        approval: None,
     })
 }
 

@@ -13,6 +13,7 @@
 //! This crate holds the contract only: no tokio, no NATS, no SQL.
 #![forbid(unsafe_code)]
 
+pub mod approval;
 mod cloudevent;
 mod envelope;
 mod payload;

@@ -103,6 +103,10 @@ pub struct CommandReceived {
     /// `'[redacted]'`), in order: what they were, never their content.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redactions: Vec<Redaction>,
+    /// The approval the command waited for, and how it ended (the command
+    /// ran only if it was granted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::approval::ApprovalLink>,
 }
 
 /// A prepared statement run by name, and its text.

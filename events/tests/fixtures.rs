@@ -119,6 +119,7 @@ fn batches_round_trip_in_order() {
                         kind: "secret_value".into(),
                         param: Some(1),
                     }],
+                    approval: None,
                 }),
                 i,
             )

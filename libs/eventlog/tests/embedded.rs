@@ -20,6 +20,7 @@ fn command(statement: String) -> Event {
             executes: Vec::new(),
             decision: None,
             redactions: Vec::new(),
+            approval: None,
         }),
     )
 }

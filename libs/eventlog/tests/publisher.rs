@@ -22,6 +22,7 @@ fn command(i: usize) -> Event {
             executes: Vec::new(),
             decision: None,
             redactions: Vec::new(),
+            approval: None,
         }),
     )
 }

@@ -50,6 +50,7 @@
 //! Depends on the `policies` bundle format and NATS only.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod signing;
 pub mod usernames;
 

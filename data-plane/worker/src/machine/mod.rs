@@ -1459,6 +1459,7 @@ impl Machine {
             executes,
             decision,
             redactions,
+            approval: None,
         }))
     }
 

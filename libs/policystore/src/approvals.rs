@@ -1,0 +1,199 @@
+//! Approvals on a stream of records: the worker holding a command requests
+//! one and follows it; approvers grant or deny through the control plane;
+//! whoever sees it past its expiry ends it.
+//!
+//! The stream is `<policy.revocation_stream>_APPROVALS`, one subject per
+//! approval (`gatehouse.<stream>.<id>`), each record the whole
+//! [`Approval`] after one change, with the change's name in the header
+//! [`CHANGE_HEADER`]. A change is published on condition that the subject
+//! still ends with the record it was computed from, so that racing writers
+//! (a grant and a deny, two control-plane replicas, an expiry and a grant)
+//! produce one outcome: the loser reads the winner and is refused by
+//! [`Approval::apply`]. The log is the only state: a restarted control
+//! plane reads pending approvals from it.
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use gatehouse_eventlog::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
+use gatehouse_events::approval::{Approval, Change, Refusal};
+use uuid::Uuid;
+
+/// The header naming the change a record holds (`requested`, `granted`,
+/// `denied`, `expired`, `cancelled`).
+pub const CHANGE_HEADER: &str = "Gatehouse-Approval-Change";
+/// Records kept per approval: the request, each grant, the end.
+const HISTORY: i64 = 32;
+/// Tries of a change that keeps losing races before it gives up.
+const TRIES: usize = 8;
+
+/// The approvals stream for a revocation stream.
+pub fn stream_for(revocation_stream: &str) -> String {
+    format!("{revocation_stream}_APPROVALS")
+}
+
+/// Why an approval could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("no approval {0}")]
+    NotFound(Uuid),
+    #[error("approval {0} exists already")]
+    Taken(Uuid),
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("the approval kept changing while it was being changed; try again")]
+    Busy,
+    #[error("the approvals stream is unavailable: {0}")]
+    Unavailable(String),
+    #[error("an approval record is unreadable: {0}")]
+    Unreadable(String),
+}
+
+impl From<RecordError> for ApprovalError {
+    fn from(e: RecordError) -> Self {
+        ApprovalError::Unavailable(e.to_string())
+    }
+}
+
+/// The approvals stream.
+#[derive(Clone)]
+pub struct Approvals {
+    stream: RecordStream,
+    prefix: String,
+}
+
+impl Approvals {
+    /// Opens the approvals stream of `revocation_stream`, creating it if
+    /// it is missing.
+    pub async fn open(
+        records: &RecordStore,
+        revocation_stream: &str,
+    ) -> Result<Self, ApprovalError> {
+        let name = stream_for(revocation_stream);
+        let prefix = format!("gatehouse.{name}");
+        let stream = records
+            .open(StreamSettings {
+                name,
+                description: Some("Gatehouse: approvals of single commands".into()),
+                subjects: format!("{prefix}.>"),
+                per_subject: HISTORY,
+                deny_delete: true,
+            })
+            .await?;
+        Ok(Self { stream, prefix })
+    }
+
+    fn subject(&self, id: Uuid) -> String {
+        format!("{}.{}", self.prefix, id.simple())
+    }
+
+    /// Records a new approval (its subject must be empty). Published again
+    /// after a lost acknowledgement, it is found stored and taken as done;
+    /// another approval under the same id is refused.
+    pub async fn request(&self, approval: &Approval) -> Result<(), ApprovalError> {
+        let payload =
+            serde_json::to_vec(approval).map_err(|e| ApprovalError::Unreadable(e.to_string()))?;
+        let published = self
+            .stream
+            .publish(
+                &self.subject(approval.id),
+                &[(CHANGE_HEADER, "requested")],
+                payload.into(),
+                None,
+                Some(0),
+            )
+            .await;
+        match published {
+            Ok(_) => Ok(()),
+            Err(RecordError::Conflict(_)) => match self.get(approval.id).await? {
+                Some((stored, _)) if stored == *approval => Ok(()),
+                _ => Err(ApprovalError::Taken(approval.id)),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The approval as it stands, with the sequence of its last record.
+    pub async fn get(&self, id: Uuid) -> Result<Option<(Approval, u64)>, ApprovalError> {
+        match self.stream.last(&self.subject(id)).await? {
+            Some(r) => Ok(Some((read(&r)?, r.sequence))),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies `change` to the approval as it stands at `now`, and records
+    /// the result on condition that nothing changed it meanwhile; a race
+    /// lost is read again and decided again (so a grant that loses to a
+    /// denial is refused as `Ended(Denied)`).
+    pub async fn change(
+        &self,
+        id: Uuid,
+        change: &Change,
+        now: DateTime<Utc>,
+    ) -> Result<Approval, ApprovalError> {
+        for _ in 0..TRIES {
+            let (current, sequence) = self.get(id).await?.ok_or(ApprovalError::NotFound(id))?;
+            let next = current.apply(change, now)?;
+            let payload =
+                serde_json::to_vec(&next).map_err(|e| ApprovalError::Unreadable(e.to_string()))?;
+            match self
+                .stream
+                .publish(
+                    &self.subject(id),
+                    &[(CHANGE_HEADER, change.name())],
+                    payload.into(),
+                    None,
+                    Some(sequence),
+                )
+                .await
+            {
+                Ok(_) => return Ok(next),
+                Err(RecordError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApprovalError::Busy)
+    }
+
+    /// Every approval as it stands now, oldest request first.
+    pub async fn all(&self) -> Result<Vec<Approval>, ApprovalError> {
+        let records = self
+            .stream
+            .last_per_subject(&format!("{}.>", self.prefix))
+            .await?;
+        let mut all = records.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+        all.sort_by_key(|a| (a.requested_at, a.id));
+        Ok(all)
+    }
+
+    /// The approval `id` as it stands, then every change to it.
+    pub async fn follow(
+        &self,
+        id: Uuid,
+    ) -> Result<BoxStream<'static, Result<Approval, ApprovalError>>, ApprovalError> {
+        let records = self.stream.follow(&self.subject(id)).await?;
+        Ok(records
+            .map(|r| r.map_err(ApprovalError::from).and_then(|r| read(&r)))
+            .boxed())
+    }
+
+    /// Every approval's last record, then every change to any, with the
+    /// change's name.
+    pub async fn follow_all(
+        &self,
+    ) -> Result<BoxStream<'static, Result<(Approval, String), ApprovalError>>, ApprovalError> {
+        let records = self.stream.follow(&format!("{}.>", self.prefix)).await?;
+        Ok(records
+            .map(|r| {
+                let r = r?;
+                let change = r.header(CHANGE_HEADER).unwrap_or_default().to_string();
+                Ok((read(&r)?, change))
+            })
+            .boxed())
+    }
+}
+
+fn read(r: &Record) -> Result<Approval, ApprovalError> {
+    serde_json::from_slice(&r.payload)
+        .map_err(|e| ApprovalError::Unreadable(format!("record {}: {e}", r.sequence)))
+}
