@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::{Bundle, BundleError, DryRun, Problem};
 use crate::{Classification, StatementFacts, StatementKind};
-use compile::PolicyMeta;
+use compile::{DEFAULT_APPROVAL_TIMEOUT_SECS, DEFAULT_APPROVERS, PolicyMeta};
 
 /// Who is speaking, from the verified token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +128,30 @@ pub struct Decision {
     pub read_only: bool,
     /// Time spent in the engine for this decision.
     pub eval_micros: u64,
+    /// When `effect` is [`Effect::ApprovalRequired`]: how many distinct
+    /// approvers must grant the command, the largest `@approvers` of the
+    /// determining forbids (1 when none says). 0 for any other effect.
+    #[serde(default)]
+    pub approvers: u32,
+    /// When `effect` is [`Effect::ApprovalRequired`]: how long, in seconds,
+    /// the approval may wait before it expires, the smallest
+    /// `@approval_timeout` of the determining forbids (300 when none says).
+    /// 0 for any other effect.
+    #[serde(default)]
+    pub approval_timeout_secs: u32,
+}
+
+impl Decision {
+    /// Folds `other`, a decision on another statement of the same command
+    /// with the same effect, into this one: for an approval, the most
+    /// approvers and the shortest timeout of the two.
+    fn merge_approval(&mut self, other: &Decision) {
+        if self.effect == Effect::ApprovalRequired && other.effect == Effect::ApprovalRequired {
+            self.approvers = self.approvers.max(other.approvers);
+            self.approval_timeout_secs =
+                self.approval_timeout_secs.min(other.approval_timeout_secs);
+        }
+    }
 }
 
 /// The entities of one session, built once by [`Engine::session`], and a
@@ -255,6 +279,7 @@ struct Names {
     target: EntityTypeName,
     connect: EntityUid,
     query: EntityUid,
+    approve: EntityUid,
     unmask: EntityUid,
 }
 
@@ -269,6 +294,7 @@ static NAMES: LazyLock<Names> = LazyLock::new(|| {
         target: ty("Gatehouse::Target"),
         connect: action("connect"),
         query: action("query"),
+        approve: action("approve"),
         unmask: action("unmask"),
     }
 });
@@ -282,8 +308,10 @@ pub struct Engine {
     /// action scope allows it): Cedar evaluates every policy it is given.
     connect_policies: PolicySet,
     query_policies: PolicySet,
-    /// For `unmask`: only permits that name it (a permit for any action
-    /// shows no masked value), and every forbid that may apply.
+    /// For `approve` and `unmask`: only permits that name the action (a
+    /// permit for any action grants neither), and every forbid that may
+    /// apply.
+    approve_policies: PolicySet,
     unmask_policies: PolicySet,
     /// The policies that may take part in API decisions ([`ApiAuthority`]).
     api_policies: PolicySet,
@@ -327,6 +355,7 @@ impl Engine {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             connect_policies: for_action(&compiled.policies, &NAMES.connect),
             query_policies: for_action(&compiled.policies, &NAMES.query),
+            approve_policies: naming_action(&compiled.policies, &NAMES.approve),
             unmask_policies: naming_action(&compiled.policies, &NAMES.unmask),
             api_policies: api::bundle_policies(&compiled.policies),
             schema: compiled.schema,
@@ -416,6 +445,46 @@ impl Engine {
             start,
             "connecting to this target",
         )
+    }
+
+    /// `approve`: whether the session's principal may grant or deny a
+    /// pending approval of a command on the session's target. The context
+    /// is that of `connect` (`source_ip`, `hour`); build the session for
+    /// the approver (`Engine::session(&approver, &target, approver_ip)`).
+    ///
+    /// Only a permit that names `approve` in its scope grants it (a
+    /// `permit (principal, action, resource)` does not); any forbid that
+    /// applies denies. The effect is `Allow` or `Deny`, never
+    /// `ApprovalRequired` (an approval forbid that applies to `approve`
+    /// denies: granting cannot itself wait for an approval), with
+    /// `approvers` and `approval_timeout_secs` 0.
+    ///
+    /// Whatever the policies say, the requester of a command, and the
+    /// person an agent requesting it acts for, must not approve it: the
+    /// caller (the control plane) checks that, not this decision.
+    pub fn decide_approve(&self, session: &Session) -> Decision {
+        let start = Instant::now();
+        let context = Context::from_pairs([
+            ("source_ip".to_string(), session.source_ip_expr.clone()),
+            (
+                "hour".to_string(),
+                RestrictedExpression::new_long(hour(session)),
+            ),
+        ]);
+        let mut d = self.decide(
+            session,
+            &NAMES.approve,
+            &self.approve_policies,
+            context,
+            start,
+            "approving commands on this target",
+        );
+        if d.effect == Effect::ApprovalRequired {
+            d.effect = Effect::Deny;
+            d.approvers = 0;
+            d.approval_timeout_secs = 0;
+        }
+        d
     }
 
     /// `unmask`: whether the session's principal sees a column's values as
@@ -615,7 +684,10 @@ impl Engine {
     /// several) and the command stands only if every statement is allowed.
     /// The most severe effect stands (deny over approval over allow); its
     /// reason is that of the first statement with that effect, and its
-    /// policies those of every statement with that effect.
+    /// policies those of every statement with that effect. An approval
+    /// takes the most `approvers` and the shortest `approval_timeout_secs`
+    /// of the statements' approval decisions (a statement whose forbids set
+    /// no timeout counts with the default, 300 s).
     ///
     /// - `EXECUTE name` is decided by what was prepared under that name,
     ///   earlier in the command or else as `prepared(name)` says, with the facts of its own parameter
@@ -639,6 +711,8 @@ impl Engine {
                 reason: None,
                 read_only: false,
                 eval_micros: 0,
+                approvers: 0,
+                approval_timeout_secs: 0,
             };
         }
         let unparsed = StatementFacts::new(StatementKind::Other);
@@ -674,6 +748,7 @@ impl Engine {
             match &mut out {
                 Some(w) if d.effect.severity() < w.effect.severity() => {}
                 Some(w) if d.effect == w.effect => {
+                    w.merge_approval(&d);
                     for p in d.policies {
                         if !w.policies.contains(&p) {
                             w.policies.push(p);
@@ -710,6 +785,8 @@ impl Engine {
             reason: Some(reason),
             read_only: false,
             eval_micros: start.elapsed().as_micros() as u64,
+            approvers: 0,
+            approval_timeout_secs: 0,
         };
         let context = match context {
             Ok(c) => c,
@@ -767,6 +844,8 @@ impl Engine {
                 policies: ids(&determining),
                 reason: None,
                 eval_micros: 0,
+                approvers: 0,
+                approval_timeout_secs: 0,
             },
             CedarDecision::Allow => Decision {
                 effect: Effect::Deny,
@@ -774,6 +853,8 @@ impl Engine {
                 reason: Some(failed(&errored)),
                 read_only: false,
                 eval_micros: 0,
+                approvers: 0,
+                approval_timeout_secs: 0,
             },
             CedarDecision::Deny if determining.is_empty() && errored.is_empty() => Decision {
                 effect: Effect::Deny,
@@ -781,6 +862,8 @@ impl Engine {
                 reason: Some(format!("no policy permits {what}")),
                 read_only: false,
                 eval_micros: 0,
+                approvers: 0,
+                approval_timeout_secs: 0,
             },
             CedarDecision::Deny => {
                 let hard: Vec<&PolicyMeta> = determining
@@ -788,7 +871,13 @@ impl Engine {
                     .copied()
                     .filter(|m| !m.approval)
                     .collect();
-                let (effect, reason) = if hard.is_empty() && errored.is_empty() {
+                let approval = hard.is_empty() && errored.is_empty();
+                let (approvers, approval_timeout_secs) = if approval {
+                    approval_terms(&determining)
+                } else {
+                    (0, 0)
+                };
+                let (effect, reason) = if approval {
                     (Effect::ApprovalRequired, reasons(&determining))
                 } else if hard.is_empty() {
                     (Effect::Deny, failed(&errored))
@@ -805,6 +894,8 @@ impl Engine {
                     reason: Some(reason),
                     read_only: false,
                     eval_micros: 0,
+                    approvers,
+                    approval_timeout_secs,
                 }
             }
         };
@@ -880,6 +971,23 @@ fn naming_action(all: &PolicySet, action: &EntityUid) -> PolicySet {
         }
     }
     set
+}
+
+/// What an approval required by `forbids` (all `@approval` forbids) takes:
+/// the most approvers any asks for (1 if none says), and the shortest
+/// timeout any sets (300 s if none says).
+fn approval_terms(forbids: &[&PolicyMeta]) -> (u32, u32) {
+    let approvers = forbids
+        .iter()
+        .filter_map(|m| m.approvers)
+        .max()
+        .unwrap_or(DEFAULT_APPROVERS);
+    let timeout = forbids
+        .iter()
+        .filter_map(|m| m.approval_timeout_secs)
+        .min()
+        .unwrap_or(DEFAULT_APPROVAL_TIMEOUT_SECS);
+    (approvers, timeout)
 }
 
 fn ids(metas: &[&PolicyMeta]) -> Vec<String> {

@@ -64,7 +64,7 @@ fn allowed(a: &ApiAuthority, e: Option<&Engine>, p: &Principal) -> Vec<ApiAction
 
 use ApiAction::*;
 
-const ADMIN_ACTIONS: [ApiAction; 7] = [
+const ADMIN_ACTIONS: [ApiAction; 8] = [
     PushPolicy,
     RollbackPolicy,
     SetDryRun,
@@ -72,6 +72,7 @@ const ADMIN_ACTIONS: [ApiAction; 7] = [
     Reinstate,
     Explain,
     ReadPolicy,
+    ReadApprovals,
 ];
 
 #[test]
@@ -82,7 +83,13 @@ fn built_in_policies_give_the_groups_their_access() {
         assert_eq!(allowed(&a, e, &person("root", &[ADMINS])), ADMIN_ACTIONS);
         assert_eq!(
             allowed(&a, e, &person("aud", &[AUDITORS])),
-            [Explain, ReadPolicy, ReadAudit, ReadQuarantine]
+            [
+                Explain,
+                ReadPolicy,
+                ReadAudit,
+                ReadQuarantine,
+                ReadApprovals
+            ]
         );
         assert_eq!(
             allowed(&a, e, &person("both", &[ADMINS, AUDITORS])),

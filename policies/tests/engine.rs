@@ -122,6 +122,7 @@ fn examples_bundle_shape() {
             "pii-readers-unmask",
             "prod-no-ddl",
             "unbounded-write-needs-approval",
+            "approvers-approve",
         ]
     );
     assert_eq!(e.bundle_hash(), b.hash);

@@ -1,5 +1,5 @@
 //! Decisions on the control plane's API: who may push, roll back, revoke,
-//! reinstate, explain and read the audit trail.
+//! reinstate, explain, read the audit trail and read and decide approvals.
 //!
 //! Every API request is a Cedar request `(principal, Action::"api:…",
 //! ControlPlane::"api", context)`. The principal and its entities come
@@ -11,10 +11,10 @@
 //! Two policy sets take part:
 //!
 //! - **Built-in** ([`ApiAuthority::new`]): the admin group may push, roll
-//!   back, set dry-runs, revoke, reinstate, explain and read the current
-//!   bundle; the auditor group may read the audit trail and the
-//!   quarantine, read the current bundle and explain. A bundle cannot
-//!   remove them.
+//!   back, set dry-runs, revoke, reinstate, explain, read the current
+//!   bundle and read approvals; the auditor group may read the audit
+//!   trail, the quarantine and approvals, read the current bundle and
+//!   explain. A bundle cannot remove them.
 //! - **The current bundle's**: its permits that name an `api:*` action in
 //!   their scope (a permit for any action grants no API action, so a
 //!   bundle written for SQL cannot hand out administration by accident),
@@ -40,10 +40,14 @@ pub enum ApiAction {
     ReadPolicy,
     ReadAudit,
     ReadQuarantine,
+    /// Reading pending approvals and taking part in deciding them (each
+    /// grant or denial is also an `approve` decision on the command's
+    /// target: [`Engine::decide_approve`]).
+    ReadApprovals,
 }
 
 impl ApiAction {
-    pub const ALL: [ApiAction; 9] = [
+    pub const ALL: [ApiAction; 10] = [
         ApiAction::PushPolicy,
         ApiAction::RollbackPolicy,
         ApiAction::SetDryRun,
@@ -53,6 +57,7 @@ impl ApiAction {
         ApiAction::ReadPolicy,
         ApiAction::ReadAudit,
         ApiAction::ReadQuarantine,
+        ApiAction::ReadApprovals,
     ];
 
     /// The Cedar action id, e.g. `api:push-policy`.
@@ -67,6 +72,7 @@ impl ApiAction {
             ApiAction::ReadPolicy => "api:read-policy",
             ApiAction::ReadAudit => "api:read-audit",
             ApiAction::ReadQuarantine => "api:read-quarantine",
+            ApiAction::ReadApprovals => "api:read-approvals",
         }
     }
 
@@ -82,6 +88,7 @@ impl ApiAction {
             ApiAction::ReadPolicy => "read the current policy bundle",
             ApiAction::ReadAudit => "read the audit trail",
             ApiAction::ReadQuarantine => "read the quarantine",
+            ApiAction::ReadApprovals => "read and decide approvals",
         }
     }
 
@@ -193,9 +200,16 @@ impl ApiAuthority {
                 Revoke,
                 Reinstate,
                 Explain,
-                ReadPolicy
+                ReadPolicy,
+                ReadApprovals
             ]),
-            auditor_actions = actions(&[ReadAudit, ReadQuarantine, ReadPolicy, Explain]),
+            auditor_actions = actions(&[
+                ReadAudit,
+                ReadQuarantine,
+                ReadPolicy,
+                Explain,
+                ReadApprovals
+            ]),
         );
         let parsed = PolicySet::from_str(&text).expect("the built-in API policies parse");
         let mut builtin = PolicySet::new();
@@ -214,6 +228,8 @@ impl ApiAuthority {
                     forbid: false,
                     reason: None,
                     approval: false,
+                    approvers: None,
+                    approval_timeout_secs: None,
                     read_only: false,
                 },
             );
@@ -256,6 +272,8 @@ impl ApiAuthority {
             reason: Some(reason),
             read_only: false,
             eval_micros: start.elapsed().as_micros() as u64,
+            approvers: 0,
+            approval_timeout_secs: 0,
         };
         let (principal, mut entities) = principal_entities(p);
         entities.push(Ok(Entity::new_no_attrs(
@@ -386,6 +404,8 @@ impl ApiAuthority {
             reason: Some(reason),
             read_only: false,
             eval_micros: 0,
+            approvers: 0,
+            approval_timeout_secs: 0,
         };
         match response.decision() {
             CedarDecision::Allow if errored.is_empty() => Decision {
@@ -394,6 +414,8 @@ impl ApiAuthority {
                 reason: None,
                 read_only: false,
                 eval_micros: 0,
+                approvers: 0,
+                approval_timeout_secs: 0,
             },
             CedarDecision::Allow => deny(ids(&errored), failed(&errored)),
             CedarDecision::Deny if determining.is_empty() && errored.is_empty() => deny(

@@ -12,7 +12,23 @@ use crate::bundle::{Bundle, BundleError, Problem, SCHEMA_FILE, Severity};
 
 /// Annotations Gatehouse reads. Others are allowed (for documentation) but
 /// draw a warning, so that a typo such as `@reasons` does not go unnoticed.
-const KNOWN_ANNOTATIONS: [&str; 4] = ["id", "reason", "approval", "read_only"];
+const KNOWN_ANNOTATIONS: [&str; 6] = [
+    "id",
+    "reason",
+    "approval",
+    "approvers",
+    "approval_timeout",
+    "read_only",
+];
+
+/// `@approvers("N")`: N distinct approvers, 1..=MAX_APPROVERS.
+pub(crate) const MAX_APPROVERS: u32 = 10;
+/// Approvers a command needs when no determining forbid says.
+pub(crate) const DEFAULT_APPROVERS: u32 = 1;
+/// `@approval_timeout("D")`: at most a day.
+pub(crate) const MAX_APPROVAL_TIMEOUT_SECS: u32 = 24 * 3600;
+/// How long an approval may wait when no determining forbid says.
+pub(crate) const DEFAULT_APPROVAL_TIMEOUT_SECS: u32 = 300;
 
 /// What the engine knows about one policy.
 #[derive(Debug, Clone)]
@@ -25,6 +41,12 @@ pub(crate) struct PolicyMeta {
     pub reason: Option<String>,
     /// `@approval("required")` on a forbid.
     pub approval: bool,
+    /// `@approvers("N")` on an approval forbid: how many distinct approvers
+    /// must grant. `None`: it does not say.
+    pub approvers: Option<u32>,
+    /// `@approval_timeout("D")` on an approval forbid, in seconds: how long
+    /// the approval may wait. `None`: it does not say.
+    pub approval_timeout_secs: Option<u32>,
     /// `@read_only` on a permit.
     pub read_only: bool,
 }
@@ -138,6 +160,8 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, BundleError> {
                 forbid,
                 reason: policy.annotation("reason").map(str::to_string),
                 approval: false,
+                approvers: None,
+                approval_timeout_secs: None,
                 read_only: false,
             };
             let mut ok = true;
@@ -156,6 +180,37 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, BundleError> {
                     fail("@approval belongs on a forbid (\"forbidden unless approved\"), not on a permit".into());
                 }
                 m.approval = true;
+            }
+            let approval_forbid = forbid && policy.annotation("approval").is_some();
+            for key in ["approvers", "approval_timeout"] {
+                if policy.annotation(key).is_none() || approval_forbid {
+                    continue;
+                }
+                fail(if forbid {
+                    format!(
+                        "@{key} applies only to a forbid that also carries @approval(\"required\")"
+                    )
+                } else {
+                    format!(
+                        "@{key} belongs on a forbid with @approval(\"required\"), not on a permit"
+                    )
+                });
+            }
+            if let Some(value) = policy.annotation("approvers") {
+                match parse_approvers(value) {
+                    Some(n) => m.approvers = Some(n),
+                    None => fail(format!(
+                        "@approvers(\"{value}\"): the number of approvers is a whole number from 1 to {MAX_APPROVERS}, e.g. @approvers(\"2\")"
+                    )),
+                }
+            }
+            if let Some(value) = policy.annotation("approval_timeout") {
+                match parse_timeout(value) {
+                    Some(secs) => m.approval_timeout_secs = Some(secs),
+                    None => fail(format!(
+                        "@approval_timeout(\"{value}\"): write a whole number followed by s, m or h (e.g. \"90s\", \"5m\", \"1h\"), from 1 second to 24 hours"
+                    )),
+                }
             }
             if let Some(value) = policy.annotation("read_only") {
                 if !(value.is_empty() || value == "true") {
@@ -185,7 +240,7 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, BundleError> {
             for (key, _) in policy.annotations() {
                 if !KNOWN_ANNOTATIONS.contains(&key) {
                     let mut p = at(format!(
-                        "unknown annotation @{key} (Gatehouse reads @id, @reason, @approval, @read_only)"
+                        "unknown annotation @{key} (Gatehouse reads @id, @reason, @approval, @approvers, @approval_timeout, @read_only)"
                     ));
                     p.severity = Severity::Warning;
                     p.policy = Some(id.clone());
@@ -231,6 +286,36 @@ pub(crate) fn compile(bundle: &Bundle) -> Result<Compiled, BundleError> {
     }
 }
 
+/// `@approvers`: digits only, 1..=[`MAX_APPROVERS`].
+fn parse_approvers(value: &str) -> Option<u32> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=MAX_APPROVERS).contains(n))
+}
+
+/// `@approval_timeout`: digits then `s`, `m` or `h`, in seconds, from 1 s
+/// to [`MAX_APPROVAL_TIMEOUT_SECS`].
+fn parse_timeout(value: &str) -> Option<u32> {
+    let unit = match value.as_bytes().last()? {
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        _ => return None,
+    };
+    let digits = &value[..value.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs = digits.parse::<u64>().ok()?.checked_mul(unit)?;
+    u32::try_from(secs)
+        .ok()
+        .filter(|s| (1..=MAX_APPROVAL_TIMEOUT_SECS).contains(s))
+}
+
 /// A problem from a Cedar diagnostic whose labels point into `text`.
 fn located(severity: Severity, file: &str, text: &str, d: &dyn Diagnostic) -> Problem {
     let offset = first_label(d).unwrap_or(0);
@@ -269,4 +354,61 @@ fn first_label(d: &dyn Diagnostic) -> Option<usize> {
     d.labels()
         .and_then(|mut labels| labels.next())
         .map(|l| l.offset())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approvers_are_whole_numbers_from_one_to_ten() {
+        assert_eq!(parse_approvers("1"), Some(1));
+        assert_eq!(parse_approvers("10"), Some(10));
+        assert_eq!(parse_approvers("03"), Some(3));
+        for bad in [
+            "",
+            "0",
+            "11",
+            "+2",
+            "-1",
+            " 2",
+            "2 ",
+            "two",
+            "1.5",
+            "99999999999",
+        ] {
+            assert_eq!(parse_approvers(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn timeouts_are_a_number_and_a_unit_within_a_day() {
+        assert_eq!(parse_timeout("1s"), Some(1));
+        assert_eq!(parse_timeout("90s"), Some(90));
+        assert_eq!(parse_timeout("5m"), Some(300));
+        assert_eq!(parse_timeout("1h"), Some(3600));
+        assert_eq!(parse_timeout("24h"), Some(86_400));
+        assert_eq!(parse_timeout("1440m"), Some(86_400));
+        for bad in [
+            "",
+            "s",
+            "0s",
+            "0h",
+            "25h",
+            "86401s",
+            "1441m",
+            "5x",
+            "5",
+            "5 m",
+            "+5m",
+            "-5m",
+            "5M",
+            "1.5h",
+            "99999999999999999999h",
+            "5ms",
+            "é",
+        ] {
+            assert_eq!(parse_timeout(bad), None, "{bad:?}");
+        }
+    }
 }

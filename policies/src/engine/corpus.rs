@@ -210,6 +210,8 @@ pub fn run_corpus(engine: &Engine, file: &str, text: &str) -> Result<Vec<CaseRes
         let decision = match (case.action.as_str(), &case.facts, &case.sql) {
             ("connect", None, None) => engine.decide_connect_in(&session),
             ("connect", _, _) => return Err(err("connect takes no facts or sql".into())),
+            ("approve", None, None) => engine.decide_approve(&session),
+            ("approve", _, _) => return Err(err("approve takes no facts or sql".into())),
             ("query", Some(f), None) => {
                 let facts = f.to_facts().map_err(&err)?;
                 engine.decide_statement(&session, &facts, f.parsed, f.multi_statement)
@@ -231,7 +233,7 @@ pub fn run_corpus(engine: &Engine, file: &str, text: &str) -> Result<Vec<CaseRes
             }
             (other, _, _) => {
                 return Err(err(format!(
-                    "action `{other}`: corpora test `connect`, `query` and `unmask`"
+                    "action `{other}`: corpora test `connect`, `query`, `approve` and `unmask`"
                 )));
             }
         };
@@ -347,6 +349,9 @@ struct Case {
     read_only: Option<bool>,
     /// A substring of the reason.
     reason: Option<String>,
+    /// For `approval_required`: the approvers and the timeout (seconds).
+    approvers: Option<u32>,
+    approval_timeout_secs: Option<u32>,
 }
 
 fn query() -> String {
@@ -376,6 +381,19 @@ impl Case {
             && ro != d.read_only
         {
             wrong.push(format!("expected read_only = {ro}"));
+        }
+        if let Some(n) = self.approvers
+            && n != d.approvers
+        {
+            wrong.push(format!("expected approvers = {n}, got {}", d.approvers));
+        }
+        if let Some(t) = self.approval_timeout_secs
+            && t != d.approval_timeout_secs
+        {
+            wrong.push(format!(
+                "expected approval_timeout_secs = {t}, got {}",
+                d.approval_timeout_secs
+            ));
         }
         if let Some(r) = &self.reason
             && !d.reason.as_deref().unwrap_or("").contains(r.as_str())
