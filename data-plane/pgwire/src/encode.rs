@@ -38,6 +38,23 @@ pub fn error_response(buf: &mut BytesMut, severity: &str, sqlstate: &str, msg: &
     });
 }
 
+/// `NoticeResponse` with severity `NOTICE`, SQLSTATE and message: shown
+/// by the client (psql prints it) without ending anything.
+pub fn notice_response(buf: &mut BytesMut, sqlstate: &str, msg: &str) {
+    message(buf, Some(b'N'), |b| {
+        for (code, value) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', sqlstate),
+            (b'M', msg),
+        ] {
+            b.put_u8(code);
+            cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: TransactionStatus) {
     message(buf, Some(b'Z'), |b| b.put_u8(status.byte()));
 }

@@ -37,6 +37,9 @@ struct Entry {
     target: Arc<Target>,
     /// The target's own secret for the backend.
     backend_secret: i32,
+    /// Counts the session's cancel requests: a command waiting for its
+    /// approval (which the target is not running) is withdrawn by one.
+    requests: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -47,13 +50,14 @@ pub(crate) struct CancelRegistry {
 impl CancelRegistry {
     /// Registers a session's backend key and returns the key for the
     /// client: the backend's process id, and a random secret no other
-    /// session of this worker has with that process id.
+    /// session of this worker has with that process id; with a receiver
+    /// of the session's cancel requests (a count that grows by one each).
     pub(crate) fn register(
         &self,
         target: Arc<Target>,
         backend_pid: i32,
         backend_secret: i32,
-    ) -> Key {
+    ) -> (Key, tokio::sync::watch::Receiver<u64>) {
         let mut map = self.sessions.lock().expect("poisoned");
         let key = loop {
             let key = (backend_pid, rand::random::<i32>());
@@ -61,14 +65,16 @@ impl CancelRegistry {
                 break key;
             }
         };
+        let (requests, received) = tokio::sync::watch::channel(0);
         map.insert(
             key,
             Entry {
                 target,
                 backend_secret,
+                requests,
             },
         );
-        key
+        (key, received)
     }
 
     /// Forgets `key` (a session's, once it has ended).
@@ -80,8 +86,10 @@ impl CancelRegistry {
     pub(crate) async fn cancel_local(&self, pid: i32, secret: i32) -> bool {
         let found = {
             let map = self.sessions.lock().expect("poisoned");
-            map.get(&(pid, secret))
-                .map(|e| (e.target.clone(), e.backend_secret))
+            map.get(&(pid, secret)).map(|e| {
+                e.requests.send_modify(|n| *n += 1);
+                (e.target.clone(), e.backend_secret)
+            })
         };
         let Some((target, backend_secret)) = found else {
             return false;
@@ -245,8 +253,8 @@ mod tests {
     fn the_backend_pid_is_kept_and_each_session_removes_its_own_key() {
         let registry = CancelRegistry::default();
         // Two targets whose backends happen to have one process id.
-        let key_a = registry.register(target("a"), 4242, 7);
-        let key_b = registry.register(target("b"), 4242, 7);
+        let (key_a, _) = registry.register(target("a"), 4242, 7);
+        let (key_b, _) = registry.register(target("b"), 4242, 7);
         assert_eq!(key_a.0, 4242, "the client gets the backend's own pid");
         assert_ne!(key_a, key_b, "the secrets keep the keys apart");
         registry.remove(key_a);

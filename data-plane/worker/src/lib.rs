@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     pub admission: Arc<admission::Admission>,
     /// Which subject each user name belongs to.
     pub usernames: usernames::UserNames,
+    /// Approvals of commands that wait for one.
+    pub approvals: gatehouse_policystore::approvals::Approvals,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +128,12 @@ pub async fn run(
     )
     .await
     .map_err(WorkerError::Policies)?;
+    let approvals = gatehouse_policystore::approvals::Approvals::open(
+        &records,
+        &policy_config.revocation_stream,
+    )
+    .await
+    .map_err(|e| WorkerError::Policies(e.to_string()))?;
 
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
@@ -165,6 +173,7 @@ pub async fn run(
         None => None,
     };
     let shared = Arc::new(Shared {
+        approvals,
         admission,
         usernames,
         closing,

@@ -123,6 +123,17 @@ pub(crate) struct CommandDecision {
     pub refusal: Option<ClientError>,
     /// The effect is a denial (not an approval to wait for).
     pub denied: bool,
+    /// The command runs only once approved: what the approval needs.
+    pub approval: Option<ApprovalNeed>,
+}
+
+/// What the policies that asked for an approval say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ApprovalNeed {
+    /// Distinct approvers who must grant.
+    pub approvers: u32,
+    /// How long it may wait.
+    pub timeout_secs: u32,
 }
 
 impl SessionPolicy {
@@ -235,12 +246,17 @@ impl SessionPolicy {
                 record: None,
                 refusal: Some(ClientError::error("42501", NO_BUNDLE)),
                 denied: true,
+                approval: None,
             };
         };
         let started = Instant::now();
         self.entities(&engine);
         let session = &self.entities.as_ref().expect("fresh").1;
         let d = engine.decide_command(session, c, &prepared);
+        let need = ApprovalNeed {
+            approvers: d.approvers.max(1),
+            timeout_secs: d.approval_timeout_secs.max(1),
+        };
         let (mut effect, policies, mut reason) = (d.effect, d.policies, d.reason);
         // A read-only session is never made writable, whatever the policies
         // say and even in dry-run.
@@ -265,7 +281,7 @@ impl SessionPolicy {
             .map(|d| d.expires_at);
         let enforced = dry_run_until.is_none() || read_only_violation;
         let refusal = match (&effect, enforced) {
-            (Effect::Allow, _) | (_, false) => None,
+            (Effect::Allow | Effect::ApprovalRequired, _) | (_, false) => None,
             (Effect::Deny, true) => Some(ClientError::error(
                 "42501",
                 format!(
@@ -275,16 +291,10 @@ impl SessionPolicy {
                         .unwrap_or_else(|| "no policy permits this command".into())
                 ),
             )),
-            (Effect::ApprovalRequired, true) => Some(ClientError::error(
-                "42501",
-                format!(
-                    "this command requires approval ({}), and approvals are not available yet",
-                    reason.clone().unwrap_or_else(|| "policy".into())
-                ),
-            )),
         };
         CommandDecision {
             denied: effect == Effect::Deny,
+            approval: (effect == Effect::ApprovalRequired && enforced).then_some(need),
             record: Some(Self::record(
                 &engine,
                 effect,

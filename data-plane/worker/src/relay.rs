@@ -24,7 +24,10 @@ use crate::Shared;
 use crate::conn::send;
 use crate::machine::{Machine, RecordError};
 use crate::session::{self, Opened};
+use futures::StreamExt;
 use gatehouse_eventlog::PublishError;
+use gatehouse_events::approval::{Approval, ApprovalState, Change};
+use gatehouse_policystore::approvals::{ApprovalError, Approvals};
 
 /// Output for one side beyond which reading the other side pauses.
 const BACKLOG: usize = 256 * 1024;
@@ -47,9 +50,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
         parsing,
         mask,
     } = opened;
-    let key = shared
-        .cancels
-        .register(target.clone(), backend.process_id, backend.secret_key);
+    let (key, cancel_requests) =
+        shared
+            .cancels
+            .register(target.clone(), backend.process_id, backend.secret_key);
 
     let mut hello = BytesMut::new();
     pg::authentication_ok(&mut hello);
@@ -79,10 +83,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
             &shared,
             &ctx,
             machine,
-            client,
-            backend.conn,
-            client_leftover,
-            backend.leftover,
+            Sides {
+                client,
+                target: backend.conn,
+                cbuf: client_leftover,
+                tbuf: backend.leftover,
+            },
+            cancel_requests,
         )
         .await
     };
@@ -90,15 +97,28 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: crate::conn::Conn, open
     session::close(&shared, &ctx, reason, responses).await;
 }
 
+/// Both connections of a session, with what was read from each beyond
+/// the login.
+struct Sides {
+    client: crate::conn::Conn,
+    target: crate::conn::Conn,
+    cbuf: BytesMut,
+    tbuf: BytesMut,
+}
+
 async fn pump(
     shared: &Shared,
     ctx: &session::SessionCtx,
     mut machine: Machine,
-    client: crate::conn::Conn,
-    target: crate::conn::Conn,
-    mut cbuf: BytesMut,
-    mut tbuf: BytesMut,
+    sides: Sides,
+    mut cancel_requests: tokio::sync::watch::Receiver<u64>,
 ) -> (CloseReason, Vec<gatehouse_events::Event>) {
+    let Sides {
+        client,
+        target,
+        mut cbuf,
+        mut tbuf,
+    } = sides;
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut trd, mut twr) = tokio::io::split(target);
     let max_message = shared.config.max_message_bytes;
@@ -109,6 +129,9 @@ async fn pump(
     let mut shutting_down = false;
     let mut recording: Option<Recording> = None;
     let mut responding: Option<Recording> = None;
+    // The parked command's approval: being requested, or awaited.
+    let mut approving: Option<Approving> = None;
+    let mut awaiting_decision = false;
     let mut client_open = true;
     let mut target_open = true;
     // Written but maybe still in the TLS layer's buffer.
@@ -129,6 +152,13 @@ async fn pump(
         {
             recording = Some(record(shared, events));
         }
+        if let Some(approval) = machine.take_approval() {
+            approving = Some(Box::pin(request_approval(
+                shared.approvals.clone(),
+                approval,
+            )));
+            awaiting_decision = false;
+        }
         // Response events go with the next command's; a part's worth is
         // recorded on its own at once, beside the commands.
         if responding.is_none()
@@ -143,8 +173,10 @@ async fn pump(
         if !client_open {
             machine.to_client.clear();
         }
+        // While a command waits for its approval the client is still read
+        // (into the buffer, up to a limit), so that its leaving is seen.
         let read_client = client_open
-            && machine.accepts_client()
+            && (machine.accepts_client() || machine.awaited_approval().is_some())
             && recording.is_none()
             && machine.to_target.len() < BACKLOG
             && (cbuf.len() < CLIENT_AHEAD || frame_incomplete(&cbuf, max_message));
@@ -190,6 +222,35 @@ async fn pump(
                     }
                 }
             },
+            step = async { approving.as_mut().expect("guarded").await }, if approving.is_some() => {
+                approving = None;
+                match step {
+                    ApprovalStep::Requested(r) => {
+                        let recorded = r.is_ok();
+                        machine.approval_requested(r);
+                        if recorded && let Some(a) = machine.awaited_approval() {
+                            // Cancel requests from now on withdraw it.
+                            cancel_requests.borrow_and_update();
+                            approving = Some(Box::pin(await_decision(shared.approvals.clone(), a.clone())));
+                            awaiting_decision = true;
+                        }
+                    }
+                    ApprovalStep::Decided(a) => {
+                        awaiting_decision = false;
+                        let state = shared.policies.borrow().clone();
+                        machine.approval_decided(&a, &state, chrono::Utc::now().timestamp());
+                    }
+                }
+            }
+            r = cancel_requests.changed(), if awaiting_decision => {
+                if r.is_ok() && let Some(a) = machine.awaited_approval() {
+                    let (approvals, a) = (shared.approvals.clone(), a.clone());
+                    approving = Some(Box::pin(async move {
+                        ApprovalStep::Decided(Box::new(end_approval(&approvals, &a, Change::Cancel { reason: "client_cancelled".into() }).await))
+                    }));
+                }
+                awaiting_decision = false;
+            }
             r = async { responding.as_mut().expect("guarded").await }, if responding.is_some() => {
                 responding = None;
                 machine.responses_recorded(r);
@@ -206,6 +267,17 @@ async fn pump(
             }
         }
     };
+    // A command still waiting for its approval is withdrawn: it never runs.
+    if let Some(a) = machine.awaited_approval() {
+        let why = match reason {
+            CloseReason::ClientDisconnected | CloseReason::ClientTerminated => {
+                "client_disconnected"
+            }
+            CloseReason::WorkerShutdown => "worker_shutdown",
+            _ => "session_ended",
+        };
+        end_approval(&shared.approvals, a, Change::Cancel { reason: why.into() }).await;
+    }
     // Whatever the machine still has for the client goes out (its last
     // word, a FATAL, among it), then both connections close.
     if client_open && !machine.to_client.is_empty() {
@@ -219,6 +291,87 @@ async fn pump(
         let _ = twr.shutdown().await;
     }
     (reason, machine.remaining_responses())
+}
+
+type Approving = Pin<Box<dyn Future<Output = ApprovalStep> + Send>>;
+
+/// Where a parked command's approval got to.
+enum ApprovalStep {
+    /// The request was recorded, or not.
+    Requested(Result<(), RecordError>),
+    /// It ended (granted, denied, expired or withdrawn).
+    Decided(Box<Approval>),
+}
+
+async fn request_approval(approvals: Approvals, approval: Approval) -> ApprovalStep {
+    ApprovalStep::Requested(
+        approvals
+            .request(&approval)
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string())),
+    )
+}
+
+/// Waits for the approval to end: as its record says, or, at its expiry,
+/// by expiring it (a decision recorded first wins).
+async fn await_decision(approvals: Approvals, approval: Approval) -> ApprovalStep {
+    let left = (approval.expires_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    let expiry = tokio::time::sleep(left);
+    tokio::pin!(expiry);
+    let mut follow = None;
+    loop {
+        if follow.is_none() {
+            match approvals.follow(approval.id).await {
+                Ok(f) => follow = Some(f),
+                Err(e) => {
+                    tracing::warn!(approval = %approval.id, error = %e, "cannot follow the approval; trying again");
+                }
+            }
+        }
+        tokio::select! {
+            next = async { follow.as_mut().expect("guarded").next().await }, if follow.is_some() => match next {
+                Some(Ok(a)) if a.state.is_terminal() => return ApprovalStep::Decided(Box::new(a)),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(approval = %approval.id, error = %e, "lost the approval's record; following it again");
+                    follow = None;
+                }
+                None => follow = None,
+            },
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if follow.is_none() => {}
+            _ = &mut expiry => {
+                return ApprovalStep::Decided(Box::new(end_approval(&approvals, &approval, Change::Expire).await));
+            }
+        }
+    }
+}
+
+/// Ends a pending approval with `change` (expiry, withdrawal), and returns
+/// how it ended: by `change`, or by the decision recorded first. If the
+/// store cannot be reached, the change is applied to the worker's copy:
+/// the command does not run either way.
+async fn end_approval(approvals: &Approvals, approval: &Approval, change: Change) -> Approval {
+    let now = chrono::Utc::now();
+    let local = || {
+        approval.apply(&change, now).unwrap_or_else(|_| {
+            let mut a = approval.clone();
+            a.state = ApprovalState::Cancelled;
+            a
+        })
+    };
+    match approvals.change(approval.id, &change, now).await {
+        Ok(a) => a,
+        Err(ApprovalError::Refused(_)) => match approvals.get(approval.id).await {
+            Ok(Some((a, _))) if a.state.is_terminal() => a,
+            _ => local(),
+        },
+        Err(e) => {
+            tracing::warn!(approval = %approval.id, change = change.name(), error = %e, "cannot record the end of the approval; the command does not run");
+            local()
+        }
+    }
 }
 
 /// Records events through the shared publisher.

@@ -41,6 +41,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, BytesMut};
+use gatehouse_events::approval::ApprovalState;
 use gatehouse_events::{CommandReceived, DecisionEffect, Identity, Payload, Protocol};
 use gatehouse_pgwire::{self as pg, FrontendMessage, TransactionStatus};
 use gatehouse_policies::{Bundle, Engine, TargetInfo};
@@ -691,10 +692,16 @@ impl Recorded {
     /// Refused when it arrived (denied, awaiting approval, or an unknown
     /// name): its message is replaced by one the server fails on.
     fn refused(&self) -> bool {
-        self.command
-            .decision
+        let granted = self
+            .command
+            .approval
             .as_ref()
-            .is_some_and(|d| d.enforced && d.effect != DecisionEffect::Allow)
+            .is_some_and(|a| a.state == ApprovalState::Granted);
+        self.command.decision.as_ref().is_some_and(|d| {
+            d.enforced
+                && (d.effect == DecisionEffect::Deny
+                    || (d.effect == DecisionEffect::ApprovalRequired && !granted))
+        })
     }
 }
 
@@ -1320,10 +1327,11 @@ impl Model {
         Ok(())
     }
 
-    /// What the default policies forbid this identity to run.
-    fn forbidden(&self, st: &St) -> Option<&'static str> {
+    /// What the default policies forbid this identity to run (`approved`:
+    /// the command's approval was granted, which an unbounded write needs).
+    fn forbidden(&self, st: &St, approved: bool) -> Option<&'static str> {
         match st {
-            St::Write { all: true } => Some("an UPDATE or DELETE without WHERE"),
+            St::Write { all: true } if !approved => Some("an UPDATE or DELETE without WHERE"),
             St::Select { outside: true, .. } | St::Do(_) if self.who != Who::Dba => {
                 Some("a statement only group dba may run")
             }
@@ -1346,7 +1354,13 @@ impl Model {
             ));
         }
         self.stats[0] += 1;
-        if let Some(what) = self.forbidden(st)
+        let approved = run.event.is_some_and(|e| {
+            e.command
+                .approval
+                .as_ref()
+                .is_some_and(|a| a.state == ApprovalState::Granted)
+        });
+        if let Some(what) = self.forbidden(st, approved)
             && !self.excused()
         {
             panic!(
@@ -1691,7 +1705,12 @@ impl Model {
         self.active = Some(name.to_owned());
         if st.selects() && portal.fetched > 0 {
             // Resuming a suspended portal: no side effects again.
-            if let Some(what) = self.forbidden(&st) {
+            let approved = event
+                .command
+                .approval
+                .as_ref()
+                .is_some_and(|a| a.state == ApprovalState::Granted);
+            if let Some(what) = self.forbidden(&st, approved) {
                 assert!(self.excused(), "the server runs {what}: {st:?}");
             }
             self.injected()?;
@@ -2000,6 +2019,8 @@ struct Fuzz {
     /// Events handed over and not yet acknowledged, with the settings
     /// they were read with.
     handed: Option<(Vec<gatehouse_events::Event>, Parsing)>,
+    /// Approvals decided so far.
+    approvals: u64,
     /// Written by the worker to the target, not yet read by it.
     target_wire: BytesMut,
     /// From the target, not yet consumed by the worker.
@@ -2068,6 +2089,7 @@ impl Fuzz {
             client_bytes: 0,
             client_garbled: false,
             handed: None,
+            approvals: 0,
             target_wire: BytesMut::new(),
             target_buf: BytesMut::new(),
             target_bytes: 0,
@@ -2297,6 +2319,23 @@ impl Fuzz {
         self.pump_client();
     }
 
+    /// A command parked for its approval is decided at once: granted and
+    /// denied in turn.
+    fn decide_approval(&mut self) {
+        let Some(mut approval) = self.machine.take_approval() else {
+            return;
+        };
+        self.machine.approval_requested(Ok(()));
+        self.approvals += 1;
+        approval.state = if self.approvals % 2 == 1 {
+            ApprovalState::Granted
+        } else {
+            ApprovalState::Denied
+        };
+        trace!("approval {}", approval.state.as_str());
+        self.machine.approval_decided(&approval, &self.state, 0);
+    }
+
     /// The worker reads from the client as long as it takes input.
     fn pump_client(&mut self) {
         for _ in 0..64 {
@@ -2311,6 +2350,7 @@ impl Fuzz {
             );
             self.machine
                 .client_input(&mut self.client_buf, &self.state, 0);
+            self.decide_approval();
             let events = self.machine.take_events();
             self.after_machine();
             if let Some(events) = events {

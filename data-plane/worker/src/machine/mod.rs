@@ -52,6 +52,9 @@ use std::sync::atomic::Ordering;
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, BytesMut};
+use gatehouse_events::approval::{
+    APPROVAL_SCHEMA_VERSION, Approval, ApprovalLink, ApprovalState, ApprovalTarget,
+};
 use gatehouse_events::{
     CloseReason, CommandReceived, DecisionRecord, Event, ExecutedStatement, Param, ParamFormat,
     Payload, Protocol, Redaction,
@@ -66,7 +69,7 @@ use gatehouse_policies::{
 use crate::encoding::{self, Parsing};
 use crate::error::ClientError;
 use crate::masking::ResponseMask;
-use crate::policy::{CommandDecision, PolicyState, SessionPolicy};
+use crate::policy::{ApprovalNeed, CommandDecision, PolicyState, SessionPolicy};
 use crate::session::SessionCtx;
 use response::ResponseLog;
 
@@ -209,6 +212,25 @@ struct Chunk {
     events: Vec<Event>,
     /// Events handed over for recording.
     recording: u64,
+    /// Once its events are recorded, refuse it with this instead of
+    /// running it (an approval that was not granted).
+    refusal: Option<ClientError>,
+}
+
+impl Chunk {
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty() && self.entries.is_empty() && self.events.is_empty()
+    }
+}
+
+/// A command waiting for its approval: the read it is (alone), held, and
+/// the approval asked for it.
+#[derive(Debug)]
+struct Parked {
+    chunk: Chunk,
+    approval: Approval,
+    /// Handed to the pump to record.
+    requested: bool,
 }
 
 /// The client's open extended-protocol batch (messages since its last
@@ -300,6 +322,12 @@ pub(crate) struct Machine {
     /// A read whose events are being recorded: nothing of it goes on before
     /// they are.
     held: Option<Chunk>,
+    /// A command waiting for its approval: nothing more from the client is
+    /// read until it is decided.
+    parked: Option<Parked>,
+    /// The command just read needs an approval: the read ends with it and
+    /// is parked.
+    parking: Option<ApprovalNeed>,
     batch: Batch,
     /// The target is in COPY-in mode and the client has not ended it: it
     /// ignores `Sync` meanwhile.
@@ -367,6 +395,8 @@ impl Machine {
             portals: Names::default(),
             pending: VecDeque::new(),
             held: None,
+            parked: None,
+            parking: None,
             batch: Batch::default(),
             client_copy: false,
             barrier: false,
@@ -401,7 +431,10 @@ impl Machine {
     /// Whether the machine takes client input now: not while a read's
     /// events are being recorded, nor once the session is ending.
     pub fn accepts_client(&self) -> bool {
-        self.held.is_none() && self.closing.is_none() && self.ended.is_none()
+        self.held.is_none()
+            && self.parked.is_none()
+            && self.closing.is_none()
+            && self.ended.is_none()
     }
 
     /// Whether [`Machine::client_input`] has anything to act on: client
@@ -633,9 +666,12 @@ impl Machine {
         self.finish_chunk(chunk);
     }
 
-    /// Sends a chunk on, or holds it until its events are recorded.
+    /// Sends a chunk on, holds it until its events are recorded, or parks
+    /// it until its approval is decided.
     fn finish_chunk(&mut self, chunk: Chunk) {
-        if chunk.events.is_empty() {
+        if let Some(need) = self.parking.take() {
+            self.park(chunk, need);
+        } else if chunk.events.is_empty() {
             self.to_target.extend_from_slice(&chunk.bytes);
             self.pending.extend(chunk.entries);
             self.answer_front();
@@ -657,6 +693,10 @@ impl Machine {
             return;
         };
         match result {
+            Ok(()) if held.refusal.is_some() => {
+                let refusal = held.refusal.expect("checked");
+                self.unrecorded(held.entries, refusal);
+            }
             Ok(()) => {
                 self.ctx
                     .commands
@@ -1016,7 +1056,13 @@ impl Machine {
             .decide_with(state, &facts, |name| lookup(&resolved, name));
         let executes = executed(&resolved);
         let effective = effective_facts(&facts, &resolved);
-        let (record, refusal) = self.with_mask_refusal(state, &facts, decision, &effective);
+        let (record, refusal, approval) =
+            self.with_mask_refusal(state, &facts, decision, &effective);
+        if approval.is_some() && !chunk.is_empty() {
+            // What the client sent before it goes on first: the command
+            // waits for its approval alone, read again then.
+            return Step::Wait(frame.clone());
+        }
         let changes: VecDeque<Vec<Change<Prepared>>> = match refusal {
             Some(_) => VecDeque::new(),
             None => effective
@@ -1074,7 +1120,18 @@ impl Machine {
         {
             self.barrier = true;
         }
-        Step::Next
+        self.park_after(approval)
+    }
+
+    /// Ends the read with the command just read if it needs an approval.
+    fn park_after(&mut self, approval: Option<ApprovalNeed>) -> Step {
+        match approval {
+            Some(need) => {
+                self.parking = Some(need);
+                Step::Stop
+            }
+            None => Step::Next,
+        }
     }
 
     fn parse(&mut self, frame: &Frame, p: pg::Parse<'_>, chunk: &mut Chunk, state: &PolicyState) {
@@ -1204,7 +1261,12 @@ impl Machine {
             .policy
             .decide_with(state, facts, |name| lookup(&resolved, name));
         let effective = effective_facts(facts, &resolved);
-        let (record, refusal) = self.with_mask_refusal(state, facts, decision, &effective);
+        let (record, refusal, approval) =
+            self.with_mask_refusal(state, facts, decision, &effective);
+        if approval.is_some() && !chunk.is_empty() {
+            // What the client sent before it goes on first.
+            return Step::Wait(frame.clone());
+        }
         chunk.events.push(self.command(
             Protocol::Extended,
             statement.text.to_string(),
@@ -1259,7 +1321,7 @@ impl Machine {
         if self.may_change_parsing(facts, &effective) {
             self.batch.changes_parsing = true;
         }
-        Step::Next
+        self.park_after(approval)
     }
 
     /// A `Query` ends the client's open batch.
@@ -1461,6 +1523,178 @@ impl Machine {
             redactions,
             approval: None,
         }))
+    }
+
+    // ---------------------------------------------------------------
+    // Approvals.
+    // ---------------------------------------------------------------
+
+    /// Parks the read that ends with a command needing an approval (the
+    /// command is all it holds): its bytes and event wait, and the
+    /// approval is built from the event, so that what is approved is
+    /// what was recorded and what runs.
+    fn park(&mut self, chunk: Chunk, need: ApprovalNeed) {
+        let command = match chunk.events.last().map(|e| (&e.payload, e.time)) {
+            Some((Payload::CommandReceived(c), time)) => (c.clone(), time),
+            _ => {
+                // Nothing to approve: the read goes on as any other.
+                self.held = Some(chunk);
+                return;
+            }
+        };
+        let (command, requested_at) = command;
+        let target = &self.policy.target;
+        let approval = Approval {
+            schema_version: APPROVAL_SCHEMA_VERSION,
+            id: uuid::Uuid::now_v7(),
+            state: ApprovalState::Pending,
+            requested_at,
+            expires_at: requested_at + chrono::Duration::seconds(i64::from(need.timeout_secs)),
+            requester: self.ctx.identity.clone(),
+            session_id: self.ctx.session_id,
+            worker_id: self.ctx.worker_id.clone(),
+            target: ApprovalTarget {
+                name: target.name.clone(),
+                kind: target.kind.clone(),
+                environment: target.environment.clone(),
+                tags: target.tags.clone(),
+            },
+            command,
+            approvers_required: need.approvers,
+            grants: Vec::new(),
+            denial: None,
+            ended_at: None,
+            cancel_reason: None,
+        };
+        self.parked = Some(Parked {
+            chunk,
+            approval,
+            requested: false,
+        });
+    }
+
+    /// The approval to record for the parked command, once; the pump
+    /// calls [`Machine::approval_requested`] with the outcome.
+    pub fn take_approval(&mut self) -> Option<Approval> {
+        let parked = self.parked.as_mut().filter(|p| !p.requested)?;
+        parked.requested = true;
+        Some(parked.approval.clone())
+    }
+
+    /// The approval the parked command waits for, while it waits.
+    pub fn awaited_approval(&self) -> Option<&Approval> {
+        self.parked.as_ref().map(|p| &p.approval)
+    }
+
+    /// The outcome of recording the approval: the client is told where it
+    /// waits, or the command is refused (it never runs unrecorded).
+    pub fn approval_requested(&mut self, result: Result<(), RecordError>) {
+        let Some(parked) = &self.parked else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                let a = &parked.approval;
+                let reason = a
+                    .command
+                    .decision
+                    .as_ref()
+                    .and_then(|d| d.reason.clone())
+                    .unwrap_or_else(|| "a policy asks for it".into());
+                let approvers = match a.approvers_required {
+                    1 => "an approver".to_string(),
+                    n => format!("{n} approvers"),
+                };
+                pg::notice_response(
+                    &mut self.to_client,
+                    "01000",
+                    &format!(
+                        "this command waits for approval ({reason}): approval {id} is pending                          until {approvers} grant it (gatehouse approvals grant {id}, or POST                          /api/v1/approvals/{id}/grant); it expires at {expires}. Cancel the                          query to withdraw it.",
+                        id = a.id,
+                        expires = a.expires_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    ),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.ctx.session_id, error = ?e, "approval not recorded; the command is refused");
+                let mut chunk = self.parked.take().expect("checked").chunk;
+                chunk.refusal = Some(ClientError::event_log_unavailable());
+                self.held = Some(chunk);
+            }
+        }
+    }
+
+    /// The approval of the parked command has ended: it runs if granted
+    /// (and the session's identity is still in good standing), and is
+    /// refused otherwise; either way its event, which links the approval,
+    /// is recorded first.
+    pub fn approval_decided(&mut self, approval: &Approval, state: &PolicyState, now: i64) {
+        let Some(parked) = self
+            .parked
+            .take_if(|p| p.approval.id == approval.id && approval.state.is_terminal())
+        else {
+            return;
+        };
+        let mut chunk = parked.chunk;
+        if let Some(Payload::CommandReceived(c)) = chunk.events.last_mut().map(|e| &mut e.payload) {
+            c.approval = Some(ApprovalLink::of(approval));
+        }
+        let id = approval.id;
+        let mut end = None;
+        chunk.refusal = match approval.state {
+            ApprovalState::Granted if self.policy.revoked(state) => {
+                end = Some((
+                    ClientError::fatal("28000", "access for this identity has been revoked"),
+                    CloseReason::Revoked,
+                ));
+                Some(ClientError::error(
+                    "28000",
+                    format!(
+                        "approval {id} was granted, but access for this identity has been revoked meanwhile; the command did not run"
+                    ),
+                ))
+            }
+            ApprovalState::Granted if self.token_deadline.is_some_and(|d| now > d) => {
+                end = Some((
+                    ClientError::fatal(
+                        "28000",
+                        "the token has expired; reconnect with a fresh token",
+                    ),
+                    CloseReason::TokenExpired,
+                ));
+                Some(ClientError::error(
+                    "28000",
+                    format!(
+                        "approval {id} was granted, but the session's token expired meanwhile; the command did not run"
+                    ),
+                ))
+            }
+            ApprovalState::Granted => None,
+            ApprovalState::Denied => {
+                let (by, comment) = approval.denial.as_ref().map_or(("an approver", ""), |d| {
+                    (d.username.as_str(), d.comment.as_deref().unwrap_or(""))
+                });
+                Some(ClientError::error(
+                    "42501",
+                    format!("approval {id} was denied by {by}: {comment}"),
+                ))
+            }
+            ApprovalState::Expired => Some(ClientError::error(
+                "57014",
+                format!(
+                    "approval {id} expired at {} without a decision; the command did not run",
+                    approval.expires_at.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+            )),
+            ApprovalState::Cancelled | ApprovalState::Pending => Some(ClientError::error(
+                "57014",
+                format!("canceling statement due to user request: approval {id} was withdrawn"),
+            )),
+        };
+        self.held = Some(chunk);
+        if let Some((error, reason)) = end {
+            self.close(error, reason);
+        }
     }
 
     // ---------------------------------------------------------------
@@ -1675,16 +1909,21 @@ impl Machine {
         facts: &Classification,
         decision: CommandDecision,
         effective: &[Cow<'_, StatementFacts>],
-    ) -> (Option<DecisionRecord>, Option<ClientError>) {
+    ) -> (
+        Option<DecisionRecord>,
+        Option<ClientError>,
+        Option<ApprovalNeed>,
+    ) {
         if decision.refusal.is_some() {
-            return (decision.record, decision.refusal);
+            return (decision.record, decision.refusal, None);
         }
         match self.mask_refusal(effective) {
             Some(error) => (
                 Some(self.policy.refused_record(state, facts, &error.message)),
                 Some(error),
+                None,
             ),
-            None => (decision.record, None),
+            None => (decision.record, None, decision.approval),
         }
     }
 

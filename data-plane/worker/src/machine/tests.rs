@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
+use gatehouse_events::approval::{Approval, ApprovalState};
 use gatehouse_events::{DecisionEffect, Event, Identity, Payload};
 use gatehouse_pgwire::TransactionStatus;
 use gatehouse_policies::{Bundle, Engine, TargetInfo};
@@ -365,18 +366,48 @@ impl Harness {
         self.pump(true);
     }
 
-    /// Feeds buffered client input until the machine takes no more.
+    /// Feeds buffered client input until the machine takes no more (as
+    /// the pump does: again while a frame it put aside can go on).
     pub fn pump(&mut self, ack: bool) {
         loop {
+            let before = (self.client.len(), self.machine.to_target.len());
             self.machine.client_input(&mut self.client, &self.state, 0);
             match self.machine.take_events() {
                 Some(events) if ack => {
                     self.recorded.extend(events);
                     self.machine.recorded(Ok(()));
                 }
-                _ => return,
+                Some(_) => return,
+                None if self.machine.stash.is_some()
+                    && before != (self.client.len(), self.machine.to_target.len()) => {}
+                None => return,
             }
         }
+    }
+
+    /// The parked command's approval, recorded: the client is told.
+    pub fn request_approval(&mut self) -> Approval {
+        let approval = self.machine.take_approval().expect("a command waits");
+        assert!(self.machine.take_approval().is_none(), "requested once");
+        assert!(!self.machine.accepts_client(), "nothing more is read");
+        self.machine.approval_requested(Ok(()));
+        approval
+    }
+
+    /// The approval ends in `state`; what follows is read on.
+    pub fn decide(&mut self, approval: &Approval, state: ApprovalState) {
+        let mut decided = approval.clone();
+        decided.state = state;
+        if state == ApprovalState::Denied {
+            decided.denial = Some(gatehouse_events::approval::Verdict {
+                subject: "u-bob".into(),
+                username: "bob".into(),
+                at: chrono::Utc::now(),
+                comment: Some("not on a Friday".into()),
+            });
+        }
+        self.machine.approval_decided(&decided, &self.state, 0);
+        self.pump(true);
     }
 
     /// The target answers `bytes`; then client input that waited is read.
@@ -393,6 +424,17 @@ impl Harness {
 
     pub fn answered(&mut self) -> Vec<Seen> {
         frames(&self.machine.to_client.split(), false)
+    }
+
+    /// The approvals recorded commands link, and how they ended.
+    pub fn approval_links(&self) -> Vec<(uuid::Uuid, ApprovalState)> {
+        self.recorded
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Payload::CommandReceived(c) => c.approval.as_ref().map(|a| (a.id, a.state)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The statement texts, executed texts and effects of recorded
@@ -565,9 +607,15 @@ fn sql_execute_of_a_protocol_statement_is_decided_by_its_text() {
     h.reply(&cat(&[parse_complete(), ready(b'I')]));
     h.answered();
     h.send(&query("EXECUTE px"));
+    assert!(h.sent().is_empty(), "it waits for an approval");
+    // What is approved is what runs: the statement px holds.
+    let approval = h.request_approval();
+    assert_eq!(approval.command.statement, "EXECUTE px");
+    assert_eq!(approval.command.executes[0].text, "DELETE FROM t");
+    h.decide(&approval, ApprovalState::Denied);
     assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
-    assert_eq!(h.answered(), vec![err("42501"), m('Z')]);
+    assert_eq!(h.answered(), vec![m('N'), err("42501"), m('Z')]);
     assert_eq!(
         h.commands(),
         vec![(
@@ -576,6 +624,102 @@ fn sql_execute_of_a_protocol_statement_is_decided_by_its_text() {
             ApprovalRequired
         )]
     );
+    assert_eq!(
+        h.approval_links(),
+        vec![(approval.id, ApprovalState::Denied)]
+    );
+}
+
+/// A command that needs approval waits alone: what the client sent before
+/// it runs, what it sent after waits with it, and once granted it runs
+/// (recorded first, linked to its approval) and the rest follows in order.
+#[test]
+fn a_command_waits_for_its_approval_and_runs_once_granted() {
+    let mut h = Harness::user();
+    h.send(&cat(&[
+        query("SELECT 1"),
+        query("DELETE FROM t"),
+        query("SELECT 2"),
+    ]));
+    assert_eq!(h.sent(), vec![text('Q', "SELECT 1")]);
+    let approval = h.request_approval();
+    assert_eq!(approval.command.statement, "DELETE FROM t");
+    assert_eq!(approval.approvers_required, 1);
+    assert_eq!(
+        (approval.expires_at - approval.requested_at).num_seconds(),
+        300,
+        "the default timeout"
+    );
+    assert_eq!(approval.requester.username, "alice");
+    h.reply(&cat(&[command_complete("SELECT 1"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![m('N'), m('C'), m('Z')]);
+    assert!(h.sent().is_empty(), "nothing runs while it waits");
+    // Another approval's outcome changes nothing.
+    let mut other = approval.clone();
+    other.id = uuid::Uuid::now_v7();
+    other.state = ApprovalState::Granted;
+    h.machine.approval_decided(&other, &h.state, 0);
+    assert!(!h.machine.accepts_client());
+    h.decide(&approval, ApprovalState::Granted);
+    assert_eq!(
+        h.sent(),
+        vec![text('Q', "DELETE FROM t"), text('Q', "SELECT 2")],
+        "it runs, then the rest, in order"
+    );
+    assert_eq!(
+        h.approval_links(),
+        vec![(approval.id, ApprovalState::Granted)]
+    );
+}
+
+/// An approval that expires or is withdrawn refuses the command with
+/// 57014, as a cancelled statement; the session goes on.
+#[test]
+fn an_expired_approval_refuses_the_command_and_the_session_goes_on() {
+    for state in [ApprovalState::Expired, ApprovalState::Cancelled] {
+        let mut h = Harness::user();
+        h.send(&query("UPDATE t SET a = 1"));
+        let approval = h.request_approval();
+        h.decide(&approval, state);
+        assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+        h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+        assert_eq!(h.answered(), vec![m('N'), err("57014"), m('Z')]);
+        h.send(&query("SELECT 1"));
+        assert_eq!(h.sent(), vec![text('Q', "SELECT 1")]);
+    }
+}
+
+/// A grant that arrives after the identity was revoked runs nothing and
+/// ends the session.
+#[test]
+fn a_grant_after_revocation_runs_nothing() {
+    let mut h = Harness::user();
+    h.send(&query("DELETE FROM t"));
+    let approval = h.request_approval();
+    h.state.revoked.insert(Revoked::Subject("sub-alice".into()));
+    h.decide(&approval, ApprovalState::Granted);
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(
+        h.answered(),
+        vec![m('N'), err("28000"), m('Z'), err("28000")],
+        "the command's refusal, then the session's end"
+    );
+    assert!(h.machine.ended().is_some());
+}
+
+/// The approval cannot be recorded: the command is refused, never run.
+#[test]
+fn an_approval_that_cannot_be_recorded_refuses_the_command() {
+    let mut h = Harness::user();
+    h.send(&query("DELETE FROM t"));
+    h.machine.take_approval().expect("it waits");
+    h.machine
+        .approval_requested(Err(RecordError::Unavailable("nats is down".into())));
+    h.pump(true);
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("58000"), m('Z')]);
 }
 
 #[test]
@@ -666,12 +810,21 @@ fn flush_after_a_denied_execute_is_answered() {
     ]));
     assert_eq!(
         h.sent(),
-        vec![
-            text('P', "DELETE FROM t"),
-            m('B'),
-            text('P', super::REFUSED_TEXT),
-            m('H')
-        ]
+        vec![text('P', "DELETE FROM t"), m('B')],
+        "what came before the Execute goes on; the Execute waits"
+    );
+    let approval = h.request_approval();
+    assert_eq!(approval.command.statement, "DELETE FROM t");
+    assert_eq!(
+        h.answered(),
+        vec![m('N')],
+        "the client is told where it waits"
+    );
+    h.decide(&approval, ApprovalState::Denied);
+    assert_eq!(
+        h.sent(),
+        vec![text('P', super::REFUSED_TEXT), m('H'), m('H')],
+        "the refusal, and the client's Flush"
     );
     h.reply(&cat(&[
         parse_complete(),
