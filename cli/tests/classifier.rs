@@ -61,11 +61,11 @@ async fn what_the_server_would_run_is_what_is_decided() {
             "SELECT ('/etc/hostname'::text).pg_read_file".into(),
             "only group dba",
         ),
-        // EXPLAIN ANALYSE runs its DELETE, which needs an approval.
+        // EXPLAIN ANALYSE runs its statement, decided as such.
         (
             &alice,
-            "EXPLAIN (ANALYSE) DELETE FROM t".into(),
-            "needs an approval",
+            "EXPLAIN (ANALYSE) SELECT pg_read_file('/etc/hostname')".into(),
+            "only group dba",
         ),
         (&bot, "EXPLAIN ANALYZE DELETE FROM t WHERE id = 1".into(), "read-only"),
         // Code whose effects cannot be known from its text.

@@ -334,7 +334,13 @@ async fn a_reinstated_identity_logs_in_again_without_restarting_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_records_would_be_denials_until_it_ends_and_never_relaxes_an_agent() {
-    let env = Env::start().await;
+    // Approvals nobody decides expire at once: an enforced DELETE without
+    // WHERE fails after a second rather than waiting for an approver.
+    let env = Env::start_with(support::Options {
+        bundle: support::defaults_with_approval("@approval_timeout(\"1s\")"),
+        ..Default::default()
+    })
+    .await;
     env.target()
         .await
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
@@ -398,12 +404,13 @@ async fn dry_run_records_would_be_denials_until_it_ends_and_never_relaxes_an_age
         assert!(c["decision"].get("dry_run_until").is_none(), "{c}");
     }
 
-    // Once it has ended, by the worker's clock, everything is enforced.
+    // Once it has ended, by the worker's clock, everything is enforced:
+    // the DELETE waits for an approval, which expires.
     eventually("the dry-run to end", || async {
         alice
             .batch_execute("DELETE FROM t")
             .await
-            .is_err_and(|e| code(&e) == "42501")
+            .is_err_and(|e| code(&e) == "57014")
     })
     .await;
     env.cleanup().await;

@@ -145,13 +145,23 @@ async fn sql_execute_runs_and_records_what_the_server_has_under_the_name() {
     assert!(alice.reply().await.ok(), "preparing runs nothing");
     let collide = alice.query("PREPARE px AS SELECT 1").await;
     assert_eq!(collide.errors[0].code, "42P05", "{collide:?}");
-    let run = alice.query("EXECUTE px").await;
+    // A DELETE without WHERE needs an approval: the approver sees what
+    // px holds, and denies it.
+    let (run, ()) = tokio::join!(alice.query("EXECUTE px"), async {
+        let pending = env.pending_approvals(1).await;
+        assert_eq!(
+            pending[0]["command"]["executes"][0]["text"],
+            "DELETE FROM t"
+        );
+        let id = pending[0]["id"].as_str().unwrap();
+        let (status, body) = env
+            .decide_approval("dave", id, "deny", serde_json::json!({"comment": "no"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    });
     assert_eq!(run.errors.len(), 1, "{run:?}");
     assert_eq!(run.errors[0].code, "42501", "{run:?}");
-    assert!(
-        run.errors[0].message.contains("approval"),
-        "a DELETE without WHERE needs one: {run:?}"
-    );
+    assert!(run.errors[0].message.contains("denied by dave"), "{run:?}");
     assert_eq!(ids(&env).await, [1, 2], "nothing deleted");
     let audit = env.audit_commands("alice", 2).await;
     let execute = audit
@@ -261,6 +271,13 @@ async fn flush_after_a_denied_execute_gets_the_error_and_the_batch_rolls_back() 
     execute(&mut out, "");
     flush(&mut out);
     alice.send(&out).await;
+    // The DELETE waits for an approval, denied here.
+    let pending = env.pending_approvals(1).await;
+    let id = pending[0]["id"].as_str().unwrap();
+    let (status, body) = env
+        .decide_approval("dave", id, "deny", serde_json::json!({"comment": "no"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
     let mut seen = Vec::new();
     loop {
         let (tag, body) = alice
@@ -274,8 +291,8 @@ async fn flush_after_a_denied_execute_gets_the_error_and_the_batch_rolls_back() 
         }
     }
     assert_eq!(
-        seen, b"12C12E",
-        "ParseComplete, BindComplete, … then the error"
+        seen, b"N12C12E",
+        "the notice of the approval, ParseComplete, BindComplete, … then the error"
     );
     let mut out = BytesMut::new();
     sync(&mut out);

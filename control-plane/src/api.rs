@@ -45,6 +45,8 @@ pub struct ApiState {
     pub policy: crate::policy_api::PolicyApi,
     /// The projector's counters.
     pub projector: Arc<crate::ProjectorStats>,
+    /// Approvals of commands waiting in sessions.
+    pub approvals: gatehouse_policystore::approvals::Approvals,
 }
 
 /// The control plane's routes, state applied.
@@ -58,7 +60,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .merge(auth::require(audit, &state, ApiAction::ReadAudit))
         .merge(auth::require(quarantine, &state, ApiAction::ReadQuarantine))
-        .merge(crate::policy_api::routes(&state));
+        .merge(crate::policy_api::routes(&state))
+        .merge(crate::approval_api::routes(&state));
     auth::layer(routes, &state).with_state(state)
 }
 
@@ -432,6 +435,12 @@ pub(crate) enum ApiError {
     Unauthorized(&'static str),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The resource is not in a state that allows the request (an approval
+    /// already decided).
+    #[error("{0}")]
+    Conflict(String),
     /// A request the server understood but whose content is invalid, with
     /// details (e.g. policy problems with file:line).
     #[error("{message}")]
@@ -469,6 +478,8 @@ impl IntoResponse for ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

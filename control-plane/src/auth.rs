@@ -67,7 +67,7 @@ impl Authority {
     /// no bundle). A store that cannot be read is 503. A current bundle
     /// that does not validate (it cannot have come through the API) leaves
     /// the built-in policies to decide replacing it, and refuses the rest.
-    async fn engine(
+    pub(crate) async fn engine(
         &self,
         s: &ApiState,
         action: ApiAction,
@@ -110,12 +110,33 @@ pub(crate) fn layer(router: Router<ApiState>, state: &ApiState) -> Router<ApiSta
 
 /// A caller admitted by [`require`].
 #[derive(Debug, Clone)]
-pub(crate) struct Caller(pub VerifiedToken);
+pub(crate) struct Caller {
+    pub token: VerifiedToken,
+    /// The address the request came from (`0.0.0.0` when unknown).
+    pub source_ip: String,
+}
 
 impl Caller {
     pub fn subject(&self) -> &str {
-        &self.0.identity.subject
+        &self.token.identity.subject
     }
+}
+
+/// The Cedar principal of a verified identity, built as the worker builds
+/// a session's: a delegated token is the agent acting, in no group of the
+/// person it acts for.
+pub(crate) fn principal(identity: &gatehouse_identity::Identity, agent_group: &str) -> Principal {
+    Principal::from_claims(
+        identity.subject.clone(),
+        Some(identity.username.clone()),
+        identity.groups.clone(),
+        identity
+            .delegation
+            .iter()
+            .map(|a| a.subject.clone())
+            .collect(),
+        agent_group,
+    )
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -203,17 +224,7 @@ async fn admit(
 
     user_name(s, identity).await?;
 
-    let principal = Principal::from_claims(
-        identity.subject.clone(),
-        Some(identity.username.clone()),
-        identity.groups.clone(),
-        identity
-            .delegation
-            .iter()
-            .map(|a| a.subject.clone())
-            .collect(),
-        &s.policy.config.agent_group,
-    );
+    let principal = principal(identity, &s.policy.config.agent_group);
     let engine = authority.engine(s, action).await?;
     let decision = authority
         .policies
@@ -237,7 +248,10 @@ async fn admit(
         }
         return Err(ApiError::Forbidden(message));
     }
-    Ok(Caller(verified))
+    Ok(Caller {
+        token: verified,
+        source_ip: source_ip.to_string(),
+    })
 }
 
 /// The caller's user name is one the workers would let it log in under,

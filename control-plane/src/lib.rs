@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod approval_api;
 mod audit;
 mod auth;
 mod config;
@@ -60,6 +61,11 @@ pub async fn run(
     let audit = connect_audit_db(&config).await?;
     let publisher = log.publisher().await?;
     let store = gatehouse_policystore::PolicyStore::open(&log.records(), &policy).await?;
+    let approvals = gatehouse_policystore::approvals::Approvals::open(
+        &log.records(),
+        &policy.revocation_stream,
+    )
+    .await?;
     let source = format!("control-plane-{}", std::process::id());
     let policy = PolicyApi::new(store, publisher, policy, source);
     let projector = Projector::new(audit.clone(), &log, config.consumer.clone()).await?;
@@ -75,6 +81,7 @@ pub async fn run(
         max_page: config.max_page,
         policy,
         projector: projector_stats,
+        approvals,
     })
     .merge(extra_routes);
     let listener = listener.into();

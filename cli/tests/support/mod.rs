@@ -79,6 +79,28 @@ pub async fn audit_count(
     rows[0].0
 }
 
+/// The default bundle with `annotations` (e.g. `@approval_timeout("1s")`)
+/// added to its approval forbid.
+pub fn defaults_with_approval(annotations: &str) -> gatehouse_policies::Bundle {
+    let defaults = gatehouse_policies::Bundle::defaults();
+    let files = defaults
+        .files
+        .iter()
+        .map(|(name, text)| {
+            let text = if name.contains("need-approval") {
+                text.replace(
+                    "@approval(\"required\")",
+                    &format!("@approval(\"required\")\n{annotations}"),
+                )
+            } else {
+                text.clone()
+            };
+            (name.clone(), text)
+        })
+        .collect();
+    gatehouse_policies::Bundle::new("approval-test", files, defaults.schema.clone())
+}
+
 pub struct Options {
     pub nats_url: String,
     /// The embedded event log and audit store (a SQLite file each in the
@@ -326,6 +348,57 @@ impl Env {
         }
     }
 
+    /// The pending approvals an approver sees, once there are `n`.
+    pub async fn pending_approvals(&self, n: usize) -> Vec<Value> {
+        let token = self.stack().api_token("watcher", &["approvers"]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let body: Value = self
+                .http
+                .get(self.api("/api/v1/approvals?state=pending"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let list = body["approvals"].as_array().unwrap().clone();
+            if list.len() >= n {
+                return list;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} pending approvals expected, found {list:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POSTs an approver's decision (`grant` or `deny`) on approval `id`:
+    /// the status and the body.
+    pub async fn decide_approval(
+        &self,
+        approver: &str,
+        id: &str,
+        verb: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let token = self.stack().api_token(approver, &["approvers"]);
+        let r = self
+            .http
+            .post(self.api(&format!("/api/v1/approvals/{id}/{verb}")))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Statement texts of `identity`'s projected commands, oldest first.
     pub async fn audit_statements(&self, identity: &str, expect: usize) -> Vec<String> {
         self.audit_commands(identity, expect)
@@ -344,9 +417,11 @@ impl Env {
             let _ = js.delete_stream(&self.events.stream).await;
             let _ = js.delete_stream(&self.policy.bundle_stream).await;
             let _ = js.delete_stream(&self.policy.revocation_stream).await;
-            let _ = js
-                .delete_stream(format!("{}_USERNAMES", self.policy.revocation_stream))
-                .await;
+            for registry in ["USERNAMES", "APPROVALS"] {
+                let _ = js
+                    .delete_stream(format!("{}_{registry}", self.policy.revocation_stream))
+                    .await;
+            }
         }
         let admin = admin().await;
         // DROP DATABASE waits until every backend of the server has taken
