@@ -188,15 +188,16 @@ async fn stream(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let changes = s.approvals.follow_all().await.map_err(unavailable)?;
     let events = changes.filter_map(|r| async move {
         match r {
-            Ok((approval, change)) => {
+            Ok(c) => {
+                let name = if c.change.is_empty() {
+                    "changed".to_string()
+                } else {
+                    c.change
+                };
                 let event = SseEvent::default()
-                    .event(if change.is_empty() {
-                        "changed".into()
-                    } else {
-                        change
-                    })
-                    .id(approval.id.to_string())
-                    .json_data(&approval)
+                    .event(name)
+                    .id(c.sequence.to_string())
+                    .json_data(&c.approval)
                     .ok()?;
                 Some(Ok::<_, Infallible>(event))
             }

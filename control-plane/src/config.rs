@@ -26,6 +26,12 @@ pub struct ControlPlaneConfig {
     pub auditor_group: String,
     /// Largest page the audit API returns (`limit` is capped at it).
     pub max_page: u32,
+    /// Webhooks told of every approval change (`[[control_plane.approval_webhooks]]`).
+    pub approval_webhooks: Vec<crate::notify::WebhookConfig>,
+    /// Where people open an approval, `{id}` standing for its id (e.g.
+    /// `https://console.example.com/approvals/{id}`): the link in
+    /// notifications.
+    pub approval_link: Option<String>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -36,6 +42,8 @@ impl Default for ControlPlaneConfig {
             consumer: "gatehouse-projector".into(),
             auditor_group: "auditors".into(),
             max_page: 500,
+            approval_webhooks: Vec::new(),
+            approval_link: None,
         }
     }
 }

@@ -23,6 +23,7 @@ mod audit;
 mod auth;
 mod config;
 mod listener;
+mod notify;
 mod policy_api;
 mod projector;
 
@@ -38,6 +39,7 @@ pub use api::{ApiState, router};
 pub use audit::{AuditStore, DbError, connect_audit_db};
 pub use config::{AuditDbTls, ControlPlaneConfig};
 pub use listener::{ApiListener, ApiTlsError};
+pub use notify::{WebhookConfig, WebhookFormat};
 pub use policy_api::PolicyApi;
 pub use projector::{Projector, ProjectorError, ProjectorStats};
 
@@ -70,6 +72,12 @@ pub async fn run(
     let policy = PolicyApi::new(store, publisher, policy, source);
     let projector = Projector::new(audit.clone(), &log, config.consumer.clone()).await?;
 
+    let hooks = notify::prepare(&config.approval_webhooks).map_err(anyhow::Error::msg)?;
+    let notifier = tokio::spawn(notify::run(
+        approvals.clone(),
+        hooks,
+        config.approval_link.clone(),
+    ));
     let projector_stats = projector.stats();
     let shutdown = shutdown.shared();
     let projector = tokio::spawn(projector.run(shutdown.clone()));
@@ -107,6 +115,7 @@ pub async fn run(
             }
         }
     };
+    notifier.abort();
     if let Err(e) = served {
         projector.abort();
         return Err(e).context("control plane API server failed");

@@ -331,6 +331,25 @@ impl RecordStream {
         }
     }
 
+    /// The sequence of the last record published (0 when none).
+    pub async fn last_sequence(&self) -> Result<u64, RecordError> {
+        match &self.inner {
+            Inner::JetStream { stream, .. } => {
+                let mut stream = stream.as_ref().clone();
+                let info = stream.info().await.map_err(unavailable)?;
+                Ok(info.state.last_sequence)
+            }
+            Inner::Embedded { log, settings } => {
+                let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM records WHERE stream = ?")
+                    .bind(&settings.name)
+                    .fetch_one(log.readers())
+                    .await
+                    .map_err(unavailable)?;
+                Ok(seq_of(row.get(0)))
+            }
+        }
+    }
+
     /// Publishes a record on `subject`, with `expected`, only if the
     /// subject's last sequence is that (0: it has none), and returns its
     /// sequence. With `id`,

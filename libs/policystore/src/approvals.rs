@@ -177,20 +177,38 @@ impl Approvals {
             .boxed())
     }
 
-    /// Every approval's last record, then every change to any, with the
-    /// change's name.
+    /// The sequence of the last change recorded (0 when none): where a
+    /// follower that wants only what happens from now on starts.
+    pub async fn position(&self) -> Result<u64, ApprovalError> {
+        Ok(self.stream.last_sequence().await?)
+    }
+
+    /// Every approval's last record, then every change to any.
     pub async fn follow_all(
         &self,
-    ) -> Result<BoxStream<'static, Result<(Approval, String), ApprovalError>>, ApprovalError> {
+    ) -> Result<BoxStream<'static, Result<Changed, ApprovalError>>, ApprovalError> {
         let records = self.stream.follow(&format!("{}.>", self.prefix)).await?;
         Ok(records
             .map(|r| {
                 let r = r?;
-                let change = r.header(CHANGE_HEADER).unwrap_or_default().to_string();
-                Ok((read(&r)?, change))
+                Ok(Changed {
+                    change: r.header(CHANGE_HEADER).unwrap_or_default().to_string(),
+                    sequence: r.sequence,
+                    approval: read(&r)?,
+                })
             })
             .boxed())
     }
+}
+
+/// One change to an approval, as followed.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    pub approval: Approval,
+    /// `requested`, `granted`, `denied`, `expired` or `cancelled`.
+    pub change: String,
+    /// The record's sequence in the approvals stream.
+    pub sequence: u64,
 }
 
 fn read(r: &Record) -> Result<Approval, ApprovalError> {

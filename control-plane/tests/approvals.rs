@@ -1,0 +1,269 @@
+//! Approvals through two control planes against one NATS (127.0.0.1:4222):
+//! racing decisions end in one outcome, a restarted control plane finds
+//! what is pending, and webhooks get each change, signed.
+
+mod support;
+
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use gatehouse_control_plane::{WebhookConfig, WebhookFormat};
+use gatehouse_eventlog::RecordStore;
+use gatehouse_events::approval::{Approval, ApprovalState, ApprovalTarget};
+use gatehouse_events::{CommandReceived, Identity, Protocol};
+use gatehouse_policystore::approvals::Approvals;
+use gatehouse_testkit::eventually;
+use serde_json::{Value, json};
+use support::{Env, Running};
+use uuid::Uuid;
+
+const APPROVERS: &str = "@id(\"approvers\") permit (principal in Gatehouse::Group::\"approvers\", \
+    action in [Gatehouse::Action::\"approve\", Gatehouse::Action::\"api:read-approvals\"], resource);";
+
+async fn push_approvers(env: &Env, cp: &Running) {
+    let r = env
+        .http
+        .post(format!("{}/api/v1/policies", cp.url))
+        .bearer_auth(&cp.admin)
+        .json(&json!({ "version": "approvers", "files": [["approvers.cedar", APPROVERS]] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+}
+
+async fn approvals(env: &Env) -> Approvals {
+    Approvals::open(
+        &RecordStore::JetStream(env.js.clone()),
+        &env.policy().revocation_stream,
+    )
+    .await
+    .unwrap()
+}
+
+/// What a worker records when a command needs approval.
+fn request(requester: &str) -> Approval {
+    let now = Utc::now();
+    Approval {
+        schema_version: 1,
+        id: Uuid::now_v7(),
+        state: ApprovalState::Pending,
+        requested_at: now,
+        expires_at: now + chrono::Duration::minutes(5),
+        requester: Identity {
+            issuer: "https://issuer.test".into(),
+            subject: requester.into(),
+            username: requester.into(),
+            groups: vec![],
+            delegation: vec![],
+        },
+        session_id: Uuid::now_v7(),
+        worker_id: "worker-1".into(),
+        target: ApprovalTarget {
+            name: "prod".into(),
+            kind: "postgres".into(),
+            environment: "prod".into(),
+            tags: vec![],
+        },
+        command: CommandReceived {
+            protocol: Protocol::Simple,
+            statement: "DELETE FROM accounts".into(),
+            statement_name: None,
+            portal: None,
+            params: vec![],
+            executes: vec![],
+            decision: None,
+            redactions: vec![],
+            approval: None,
+        },
+        approvers_required: 1,
+        grants: vec![],
+        denial: None,
+        ended_at: None,
+        cancel_reason: None,
+    }
+}
+
+async fn post(env: &Env, cp: &Running, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = env
+        .http
+        .post(format!("{}{path}", cp.url))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(env: &Env, cp: &Running, token: &str, path: &str) -> Value {
+    env.http
+        .get(format!("{}{path}", cp.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_racing_a_grant_and_a_deny_produce_one_outcome() {
+    Env::new("cpappr")
+        .await
+        .scope(async |env| {
+            let one = env.start().await;
+            let two = env.start().await;
+            push_approvers(env, &one).await;
+            let store = approvals(env).await;
+            let bob = env.token("bob", &["approvers"], &[]);
+            let carol = env.token("carol", &["approvers"], &[]);
+            for _ in 0..5 {
+                let a = request("alice");
+                store.request(&a).await.unwrap();
+                let id = a.id;
+                let (grant, deny) = (
+                    format!("/api/v1/approvals/{id}/grant"),
+                    format!("/api/v1/approvals/{id}/deny"),
+                );
+                let (granted, denied) = tokio::join!(
+                    post(env, &one, &bob, &grant, json!({})),
+                    post(env, &two, &carol, &deny, json!({"comment": "no"})),
+                );
+                let outcome = store.get(id).await.unwrap().unwrap().0;
+                match (granted.0, denied.0) {
+                    (200, 409) => assert_eq!(outcome.state, ApprovalState::Granted),
+                    (409, 200) => assert_eq!(outcome.state, ApprovalState::Denied),
+                    other => panic!("not one winner: {other:?} {granted:?} {denied:?}"),
+                }
+                // Both control planes show the winner.
+                for cp in [&one, &two] {
+                    let shown = get(env, cp, &bob, &format!("/api/v1/approvals/{id}")).await;
+                    assert_eq!(shown["state"], outcome.state.as_str());
+                }
+            }
+            one.stop().await;
+            two.stop().await;
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_finds_pending_approvals_and_webhooks_get_each_change_signed() {
+    let mut env = Env::new("cpwebhook").await;
+    // A receiver that refuses its first delivery (so it is retried) and
+    // keeps what it gets.
+    let got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
+    let calls = Arc::new(Mutex::new(0u32));
+    let (g, c) = (got.clone(), calls.clone());
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let (g, c) = (g.clone(), c.clone());
+            async move {
+                let first = {
+                    let mut n = c.lock().unwrap();
+                    *n += 1;
+                    *n == 1
+                };
+                if first {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                g.lock().unwrap().push((headers, body));
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, receiver).into_future());
+    let secret = "a-webhook-secret-of-some-length";
+    let var = format!("GATEHOUSE_TEST_HOOK_{}", Uuid::new_v4().simple());
+    // SAFETY: set once, before anything reads it, by this test only.
+    unsafe { std::env::set_var(&var, secret) };
+    env.config.approval_webhooks = vec![WebhookConfig {
+        url: hook_url,
+        secret_env: Some(var),
+        secret_file: None,
+        format: WebhookFormat::Json,
+    }];
+    env.config.approval_link = Some("https://console.test/approvals/{id}".into());
+
+    env.scope(async |env| {
+        let cp = env.start().await;
+        push_approvers(env, &cp).await;
+        let store = approvals(env).await;
+        let a = request("alice");
+        store.request(&a).await.unwrap();
+        let id = a.id;
+        let bob = env.token("bob", &["approvers"], &[]);
+        let listed = get(env, &cp, &bob, "/api/v1/approvals?state=pending").await;
+        assert_eq!(listed["approvals"][0]["id"], id.to_string());
+
+        // Killed while it is pending; a new one finds it and grants it.
+        cp.stop().await;
+        let cp = env.start().await;
+        let listed = get(env, &cp, &bob, "/api/v1/approvals?state=pending").await;
+        assert_eq!(listed["approvals"].as_array().unwrap().len(), 1);
+        assert_eq!(listed["approvals"][0]["id"], id.to_string());
+        let (status, body) = post(
+            env,
+            &cp,
+            &bob,
+            &format!("/api/v1/approvals/{id}/grant"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+
+        // The grant reached the webhook (retried after its first refusal),
+        // signed with the secret.
+        eventually("the webhook to get the grant", async || {
+            got.lock().unwrap().iter().any(|(h, _)| {
+                h.get("x-gatehouse-event")
+                    .is_some_and(|v| v == "approval.granted")
+            })
+        })
+        .await;
+        let got = got.lock().unwrap().clone();
+        let (headers, body) = got
+            .iter()
+            .find(|(h, _)| h["x-gatehouse-event"] == "approval.granted")
+            .unwrap();
+        let timestamp = headers["x-gatehouse-timestamp"].to_str().unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let mut signed = timestamp.as_bytes().to_vec();
+        signed.push(b'.');
+        signed.extend_from_slice(body);
+        let expected = format!(
+            "sha256={}",
+            hex::encode(ring::hmac::sign(&key, &signed).as_ref())
+        );
+        assert_eq!(headers["x-gatehouse-signature"], expected.as_str());
+        let (unix, now) = (timestamp.parse::<i64>().unwrap(), Utc::now().timestamp());
+        assert!((now - unix).abs() < 60);
+        let body: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(body["type"], "approval.granted");
+        assert_eq!(body["approval"]["id"], id.to_string());
+        assert_eq!(body["approval"]["grants"][0]["subject"], "bob");
+        assert_eq!(body["link"], format!("https://console.test/approvals/{id}"));
+        assert!(
+            headers["x-gatehouse-delivery"]
+                .to_str()
+                .unwrap()
+                .starts_with(&id.to_string())
+        );
+        // Nothing from before the restart was sent again; the first
+        // refusal was retried.
+        assert!(*calls.lock().unwrap() >= 2);
+        cp.stop().await;
+    })
+    .await;
+}
