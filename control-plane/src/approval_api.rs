@@ -13,9 +13,10 @@
 //! answers 409 naming the outcome.
 //!
 //! The approvals stream is the only state: a restarted control plane reads
-//! pending approvals from it. A pending approval seen past its expiry
-//! (its worker died before expiring it) is expired on reading, so it is
-//! shown as it ended.
+//! pending approvals from it. A pending approval seen past its expiry is
+//! expired on reading, and one whose worker's lease lapsed (the worker
+//! died, so the command can never run) is cancelled as `worker_lost`: each
+//! is shown as it ended.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -225,23 +226,36 @@ fn approver(caller: &Caller) -> Approver {
     }
 }
 
-/// A pending approval past its expiry and grace is expired now; the
-/// approval as it then stands.
+/// A pending approval past its expiry and grace is expired now, and one
+/// whose worker is gone is cancelled (`worker_lost`); the approval as it
+/// then stands.
 async fn settle(s: &ApiState, a: Approval) -> Approval {
     let now = Utc::now();
-    if a.state != ApprovalState::Pending
-        || now < a.expires_at + chrono::Duration::seconds(GRACE_SECS)
-    {
+    if a.state != ApprovalState::Pending {
         return a;
     }
-    match s.approvals.change(a.id, &Change::Expire, now).await {
+    let change = if now >= a.expires_at + chrono::Duration::seconds(GRACE_SECS) {
+        Change::Expire
+    } else {
+        match s.approvals.holder_gone(&a, now).await {
+            Ok(true) => Change::Cancel {
+                reason: "worker_lost".into(),
+            },
+            Ok(false) => return a,
+            Err(e) => {
+                tracing::warn!(approval = %a.id, error = %e, "cannot read the lease of the approval's worker");
+                return a;
+            }
+        }
+    };
+    match s.approvals.change(a.id, &change, now).await {
         Ok(expired) => expired,
         Err(ApprovalError::Refused(_)) => match s.approvals.get(a.id).await {
             Ok(Some((current, _))) => current,
             _ => a,
         },
         Err(e) => {
-            tracing::warn!(approval = %a.id, error = %e, "cannot expire an approval past its time");
+            tracing::warn!(approval = %a.id, error = %e, change = change.name(), "cannot end an approval no one holds");
             a
         }
     }

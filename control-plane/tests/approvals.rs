@@ -14,7 +14,7 @@ use gatehouse_control_plane::{WebhookConfig, WebhookFormat};
 use gatehouse_eventlog::RecordStore;
 use gatehouse_events::approval::{Approval, ApprovalState, ApprovalTarget};
 use gatehouse_events::{CommandReceived, Identity, Protocol};
-use gatehouse_policystore::approvals::Approvals;
+use gatehouse_policystore::approvals::{Approvals, Lease};
 use gatehouse_testkit::eventually;
 use serde_json::{Value, json};
 use support::{Env, Running};
@@ -35,13 +35,29 @@ async fn push_approvers(env: &Env, cp: &Running) {
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
 }
 
+/// The approvals stream, as worker `worker-1` (whose lease is fresh) sees
+/// it.
 async fn approvals(env: &Env) -> Approvals {
-    Approvals::open(
+    let store = Approvals::open(
         &RecordStore::JetStream(env.js.clone()),
         &env.policy().revocation_stream,
     )
     .await
-    .unwrap()
+    .unwrap();
+    store
+        .renew(&lease("worker-1", chrono::Duration::minutes(1)))
+        .await
+        .unwrap();
+    store
+}
+
+/// A lease of `worker` started `ago`, renewed now.
+fn lease(worker: &str, ago: chrono::Duration) -> Lease {
+    Lease {
+        worker_id: worker.into(),
+        started_at: Utc::now() - ago,
+        renewed_at: Utc::now(),
+    }
 }
 
 /// What a worker records when a command needs approval.
@@ -266,4 +282,60 @@ async fn a_restarted_control_plane_finds_pending_approvals_and_webhooks_get_each
         cp.stop().await;
     })
     .await;
+}
+
+/// A command waits in one worker's memory: when that worker is gone (its
+/// lease lapsed, or it restarted under the same id), the approval can
+/// never lead anywhere and is shown cancelled, `worker_lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_whose_worker_is_gone_are_cancelled() {
+    Env::new("cplease")
+        .await
+        .scope(async |env| {
+            let cp = env.start().await;
+            push_approvers(env, &cp).await;
+            let store = approvals(env).await;
+            let held = request("alice");
+            let mut orphaned = request("alice");
+            orphaned.worker_id = "worker-gone".into();
+            let mut restarted = request("alice");
+            restarted.worker_id = "worker-restarted".into();
+            for a in [&held, &orphaned, &restarted] {
+                store.request(a).await.unwrap();
+            }
+            // worker-restarted's lease is from a run that started after
+            // the request.
+            store
+                .renew(&lease("worker-restarted", chrono::Duration::zero()))
+                .await
+                .unwrap();
+            let bob = env.token("bob", &["approvers"], &[]);
+            let all = get(env, &cp, &bob, "/api/v1/approvals").await;
+            let state = |id: Uuid| {
+                let a = all["approvals"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|a| a["id"] == id.to_string())
+                    .unwrap()
+                    .clone();
+                (a["state"].clone(), a["cancel_reason"].clone())
+            };
+            assert_eq!(state(held.id), (json!("pending"), Value::Null));
+            for gone in [orphaned.id, restarted.id] {
+                assert_eq!(state(gone), (json!("cancelled"), json!("worker_lost")));
+            }
+            // And so it stays: it can no longer be granted.
+            let (status, _) = post(
+                env,
+                &cp,
+                &bob,
+                &format!("/api/v1/approvals/{}/grant", orphaned.id),
+                json!({}),
+            )
+            .await;
+            assert_eq!(status, 409);
+            cp.stop().await;
+        })
+        .await;
 }

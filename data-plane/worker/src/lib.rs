@@ -134,6 +134,8 @@ pub async fn run(
     )
     .await
     .map_err(|e| WorkerError::Policies(e.to_string()))?;
+    let worker_id = config.worker_id();
+    let lease_task = tokio::spawn(renew_lease(approvals.clone(), worker_id.clone()));
 
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
@@ -179,7 +181,7 @@ pub async fn run(
         closing,
         policy_config,
         policies,
-        worker_id: config.worker_id(),
+        worker_id,
         config,
         verifier,
         publisher,
@@ -253,9 +255,30 @@ pub async fn run(
         }
     }
     cancel_task.abort();
+    lease_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Renews the worker's lease on the approvals stream until aborted: while
+/// it is fresh, the commands waiting in its sessions count as held (see
+/// `gatehouse_policystore::approvals`).
+async fn renew_lease(approvals: gatehouse_policystore::approvals::Approvals, worker_id: String) {
+    use gatehouse_policystore::approvals::{LEASE_INTERVAL, Lease};
+    let started_at = chrono::Utc::now();
+    let mut tick = tokio::time::interval(LEASE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let lease = Lease {
+            worker_id: worker_id.clone(),
+            started_at,
+            renewed_at: chrono::Utc::now(),
+        };
+        if let Err(e) = approvals.renew(&lease).await {
+            tracing::warn!(error = %e, "cannot renew the worker's approval lease");
+        }
+    }
 }

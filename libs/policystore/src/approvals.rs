@@ -3,7 +3,7 @@
 //! whoever sees it past its expiry ends it.
 //!
 //! The stream is `<policy.revocation_stream>_APPROVALS`, one subject per
-//! approval (`gatehouse.<stream>.<id>`), each record the whole
+//! approval (`gatehouse.<stream>.approval.<id>`), each record the whole
 //! [`Approval`] after one change, with the change's name in the header
 //! [`CHANGE_HEADER`]. A change is published on condition that the subject
 //! still ends with the record it was computed from, so that racing writers
@@ -11,6 +11,16 @@
 //! produce one outcome: the loser reads the winner and is refused by
 //! [`Approval::apply`]. The log is the only state: a restarted control
 //! plane reads pending approvals from it.
+//!
+//! **Leases.** A command waits in one worker's memory; if that worker dies
+//! the command can never run, and its approval must not look pending. Each
+//! worker renews a lease every [`LEASE_INTERVAL`]
+//! (`gatehouse.<stream>.lease.<sha256 of the worker id>`: its id, when it
+//! started, when renewed). A pending approval whose worker's lease is
+//! older than [`LEASE_TIMEOUT`], missing, or started after the request (the
+//! worker restarted under the same id) is held by no one:
+//! [`Approvals::holder_gone`] says so, and the control plane cancels it
+//! (`worker_lost`).
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -26,6 +36,20 @@ pub const CHANGE_HEADER: &str = "Gatehouse-Approval-Change";
 const HISTORY: i64 = 32;
 /// Tries of a change that keeps losing races before it gives up.
 const TRIES: usize = 8;
+/// How often a worker renews its lease.
+pub const LEASE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// A lease not renewed for this long is a worker gone.
+pub const LEASE_TIMEOUT: chrono::Duration = chrono::Duration::seconds(30);
+
+/// A worker's lease: it holds the commands waiting in its sessions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    pub worker_id: String,
+    /// When this run of the worker started.
+    pub started_at: DateTime<Utc>,
+    /// When the lease was last renewed.
+    pub renewed_at: DateTime<Utc>,
+}
 
 /// The approvals stream for a revocation stream.
 pub fn stream_for(revocation_stream: &str) -> String {
@@ -84,7 +108,43 @@ impl Approvals {
     }
 
     fn subject(&self, id: Uuid) -> String {
-        format!("{}.{}", self.prefix, id.simple())
+        format!("{}.approval.{}", self.prefix, id.simple())
+    }
+
+    fn lease_subject(&self, worker_id: &str) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, worker_id.as_bytes());
+        format!("{}.lease.{}", self.prefix, hex::encode(digest))
+    }
+
+    /// Renews a worker's lease.
+    pub async fn renew(&self, lease: &Lease) -> Result<(), ApprovalError> {
+        let payload =
+            serde_json::to_vec(lease).map_err(|e| ApprovalError::Unreadable(e.to_string()))?;
+        self.stream
+            .publish(
+                &self.lease_subject(&lease.worker_id),
+                &[],
+                payload.into(),
+                None,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Whether no running worker holds the pending approval `a` at `now`:
+    /// its worker's lease is missing, stale, or from a later run.
+    pub async fn holder_gone(
+        &self,
+        a: &Approval,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ApprovalError> {
+        let Some(r) = self.stream.last(&self.lease_subject(&a.worker_id)).await? else {
+            return Ok(true);
+        };
+        let lease: Lease = serde_json::from_slice(&r.payload)
+            .map_err(|e| ApprovalError::Unreadable(format!("lease {}: {e}", r.sequence)))?;
+        Ok(lease.renewed_at + LEASE_TIMEOUT < now || lease.started_at > a.requested_at)
     }
 
     /// Records a new approval (its subject must be empty). Published again
@@ -159,7 +219,7 @@ impl Approvals {
     pub async fn all(&self) -> Result<Vec<Approval>, ApprovalError> {
         let records = self
             .stream
-            .last_per_subject(&format!("{}.>", self.prefix))
+            .last_per_subject(&format!("{}.approval.>", self.prefix))
             .await?;
         let mut all = records.iter().map(read).collect::<Result<Vec<_>, _>>()?;
         all.sort_by_key(|a| (a.requested_at, a.id));
@@ -187,7 +247,10 @@ impl Approvals {
     pub async fn follow_all(
         &self,
     ) -> Result<BoxStream<'static, Result<Changed, ApprovalError>>, ApprovalError> {
-        let records = self.stream.follow(&format!("{}.>", self.prefix)).await?;
+        let records = self
+            .stream
+            .follow(&format!("{}.approval.>", self.prefix))
+            .await?;
         Ok(records
             .map(|r| {
                 let r = r?;
