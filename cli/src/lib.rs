@@ -2,6 +2,7 @@
 //! `main.rs` only calls [`main`]; the dev stack is a library function so
 //! tests start exactly what `gatehouse dev` starts.
 
+mod approvals;
 pub mod config;
 pub mod dev;
 mod export;
@@ -57,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         command: policy::PolicyCommand,
     },
+    /// List, inspect, grant and deny commands waiting for an approval.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalsCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -95,6 +101,7 @@ pub fn main() -> ExitCode {
             Command::Token(args) => dev::token(args),
             Command::ExportLog(args) => export::run(args).await,
             Command::Policy { command } => policy::run(command).await,
+            Command::Approvals { command } => approvals::run(command).await,
         }
     });
     match result {

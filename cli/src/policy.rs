@@ -222,9 +222,22 @@ async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+    let (status, text) = call_raw(api, token, method, path, body).await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or_default()))
+}
+
+/// [`call`], with the reply's body as the control plane sent it.
+pub(crate) async fn call_raw(
+    api: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(reqwest::StatusCode, String)> {
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let client = reqwest::Client::new();
     let mut request = match method {
+        "GET" => client.get(&url),
         "DELETE" => client.delete(&url),
         _ => client.post(&url),
     }
@@ -237,8 +250,12 @@ async fn call(
         .await
         .with_context(|| format!("cannot reach the control plane at {api}"))?;
     let status = response.status();
-    let reply: serde_json::Value = response.json().await.unwrap_or_default();
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("cannot read the control plane's reply ({status})"))?;
     if !status.is_success() {
+        let reply: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         let mut msg = format!(
             "the control plane refused ({status}): {}",
             reply["error"].as_str().unwrap_or("no detail")
@@ -248,7 +265,7 @@ async fn call(
         }
         bail!(msg);
     }
-    Ok((status, reply))
+    Ok((status, text))
 }
 
 fn load(dir: &std::path::Path) -> anyhow::Result<(Bundle, Engine)> {
@@ -266,13 +283,26 @@ fn load(dir: &std::path::Path) -> anyhow::Result<(Bundle, Engine)> {
 
 /// The token for `policy push`: from `--token-file`, else `GATEHOUSE_TOKEN`.
 fn push_token(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<String> {
+    api_token(file, env, "include the policy admin group")
+}
+
+/// A token for the control plane's API: from `--token-file`, else
+/// `GATEHOUSE_TOKEN` (`env`); never from the command line. `groups` says
+/// what the token's groups must do, for the error without one.
+pub(crate) fn api_token(
+    file: Option<&std::path::Path>,
+    env: Option<String>,
+    groups: &str,
+) -> anyhow::Result<String> {
     let token = match file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("--token-file: cannot read {}", path.display()))?,
-        None => env.context(
-            "no token: set GATEHOUSE_TOKEN or pass --token-file FILE (a token whose groups \
-             include the policy admin group)",
-        )?,
+        None => env.with_context(|| {
+            format!(
+                "no token: set GATEHOUSE_TOKEN or pass --token-file FILE (a token whose groups \
+                 {groups})"
+            )
+        })?,
     };
     let token = token.trim().to_owned();
     if token.is_empty() {
