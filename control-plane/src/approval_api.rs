@@ -30,7 +30,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use gatehouse_events::approval::{Approval, ApprovalState, Approver, Change, Refusal};
 use gatehouse_policies::{Effect, TargetInfo};
-use gatehouse_policystore::approvals::ApprovalError;
+use gatehouse_policystore::approvals::{ApprovalError, Lease};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -73,8 +73,9 @@ async fn list(
     };
     let all = s.approvals.all().await.map_err(unavailable)?;
     let mut out = Vec::new();
+    let mut gone = Holders::default();
     for a in all {
-        let a = settle(&s, a).await;
+        let a = settle(&s, a, &mut gone).await;
         if wanted.is_none_or(|w| w == a.state) {
             out.push(a);
         }
@@ -93,7 +94,7 @@ async fn show(
         .await
         .map_err(unavailable)?
         .ok_or_else(|| not_found(id))?;
-    Ok(Json(settle(&s, a).await))
+    Ok(Json(settle(&s, a, &mut Holders::default()).await))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,10 +227,14 @@ fn approver(caller: &Caller) -> Approver {
     }
 }
 
+/// Each worker's lease, read once per listing rather than once per
+/// approval.
+type Holders = std::collections::HashMap<String, Option<Lease>>;
+
 /// A pending approval past its expiry and grace is expired now, and one
 /// whose worker is gone is cancelled (`worker_lost`); the approval as it
 /// then stands.
-async fn settle(s: &ApiState, a: Approval) -> Approval {
+async fn settle(s: &ApiState, a: Approval, holders: &mut Holders) -> Approval {
     let now = Utc::now();
     if a.state != ApprovalState::Pending {
         return a;
@@ -237,11 +242,18 @@ async fn settle(s: &ApiState, a: Approval) -> Approval {
     let change = if now >= a.expires_at + chrono::Duration::seconds(GRACE_SECS) {
         Change::Expire
     } else {
-        match s.approvals.holder_gone(&a, now).await {
-            Ok(true) => Change::Cancel {
+        let lease = match holders.get(&a.worker_id) {
+            Some(lease) => Ok(lease.clone()),
+            None => s.approvals.lease(&a.worker_id).await,
+        };
+        if let Ok(lease) = &lease {
+            holders.insert(a.worker_id.clone(), lease.clone());
+        }
+        match lease.map(|l| l.is_some_and(|l| l.holds(&a, now))) {
+            Ok(false) => Change::Cancel {
                 reason: "worker_lost".into(),
             },
-            Ok(false) => return a,
+            Ok(true) => return a,
             Err(e) => {
                 tracing::warn!(approval = %a.id, error = %e, "cannot read the lease of the approval's worker");
                 return a;

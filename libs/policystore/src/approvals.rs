@@ -19,7 +19,7 @@
 //! started, when renewed). A pending approval whose worker's lease is
 //! older than [`LEASE_TIMEOUT`], missing, or started after the request (the
 //! worker restarted under the same id) is held by no one:
-//! [`Approvals::holder_gone`] says so, and the control plane cancels it
+//! ([`Lease::holds`] says no), and the control plane cancels it
 //! (`worker_lost`).
 
 use chrono::{DateTime, Utc};
@@ -49,6 +49,14 @@ pub struct Lease {
     pub started_at: DateTime<Utc>,
     /// When the lease was last renewed.
     pub renewed_at: DateTime<Utc>,
+}
+
+impl Lease {
+    /// Whether the worker still holds the pending approval `a` at `now`:
+    /// the lease is fresh and from the run that requested it.
+    pub fn holds(&self, a: &Approval, now: DateTime<Utc>) -> bool {
+        self.renewed_at + LEASE_TIMEOUT >= now && self.started_at <= a.requested_at
+    }
 }
 
 /// The approvals stream for a revocation stream.
@@ -132,19 +140,14 @@ impl Approvals {
         Ok(())
     }
 
-    /// Whether no running worker holds the pending approval `a` at `now`:
-    /// its worker's lease is missing, stale, or from a later run.
-    pub async fn holder_gone(
-        &self,
-        a: &Approval,
-        now: DateTime<Utc>,
-    ) -> Result<bool, ApprovalError> {
-        let Some(r) = self.stream.last(&self.lease_subject(&a.worker_id)).await? else {
-            return Ok(true);
-        };
-        let lease: Lease = serde_json::from_slice(&r.payload)
-            .map_err(|e| ApprovalError::Unreadable(format!("lease {}: {e}", r.sequence)))?;
-        Ok(lease.renewed_at + LEASE_TIMEOUT < now || lease.started_at > a.requested_at)
+    /// The last lease of `worker_id`, if it ever had one.
+    pub async fn lease(&self, worker_id: &str) -> Result<Option<Lease>, ApprovalError> {
+        match self.stream.last(&self.lease_subject(worker_id)).await? {
+            Some(r) => serde_json::from_slice(&r.payload)
+                .map(Some)
+                .map_err(|e| ApprovalError::Unreadable(format!("lease {}: {e}", r.sequence))),
+            None => Ok(None),
+        }
     }
 
     /// Records a new approval (its subject must be empty). Published again
