@@ -1641,6 +1641,15 @@ impl Machine {
         }
         let id = approval.id;
         let mut end = None;
+        // Granted under the bundle it was decided with: a bundle published
+        // meanwhile may now refuse it outright, so it is decided anew.
+        let decided_with = parked
+            .approval
+            .command
+            .decision
+            .as_ref()
+            .map(|d| d.bundle_hash.as_str());
+        let bundle_changed = state.engine.as_ref().map(|e| e.bundle_hash()) != decided_with;
         chunk.refusal = match approval.state {
             ApprovalState::Granted if self.policy.revoked(state) => {
                 end = Some((
@@ -1669,6 +1678,12 @@ impl Machine {
                     ),
                 ))
             }
+            ApprovalState::Granted if bundle_changed => Some(ClientError::error(
+                "42501",
+                format!(
+                    "approval {id} was granted, but the policies changed while the command                      waited; it did not run: send it again to have it decided anew"
+                ),
+            )),
             ApprovalState::Granted => None,
             ApprovalState::Denied => {
                 let (by, comment) = approval.denial.as_ref().map_or(("an approver", ""), |d| {

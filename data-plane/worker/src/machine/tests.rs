@@ -708,6 +708,29 @@ fn a_grant_after_revocation_runs_nothing() {
     assert!(h.machine.ended().is_some());
 }
 
+/// A bundle published while the command waited may refuse it outright:
+/// the grant does not run it, the client is told to send it again.
+#[test]
+fn a_grant_under_policies_changed_meanwhile_runs_nothing() {
+    let mut h = Harness::user();
+    h.send(&query("DELETE FROM t"));
+    let approval = h.request_approval();
+    let forbid_all = Bundle::new(
+        "stricter",
+        vec![(
+            "none.cedar".into(),
+            "@id(\"none\") forbid (principal, action, resource);".into(),
+        )],
+        gatehouse_policies::SCHEMA,
+    );
+    h.state.engine = Some(Arc::new(Engine::new(&forbid_all).unwrap()));
+    h.decide(&approval, ApprovalState::Granted);
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![m('N'), err("42501"), m('Z')]);
+    assert!(h.machine.ended().is_none(), "the session goes on");
+}
+
 /// The approval cannot be recorded: the command is refused, never run.
 #[test]
 fn an_approval_that_cannot_be_recorded_refuses_the_command() {
