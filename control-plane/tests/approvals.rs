@@ -339,3 +339,91 @@ async fn approvals_whose_worker_is_gone_are_cancelled() {
         })
         .await;
 }
+
+/// The stream of changes for the web console: each approval's current
+/// record, then every change as it happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_stream_sends_current_approvals_then_each_change() {
+    Env::new("cpsse")
+        .await
+        .scope(async |env| {
+            let cp = env.start().await;
+            push_approvers(env, &cp).await;
+            let store = approvals(env).await;
+            let first = request("alice");
+            store.request(&first).await.unwrap();
+            let bob = env.token("bob", &["approvers"], &[]);
+            let mut stream = env
+                .http
+                .get(format!("{}/api/v1/approvals/stream", cp.url))
+                .bearer_auth(&bob)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(stream.status(), 200);
+            assert_eq!(stream.headers()["content-type"], "text/event-stream");
+            let second = request("erin");
+            store.request(&second).await.unwrap();
+            let (status, _) = post(
+                env,
+                &cp,
+                &bob,
+                &format!("/api/v1/approvals/{}/grant", first.id),
+                json!({}),
+            )
+            .await;
+            assert_eq!(status, 200);
+            // Three events: first (requested), second (requested), first
+            // (granted), as `event:` and `data:` lines.
+            let mut text = String::new();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+            while text.matches("\n\n").count() < 3 {
+                let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+                    .await
+                    .expect("three events within the deadline")
+                    .unwrap()
+                    .expect("the stream stays open");
+                text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            let events: Vec<(String, Value)> = text
+                .split("\n\n")
+                .filter(|e| e.contains("data:"))
+                .map(|e| {
+                    let name = e
+                        .lines()
+                        .find_map(|l| l.strip_prefix("event:"))
+                        .unwrap()
+                        .trim()
+                        .to_string();
+                    let data = e
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data:"))
+                        .unwrap()
+                        .trim();
+                    (name, serde_json::from_str(data).unwrap())
+                })
+                .collect();
+            let seen: Vec<(&str, &str, &str)> = events
+                .iter()
+                .map(|(name, a)| {
+                    (
+                        name.as_str(),
+                        a["id"].as_str().unwrap(),
+                        a["state"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            let (one, two) = (first.id.to_string(), second.id.to_string());
+            assert_eq!(
+                seen,
+                [
+                    ("requested", one.as_str(), "pending"),
+                    ("requested", two.as_str(), "pending"),
+                    ("granted", one.as_str(), "granted"),
+                ]
+            );
+            drop(stream);
+            cp.stop().await;
+        })
+        .await;
+}
