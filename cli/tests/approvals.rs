@@ -340,3 +340,56 @@ async fn cancelling_or_leaving_withdraws_the_approval() {
     assert_eq!(env.target_ids().await, [1, 2, 3]);
     env.cleanup().await;
 }
+
+/// psql prints the notice naming the approval while its DELETE waits, and
+/// completes it once granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_prints_where_the_approval_waits_and_completes_once_granted() {
+    let env = start(gatehouse_policies::Bundle::defaults()).await;
+    let conninfo = env.conninfo("mia", "app", "require");
+    let psql = tokio::process::Command::new("psql")
+        .args([
+            conninfo.as_str(),
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "DELETE FROM t",
+        ])
+        .env("PGPASSWORD", env.token("mia"))
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS")
+        .env("PSQLRC", "/dev/null")
+        .kill_on_drop(true)
+        .output();
+    let psql = tokio::spawn(psql);
+    let list = pending(&env, 1).await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let (status, body) = decide(
+        &env,
+        &api_token(&env, "nora", &["approvers"]),
+        &id,
+        "grant",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let out = tokio::time::timeout(Duration::from_secs(20), psql)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("psql runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("NOTICE:") && stderr.contains(&id) && stderr.contains("grant"),
+        "psql shows the approval: {stderr}"
+    );
+    assert_eq!(stdout.trim(), "DELETE 3");
+    assert!(env.target_ids().await.is_empty());
+    env.cleanup().await;
+}
