@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::StreamExt;
 use gatehouse_eventlog::EventLogConfig;
 use gatehouse_pgwire as pg;
 use raw::Raw;
@@ -289,8 +290,77 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         !stored(&cp_nats, "gatehouse.events.command_received").await,
         "the control plane recorded a command"
     );
-    // The server refused exactly those four; nothing the control plane or
-    // the worker needed for their own work.
+    assert!(
+        !stored(
+            &cp_nats,
+            "gatehouse.GATEHOUSE_REVOCATIONS_APPROVALS.lease.someone"
+        )
+        .await,
+        "the control plane renewed a worker's lease"
+    );
+    // An approval as the roles handle it: the worker requests and follows
+    // it, the control plane grants it, the worker sees the grant.
+    let as_role = |client: &async_nats::Client| {
+        gatehouse_eventlog::RecordStore::JetStream(async_nats::jetstream::new(client.clone()))
+    };
+    let worker_approvals = gatehouse_policystore::approvals::Approvals::open(
+        &as_role(&worker_nats),
+        "GATEHOUSE_REVOCATIONS",
+    )
+    .await
+    .expect("the worker opens the approvals stream");
+    let cp_approvals = gatehouse_policystore::approvals::Approvals::open(
+        &as_role(&cp_nats),
+        "GATEHOUSE_REVOCATIONS",
+    )
+    .await
+    .unwrap();
+    let now = chrono::Utc::now();
+    let approval: gatehouse_events::approval::Approval =
+        serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "id": uuid::Uuid::now_v7(), "state": "pending",
+            "requested_at": now, "expires_at": now + chrono::Duration::minutes(5),
+            "requester": {"issuer": "i", "subject": "alice", "username": "alice"},
+            "session_id": uuid::Uuid::now_v7(), "worker_id": "test-worker",
+            "target": {"name": "app", "kind": "postgres", "environment": "prod"},
+            "command": {"protocol": "simple", "statement": "DELETE FROM t"},
+            "approvers_required": 1,
+        }))
+        .unwrap();
+    worker_approvals
+        .request(&approval)
+        .await
+        .expect("the worker requests it");
+    let mut follow = worker_approvals.follow(approval.id).await.unwrap();
+    let granted = cp_approvals
+        .change(
+            approval.id,
+            &gatehouse_events::approval::Change::Grant {
+                by: gatehouse_events::approval::Approver {
+                    subject: "bob".into(),
+                    username: "bob".into(),
+                    actors: vec![],
+                },
+                comment: None,
+            },
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("the control plane grants it");
+    let mut seen = None;
+    while let Some(next) = tokio::time::timeout(Duration::from_secs(10), follow.next())
+        .await
+        .expect("the worker follows it")
+    {
+        let next = next.unwrap();
+        if next.state.is_terminal() {
+            seen = Some(next);
+            break;
+        }
+    }
+    assert_eq!(seen.as_ref(), Some(&granted));
+    // The server refused exactly those five; nothing the control plane or
+    // the worker needed for their own work (the worker's lease included).
     let log = nats_log();
     let refused: Vec<(String, String)> = log.lines().filter_map(violation).collect();
     for (user, subject) in [
@@ -298,13 +368,17 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         ("worker", "gatehouse.GATEHOUSE_REVOCATIONS.revoked.alice"),
         ("worker", "gatehouse.events.policy_bundle_published"),
         ("control-plane", "gatehouse.events.command_received"),
+        (
+            "control-plane",
+            "gatehouse.GATEHOUSE_REVOCATIONS_APPROVALS.lease.someone",
+        ),
     ] {
         assert!(
             refused.iter().any(|(u, s)| u == user && s == subject),
             "{user} {subject}:\n{log}"
         );
     }
-    assert_eq!(refused.len(), 4, "{log}");
+    assert_eq!(refused.len(), 5, "{log}");
 
     let _ = stop.send(true);
     worker.await.unwrap().unwrap();
