@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod approvals;
 mod backend;
 mod cancel;
 pub mod config;
@@ -90,8 +91,8 @@ pub(crate) struct Shared {
     pub admission: Arc<admission::Admission>,
     /// Which subject each user name belongs to.
     pub usernames: usernames::UserNames,
-    /// Approvals of commands that wait for one.
-    pub approvals: gatehouse_policystore::approvals::Approvals,
+    /// Approvals of commands that wait for one, and who waits on which.
+    pub approvals: approvals::Waiters,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +137,9 @@ pub async fn run(
     .map_err(|e| WorkerError::Policies(e.to_string()))?;
     let worker_id = config.worker_id();
     let lease_task = tokio::spawn(renew_lease(approvals.clone(), worker_id.clone()));
+    let approvals = approvals::Waiters::start(approvals)
+        .await
+        .map_err(WorkerError::Policies)?;
 
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(

@@ -24,7 +24,6 @@ use crate::Shared;
 use crate::conn::send;
 use crate::machine::{Machine, RecordError};
 use crate::session::{self, Opened};
-use futures::StreamExt;
 use gatehouse_eventlog::PublishError;
 use gatehouse_events::approval::{Approval, ApprovalState, Change};
 use gatehouse_policystore::approvals::{ApprovalError, Approvals};
@@ -129,8 +128,10 @@ async fn pump(
     let mut shutting_down = false;
     let mut recording: Option<Recording> = None;
     let mut responding: Option<Recording> = None;
-    // The parked command's approval: being requested, or awaited.
+    // The parked command's approval: being requested, or awaited, and the
+    // session's wait on it.
     let mut approving: Option<Approving> = None;
+    let mut waiter: Option<crate::approvals::Waiter> = None;
     let mut awaiting_decision = false;
     let mut client_open = true;
     let mut target_open = true;
@@ -153,8 +154,9 @@ async fn pump(
             recording = Some(record(shared, events));
         }
         if let Some(approval) = machine.take_approval() {
+            waiter = Some(shared.approvals.wait(approval.id));
             approving = Some(Box::pin(request_approval(
-                shared.approvals.clone(),
+                shared.approvals.approvals.clone(),
                 approval,
             )));
             awaiting_decision = false;
@@ -228,15 +230,23 @@ async fn pump(
                     ApprovalStep::Requested(r) => {
                         let recorded = r.is_ok();
                         machine.approval_requested(r);
-                        if recorded && let Some(a) = machine.awaited_approval() {
+                        if recorded
+                            && let Some(a) = machine.awaited_approval()
+                            && let Some(w) = &waiter
+                        {
                             // Cancel requests from now on withdraw it.
                             cancel_requests.borrow_and_update();
-                            approving = Some(Box::pin(await_decision(shared.approvals.clone(), a.clone())));
+                            approving = Some(Box::pin(await_decision(
+                                shared.approvals.approvals.clone(),
+                                a.clone(),
+                                w.rx.clone(),
+                            )));
                             awaiting_decision = true;
                         }
                     }
                     ApprovalStep::Decided(a) => {
                         awaiting_decision = false;
+                        waiter = None;
                         let state = shared.policies.borrow().clone();
                         machine.approval_decided(&a, &state, chrono::Utc::now().timestamp());
                     }
@@ -244,7 +254,7 @@ async fn pump(
             }
             r = cancel_requests.changed(), if awaiting_decision => {
                 if r.is_ok() && let Some(a) = machine.awaited_approval() {
-                    let (approvals, a) = (shared.approvals.clone(), a.clone());
+                    let (approvals, a) = (shared.approvals.approvals.clone(), a.clone());
                     approving = Some(Box::pin(async move {
                         ApprovalStep::Decided(Box::new(end_approval(&approvals, &a, Change::Cancel { reason: "client_cancelled".into() }).await))
                     }));
@@ -276,7 +286,12 @@ async fn pump(
             CloseReason::WorkerShutdown => "worker_shutdown",
             _ => "session_ended",
         };
-        end_approval(&shared.approvals, a, Change::Cancel { reason: why.into() }).await;
+        end_approval(
+            &shared.approvals.approvals,
+            a,
+            Change::Cancel { reason: why.into() },
+        )
+        .await;
     }
     // Whatever the machine still has for the client goes out (its last
     // word, a FATAL, among it), then both connections close.
@@ -312,40 +327,34 @@ async fn request_approval(approvals: Approvals, approval: Approval) -> ApprovalS
     )
 }
 
-/// Waits for the approval to end: as its record says, or, at its expiry,
-/// by expiring it (a decision recorded first wins).
-async fn await_decision(approvals: Approvals, approval: Approval) -> ApprovalStep {
+/// Waits for the approval to end: as the worker's follower of the
+/// approvals stream reports it (`changes`), or, at its expiry, by expiring
+/// it (a decision recorded first wins).
+async fn await_decision(
+    approvals: Approvals,
+    approval: Approval,
+    mut changes: tokio::sync::watch::Receiver<Option<Approval>>,
+) -> ApprovalStep {
     let left = (approval.expires_at - chrono::Utc::now())
         .to_std()
         .unwrap_or_default();
     let expiry = tokio::time::sleep(left);
     tokio::pin!(expiry);
-    let mut follow = None;
-    loop {
-        if follow.is_none() {
-            match approvals.follow(approval.id).await {
-                Ok(f) => follow = Some(f),
-                Err(e) => {
-                    tracing::warn!(approval = %approval.id, error = %e, "cannot follow the approval; trying again");
-                }
-            }
+    let decided = tokio::select! {
+        ended = changes.wait_for(|a| a.as_ref().is_some_and(|a| a.state.is_terminal())) => {
+            ended.ok().and_then(|a| a.clone())
         }
-        tokio::select! {
-            next = async { follow.as_mut().expect("guarded").next().await }, if follow.is_some() => match next {
-                Some(Ok(a)) if a.state.is_terminal() => return ApprovalStep::Decided(Box::new(a)),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(approval = %approval.id, error = %e, "lost the approval's record; following it again");
-                    follow = None;
-                }
-                None => follow = None,
-            },
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if follow.is_none() => {}
-            _ = &mut expiry => {
-                return ApprovalStep::Decided(Box::new(end_approval(&approvals, &approval, Change::Expire).await));
-            }
-        }
+        _ = &mut expiry => None,
+    };
+    if let Some(a) = decided {
+        return ApprovalStep::Decided(Box::new(a));
     }
+    // Expired, or the follower is gone (the worker is stopping): it
+    // expires at its time.
+    expiry.await;
+    ApprovalStep::Decided(Box::new(
+        end_approval(&approvals, &approval, Change::Expire).await,
+    ))
 }
 
 /// Ends a pending approval with `change` (expiry, withdrawal), and returns

@@ -449,6 +449,45 @@ impl RecordStream {
         }
     }
 
+    /// Every record the filter selects (one subject, or a prefix and `.>`)
+    /// published after sequence `after`, as it is published: one follower
+    /// for many subjects, without their history.
+    pub async fn follow_after(
+        &self,
+        filter: &str,
+        after: u64,
+    ) -> Result<BoxStream<'static, Result<Record, RecordError>>, RecordError> {
+        match &self.inner {
+            Inner::JetStream { stream, .. } => Ok(ordered_from(
+                stream,
+                filter,
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+            )
+            .await?
+            .map(|r| r.map(|(record, _pending)| record))
+            .boxed()),
+            Inner::Embedded { log, settings } => {
+                let (filter, prefix) = embedded_filter(filter)?;
+                let state = Follow {
+                    log: log.clone(),
+                    stream: settings.name.clone(),
+                    filter: filter.to_string(),
+                    prefix,
+                    after: Some(after),
+                    ready: std::collections::VecDeque::new(),
+                    appended: log.records_appended(),
+                };
+                Ok(futures::stream::unfold(state, |mut f| async move {
+                    let next = f.next().await;
+                    Some((next, f))
+                })
+                .boxed())
+            }
+        }
+    }
+
     /// The last record of each subject the filter selects, now.
     pub async fn last_per_subject(&self, filter: &str) -> Result<Vec<Record>, RecordError> {
         match &self.inner {
@@ -494,10 +533,19 @@ async fn ordered(
     stream: &stream::Stream,
     filter: &str,
 ) -> Result<impl futures::Stream<Item = Result<(Record, u64), RecordError>> + use<>, RecordError> {
+    ordered_from(stream, filter, consumer::DeliverPolicy::LastPerSubject).await
+}
+
+/// Records `filter` selects, from `deliver`, through an ordered consumer.
+async fn ordered_from(
+    stream: &stream::Stream,
+    filter: &str,
+    deliver: consumer::DeliverPolicy,
+) -> Result<impl futures::Stream<Item = Result<(Record, u64), RecordError>> + use<>, RecordError> {
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: filter.to_string(),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            deliver_policy: deliver,
             ..Default::default()
         })
         .await

@@ -228,6 +228,49 @@ async fn followers_get_each_subjects_last_record_then_every_new_one() {
 }
 
 #[tokio::test]
+async fn a_follower_from_a_position_gets_only_what_is_published_after_it() {
+    let mut stores = Stores::new().await;
+    for (kind, stream, prefix) in stores.open(16).await {
+        let (a, b) = (format!("{prefix}.x.a"), format!("{prefix}.x.b"));
+        stream
+            .publish(&a, &[], body("old"), None, None)
+            .await
+            .unwrap();
+        let position = stream.last_sequence().await.unwrap();
+        assert!(position > 0, "{kind}");
+        let mut follow = stream
+            .follow_after(&format!("{prefix}.x.>"), position)
+            .await
+            .unwrap();
+        let b1 = stream
+            .publish(&b, &[], body("b1"), None, None)
+            .await
+            .unwrap();
+        // Outside the filter: not given.
+        stream
+            .publish(&format!("{prefix}.y"), &[], body("y"), None, None)
+            .await
+            .unwrap();
+        let a2 = stream
+            .publish(&a, &[], body("a2"), None, None)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let r = tokio::time::timeout(Duration::from_secs(5), follow.next())
+                .await
+                .expect("a record in time")
+                .unwrap()
+                .unwrap();
+            seen.push((r.sequence, r.payload));
+        }
+        assert_eq!(seen, [(b1, body("b1")), (a2, body("a2"))], "{kind}");
+        assert_eq!(stream.last_sequence().await.unwrap(), a2, "{kind}");
+    }
+    stores.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_empty_stream_has_no_records() {
     let mut stores = Stores::new().await;
     for (kind, stream, prefix) in stores.open(16).await {

@@ -246,6 +246,20 @@ impl Approvals {
         Ok(self.stream.last_sequence().await?)
     }
 
+    /// Every change to any approval recorded after sequence `after` (see
+    /// [`Approvals::position`]), as it is recorded: what a worker follows
+    /// once for all its sessions' approvals.
+    pub async fn follow_after(
+        &self,
+        after: u64,
+    ) -> Result<BoxStream<'static, Result<Changed, ApprovalError>>, ApprovalError> {
+        let records = self
+            .stream
+            .follow_after(&format!("{}.approval.>", self.prefix), after)
+            .await?;
+        Ok(records.map(|r| changed(r?)).boxed())
+    }
+
     /// Every approval's last record, then every change to any.
     pub async fn follow_all(
         &self,
@@ -254,17 +268,16 @@ impl Approvals {
             .stream
             .follow(&format!("{}.approval.>", self.prefix))
             .await?;
-        Ok(records
-            .map(|r| {
-                let r = r?;
-                Ok(Changed {
-                    change: r.header(CHANGE_HEADER).unwrap_or_default().to_string(),
-                    sequence: r.sequence,
-                    approval: read(&r)?,
-                })
-            })
-            .boxed())
+        Ok(records.map(|r| changed(r?)).boxed())
     }
+}
+
+fn changed(r: Record) -> Result<Changed, ApprovalError> {
+    Ok(Changed {
+        change: r.header(CHANGE_HEADER).unwrap_or_default().to_string(),
+        sequence: r.sequence,
+        approval: read(&r)?,
+    })
 }
 
 /// One change to an approval, as followed.
