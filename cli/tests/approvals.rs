@@ -42,16 +42,7 @@ async fn pending(env: &Env, n: usize) -> Vec<Value> {
 
 /// POSTs a decision with `token`; the status and the body.
 async fn decide(env: &Env, token: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
-    let r = env
-        .http
-        .post(env.api(&format!("/api/v1/approvals/{id}/{verb}")))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    post(env, token, &format!("/api/v1/approvals/{id}/{verb}"), body).await
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> (String, String) {
@@ -392,4 +383,61 @@ async fn psql_prints_where_the_approval_waits_and_completes_once_granted() {
     assert_eq!(stdout.trim(), "DELETE 3");
     assert!(env.target_ids().await.is_empty());
     env.cleanup().await;
+}
+
+/// Revoking the requester withdraws its waiting command at once and ends
+/// the session; nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_requester_withdraws_the_waiting_command_at_once() {
+    let env = start(gatehouse_policies::Bundle::defaults()).await;
+    let olga = session(&env, "olga", &[]).await;
+    let waiting = tokio::spawn(async move { olga.execute("DELETE FROM t", &[]).await });
+    let list = pending(&env, 1).await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let admin = api_token(&env, "root", &["policy-admins"]);
+    let (status, body) = post(
+        &env,
+        &admin,
+        "/api/v1/revocations",
+        json!({"subject": "olga", "reason": "left the team"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let err = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("withdrawn long before its expiry")
+        .unwrap()
+        .expect_err("revoked");
+    assert_eq!(sqlstate(&err).0, "28000");
+    let token = api_token(&env, "dave", &["approvers"]);
+    let a: Value = env
+        .http
+        .get(env.api(&format!("/api/v1/approvals/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (a["state"].as_str(), a["cancel_reason"].as_str()),
+        (Some("cancelled"), Some("revoked"))
+    );
+    assert_eq!(env.target_ids().await, [1, 2, 3]);
+    env.cleanup().await;
+}
+
+/// POSTs `body` to `path` with `token`; the status and the body.
+async fn post(env: &Env, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = env
+        .http
+        .post(env.api(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }

@@ -132,6 +132,8 @@ async fn pump(
     // session's wait on it.
     let mut approving: Option<Approving> = None;
     let mut waiter: Option<crate::approvals::Waiter> = None;
+    // Revocations reach a command waiting for its approval at once.
+    let mut policies = shared.policies.clone();
     let mut awaiting_decision = false;
     let mut client_open = true;
     let mut target_open = true;
@@ -250,6 +252,16 @@ async fn pump(
                         let state = shared.policies.borrow().clone();
                         machine.approval_decided(&a, &state, chrono::Utc::now().timestamp());
                     }
+                }
+            }
+            r = policies.changed(), if awaiting_decision => {
+                let state = policies.borrow_and_update().clone();
+                if r.is_ok() && machine.revoked(&state) && let Some(a) = machine.awaited_approval() {
+                    let (approvals, a) = (shared.approvals.approvals.clone(), a.clone());
+                    approving = Some(Box::pin(async move {
+                        ApprovalStep::Decided(Box::new(end_approval(&approvals, &a, Change::Cancel { reason: "revoked".into() }).await))
+                    }));
+                    awaiting_decision = false;
                 }
             }
             r = cancel_requests.changed(), if awaiting_decision => {

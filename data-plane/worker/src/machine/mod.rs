@@ -1581,6 +1581,12 @@ impl Machine {
         Some(parked.approval.clone())
     }
 
+    /// Whether the session's identity or token is revoked in `state`: a
+    /// command waiting for its approval is then withdrawn at once.
+    pub fn revoked(&self, state: &PolicyState) -> bool {
+        self.policy.revoked(state)
+    }
+
     /// The approval the parked command waits for, while it waits.
     pub fn awaited_approval(&self) -> Option<&Approval> {
         self.parked.as_ref().map(|p| &p.approval)
@@ -1651,7 +1657,8 @@ impl Machine {
             .map(|d| d.bundle_hash.as_str());
         let bundle_changed = state.engine.as_ref().map(|e| e.bundle_hash()) != decided_with;
         chunk.refusal = match approval.state {
-            ApprovalState::Granted if self.policy.revoked(state) => {
+            // Revoked while it waited, however the approval ended.
+            _ if self.policy.revoked(state) => {
                 end = Some((
                     ClientError::fatal("28000", "access for this identity has been revoked"),
                     CloseReason::Revoked,
@@ -1659,7 +1666,8 @@ impl Machine {
                 Some(ClientError::error(
                     "28000",
                     format!(
-                        "approval {id} was granted, but access for this identity has been revoked meanwhile; the command did not run"
+                        "access for this identity was revoked while approval {id} was pending; \
+                         the command did not run"
                     ),
                 ))
             }

@@ -689,23 +689,28 @@ fn an_expired_approval_refuses_the_command_and_the_session_goes_on() {
     }
 }
 
-/// A grant that arrives after the identity was revoked runs nothing and
-/// ends the session.
+/// A revocation while the command waits: a grant runs nothing, and
+/// however the approval ends (the pump withdraws it at once) the session
+/// ends.
 #[test]
-fn a_grant_after_revocation_runs_nothing() {
-    let mut h = Harness::user();
-    h.send(&query("DELETE FROM t"));
-    let approval = h.request_approval();
-    h.state.revoked.insert(Revoked::Subject("sub-alice".into()));
-    h.decide(&approval, ApprovalState::Granted);
-    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
-    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
-    assert_eq!(
-        h.answered(),
-        vec![m('N'), err("28000"), m('Z'), err("28000")],
-        "the command's refusal, then the session's end"
-    );
-    assert!(h.machine.ended().is_some());
+fn a_revocation_while_waiting_runs_nothing_and_ends_the_session() {
+    for state in [ApprovalState::Granted, ApprovalState::Cancelled] {
+        let mut h = Harness::user();
+        h.send(&query("DELETE FROM t"));
+        let approval = h.request_approval();
+        assert!(!h.machine.revoked(&h.state));
+        h.state.revoked.insert(Revoked::Subject("sub-alice".into()));
+        assert!(h.machine.revoked(&h.state), "the pump sees it");
+        h.decide(&approval, state);
+        assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+        h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+        assert_eq!(
+            h.answered(),
+            vec![m('N'), err("28000"), m('Z'), err("28000")],
+            "the command's refusal, then the session's end"
+        );
+        assert!(h.machine.ended().is_some());
+    }
 }
 
 /// A bundle published while the command waited may refuse it outright:
