@@ -33,11 +33,13 @@
 //! So is a `Query` that copies from the client: the server takes what
 //! follows as COPY input, and swallows a message that is not.
 //!
-//! **Extension points.** A command awaiting approval is an event recorded and
-//! bytes held, like any other (`held`), released by a later input instead of
-//! an acknowledgement; a response transform (masking) is a step in
-//! [`Machine::target_input`] between matching a frame and appending it to
-//! `to_client`.
+//! **Approvals.** A command that needs one is parked (`parked`): the read
+//! ends with it, nothing more is read from the client, and the pump records
+//! the approval ([`Machine::take_approval`], [`Machine::approval_requested`])
+//! and reports how it ended ([`Machine::approval_decided`]), which makes the
+//! read an ordinary held one: run once its event is recorded, or refused.
+//! A response transform (masking) is a step in [`Machine::target_input`]
+//! between matching a frame and appending it to `to_client`.
 
 pub mod fuzz;
 mod names;
