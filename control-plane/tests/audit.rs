@@ -255,6 +255,12 @@ impl Env {
         let policy = self.policy();
         let _ = self.js.delete_stream(&policy.bundle_stream).await;
         let _ = self.js.delete_stream(&policy.revocation_stream).await;
+        for registry in ["USERNAMES", "APPROVALS"] {
+            let _ = self
+                .js
+                .delete_stream(format!("{}_{registry}", policy.revocation_stream))
+                .await;
+        }
         let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
             .await
             .unwrap();
