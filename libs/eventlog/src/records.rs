@@ -424,50 +424,40 @@ impl RecordStream {
         &self,
         filter: &str,
     ) -> Result<BoxStream<'static, Result<Record, RecordError>>, RecordError> {
-        match &self.inner {
-            Inner::JetStream { stream, .. } => Ok(ordered(stream, filter)
-                .await?
-                .map(|r| r.map(|(record, _pending)| record))
-                .boxed()),
-            Inner::Embedded { log, settings } => {
-                let (filter, prefix) = embedded_filter(filter)?;
-                let state = Follow {
-                    log: log.clone(),
-                    stream: settings.name.clone(),
-                    filter: filter.to_string(),
-                    prefix,
-                    after: None,
-                    ready: std::collections::VecDeque::new(),
-                    appended: log.records_appended(),
-                };
-                Ok(futures::stream::unfold(state, |mut f| async move {
-                    let next = f.next().await;
-                    Some((next, f))
-                })
-                .boxed())
-            }
-        }
+        self.follow_from(filter, None).await
     }
 
-    /// Every record the filter selects (one subject, or a prefix and `.>`)
-    /// published after sequence `after`, as it is published: one follower
-    /// for many subjects, without their history.
+    /// Every record the filter selects published after sequence `after`,
+    /// as it is published: one follower for many subjects, without their
+    /// history.
     pub async fn follow_after(
         &self,
         filter: &str,
         after: u64,
     ) -> Result<BoxStream<'static, Result<Record, RecordError>>, RecordError> {
+        self.follow_from(filter, Some(after)).await
+    }
+
+    /// [`RecordStream::follow`] (`after` = `None`) or
+    /// [`RecordStream::follow_after`].
+    async fn follow_from(
+        &self,
+        filter: &str,
+        after: Option<u64>,
+    ) -> Result<BoxStream<'static, Result<Record, RecordError>>, RecordError> {
         match &self.inner {
-            Inner::JetStream { stream, .. } => Ok(ordered_from(
-                stream,
-                filter,
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-            )
-            .await?
-            .map(|r| r.map(|(record, _pending)| record))
-            .boxed()),
+            Inner::JetStream { stream, .. } => {
+                let deliver = match after {
+                    None => consumer::DeliverPolicy::LastPerSubject,
+                    Some(after) => consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    },
+                };
+                Ok(ordered(stream, filter, deliver)
+                    .await?
+                    .map(|r| r.map(|(record, _pending)| record))
+                    .boxed())
+            }
             Inner::Embedded { log, settings } => {
                 let (filter, prefix) = embedded_filter(filter)?;
                 let state = Follow {
@@ -475,7 +465,7 @@ impl RecordStream {
                     stream: settings.name.clone(),
                     filter: filter.to_string(),
                     prefix,
-                    after: Some(after),
+                    after,
                     ready: std::collections::VecDeque::new(),
                     appended: log.records_appended(),
                 };
@@ -496,7 +486,9 @@ impl RecordStream {
                 if info.info().await.map_err(unavailable)?.state.messages == 0 {
                     return Ok(Vec::new());
                 }
-                let mut messages = Box::pin(ordered(stream, filter).await?);
+                let mut messages = Box::pin(
+                    ordered(stream, filter, consumer::DeliverPolicy::LastPerSubject).await?,
+                );
                 let mut out = Vec::new();
                 // Until none is pending. A selection that delivers nothing
                 // for long is an error, never a short answer.
@@ -526,18 +518,10 @@ impl RecordStream {
     }
 }
 
-/// Each subject's last record that `filter` selects, then every new one,
+/// The records `filter` selects from `deliver` on, then every new one,
 /// through an ordered consumer (recreated by the client if it falls behind
 /// or the connection drops), each with the count still pending after it.
 async fn ordered(
-    stream: &stream::Stream,
-    filter: &str,
-) -> Result<impl futures::Stream<Item = Result<(Record, u64), RecordError>> + use<>, RecordError> {
-    ordered_from(stream, filter, consumer::DeliverPolicy::LastPerSubject).await
-}
-
-/// Records `filter` selects, from `deliver`, through an ordered consumer.
-async fn ordered_from(
     stream: &stream::Stream,
     filter: &str,
     deliver: consumer::DeliverPolicy,
