@@ -87,13 +87,7 @@ async fn show(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Approval>, ApiError> {
-    let id = parse_id(&id)?;
-    let (a, _) = s
-        .approvals
-        .get(id)
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(|| not_found(id))?;
+    let a = current(&s, &id).await?;
     Ok(Json(settle(&s, a, &mut Holders::default()).await))
 }
 
@@ -136,13 +130,8 @@ async fn decide(
     id: String,
     change: Change,
 ) -> Result<Json<Approval>, ApiError> {
-    let id = parse_id(&id)?;
-    let (current, _) = s
-        .approvals
-        .get(id)
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(|| not_found(id))?;
+    let current = current(s, &id).await?;
+    let id = current.id;
     let engine = authority
         .engine(s, ApiAction::ReadApprovals)
         .await?
@@ -271,6 +260,19 @@ async fn settle(s: &ApiState, a: Approval, holders: &mut Holders) -> Approval {
             a
         }
     }
+}
+
+/// The approval `id` (as the path gives it) as it stands: 400 for a
+/// malformed id, 404 for none.
+async fn current(s: &ApiState, id: &str) -> Result<Approval, ApiError> {
+    let id = parse_id(id)?;
+    let (a, _) = s
+        .approvals
+        .get(id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| not_found(id))?;
+    Ok(a)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
