@@ -257,19 +257,13 @@ async fn pump(
             r = policies.changed(), if awaiting_decision => {
                 let state = policies.borrow_and_update().clone();
                 if r.is_ok() && machine.revoked(&state) && let Some(a) = machine.awaited_approval() {
-                    let (approvals, a) = (shared.approvals.approvals.clone(), a.clone());
-                    approving = Some(Box::pin(async move {
-                        ApprovalStep::Decided(Box::new(end_approval(&approvals, &a, Change::Cancel { reason: "revoked".into() }).await))
-                    }));
+                    approving = Some(withdraw(shared, a, "revoked"));
                     awaiting_decision = false;
                 }
             }
             r = cancel_requests.changed(), if awaiting_decision => {
                 if r.is_ok() && let Some(a) = machine.awaited_approval() {
-                    let (approvals, a) = (shared.approvals.approvals.clone(), a.clone());
-                    approving = Some(Box::pin(async move {
-                        ApprovalStep::Decided(Box::new(end_approval(&approvals, &a, Change::Cancel { reason: "client_cancelled".into() }).await))
-                    }));
+                    approving = Some(withdraw(shared, a, "client_cancelled"));
                 }
                 awaiting_decision = false;
             }
@@ -367,6 +361,18 @@ async fn await_decision(
     ApprovalStep::Decided(Box::new(
         end_approval(&approvals, &approval, Change::Expire).await,
     ))
+}
+
+/// Withdraws the awaited approval (`cancelled`, for `reason`), then
+/// reports how it ended.
+fn withdraw(shared: &Shared, approval: &Approval, reason: &str) -> Approving {
+    let (approvals, approval) = (shared.approvals.approvals.clone(), approval.clone());
+    let change = Change::Cancel {
+        reason: reason.into(),
+    };
+    Box::pin(async move {
+        ApprovalStep::Decided(Box::new(end_approval(&approvals, &approval, change).await))
+    })
 }
 
 /// Ends a pending approval with `change` (expiry, withdrawal), and returns
