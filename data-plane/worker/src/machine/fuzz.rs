@@ -689,14 +689,18 @@ impl Recorded {
         gatehouse_policies::find_secrets(text, self.parsing.reading()).redact(text)
     }
 
+    /// It waited for an approval, which was granted.
+    fn approved(&self) -> bool {
+        self.command
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.state == ApprovalState::Granted)
+    }
+
     /// Refused when it arrived (denied, awaiting approval, or an unknown
     /// name): its message is replaced by one the server fails on.
     fn refused(&self) -> bool {
-        let granted = self
-            .command
-            .approval
-            .as_ref()
-            .is_some_and(|a| a.state == ApprovalState::Granted);
+        let granted = self.approved();
         self.command.decision.as_ref().is_some_and(|d| {
             d.enforced
                 && (d.effect == DecisionEffect::Deny
@@ -1354,12 +1358,7 @@ impl Model {
             ));
         }
         self.stats[0] += 1;
-        let approved = run.event.is_some_and(|e| {
-            e.command
-                .approval
-                .as_ref()
-                .is_some_and(|a| a.state == ApprovalState::Granted)
-        });
+        let approved = run.event.is_some_and(Recorded::approved);
         if let Some(what) = self.forbidden(st, approved)
             && !self.excused()
         {
@@ -1705,12 +1704,7 @@ impl Model {
         self.active = Some(name.to_owned());
         if st.selects() && portal.fetched > 0 {
             // Resuming a suspended portal: no side effects again.
-            let approved = event
-                .command
-                .approval
-                .as_ref()
-                .is_some_and(|a| a.state == ApprovalState::Granted);
-            if let Some(what) = self.forbidden(&st, approved) {
+            if let Some(what) = self.forbidden(&st, event.approved()) {
                 assert!(self.excused(), "the server runs {what}: {st:?}");
             }
             self.injected()?;
