@@ -42,7 +42,8 @@ async fn pending(env: &Env, n: usize) -> Vec<Value> {
 
 /// POSTs a decision with `token`; the status and the body.
 async fn decide(env: &Env, token: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
-    post(env, token, &format!("/api/v1/approvals/{id}/{verb}"), body).await
+    env.api_post(token, &format!("/api/v1/approvals/{id}/{verb}"), body)
+        .await
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> (String, String) {
@@ -176,16 +177,7 @@ async fn an_approval_nobody_decides_expires_and_the_command_never_runs() {
     assert_eq!(env.target_ids().await, [1, 2, 3]);
     // Shown as expired, and it can no longer be granted.
     let token = api_token(&env, "dave", &["approvers"]);
-    let body: Value = env
-        .http
-        .get(env.api("/api/v1/approvals?state=expired"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = env.api_get(&token, "/api/v1/approvals?state=expired").await;
     let id = body["approvals"][0]["id"].as_str().unwrap().to_string();
     let (status, _) = decide(&env, &token, &id, "grant", json!({})).await;
     assert_eq!(status, 409);
@@ -314,16 +306,9 @@ async fn cancelling_or_leaving_withdraws_the_approval() {
         (&second, "client_disconnected"),
     ] {
         gatehouse_testkit::eventually("the approval is cancelled", async || {
-            let a: Value = env
-                .http
-                .get(env.api(&format!("/api/v1/approvals/{id}")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let a = env
+                .api_get(&token, &format!("/api/v1/approvals/{id}"))
+                .await;
             a["state"] == "cancelled" && a["cancel_reason"] == reason
         })
         .await;
@@ -395,13 +380,13 @@ async fn revoking_the_requester_withdraws_the_waiting_command_at_once() {
     let list = pending(&env, 1).await;
     let id = list[0]["id"].as_str().unwrap().to_string();
     let admin = api_token(&env, "root", &["policy-admins"]);
-    let (status, body) = post(
-        &env,
-        &admin,
-        "/api/v1/revocations",
-        json!({"subject": "olga", "reason": "left the team"}),
-    )
-    .await;
+    let (status, body) = env
+        .api_post(
+            &admin,
+            "/api/v1/revocations",
+            json!({"subject": "olga", "reason": "left the team"}),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let err = tokio::time::timeout(Duration::from_secs(20), waiting)
         .await
@@ -410,34 +395,13 @@ async fn revoking_the_requester_withdraws_the_waiting_command_at_once() {
         .expect_err("revoked");
     assert_eq!(sqlstate(&err).0, "28000");
     let token = api_token(&env, "dave", &["approvers"]);
-    let a: Value = env
-        .http
-        .get(env.api(&format!("/api/v1/approvals/{id}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a = env
+        .api_get(&token, &format!("/api/v1/approvals/{id}"))
+        .await;
     assert_eq!(
         (a["state"].as_str(), a["cancel_reason"].as_str()),
         (Some("cancelled"), Some("revoked"))
     );
     assert_eq!(env.target_ids().await, [1, 2, 3]);
     env.cleanup().await;
-}
-
-/// POSTs `body` to `path` with `token`; the status and the body.
-async fn post(env: &Env, token: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = env
-        .http
-        .post(env.api(path))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }

@@ -353,18 +353,9 @@ impl Env {
         let token = self.stack().api_token("watcher", &["approvers"]);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let body: Value = self
-                .http
-                .get(self.api("/api/v1/approvals?state=pending"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .error_for_status()
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = self
+                .api_get(&token, "/api/v1/approvals?state=pending")
+                .await;
             let list = body["approvals"].as_array().unwrap().clone();
             if list.len() >= n {
                 return list;
@@ -387,9 +378,31 @@ impl Env {
         body: Value,
     ) -> (u16, Value) {
         let token = self.stack().api_token(approver, &["approvers"]);
+        self.api_post(&token, &format!("/api/v1/approvals/{id}/{verb}"), body)
+            .await
+    }
+
+    /// GET `path` of the API with `token`: the JSON of a 2xx answer.
+    pub async fn api_get(&self, token: &str, path: &str) -> Value {
+        self.http
+            .get(self.api(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs `body` to `path` of the API with `token`: the status and the
+    /// body.
+    pub async fn api_post(&self, token: &str, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .http
-            .post(self.api(&format!("/api/v1/approvals/{id}/{verb}")))
+            .post(self.api(path))
             .bearer_auth(token)
             .json(&body)
             .send()
