@@ -365,6 +365,12 @@ async fn psql_prints_where_the_approval_waits_and_completes_once_granted() {
         stderr.contains("NOTICE:") && stderr.contains(&id) && stderr.contains("grant"),
         "psql shows the approval: {stderr}"
     );
+    assert!(
+        stderr.contains(&format!(
+            "approval {id} is pending until an approver grants it (gatehouse approvals grant {id}, or POST /api/v1/approvals/{id}/grant)"
+        )),
+        "the notice reads as one sentence: {stderr}"
+    );
     assert_eq!(stdout.trim(), "DELETE 3");
     assert!(env.target_ids().await.is_empty());
     env.cleanup().await;

@@ -1617,7 +1617,15 @@ impl Machine {
                     &mut self.to_client,
                     "01000",
                     &format!(
-                        "this command waits for approval ({reason}): approval {id} is pending                          until {approvers} grant it (gatehouse approvals grant {id}, or POST                          /api/v1/approvals/{id}/grant); it expires at {expires}. Cancel the                          query to withdraw it.",
+                        "this command waits for approval ({reason}): approval {id} is pending \
+                         until {approvers} {grant} it (gatehouse approvals grant {id}, or POST \
+                         /api/v1/approvals/{id}/grant); it expires at {expires}. Cancel the \
+                         query to withdraw it.",
+                        grant = if a.approvers_required == 1 {
+                            "grants"
+                        } else {
+                            "grant"
+                        },
                         id = a.id,
                         expires = a.expires_at.format("%Y-%m-%d %H:%M:%S UTC"),
                     ),
@@ -1691,7 +1699,8 @@ impl Machine {
             ApprovalState::Granted if bundle_changed => Some(ClientError::error(
                 "42501",
                 format!(
-                    "approval {id} was granted, but the policies changed while the command                      waited; it did not run: send it again to have it decided anew"
+                    "approval {id} was granted, but the policies changed while the command \
+                     waited; it did not run: send it again to have it decided anew"
                 ),
             )),
             ApprovalState::Granted => None,
