@@ -1,12 +1,13 @@
 //! `gatehouse approvals list|show|grant|deny`: the approver's tools, over
-//! the control plane's API (as `gatehouse policy push` is).
+//! the control plane's API (as `gatehouse policy push` is). Requests for
+//! access (`gatehouse access`) are approvals too, listed and decided here.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use gatehouse_events::approval::{Approval, ApprovalState, Verdict};
-use gatehouse_events::{ParamFormat, ValueEncoding};
+use gatehouse_events::approval::{Approval, ApprovalState, Requested, Verdict};
+use gatehouse_events::{CommandReceived, ParamFormat, ValueEncoding};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -65,16 +66,18 @@ pub enum State {
     Denied,
     Expired,
     Cancelled,
+    Revoked,
 }
 
 impl State {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
             State::Granted => "granted",
             State::Denied => "denied",
             State::Expired => "expired",
             State::Cancelled => "cancelled",
+            State::Revoked => "revoked",
         }
     }
 }
@@ -84,7 +87,7 @@ impl State {
 pub struct Api {
     /// The control plane's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
-    api: String,
+    pub(crate) api: String,
     /// A file holding a token whose groups may approve (e.g. `approvers`).
     /// Without it, the token is read from the environment variable
     /// GATEHOUSE_TOKEN. (Never from the command line, where `ps` shows it.)
@@ -94,10 +97,15 @@ pub struct Api {
 
 impl Api {
     fn token(&self) -> anyhow::Result<String> {
+        self.token_of("may read and decide approvals, e.g. `approvers`")
+    }
+
+    /// The token, or an error saying where to put one whose groups `may`.
+    pub(crate) fn token_of(&self, may: &str) -> anyhow::Result<String> {
         api_token(
             self.token_file.as_deref(),
             std::env::var("GATEHOUSE_TOKEN").ok(),
-            "may read and decide approvals, e.g. `approvers`",
+            may,
         )
     }
 }
@@ -161,20 +169,8 @@ pub async fn run(cmd: ApprovalsCommand) -> anyhow::Result<()> {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
     serde_json::from_str(text).context("the control plane's reply is not an approval as expected")
-}
-
-/// `granted`, or `pending: 1 of 2 approvals`.
-fn state_line(a: &Approval) -> String {
-    match a.state {
-        ApprovalState::Pending => format!(
-            "pending: {} of {} approvals",
-            a.grants.len(),
-            a.approvers_required.max(1)
-        ),
-        s => s.as_str().to_owned(),
-    }
 }
 
 /// A time as RFC 3339, to the second, in UTC (a macro: the crate does not
@@ -183,6 +179,26 @@ macro_rules! time {
     ($t:expr) => {
         $t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
     };
+}
+
+/// `granted`, `pending: 1 of 2 approvals`, or for access `granted: in
+/// force until …`.
+pub(crate) fn state_line(a: &Approval) -> String {
+    match a.state {
+        ApprovalState::Pending => format!(
+            "pending: {} of {} approvals",
+            a.grants.len(),
+            a.approvers_required.max(1)
+        ),
+        ApprovalState::Granted => match a.access_until() {
+            Some(until) if until > chrono::Utc::now() => {
+                format!("granted: in force until {}", time!(until))
+            }
+            Some(until) => format!("granted: ended at {}", time!(until)),
+            None => "granted".to_owned(),
+        },
+        s => s.as_str().to_owned(),
+    }
 }
 
 /// The requester, with every actor of the delegation chain.
@@ -206,8 +222,35 @@ fn one_line(statement: &str, width: usize) -> String {
     cut
 }
 
+/// What an approval asks for, on one line: the statement, or `ddl access
+/// for 30 min: reason`.
+fn asked(a: &Approval) -> String {
+    match (a.command(), a.access()) {
+        (Some(c), _) => one_line(&c.statement, STATEMENT_WIDTH),
+        (None, Some(x)) => one_line(
+            &format!(
+                "{} access for {}: {}",
+                x.scope,
+                minutes(x.for_secs),
+                x.reason
+            ),
+            STATEMENT_WIDTH,
+        ),
+        (None, None) => String::new(),
+    }
+}
+
+/// `30 min`, `90 s`, `2 h`.
+fn minutes(secs: u32) -> String {
+    match secs {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 /// One line per approval, in aligned columns under a header.
-fn table(approvals: &[Approval]) -> String {
+pub(crate) fn table(approvals: &[Approval]) -> String {
     let header = [
         "ID",
         "STATE",
@@ -216,7 +259,7 @@ fn table(approvals: &[Approval]) -> String {
         "REQUESTER",
         "TARGET",
         "GRANTS",
-        "STATEMENT",
+        "REQUEST",
     ];
     let rows: Vec<[String; 8]> = approvals
         .iter()
@@ -229,7 +272,7 @@ fn table(approvals: &[Approval]) -> String {
                 requester(a),
                 a.target.name.clone(),
                 format!("{}/{}", a.grants.len(), a.approvers_required.max(1)),
-                one_line(&a.command.statement, STATEMENT_WIDTH),
+                asked(a),
             ]
         })
         .collect();
@@ -282,7 +325,7 @@ fn indented(out: &mut String, text: &str) {
 
 /// Every field of an approval, one to a line (multi-line texts indented
 /// below their label).
-fn details(a: &Approval) -> String {
+pub(crate) fn details(a: &Approval) -> String {
     let mut out = String::new();
     let o = &mut out;
     let _ = writeln!(o, "approval:     {}", a.id);
@@ -304,18 +347,50 @@ fn details(a: &Approval) -> String {
         }
         o.push('\n');
     }
-    let _ = writeln!(o, "session:      {}", a.session_id);
-    let _ = writeln!(o, "worker:       {}", a.worker_id);
-    let t = &a.target;
+    if let Requested::Command {
+        session_id,
+        worker_id,
+        ..
+    } = &a.request
+    {
+        let _ = writeln!(o, "session:      {session_id}");
+        let _ = writeln!(o, "worker:       {worker_id}");
+    }
+    match (a.command(), a.access()) {
+        (Some(c), _) => command_details(o, c),
+        (None, Some(x)) => {
+            let _ = writeln!(o, "access:       {} for {}", x.scope, minutes(x.for_secs));
+            let _ = writeln!(o, "reason:       {}", x.reason);
+            if let Some(until) = a.access_until() {
+                let _ = writeln!(o, "until:        {}", time!(until));
+            }
+        }
+        (None, None) => {}
+    }
     let _ = writeln!(
         o,
-        "target:       {} (kind {}, environment {}, tags: {})",
-        t.name,
-        t.kind,
-        t.environment,
-        list_or_none(&t.tags)
+        "grants:       {} of {} required",
+        a.grants.len(),
+        a.approvers_required.max(1)
     );
-    let c = &a.command;
+    for g in &a.grants {
+        let _ = writeln!(o, "    {}", verdict(g));
+    }
+    if let Some(d) = &a.denial {
+        let _ = writeln!(o, "denied by:    {}", verdict(d));
+    }
+    if let Some(reason) = &a.cancel_reason {
+        let _ = writeln!(o, "cancelled:    {reason}");
+    }
+    if let Some(r) = &a.revocation {
+        let _ = writeln!(o, "revoked by:   {}", verdict(r));
+    }
+    out
+}
+
+/// The command an approval holds: how it came, its text and values, what
+/// it executes, and the decision that asked for the approval.
+fn command_details(o: &mut String, c: &CommandReceived) {
     let protocol = serde_json::to_value(c.protocol).unwrap_or_default();
     let _ = writeln!(o, "protocol:     {}", protocol.as_str().unwrap_or("?"));
     match c.statement_name.as_deref() {
@@ -372,22 +447,6 @@ fn details(a: &Approval) -> String {
             let _ = writeln!(o, "reason:       {reason}");
         }
     }
-    let _ = writeln!(
-        o,
-        "grants:       {} of {} required",
-        a.grants.len(),
-        a.approvers_required.max(1)
-    );
-    for g in &a.grants {
-        let _ = writeln!(o, "    {}", verdict(g));
-    }
-    if let Some(d) = &a.denial {
-        let _ = writeln!(o, "denied by:    {}", verdict(d));
-    }
-    if let Some(reason) = &a.cancel_reason {
-        let _ = writeln!(o, "cancelled:    {reason}");
-    }
-    out
 }
 
 fn list_or_none(items: &[String]) -> String {
@@ -458,13 +517,46 @@ mod tests {
             assert!(line.contains(expected), "{expected:?} in {line:?}");
         }
         assert_eq!(
-            one_line(&approval().command.statement, 60).chars().count(),
+            one_line(&approval().command().unwrap().statement, 60)
+                .chars()
+                .count(),
             60
         );
         assert_eq!(one_line(" SELECT\n 1 ", 60), "SELECT 1");
         // Columns line up.
         let col = lines[0].find("STATE").unwrap();
         assert_eq!(&line[col..col + 7], "pending");
+    }
+
+    #[test]
+    fn access_reads_as_what_it_asks_for_and_until_when() {
+        let mut json = serde_json::to_value(approval()).unwrap();
+        let o = json.as_object_mut().unwrap();
+        for k in ["session_id", "worker_id", "command"] {
+            o.remove(k);
+        }
+        o.insert(
+            "access".into(),
+            serde_json::json!({"scope": "ddl", "for_secs": 1800, "reason": "migration 42"}),
+        );
+        o.insert("state".into(), "granted".into());
+        o.insert("ended_at".into(), "2025-03-01T10:02:00Z".into());
+        let a: Approval = serde_json::from_value(json).unwrap();
+        let line = table(std::slice::from_ref(&a));
+        assert!(
+            line.contains("ddl access for 30 min: migration 42"),
+            "{line}"
+        );
+        let out = details(&a);
+        for expected in [
+            "access:       ddl for 30 min\n",
+            "reason:       migration 42\n",
+            "until:        2025-03-01T10:32:00Z\n",
+            "state:        granted: ended at 2025-03-01T10:32:00Z\n",
+        ] {
+            assert!(out.contains(expected), "{expected:?} in\n{out}");
+        }
+        assert!(!out.contains("session:"), "{out}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `main.rs` only calls [`main`]; the dev stack is a library function so
 //! tests start exactly what `gatehouse dev` starts.
 
+mod access;
 mod approvals;
 pub mod config;
 pub mod dev;
@@ -58,10 +59,16 @@ enum Command {
         #[command(subcommand)]
         command: policy::PolicyCommand,
     },
-    /// List, inspect, grant and deny commands waiting for an approval.
+    /// List, inspect, grant and deny commands and requests for access
+    /// waiting for an approval.
     Approvals {
         #[command(subcommand)]
         command: approvals::ApprovalsCommand,
+    },
+    /// Ask for access to a target for a while, list and end your requests.
+    Access {
+        #[command(subcommand)]
+        command: access::AccessCommand,
     },
 }
 
@@ -102,6 +109,7 @@ pub fn main() -> ExitCode {
             Command::ExportLog(args) => export::run(args).await,
             Command::Policy { command } => policy::run(command).await,
             Command::Approvals { command } => approvals::run(command).await,
+            Command::Access { command } => access::run(command).await,
         }
     });
     match result {

@@ -331,7 +331,7 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         .request(&approval)
         .await
         .expect("the worker requests it");
-    let mut follow = worker_approvals.follow(approval.id).await.unwrap();
+    let mut follow = worker_approvals.follow(&approval).await.unwrap();
     let granted = cp_approvals
         .change(
             approval.id,

@@ -61,7 +61,8 @@ pub fn router(state: ApiState) -> Router {
         .merge(auth::require(audit, &state, ApiAction::ReadAudit))
         .merge(auth::require(quarantine, &state, ApiAction::ReadQuarantine))
         .merge(crate::policy_api::routes(&state))
-        .merge(crate::approval_api::routes(&state));
+        .merge(crate::approval_api::routes(&state))
+        .merge(crate::access_api::routes(&state));
     auth::layer(routes, &state).with_state(state)
 }
 

@@ -1,5 +1,7 @@
 //! Approvals through the API: listing and reading them, granting and
-//! denying, and a stream of their changes for the web console.
+//! denying, and a stream of their changes for the web console. Requests
+//! for access (`access_api`) are approvals too, listed and decided here
+//! with those of commands: one inbox for approvers.
 //!
 //! Every route sits behind `api:read-approvals` (the admin and auditor
 //! groups, and whom the bundle permits, e.g. the example's `approvers`).
@@ -63,14 +65,7 @@ async fn list(
     State(s): State<ApiState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let wanted = match q.state.as_deref() {
-        None => None,
-        Some(v) => Some(ApprovalState::parse(v).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "state: {v:?} is not one of pending, granted, denied, expired, cancelled"
-            ))
-        })?),
-    };
+    let wanted = wanted_state(q.state.as_deref())?;
     let all = s.approvals.all().await.map_err(unavailable)?;
     let mut out = Vec::new();
     let mut gone = Holders::default();
@@ -81,6 +76,19 @@ async fn list(
         }
     }
     Ok(Json(json!({ "approvals": out })))
+}
+
+/// The `state` a listing asks for, if any.
+pub(crate) fn wanted_state(state: Option<&str>) -> Result<Option<ApprovalState>, ApiError> {
+    state
+        .map(|v| {
+            ApprovalState::parse(v).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "state: {v:?} is not one of pending, granted, denied, expired, cancelled, revoked"
+                ))
+            })
+        })
+        .transpose()
 }
 
 async fn show(
@@ -132,35 +140,8 @@ async fn decide(
 ) -> Result<Json<Approval>, ApiError> {
     let current = current(s, &id).await?;
     let id = current.id;
-    let engine = authority
-        .engine(s, ApiAction::ReadApprovals)
-        .await?
-        .ok_or_else(|| {
-            ApiError::Forbidden("no policy bundle is published: no one may approve".into())
-        })?;
     let identity = &caller.token.identity;
-    let target = TargetInfo {
-        name: current.target.name.clone(),
-        kind: current.target.kind.clone(),
-        environment: current.target.environment.clone(),
-        tags: current.target.tags.clone(),
-    };
-    let session = engine.session(
-        &auth::principal(identity, &s.policy.config.agent_group),
-        &target,
-        &caller.source_ip,
-    );
-    let decision = engine.decide_approve(&session);
-    if decision.effect != Effect::Allow {
-        tracing::info!(approval = %id, subject = %identity.subject, policies = ?decision.policies, "approval decision refused by policy");
-        return Err(ApiError::Forbidden(format!(
-            "not permitted to approve commands on target {:?}: {}",
-            target.name,
-            decision
-                .reason
-                .unwrap_or_else(|| "no policy permits it".into())
-        )));
-    }
+    may_approve(s, authority, caller, &current).await?;
     match s.approvals.change(id, &change, Utc::now()).await {
         Ok(a) => {
             tracing::info!(approval = %id, subject = %identity.subject, change = change.name(), state = a.state.as_str(), "approval changed");
@@ -170,6 +151,47 @@ async fn decide(
         Err(ApprovalError::NotFound(id)) => Err(not_found(id)),
         Err(e) => Err(unavailable(e)),
     }
+}
+
+/// Whether the caller may decide approvals on `a`'s target: Cedar's
+/// `approve` on it, with the current bundle (403 with the policies' reason
+/// otherwise).
+pub(crate) async fn may_approve(
+    s: &ApiState,
+    authority: &Authority,
+    caller: &Caller,
+    a: &Approval,
+) -> Result<(), ApiError> {
+    let engine = authority
+        .engine(s, ApiAction::ReadApprovals)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Forbidden("no policy bundle is published: no one may approve".into())
+        })?;
+    let identity = &caller.token.identity;
+    let target = TargetInfo {
+        name: a.target.name.clone(),
+        kind: a.target.kind.clone(),
+        environment: a.target.environment.clone(),
+        tags: a.target.tags.clone(),
+    };
+    let session = engine.session(
+        &auth::principal(identity, &s.policy.config.agent_group),
+        &target,
+        &caller.source_ip,
+    );
+    let decision = engine.decide_approve(&session);
+    if decision.effect == Effect::Allow {
+        return Ok(());
+    }
+    tracing::info!(approval = %a.id, subject = %identity.subject, policies = ?decision.policies, "approval decision refused by policy");
+    Err(ApiError::Forbidden(format!(
+        "not permitted to approve requests on target {:?}: {}",
+        target.name,
+        decision
+            .reason
+            .unwrap_or_else(|| "no policy permits it".into())
+    )))
 }
 
 /// Every approval's current record, then each change as it happens:
@@ -203,7 +225,7 @@ async fn stream(State(s): State<ApiState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-fn approver(caller: &Caller) -> Approver {
+pub(crate) fn approver(caller: &Caller) -> Approver {
     let identity = &caller.token.identity;
     Approver {
         subject: identity.subject.clone(),
@@ -218,12 +240,12 @@ fn approver(caller: &Caller) -> Approver {
 
 /// Each worker's lease, read once per listing rather than once per
 /// approval.
-type Holders = std::collections::HashMap<String, Option<Lease>>;
+pub(crate) type Holders = std::collections::HashMap<String, Option<Lease>>;
 
-/// A pending approval past its expiry and grace is expired now, and one
-/// whose worker is gone is cancelled (`worker_lost`); the approval as it
-/// then stands.
-async fn settle(s: &ApiState, a: Approval, holders: &mut Holders) -> Approval {
+/// A pending approval past its expiry and grace is expired now, and a
+/// command's whose worker is gone is cancelled (`worker_lost`); the
+/// approval as it then stands.
+pub(crate) async fn settle(s: &ApiState, a: Approval, holders: &mut Holders) -> Approval {
     let now = Utc::now();
     if a.state != ApprovalState::Pending {
         return a;
@@ -231,12 +253,16 @@ async fn settle(s: &ApiState, a: Approval, holders: &mut Holders) -> Approval {
     let change = if now >= a.expires_at + chrono::Duration::seconds(GRACE_SECS) {
         Change::Expire
     } else {
-        let lease = match holders.get(&a.worker_id) {
+        // Access waits in no worker: only its expiry ends it.
+        let Some(worker_id) = a.worker_id() else {
+            return a;
+        };
+        let lease = match holders.get(worker_id) {
             Some(lease) => Ok(lease.clone()),
-            None => s.approvals.lease(&a.worker_id).await,
+            None => s.approvals.lease(worker_id).await,
         };
         if let Ok(lease) = &lease {
-            holders.insert(a.worker_id.clone(), lease.clone());
+            holders.insert(worker_id.to_string(), lease.clone());
         }
         match lease.map(|l| l.is_some_and(|l| l.holds(&a, now))) {
             Ok(false) => Change::Cancel {
@@ -264,7 +290,7 @@ async fn settle(s: &ApiState, a: Approval, holders: &mut Holders) -> Approval {
 
 /// The approval `id` (as the path gives it) as it stands: 400 for a
 /// malformed id, 404 for none.
-async fn current(s: &ApiState, id: &str) -> Result<Approval, ApiError> {
+pub(crate) async fn current(s: &ApiState, id: &str) -> Result<Approval, ApiError> {
     let id = parse_id(id)?;
     let (a, _) = s
         .approvals
@@ -279,22 +305,23 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not an approval id")))
 }
 
-fn not_found(id: Uuid) -> ApiError {
+pub(crate) fn not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("no approval {id}"))
 }
 
-fn refused(r: Refusal) -> ApiError {
+pub(crate) fn refused(r: Refusal) -> ApiError {
     match r {
         Refusal::OwnRequest | Refusal::OnTheirBehalf => ApiError::Forbidden(r.to_string()),
-        Refusal::CommentRequired => ApiError::BadRequest(r.to_string()),
+        Refusal::CommentRequired | Refusal::NotAccess => ApiError::BadRequest(r.to_string()),
         Refusal::Ended(_)
         | Refusal::Expired(_)
         | Refusal::AlreadyGranted
-        | Refusal::NotExpired(_) => ApiError::Conflict(r.to_string()),
+        | Refusal::NotExpired(_)
+        | Refusal::AccessEnded(_) => ApiError::Conflict(r.to_string()),
     }
 }
 
-fn unavailable(e: ApprovalError) -> ApiError {
+pub(crate) fn unavailable(e: ApprovalError) -> ApiError {
     tracing::warn!(error = %e, "approvals stream unavailable");
     ApiError::Unavailable("approvals stream")
 }

@@ -17,6 +17,7 @@
 //! the control plane only sees what workers recorded.
 #![forbid(unsafe_code)]
 
+mod access_api;
 mod api;
 mod approval_api;
 mod audit;

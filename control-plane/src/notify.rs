@@ -204,51 +204,77 @@ fn slack_text(a: &Approval, change: &str, link: Option<&str>) -> String {
         Some(actor) => format!("{} (acting for {})", actor.subject, a.requester.username),
         None => a.requester.username.clone(),
     };
-    let mut statement: String = a.command.statement.chars().take(300).collect();
-    if statement.len() < a.command.statement.len() {
-        statement.push('…');
-    }
+    // What is asked for, as "to run `…` on T" or "ddl access to T for 30 min".
+    let asked = match (a.command(), a.access()) {
+        (Some(c), _) => {
+            let mut statement: String = c.statement.chars().take(300).collect();
+            if statement.len() < c.statement.len() {
+                statement.push('…');
+            }
+            format!("`{statement}` on {}", a.target.name)
+        }
+        (None, Some(x)) => format!(
+            "{} access to {} for {} min ({})",
+            x.scope,
+            a.target.name,
+            x.for_secs / 60,
+            one_line(&x.reason)
+        ),
+        (None, None) => a.target.name.clone(),
+    };
     let what = match a.state {
         ApprovalState::Pending if change == "requested" => format!(
-            "{who} asks to run `{statement}` on {} — {} approval(s) needed before {}",
-            a.target.name,
+            "{who} asks for {asked} — {} approval(s) needed before {}",
             a.approvers_required,
             a.expires_at.format("%H:%M:%S UTC")
         ),
         ApprovalState::Pending => format!(
-            "{} of {} approvals for {who}'s `{statement}` on {}",
+            "{} of {} approvals for {who}'s {asked}",
             a.grants.len(),
             a.approvers_required,
-            a.target.name
         ),
         ApprovalState::Granted => format!(
-            "granted by {}: {who}'s `{statement}` on {}",
+            "granted by {}: {who}'s {asked}",
             a.grants
                 .iter()
                 .map(|g| g.username.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-            a.target.name
         ),
         ApprovalState::Denied => format!(
-            "denied by {}: {who}'s `{statement}` on {}",
+            "denied by {}: {who}'s {asked}",
             a.denial
                 .as_ref()
                 .map_or("an approver", |d| d.username.as_str()),
-            a.target.name
         ),
-        ApprovalState::Expired => format!(
-            "expired without a decision: {who}'s `{statement}` on {}",
-            a.target.name
+        ApprovalState::Expired => format!("expired without a decision: {who}'s {asked}"),
+        ApprovalState::Cancelled => format!("withdrawn: {who}'s {asked}"),
+        ApprovalState::Revoked => format!(
+            "revoked by {}: {who}'s {asked}",
+            a.revocation
+                .as_ref()
+                .map_or("someone", |r| r.username.as_str()),
         ),
-        ApprovalState::Cancelled => {
-            format!("withdrawn: {who}'s `{statement}` on {}", a.target.name)
-        }
     };
     match link {
         Some(l) => format!("Gatehouse approval {}: {what} <{l}|open>", a.id),
         None => format!("Gatehouse approval {}: {what}", a.id),
     }
+}
+
+/// Text on one line, at most 200 characters.
+fn one_line(text: &str) -> String {
+    let mut out: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(200)
+        .collect();
+    if out.chars().count() == 200 {
+        out.push('…');
+    }
+    out
 }
 
 /// The signature headers' values for `body` at `timestamp`.

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use gatehouse_control_plane::{WebhookConfig, WebhookFormat};
 use gatehouse_eventlog::RecordStore;
-use gatehouse_events::approval::{Approval, ApprovalState, ApprovalTarget};
+use gatehouse_events::approval::{Approval, ApprovalState, ApprovalTarget, Requested};
 use gatehouse_events::{CommandReceived, Identity, Protocol};
 use gatehouse_policystore::approvals::{Approvals, Lease};
 use gatehouse_testkit::eventually;
@@ -62,6 +62,11 @@ fn lease(worker: &str, ago: chrono::Duration) -> Lease {
 
 /// What a worker records when a command needs approval.
 fn request(requester: &str) -> Approval {
+    held_by(requester, "worker-1")
+}
+
+/// … held by `worker_id`.
+fn held_by(requester: &str, worker_id: &str) -> Approval {
     let now = Utc::now();
     Approval {
         schema_version: 1,
@@ -76,30 +81,33 @@ fn request(requester: &str) -> Approval {
             groups: vec![],
             delegation: vec![],
         },
-        session_id: Uuid::now_v7(),
-        worker_id: "worker-1".into(),
         target: ApprovalTarget {
             name: "prod".into(),
             kind: "postgres".into(),
             environment: "prod".into(),
             tags: vec![],
         },
-        command: CommandReceived {
-            protocol: Protocol::Simple,
-            statement: "DELETE FROM accounts".into(),
-            statement_name: None,
-            portal: None,
-            params: vec![],
-            executes: vec![],
-            decision: None,
-            redactions: vec![],
-            approval: None,
+        request: Requested::Command {
+            session_id: Uuid::now_v7(),
+            worker_id: worker_id.into(),
+            command: Box::new(CommandReceived {
+                protocol: Protocol::Simple,
+                statement: "DELETE FROM accounts".into(),
+                statement_name: None,
+                portal: None,
+                params: vec![],
+                executes: vec![],
+                decision: None,
+                redactions: vec![],
+                approval: None,
+            }),
         },
         approvers_required: 1,
         grants: vec![],
         denial: None,
         ended_at: None,
         cancel_reason: None,
+        revocation: None,
     }
 }
 
@@ -296,10 +304,8 @@ async fn approvals_whose_worker_is_gone_are_cancelled() {
             push_approvers(env, &cp).await;
             let store = approvals(env).await;
             let held = request("alice");
-            let mut orphaned = request("alice");
-            orphaned.worker_id = "worker-gone".into();
-            let mut restarted = request("alice");
-            restarted.worker_id = "worker-restarted".into();
+            let orphaned = held_by("alice", "worker-gone");
+            let restarted = held_by("alice", "worker-restarted");
             for a in [&held, &orphaned, &restarted] {
                 store.request(a).await.unwrap();
             }

@@ -169,6 +169,11 @@ pub struct DecisionRecord {
     /// Unix seconds. Absent otherwise, and in events older than the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run_until: Option<i64>,
+    /// The access granted to the session's identity on the target and in
+    /// force when it was decided (`context.grants`): the ids of their
+    /// approvals. Absent when none, and in events older than the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<uuid::Uuid>,
 }
 
 /// A policy bundle became the current one.
@@ -296,6 +301,9 @@ pub enum CloseReason {
     WorkerShutdown,
     /// The identity or token was revoked.
     Revoked,
+    /// The session needed access granted for a while, and it ended
+    /// (expired or revoked): `connect` no longer allows it.
+    AccessEnded,
     /// A protocol or I/O error ended the session.
     Error,
 }

@@ -13,6 +13,7 @@ mod compile;
 pub mod corpus;
 
 pub use api::{ApiAction, ApiAuthority};
+pub use compile::parse_duration;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -171,6 +172,10 @@ pub struct Session {
     /// extension name with the Cedar parser on every call (~3 µs).
     source_ip_expr: RestrictedExpression,
     hour: Option<i64>,
+    /// The scopes of the access granted to the principal on the target and
+    /// in force (`context.grants`), and their Cedar set, built once.
+    grants: BTreeSet<String>,
+    grants_expr: RestrictedExpression,
     schema_hash: Arc<str>,
     inputs: Arc<(Principal, TargetInfo)>,
     memo: Mutex<Memo>,
@@ -185,6 +190,8 @@ impl Clone for Session {
             source_ip: self.source_ip.clone(),
             source_ip_expr: self.source_ip_expr.clone(),
             hour: self.hour,
+            grants: self.grants.clone(),
+            grants_expr: self.grants_expr.clone(),
             schema_hash: self.schema_hash.clone(),
             inputs: self.inputs.clone(),
             memo: Mutex::new(Memo::default()),
@@ -223,6 +230,14 @@ impl MemoKey {
     }
 }
 
+/// A Cedar set of strings.
+fn strings_expr(set: &BTreeSet<String>) -> RestrictedExpression {
+    RestrictedExpression::new_set(
+        set.iter()
+            .map(|s| RestrictedExpression::new_string(s.clone())),
+    )
+}
+
 /// Hashes the fields policies see; `MemoKey::matches` compares all of
 /// `StatementFacts`, so equal keys always hash alike.
 fn memo_hash(facts: &StatementFacts, parsed: bool, multi: bool, hour: i64) -> u64 {
@@ -249,6 +264,22 @@ impl Session {
         self
     }
 
+    /// Decide with `grants` as the scopes of the access granted to the
+    /// principal on the target and in force now (`context.grants` of
+    /// `connect`, `query` and `unmask`). A session's decisions depend on
+    /// them, so its memo starts afresh.
+    pub fn with_grants(mut self, grants: BTreeSet<String>) -> Session {
+        self.grants_expr = strings_expr(&grants);
+        self.grants = grants;
+        self.memo = Mutex::new(Memo::default());
+        self
+    }
+
+    /// The scopes of access in force this session decides with.
+    pub fn grants(&self) -> &BTreeSet<String> {
+        &self.grants
+    }
+
     /// The principal entity decided for, e.g. `Gatehouse::Agent::"bot"`.
     pub fn principal_uid(&self) -> String {
         self.principal.to_string()
@@ -267,6 +298,7 @@ impl std::fmt::Debug for Session {
             .field("target", &self.target.to_string())
             .field("source_ip", &self.source_ip)
             .field("hour", &self.hour)
+            .field("grants", &self.grants)
             .field("entities_ok", &self.entities.is_ok())
             .finish()
     }
@@ -416,6 +448,8 @@ impl Engine {
             source_ip_expr: RestrictedExpression::new_ip(&source_ip),
             source_ip,
             hour: None,
+            grants: BTreeSet::new(),
+            grants_expr: strings_expr(&BTreeSet::new()),
             schema_hash: self.schema_hash.clone(),
             inputs: Arc::new((p.clone(), t.clone())),
             memo: Mutex::new(Memo::default()),
@@ -436,6 +470,7 @@ impl Engine {
                 "hour".to_string(),
                 RestrictedExpression::new_long(hour(session)),
             ),
+            ("grants".to_string(), session.grants_expr.clone()),
         ]);
         self.decide(
             session,
@@ -507,6 +542,7 @@ impl Engine {
                 "hour".to_string(),
                 RestrictedExpression::new_long(hour(session)),
             ),
+            ("grants".to_string(), session.grants_expr.clone()),
         ]);
         self.decide(
             session,
@@ -619,12 +655,7 @@ impl Engine {
         hour: i64,
         start: Instant,
     ) -> Decision {
-        let strings = |set: &BTreeSet<String>| {
-            RestrictedExpression::new_set(
-                set.iter()
-                    .map(|s| RestrictedExpression::new_string(s.clone())),
-            )
-        };
+        let strings = strings_expr;
         let context = Context::from_pairs([
             (
                 "kind".to_string(),
@@ -668,6 +699,7 @@ impl Engine {
             ("parsed".to_string(), RestrictedExpression::new_bool(parsed)),
             ("source_ip".to_string(), session.source_ip_expr.clone()),
             ("hour".to_string(), RestrictedExpression::new_long(hour)),
+            ("grants".to_string(), session.grants_expr.clone()),
         ]);
         self.decide(
             session,

@@ -27,5 +27,6 @@ pub use engine::corpus::{
 };
 pub use engine::{
     ApiAction, ApiAuthority, Decision, Effect, Engine, Principal, Session, TargetInfo,
+    parse_duration,
 };
 pub use facts::{Classification, Deallocates, Output, Outputs, StatementFacts, StatementKind};

@@ -54,10 +54,12 @@ fn delegated(subject: &str, groups: &[&str], actors: &[&str]) -> Principal {
     )
 }
 
-/// The actions `p` may take.
+/// The actions `p` may take, besides requesting access (everyone's: see
+/// `everyone_may_request_access_unless_a_bundle_forbids_it`).
 fn allowed(a: &ApiAuthority, e: Option<&Engine>, p: &Principal) -> Vec<ApiAction> {
     ApiAction::ALL
         .into_iter()
+        .filter(|action| *action != RequestAccess)
         .filter(|action| a.decide(e, p, *action, "10.0.0.1").effect == Effect::Allow)
         .collect()
 }
@@ -93,7 +95,7 @@ fn built_in_policies_give_the_groups_their_access() {
         );
         assert_eq!(
             allowed(&a, e, &person("both", &[ADMINS, AUDITORS])),
-            ApiAction::ALL
+            ApiAction::ALL[..ApiAction::ALL.len() - 1]
         );
         assert!(allowed(&a, e, &person("nobody", &["dba", "agents"])).is_empty());
         // An agent's own token in the admin group is an admin.
@@ -231,4 +233,25 @@ fn the_groups_are_configurable_and_quoted() {
         ADMIN_ACTIONS
     );
     assert!(allowed(&a, None, &person("y", &["audit team"])).contains(&ReadAudit));
+}
+
+#[test]
+fn everyone_may_request_access_unless_a_bundle_forbids_it() {
+    let a = authority();
+    let agent = delegated("alice", &[], &["copilot"]);
+    for p in [person("nobody", &[]), agent.clone()] {
+        let d = a.decide(None, &p, RequestAccess, "10.0.0.1");
+        assert_eq!(d.effect, Effect::Allow, "{p:?}");
+        assert_eq!(d.policies, ["gatehouse-builtin:everyone-requests-access"]);
+    }
+    let e = engine(&[(
+        "agents.cedar",
+        r#"@id("agents-ask-no-access") @reason("agents may not ask for access")
+           forbid (principal is Gatehouse::Agent, action == Gatehouse::Action::"api:request-access", resource);"#,
+    )]);
+    let d = a.decide(Some(&e), &agent, RequestAccess, "10.0.0.1");
+    assert_eq!(d.effect, Effect::Deny);
+    assert_eq!(d.reason.as_deref(), Some("agents may not ask for access"));
+    let d = a.decide(Some(&e), &person("nobody", &[]), RequestAccess, "10.0.0.1");
+    assert_eq!(d.effect, Effect::Allow);
 }

@@ -122,19 +122,21 @@ pub async fn run(
     let store = PolicyStore::open(&records, &policy_config)
         .await
         .map_err(|e| WorkerError::Policies(e.to_string()))?;
-    let policies = policy::start(store).await.map_err(WorkerError::Policies)?;
-    let usernames = usernames::UserNames::open(
-        &records,
-        &usernames::stream_for(&policy_config.revocation_stream),
-    )
-    .await
-    .map_err(WorkerError::Policies)?;
     let approvals = gatehouse_policystore::approvals::Approvals::open(
         &records,
         &policy_config.revocation_stream,
     )
     .await
     .map_err(|e| WorkerError::Policies(e.to_string()))?;
+    let policies = policy::start(store, approvals.clone())
+        .await
+        .map_err(WorkerError::Policies)?;
+    let usernames = usernames::UserNames::open(
+        &records,
+        &usernames::stream_for(&policy_config.revocation_stream),
+    )
+    .await
+    .map_err(WorkerError::Policies)?;
     let worker_id = config.worker_id();
     let lease_task = tokio::spawn(renew_lease(approvals.clone(), worker_id.clone()));
     let approvals = approvals::Waiters::start(approvals)
@@ -159,6 +161,7 @@ pub async fn run(
             }),
         );
     }
+    announce_targets(&approvals.approvals, &targets, &worker_id).await?;
     let cancels = Arc::new(cancel::CancelRegistry::default());
     let sub = log
         .signals(&config.cancel_subject)
@@ -264,6 +267,33 @@ pub async fn run(
         task.abort();
     }
     tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Announces the targets this worker fronts, with the attributes policies
+/// see, so that access to them can be asked for and decided by name.
+async fn announce_targets(
+    approvals: &gatehouse_policystore::approvals::Approvals,
+    targets: &HashMap<String, Arc<Target>>,
+    worker_id: &str,
+) -> Result<(), WorkerError> {
+    for (name, t) in targets {
+        let info = t.info();
+        let known = gatehouse_policystore::approvals::KnownTarget {
+            target: gatehouse_events::approval::ApprovalTarget {
+                name: info.name,
+                kind: info.kind,
+                environment: info.environment,
+                tags: info.tags,
+            },
+            worker_id: worker_id.to_string(),
+            announced_at: chrono::Utc::now(),
+        };
+        approvals
+            .announce(&known)
+            .await
+            .map_err(|e| WorkerError::Policies(format!("cannot announce target {name}: {e}")))?;
+    }
     Ok(())
 }
 

@@ -1,35 +1,129 @@
-//! Decisions in the worker: the current policy bundle and revocations
-//! (kept fresh by watching the policy store), and each session's view of
-//! them — its principal, its target, its prepared statements.
+//! Decisions in the worker: the current policy bundle, revocations and the
+//! access granted (kept fresh by watching the policy store and the
+//! approvals stream), and each session's view of them — its principal, its
+//! target, its prepared statements.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use gatehouse_events::approval::Approval;
 use gatehouse_events::{DecisionEffect, DecisionRecord, Identity};
 use gatehouse_policies::{
     Classification, Decision, Effect, Engine, Principal, Session, StatementFacts, StatementKind,
     TargetInfo,
 };
+use gatehouse_policystore::approvals::Approvals;
 use gatehouse_policystore::{PolicyConfig, PolicyStore, Revoked};
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use crate::error::ClientError;
 
 /// What every session decides with at a given moment.
+#[derive(Default)]
 pub(crate) struct PolicyState {
     /// `None` until a bundle has been published: every command is refused.
     pub engine: Option<Arc<Engine>>,
     pub revoked: HashSet<Revoked>,
+    pub access: Arc<AccessGrants>,
+}
+
+impl PolicyState {
+    fn with(&self, f: impl FnOnce(&mut PolicyState)) -> Arc<PolicyState> {
+        let mut next = PolicyState {
+            engine: self.engine.clone(),
+            revoked: self.revoked.clone(),
+            access: self.access.clone(),
+        };
+        f(&mut next);
+        Arc::new(next)
+    }
 }
 
 pub(crate) type Policies = watch::Receiver<Arc<PolicyState>>;
 
-/// Loads the current bundle and revocations and keeps them fresh. Only
-/// bundles signed by a key of `policy.bundle_public_keys` are applied, so
-/// a store that trusts no key is refused here.
-pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
+/// Access granted to identities on targets, not yet over: who asked (the
+/// subject and delegation chain it is granted to, exactly), where, the
+/// scope policies see, until when.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct AccessGrants {
+    by_subject: HashMap<String, Vec<AccessGrant>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AccessGrant {
+    id: Uuid,
+    actors: Vec<String>,
+    target: String,
+    scope: String,
+    until: DateTime<Utc>,
+}
+
+/// The access a session decides with: the approvals' ids, in order, and
+/// the scopes they grant.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct InForce {
+    pub ids: Vec<Uuid>,
+    pub scopes: BTreeSet<String>,
+}
+
+impl AccessGrants {
+    /// Takes in the latest record of a request for access: granted access
+    /// not yet over is kept, anything else (revoked, expired, pending,
+    /// denied) dropped, with whatever of that subject's is over by `now`.
+    pub fn apply(&mut self, a: &Approval, now: DateTime<Utc>) {
+        let subject = &a.requester.subject;
+        let list = self.by_subject.entry(subject.clone()).or_default();
+        list.retain(|g| g.id != a.id && g.until > now);
+        if let (Some(access), Some(until)) = (a.access(), a.access_until())
+            && a.access_in_force(now)
+        {
+            list.push(AccessGrant {
+                id: a.id,
+                actors: a
+                    .requester
+                    .delegation
+                    .iter()
+                    .map(|d| d.subject.clone())
+                    .collect(),
+                target: a.target.name.clone(),
+                scope: access.scope.clone(),
+                until,
+            });
+        }
+        if list.is_empty() {
+            self.by_subject.remove(subject);
+        }
+    }
+
+    /// The access in force at `now` for exactly this identity (subject and
+    /// delegation chain) on `target`.
+    pub fn in_force(&self, p: &Principal, target: &str, now: DateTime<Utc>) -> InForce {
+        let mut out = InForce::default();
+        if let Some(list) = self.by_subject.get(&p.subject) {
+            for g in list {
+                if g.target == target && g.actors == p.delegation && now < g.until {
+                    out.ids.push(g.id);
+                    out.scopes.insert(g.scope.clone());
+                }
+            }
+        }
+        out.ids.sort();
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_subject.is_empty()
+    }
+}
+
+/// Loads the current bundle, revocations and access granted, and keeps
+/// them fresh. Only bundles signed by a key of `policy.bundle_public_keys`
+/// are applied, so a store that trusts no key is refused here.
+pub(crate) async fn start(store: PolicyStore, approvals: Approvals) -> Result<Policies, String> {
     if !store.verifies() {
         return Err(
             "policy.bundle_public_keys is empty: a worker applies only policy bundles \
@@ -50,7 +144,11 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
     };
     let revoked = store.revoked().await.map_err(|e| e.to_string())?;
     let in_force = engine.as_ref().map_or(0, |e| e.bundle_version());
-    let (tx, rx) = watch::channel(Arc::new(PolicyState { engine, revoked }));
+    let (tx, rx) = watch::channel(Arc::new(PolicyState {
+        engine,
+        revoked,
+        access: Arc::default(),
+    }));
     let tx = Arc::new(tx);
 
     // Newer signed, valid bundles only; the rest is logged by the store.
@@ -63,14 +161,10 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
         futures::pin_mut!(engines);
         while let Some(engine) = engines.next().await {
             let engine = Some(Arc::new(engine));
-            t.send_modify(|s| {
-                *s = Arc::new(PolicyState {
-                    engine: engine.clone(),
-                    revoked: s.revoked.clone(),
-                })
-            });
+            t.send_modify(|s| *s = s.with(|s| s.engine = engine.clone()));
         }
     });
+    tokio::spawn(follow_access(approvals, tx.clone()));
     let revocations = store.watch_revocations().await.map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         futures::pin_mut!(revocations);
@@ -87,10 +181,7 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
                             revoked.remove(&identity)
                         };
                         if changed {
-                            *s = Arc::new(PolicyState {
-                                engine: s.engine.clone(),
-                                revoked,
-                            });
+                            *s = s.with(|s| s.revoked = revoked);
                         }
                         changed
                     });
@@ -100,6 +191,34 @@ pub(crate) async fn start(store: PolicyStore) -> Result<Policies, String> {
         }
     });
     Ok(rx)
+}
+
+/// Keeps the access granted in the policy state: every request for access
+/// as it stands, then each change; followed again from the start if the
+/// stream fails (the state is rebuilt, not patched, then).
+async fn follow_access(approvals: Approvals, tx: Arc<watch::Sender<Arc<PolicyState>>>) {
+    loop {
+        match approvals.follow_access().await {
+            Ok(mut changes) => {
+                let mut grants = AccessGrants::default();
+                while let Some(next) = changes.next().await {
+                    match next {
+                        Ok(a) => {
+                            grants.apply(&a, Utc::now());
+                            let access = Arc::new(grants.clone());
+                            tx.send_modify(|s| *s = s.with(|s| s.access = access));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "an access record was skipped"),
+                    }
+                }
+                tracing::warn!("the access records ended; following them again");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow the access records; trying again")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// One session's side of decisions.
@@ -112,6 +231,8 @@ pub(crate) struct SessionPolicy {
     revoked_by: Vec<Revoked>,
     /// The `connect` decision made the session read-only.
     pub read_only: bool,
+    /// The access in force the session's decisions were made with.
+    access: InForce,
     /// Cedar entities of this session, built for `engine_of`.
     entities: Option<(Arc<Engine>, Session)>,
 }
@@ -165,6 +286,7 @@ impl SessionPolicy {
                 .chain(token_id.map(Revoked::Token))
                 .collect(),
             read_only: false,
+            access: InForce::default(),
             entities: None,
         }
     }
@@ -173,7 +295,9 @@ impl SessionPolicy {
     fn entities(&mut self, engine: &Arc<Engine>) -> &Session {
         let fresh = matches!(&self.entities, Some((e, _)) if Arc::ptr_eq(e, engine));
         if !fresh {
-            let s = engine.session(&self.principal, &self.target, &self.source_ip);
+            let s = engine
+                .session(&self.principal, &self.target, &self.source_ip)
+                .with_grants(self.access.scopes.clone());
             self.entities = Some((engine.clone(), s));
         }
         &self.entities.as_ref().expect("just set").1
@@ -199,8 +323,56 @@ impl SessionPolicy {
         !state.revoked.is_empty() && self.revoked_by.iter().any(|r| state.revoked.contains(r))
     }
 
-    /// The `connect` decision, at session start.
-    pub fn decide_connect(&mut self, state: &PolicyState) -> Result<Decision, ClientError> {
+    /// Takes in the access granted to the session's identity on its target
+    /// and in force at `now` (Unix seconds); whether it changed since the
+    /// session's last decision.
+    fn refresh_access(&mut self, state: &PolicyState, now: i64) -> bool {
+        if state.access.is_empty() && self.access.ids.is_empty() {
+            return false;
+        }
+        let now = DateTime::from_timestamp(now, 0).unwrap_or_default();
+        let access = state
+            .access
+            .in_force(&self.principal, &self.target.name, now);
+        if access == self.access {
+            return false;
+        }
+        self.access = access;
+        self.entities = None;
+        true
+    }
+
+    /// Checks the session against the access in force at `now`: when it
+    /// changed since the session's last decision, `connect` is decided
+    /// again with it, and a session that needed access now over (expired,
+    /// revoked) is refused, as at login. The session's read-only mode
+    /// stays as it was decided at login.
+    pub fn access_changed(&mut self, state: &PolicyState, now: i64) -> Result<(), ClientError> {
+        if !self.refresh_access(state, now) {
+            return Ok(());
+        }
+        let read_only = self.read_only;
+        let decided = self.decide_connect(state, now);
+        self.read_only = read_only;
+        decided.map(|_| ()).map_err(|e| {
+            ClientError::fatal(
+                "42501",
+                format!(
+                    "{}; the access granted to this session has ended or changed",
+                    e.message
+                ),
+            )
+        })
+    }
+
+    /// The `connect` decision, with the access in force at `now` (Unix
+    /// seconds).
+    pub fn decide_connect(
+        &mut self,
+        state: &PolicyState,
+        now: i64,
+    ) -> Result<Decision, ClientError> {
+        self.refresh_access(state, now);
         let Some(engine) = &state.engine else {
             return Err(ClientError::fatal("42501", NO_BUNDLE));
         };
@@ -295,16 +467,19 @@ impl SessionPolicy {
         CommandDecision {
             denied: effect == Effect::Deny,
             approval: (effect == Effect::ApprovalRequired && enforced).then_some(need),
-            record: Some(Self::record(
-                &engine,
-                effect,
-                enforced,
-                policies,
-                reason,
-                c,
-                started,
-                dry_run_until,
-            )),
+            record: Some(DecisionRecord {
+                grants: self.access.ids.clone(),
+                ..Self::record(
+                    &engine,
+                    effect,
+                    enforced,
+                    policies,
+                    reason,
+                    c,
+                    started,
+                    dry_run_until,
+                )
+            }),
             refusal,
         }
     }
@@ -339,6 +514,7 @@ impl SessionPolicy {
                 bundle_hash: String::new(),
                 eval_micros: 0,
                 dry_run_until: None,
+                grants: Vec::new(),
             },
         }
     }
@@ -368,11 +544,12 @@ impl SessionPolicy {
             bundle_hash: engine.bundle_hash().to_string(),
             eval_micros: started.elapsed().as_micros() as u64,
             dry_run_until,
+            grants: Vec::new(),
         }
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -481,7 +481,7 @@ async fn authenticate(
             ));
         }
         policy
-            .decide_connect(&state)
+            .decide_connect(&state, crate::policy::unix_now())
             .map_err(|e| Refusal::new(e, "connect_denied"))?;
         decide_settings(&mut policy, &state, &settings)
             .map_err(|e| Refusal::new(e, "setting_denied"))?;

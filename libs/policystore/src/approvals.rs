@@ -3,7 +3,10 @@
 //! whoever sees it past its expiry ends it.
 //!
 //! The stream is `<policy.revocation_stream>_APPROVALS`, one subject per
-//! approval (`gatehouse.<stream>.approval.<id>`), each record the whole
+//! approval (`gatehouse.<stream>.approval.<id>` for a command's,
+//! `gatehouse.<stream>.approval.access.<id>` for access, so that
+//! `approval.>` is every approval and `approval.access.>` only access),
+//! each record the whole
 //! [`Approval`] after one change, with the change's name in the header
 //! [`CHANGE_HEADER`]. A change is published on condition that the subject
 //! still ends with the record it was computed from, so that racing writers
@@ -21,12 +24,17 @@
 //! worker restarted under the same id) is held by no one:
 //! ([`Lease::holds`] says no), and the control plane cancels it
 //! (`worker_lost`).
+//!
+//! **Targets.** Access is asked for by target name, and approvers decide
+//! on the target's attributes, which only the workers' configurations
+//! hold: each worker announces the targets it fronts at start
+//! (`gatehouse.<stream>.target.<sha256 of the name>`, [`KnownTarget`]).
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use gatehouse_eventlog::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
-use gatehouse_events::approval::{Approval, Change, Refusal};
+use gatehouse_events::approval::{Approval, ApprovalTarget, Change, Refusal};
 use uuid::Uuid;
 
 /// The header naming the change a record holds (`requested`, `granted`,
@@ -57,6 +65,15 @@ impl Lease {
     pub fn holds(&self, a: &Approval, now: DateTime<Utc>) -> bool {
         self.renewed_at + LEASE_TIMEOUT >= now && self.started_at <= a.requested_at
     }
+}
+
+/// A target as a worker announced it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnownTarget {
+    pub target: ApprovalTarget,
+    /// The worker that announced it last, and when.
+    pub worker_id: String,
+    pub announced_at: DateTime<Utc>,
 }
 
 /// The approvals stream for a revocation stream.
@@ -115,13 +132,76 @@ impl Approvals {
         Ok(Self { stream, prefix })
     }
 
-    fn subject(&self, id: Uuid) -> String {
+    fn subject(&self, a: &Approval) -> String {
+        match a.access() {
+            Some(_) => self.access_subject(a.id),
+            None => self.command_subject(a.id),
+        }
+    }
+
+    fn command_subject(&self, id: Uuid) -> String {
         format!("{}.approval.{}", self.prefix, id.simple())
     }
 
+    fn access_subject(&self, id: Uuid) -> String {
+        format!("{}.approval.access.{}", self.prefix, id.simple())
+    }
+
+    fn hashed_subject(&self, kind: &str, key: &str) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        format!("{}.{kind}.{}", self.prefix, hex::encode(digest))
+    }
+
     fn lease_subject(&self, worker_id: &str) -> String {
-        let digest = ring::digest::digest(&ring::digest::SHA256, worker_id.as_bytes());
-        format!("{}.lease.{}", self.prefix, hex::encode(digest))
+        self.hashed_subject("lease", worker_id)
+    }
+
+    /// Announces a target a worker fronts, with the attributes policies
+    /// see, so that access to it can be asked for and decided.
+    pub async fn announce(&self, known: &KnownTarget) -> Result<(), ApprovalError> {
+        let payload =
+            serde_json::to_vec(known).map_err(|e| ApprovalError::Unreadable(e.to_string()))?;
+        self.stream
+            .publish(
+                &self.hashed_subject("target", &known.target.name),
+                &[],
+                payload.into(),
+                None,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The target `name` as last announced, if a worker ever did.
+    pub async fn target(&self, name: &str) -> Result<Option<KnownTarget>, ApprovalError> {
+        match self
+            .stream
+            .last(&self.hashed_subject("target", name))
+            .await?
+        {
+            Some(r) => serde_json::from_slice(&r.payload)
+                .map(Some)
+                .map_err(|e| ApprovalError::Unreadable(format!("target {}: {e}", r.sequence))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every target workers have announced, by name.
+    pub async fn targets(&self) -> Result<Vec<KnownTarget>, ApprovalError> {
+        let records = self
+            .stream
+            .last_per_subject(&format!("{}.target.>", self.prefix))
+            .await?;
+        let mut all = records
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<KnownTarget>(&r.payload)
+                    .map_err(|e| ApprovalError::Unreadable(format!("target {}: {e}", r.sequence)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        all.sort_by(|a, b| a.target.name.cmp(&b.target.name));
+        Ok(all)
     }
 
     /// Renews a worker's lease.
@@ -159,7 +239,7 @@ impl Approvals {
         let published = self
             .stream
             .publish(
-                &self.subject(approval.id),
+                &self.subject(approval),
                 &[(CHANGE_HEADER, "requested")],
                 payload.into(),
                 None,
@@ -178,10 +258,12 @@ impl Approvals {
 
     /// The approval as it stands, with the sequence of its last record.
     pub async fn get(&self, id: Uuid) -> Result<Option<(Approval, u64)>, ApprovalError> {
-        match self.stream.last(&self.subject(id)).await? {
-            Some(r) => Ok(Some((read(&r)?, r.sequence))),
-            None => Ok(None),
+        for subject in [self.command_subject(id), self.access_subject(id)] {
+            if let Some(r) = self.stream.last(&subject).await? {
+                return Ok(Some((read(&r)?, r.sequence)));
+            }
         }
+        Ok(None)
     }
 
     /// Applies `change` to the approval as it stands at `now`, and records
@@ -202,7 +284,7 @@ impl Approvals {
             match self
                 .stream
                 .publish(
-                    &self.subject(id),
+                    &self.subject(&current),
                     &[(CHANGE_HEADER, change.name())],
                     payload.into(),
                     None,
@@ -229,12 +311,26 @@ impl Approvals {
         Ok(all)
     }
 
-    /// The approval `id` as it stands, then every change to it.
+    /// The approval `a` as it stands, then every change to it.
     pub async fn follow(
         &self,
-        id: Uuid,
+        a: &Approval,
     ) -> Result<BoxStream<'static, Result<Approval, ApprovalError>>, ApprovalError> {
-        let records = self.stream.follow(&self.subject(id)).await?;
+        let records = self.stream.follow(&self.subject(a)).await?;
+        Ok(records
+            .map(|r| r.map_err(ApprovalError::from).and_then(|r| read(&r)))
+            .boxed())
+    }
+
+    /// Every request for access as it stands, then every change to any:
+    /// what a worker follows to know the access in force.
+    pub async fn follow_access(
+        &self,
+    ) -> Result<BoxStream<'static, Result<Approval, ApprovalError>>, ApprovalError> {
+        let records = self
+            .stream
+            .follow(&format!("{}.approval.access.>", self.prefix))
+            .await?;
         Ok(records
             .map(|r| r.map_err(ApprovalError::from).and_then(|r| read(&r)))
             .boxed())

@@ -7,7 +7,7 @@ use chrono::{Duration, Utc};
 use futures::StreamExt;
 use gatehouse_eventlog::{EmbeddedLog, RecordStore};
 use gatehouse_events::approval::{
-    Approval, ApprovalState, ApprovalTarget, Approver, Change, Refusal,
+    Approval, ApprovalState, ApprovalTarget, Approver, Change, Refusal, Requested,
 };
 use gatehouse_events::{Actor, CommandReceived, Identity, Protocol};
 use gatehouse_policystore::approvals::{ApprovalError, Approvals, stream_for};
@@ -78,30 +78,33 @@ fn pending(requester: Identity, approvers_required: u32, ttl: Duration) -> Appro
         requested_at: now,
         expires_at: now + ttl,
         requester,
-        session_id: Uuid::now_v7(),
-        worker_id: "worker-test".into(),
         target: ApprovalTarget {
             name: "app".into(),
             kind: "postgres".into(),
             environment: "prod".into(),
             tags: vec![],
         },
-        command: CommandReceived {
-            protocol: Protocol::Simple,
-            statement: "DELETE FROM t".into(),
-            statement_name: None,
-            portal: None,
-            params: vec![],
-            executes: vec![],
-            decision: None,
-            redactions: vec![],
-            approval: None,
+        request: Requested::Command {
+            session_id: Uuid::now_v7(),
+            worker_id: "worker-test".into(),
+            command: Box::new(CommandReceived {
+                protocol: Protocol::Simple,
+                statement: "DELETE FROM t".into(),
+                statement_name: None,
+                portal: None,
+                params: vec![],
+                executes: vec![],
+                decision: None,
+                redactions: vec![],
+                approval: None,
+            }),
         },
         approvers_required,
         grants: vec![],
         denial: None,
         ended_at: None,
         cancel_reason: None,
+        revocation: None,
     }
 }
 
@@ -164,18 +167,12 @@ async fn racing_grant_and_deny_from_two_writers_end_in_one_outcome() {
         let request = pending(identity("alice", &[]), 1, Duration::minutes(5));
         a.request(&request).await.unwrap();
         let mut again = request.clone();
-        again.command.statement = "DROP TABLE t".into();
+        if let Requested::Command { command, .. } = &mut again.request {
+            command.statement = "DROP TABLE t".into();
+        }
         assert!(b.request(&again).await.is_err(), "{kind}");
-        assert_eq!(
-            a.get(request.id)
-                .await
-                .unwrap()
-                .unwrap()
-                .0
-                .command
-                .statement,
-            "DELETE FROM t"
-        );
+        let stored = a.get(request.id).await.unwrap().unwrap().0;
+        assert_eq!(stored.command().unwrap().statement, "DELETE FROM t");
     }
     env.cleanup().await;
 }
@@ -251,7 +248,7 @@ async fn expiry_pending_after_reopening_and_followers_see_each_change() {
         let long = pending(identity("alice", &[]), 1, Duration::minutes(5));
         approvals.request(&short).await.unwrap();
         approvals.request(&long).await.unwrap();
-        let mut follow = approvals.follow(long.id).await.unwrap();
+        let mut follow = approvals.follow(&long).await.unwrap();
         let first = follow.next().await.unwrap().unwrap();
         assert_eq!(first, long, "{kind}");
 
@@ -300,6 +297,85 @@ async fn expiry_pending_after_reopening_and_followers_see_each_change() {
             .unwrap()
             .unwrap();
         assert_eq!(next.state, ApprovalState::Granted, "{kind}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn access_requests_share_the_approvals_and_their_followers_see_grants_and_revocations() {
+    use gatehouse_events::approval::AccessRequest;
+    use gatehouse_policystore::approvals::KnownTarget;
+    let env = Env::new().await;
+    for (kind, store) in &env.stores {
+        let approvals = Approvals::open(store, &env.revocations).await.unwrap();
+        // A target is known once a worker announces it.
+        assert!(approvals.target("app").await.unwrap().is_none(), "{kind}");
+        let mut known = KnownTarget {
+            target: pending(identity("x", &[]), 1, Duration::minutes(1)).target,
+            worker_id: "w1".into(),
+            announced_at: Utc::now(),
+        };
+        approvals.announce(&known).await.unwrap();
+        known.worker_id = "w2".into();
+        approvals.announce(&known).await.unwrap();
+        assert_eq!(
+            approvals.target("app").await.unwrap().as_ref(),
+            Some(&known),
+            "{kind}"
+        );
+        assert_eq!(approvals.targets().await.unwrap(), vec![known], "{kind}");
+
+        let command = pending(identity("alice", &[]), 1, Duration::minutes(5));
+        approvals.request(&command).await.unwrap();
+        let mut access = pending(identity("alice", &[]), 1, Duration::minutes(5));
+        access.request = Requested::Access {
+            access: AccessRequest::new(Some("write"), 600, "incident 42").unwrap(),
+        };
+        approvals.request(&access).await.unwrap();
+        let mut follow = approvals.follow_access().await.unwrap();
+        assert_eq!(follow.next().await.unwrap().unwrap(), access, "{kind}");
+
+        // One inbox: both are listed and found by id.
+        let ids: Vec<_> = approvals
+            .all()
+            .await
+            .unwrap()
+            .iter()
+            .map(|a| a.id)
+            .collect();
+        assert!(
+            ids.contains(&command.id) && ids.contains(&access.id),
+            "{kind}"
+        );
+        assert_eq!(approvals.get(access.id).await.unwrap().unwrap().0, access);
+
+        let granted = approvals
+            .change(access.id, &grant("bob"), Utc::now())
+            .await
+            .unwrap();
+        assert!(granted.access_in_force(Utc::now()), "{kind}");
+        let revoke = Change::Revoke {
+            by: approver("carol"),
+            reason: Some("incident over".into()),
+        };
+        assert!(matches!(
+            approvals.change(command.id, &revoke, Utc::now()).await,
+            Err(ApprovalError::Refused(Refusal::NotAccess))
+        ));
+        approvals
+            .change(access.id, &revoke, Utc::now())
+            .await
+            .unwrap();
+        // The access follower sees the grant and the revocation, and never
+        // the command's approval.
+        for want in [ApprovalState::Granted, ApprovalState::Revoked] {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(10), follow.next())
+                .await
+                .expect("the follower sees the change")
+                .unwrap()
+                .unwrap();
+            assert_eq!((next.id, next.state), (access.id, want), "{kind}");
+        }
     }
     env.cleanup().await;
 }

@@ -14,7 +14,9 @@
 //!   back, set dry-runs, revoke, reinstate, explain, read the current
 //!   bundle and read approvals; the auditor group may read the audit
 //!   trail, the quarantine and approvals, read the current bundle and
-//!   explain. A bundle cannot remove them.
+//!   explain; everyone may request access to a target for a while (the
+//!   request is then an approver's to decide). A bundle cannot remove
+//!   them, but its forbids apply (e.g. agents may not request access).
 //! - **The current bundle's**: its permits that name an `api:*` action in
 //!   their scope (a permit for any action grants no API action, so a
 //!   bundle written for SQL cannot hand out administration by accident),
@@ -44,10 +46,13 @@ pub enum ApiAction {
     /// grant or denial is also an `approve` decision on the command's
     /// target: [`Engine::decide_approve`]).
     ReadApprovals,
+    /// Asking for access to a target for a while, and reading and ending
+    /// one's own requests. Built-in for everyone: a bundle may forbid it.
+    RequestAccess,
 }
 
 impl ApiAction {
-    pub const ALL: [ApiAction; 10] = [
+    pub const ALL: [ApiAction; 11] = [
         ApiAction::PushPolicy,
         ApiAction::RollbackPolicy,
         ApiAction::SetDryRun,
@@ -58,6 +63,7 @@ impl ApiAction {
         ApiAction::ReadAudit,
         ApiAction::ReadQuarantine,
         ApiAction::ReadApprovals,
+        ApiAction::RequestAccess,
     ];
 
     /// The Cedar action id, e.g. `api:push-policy`.
@@ -73,6 +79,7 @@ impl ApiAction {
             ApiAction::ReadAudit => "api:read-audit",
             ApiAction::ReadQuarantine => "api:read-quarantine",
             ApiAction::ReadApprovals => "api:read-approvals",
+            ApiAction::RequestAccess => "api:request-access",
         }
     }
 
@@ -89,6 +96,7 @@ impl ApiAction {
             ApiAction::ReadAudit => "read the audit trail",
             ApiAction::ReadQuarantine => "read the quarantine",
             ApiAction::ReadApprovals => "read and decide approvals",
+            ApiAction::RequestAccess => "request access to targets",
         }
     }
 
@@ -190,7 +198,10 @@ impl ApiAuthority {
             "@id(\"{BUILTIN_PREFIX}admins\")\n\
              permit (principal in {admins}, action in [{admin_actions}], resource);\n\
              @id(\"{BUILTIN_PREFIX}auditors\")\n\
-             permit (principal in {auditors}, action in [{auditor_actions}], resource);\n",
+             permit (principal in {auditors}, action in [{auditor_actions}], resource);\n\
+             @id(\"{BUILTIN_PREFIX}everyone-requests-access\")\n\
+             permit (principal, action == {request_access}, resource);\n",
+            request_access = RequestAccess.uid(),
             admins = group(admin_group),
             auditors = group(auditor_group),
             admin_actions = actions(&[

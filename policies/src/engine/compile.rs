@@ -300,6 +300,15 @@ fn parse_approvers(value: &str) -> Option<u32> {
 /// `@approval_timeout`: digits then `s`, `m` or `h`, in seconds, from 1 s
 /// to [`MAX_APPROVAL_TIMEOUT_SECS`].
 fn parse_timeout(value: &str) -> Option<u32> {
+    let secs = parse_duration(value)?;
+    u32::try_from(secs)
+        .ok()
+        .filter(|s| (1..=MAX_APPROVAL_TIMEOUT_SECS).contains(s))
+}
+
+/// A duration as Gatehouse writes them, in seconds: a whole number
+/// followed by `s`, `m` or `h` (`"90s"`, `"5m"`, `"1h"`).
+pub fn parse_duration(value: &str) -> Option<u64> {
     let unit = match value.as_bytes().last()? {
         b's' => 1,
         b'm' => 60,
@@ -310,10 +319,7 @@ fn parse_timeout(value: &str) -> Option<u32> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let secs = digits.parse::<u64>().ok()?.checked_mul(unit)?;
-    u32::try_from(secs)
-        .ok()
-        .filter(|s| (1..=MAX_APPROVAL_TIMEOUT_SECS).contains(s))
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 /// A problem from a Cedar diagnostic whose labels point into `text`.

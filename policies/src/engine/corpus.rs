@@ -207,6 +207,9 @@ pub fn run_corpus(engine: &Engine, file: &str, text: &str) -> Result<Vec<CaseRes
             }
             session = session.at_hour(hour);
         }
+        if !case.grants.is_empty() {
+            session = session.with_grants(case.grants.iter().cloned().collect());
+        }
         let decision = match (case.action.as_str(), &case.facts, &case.sql) {
             ("connect", None, None) => engine.decide_connect_in(&session),
             ("connect", _, _) => return Err(err("connect takes no facts or sql".into())),
@@ -343,6 +346,9 @@ struct Case {
     column: Option<String>,
     source_ip: Option<String>,
     hour: Option<u8>,
+    /// The scopes of access granted and in force (`context.grants`).
+    #[serde(default)]
+    grants: Vec<String>,
     expect: Effect,
     /// Exactly these determining policies (any order).
     policies: Option<Vec<String>>,

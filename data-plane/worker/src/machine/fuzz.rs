@@ -2030,7 +2030,7 @@ impl Fuzz {
     fn new(who: Who, legacy: bool, tolerate: Tolerate, masked: bool) -> Self {
         let state = PolicyState {
             engine: Some(engine()),
-            revoked: Default::default(),
+            ..Default::default()
         };
         let target = TargetInfo {
             name: "test".into(),
@@ -2046,7 +2046,7 @@ impl Fuzz {
             target,
             "127.0.0.1".into(),
         );
-        policy.decide_connect(&state).expect("connect allowed");
+        policy.decide_connect(&state, 0).expect("connect allowed");
         let ctx = Arc::new(SessionCtx::for_tests(identity));
         let machine = Machine::new(
             ctx,

@@ -55,7 +55,7 @@ use std::sync::atomic::Ordering;
 use base64::Engine as _;
 use bytes::{Buf, BufMut, BytesMut};
 use gatehouse_events::approval::{
-    APPROVAL_SCHEMA_VERSION, Approval, ApprovalLink, ApprovalState, ApprovalTarget,
+    APPROVAL_SCHEMA_VERSION, Approval, ApprovalLink, ApprovalState, ApprovalTarget, Requested,
 };
 use gatehouse_events::{
     CloseReason, CommandReceived, DecisionRecord, Event, ExecutedStatement, Param, ParamFormat,
@@ -832,6 +832,8 @@ impl Machine {
                     ClientError::fatal("28000", "access for this identity has been revoked"),
                     CloseReason::Revoked,
                 ))
+            } else if let Err(e) = self.policy.access_changed(state, now) {
+                Some((e, CloseReason::AccessEnded))
             } else if self.token_deadline.is_some_and(|d| now > d) {
                 Some((
                     ClientError::fatal(
@@ -1553,20 +1555,23 @@ impl Machine {
             requested_at,
             expires_at: requested_at + chrono::Duration::seconds(i64::from(need.timeout_secs)),
             requester: self.ctx.identity.clone(),
-            session_id: self.ctx.session_id,
-            worker_id: self.ctx.worker_id.clone(),
             target: ApprovalTarget {
                 name: target.name.clone(),
                 kind: target.kind.clone(),
                 environment: target.environment.clone(),
                 tags: target.tags.clone(),
             },
-            command,
+            request: Requested::Command {
+                session_id: self.ctx.session_id,
+                worker_id: self.ctx.worker_id.clone(),
+                command: Box::new(command),
+            },
             approvers_required: need.approvers,
             grants: Vec::new(),
             denial: None,
             ended_at: None,
             cancel_reason: None,
+            revocation: None,
         };
         self.parked = Some(Parked {
             chunk,
@@ -1604,9 +1609,8 @@ impl Machine {
             Ok(()) => {
                 let a = &parked.approval;
                 let reason = a
-                    .command
-                    .decision
-                    .as_ref()
+                    .command()
+                    .and_then(|c| c.decision.as_ref())
                     .and_then(|d| d.reason.clone())
                     .unwrap_or_else(|| "a policy asks for it".into());
                 let approvers = match a.approvers_required {
@@ -1661,9 +1665,8 @@ impl Machine {
         // meanwhile may now refuse it outright, so it is decided anew.
         let decided_with = parked
             .approval
-            .command
-            .decision
-            .as_ref()
+            .command()
+            .and_then(|c| c.decision.as_ref())
             .map(|d| d.bundle_hash.as_str());
         let bundle_changed = state.engine.as_ref().map(|e| e.bundle_hash()) != decided_with;
         chunk.refusal = match approval.state {
@@ -1720,10 +1723,13 @@ impl Machine {
                     approval.expires_at.format("%Y-%m-%d %H:%M:%S UTC")
                 ),
             )),
-            ApprovalState::Cancelled | ApprovalState::Pending => Some(ClientError::error(
-                "57014",
-                format!("canceling statement due to user request: approval {id} was withdrawn"),
-            )),
+            // A command's approval is never revoked; taken as withdrawn.
+            ApprovalState::Cancelled | ApprovalState::Revoked | ApprovalState::Pending => {
+                Some(ClientError::error(
+                    "57014",
+                    format!("canceling statement due to user request: approval {id} was withdrawn"),
+                ))
+            }
         };
         self.held = Some(chunk);
         if let Some((error, reason)) = end {

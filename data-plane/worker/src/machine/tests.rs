@@ -1,7 +1,6 @@
 //! The session machine fed byte fixtures: what reaches the target, what
 //! reaches the client, what is recorded.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -245,6 +244,8 @@ pub(super) type Recorded = (String, Vec<(String, String)>, DecisionEffect);
 pub(super) struct Harness {
     pub machine: Machine,
     pub state: PolicyState,
+    /// The session's clock, Unix seconds.
+    pub now: i64,
     pub client: BytesMut,
     /// Every event recorded so far.
     pub recorded: Vec<Event>,
@@ -303,8 +304,19 @@ impl Harness {
         let engine = Engine::new(&Bundle::defaults()).expect("defaults are valid");
         let state = PolicyState {
             engine: Some(Arc::new(engine)),
-            revoked: HashSet::new(),
+            ..Default::default()
         };
+        Self::build(identity, mask, state, 0)
+    }
+
+    /// A session decided by `state` at `now` (Unix seconds), which the
+    /// session's clock stays at until the test moves it (`Harness::now`).
+    fn build(
+        identity: Identity,
+        mask: Option<crate::masking::ResponseMask>,
+        state: PolicyState,
+        now: i64,
+    ) -> Self {
         let target = TargetInfo {
             name: "test".into(),
             kind: "postgres".into(),
@@ -318,7 +330,7 @@ impl Harness {
             target,
             "127.0.0.1".into(),
         );
-        policy.decide_connect(&state).expect("connect allowed");
+        policy.decide_connect(&state, now).expect("connect allowed");
         let ctx = Arc::new(SessionCtx::for_tests(identity));
         let machine = Machine::new(
             ctx,
@@ -336,6 +348,7 @@ impl Harness {
         Harness {
             machine,
             state,
+            now,
             client: BytesMut::new(),
             recorded: Vec::new(),
         }
@@ -358,7 +371,8 @@ impl Harness {
     /// The client sends `bytes`; the first recording fails.
     pub fn send_unrecorded(&mut self, bytes: &[u8]) {
         self.client.extend_from_slice(bytes);
-        self.machine.client_input(&mut self.client, &self.state, 0);
+        self.machine
+            .client_input(&mut self.client, &self.state, self.now);
         if self.machine.take_events().is_some() {
             self.machine
                 .recorded(Err(RecordError::Unavailable("nats is down".into())));
@@ -371,7 +385,8 @@ impl Harness {
     pub fn pump(&mut self, ack: bool) {
         loop {
             let before = (self.client.len(), self.machine.to_target.len());
-            self.machine.client_input(&mut self.client, &self.state, 0);
+            self.machine
+                .client_input(&mut self.client, &self.state, self.now);
             match self.machine.take_events() {
                 Some(events) if ack => {
                     self.recorded.extend(events);
@@ -610,8 +625,11 @@ fn sql_execute_of_a_protocol_statement_is_decided_by_its_text() {
     assert!(h.sent().is_empty(), "it waits for an approval");
     // What is approved is what runs: the statement px holds.
     let approval = h.request_approval();
-    assert_eq!(approval.command.statement, "EXECUTE px");
-    assert_eq!(approval.command.executes[0].text, "DELETE FROM t");
+    assert_eq!(approval.command().unwrap().statement, "EXECUTE px");
+    assert_eq!(
+        approval.command().unwrap().executes[0].text,
+        "DELETE FROM t"
+    );
     h.decide(&approval, ApprovalState::Denied);
     assert_eq!(h.sent().last(), Some(&text('Q', super::REFUSED_TEXT)));
     h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
@@ -643,7 +661,7 @@ fn a_command_waits_for_its_approval_and_runs_once_granted() {
     ]));
     assert_eq!(h.sent(), vec![text('Q', "SELECT 1")]);
     let approval = h.request_approval();
-    assert_eq!(approval.command.statement, "DELETE FROM t");
+    assert_eq!(approval.command().unwrap().statement, "DELETE FROM t");
     assert_eq!(approval.approvers_required, 1);
     assert_eq!(
         (approval.expires_at - approval.requested_at).num_seconds(),
@@ -842,7 +860,7 @@ fn flush_after_a_denied_execute_is_answered() {
         "what came before the Execute goes on; the Execute waits"
     );
     let approval = h.request_approval();
-    assert_eq!(approval.command.statement, "DELETE FROM t");
+    assert_eq!(approval.command().unwrap().statement, "DELETE FROM t");
     assert_eq!(
         h.answered(),
         vec![m('N')],
@@ -1554,5 +1572,138 @@ fn storing_values_of_a_masked_column_is_refused() {
             'Q',
             "INSERT INTO notes (body) SELECT title FROM books"
         ))
+    );
+}
+
+// ---- access granted for a while ----
+
+/// Alice's request for `scope` access to the test target, granted at
+/// `granted_at` (Unix seconds) for ten minutes.
+fn granted_access(scope: &str, granted_at: i64) -> Approval {
+    use gatehouse_events::approval::{AccessRequest, ApprovalTarget, Approver, Change, Requested};
+    let at = chrono::DateTime::from_timestamp(granted_at, 0).unwrap();
+    let pending = Approval {
+        schema_version: 1,
+        id: uuid::Uuid::new_v4(),
+        state: ApprovalState::Pending,
+        requested_at: at,
+        expires_at: at + chrono::Duration::hours(1),
+        requester: identity("alice", &[]),
+        target: ApprovalTarget {
+            name: "test".into(),
+            kind: "postgres".into(),
+            environment: "dev".into(),
+            tags: Vec::new(),
+        },
+        request: Requested::Access {
+            access: AccessRequest::new(Some(scope), 600, "migration").unwrap(),
+        },
+        approvers_required: 1,
+        grants: Vec::new(),
+        denial: None,
+        ended_at: None,
+        cancel_reason: None,
+        revocation: None,
+    };
+    let by = Approver {
+        subject: "sub-bob".into(),
+        username: "bob".into(),
+        actors: Vec::new(),
+    };
+    pending
+        .apply(&Change::Grant { by, comment: None }, at)
+        .unwrap()
+}
+
+/// Connecting needs `access`, DDL needs `ddl`: both scopes reach the
+/// policies while in force; the decision names the grants; when one ends
+/// the next command is decided without it; when the one the session
+/// needed to exist ends, the session ends at its next message.
+#[test]
+fn access_granted_for_a_while_is_decided_with_until_it_ends() {
+    let bundle = Bundle::new(
+        "grants",
+        vec![(
+            "grants.cedar".into(),
+            r#"@id("all") permit (principal, action, resource);
+               @id("connect-needs-access")
+               forbid (principal, action == Gatehouse::Action::"connect", resource)
+               unless { context.grants.contains("access") };
+               @id("ddl-needs-grant")
+               forbid (principal, action == Gatehouse::Action::"query", resource)
+               when { context.kind == "ddl" } unless { context.grants.contains("ddl") };"#
+                .into(),
+        )],
+        gatehouse_policies::SCHEMA,
+    );
+    let access = granted_access("access", 1_000);
+    let ddl = granted_access("ddl", 900);
+    let mut grants = crate::policy::AccessGrants::default();
+    let at = chrono::DateTime::from_timestamp(1_250, 0).unwrap();
+    grants.apply(&access, at);
+    grants.apply(&ddl, at);
+    // Another identity's, and another target's, grant nothing here.
+    let mut other = granted_access("ddl", 1_200);
+    other.requester = identity("mallory", &[]);
+    grants.apply(&other, at);
+    let mut elsewhere = granted_access("ddl", 1_200);
+    elsewhere.target.name = "other".into();
+    grants.apply(&elsewhere, at);
+    let state = PolicyState {
+        engine: Some(Arc::new(Engine::new(&bundle).unwrap())),
+        access: Arc::new(grants.clone()),
+        ..Default::default()
+    };
+    let mut h = Harness::build(identity("alice", &[]), None, state, 1_250);
+
+    h.send(&query("CREATE TABLE t (a int)"));
+    assert_eq!(
+        h.sent(),
+        vec![text('Q', "CREATE TABLE t (a int)")],
+        "DDL runs under the ddl grant"
+    );
+    let Payload::CommandReceived(c) = &h.recorded.last().unwrap().payload else {
+        panic!("a command is recorded");
+    };
+    let mut both = vec![access.id, ddl.id];
+    both.sort();
+    assert_eq!(c.decision.as_ref().unwrap().grants, both);
+    h.reply(&cat(&[command_complete("CREATE TABLE"), ready(b'I')]));
+    h.answered();
+
+    // The ddl grant's ten minutes are over; the access grant's are not.
+    h.now = 900 + 600;
+    h.send(&query("CREATE TABLE u (a int)"));
+    assert_eq!(h.sent(), vec![text('Q', super::REFUSED_TEXT)]);
+    h.reply(&cat(&[error("42601", "syntax error"), ready(b'I')]));
+    assert_eq!(h.answered(), vec![err("42501"), m('Z')]);
+    assert_eq!(h.commands().last().unwrap().2, Deny);
+    assert!(h.machine.ended().is_none(), "the session goes on");
+
+    // The access grant is revoked: the session ends at its next message.
+    let revoked = access
+        .apply(
+            &gatehouse_events::approval::Change::Revoke {
+                by: gatehouse_events::approval::Approver {
+                    subject: "sub-bob".into(),
+                    username: "bob".into(),
+                    actors: Vec::new(),
+                },
+                reason: None,
+            },
+            chrono::DateTime::from_timestamp(h.now, 0).unwrap(),
+        )
+        .unwrap();
+    grants.apply(
+        &revoked,
+        chrono::DateTime::from_timestamp(h.now, 0).unwrap(),
+    );
+    h.state.access = Arc::new(grants);
+    h.send(&query("SELECT 1"));
+    assert!(h.sent().is_empty(), "nothing reaches the target");
+    assert_eq!(h.answered(), vec![err("42501")]);
+    assert_eq!(
+        h.machine.ended(),
+        Some(gatehouse_events::CloseReason::AccessEnded)
     );
 }
