@@ -1,6 +1,8 @@
-//! `gatehouse approvals list|show|grant|deny`, the binary itself, against a
-//! real stack: a session's DELETE waits for an approval that an approver
-//! lists, reads and grants (or denies) from the command line.
+//! `gatehouse approvals list|show|grant|deny` and `gatehouse access`, the
+//! binary itself, against a real stack: a session's DELETE waits for an
+//! approval that an approver lists, reads and grants (or denies) from the
+//! command line; a person asks for access and waits while an approver
+//! grants it.
 
 mod support;
 
@@ -15,8 +17,13 @@ use tokio::process::Command;
 /// `token` as GATEHOUSE_TOKEN (none if `None`); the output whatever the
 /// exit status.
 async fn approvals(env: Option<&Env>, token: Option<&str>, args: &[&str]) -> Output {
+    gatehouse(env, token, "approvals", args).await
+}
+
+/// Runs `gatehouse COMMAND ARGS` as [`approvals`] does.
+async fn gatehouse(env: Option<&Env>, token: Option<&str>, command: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
-    cmd.arg("approvals").args(args);
+    cmd.arg(command).args(args);
     if let Some(env) = env {
         cmd.args(["--api", &env.api("")]);
     }
@@ -194,4 +201,79 @@ async fn a_denial_without_a_comment_is_a_usage_error() {
     // And no token is ever taken from the command line.
     let out = approvals(None, None, &["list", "--token", "secret"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_asks_for_access_and_waits_while_an_approver_grants_it() {
+    let env = Env::start().await;
+    let alice = env.stack().api_token("alice", &["dev"]);
+    let dave = env.stack().api_token("dave", &["approvers"]);
+    let api = env.api("");
+    let asking = {
+        let (alice, api) = (alice.clone(), api.clone());
+        tokio::spawn(async move {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+            cmd.args(["access", "request", "--target", "app", "--for", "30m"])
+                .args(["--reason", "migration 42", "--scope", "ddl", "--wait"])
+                .args(["--api", &api])
+                .env("GATEHOUSE_TOKEN", alice)
+                .kill_on_drop(true);
+            cmd.output().await.expect("the gatehouse binary runs")
+        })
+    };
+    let pending = env.pending_approvals(1).await;
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+    let out = ok(
+        &approvals(Some(&env), Some(&dave), &["list"]).await,
+        "approvals list",
+    );
+    assert!(
+        out.contains("ddl access for 30 min: migration 42"),
+        "listed as what it asks for:\n{out}"
+    );
+    ok(
+        &approvals(Some(&env), Some(&dave), &["grant", &id]).await,
+        "approvals grant",
+    );
+    let asked = tokio::time::timeout(Duration::from_secs(20), asking)
+        .await
+        .expect("the request returns once decided")
+        .unwrap();
+    let out = ok(&asked, "access request --wait");
+    assert!(
+        out.contains(&format!("access request {id} is pending")),
+        "{out}"
+    );
+    assert!(out.contains("granted: in force until"), "{out}");
+
+    let out = ok(
+        &gatehouse(Some(&env), Some(&alice), "access", &["list"]).await,
+        "access list",
+    );
+    assert!(out.contains(&id) && out.contains("granted"), "{out}");
+    let out = ok(
+        &gatehouse(Some(&env), Some(&alice), "access", &["show", &id]).await,
+        "access show",
+    );
+    assert!(out.contains("access:       ddl for 30 min"), "{out}");
+    let out = ok(
+        &gatehouse(Some(&env), Some(&alice), "access", &["revoke", &id]).await,
+        "access revoke",
+    );
+    assert_eq!(out.trim(), format!("access request {id}: revoked"));
+    // Asked without a reason: refused before anything is sent.
+    let out = gatehouse(
+        Some(&env),
+        Some(&alice),
+        "access",
+        &["request", "--target", "app", "--for", "30m"],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--reason"),
+        "{}",
+        text(&out.stderr)
+    );
+    env.cleanup().await;
 }

@@ -215,6 +215,12 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         allow_plaintext: true,
         ..Default::default()
     };
+    // A target it announces (never connected to here).
+    let (name, mut target) =
+        gatehouse::dev::parse_target("app=postgres://postgres@127.0.0.1:1/app?sslmode=disable")
+            .unwrap();
+    target.environment = "prod".into();
+    worker_config.targets.insert(name, target);
     worker_config
         .prepare(&gatehouse_identity::VerifierConfig {
             issuer: "https://issuer.invalid".into(),
@@ -359,7 +365,59 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         }
     }
     assert_eq!(seen.as_ref(), Some(&granted));
-    // The server refused exactly those five; nothing the control plane or
+    // Access for a while as the roles handle it: the control plane finds
+    // the target the worker announced, records the request and the grant;
+    // the worker follows them; the worker cannot forge one.
+    let known = cp_approvals
+        .target("app")
+        .await
+        .unwrap()
+        .expect("the worker announced its target");
+    assert_eq!(known.target.environment, "prod");
+    let mut access = approval.clone();
+    access.id = uuid::Uuid::now_v7();
+    access.target = known.target;
+    access.request = gatehouse_events::approval::Requested::Access {
+        access: gatehouse_events::approval::AccessRequest::new(None, 600, "incident").unwrap(),
+    };
+    cp_approvals.request(&access).await.unwrap();
+    let granted = cp_approvals
+        .change(
+            access.id,
+            &gatehouse_events::approval::Change::Grant {
+                by: gatehouse_events::approval::Approver {
+                    subject: "bob".into(),
+                    username: "bob".into(),
+                    actors: vec![],
+                },
+                comment: None,
+            },
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    let mut follow = worker_approvals.follow_access().await.unwrap();
+    let mut seen = None;
+    while let Some(next) = tokio::time::timeout(Duration::from_secs(10), follow.next())
+        .await
+        .expect("the worker follows access")
+    {
+        let next = next.unwrap();
+        if next.id == access.id && next.state.is_terminal() {
+            seen = Some(next);
+            break;
+        }
+    }
+    assert_eq!(seen.as_ref(), Some(&granted));
+    assert!(
+        !stored(
+            &worker_nats,
+            "gatehouse.GATEHOUSE_REVOCATIONS_APPROVALS.approval.access.forged"
+        )
+        .await,
+        "a worker recorded access"
+    );
+    // The server refused exactly those six; nothing the control plane or
     // the worker needed for their own work (the worker's lease included).
     let log = nats_log();
     let refused: Vec<(String, String)> = log.lines().filter_map(violation).collect();
@@ -372,13 +430,17 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
             "control-plane",
             "gatehouse.GATEHOUSE_REVOCATIONS_APPROVALS.lease.someone",
         ),
+        (
+            "worker",
+            "gatehouse.GATEHOUSE_REVOCATIONS_APPROVALS.approval.access.forged",
+        ),
     ] {
         assert!(
             refused.iter().any(|(u, s)| u == user && s == subject),
             "{user} {subject}:\n{log}"
         );
     }
-    assert_eq!(refused.len(), 5, "{log}");
+    assert_eq!(refused.len(), 6, "{log}");
 
     let _ = stop.send(true);
     worker.await.unwrap().unwrap();
