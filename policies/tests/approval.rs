@@ -410,9 +410,9 @@ fn the_example_lets_approvers_approve_and_read_approvals() {
         let d = api.decide(Some(e), &ann, ApiAction::ReadApprovals, "10.0.0.1");
         assert_eq!(d.effect, Effect::Allow);
         assert_eq!(d.policies, ["approvers-approve"]);
-        // Nothing else of the API.
+        // Nothing else of the API but what everyone may do.
         for action in ApiAction::ALL {
-            if action != ApiAction::ReadApprovals {
+            if ![ApiAction::ReadApprovals, ApiAction::RequestAccess].contains(&action) {
                 let d = api.decide(Some(e), &ann, action, "10.0.0.1");
                 assert_eq!(d.effect, Effect::Deny, "{action:?}");
             }
