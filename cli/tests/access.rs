@@ -235,7 +235,7 @@ async fn access_granted_for_a_while_lets_sessions_in_until_it_is_revoked() {
 
 /// A pending request is withdrawn by its requester; an approver cannot
 /// revoke what is still pending (they deny it); only the requester reads
-/// hers under /access.
+/// hers under /access; explanations take grants.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_requests_are_withdrawn_by_their_requester_and_denied_by_approvers() {
     let env = Env::start().await;
@@ -286,5 +286,25 @@ async fn pending_requests_are_withdrawn_by_their_requester_and_denied_by_approve
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+
+    // What-if: the built-in prod-no-ddl refuses DDL on production unless a
+    // ddl grant is in force.
+    let auditor = stack.api_token("aud", &["auditors"]);
+    for (grants, effect) in [(json!([]), "deny"), (json!(["ddl"]), "allow")] {
+        let (status, body) = env
+            .api_post(
+                &auditor,
+                "/api/v1/decisions/explain",
+                json!({
+                    "identity": {"subject": "alice"},
+                    "target": {"name": "orders", "environment": "prod"},
+                    "sql": "ALTER TABLE orders ADD COLUMN note text",
+                    "grants": grants,
+                }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["effect"], effect, "{grants}: {body}");
+    }
     env.cleanup().await;
 }

@@ -800,6 +800,10 @@ struct ExplainRequest {
     sql: String,
     /// Client address policies see; default 127.0.0.1.
     source_ip: Option<String>,
+    /// The scopes of access granted for a while to decide with
+    /// (`context.grants`); default none.
+    #[serde(default)]
+    grants: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -845,11 +849,13 @@ async fn explain(
         environment: req.target.environment,
         tags: req.target.tags,
     };
-    let session = engine.session(
-        &principal,
-        &target,
-        req.source_ip.as_deref().unwrap_or("127.0.0.1"),
-    );
+    let session = engine
+        .session(
+            &principal,
+            &target,
+            req.source_ip.as_deref().unwrap_or("127.0.0.1"),
+        )
+        .with_grants(req.grants.into_iter().collect());
     let c = classify(&req.sql, Reading::default());
     // The command's effect is what a worker would decide in a session that
     // has prepared nothing; each statement's own decision follows.
