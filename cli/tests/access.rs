@@ -230,6 +230,39 @@ async fn access_granted_for_a_while_lets_sessions_in_until_it_is_revoked() {
         created.contains(&ddl_id) && created.contains(&access_id),
         "the decision names the grants in force: {created}"
     );
+    // The audit store has both requests as they ended, for compliance
+    // queries that join commands with the access they ran under.
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+    for _ in 0..100 {
+        rows = env
+            .audit_query(
+                "SELECT kind, state, scope, reason FROM approvals
+                 WHERE requester_subject = $1 AND target = $2 ORDER BY reason",
+                &["alice", "app"],
+            )
+            .await;
+        if rows.iter().filter(|r| r.1 == "revoked").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rows,
+        [
+            (
+                "access".into(),
+                "revoked".into(),
+                "access".into(),
+                "incident 42".into()
+            ),
+            (
+                "access".into(),
+                "revoked".into(),
+                "ddl".into(),
+                "migration".into()
+            ),
+        ]
+    );
     env.cleanup().await;
 }
 

@@ -20,6 +20,7 @@
 mod access_api;
 mod api;
 mod approval_api;
+mod approval_audit;
 mod audit;
 mod auth;
 mod config;
@@ -79,6 +80,7 @@ pub async fn run(
         hooks,
         config.approval_link.clone(),
     ));
+    let approval_audit = tokio::spawn(approval_audit::run(approvals.clone(), audit.clone()));
     let projector_stats = projector.stats();
     let shutdown = shutdown.shared();
     let projector = tokio::spawn(projector.run(shutdown.clone()));
@@ -117,6 +119,7 @@ pub async fn run(
         }
     };
     notifier.abort();
+    approval_audit.abort();
     if let Err(e) = served {
         projector.abort();
         return Err(e).context("control plane API server failed");

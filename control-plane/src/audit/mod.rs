@@ -138,6 +138,23 @@ impl AuditStore {
         }
     }
 
+    /// Writes `a`, the approval as its record `sequence` of the approvals
+    /// stream has it, unless the row holds that record or a later one.
+    pub(crate) async fn store_approval(
+        &self,
+        a: &gatehouse_events::approval::Approval,
+        sequence: u64,
+    ) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres(pool) => {
+                store_approval::<sqlx::Postgres>(&mut *pool.acquire().await?, a, sequence).await
+            }
+            Self::Sqlite(pool) => {
+                store_approval::<sqlx::Sqlite>(&mut *pool.acquire().await?, a, sequence).await
+            }
+        }
+    }
+
     /// Closes the store's connections.
     pub async fn close(&self) {
         match self {
@@ -434,6 +451,74 @@ where
         .bind(p.reason.clone()),
     };
     query.execute(&mut *db).await?;
+    Ok(())
+}
+
+/// The `approvals` row of an approval record; the same SQL on both stores.
+async fn store_approval<DB>(
+    db: &mut DB::Connection,
+    a: &gatehouse_events::approval::Approval,
+    sequence: u64,
+) -> Result<(), sqlx::Error>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    String: Bind<DB>,
+    Option<String>: Bind<DB>,
+    i64: Bind<DB>,
+    i32: Bind<DB>,
+    Uuid: Bind<DB>,
+    Option<<DB as Dialect>::Time>: Bind<DB>,
+    Json<Vec<gatehouse_events::Actor>>: Bind<DB>,
+    Json<serde_json::Value>: Bind<DB>,
+{
+    let (kind, statement, scope, reason) = match (a.command(), a.access()) {
+        (Some(c), _) => ("command", Some(c.statement.clone()), None, None),
+        (None, Some(x)) => (
+            "access",
+            None,
+            Some(x.scope.clone()),
+            Some(x.reason.clone()),
+        ),
+        (None, None) => ("unknown", None, None, None),
+    };
+    let granted_by: Vec<String> = a.grants.iter().map(|g| g.username.clone()).collect();
+    let record = serde_json::to_value(a).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query::<DB>(
+        "INSERT INTO approvals (approval_id, kind, state, requested_at, expires_at, ended_at,
+            access_until, requester_subject, requester_username, delegation, target,
+            statement, scope, reason, approvers_required, granted_by, record, sequence)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+         ON CONFLICT (approval_id) DO UPDATE SET
+            state = EXCLUDED.state,
+            ended_at = EXCLUDED.ended_at,
+            access_until = EXCLUDED.access_until,
+            granted_by = EXCLUDED.granted_by,
+            record = EXCLUDED.record,
+            sequence = EXCLUDED.sequence
+         WHERE approvals.sequence < EXCLUDED.sequence",
+    )
+    .bind(a.id)
+    .bind(kind.to_string())
+    .bind(a.state.as_str().to_string())
+    .bind(Some(DB::time(a.requested_at)))
+    .bind(Some(DB::time(a.expires_at)))
+    .bind(a.ended_at.map(DB::time))
+    .bind(a.access_until().map(DB::time))
+    .bind(a.requester.subject.clone())
+    .bind(a.requester.username.clone())
+    .bind(Json(a.requester.delegation.clone()))
+    .bind(a.target.name.clone())
+    .bind(statement)
+    .bind(scope)
+    .bind(reason)
+    .bind(i32::try_from(a.approvers_required).unwrap_or(i32::MAX))
+    .bind(DB::list(&granted_by))
+    .bind(Json(record))
+    .bind(int(sequence))
+    .execute(&mut *db)
+    .await?;
     Ok(())
 }
 
