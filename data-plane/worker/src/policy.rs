@@ -99,20 +99,44 @@ impl AccessGrants {
         }
     }
 
-    /// The access in force at `now` for exactly this identity (subject and
+    /// The grants in force at `now` for exactly this identity (subject and
     /// delegation chain) on `target`.
+    fn applying<'a>(
+        &'a self,
+        p: &'a Principal,
+        target: &'a str,
+        now: DateTime<Utc>,
+    ) -> impl Iterator<Item = &'a AccessGrant> {
+        self.by_subject
+            .get(&p.subject)
+            .into_iter()
+            .flatten()
+            .filter(move |g| g.target == target && g.actors == p.delegation && now < g.until)
+    }
+
+    /// The access in force at `now` for exactly this identity on `target`.
     pub fn in_force(&self, p: &Principal, target: &str, now: DateTime<Utc>) -> InForce {
         let mut out = InForce::default();
-        if let Some(list) = self.by_subject.get(&p.subject) {
-            for g in list {
-                if g.target == target && g.actors == p.delegation && now < g.until {
-                    out.ids.push(g.id);
-                    out.scopes.insert(g.scope.clone());
-                }
-            }
+        for g in self.applying(p, target, now) {
+            out.ids.push(g.id);
+            out.scopes.insert(g.scope.clone());
         }
         out.ids.sort();
         out
+    }
+
+    /// Whether the access in force at `now` for this identity on `target`
+    /// is still `ids` (sorted): asked before each message of a session, so
+    /// it allocates nothing.
+    pub fn still(&self, p: &Principal, target: &str, now: DateTime<Utc>, ids: &[Uuid]) -> bool {
+        let mut n = 0;
+        for g in self.applying(p, target, now) {
+            if ids.binary_search(&g.id).is_err() {
+                return false;
+            }
+            n += 1;
+        }
+        n == ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -331,13 +355,11 @@ impl SessionPolicy {
             return false;
         }
         let now = DateTime::from_timestamp(now, 0).unwrap_or_default();
-        let access = state
-            .access
-            .in_force(&self.principal, &self.target.name, now);
-        if access == self.access {
+        let (p, target) = (&self.principal, self.target.name.as_str());
+        if state.access.still(p, target, now, &self.access.ids) {
             return false;
         }
-        self.access = access;
+        self.access = state.access.in_force(p, target, now);
         self.entities = None;
         true
     }
