@@ -266,7 +266,8 @@ async fn access_granted_for_a_while_lets_sessions_in_until_it_is_revoked() {
     env.cleanup().await;
 }
 
-/// A pending request is withdrawn by its requester; an approver cannot
+/// A pending request is withdrawn by its requester; five may wait at a
+/// time; an approver cannot
 /// revoke what is still pending (they deny it); only the requester reads
 /// hers under /access; explanations take grants.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,6 +289,27 @@ async fn pending_requests_are_withdrawn_by_their_requester_and_denied_by_approve
     )
     .await;
     let (one, two) = (one["id"].as_str().unwrap(), two["id"].as_str().unwrap());
+    // Five may wait at a time; a sixth is refused until one is decided.
+    for n in 3..=5 {
+        let (status, body) = ask(
+            &env,
+            &alice,
+            json!({"target": "app", "for": "1h", "reason": format!("r{n}")}),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = ask(
+        &env,
+        &alice,
+        json!({"target": "app", "for": "1h", "reason": "six"}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.to_string().contains("5 requests for access waiting"),
+        "{body}"
+    );
     let (status, body) = env
         .api_post(&dave, &format!("/api/v1/access/{one}/revoke"), json!({}))
         .await;

@@ -33,6 +33,10 @@ use crate::api::{ApiError, ApiState};
 use crate::approval_api::{self, Holders};
 use crate::auth::{self, ApiAction, Authority, Caller, JsonBody};
 
+/// Requests for access one identity may have waiting at a time: enough
+/// for real work, not enough to flood approvers or the stream.
+const MAX_PENDING: usize = 5;
+
 pub(crate) fn routes(state: &ApiState) -> Router<ApiState> {
     let routes = Router::new()
         .route("/api/v1/access", post(request).get(list))
@@ -92,6 +96,25 @@ async fn request(
         )));
     };
     let now = Utc::now();
+    let waiting = s
+        .approvals
+        .all()
+        .await
+        .map_err(approval_api::unavailable)?
+        .iter()
+        .filter(|a| {
+            a.access().is_some()
+                && a.state == ApprovalState::Pending
+                && a.expires_at > now
+                && same_identity(&a.requester, &caller.token.identity)
+        })
+        .count();
+    if waiting >= MAX_PENDING {
+        return Err(ApiError::TooMany(format!(
+            "you have {waiting} requests for access waiting for an approver; withdraw one \
+             (gatehouse access revoke ID) or wait for a decision"
+        )));
+    }
     let approval = Approval {
         schema_version: APPROVAL_SCHEMA_VERSION,
         id: uuid::Uuid::now_v7(),

@@ -449,6 +449,9 @@ pub(crate) enum ApiError {
         message: String,
         details: Vec<String>,
     },
+    /// The caller has too much under way already (429).
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0} unavailable; try again")]
     Unavailable(&'static str),
     #[error("the body must be JSON (Content-Type: application/json)")]
@@ -482,6 +485,7 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -482,8 +482,18 @@ impl RecordStream {
     pub async fn last_per_subject(&self, filter: &str) -> Result<Vec<Record>, RecordError> {
         match &self.inner {
             Inner::JetStream { stream, .. } => {
-                let mut info = stream.as_ref().clone();
-                if info.info().await.map_err(unavailable)?.state.messages == 0 {
+                // A consumer that selects nothing delivers nothing: ask the
+                // stream first whether any subject matches (a stream may
+                // hold records of other subjects only).
+                let mut subjects = stream
+                    .info_with_subjects(filter)
+                    .await
+                    .map_err(unavailable)?;
+                if futures::TryStreamExt::try_next(&mut subjects)
+                    .await
+                    .map_err(unavailable)?
+                    .is_none()
+                {
                     return Ok(Vec::new());
                 }
                 let mut messages = Box::pin(

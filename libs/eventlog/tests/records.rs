@@ -283,3 +283,29 @@ async fn an_empty_stream_has_no_records() {
     }
     stores.cleanup().await;
 }
+
+/// A stream holding records of other subjects only has none for a filter:
+/// said at once, not after waiting for records that will not come.
+#[tokio::test]
+async fn a_filter_no_record_matches_has_no_records() {
+    let mut stores = Stores::new().await;
+    for (kind, stream, prefix) in stores.open(16).await {
+        stream
+            .publish(&format!("{prefix}.lease.a"), &[], "x".into(), None, None)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let none = stream
+            .last_per_subject(&format!("{prefix}.approval.>"))
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "{kind}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{kind}");
+        let one = stream
+            .last_per_subject(&format!("{prefix}.lease.>"))
+            .await
+            .unwrap();
+        assert_eq!(one.len(), 1, "{kind}");
+    }
+    stores.cleanup().await;
+}
