@@ -229,7 +229,7 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         .unwrap();
     let worker = tokio::spawn(gatehouse_worker::run(
         worker_config,
-        policy,
+        policy.clone(),
         gatehouse_eventlog::LogBackend::Nats {
             client: worker_nats.clone(),
             config: worker_events.clone(),
@@ -314,13 +314,15 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         "GATEHOUSE_REVOCATIONS",
     )
     .await
-    .expect("the worker opens the approvals stream");
+    .expect("the worker opens the approvals stream")
+    .signed(None, policy.trusted_keys().unwrap());
     let cp_approvals = gatehouse_policystore::approvals::Approvals::open(
         &as_role(&cp_nats),
         "GATEHOUSE_REVOCATIONS",
     )
     .await
-    .unwrap();
+    .unwrap()
+    .signed(policy.signer().unwrap(), policy.trusted_keys().unwrap());
     let now = chrono::Utc::now();
     let approval: gatehouse_events::approval::Approval =
         serde_json::from_value(serde_json::json!({
@@ -403,8 +405,9 @@ async fn the_example_nats_config_needs_tls_and_credentials_and_keeps_the_roles_a
         .expect("the worker follows access")
     {
         let next = next.unwrap();
-        if next.id == access.id && next.state.is_terminal() {
-            seen = Some(next);
+        if next.approval.id == access.id && next.approval.state.is_terminal() {
+            assert!(next.verified, "the control plane's grant counts");
+            seen = Some(next.approval);
             break;
         }
     }

@@ -63,6 +63,13 @@ async fn request(
     caller: Caller,
     JsonBody(ask): JsonBody<Ask>,
 ) -> Result<(StatusCode, Json<Approval>), ApiError> {
+    if !s.approvals.signs() {
+        return Err(ApiError::Forbidden(
+            "this control plane has no policy signing key (policy.signing_key_file): access \
+             it recorded would count on no worker"
+                .into(),
+        ));
+    }
     let secs = gatehouse_policies::parse_duration(ask.duration.trim()).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "for: {:?} is not a duration; write a whole number followed by s, m or h (e.g. \"30m\")",
@@ -130,6 +137,7 @@ async fn request(
         ended_at: None,
         cancel_reason: None,
         revocation: None,
+        replaces: None,
     };
     s.approvals
         .request(&approval)

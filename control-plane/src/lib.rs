@@ -65,11 +65,17 @@ pub async fn run(
     let audit = connect_audit_db(&config).await?;
     let publisher = log.publisher().await?;
     let store = gatehouse_policystore::PolicyStore::open(&log.records(), &policy).await?;
+    // What the control plane writes there is signed with the key bundles
+    // are, so that workers honour access granted only as it was decided.
     let approvals = gatehouse_policystore::approvals::Approvals::open(
         &log.records(),
         &policy.revocation_stream,
     )
-    .await?;
+    .await?
+    .signed(
+        policy.signer().map_err(anyhow::Error::msg)?,
+        policy.trusted_keys().map_err(anyhow::Error::msg)?,
+    );
     let source = format!("control-plane-{}", std::process::id());
     let policy = PolicyApi::new(store, publisher, policy, source);
     let projector = Projector::new(audit.clone(), &log, config.consumer.clone()).await?;

@@ -108,6 +108,7 @@ fn held_by(requester: &str, worker_id: &str) -> Approval {
         ended_at: None,
         cancel_reason: None,
         revocation: None,
+        replaces: None,
     }
 }
 

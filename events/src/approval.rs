@@ -137,6 +137,12 @@ pub struct Approval {
     /// Who ended granted access early, when, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<Verdict>,
+    /// The sequence, in the approvals stream, of the record this one was
+    /// computed from (absent on a request): with the control plane's
+    /// signature over the record, what keeps an old record published again
+    /// from counting (see `policystore::approvals`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
 }
 
 /// What an approval is asked for. A command approval's record keeps its
@@ -507,6 +513,7 @@ mod tests {
             ended_at: None,
             cancel_reason: None,
             revocation: None,
+            replaces: None,
         }
     }
 

@@ -177,6 +177,22 @@ impl Env {
         })
         .await
         .expect("dev stack starts");
+        // The worker is up once it has announced its target (what a request
+        // for access looks up).
+        let approvals = gatehouse_policystore::approvals::Approvals::open(
+            &stack.log.records(),
+            &policy.revocation_stream,
+        )
+        .await
+        .expect("the approvals stream opens");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while approvals.target("app").await.ok().flatten().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker did not announce its target"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Env {
             stack: Some(stack),
             policy,

@@ -122,12 +122,20 @@ pub async fn run(
     let store = PolicyStore::open(&records, &policy_config)
         .await
         .map_err(|e| WorkerError::Policies(e.to_string()))?;
+    // Access granted for a while counts only as the control plane signed
+    // it, with the keys bundles are checked with.
     let approvals = gatehouse_policystore::approvals::Approvals::open(
         &records,
         &policy_config.revocation_stream,
     )
     .await
-    .map_err(|e| WorkerError::Policies(e.to_string()))?;
+    .map_err(|e| WorkerError::Policies(e.to_string()))?
+    .signed(
+        None,
+        policy_config
+            .trusted_keys()
+            .map_err(WorkerError::Policies)?,
+    );
     let policies = policy::start(store, approvals.clone())
         .await
         .map_err(WorkerError::Policies)?;

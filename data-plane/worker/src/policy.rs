@@ -72,13 +72,16 @@ pub(crate) struct InForce {
 
 impl AccessGrants {
     /// Takes in the latest record of a request for access: granted access
-    /// not yet over is kept, anything else (revoked, expired, pending,
-    /// denied) dropped, with whatever of that subject's is over by `now`.
-    pub fn apply(&mut self, a: &Approval, now: DateTime<Utc>) {
+    /// not yet over is kept if the record `counts` (the control plane wrote
+    /// it), anything else (revoked, expired, pending, denied, a record of
+    /// someone else's) dropped, with whatever of that subject's is over by
+    /// `now`.
+    pub fn apply(&mut self, a: &Approval, counts: bool, now: DateTime<Utc>) {
         let subject = &a.requester.subject;
         let list = self.by_subject.entry(subject.clone()).or_default();
         list.retain(|g| g.id != a.id && g.until > now);
         if let (Some(access), Some(until)) = (a.access(), a.access_until())
+            && counts
             && a.access_in_force(now)
         {
             list.push(AccessGrant {
@@ -227,8 +230,8 @@ async fn follow_access(approvals: Approvals, tx: Arc<watch::Sender<Arc<PolicySta
                 let mut grants = AccessGrants::default();
                 while let Some(next) = changes.next().await {
                     match next {
-                        Ok(a) => {
-                            grants.apply(&a, Utc::now());
+                        Ok(r) => {
+                            grants.apply(&r.approval, r.verified, Utc::now());
                             let access = Arc::new(grants.clone());
                             tx.send_modify(|s| *s = s.with(|s| s.access = access));
                         }

@@ -300,7 +300,10 @@ async fn a_filter_no_record_matches_has_no_records() {
             .await
             .unwrap();
         assert!(none.is_empty(), "{kind}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{kind}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{kind}"
+        );
         let one = stream
             .last_per_subject(&format!("{prefix}.lease.>"))
             .await

@@ -25,6 +25,18 @@
 //! ([`Lease::holds`] says no), and the control plane cancels it
 //! (`worker_lost`).
 //!
+//! **Signatures.** Access granted for a while changes decisions on every
+//! worker, as a policy bundle does, so it is honoured only as the control
+//! plane wrote it: every record the control plane writes is signed with
+//! its policy signing key ([`SIGNATURE_HEADER`], as bundles are) and names
+//! the sequence of the record it was computed from (`replaces`). A worker
+//! takes an access record as in force only if a trusted key signed it and
+//! it is the record right after the one it replaces on its subject
+//! ([`AccessRecord::verified`]): a record of one's own, a record moved to
+//! another approval's subject, or an old grant published again after its
+//! revocation grants nothing (and, being the latest, ends what was in
+//! force: fail closed).
+//!
 //! **Targets.** Access is asked for by target name, and approvers decide
 //! on the target's attributes, which only the workers' configurations
 //! hold: each worker announces the targets it fronts at start
@@ -35,6 +47,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use gatehouse_eventlog::{Record, RecordError, RecordStore, RecordStream, StreamSettings};
 use gatehouse_events::approval::{Approval, ApprovalTarget, Change, Refusal};
+
+use crate::signing::{SIGNATURE_HEADER, SigningKey, TrustedKeys};
 use uuid::Uuid;
 
 /// The header naming the change a record holds (`requested`, `granted`,
@@ -109,6 +123,18 @@ impl From<RecordError> for ApprovalError {
 pub struct Approvals {
     stream: RecordStream,
     prefix: String,
+    /// The control plane's: signs every record it writes.
+    signer: Option<SigningKey>,
+    /// Whose signatures make access records count.
+    trusted: TrustedKeys,
+}
+
+/// An access record as followed, and whether it counts: signed by a
+/// trusted key and next after the record it replaces on its subject.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    pub approval: Approval,
+    pub verified: bool,
 }
 
 impl Approvals {
@@ -129,7 +155,57 @@ impl Approvals {
                 deny_delete: true,
             })
             .await?;
-        Ok(Self { stream, prefix })
+        Ok(Self {
+            stream,
+            prefix,
+            signer: None,
+            trusted: TrustedKeys::default(),
+        })
+    }
+
+    /// Signs what this side writes with `signer` (the control plane's
+    /// policy signing key), and counts access records signed by `trusted`
+    /// (and by `signer`).
+    pub fn signed(mut self, signer: Option<SigningKey>, mut trusted: TrustedKeys) -> Self {
+        if let Some(k) = &signer {
+            trusted.add(k.public_key());
+        }
+        self.signer = signer;
+        self.trusted = trusted;
+        self
+    }
+
+    /// Whether this side signs what it writes (so access it records can be
+    /// in force).
+    pub fn signs(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    /// Publishes `approval` on its subject after a change named `change`,
+    /// signed if this side signs, on condition of the subject's last
+    /// sequence.
+    async fn put(
+        &self,
+        approval: &Approval,
+        change: &str,
+        expected: u64,
+    ) -> Result<u64, RecordError> {
+        let payload = serde_json::to_vec(approval)
+            .map_err(|e| RecordError::Unavailable(format!("cannot encode an approval: {e}")))?;
+        let signature = self.signer.as_ref().map(|k| k.sign(&payload));
+        let mut headers = vec![(CHANGE_HEADER, change)];
+        if let Some(s) = &signature {
+            headers.push((SIGNATURE_HEADER, s.as_str()));
+        }
+        self.stream
+            .publish(
+                &self.subject(approval),
+                &headers,
+                payload.into(),
+                None,
+                Some(expected),
+            )
+            .await
     }
 
     fn subject(&self, a: &Approval) -> String {
@@ -234,18 +310,7 @@ impl Approvals {
     /// after a lost acknowledgement, it is found stored and taken as done;
     /// another approval under the same id is refused.
     pub async fn request(&self, approval: &Approval) -> Result<(), ApprovalError> {
-        let payload =
-            serde_json::to_vec(approval).map_err(|e| ApprovalError::Unreadable(e.to_string()))?;
-        let published = self
-            .stream
-            .publish(
-                &self.subject(approval),
-                &[(CHANGE_HEADER, "requested")],
-                payload.into(),
-                None,
-                Some(0),
-            )
-            .await;
+        let published = self.put(approval, "requested", 0).await;
         match published {
             Ok(_) => Ok(()),
             Err(RecordError::Conflict(_)) => match self.get(approval.id).await? {
@@ -256,11 +321,17 @@ impl Approvals {
         }
     }
 
-    /// The approval as it stands, with the sequence of its last record.
+    /// The approval as it stands, with the sequence of its last record. A
+    /// request for access whose last record does not count (see
+    /// [`AccessRecord::verified`]) is none.
     pub async fn get(&self, id: Uuid) -> Result<Option<(Approval, u64)>, ApprovalError> {
-        for subject in [self.command_subject(id), self.access_subject(id)] {
-            if let Some(r) = self.stream.last(&subject).await? {
-                return Ok(Some((read(&r)?, r.sequence)));
+        if let Some(r) = self.stream.last(&self.command_subject(id)).await? {
+            return Ok(Some((read(&r)?, r.sequence)));
+        }
+        if let Some(r) = self.stream.last(&self.access_subject(id)).await? {
+            let a = read(&r)?;
+            if self.verified(&r, &a).await {
+                return Ok(Some((a, r.sequence)));
             }
         }
         Ok(None)
@@ -278,20 +349,9 @@ impl Approvals {
     ) -> Result<Approval, ApprovalError> {
         for _ in 0..TRIES {
             let (current, sequence) = self.get(id).await?.ok_or(ApprovalError::NotFound(id))?;
-            let next = current.apply(change, now)?;
-            let payload =
-                serde_json::to_vec(&next).map_err(|e| ApprovalError::Unreadable(e.to_string()))?;
-            match self
-                .stream
-                .publish(
-                    &self.subject(&current),
-                    &[(CHANGE_HEADER, change.name())],
-                    payload.into(),
-                    None,
-                    Some(sequence),
-                )
-                .await
-            {
+            let mut next = current.apply(change, now)?;
+            next.replaces = Some(sequence);
+            match self.put(&next, change.name(), sequence).await {
                 Ok(_) => return Ok(next),
                 Err(RecordError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
@@ -300,13 +360,20 @@ impl Approvals {
         Err(ApprovalError::Busy)
     }
 
-    /// Every approval as it stands now, oldest request first.
+    /// Every approval as it stands now, oldest request first (requests for
+    /// access whose last record does not count left out).
     pub async fn all(&self) -> Result<Vec<Approval>, ApprovalError> {
         let records = self
             .stream
             .last_per_subject(&format!("{}.approval.>", self.prefix))
             .await?;
-        let mut all = records.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+        let mut all = Vec::with_capacity(records.len());
+        for r in &records {
+            let a = read(r)?;
+            if a.access().is_none() || self.verified(r, &a).await {
+                all.push(a);
+            }
+        }
         all.sort_by_key(|a| (a.requested_at, a.id));
         Ok(all)
     }
@@ -322,18 +389,62 @@ impl Approvals {
             .boxed())
     }
 
-    /// Every request for access as it stands, then every change to any:
-    /// what a worker follows to know the access in force.
+    /// Every request for access as it stands, then every change to any,
+    /// each with whether it counts: what a worker follows to know the
+    /// access in force.
     pub async fn follow_access(
         &self,
-    ) -> Result<BoxStream<'static, Result<Approval, ApprovalError>>, ApprovalError> {
+    ) -> Result<BoxStream<'static, Result<AccessRecord, ApprovalError>>, ApprovalError> {
         let records = self
             .stream
             .follow(&format!("{}.approval.access.>", self.prefix))
             .await?;
+        let this = self.clone();
         Ok(records
-            .map(|r| r.map_err(ApprovalError::from).and_then(|r| read(&r)))
+            .then(move |r| {
+                let this = this.clone();
+                async move {
+                    let r = r?;
+                    let approval = read(&r)?;
+                    let verified = this.verified(&r, &approval).await;
+                    if !verified {
+                        tracing::warn!(
+                            subject = %r.subject,
+                            sequence = r.sequence,
+                            "an access record not written by the control plane grants nothing"
+                        );
+                    }
+                    Ok(AccessRecord { approval, verified })
+                }
+            })
             .boxed())
+    }
+
+    /// Whether record `r` (holding `a`) counts: a request for access or a
+    /// change to one, signed by a trusted key, on its own approval's
+    /// subject, and — for a change — the record right after the one it
+    /// replaces there (so an old record published again does not count).
+    async fn verified(&self, r: &Record, a: &Approval) -> bool {
+        if a.access().is_none()
+            || r.subject != self.subject(a)
+            || self
+                .trusted
+                .verify(&r.payload, r.header(SIGNATURE_HEADER))
+                .is_err()
+        {
+            return false;
+        }
+        let Some(replaced) = a.replaces else {
+            // A request: it grants nothing by itself.
+            return true;
+        };
+        let first_from = |from: u64| self.stream.first_from(&r.subject, from);
+        match (first_from(replaced).await, first_from(replaced + 1).await) {
+            (Ok(Some(before)), Ok(Some(this))) => {
+                before.sequence == replaced && this.sequence == r.sequence
+            }
+            _ => false,
+        }
     }
 
     /// The sequence of the last change recorded (0 when none): where a
@@ -364,7 +475,27 @@ impl Approvals {
             .stream
             .follow(&format!("{}.approval.>", self.prefix))
             .await?;
-        Ok(records.map(|r| changed(r?)).boxed())
+        let this = self.clone();
+        // Requests for access that do not count are left out, as by `all`.
+        Ok(records
+            .filter_map(move |r| {
+                let this = this.clone();
+                async move {
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(e) => return Some(Err(e.into())),
+                    };
+                    let c = match changed(r.clone()) {
+                        Ok(c) => c,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    if c.approval.access().is_some() && !this.verified(&r, &c.approval).await {
+                        return None;
+                    }
+                    Some(Ok(c))
+                }
+            })
+            .boxed())
     }
 }
 

@@ -105,6 +105,7 @@ fn pending(requester: Identity, approvers_required: u32, ttl: Duration) -> Appro
         ended_at: None,
         cancel_reason: None,
         revocation: None,
+        replaces: None,
     }
 }
 
@@ -306,8 +307,12 @@ async fn access_requests_share_the_approvals_and_their_followers_see_grants_and_
     use gatehouse_events::approval::AccessRequest;
     use gatehouse_policystore::approvals::KnownTarget;
     let env = Env::new().await;
+    let (key, _) = gatehouse_policystore::SigningKey::generate();
     for (kind, store) in &env.stores {
-        let approvals = Approvals::open(store, &env.revocations).await.unwrap();
+        let approvals = Approvals::open(store, &env.revocations)
+            .await
+            .unwrap()
+            .signed(Some(key.clone()), Default::default());
         // A target is known once a worker announces it.
         assert!(approvals.target("app").await.unwrap().is_none(), "{kind}");
         let mut known = KnownTarget {
@@ -333,7 +338,8 @@ async fn access_requests_share_the_approvals_and_their_followers_see_grants_and_
         };
         approvals.request(&access).await.unwrap();
         let mut follow = approvals.follow_access().await.unwrap();
-        assert_eq!(follow.next().await.unwrap().unwrap(), access, "{kind}");
+        let first = follow.next().await.unwrap().unwrap();
+        assert_eq!((&first.approval, first.verified), (&access, true), "{kind}");
 
         // One inbox: both are listed and found by id.
         let ids: Vec<_> = approvals
@@ -374,8 +380,148 @@ async fn access_requests_share_the_approvals_and_their_followers_see_grants_and_
                 .expect("the follower sees the change")
                 .unwrap()
                 .unwrap();
-            assert_eq!((next.id, next.state), (access.id, want), "{kind}");
+            assert_eq!(
+                (next.approval.id, next.approval.state, next.verified),
+                (access.id, want, true),
+                "{kind}"
+            );
         }
+    }
+    env.cleanup().await;
+}
+
+/// Whoever can publish on the approvals stream but holds no signing key
+/// grants no access: not with a record of their own (unsigned, or signed by
+/// another key), not by publishing the control plane's old grant again
+/// after its revocation. Such records count for no follower, and the
+/// control plane neither lists nor changes them.
+#[tokio::test]
+async fn access_counts_only_as_the_control_plane_wrote_it() {
+    use gatehouse_eventlog::StreamSettings;
+    use gatehouse_events::approval::AccessRequest;
+    use gatehouse_policystore::{SIGNATURE_HEADER, SigningKey};
+    let env = Env::new().await;
+    let (key, _) = SigningKey::generate();
+    let (other, _) = SigningKey::generate();
+    let stream_name = stream_for(&env.revocations);
+    for (kind, store) in &env.stores {
+        let cp = Approvals::open(store, &env.revocations)
+            .await
+            .unwrap()
+            .signed(Some(key.clone()), Default::default());
+        let worker = Approvals::open(store, &env.revocations)
+            .await
+            .unwrap()
+            .signed(
+                None,
+                gatehouse_policystore::TrustedKeys::new(vec![key.public_key()]),
+            );
+        let raw = store
+            .open(StreamSettings {
+                name: stream_name.clone(),
+                description: None,
+                subjects: format!("gatehouse.{stream_name}.>"),
+                per_subject: 32,
+                deny_delete: true,
+            })
+            .await
+            .unwrap();
+        let subject =
+            |a: &Approval| format!("gatehouse.{stream_name}.approval.access.{}", a.id.simple());
+        let ask = |reason: &str| {
+            let mut a = pending(identity("mallory", &[]), 1, Duration::minutes(5));
+            a.request = Requested::Access {
+                access: AccessRequest::new(None, 600, reason).unwrap(),
+            };
+            a
+        };
+        let mut follow = worker.follow_access().await.unwrap();
+        let mut next = async || {
+            tokio::time::timeout(std::time::Duration::from_secs(10), follow.next())
+                .await
+                .expect("the follower sees it")
+                .unwrap()
+                .unwrap()
+        };
+
+        // Forged: a granted record of mallory's own, unsigned and signed by
+        // another key.
+        let mut forged = ask("forged").apply(&grant("bob"), Utc::now()).unwrap();
+        let body = serde_json::to_vec(&forged).unwrap();
+        raw.publish(&subject(&forged), &[], body.clone().into(), None, None)
+            .await
+            .unwrap();
+        let seen = next().await;
+        assert_eq!(
+            (seen.approval.id, seen.verified),
+            (forged.id, false),
+            "{kind}"
+        );
+        forged.id = uuid::Uuid::new_v4();
+        let body = serde_json::to_vec(&forged).unwrap();
+        let signature = other.sign(&body);
+        raw.publish(
+            &subject(&forged),
+            &[(SIGNATURE_HEADER, signature.as_str())],
+            body.into(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        let seen = next().await;
+        assert_eq!(
+            (seen.approval.id, seen.verified),
+            (forged.id, false),
+            "{kind}"
+        );
+        assert!(cp.get(forged.id).await.unwrap().is_none(), "{kind}");
+        assert!(
+            cp.all().await.unwrap().iter().all(|a| a.id != forged.id),
+            "{kind}"
+        );
+        assert!(matches!(
+            cp.change(forged.id, &Change::Expire, Utc::now()).await,
+            Err(ApprovalError::NotFound(_))
+        ));
+
+        // The control plane's own grant counts; published again after its
+        // revocation, it does not.
+        let real = ask("real");
+        cp.request(&real).await.unwrap();
+        assert!(next().await.verified, "{kind}");
+        cp.change(real.id, &grant("bob"), Utc::now()).await.unwrap();
+        let granted = next().await;
+        assert!(granted.verified && granted.approval.access_in_force(Utc::now()));
+        let (_, granted_at) = cp.get(real.id).await.unwrap().unwrap();
+        let old = raw.get(granted_at).await.unwrap().unwrap();
+        cp.change(
+            real.id,
+            &Change::Revoke {
+                by: approver("carol"),
+                reason: None,
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            next().await.approval.state,
+            ApprovalState::Revoked,
+            "{kind}"
+        );
+        raw.publish(
+            &old.subject,
+            &[(SIGNATURE_HEADER, old.header(SIGNATURE_HEADER).unwrap())],
+            old.payload.clone(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        let replayed = next().await;
+        assert_eq!(replayed.approval.state, ApprovalState::Granted, "{kind}");
+        assert!(!replayed.verified, "an old grant published again: {kind}");
     }
     env.cleanup().await;
 }

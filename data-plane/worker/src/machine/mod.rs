@@ -1572,6 +1572,7 @@ impl Machine {
             ended_at: None,
             cancel_reason: None,
             revocation: None,
+            replaces: None,
         };
         self.parked = Some(Parked {
             chunk,

@@ -1604,6 +1604,7 @@ fn granted_access(scope: &str, granted_at: i64) -> Approval {
         ended_at: None,
         cancel_reason: None,
         revocation: None,
+        replaces: None,
     };
     let by = Approver {
         subject: "sub-bob".into(),
@@ -1640,15 +1641,17 @@ fn access_granted_for_a_while_is_decided_with_until_it_ends() {
     let ddl = granted_access("ddl", 900);
     let mut grants = crate::policy::AccessGrants::default();
     let at = chrono::DateTime::from_timestamp(1_250, 0).unwrap();
-    grants.apply(&access, at);
-    grants.apply(&ddl, at);
-    // Another identity's, and another target's, grant nothing here.
+    grants.apply(&access, true, at);
+    grants.apply(&ddl, true, at);
+    // Another identity's, another target's, and one the control plane did
+    // not write, grant nothing here.
     let mut other = granted_access("ddl", 1_200);
     other.requester = identity("mallory", &[]);
-    grants.apply(&other, at);
+    grants.apply(&other, true, at);
     let mut elsewhere = granted_access("ddl", 1_200);
     elsewhere.target.name = "other".into();
-    grants.apply(&elsewhere, at);
+    grants.apply(&elsewhere, true, at);
+    grants.apply(&granted_access("write", 1_200), false, at);
     let state = PolicyState {
         engine: Some(Arc::new(Engine::new(&bundle).unwrap())),
         access: Arc::new(grants.clone()),
@@ -1696,6 +1699,7 @@ fn access_granted_for_a_while_is_decided_with_until_it_ends() {
         .unwrap();
     grants.apply(
         &revoked,
+        true,
         chrono::DateTime::from_timestamp(h.now, 0).unwrap(),
     );
     h.state.access = Arc::new(grants);
